@@ -1,0 +1,92 @@
+"""Naive PTQ: initialise weight quantizers from the weights, activation quantizers from
+the inputs each layer sees on the calibration data (per timestep when temporal)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+from lowbitdm_cli.calibration.data import CalibrationData, for_each_step
+from lowbitdm_cli.models.wrapper import DiffusionModel
+from lowbitdm_cli.quant.init import InitMethod, init_quantizer
+from lowbitdm_cli.quant.layers import QuantLayerMixin, quant_layers
+from lowbitdm_cli.quant.model import set_quant_enabled
+
+__all__ = ["ActivationRecorder", "init_activations", "init_weights"]
+
+
+class ActivationRecorder:
+    """Per (layer, timestep): exact min and max, plus a seeded random subsample of values."""
+
+    def __init__(self, max_values: int, seed: int = 0) -> None:
+        self.max_values = max_values
+        self.gen = torch.Generator().manual_seed(seed)
+        self.step = 0
+        self.lo: dict[tuple[str, int], float] = {}
+        self.hi: dict[tuple[str, int], float] = {}
+        self.values: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
+        self.counts: dict[tuple[str, int], int] = defaultdict(int)
+
+    def observer(self, name: str) -> Callable[[QuantLayerMixin, torch.Tensor], None]:
+        def observe(_layer: QuantLayerMixin, x: torch.Tensor) -> None:
+            key = (name, self.step)
+            flat = x.detach().reshape(-1).float().cpu()
+            self.lo[key] = min(self.lo.get(key, float("inf")), flat.min().item())
+            self.hi[key] = max(self.hi.get(key, float("-inf")), flat.max().item())
+            budget = self.max_values - self.counts[key]
+            if budget > 0:
+                if flat.numel() > budget:
+                    flat = flat[torch.randperm(flat.numel(), generator=self.gen)[:budget]]
+                self.values[key].append(flat)
+                self.counts[key] += flat.numel()
+        return observe
+
+    def sample(self, name: str, steps: list[int]) -> torch.Tensor:
+        """Values seen by `name` at trajectory positions `steps`, with the exact extremes included."""
+        parts = [v for s in steps for v in self.values[(name, s)]]
+        ext = [torch.tensor([self.lo[(name, s)], self.hi[(name, s)]]) for s in steps]
+        return torch.cat(parts + ext)
+
+
+@torch.no_grad()
+def init_weights(model: DiffusionModel, method: InitMethod) -> None:
+    for layer in quant_layers(model.denoiser).values():
+        if layer.w_quant is not None:
+            init_quantizer(layer.w_quant, layer.merged_weight().detach(), method)
+
+
+@torch.no_grad()
+def init_activations(model: DiffusionModel, data: CalibrationData, method: InitMethod, guidance: float,
+                     batch_size: int, max_values: int, seed: int,
+                     progress: Callable[[int], None] | None = None) -> None:
+    """Run the model (weights quantized, activations in FP) over the calibration data and
+    set every activation quantizer from the inputs its layer saw."""
+    layers = {n: m for n, m in quant_layers(model.denoiser).items() if m.a_quant is not None}
+    recorder = ActivationRecorder(max_values, seed)
+    for name, layer in layers.items():
+        layer.observer = recorder.observer(name)
+    set_quant_enabled(model.denoiser, weights=True, activations=False)
+
+    def run(step: int, t: int, x: torch.Tensor, cond: torch.Tensor | None) -> None:
+        recorder.step = step
+        model.eps(x, t, cond, guidance)
+        if progress is not None:
+            progress(x.shape[0])
+
+    try:
+        for_each_step(data, batch_size, run)
+    finally:
+        for layer in layers.values():
+            layer.observer = None
+        set_quant_enabled(model.denoiser, weights=True, activations=True)
+    steps = list(range(len(data.ts)))
+    for name, layer in layers.items():
+        q = layer.a_quant
+        if q.temporal:
+            for s, t in enumerate(data.ts.tolist()):
+                q.set_timestep(t)
+                init_quantizer(q, recorder.sample(name, [s]), method, timestep_index=q._index)
+        else:
+            init_quantizer(q, recorder.sample(name, steps), method)

@@ -1,0 +1,316 @@
+"""The `lowbitdm` command line: parses options, calls stages, prints with rich. No logic."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lowbitdm_cli import __version__
+from lowbitdm_cli.errors import LowbitError
+from lowbitdm_cli.recipes import load_recipe
+
+app = typer.Typer(
+    name="lowbitdm",
+    help="Quantize diffusion models to 2-8 bits as a chain of resumable stages:\n\n"
+         "calibrate -> finetune -> merge -> sample -> evaluate\n\n"
+         "Each stage reads one artifact folder and writes the next. `lowbitdm run` runs a recipe's whole "
+         "chain on the embedded `digits` model by default, e.g. `lowbitdm run --recipe ptq --bits w8a8`.",
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+)
+err = Console(stderr=True)
+out = Console()
+_state: dict[str, Any] = {"json": False}
+
+RecipeOpt = Annotated[str | None, typer.Option("--recipe", "-r", help="Recipe name in recipes/ (ptq, ...) or a "
+                                                                         "path to a TOML file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: section.key=value, "
+                                                                  "e.g. --set sample.num_samples=1000. Repeatable.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Artifact folder to write (default: next to the "
+                                                                 "parent, named after the stage).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its artifact exists.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lowbitdm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON results on stdout.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    _state["json"] = json_output
+
+
+class _Bars:
+    """A rich progress display that stages report to as (description, advance, total)."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, desc: str, advance: int, total: int) -> None:
+        if desc not in self.tasks:
+            self.tasks[desc] = self.progress.add_task(desc, total=total)
+        self.progress.update(self.tasks[desc], advance=advance)
+
+    def __enter__(self) -> _Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn, *args, **kwargs):  # noqa: ANN001, ANN202
+    """Run a stage; expected errors become one line on stderr and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except (LowbitError, ValidationError) as e:
+        _fail(str(e).splitlines()[0] if isinstance(e, ValidationError) else str(e))
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/] the partial artifact was kept; rerun the same command with --resume")
+        raise typer.Exit(130) from None
+
+
+def _report(artifact, title: str) -> None:  # noqa: ANN001
+    m = artifact.manifest
+    if _state["json"]:
+        out.print_json(json.dumps({"path": str(artifact.path), "stage": m.stage, "status": m.status,
+                                   "metrics": m.metrics, "timings": m.timings}))
+        return
+    err.print(f"[green]✓[/] {title}: [bold]{artifact.path}[/] ({m.timings.get('wall_s', 0):.1f}s)")
+    if m.metrics:
+        out.print(_metrics_table([(str(artifact.path), m.metrics)]))
+
+
+def _metrics_table(rows: list[tuple[str, dict[str, float]]], title: str | None = None) -> Table:
+    keys = sorted({k for _, metrics in rows for k in metrics})
+    table = Table(title=title)
+    table.add_column("model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, metrics in rows:
+        table.add_row(name, *[f"{metrics[k]:.4g}" if k in metrics else "-" for k in keys])
+    return table
+
+
+def _default_run_dir(model: str, recipe_name: str, bits: str) -> Path:
+    return Path("runs") / f"{model}-{recipe_name}-{bits}"
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Registered model (see `lowbitdm models`).")] = None,
+    bits: Annotated[str | None, typer.Option("--bits", "-b", help="wXaY, X and Y in 2..8 or fp (e.g. w4a4).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Calibration method: ptq.")] = None,
+    recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Calibrate a full-precision model to low bits (PTQ on data-free DDIM trajectories).
+
+    Writes a calibrate artifact: calibration data and quantizer parameters. Example:
+    `lowbitdm calibrate --model digits --bits w4a8`.
+    """
+    from lowbitdm_cli.stages.calibrate import calibrate as run_stage
+
+    r = _guard(load_recipe, recipe, sets=sets, bits=bits, model=model, calibrate_method=method)
+    target = out_dir or _default_run_dir(r.model.name, r.name, r.quant.bits) / "calibrate"
+    with _Bars() as bars:
+        art = _guard(run_stage, r, target, resume=resume, force=force, progress=bars)
+    if not _state["json"]:
+        out.print(_layer_table(art.manifest.info["layers"]))
+    _report(art, "calibrated")
+
+
+def _layer_table(layers: dict[str, dict]) -> Table:
+    table = Table(title=f"layer policy ({len(layers)} quantized layers)")
+    for col in ("layer", "role", "w_bits", "a_bits", "temporal"):
+        table.add_column(col)
+    for name, s in layers.items():
+        table.add_row(name, s["role"], str(s["w_bits"] or "fp"), str(s["a_bits"] or "fp"),
+                      "yes" if s["a_temporal"] else "")
+    return table
+
+
+def _open_parent(path: Path, stages: tuple[str, ...]):  # noqa: ANN202
+    from lowbitdm_cli.artifacts import Artifact
+
+    return _guard(Artifact.open, path, stages)
+
+
+@app.command()
+def finetune(
+    parent: Annotated[Path, typer.Argument(help="A calibrate artifact folder.")],
+    method: Annotated[str | None, typer.Option("--method", help="Finetuning method: none.")] = None,
+    recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Finetune a calibrated model (`none` passes the calibrated state through)."""
+    from lowbitdm_cli.stages.finetune import finetune as run_stage
+
+    art = _open_parent(parent, ("calibrate",))
+    r = _guard(load_recipe, recipe, base=art.manifest.recipe, sets=sets, finetune_method=method)
+    result = _guard(run_stage, art, r, out_dir or art.path.parent / "finetune", resume=resume, force=force)
+    _report(result, "finetuned")
+
+
+@app.command()
+def merge(
+    parent: Annotated[Path, typer.Argument(help="A finetune (or calibrate) artifact folder.")],
+    out_dir: OutOpt = None, force: ForceOpt = False,
+) -> None:
+    """Fold everything learned into packed low-bit integer weights (a real low-bit checkpoint)."""
+    from lowbitdm_cli.stages.merge import merge as run_stage
+
+    art = _open_parent(parent, ("finetune", "calibrate"))
+    result = _guard(run_stage, art, out_dir or art.path.parent / "merge", force=force)
+    _report(result, "merged")
+
+
+@app.command()
+def sample(
+    source: Annotated[str, typer.Argument(help="A model name (full precision) or a calibrate, finetune or merge "
+                                               "artifact folder.")],
+    recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Generate class-balanced samples into samples.npz (ADM layout: arr_0 uint8 NHWC + labels) and grid.png."""
+    from lowbitdm_cli.stages.common import open_source
+    from lowbitdm_cli.stages.sample import sample as run_stage
+
+    src = _guard(open_source, source)
+    base = src.artifact.manifest.recipe if src.artifact else None
+    r = _guard(load_recipe, recipe, base=base, sets=sets, model=src.ref.name)
+    target = out_dir or (src.artifact.path.parent / "sample" if src.artifact else Path("runs") / f"{source}-fp" / "sample")
+    with _Bars() as bars:
+        art = _guard(run_stage, src, r, target, resume=resume, force=force, progress=bars)
+    _report(art, "sampled")
+
+
+@app.command()
+def evaluate(
+    samples: Annotated[Path, typer.Argument(help="A sample artifact folder.")],
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="fid_digits, class_accuracy (repeatable).")] = None,
+    out_dir: OutOpt = None, force: ForceOpt = False,
+) -> None:
+    """Score samples: FID-digits and class accuracy for the embedded model."""
+    from lowbitdm_cli.stages.evaluate import evaluate as run_stage
+
+    art = _open_parent(samples, ("sample",))
+    metrics = [m.replace("-", "_") for m in (metric or ["fid_digits", "class_accuracy"])]
+    result = _guard(run_stage, art, metrics, out_dir or art.path.parent / "evaluate", force=force)
+    _report(result, "evaluated")
+
+
+@app.command()
+def run(
+    recipe: RecipeOpt = "ptq",
+    bits: Annotated[str | None, typer.Option("--bits", "-b", help="wXaY, X and Y in 2..8 or fp.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Registered model.")] = None,
+    sets: SetOpt = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run folders are created.")] = Path("runs"),
+    force: ForceOpt = False,
+) -> None:
+    """Run a recipe's whole chain (calibrate, finetune, merge, sample, evaluate) plus the FP baseline.
+
+    Stages that are complete for the same inputs are skipped and interrupted ones resume,
+    so rerunning after a crash continues where it stopped. Ends with an FP vs quantized table.
+    """
+    from lowbitdm_cli.pipeline import run_recipe
+
+    r = _guard(load_recipe, recipe, sets=sets, bits=bits, model=model)
+    with _Bars() as bars:
+        result = _guard(run_recipe, r, runs_dir, force=force, progress=bars,
+                        log=lambda msg: err.print(msg, highlight=False))
+    if _state["json"]:
+        out.print_json(json.dumps(result))
+        return
+    table = Table(title=f"{r.model.name}: full precision vs {r.quant.bits} ({r.name})")
+    for col in ("model", "FID-digits ↓", "class acc ↑", "merged MB", "wall s"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for row in result["rows"]:
+        m = row["metrics"]
+        table.add_row(row["label"], f"{m.get('fid_digits', float('nan')):.2f}",
+                      f"{100 * m.get('class_accuracy', float('nan')):.1f}%",
+                      f"{row['merged_mb']:.3f}" if row.get("merged_mb") else "-", f"{row['wall_s']:.0f}")
+    out.print(table)
+    err.print(f"artifacts in [bold]{result['run_dir']}[/]")
+
+
+@app.command()
+def models() -> None:
+    """List the model registry: names, availability and sampler defaults."""
+    from lowbitdm_cli.models.registry import MODELS
+
+    rows = [{"name": n, "available": e.available, "description": e.description, "sampler": e.sampler,
+             "needs": e.needs} for n, e in MODELS.items()]
+    if _state["json"]:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="models")
+    for col in ("name", "available", "sampler defaults", "description"):
+        table.add_column(col)
+    for row in rows:
+        s = row["sampler"]
+        table.add_row(row["name"], "yes" if row["available"] else "needs local copy",
+                      f"DDIM {s.get('steps')} steps, eta {s.get('eta')}, cfg {s.get('guidance')}", row["description"])
+    out.print(table)
+
+
+@app.command()
+def show(artifact: Annotated[Path, typer.Argument(help="Any artifact folder.")]) -> None:
+    """Show an artifact's manifest: stage, lineage, metrics, timings, files."""
+    from lowbitdm_cli.artifacts import Artifact
+
+    art = _guard(Artifact.open, artifact)
+    chain = _guard(art.lineage)
+    m = art.manifest
+    if _state["json"]:
+        data = json.loads(m.model_dump_json())
+        data["lineage"] = [str(a.path) for a in chain]
+        out.print_json(json.dumps(data))
+        return
+    out.print(f"[bold]{art.path}[/]  {m.stage} ({m.status}), schema {m.schema_version}, lowbitdm {m.tool_version}, "
+              f"torch {m.torch_version}, created {m.created_at}")
+    out.print(f"model: {m.model.name} ({m.model.source}, weights sha256 {m.model.digest[:12]}…)")
+    out.print("lineage: " + " ← ".join(f"{a.manifest.stage}:{a.path}" for a in chain))
+    if m.metrics:
+        out.print(_metrics_table([(m.stage, m.metrics)], title="metrics"))
+    out.print("timings: " + ", ".join(f"{k}={v}" for k, v in m.timings.items()))
+    files = Table(title="files")
+    for col in ("file", "bytes", "sha256"):
+        files.add_column(col)
+    for name, entry in m.files.items():
+        files.add_row(name, str(entry.size), entry.sha256[:16] + "…")
+    out.print(files)
+    info = {k: v for k, v in m.info.items() if k != "layers"}
+    if info:
+        out.print("info: " + json.dumps(info, default=str)[:2000])
+
+
+def entrypoint() -> None:
+    app(prog_name="lowbitdm")
+
+
+if __name__ == "__main__":
+    sys.exit(entrypoint())

@@ -1,0 +1,46 @@
+"""Typed errors the user can cause. `cli.py` turns them into one-line messages and exit code 2."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "IntegrityError",
+    "LowbitError",
+    "ManifestError",
+    "ModelNotFoundError",
+    "NonFiniteError",
+    "RecipeError",
+    "StageOrderError",
+]
+
+
+class LowbitError(Exception):
+    """Base class: an expected failure with a message that says what to do next."""
+
+
+class RecipeError(LowbitError):
+    """A recipe file, `--bits`, `--set` or another option is invalid."""
+
+
+class ModelNotFoundError(LowbitError):
+    """A model name or path cannot be resolved (unknown, or needs a download)."""
+
+
+class ArtifactError(LowbitError):
+    """An artifact folder is missing, partial, or otherwise unusable."""
+
+
+class ManifestError(ArtifactError):
+    """A manifest is unreadable, invalid, or from a newer schema."""
+
+
+class IntegrityError(ArtifactError):
+    """A file in an artifact does not match the hash or size its manifest records."""
+
+
+class StageOrderError(ArtifactError):
+    """A stage was given a parent artifact of the wrong stage."""
+
+
+class NonFiniteError(LowbitError):
+    """NaN or inf appeared in a loss or a model output."""

@@ -1,0 +1,183 @@
+"""The low-bit checkpoint: packed integer weights + scales in safetensors, described by a
+``quantization_config.json`` in the spirit of compressed-tensors, extended for Conv2d
+(the original 4-D ``weight_shape``) and per-timestep activation parameters.
+
+Every weight is stored as unsigned codes u ∈ [0, 2^b − 1] with W = Δ[o] · (u − z[o]);
+symmetric codes are offset by 2^(b−1) first (as compressed-tensors does). Loading reads
+JSON and safetensors only, so it never executes code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lowbitdm_cli.errors import IntegrityError
+from lowbitdm_cli.export.packing import pack, pack_mixed, packed_nbytes, unpack, unpack_mixed
+from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
+from lowbitdm_cli.quant.layers import QuantLayerMixin, quant_layers
+from lowbitdm_cli.quant.model import quantize_denoiser
+from lowbitdm_cli.quant.policy import LayerSpec
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_tensors", "load_merged"]
+
+CONFIG_NAME = "quantization_config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _weight_codes(layer: QuantLayerMixin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unsigned codes [O, K], zero points [O], scales [O], bits [O]) of the layer's merged weight."""
+    q = layer.w_quant
+    w = layer.merged_weight().detach()
+    codes = q.quantize_codes(w)
+    delta, zero = q.current_params()
+    out_ch = w.shape[0]
+    bits = q.bits.reshape(-1).expand(out_ch) if q.bits.numel() in (1, out_ch) else q.bits.reshape(-1)
+    zero = torch.round(zero.detach()).reshape(-1).expand(out_ch)
+    delta = delta.detach().reshape(-1).expand(out_ch)
+    if q.mode == "symmetric":
+        offset = 2 ** (bits - 1)
+        codes = codes + offset.view(-1, *([1] * (w.ndim - 1)))
+        zero = offset
+    return codes.reshape(out_ch, -1).to(torch.uint8), zero.to(torch.int32), delta.float().contiguous(), \
+        bits.to(torch.uint8)
+
+
+def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and config of a merged checkpoint from a fake-quantized model."""
+    den = model.denoiser
+    layers = quant_layers(den)
+    tensors: dict[str, torch.Tensor] = {}
+    layer_cfg: dict[str, dict] = {}
+    for name, layer in layers.items():
+        entry: dict = {"kind": "conv" if isinstance(layer, nn.Conv2d) else "linear",
+                       "weight_shape": list(layer.weight.shape)}
+        if isinstance(layer, nn.Conv2d):
+            entry["conv"] = {"stride": list(layer.stride), "padding": list(layer.padding),
+                             "dilation": list(layer.dilation), "groups": layer.groups}
+        if layer.w_quant is not None:
+            codes, zero, scale, bits = _weight_codes(layer)
+            uniform = bool((bits == bits[0]).all())
+            tensors[f"{name}.weight_packed"] = pack(codes, int(bits[0])) if uniform else pack_mixed(codes, bits)
+            tensors[f"{name}.weight_scale"] = scale
+            tensors[f"{name}.weight_zero_point"] = zero
+            if not uniform:
+                tensors[f"{name}.weight_bits"] = bits
+            entry["weights"] = {"num_bits": int(bits[0]) if uniform else "mixed", "type": "int",
+                                "symmetric": layer.w_quant.mode == "symmetric",
+                                "strategy": "channel" if layer.w_quant.channel_axis is not None else "tensor"}
+        else:
+            tensors[f"{name}.weight"] = layer.merged_weight().detach().float().contiguous()
+            entry["weights"] = None
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.detach().float().contiguous()
+        a = layer.a_quant
+        if a is not None:
+            tensors[f"{name}.input_scale"] = a.delta.detach().reshape(-1).float().contiguous()
+            tensors[f"{name}.input_zero_point"] = torch.round(a.zero_point.detach()).reshape(-1).to(torch.int32)
+            entry["input_activations"] = {"num_bits": a.max_bits, "type": "int", "symmetric": a.mode == "symmetric",
+                                          "strategy": "tensor", "dynamic": False, "per_timestep": a.temporal}
+        else:
+            entry["input_activations"] = None
+        layer_cfg[name] = entry
+    prefixes = tuple(f"{n}." for n in layers)
+    for key, value in den.state_dict().items():
+        if not key.startswith(prefixes):
+            tensors[key] = value.detach().contiguous()
+    timesteps = next((lay.a_quant.timesteps.tolist() for lay in layers.values()
+                      if lay.a_quant is not None and lay.a_quant.temporal), [])
+    ignore = [n for n, m in den.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in layers]
+    config = {
+        "quant_method": "lowbitdm",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "format_version": FORMAT_VERSION,
+        "packing": "dense little-endian bitstream, element i at bit i*b; symmetric codes offset by 2^(b-1)",
+        "model": {"name": model.name, "architecture": type(den).__name__, "unet_config": model.meta.get("unet"),
+                  "schedule": {"alphas_cumprod": model.schedule.alphas_cumprod.tolist()},
+                  "sample_shape": list(model.sample_shape), "conditioning": model.conditioning,
+                  "num_classes": model.num_classes, "null_class": model.null_class},
+        "timesteps": timesteps,
+        "ignore": ignore,
+        "layers": layer_cfg,
+    }
+    return tensors, config
+
+
+def _check(cond: bool, path: Path, msg: str) -> None:
+    if not cond:
+        raise IntegrityError(f"{path}: {msg}: the checkpoint does not match its {CONFIG_NAME}")
+
+
+def _dequantized_weight(name: str, entry: dict, t: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
+    shape = entry["weight_shape"]
+    out_ch, per_row = shape[0], int(torch.tensor(shape[1:]).prod())
+    packed = t.get(f"{name}.weight_packed")
+    scale, zero = t.get(f"{name}.weight_scale"), t.get(f"{name}.weight_zero_point")
+    _check(packed is not None and scale is not None and zero is not None, path, f"{name} lacks packed weights")
+    _check(scale.shape == (out_ch,) and zero.shape == (out_ch,), path, f"{name} scale/zero point shape")
+    bits_cfg = entry["weights"]["num_bits"]
+    if bits_cfg == "mixed":
+        bits = t.get(f"{name}.weight_bits")
+        _check(bits is not None and bits.shape == (out_ch,), path, f"{name} lacks per-channel bits")
+        need = (int(bits.long().sum()) * per_row + 7) // 8
+        _check(packed.numel() == need, path, f"{name}.weight_packed has {packed.numel()} bytes, expected {need}")
+        codes = unpack_mixed(packed, bits, per_row)
+    else:
+        need = packed_nbytes(out_ch * per_row, int(bits_cfg))
+        _check(packed.numel() == need, path, f"{name}.weight_packed has {packed.numel()} bytes, expected {need}")
+        codes = unpack(packed, int(bits_cfg), out_ch * per_row).reshape(out_ch, per_row)
+    w = (codes.float() - zero.float().view(-1, 1)) * scale.view(-1, 1)
+    return w.reshape(shape)
+
+
+def load_merged(path: Path | str, runtime: Literal["fake"] = "fake") -> DiffusionModel:
+    """Rebuild a `DiffusionModel` from a merged checkpoint folder (JSON + safetensors only)."""
+    path = Path(path)
+    config = json.loads((path / CONFIG_NAME).read_text())
+    t = load_file(str(path / WEIGHTS_NAME))
+    mcfg = config["model"]
+    if mcfg["architecture"] != "UNet2DModel":
+        raise IntegrityError(f"{path}: architecture {mcfg['architecture']!r} is not supported by this loader")
+    from diffusers import UNet2DModel
+
+    den = UNet2DModel(**mcfg["unet_config"])
+    specs = {}
+    weights = {}
+    for name, entry in config["layers"].items():
+        act = entry["input_activations"]
+        specs[name] = LayerSpec(role="merged", kind=entry["kind"], w_bits=None,
+                                a_bits=act["num_bits"] if act else None,
+                                a_symmetric=bool(act and act["symmetric"]),
+                                a_temporal=bool(act and act["per_timestep"]))
+        weights[name] = (_dequantized_weight(name, entry, t, path) if entry["weights"] is not None
+                         else t[f"{name}.weight"])
+    quantize_denoiser(den, specs, timesteps=config["timesteps"] or None)
+    layers = quant_layers(den)
+    state = {k: v for k, v in t.items() if not k.startswith(tuple(f"{n}." for n in layers))}
+    for name, layer in layers.items():
+        w = weights[name]
+        _check(tuple(w.shape) == tuple(layer.weight.shape), path, f"{name} weight shape {tuple(w.shape)}")
+        state[f"{name}.weight"] = w
+        if layer.bias is not None:
+            state[f"{name}.bias"] = t[f"{name}.bias"]
+        if layer.a_quant is not None:
+            scale, zero = t[f"{name}.input_scale"], t[f"{name}.input_zero_point"]
+            _check(scale.numel() == layer.a_quant.delta.numel(), path, f"{name} activation parameters")
+            state[f"{name}.a_quant.delta"] = scale.reshape(layer.a_quant.delta.shape)
+            state[f"{name}.a_quant.zero_point"] = zero.float().reshape(layer.a_quant.zero_point.shape)
+            state[f"{name}.a_quant.initialized"] = torch.tensor(True)
+    missing, unexpected = den.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith((".a_quant.bits", ".a_quant.timesteps"))]
+    _check(not missing and not unexpected, path, f"tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+    den.eval().requires_grad_(False)
+    acp = torch.tensor(mcfg["schedule"]["alphas_cumprod"], dtype=torch.float32)
+    return DiffusionModel(denoiser=den, schedule=NoiseSchedule(acp), sample_shape=tuple(mcfg["sample_shape"]),
+                          conditioning=mcfg["conditioning"], num_classes=mcfg["num_classes"],
+                          null_class=mcfg["null_class"], name=mcfg["name"], meta={"unet": mcfg["unet_config"]})

@@ -1,0 +1,106 @@
+"""Quantized layer wrappers: `QuantConv2d` and `QuantLinear`.
+
+Each wraps the float layer's own parameters and applies an input (activation)
+quantizer and a weight quantizer. An optional LoRA pair (A, B) is merged *before*
+weight quantization, Ŵ = Q(W₀ + B·A) (EfficientDM's QALoRA), so it folds for free.
+The wrapper never decides bits or granularity: a `LayerSpec` does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbitdm_cli.quant.policy import LayerSpec
+from lowbitdm_cli.quant.quantizer import UniformQuantizer
+
+__all__ = ["QuantConv2d", "QuantLayerMixin", "QuantLinear", "quant_layers"]
+
+
+class QuantLayerMixin:
+    """Owns `w_quant`, `a_quant`, optional LoRA factors, and the observer hook."""
+
+    spec: LayerSpec
+    weight: nn.Parameter
+
+    def _setup(self, spec: LayerSpec, timesteps: list[int] | None) -> None:
+        self.spec = spec
+        w = self.weight
+        self.w_quant = (UniformQuantizer(spec.w_bits, "symmetric" if spec.w_symmetric else "asymmetric",
+                                         channel_axis=0 if spec.w_per_channel else None,
+                                         num_channels=w.shape[0], ndim=w.ndim if spec.w_per_channel else 1)
+                        if spec.w_bits else None)
+        self.a_quant = (UniformQuantizer(spec.a_bits, "symmetric" if spec.a_symmetric else "asymmetric",
+                                         timesteps=timesteps if spec.a_temporal else None,
+                                         lsq_grad_scale=spec.lsq_grad_scale)
+                        if spec.a_bits else None)
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.observer = None  # callable(layer, x) used during calibration
+
+    # --- LoRA (QALoRA) --------------------------------------------------------------------
+    def add_lora(self, rank: int, generator: torch.Generator | None = None) -> None:
+        """A: kaiming-uniform [r, in·k·k]; B: zeros [out, r]; so W₀ + B·A = W₀ at start."""
+        fan_in = self.weight[0].numel()
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=√5), torch's default for Linear/Conv
+        a = (torch.rand(rank, fan_in, generator=generator) * 2 - 1) * bound
+        self.lora_A = nn.Parameter(a.to(self.weight))
+        self.lora_B = nn.Parameter(torch.zeros(self.weight.shape[0], rank).to(self.weight))
+
+    def merged_weight(self) -> torch.Tensor:
+        """W₀ + B·A in the weight's own shape (B·A as a direct matrix product)."""
+        if self.lora_A is None:
+            return self.weight
+        return self.weight + (self.lora_B @ self.lora_A).reshape(self.weight.shape)
+
+    def qweight(self) -> torch.Tensor:
+        w = self.merged_weight()
+        return self.w_quant(w) if self.w_quant is not None else w
+
+    def qinput(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(self, x)
+        return self.a_quant(x) if self.a_quant is not None else x
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    """Conv2d with fake-quantized weight and input."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, spec: LayerSpec, timesteps: list[int] | None = None) -> QuantConv2d:
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        internal = set(nn.Module().__dict__)
+        layer.__dict__.update({k: v for k, v in conv.__dict__.items() if k not in internal})
+        layer._parameters = conv._parameters
+        layer._buffers = conv._buffers
+        layer._setup(spec, timesteps)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    """Linear with fake-quantized weight and input."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec: LayerSpec, timesteps: list[int] | None = None) -> QuantLinear:
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer._parameters = linear._parameters
+        layer._buffers = linear._buffers
+        layer._setup(spec, timesteps)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.qinput(x), self.qweight(), self.bias)
+
+
+def quant_layers(module: nn.Module) -> dict[str, QuantLayerMixin]:
+    """All quantized layers of `module` by qualified name."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, QuantLayerMixin)}

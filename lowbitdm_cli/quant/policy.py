@@ -1,0 +1,117 @@
+"""Layer policy: which module is quantized at which bits, decided by role and name pattern.
+
+Roles are recognised from diffusers module names, never from hard-coded indices:
+``conv_in``, ``conv_out``, ``time_embedding`` (the timestep MLP), ``time_emb_proj``
+(ResBlock projections of it), ``shortcut`` (1x1 ResBlock skips), ``downsample``,
+``upsample``, ``attention`` (to_q/k/v/out), ``feed_forward``, and plain ``conv``/``linear``.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+__all__ = ["LayerOverride", "LayerSpec", "QuantPolicy", "ROLES", "build_layer_specs", "layer_role"]
+
+Role = Literal["conv_in", "conv_out", "time_embedding", "time_emb_proj", "shortcut", "downsample", "upsample",
+               "attention", "feed_forward", "conv", "linear"]
+ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
+
+
+class LayerSpec(BaseModel):
+    """What one layer gets. `None` bits means that side stays full precision."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    kind: Literal["conv", "linear"]
+    w_bits: int | None = Field(None, ge=1, le=8)
+    a_bits: int | None = Field(None, ge=1, le=8)
+    w_per_channel: bool = True
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    a_temporal: bool = False
+    lsq_grad_scale: bool = False
+
+
+class LayerOverride(BaseModel):
+    """Bits for every layer whose qualified name matches `pattern` (fnmatch), or `"fp"`."""
+
+    model_config = ConfigDict(extra="forbid")
+    pattern: str
+    w_bits: int | Literal["fp"] | None = None
+    a_bits: int | Literal["fp"] | None = None
+
+
+class QuantPolicy(BaseModel):
+    """The recipe's `[quant]` choices that decide each layer's spec."""
+
+    model_config = ConfigDict(extra="forbid")
+    w_bits: int | None
+    a_bits: int | None
+    keep_8bit: list[str] = ["time_embedding", "conv_in", "conv_out"]
+    skip: list[str] = []
+    w_per_channel: bool = True
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    a_temporal: bool = False
+    lsq_grad_scale: bool = False
+    overrides: list[LayerOverride] = []
+
+
+def layer_role(name: str, module: nn.Module) -> str:
+    """The role of a Conv2d/Linear from its qualified name."""
+    parts = name.split(".")
+    leaf = parts[-1]
+    if name == "conv_in":
+        return "conv_in"
+    if name == "conv_out":
+        return "conv_out"
+    if parts[0] in ("time_embedding", "time_embed", "t_embedder") or "timestep_embedder" in parts:
+        return "time_embedding"
+    if leaf in ("time_emb_proj", "emb_layers") or (len(parts) > 1 and parts[-2] == "emb_layers"):
+        return "time_emb_proj"
+    if leaf in ("conv_shortcut", "skip_connection", "nin_shortcut"):
+        return "shortcut"
+    if "downsamplers" in parts or "downsample" in parts:
+        return "downsample"
+    if "upsamplers" in parts or "upsample" in parts:
+        return "upsample"
+    if leaf in ("to_q", "to_k", "to_v", "query", "key", "value", "proj_attn") or "to_out" in parts:
+        return "attention"
+    if "ff" in parts or leaf in ("ff", "proj_in_ff"):
+        return "feed_forward"
+    return "conv" if isinstance(module, nn.Conv2d) else "linear"
+
+
+def _bits(value: int | str | None, default: int | None) -> int | None:
+    if value is None:
+        return default
+    return None if value == "fp" else int(value)
+
+
+def build_layer_specs(denoiser: nn.Module, policy: QuantPolicy) -> dict[str, LayerSpec]:
+    """A `LayerSpec` for every Conv2d/Linear of `denoiser` that gets any quantizer."""
+    specs: dict[str, LayerSpec] = {}
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        role = layer_role(name, module)
+        w_bits, a_bits = policy.w_bits, policy.a_bits
+        if role in policy.skip:
+            w_bits = a_bits = None
+        elif role in policy.keep_8bit:
+            w_bits = 8 if w_bits is not None else None
+            a_bits = 8 if a_bits is not None else None
+        for ov in policy.overrides:
+            if fnmatch(name, ov.pattern):
+                w_bits, a_bits = _bits(ov.w_bits, w_bits), _bits(ov.a_bits, a_bits)
+        if w_bits is None and a_bits is None:
+            continue
+        specs[name] = LayerSpec(role=role, kind="conv" if isinstance(module, nn.Conv2d) else "linear",
+                                w_bits=w_bits, a_bits=a_bits, w_per_channel=policy.w_per_channel,
+                                w_symmetric=policy.w_symmetric, a_symmetric=policy.a_symmetric,
+                                a_temporal=policy.a_temporal, lsq_grad_scale=policy.lsq_grad_scale)
+    return specs

@@ -1,0 +1,140 @@
+"""The one quantizer family: uniform affine fake quantization with learnable step size.
+
+Q_b(x; Δ, z) = (clamp(round(x/Δ) + z, q_min, q_max) − z) · Δ, with the straight-through
+estimator for round. Every variant used by lowbitdm is a configuration of `UniformQuantizer`:
+
+- per-tensor or per-channel (`channel_axis`), symmetric, asymmetric or unsigned;
+- any bit width 1..8, or a per-channel bit width (OMQ mixed precision);
+- temporal: one (Δ, z) per denoising timestep, selected by the timestep *value*
+  (``set_timestep(t)``), stored as parameters with the timestep values as a buffer;
+- LSQ (Esser et al. 2020) learnable Δ, optionally with gradient scale 1/√(N·Q_p).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["QuantMode", "UniformQuantizer", "grad_scale", "quant_range", "round_ste"]
+
+QuantMode = Literal["asymmetric", "symmetric", "unsigned"]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, identity gradient in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x in the forward pass, gradient multiplied by `scale` in the backward pass."""
+    return (x - x * scale).detach() + x * scale
+
+
+def quant_range(bits: torch.Tensor | int, mode: QuantMode) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer code range [q_min, q_max] for `bits` (scalar or per-channel tensor)."""
+    b = torch.as_tensor(bits, dtype=torch.float32)
+    if mode == "symmetric":
+        return -(2 ** (b - 1)), 2 ** (b - 1) - 1
+    return torch.zeros_like(b), 2**b - 1
+
+
+class UniformQuantizer(nn.Module):
+    """Fake quantizer with parameters Δ (`delta`) and z (`zero_point`).
+
+    Shapes: `delta` and `zero_point` are [S, *param_shape] when temporal (S timesteps,
+    values in the `timesteps` buffer) and [*param_shape] otherwise; `param_shape` is
+    all ones except the channel axis (e.g. [O, 1, 1, 1] for a conv weight). `bits` is
+    a buffer of shape `param_shape`, so per-channel bit widths need no special case.
+    """
+
+    def __init__(self, bits: int, mode: QuantMode = "asymmetric", channel_axis: int | None = None,
+                 num_channels: int = 1, ndim: int = 1, timesteps: list[int] | None = None,
+                 lsq_grad_scale: bool = False) -> None:
+        super().__init__()
+        if not 1 <= int(bits) <= 8:
+            raise ValueError(f"bits must be in 1..8, got {bits}")
+        if mode == "symmetric" and int(bits) < 2:
+            raise ValueError("symmetric quantization needs at least 2 bits")
+        self.mode: QuantMode = mode
+        self.channel_axis = channel_axis
+        self.lsq_grad_scale = lsq_grad_scale
+        shape = [1] * max(ndim, 1)
+        if channel_axis is not None:
+            shape[channel_axis] = num_channels
+        self.param_shape = tuple(shape)
+        self.register_buffer("bits", torch.full(self.param_shape, float(bits)))
+        lead = (len(timesteps),) if timesteps else ()
+        self.register_buffer("timesteps", torch.tensor(timesteps or [], dtype=torch.long))
+        self.delta = nn.Parameter(torch.ones(lead + self.param_shape))
+        self.zero_point = nn.Parameter(torch.zeros(lead + self.param_shape), requires_grad=mode == "asymmetric")
+        self.register_buffer("initialized", torch.tensor(False))
+        self.enabled = True
+        self._index: int | None = None
+        self.unmatched_timesteps: set[int] = set()
+
+    # --- timestep selection -------------------------------------------------------------
+    @property
+    def temporal(self) -> bool:
+        return self.timesteps.numel() > 0
+
+    def set_timestep(self, t: int | None) -> None:
+        """Select the (Δ, z) of timestep value `t`; the nearest trained one if `t` is absent."""
+        if not self.temporal or t is None:
+            self._index = None
+            return
+        dist = (self.timesteps - int(t)).abs()
+        self._index = int(dist.argmin())
+        if int(dist[self._index]) != 0:
+            self.unmatched_timesteps.add(int(t))
+
+    def current_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Δ, z) for the selected timestep (or the only ones)."""
+        if not self.temporal:
+            return self.delta, self.zero_point
+        if self._index is None:
+            raise RuntimeError("temporal quantizer used before set_timestep(t)")
+        return self.delta[self._index], self.zero_point[self._index]
+
+    # --- forward ------------------------------------------------------------------------
+    @property
+    def max_bits(self) -> int:
+        return int(self.bits.max().item())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        delta, zero = self.current_params()
+        if self.lsq_grad_scale and self.training:
+            _, q_max = quant_range(self.max_bits, self.mode)
+            per_param = x.numel() / max(delta.numel(), 1)
+            delta = grad_scale(delta, 1.0 / math.sqrt(per_param * float(q_max)))
+        return fake_quantize(x, delta, zero, self.bits, self.mode)
+
+    def quantize_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes q = clamp(round(x/Δ) + z, q_min, q_max) (as float, no gradient)."""
+        delta, zero = self.current_params()
+        q_min, q_max = quant_range(self.bits, self.mode)
+        with torch.no_grad():
+            return torch.clamp(torch.round(x / delta) + torch.round(zero), q_min.to(x), q_max.to(x))
+
+    def extra_repr(self) -> str:
+        bits = self.bits.unique().tolist()
+        gran = "tensor" if self.channel_axis is None else f"channel(axis={self.channel_axis})"
+        temporal = f", timesteps={self.timesteps.numel()}" if self.temporal else ""
+        return f"bits={bits if len(bits) > 1 else int(bits[0])}, mode={self.mode}, {gran}{temporal}"
+
+
+def fake_quantize(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, bits: torch.Tensor,
+                  mode: QuantMode) -> torch.Tensor:
+    """(clamp(round(x/Δ) + round(z), q_min, q_max) − round(z)) · Δ with STE rounding.
+
+    Gradients: LSQ's ∂/∂Δ (round(x/Δ) − x/Δ inside the range, q_max − z or q_min − z
+    outside it) and ∂/∂z = −Δ outside the range, 0 inside (through the STE).
+    """
+    q_min, q_max = quant_range(bits, mode)
+    zero = round_ste(zero_point) if mode == "asymmetric" else zero_point.detach() * 0
+    q = torch.clamp(round_ste(x / delta) + zero, q_min.to(x), q_max.to(x))
+    return (q - zero) * delta

@@ -1,0 +1,194 @@
+"""Recipes: TOML files validated by pydantic, overridden by flags and ``--set section.key=value``.
+
+Precedence: command-line flags > ``--set`` > recipe file > defaults. Unknown keys are
+errors. Sampler fields left unset take the model's own defaults when the recipe is
+resolved, so every manifest stores the exact values used.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lowbitdm_cli.errors import RecipeError
+from lowbitdm_cli.quant.policy import LayerOverride, QuantPolicy
+
+__all__ = ["RECIPES_DIR", "Recipe", "available_recipes", "load_recipe", "parse_bits"]
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_BITS_RE = re.compile(r"^w(\d+|fp)a(\d+|fp)$")
+
+
+def parse_bits(text: str) -> tuple[int | None, int | None]:
+    """``w4a8`` → (4, 8); ``w4afp`` → (4, None); ``fp`` → (None, None). Bits must be 2..8."""
+    t = text.strip().lower()
+    if t == "fp":
+        return None, None
+    m = _BITS_RE.match(t)
+    if not m:
+        raise RecipeError(f"bits {text!r} not understood: use wXaY with X, Y in 2..8 (e.g. w4a4, w8a8), "
+                          f"'fp' for either side, or 'fp' alone")
+    out = []
+    for side, value in zip(("weight", "activation"), m.groups()):
+        if value == "fp":
+            out.append(None)
+            continue
+        b = int(value)
+        if not 2 <= b <= 8:
+            raise RecipeError(f"bits {text!r}: {side} bits must be in 2..8, got {b}")
+        out.append(b)
+    return out[0], out[1]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    name: str = "digits"
+
+
+class QuantSection(_Section):
+    bits: str = "w8a8"
+    keep_8bit: list[str] = ["time_embedding", "conv_in", "conv_out"]
+    skip: list[str] = []
+    w_per_channel: bool = True
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    a_temporal: bool = False
+    lsq_grad_scale: bool = False
+    weight_init: Literal["minmax", "mse", "percentile"] = "minmax"
+    act_init: Literal["minmax", "mse", "percentile"] = "minmax"
+    overrides: list[LayerOverride] = []
+
+    @field_validator("bits")
+    @classmethod
+    def _valid_bits(cls, v: str) -> str:
+        try:
+            parse_bits(v)
+        except RecipeError as e:
+            raise ValueError(str(e)) from None
+        return v.lower()
+
+    def policy(self) -> QuantPolicy:
+        w_bits, a_bits = parse_bits(self.bits)
+        return QuantPolicy(w_bits=w_bits, a_bits=a_bits, keep_8bit=self.keep_8bit, skip=self.skip,
+                           w_per_channel=self.w_per_channel, w_symmetric=self.w_symmetric,
+                           a_symmetric=self.a_symmetric, a_temporal=self.a_temporal,
+                           lsq_grad_scale=self.lsq_grad_scale, overrides=self.overrides)
+
+
+class CalibrateSection(_Section):
+    method: Literal["ptq"] = "ptq"
+    num_samples: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    num_timesteps: int | None = Field(None, ge=1, description="calibration timesteps kept; None = all steps")
+    timestep_selection: Literal["uniform"] = "uniform"
+    max_values_per_step: int = Field(100_000, ge=1000)
+    seed: int = 1234
+
+
+class FinetuneSection(_Section):
+    method: Literal["none"] = "none"
+
+
+class SampleSection(_Section):
+    num_samples: int = Field(500, ge=1)
+    batch_size: int = Field(250, ge=1)
+    steps: int | None = Field(None, ge=1)
+    eta: float | None = Field(None, ge=0.0)
+    guidance: float | None = None
+    clip_x0: bool | None = None
+    seed: int = 0
+    grid_samples: int = Field(100, ge=0)
+
+
+class EvaluateSection(_Section):
+    metrics: list[str] = ["fid_digits", "class_accuracy"]
+
+
+class Recipe(_Section):
+    name: str = "custom"
+    description: str = ""
+    model: ModelSection = ModelSection()
+    quant: QuantSection = QuantSection()
+    calibrate: CalibrateSection = CalibrateSection()
+    finetune: FinetuneSection = FinetuneSection()
+    sample: SampleSection = SampleSection()
+    evaluate: EvaluateSection = EvaluateSection()
+
+    def resolved(self, sampler_defaults: dict[str, Any]) -> Recipe:
+        """Fill sampler fields left unset with the model's defaults."""
+        sample = self.sample.model_copy(update={k: v for k, v in sampler_defaults.items()
+                                                if getattr(self.sample, k) is None})
+        return self.model_copy(update={"sample": sample})
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply_set(data: dict[str, Any], assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise RecipeError(f"--set {assignment!r}: expected section.key=value, e.g. sample.num_samples=1000")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {assignment!r}: {p} is not a section")
+    node[parts[-1]] = _parse_value(value.strip())
+
+
+def available_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"))} if RECIPES_DIR.is_dir() else {}
+
+
+def load_recipe(recipe: str | Path | None = None, *, base: dict[str, Any] | None = None,
+                sets: list[str] | None = None, bits: str | None = None,
+                model: str | None = None, calibrate_method: str | None = None,
+                finetune_method: str | None = None) -> Recipe:
+    """Load a recipe by name (``recipes/NAME.toml``) or path, then apply overrides.
+
+    `base` (a resolved recipe stored in a manifest) is the starting point when no recipe is named.
+    """
+    data: dict[str, Any] = copy.deepcopy(base) if base is not None and recipe is None else {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.suffix:
+            known = available_recipes()
+            if str(recipe) not in known:
+                raise RecipeError(f"unknown recipe {recipe!r}; known: {', '.join(known) or 'none'} "
+                                  f"(or give a path to a .toml file)")
+            path = known[str(recipe)]
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"recipe {path} is not valid TOML: {e}") from None
+    for assignment in sets or []:
+        _apply_set(data, assignment)
+    flags = {("quant", "bits"): bits, ("model", "name"): model, ("calibrate", "method"): calibrate_method,
+             ("finetune", "method"): finetune_method}
+    for (section, key), value in flags.items():
+        if value is not None:
+            data.setdefault(section, {})[key] = value
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise RecipeError(f"recipe: {where}: {msg}") from None

@@ -1,0 +1,81 @@
+"""What every stage shares: turning a model name or an artifact into a runnable model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowbitdm_cli.artifacts import Artifact, ModelRef
+from lowbitdm_cli.errors import ArtifactError, StageOrderError
+from lowbitdm_cli.models.registry import MODELS, load_model, model_ref
+from lowbitdm_cli.models.wrapper import DiffusionModel
+from lowbitdm_cli.quant.model import load_quant_state, quantize_denoiser
+from lowbitdm_cli.quant.policy import LayerSpec
+from lowbitdm_cli.sampling import SamplerSettings
+
+__all__ = ["Source", "check_model", "load_quantized_from", "open_source", "sampler_settings"]
+
+QUANT_STAGES = ("calibrate", "finetune", "merge")
+
+
+@dataclass
+class Source:
+    """A model to sample from: FP (artifact is None) or the quantized model of an artifact."""
+
+    model: DiffusionModel
+    ref: ModelRef
+    artifact: Artifact | None
+    label: str
+
+
+def sampler_settings(sample_cfg) -> SamplerSettings:  # noqa: ANN001 - a recipes.SampleSection
+    return SamplerSettings(steps=sample_cfg.steps, eta=sample_cfg.eta, guidance=sample_cfg.guidance,
+                           clip_x0=bool(sample_cfg.clip_x0))
+
+
+def check_model(artifact: Artifact, model: DiffusionModel) -> ModelRef:
+    """The FP model must be the one the artifact was made from (same weights digest)."""
+    ref = model_ref(model)
+    if ref.digest != artifact.manifest.model.digest:
+        raise ArtifactError(f"{artifact.path} was made from a different {artifact.manifest.model.name!r} model "
+                            f"(weights digest differs): recalibrate with this model")
+    return ref
+
+
+def load_quantized_from(artifact: Artifact) -> DiffusionModel:
+    """Rebuild the fake-quantized model of a calibrate or finetune artifact: FP model, the
+    calibrate stage's layer specs, then the newest quant state in the lineage."""
+    if artifact.manifest.stage == "merge":
+        from lowbitdm_cli.export.checkpoint import load_merged
+
+        return load_merged(artifact.path, runtime="fake")
+    calib = artifact.find("calibrate")
+    if calib is None:
+        raise StageOrderError(f"{artifact.path} has no calibrate artifact in its lineage")
+    model = load_model(artifact.manifest.model.name)
+    check_model(artifact, model)
+    specs = {n: LayerSpec.model_validate(s) for n, s in calib.manifest.info["layers"].items()}
+    quantize_denoiser(model.denoiser, specs, timesteps=calib.manifest.info.get("timesteps"))
+    load_quant_state(model.denoiser, artifact.tensors("quant_state.safetensors"))
+    model.denoiser.eval().requires_grad_(False)
+    return model
+
+
+def open_source(source: str | Path) -> Source:
+    """A registered model name (full precision) or a calibrate/finetune/merge artifact folder."""
+    text = str(source)
+    if text in MODELS and not Path(text).exists():
+        model = load_model(text)
+        return Source(model, model_ref(model), None, f"{text} (fp)")
+    path = Path(text)
+    if not path.exists():
+        raise ArtifactError(f"{text!r} is neither a known model ({', '.join(sorted(MODELS))}) nor an artifact folder")
+    art = Artifact.open(path)
+    if art.manifest.stage not in QUANT_STAGES:
+        raise StageOrderError(f"{path} is a {art.manifest.stage} artifact; sample from a model name or a "
+                              f"calibrate, finetune or merge artifact")
+    with torch.no_grad():
+        model = load_quantized_from(art)
+    return Source(model, art.manifest.model, art, f"{art.manifest.model.name} ({art.manifest.stage})")

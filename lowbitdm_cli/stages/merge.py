@@ -1,0 +1,44 @@
+"""Stage `merge`: finetuned (or calibrated) model → packed low-bit checkpoint.
+
+Everything learned is folded into integer weights (LoRA B·A merged before quantization,
+learned step sizes and zero points, per-channel bits) and packed to the bit width; the
+activation parameters are stored per timestep. The manifest records the FP and merged
+denoiser sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lowbitdm_cli.artifacts import Artifact, StageRun
+from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_tensors
+from lowbitdm_cli.models.registry import load_model
+from lowbitdm_cli.stages.common import load_quantized_from
+
+__all__ = ["merge"]
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def merge(parent: Artifact, out: Path, force: bool = False, replace_stale: bool = False) -> Artifact:
+    run = StageRun.start(out, "merge", parent.manifest.model, parent.manifest.recipe, parent=parent, force=force,
+                         replace_stale=replace_stale)
+    if run.done:
+        return run.artifact  # type: ignore[return-value]
+    with torch.no_grad():
+        model = load_quantized_from(parent)
+        tensors, config = export_tensors(model)
+        fp_bytes = _nbytes(load_model(parent.manifest.model.name).denoiser.state_dict())
+    run.save_tensors(WEIGHTS_NAME, tensors, metadata={"format": "lowbitdm-pack-quantized"})
+    run.save_bytes(CONFIG_NAME, (json.dumps(config, indent=1) + "\n").encode())
+    merged_bytes = run.path(WEIGHTS_NAME).stat().st_size
+    info = {"format": config["format"], "quantized_layers": len(config["layers"]),
+            "fp_denoiser_bytes": fp_bytes, "merged_denoiser_bytes": merged_bytes,
+            "size_ratio": round(merged_bytes / fp_bytes, 4)}
+    return run.commit([WEIGHTS_NAME, CONFIG_NAME], info=info,
+                      metrics={"merged_mb": round(merged_bytes / 2**20, 4)})
