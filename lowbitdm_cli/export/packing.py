@@ -32,7 +32,7 @@ def _check_codes(values: Tensor, max_code: int | Tensor) -> None:
         return
     if bool((values < 0).any()) or bool((values > max_code).any()):
         lo, hi = int(values.min()), int(values.max())
-        raise ValueError(f"codes out of range: found [{lo}, {hi}], allowed [0, max_code={max_code}]")
+        raise ValueError(f"codes out of range for the bit width: found values in [{lo}, {hi}]")
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -50,7 +50,7 @@ def pack(values: Tensor, bits: int) -> Tensor:
     flat = values.reshape(-1).to(torch.uint8)
     n = flat.numel()
     if bits == 8:
-        return flat.contiguous().clone() if flat.data_ptr() == values.data_ptr() else flat.contiguous()
+        return flat.clone()
     nblocks = (n + 7) // 8
     padded = torch.zeros(nblocks * 8, dtype=torch.uint8, device=flat.device)
     padded[:n] = flat

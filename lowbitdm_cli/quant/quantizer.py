@@ -135,6 +135,10 @@ def fake_quantize(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor
     outside it) and ∂/∂z = −Δ outside the range, 0 inside (through the STE).
     """
     q_min, q_max = quant_range(bits, mode)
+    q_min, q_max = q_min.to(x), q_max.to(x)
     zero = round_ste(zero_point) if mode == "asymmetric" else zero_point.detach() * 0
-    q = torch.clamp(round_ste(x / delta) + zero, q_min.to(x), q_max.to(x))
+    q = round_ste(x / delta) + zero
+    # torch.where, not clamp: clamp with tensor bounds splits the gradient on ties (q == q_max),
+    # which would halve LSQ's gradient for exactly the values min-max init puts on the boundary.
+    q = torch.where(q < q_min, q_min, torch.where(q > q_max, q_max, q))
     return (q - zero) * delta
