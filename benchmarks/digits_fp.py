@@ -1,0 +1,78 @@
+"""Full-precision quality of the embedded digits model (issue 2's acceptance numbers).
+
+Samples class-balanced images with DDIM (50 steps, η = 0, the registry's guidance scale),
+scores them with the digits-features evaluator, and compares with the floor set by real
+data: FID-digits of the held-out split against the train-split statistics.
+
+    python benchmarks/digits_fp.py            # 1000 samples (the README numbers)
+    python benchmarks/digits_fp.py --quick    # 200 samples, 20 steps
+
+Writes benchmarks/results/digits_fp.json and docs/digits_grid.png (10 classes x 10 samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
+from lowbitdm_cli.models.digits import load_digits_split
+from lowbitdm_cli.models.registry import load_model, model_entry
+from lowbitdm_cli.sampling import SamplerSettings, balanced_labels, ddim_sample, save_grid, to_uint8
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="200 samples, 20 DDIM steps")
+    parser.add_argument("--num-samples", type=int, default=None)
+    parser.add_argument("--guidance", type=float, nargs="*", default=None,
+                        help="guidance scales to compare (default: the registry's)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    n = args.num_samples or (200 if args.quick else 1000)
+    steps = 20 if args.quick else 50
+    defaults = model_entry("digits").sampler
+    scales = args.guidance or [defaults["guidance"]]
+    model = load_model("digits")
+    ev = DigitsEvaluator()
+    split = load_digits_split()
+    floor = ev.evaluate(split.held_out_images, split.held_out_labels)
+    rows = []
+    for g in scales:
+        settings = SamplerSettings(steps=steps, eta=0.0, guidance=g, clip_x0=defaults["clip_x0"])
+        labels = balanced_labels(n, 10)
+        t0 = time.time()
+        images = []
+        for lo in range(0, n, 250):
+            idx = list(range(lo, min(lo + 250, n)))
+            images.append(to_uint8(ddim_sample(model, labels[idx], idx, 0, settings)))
+        imgs = torch.from_numpy(__import__("numpy").concatenate(images))
+        wall = time.time() - t0
+        r = ev.evaluate(imgs, labels)
+        rows.append({"guidance": g, "steps": steps, "eta": 0.0, "num_samples": n, "fid_digits": r["fid_digits"],
+                     "class_accuracy": r["class_accuracy"], "sampling_s": round(wall, 1),
+                     "fid_ratio_to_floor": r["fid_digits"] / floor["fid_digits"]})
+        if g == defaults["guidance"] and not args.quick:
+            # 10 x 10 grid: row = sample round, column = class
+            grid = imgs.numpy()[:100]
+            save_grid(grid, ROOT / "docs" / "digits_grid.png", nrow=10, scale=3)
+    print(f"{'guidance':>8} {'samples':>7} {'FID-digits':>10} {'x floor':>7} {'class acc':>9} {'sampling s':>10}")
+    print(f"{'real':>8} {int(floor['num_images']):>7} {floor['fid_digits']:>10.2f} {1.0:>7.2f} "
+          f"{100 * floor['class_accuracy']:>8.1f}% {'-':>10}   (held-out split vs train statistics)")
+    for r in rows:
+        print(f"{r['guidance']:>8.2f} {r['num_samples']:>7} {r['fid_digits']:>10.2f} {r['fid_ratio_to_floor']:>7.2f} "
+              f"{100 * r['class_accuracy']:>8.1f}% {r['sampling_s']:>10.1f}")
+    out = {"floor": {"fid_digits": floor["fid_digits"], "class_accuracy": floor["class_accuracy"],
+                     "num_images": floor["num_images"]}, "rows": rows, "quick": args.quick}
+    name = "digits_fp_quick.json" if args.quick else "digits_fp.json"
+    (ROOT / "benchmarks" / "results" / name).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
