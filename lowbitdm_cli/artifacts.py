@@ -109,6 +109,8 @@ class Manifest(BaseModel):
 
 def _read_manifest(folder: Path) -> tuple[Manifest, str]:
     path = folder / MANIFEST
+    if path.is_symlink():
+        raise ManifestError(f"{path} is a symbolic link: an artifact's manifest must be a plain file")
     if not path.is_file():
         raise ArtifactError(f"{folder} is not an artifact: it has no {MANIFEST}")
     raw = path.read_bytes()
@@ -254,6 +256,14 @@ class StageRun:
                 shutil.rmtree(partial)
             else:
                 old, _ = _read_manifest(partial)
+                if old.inputs_digest == inputs and old.status == "complete":
+                    # killed between marking the manifest complete and the rename: finish the rename
+                    if out.exists():
+                        shutil.rmtree(out)
+                    os.replace(partial, out)
+                    run = cls(out, old, resumed=True, prior_elapsed=0.0)
+                    run.done, run.artifact = True, Artifact.open(out)
+                    return run
                 if old.inputs_digest == inputs:
                     prior, resumed = old.timings.get("wall_s", 0.0), True
                     manifest.created_at = old.created_at

@@ -123,6 +123,8 @@ def calibrate(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Registered model (see `lowbitdm models`).")] = None,
     bits: Annotated[str | None, typer.Option("--bits", "-b", help="wXaY, X and Y in 2..8 or fp (e.g. w4a4).")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Calibration method: ptq.")] = None,
+    mixed: Annotated[str | None, typer.Option("--mixed", help="none | omq (MPQ-DM per-channel weight bits "
+                                                               "by kurtosis).")] = None,
     recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
     force: ForceOpt = False,
 ) -> None:
@@ -133,7 +135,8 @@ def calibrate(
     """
     from lowbitdm_cli.stages.calibrate import calibrate as run_stage
 
-    r = _guard(load_recipe, recipe, sets=sets, bits=bits, model=model, calibrate_method=method)
+    extra = [f'calibrate.mixed="{mixed}"'] if mixed else []
+    r = _guard(load_recipe, recipe, sets=(sets or []) + extra, bits=bits, model=model, calibrate_method=method)
     target = out_dir or _default_run_dir(r.model.name, r.name, r.quant.bits) / "calibrate"
     with _Bars() as bars:
         art = _guard(run_stage, r, target, resume=resume, force=force, progress=bars)
@@ -161,16 +164,26 @@ def _open_parent(path: Path, stages: tuple[str, ...]):  # noqa: ANN202
 @app.command()
 def finetune(
     parent: Annotated[Path, typer.Argument(help="A calibrate artifact folder.")],
-    method: Annotated[str | None, typer.Option("--method", help="Finetuning method: none.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="none | qalora (EfficientDM) | quest | qat.")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="mse | trd (MPQ-DM relation distillation added).")] = None,
     recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Finetune a calibrated model (`none` passes the calibrated state through)."""
+    """Finetune a calibrated model by data-free distillation from the full-precision model.
+
+    `qalora` trains LoRA factors merged before weight quantization plus per-timestep activation
+    step sizes (EfficientDM); `quest` trains time-embedding projections and attention layers
+    (QuEST); `qat` trains every weight; `none` passes the calibrated state through.
+    Example: `lowbitdm finetune runs/digits-ptq-w4a4/calibrate --method qalora`.
+    """
     from lowbitdm_cli.stages.finetune import finetune as run_stage
 
     art = _open_parent(parent, ("calibrate",))
-    r = _guard(load_recipe, recipe, base=art.manifest.recipe, sets=sets, finetune_method=method)
-    result = _guard(run_stage, art, r, out_dir or art.path.parent / "finetune", resume=resume, force=force)
+    extra = [f'finetune.loss="{loss}"'] if loss else []
+    r = _guard(load_recipe, recipe, base=art.manifest.recipe, sets=(sets or []) + extra, finetune_method=method)
+    with _Bars() as bars:
+        result = _guard(run_stage, art, r, out_dir or art.path.parent / "finetune", resume=resume, force=force,
+                        progress=bars)
     _report(result, "finetuned")
 
 

@@ -52,7 +52,7 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
     log(f"{recipe.name} at {recipe.quant.bits} → {run_dir}")
     stale = {"force": force, "replace_stale": True}
     cal = calibrate(recipe, run_dir / "calibrate", resume=True, progress=progress, **stale)
-    ft = finetune(cal, recipe, run_dir / "finetune", resume=True, **stale)
+    ft = finetune(cal, recipe, run_dir / "finetune", resume=True, progress=progress, **stale)
     merged = merge(ft, run_dir / "merge", **stale)
     q_samples = sample(open_source(str(merged.path)), recipe, run_dir / "sample", resume=True, progress=progress,
                        **stale)

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowbitdm_cli.errors import RecipeError
 from lowbitdm_cli.quant.policy import LayerOverride, QuantPolicy
@@ -88,13 +88,55 @@ class CalibrateSection(_Section):
     num_samples: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
     num_timesteps: int | None = Field(None, ge=1, description="calibration timesteps kept; None = all steps")
-    timestep_selection: Literal["uniform"] = "uniform"
+    timestep_selection: Literal["uniform", "normal"] = Field(
+        "uniform", description="uniform spacing (Q-Diffusion) or t ~ N(0.4, 0.4)·T (PTQ4DM/PQD)")
+    representative: Literal["none", "kcenter"] = Field(
+        "none", description="keep a representative subset of the samples (PQD): greedy k-centre")
+    num_representative: int | None = Field(None, ge=1, description="samples kept by `representative`")
+    mixed: Literal["none", "omq"] = Field("none", description="per-channel weight bits: MPQ-DM's OMQ")
+    omq_fractions: list[float] = Field([0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+                                       description="OMQ grid: fraction of channels that change width "
+                                                   "(the paper's 0..50 %; [0.0, 0.1] is the reference code's)")
     max_values_per_step: int = Field(100_000, ge=1000)
     seed: int = 1234
 
+    @field_validator("omq_fractions")
+    @classmethod
+    def _valid_fractions(cls, v: list[float]) -> list[float]:
+        if not v or not all(0.0 <= f <= 1.0 for f in v):
+            raise ValueError("omq_fractions must be a non-empty list of fractions in [0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _representative_count(self) -> CalibrateSection:
+        if self.representative != "none":
+            if self.num_representative is None:
+                raise ValueError("calibrate.representative needs calibrate.num_representative (samples to keep)")
+            if self.num_representative > self.num_samples:
+                raise ValueError(f"calibrate.num_representative ({self.num_representative}) exceeds "
+                                 f"calibrate.num_samples ({self.num_samples})")
+        return self
+
 
 class FinetuneSection(_Section):
-    method: Literal["none"] = "none"
+    """Data-free distillation settings. Paper settings are documented beside each recipe."""
+
+    method: Literal["none", "qalora", "quest", "qat"] = "none"
+    loss: Literal["mse", "trd"] = "mse"
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    steps: int | None = Field(None, ge=1, description="teacher DDIM steps per epoch; None = sample.steps")
+    eta: float = Field(0.0, ge=0.0)
+    guidance: float | None = None
+    lr: float = Field(1e-3, gt=0)
+    act_lr: float = Field(5e-4, ge=0)
+    lora_rank: int = Field(8, ge=1)
+    scale_aware: Literal["lr", "grad", "none"] = "lr"
+    train_act_zero_point: bool = True
+    trd_weight: float = Field(100.0, ge=0)
+    grad_clip: float | None = 1.0
+    checkpoint_every: int = Field(1, ge=1)
+    seed: int = 2024
 
 
 class SampleSection(_Section):

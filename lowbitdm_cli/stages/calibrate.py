@@ -1,9 +1,11 @@
 """Stage `calibrate`: FP model → calibrated low-bit model (quantizer parameters).
 
 1. Collect calibration data from the FP model's own DDIM trajectories (data-free), one
-   checkpointed batch at a time, so an interrupted run resumes where it stopped.
-2. Wrap every layer the policy names, initialise weight quantizers from the weights and
-   activation quantizers from what each layer sees on the calibration data.
+   checkpointed batch at a time, so an interrupted run resumes where it stopped. Positions
+   are uniform or normal (PTQ4DM); optionally keep a k-centre representative subset (PQD).
+2. Wrap every layer the policy names, initialise weight quantizers from the weights,
+   optionally give them OMQ per-channel bits (MPQ-DM), then initialise activation
+   quantizers from what each layer sees on the calibration data.
 3. Store the calibration data and the quantizer state (nothing the FP model already has).
 """
 
@@ -18,11 +20,14 @@ import torch
 
 from lowbitdm_cli.artifacts import Artifact, StageRun
 from lowbitdm_cli.calibration.data import CalibrationData, collect_batch, select_steps
+from lowbitdm_cli.calibration.omq import apply_omq
 from lowbitdm_cli.calibration.ptq import init_activations, init_weights
+from lowbitdm_cli.calibration.selection import k_center, normal_steps
 from lowbitdm_cli.models.registry import load_model, model_entry, model_ref
 from lowbitdm_cli.quant.model import quant_state, quantize_denoiser
 from lowbitdm_cli.quant.policy import build_layer_specs
 from lowbitdm_cli.recipes import Recipe
+from lowbitdm_cli.sampling import ddim_timesteps
 from lowbitdm_cli.stages.common import sampler_settings
 
 __all__ = ["calibrate"]
@@ -32,6 +37,16 @@ Progress = Callable[[str, int, int], None]  # (task description, advance, total)
 
 def _noop(_desc: str, _advance: int, _total: int) -> None:
     pass
+
+
+def _representative(data: CalibrationData, num: int, seed: int) -> tuple[CalibrationData, list[int]]:
+    """PQD's representative subset: greedy k-centre on each sample's x_t at the middle kept
+    step, average-pooled to 4x4 per channel and flattened (a cheap, resolution-free feature)."""
+    mid = data.xs[data.xs.shape[0] // 2].float()
+    feats = torch.nn.functional.adaptive_avg_pool2d(mid, 4).flatten(1)
+    idx = sorted(k_center(feats, num, seed))
+    conds = data.conds[idx] if data.conds is not None else None
+    return CalibrationData(data.xs[:, idx].contiguous(), data.ts, conds), idx
 
 
 def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = False, replace_stale: bool = False,
@@ -46,7 +61,12 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
         return run.artifact  # type: ignore[return-value]
     cfg = recipe.calibrate
     settings = sampler_settings(recipe.sample)
-    keep = select_steps(settings.steps, cfg.num_timesteps)
+    if cfg.timestep_selection == "normal":
+        num_train = model.schedule.num_train_timesteps
+        keep = normal_steps(settings.steps, cfg.num_timesteps, cfg.seed,
+                            timesteps=ddim_timesteps(num_train, settings.steps), num_train_timesteps=num_train)
+    else:
+        keep = select_steps(settings.steps, cfg.num_timesteps)
 
     t0 = time.time()
     num_batches = math.ceil(cfg.num_samples / cfg.batch_size)
@@ -60,6 +80,9 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
         parts.append(CalibrationData.from_tensors(run.load_tensors(name)))
         progress("calibration trajectories", 1, num_batches)
     data = CalibrationData.concat(parts)
+    representatives = None
+    if cfg.representative == "kcenter":
+        data, representatives = _representative(data, cfg.num_representative, cfg.seed)
     run.save_tensors("calib_data.safetensors", data.to_tensors())
     t_data = time.time() - t0
 
@@ -68,6 +91,7 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
     specs = build_layer_specs(model.denoiser, recipe.quant.policy())
     quantize_denoiser(model.denoiser, specs, timesteps=data.ts.tolist())
     init_weights(model, recipe.quant.weight_init)
+    omq = apply_omq(model, data, recipe) if cfg.mixed == "omq" else None
     total = data.xs.shape[0] * data.xs.shape[1]
     init_activations(model, data, recipe.quant.act_init, settings.guidance, cfg.batch_size,
                      cfg.max_values_per_step, cfg.seed,
@@ -81,5 +105,9 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
         "timesteps": data.ts.tolist(),
         "num_calibration_samples": cfg.num_samples,
     }
+    if representatives is not None:
+        info["representative_indices"] = representatives
+    if omq is not None:
+        info["omq"] = omq
     return run.commit(["calib_data.safetensors", "quant_state.safetensors"], info=info,
                       timings={"calibration_data_s": round(t_data, 3), "init_s": round(time.time() - t0, 3)})

@@ -1,28 +1,85 @@
-"""Stage `finetune`: calibrated model → finetuned model.
+"""Stage `finetune`: calibrated model → finetuned model, by data-free distillation from FP.
 
-This version has the explicit pass-through method `none`: it writes a proper finetune
-artifact whose quantizer state is the calibrated one, so `merge` and the rest of the
-chain see the same shape of lineage whatever the method. The distillation methods
-(EfficientDM, MPQ-DM, QuEST, QAT) plug into this stage (issue 5).
+The method (`none`, `qalora`, `quest`, `qat`) only chooses what trains, at which learning
+rate, under which losses; one loop (`finetune.loop.distill`) runs them all. Checkpoints
+every `checkpoint_every` epochs land in the partial folder, and `--resume` continues to
+the same final weights as an uninterrupted run. `none` is an explicit pass-through that
+still writes a proper artifact.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from lowbitdm_cli.artifacts import Artifact, StageRun
+from lowbitdm_cli.finetune.loop import DistillConfig, distill, make_optimizer, optimizer_from_tensors, \
+    optimizer_to_tensors
+from lowbitdm_cli.finetune.methods import plan_method
+from lowbitdm_cli.models.registry import load_model, model_entry
+from lowbitdm_cli.quant.model import quant_state
 from lowbitdm_cli.recipes import Recipe
+from lowbitdm_cli.stages.common import check_model, load_quantized_from
 
 __all__ = ["finetune"]
 
+CHECKPOINT = "checkpoint.safetensors"
+OPTIMIZER = "optimizer.safetensors"
 
-def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, force: bool = False, replace_stale: bool = False) -> Artifact:
+
+def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, force: bool = False,
+             replace_stale: bool = False, progress: Callable[[str, int, int], None] = lambda *_: None) -> Artifact:
+    recipe = recipe.resolved(model_entry(parent.manifest.model.name).sampler)
+    cfg = recipe.finetune
     run = StageRun.start(out, "finetune", parent.manifest.model, recipe.model_dump(mode="json"), parent=parent,
-                         resume=resume, force=force,
-                         replace_stale=replace_stale)
+                         resume=resume, force=force, replace_stale=replace_stale)
     if run.done:
         return run.artifact  # type: ignore[return-value]
-    state = parent.tensors("quant_state.safetensors")
-    run.save_tensors("quant_state.safetensors", state)
-    return run.commit(["quant_state.safetensors"],
-                      info={"method": recipe.finetune.method, "trainable_parameters": 0})
+    teacher = load_model(parent.manifest.model.name)
+    check_model(parent, teacher)
+    student = load_quantized_from(parent)
+    fp_state = {k: v.clone() for k, v in teacher.denoiser.state_dict().items()}
+    plan = plan_method(cfg, student.denoiser, cfg.seed)
+    history: list[float] = []
+    t0 = time.time()
+    if plan.groups:
+        dc = DistillConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, steps=cfg.steps or recipe.sample.steps,
+                           eta=cfg.eta, guidance=cfg.guidance if cfg.guidance is not None else recipe.sample.guidance,
+                           seed=cfg.seed, loss=cfg.loss, trd_weight=cfg.trd_weight,
+                           local_weight=1.0 if cfg.method == "quest" else 0.0,
+                           global_weight=2.0 if cfg.method == "quest" else 1.0,
+                           grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every)
+        opt, sched = make_optimizer(plan, dc.epochs * dc.steps)
+        start = 0
+        if run.has(CHECKPOINT):
+            state = run.load_tensors(CHECKPOINT)
+            student.denoiser.load_state_dict(state, strict=False)
+            meta = json.loads(run.path("checkpoint.json").read_text())
+            optimizer_from_tensors(opt, run.load_tensors(OPTIMIZER), meta["optimizer"])
+            start, history = meta["epoch"] + 1, meta["history"]
+            # the restored param groups already carry the decayed learning rates of that position
+            sched.last_epoch = start * dc.steps
+
+        def on_epoch_end(epoch: int, losses: list[float]) -> None:
+            history.append(sum(losses) / len(losses))
+            if (epoch + 1) % dc.checkpoint_every == 0 or epoch + 1 == dc.epochs:
+                trainable = {n: p.detach() for n, p in student.denoiser.named_parameters() if p.requires_grad}
+                run.save_tensors(CHECKPOINT, trainable)
+                opt_t, opt_meta = optimizer_to_tensors(opt)
+                run.save_tensors(OPTIMIZER, opt_t)
+                run.save_bytes("checkpoint.json", json.dumps({"epoch": epoch, "history": history,
+                                                              "optimizer": opt_meta}).encode())
+                run.checkpoint(epochs_done=epoch + 1)
+
+        distill(teacher, student, plan, dc, opt, sched, start, on_epoch_end, progress)
+    with torch.no_grad():
+        run.save_tensors("quant_state.safetensors", quant_state(student.denoiser, fp_state))
+    info = {"method": cfg.method, "loss": cfg.loss, **plan.info, "loss_history": history,
+            "epochs": cfg.epochs if plan.groups else 0}
+    return run.commit(["quant_state.safetensors"], info=info,
+                      timings={"train_s": round(time.time() - t0, 3)},
+                      metrics={"final_loss": history[-1]} if history else None)

@@ -1,0 +1,169 @@
+"""The one data-free distillation loop that serves every finetuning method.
+
+Per epoch: draw class labels and initial noise (seeded by (seed, epoch)), run the FP
+teacher's DDIM trajectory; at every step the student sees the same x_t and takes one
+optimizer step on its losses; the next x_t follows the teacher (EfficientDM §3.3).
+Checkpoints hold the trainable tensors, the optimizer state and the epoch reached;
+everything random is derived from (seed, epoch), so a resumed run reaches exactly the
+weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbitdm_cli.errors import NonFiniteError
+from lowbitdm_cli.finetune.losses import relation_kl
+from lowbitdm_cli.finetune.methods import TrainPlan
+from lowbitdm_cli.models.wrapper import DiffusionModel
+from lowbitdm_cli.sampling import ddim_step, ddim_timesteps, initial_noise, sample_generators
+
+__all__ = ["DistillConfig", "distill", "optimizer_from_tensors", "optimizer_to_tensors"]
+
+
+@dataclass
+class DistillConfig:
+    epochs: int
+    batch_size: int
+    steps: int
+    eta: float
+    guidance: float
+    seed: int
+    loss: str = "mse"  # "mse" or "trd"
+    trd_weight: float = 100.0
+    trd_window: int = 2
+    local_weight: float = 1.0
+    global_weight: float = 1.0
+    grad_clip: float | None = 1.0
+    checkpoint_every: int = 1  # epochs
+    history: list[float] = field(default_factory=list)
+
+
+class _Hooks:
+    """Captures module outputs by name (teacher and student side)."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._make(n)) for n, m in modules.items()]
+
+    def _make(self, name: str) -> Callable:
+        def hook(_m: nn.Module, _inp: tuple, output: torch.Tensor) -> None:
+            self.out[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _feature_module(den: nn.Module) -> nn.Module:
+    """MPQ-DM's TRD hooks the output of the UNet's last up-block."""
+    return den.up_blocks[-1]
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    """Optimizer state as flat tensors plus JSON for the scalars (safetensors holds no pickles)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, json.dumps({"scalars": scalars, "param_groups": groups})
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: str) -> None:
+    info = json.loads(meta)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in info["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def make_optimizer(plan: TrainPlan, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with linear learning-rate decay to zero (EfficientDM's schedule)."""
+    groups = [{"params": g["params"], "lr": g["lr"]} for g in plan.groups]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / max(total_steps, 1)))
+    return opt, sched
+
+
+def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, cfg: DistillConfig,
+            opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, start_epoch: int,
+            on_epoch_end: Callable[[int, list[float]], None],
+            progress: Callable[[str, int, int], None] = lambda *_: None) -> None:
+    """Run epochs `start_epoch`..`cfg.epochs`−1; `on_epoch_end(epoch, losses)` checkpoints."""
+    ts = ddim_timesteps(teacher.schedule.num_train_timesteps, cfg.steps)
+    t_den, s_den = teacher.denoiser, student.denoiser
+    t_mods = {n: m for n, m in t_den.named_modules() if n in plan.local_layers}
+    s_mods = {n: m for n, m in s_den.named_modules() if n in plan.local_layers}
+    if cfg.loss == "trd":
+        t_mods["__trd__"], s_mods["__trd__"] = _feature_module(t_den), _feature_module(s_den)
+    t_hooks, s_hooks = _Hooks(t_mods), _Hooks(s_mods)
+    scaled = [(g["params"], g.get("grad_scale", 1.0)) for g in plan.groups if g.get("grad_scale", 1.0) != 1.0]
+    trainable = plan.parameters()
+    total = cfg.epochs * len(ts)
+    s_den.train()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            base = cfg.seed * 100_003 + epoch
+            label_gen = torch.Generator().manual_seed(base)
+            cond = (torch.randint(0, teacher.num_classes, (cfg.batch_size,), generator=label_gen)
+                    if teacher.conditioning == "class" else None)
+            gens = sample_generators(base, list(range(cfg.batch_size)))
+            x = initial_noise(gens, teacher.sample_shape)
+            prev_t_feat = prev_s_feat = None
+            losses = []
+            for step, t in enumerate(ts):
+                with torch.no_grad():
+                    eps_t = teacher.eps(x, t, cond, cfg.guidance)
+                eps_s = student.eps(x, t, cond, cfg.guidance)
+                loss = cfg.global_weight * F.mse_loss(eps_s, eps_t)
+                for name in plan.local_layers:
+                    loss = loss + cfg.local_weight * F.mse_loss(s_hooks.out[name], t_hooks.out[name].detach())
+                if cfg.loss == "trd":
+                    t_feat, s_feat = t_hooks.out["__trd__"].detach(), s_hooks.out["__trd__"]
+                    # time smoothing: average with the previous step's feature (N = 2)
+                    t_avg = t_feat if prev_t_feat is None else (t_feat + prev_t_feat) / 2
+                    s_avg = s_feat if prev_s_feat is None else (s_feat + prev_s_feat) / 2
+                    loss = loss + cfg.trd_weight * relation_kl(s_avg, t_avg)
+                    prev_t_feat, prev_s_feat = t_feat, s_feat.detach()
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"loss became {loss.item()} at epoch {epoch}, step {step} (t={t}): "
+                                         f"lower the learning rate or check the calibration")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for params, scale in scaled:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(scale)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                t_prev = ts[step + 1] if step + 1 < len(ts) else -1
+                if t_prev >= 0:
+                    noise = initial_noise(gens, teacher.sample_shape) if cfg.eta > 0 else None
+                    x = ddim_step(teacher.schedule, x, eps_t, t, t_prev, cfg.eta, noise).detach()
+                progress("finetune", 1, total)
+            on_epoch_end(epoch, losses)
+    finally:
+        t_hooks.close()
+        s_hooks.close()
+        s_den.eval()
+
+

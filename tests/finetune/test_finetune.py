@@ -1,0 +1,93 @@
+"""The distillation loop and its methods on tiny-random: losses, trainable sets, resume equality."""
+
+import pytest
+import torch
+
+from lowbitdm_cli.errors import NonFiniteError
+from lowbitdm_cli.finetune.losses import relation_kl
+from lowbitdm_cli.finetune.methods import QUEST_ROLES
+from lowbitdm_cli.quant.layers import quant_layers
+from lowbitdm_cli.recipes import load_recipe
+from lowbitdm_cli.stages.calibrate import calibrate
+from lowbitdm_cli.stages.common import load_quantized_from
+from lowbitdm_cli.stages.finetune import finetune
+
+TINY = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4", "quant.a_temporal=true",
+        "finetune.epochs=2", "finetune.batch_size=2", "finetune.lora_rank=2"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    recipe = load_recipe("ptq", model="tiny-random", bits="w4a4", sets=TINY)
+    return calibrate(recipe, tmp_path_factory.mktemp("ft") / "calibrate")
+
+
+def _recipe(method, *extra):
+    return load_recipe("ptq", model="tiny-random", bits="w4a4", sets=TINY + list(extra), finetune_method=method)
+
+
+def test_trd_zero_for_identical_features_and_gradient_reaches_student():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 8, 4, 4)
+    assert relation_kl(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-6)
+    student = (teacher + 0.3 * torch.randn_like(teacher)).requires_grad_(True)
+    loss = relation_kl(student, teacher)
+    loss.backward()
+    assert loss.item() > 0 and student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_quest_trains_only_selected_layers(calibrated, tmp_path):
+    art = finetune(calibrated, _recipe("quest"), tmp_path / "ft")
+    assert 0 < art.manifest.info["trainable_fraction"] < 0.5
+    state = art.tensors("quant_state.safetensors")
+    calib = calibrated.manifest.info["layers"]
+    changed = {k.rsplit(".", 1)[0] for k in state if k.endswith(".weight")}
+    assert changed, "QuEST changed no weight"
+    assert all(calib[name]["role"] in QUEST_ROLES for name in changed)
+    # weight quantizer parameters stay frozen
+    before = calibrated.tensors("quant_state.safetensors")
+    for key in (k for k in state if ".w_quant." in k):
+        torch.testing.assert_close(state[key], before[key])
+
+
+def test_qat_changes_every_quantized_weight(calibrated, tmp_path):
+    art = finetune(calibrated, _recipe("qat", "finetune.lr=1e-3"), tmp_path / "ft")
+    state = art.tensors("quant_state.safetensors")
+    changed = {k.rsplit(".", 1)[0] for k in state if k.endswith(".weight")}
+    assert changed == set(calibrated.manifest.info["layers"])
+
+
+def test_qalora_adds_lora_and_reloads(calibrated, tmp_path):
+    art = finetune(calibrated, _recipe("qalora", 'finetune.loss="trd"'), tmp_path / "ft")
+    state = art.tensors("quant_state.safetensors")
+    assert any(k.endswith("lora_B") for k in state)
+    model = load_quantized_from(art)
+    layer = next(iter(quant_layers(model.denoiser).values()))
+    assert layer.lora_A is not None
+    assert len(art.manifest.info["loss_history"]) == 2
+
+
+class _StopAfter:
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, desc, advance, total):
+        self.n -= advance
+        if self.n < 0:
+            raise KeyboardInterrupt
+
+
+def test_resume_reaches_the_same_weights(calibrated, tmp_path):
+    recipe = _recipe("qalora", "finetune.epochs=3")
+    full = finetune(calibrated, recipe, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        finetune(calibrated, recipe, tmp_path / "b", progress=_StopAfter(6))  # dies inside epoch 2
+    assert (tmp_path / "b.partial" / "checkpoint.safetensors").exists()
+    resumed = finetune(calibrated, recipe, tmp_path / "b", resume=True)
+    assert resumed.manifest.files["quant_state.safetensors"].sha256 == \
+        full.manifest.files["quant_state.safetensors"].sha256
+
+
+def test_nonfinite_loss_stops_with_a_clear_error(calibrated, tmp_path):
+    with pytest.raises(NonFiniteError, match="lower the learning rate"):
+        finetune(calibrated, _recipe("qat", "finetune.lr=1e30", "finetune.grad_clip=0"), tmp_path / "ft")
