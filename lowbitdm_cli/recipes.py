@@ -111,10 +111,10 @@ class CalibrateSection(_Section):
     def _representative_count(self) -> CalibrateSection:
         if self.representative != "none":
             if self.num_representative is None:
-                raise ValueError("calibrate.representative needs calibrate.num_representative (samples to keep)")
+                raise ValueError(f"representative = {self.representative!r} needs num_representative (samples to keep)")
             if self.num_representative > self.num_samples:
-                raise ValueError(f"calibrate.num_representative ({self.num_representative}) exceeds "
-                                 f"calibrate.num_samples ({self.num_samples})")
+                raise ValueError(f"num_representative ({self.num_representative}) exceeds "
+                                 f"num_samples ({self.num_samples})")
         return self
 
 

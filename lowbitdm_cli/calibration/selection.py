@@ -17,7 +17,7 @@ __all__ = ["NORMAL_MEAN", "NORMAL_STD", "k_center", "normal_steps"]
 NORMAL_MEAN = 0.4
 NORMAL_STD = 0.4
 _DRAWS_PER_STEP = 10_000  # give up after keep × this many draws (only for pathologically thin tails)
-_CHUNK = 4096
+_CHUNK = 256
 
 
 def _position_fractions(num_steps: int, timesteps: Sequence[int] | None,
