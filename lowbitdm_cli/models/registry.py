@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -111,6 +110,3 @@ def model_ref(model: DiffusionModel) -> ModelRef:
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return ModelRef(name=model.name, source="embedded" if model.name in MODELS else "path", digest=h.hexdigest())
 
-
-def weights_file(name: str) -> Path | None:
-    return digits.WEIGHTS_DIR / "digits_unet.safetensors" if name == "digits" else None

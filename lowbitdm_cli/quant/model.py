@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbitdm_cli.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear, quant_layers
+from lowbitdm_cli.quant.layers import QuantConv2d, QuantLinear, quant_layers
 from lowbitdm_cli.quant.policy import LayerSpec
 
 __all__ = ["load_quant_state", "quant_state", "quantize_denoiser", "set_quant_enabled"]
@@ -72,6 +72,3 @@ def load_quant_state(denoiser: nn.Module, state: dict[str, torch.Tensor]) -> Non
                              f"the model expects {tuple(own[key].shape)}")
     denoiser.load_state_dict(state, strict=False)
 
-
-def iter_quant_layers(denoiser: nn.Module) -> list[tuple[str, QuantLayerMixin]]:
-    return list(quant_layers(denoiser).items())

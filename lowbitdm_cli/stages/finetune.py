@@ -17,8 +17,13 @@ from pathlib import Path
 import torch
 
 from lowbitdm_cli.artifacts import Artifact, StageRun
-from lowbitdm_cli.finetune.loop import DistillConfig, distill, make_optimizer, optimizer_from_tensors, \
-    optimizer_to_tensors
+from lowbitdm_cli.finetune.loop import (
+    DistillConfig,
+    distill,
+    make_optimizer,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+)
 from lowbitdm_cli.finetune.methods import plan_method
 from lowbitdm_cli.models.registry import load_model, model_entry
 from lowbitdm_cli.quant.model import quant_state
