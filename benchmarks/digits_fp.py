@@ -33,8 +33,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=None)
     parser.add_argument("--guidance", type=float, nargs="*", default=None,
                         help="guidance scales to compare (default: the registry's)")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     n = args.num_samples or (200 if args.quick else 1000)
     steps = 20 if args.quick else 50
     defaults = model_entry("digits").sampler
@@ -58,7 +59,7 @@ def main() -> None:
         rows.append({"guidance": g, "steps": steps, "eta": 0.0, "num_samples": n, "fid_digits": r["fid_digits"],
                      "class_accuracy": r["class_accuracy"], "sampling_s": round(wall, 1),
                      "fid_ratio_to_floor": r["fid_digits"] / floor["fid_digits"]})
-        if g == defaults["guidance"] and not args.quick:
+        if g == scales[0] and not args.quick:
             # 10 x 10 grid: row = sample round, column = class
             grid = imgs.numpy()[:100]
             save_grid(grid, ROOT / "docs" / "digits_grid.png", nrow=10, scale=3)
