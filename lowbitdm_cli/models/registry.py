@@ -60,7 +60,7 @@ _PAPER = "the paper-scale checkpoint; not bundled and not downloadable here. Loa
 
 MODELS: dict[str, ModelEntry] = {e.name: e for e in [
     ModelEntry("digits", "embedded class-conditional DDPM on sklearn digits (16x16, 2.6M params)",
-               sampler={"steps": 50, "eta": 0.0, "guidance": 2.0, "clip_x0": True}, loader=_load_digits),
+               sampler={"steps": 50, "eta": 0.0, "guidance": 1.25, "clip_x0": True}, loader=_load_digits),
     ModelEntry("tiny-random", "randomly initialised digits-shaped UNet (seeded) for smoke tests",
                sampler={"steps": 10, "eta": 0.0, "guidance": 2.0, "clip_x0": True}, loader=_load_tiny_random),
     ModelEntry("ldm-4", "LDM-4 ImageNet 256, class-conditional (CompVis cin256-v2)",
