@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -122,7 +123,7 @@ def _default_run_dir(model: str, recipe_name: str, bits: str) -> Path:
 def calibrate(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Registered model (see `lowbitdm models`).")] = None,
     bits: Annotated[str | None, typer.Option("--bits", "-b", help="wXaY, X and Y in 2..8 or fp (e.g. w4a4).")] = None,
-    method: Annotated[str | None, typer.Option("--method", help="Calibration method: ptq.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Calibration method: ptq | qdiffusion | pqd.")] = None,
     mixed: Annotated[str | None, typer.Option("--mixed", help="none | omq (MPQ-DM per-channel weight bits "
                                                                "by kurtosis).")] = None,
     recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
@@ -206,12 +207,15 @@ def sample(
                                                "artifact folder.")],
     recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
     force: ForceOpt = False,
+    runtime: Annotated[Literal["int", "fake"], typer.Option(
+        "--runtime", help="How a merge artifact runs: integer kernels by default; `fake` dequantizes to float "
+                          "for comparison.")] = "int",
 ) -> None:
     """Generate class-balanced samples into samples.npz (ADM layout: arr_0 uint8 NHWC + labels) and grid.png."""
     from lowbitdm_cli.stages.common import open_source
     from lowbitdm_cli.stages.sample import sample as run_stage
 
-    src = _guard(open_source, source)
+    src = _guard(open_source, source, runtime=runtime)
     base = src.artifact.manifest.recipe if src.artifact else None
     r = _guard(load_recipe, recipe, base=base, sets=sets, model=src.ref.name)
     target = out_dir or (src.artifact.path.parent / "sample" if src.artifact else Path("runs") / f"{source}-fp" / "sample")
@@ -319,6 +323,44 @@ def show(artifact: Annotated[Path, typer.Argument(help="Any artifact folder.")])
     info = {k: v for k, v in m.info.items() if k != "layers"}
     if info:
         out.print("info: " + json.dumps(info, default=str)[:2000])
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (runs/<model>-<recipe>-<bits>) or any "
+                                                        "artifact folders, in the order to show them.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, report.html and the "
+                                                              "PNGs.")] = Path("report"),
+    num_images: Annotated[int, typer.Option("--num-images", min=0, help="Images per run in samples.png "
+                                                                        "(the first ones; 0 skips it).")] = 20,
+) -> None:
+    """Compare finished runs: a table, plus report.md / report.html with figures.
+
+    Reads manifests only. For a run folder the furthest-along stage (evaluate, else sample, ...)
+    is used and its lineage supplies metrics, timings, peak memory, merged size, finetune
+    loss and OMQ bit allocations. Figures: metric_vs_bits.png, loss_curves.png, omq_bits.png
+    and samples.png (the same sample indices, hence seeds, from every run). report.html
+    embeds the images, so it can be sent as one file. Example:
+    `lowbitdm report runs/digits-fp-* runs/digits-ptq-w8a8 runs/digits-ptq-w4a4 --out report/`.
+    """
+    from lowbitdm_cli.report import collect_runs, table, write_report
+
+    runs = _guard(collect_runs, run_dirs)
+    files = _guard(write_report, runs, out_dir, num_images=num_images)
+    if _state["json"]:
+        out.print_json(json.dumps({"runs": [r.to_dict() for r in runs], "report": str(files.markdown),
+                                   "html": str(files.html), "images": {n: {"path": str(p), "size": files.sizes[n]}
+                                                                       for n, p in files.images.items()}}))
+        return
+    headers, rows = table(runs)
+    grid = Table(title=", ".join(sorted({r.model for r in runs})) + f": {len(runs)} runs", box=box.SIMPLE_HEAD)
+    for i, col in enumerate(headers):  # one word per header line keeps the table narrow; fold, never cut
+        grid.add_column(col.replace(" ", "\n"), justify="left" if i < 2 else "right", overflow="fold")
+    for row in rows:
+        grid.add_row(*row)
+    out.print(grid)
+    err.print(f"wrote [bold]{files.markdown}[/], {files.html.name} and {', '.join(files.images)} in {files.out_dir}",
+              highlight=False)
 
 
 def entrypoint() -> None:

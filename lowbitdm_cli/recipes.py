@@ -64,6 +64,9 @@ class QuantSection(_Section):
     lsq_grad_scale: bool = False
     weight_init: Literal["minmax", "mse", "percentile"] = "minmax"
     act_init: Literal["minmax", "mse", "percentile"] = "minmax"
+    split_shortcut: bool = Field(False, description="Q-Diffusion shortcut splitting: the 1x1 conv_shortcut of each "
+                                 "up-block ResnetBlock2D (its input concatenates the skip) gets one activation "
+                                 "quantizer per half; the merged checkpoint stores such layers dequantized")
     overrides: list[LayerOverride] = []
 
     @field_validator("bits")
@@ -84,7 +87,9 @@ class QuantSection(_Section):
 
 
 class CalibrateSection(_Section):
-    method: Literal["ptq"] = "ptq"
+    method: Literal["ptq", "qdiffusion", "pqd"] = Field(
+        "ptq", description="ptq: initialisation only; qdiffusion / pqd: then BRECQ block reconstruction "
+                           "(AdaRound weights + LSQ activation steps; pqd with QDrop)")
     num_samples: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
     num_timesteps: int | None = Field(None, ge=1, description="calibration timesteps kept; None = all steps")
@@ -98,6 +103,16 @@ class CalibrateSection(_Section):
                                        description="OMQ grid: fraction of channels that change width "
                                                    "(the paper's 0..50 %; [0.0, 0.1] is the reference code's)")
     max_values_per_step: int = Field(100_000, ge=1000)
+    recon_iters: int = Field(200, ge=1, description="Adam iterations per block (Q-Diffusion/BRECQ: 20k)")
+    recon_batch_size: int = Field(32, ge=1, description="rows per reconstruction mini-batch")
+    recon_samples: int = Field(1024, ge=1, description="rows of block inputs kept per block (seeded subsample; "
+                                                       "under CFG each calibration sample gives two rows)")
+    recon_lr: float = Field(1e-3, gt=0, description="Adam lr of the AdaRound variables V (BRECQ default)")
+    recon_act_lr: float = Field(4e-5, ge=0, description="Adam lr of the activation steps Δ, LSQ "
+                                                        "(Q-Diffusion default; 0 freezes them)")
+    recon_reg_weight: float = Field(0.01, ge=0, description="weight of the AdaRound rounding regulariser")
+    qdrop_prob: float = Field(0.0, ge=0.0, lt=1.0, description="QDrop (PQD): probability that an activation "
+                                                              "quantizer's output is replaced by its input")
     seed: int = 1234
 
     @field_validator("omq_fractions")
@@ -106,6 +121,13 @@ class CalibrateSection(_Section):
         if not v or not all(0.0 <= f <= 1.0 for f in v):
             raise ValueError("omq_fractions must be a non-empty list of fractions in [0, 1]")
         return v
+
+    @model_validator(mode="after")
+    def _qdrop_needs_reconstruction(self) -> CalibrateSection:
+        if self.qdrop_prob > 0 and self.method == "ptq":
+            raise ValueError("qdrop_prob applies during block reconstruction only: use method = 'qdiffusion' "
+                             "or 'pqd', or set qdrop_prob = 0")
+        return self
 
     @model_validator(mode="after")
     def _representative_count(self) -> CalibrateSection:

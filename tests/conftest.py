@@ -23,7 +23,6 @@ import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from lowbitdm_cli.artifacts import MANIFEST, Artifact, digest_of  # noqa: E402
-from lowbitdm_cli.cli import app  # noqa: E402
 from lowbitdm_cli.recipes import load_recipe  # noqa: E402
 
 torch.set_num_threads(1)

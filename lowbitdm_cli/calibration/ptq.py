@@ -66,7 +66,7 @@ def init_activations(model: DiffusionModel, data: CalibrationData, method: InitM
     layers = {n: m for n, m in quant_layers(model.denoiser).items() if m.a_quant is not None}
     recorder = ActivationRecorder(max_values, seed)
     for name, layer in layers.items():
-        layer.observer = recorder.observer(name)
+        layer.observer = recorder.observer(name) if layer.a_quant_skip is None else _split_observer(recorder, name)
     set_quant_enabled(model.denoiser, weights=True, activations=False)
 
     def run(step: int, t: int, x: torch.Tensor, cond: torch.Tensor | None) -> None:
@@ -83,10 +83,26 @@ def init_activations(model: DiffusionModel, data: CalibrationData, method: InitM
         set_quant_enabled(model.denoiser, weights=True, activations=True)
     steps = list(range(len(data.ts)))
     for name, layer in layers.items():
-        q = layer.a_quant
-        if q.temporal:
-            for s, t in enumerate(data.ts.tolist()):
-                q.set_timestep(t)
-                init_quantizer(q, recorder.sample(name, [s]), method, timestep_index=q._index)
-        else:
-            init_quantizer(q, recorder.sample(name, steps), method)
+        for key, q in ((name, layer.a_quant), (f"{name}{_SKIP}", layer.a_quant_skip)):
+            if q is None:
+                continue
+            if q.temporal:
+                for s, t in enumerate(data.ts.tolist()):
+                    q.set_timestep(t)
+                    init_quantizer(q, recorder.sample(key, [s]), method, timestep_index=q._index)
+            else:
+                init_quantizer(q, recorder.sample(key, steps), method)
+
+
+_SKIP = "#skip"  # recorder key suffix of a split layer's skip half
+
+
+def _split_observer(recorder: ActivationRecorder, name: str) -> Callable[[QuantLayerMixin, torch.Tensor], None]:
+    """Record a split layer's two channel halves separately (shortcut splitting)."""
+    main, skip = recorder.observer(name), recorder.observer(f"{name}{_SKIP}")
+
+    def observe(layer: QuantLayerMixin, x: torch.Tensor) -> None:
+        k = layer.spec.a_split
+        main(layer, x[:, :k])
+        skip(layer, x[:, k:])
+    return observe

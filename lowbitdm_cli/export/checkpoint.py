@@ -61,7 +61,12 @@ def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict
         if isinstance(layer, nn.Conv2d):
             entry["conv"] = {"stride": list(layer.stride), "padding": list(layer.padding),
                              "dilation": list(layer.dilation), "groups": layer.groups}
-        if layer.w_quant is not None:
+        # a split input quantizer (shortcut splitting) has no place in this format: such a layer
+        # is stored with its fake-quantized weight dequantized to float and a float input
+        split = layer.a_quant_skip is not None
+        if split:
+            entry["note"] = "split input quantizer not supported: weight stored dequantized, input float"
+        if layer.w_quant is not None and not split:
             codes, zero, scale, bits = _weight_codes(layer)
             uniform = bool((bits == bits[0]).all())
             tensors[f"{name}.weight_packed"] = pack(codes, int(bits[0])) if uniform else pack_mixed(codes, bits)
@@ -73,12 +78,12 @@ def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict
                                 "symmetric": layer.w_quant.mode == "symmetric",
                                 "strategy": "channel" if layer.w_quant.channel_axis is not None else "tensor"}
         else:
-            tensors[f"{name}.weight"] = layer.merged_weight().detach().float().contiguous()
+            tensors[f"{name}.weight"] = layer.qweight().detach().float().contiguous()
             entry["weights"] = None
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach().float().contiguous()
         a = layer.a_quant
-        if a is not None:
+        if a is not None and not split:
             tensors[f"{name}.input_scale"] = a.delta.detach().reshape(-1).float().contiguous()
             tensors[f"{name}.input_zero_point"] = torch.round(a.zero_point.detach()).reshape(-1).to(torch.int32)
             entry["input_activations"] = {"num_bits": a.max_bits, "type": "int", "symmetric": a.mode == "symmetric",
@@ -115,7 +120,9 @@ def _check(cond: bool, path: Path, msg: str) -> None:
         raise IntegrityError(f"{path}: {msg}: the checkpoint does not match its {CONFIG_NAME}")
 
 
-def _dequantized_weight(name: str, entry: dict, t: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
+def _stored_codes(name: str, entry: dict, t: dict[str, torch.Tensor], path: Path
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes [O, K], zero points [O], scales [O]) of a packed weight, checked against the config."""
     shape = entry["weight_shape"]
     out_ch, per_row = shape[0], int(torch.tensor(shape[1:]).prod())
     packed = t.get(f"{name}.weight_packed")
@@ -133,12 +140,67 @@ def _dequantized_weight(name: str, entry: dict, t: dict[str, torch.Tensor], path
         need = packed_nbytes(out_ch * per_row, int(bits_cfg))
         _check(packed.numel() == need, path, f"{name}.weight_packed has {packed.numel()} bytes, expected {need}")
         codes = unpack(packed, int(bits_cfg), out_ch * per_row).reshape(out_ch, per_row)
+    return codes, zero, scale
+
+
+def _dequantized_weight(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, shape: list[int]
+                        ) -> torch.Tensor:
     w = (codes.float() - zero.float().view(-1, 1)) * scale.view(-1, 1)
     return w.reshape(shape)
 
 
-def load_merged(path: Path | str, runtime: Literal["fake"] = "fake") -> DiffusionModel:
-    """Rebuild a `DiffusionModel` from a merged checkpoint folder (JSON + safetensors only)."""
+def _int_layer(name: str, entry: dict, layer: QuantLayerMixin, codes: tuple[torch.Tensor, ...] | None,
+               t: dict[str, torch.Tensor], timesteps: list[int]) -> nn.Module:
+    """The `IntConv2d`/`IntLinear` of one merged layer; ValueError (the reason) if it must stay float."""
+    from lowbitdm_cli.export.int_runtime import IntConv2d, IntLinear
+
+    act = entry["input_activations"]
+    if codes is None:
+        raise ValueError("weights stored as float")
+    if act is None:
+        raise ValueError("input not quantized")
+    u, zero, scale = codes
+    common = {"weight_zero_point": zero, "weight_scale": scale, "bias": t.get(f"{name}.bias"),
+              "input_scale": t[f"{name}.input_scale"], "input_zero_point": t[f"{name}.input_zero_point"],
+              "a_bits": int(act["num_bits"]), "a_symmetric": bool(act["symmetric"]),
+              "timesteps": timesteps if act["per_timestep"] else None}
+    if entry["kind"] == "linear":
+        return IntLinear(u, **common)
+    if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        raise ValueError(f"conv with groups={layer.groups}, padding={layer.padding!r} ({layer.padding_mode})")
+    return IntConv2d(u.reshape(entry["weight_shape"]), stride=layer.stride, padding=layer.padding,
+                     dilation=layer.dilation, **common)
+
+
+def _to_int_runtime(den: nn.Module, config: dict, t: dict[str, torch.Tensor],
+                    codes: dict[str, tuple[torch.Tensor, ...]]) -> dict:
+    """Replace every merged layer that can run on integer kernels; the others keep float compute."""
+    modules = dict(den.named_modules())
+    fallback: dict[str, str] = {}
+    int_layers = 0
+    for name, layer in quant_layers(den).items():
+        try:
+            int_layer = _int_layer(name, config["layers"][name], layer, codes.get(name), t, config["timesteps"])
+        except ValueError as e:
+            fallback[name] = str(e)
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else den, leaf, int_layer)
+        int_layers += 1
+    return {"runtime": "int", "int_layers": int_layers, "fallback_layers": len(fallback),
+            "fallback": sorted(fallback), "fallback_reasons": fallback}
+
+
+def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> DiffusionModel:
+    """Rebuild a `DiffusionModel` from a merged checkpoint folder (JSON + safetensors only).
+
+    ``runtime="fake"`` dequantizes the weights to float and fake-quantizes the inputs (the
+    reference); ``"int"`` then replaces each quantized layer by `IntConv2d`/`IntLinear`
+    (integer kernels). Layers that cannot run on them (float weights, unquantized input)
+    keep float compute; ``model.meta["runtime"]`` counts both and names the fallbacks.
+    """
+    if runtime not in ("fake", "int"):
+        raise ValueError(f"runtime must be 'fake' or 'int', got {runtime!r}")
     path = Path(path)
     config = json.loads((path / CONFIG_NAME).read_text())
     t = load_file(str(path / WEIGHTS_NAME))
@@ -150,14 +212,18 @@ def load_merged(path: Path | str, runtime: Literal["fake"] = "fake") -> Diffusio
     den = UNet2DModel(**mcfg["unet_config"])
     specs = {}
     weights = {}
+    codes = {}
     for name, entry in config["layers"].items():
         act = entry["input_activations"]
         specs[name] = LayerSpec(role="merged", kind=entry["kind"], w_bits=None,
                                 a_bits=act["num_bits"] if act else None,
                                 a_symmetric=bool(act and act["symmetric"]),
                                 a_temporal=bool(act and act["per_timestep"]))
-        weights[name] = (_dequantized_weight(name, entry, t, path) if entry["weights"] is not None
-                         else t[f"{name}.weight"])
+        if entry["weights"] is not None:
+            codes[name] = _stored_codes(name, entry, t, path)
+            weights[name] = _dequantized_weight(*codes[name], entry["weight_shape"])
+        else:
+            weights[name] = t[f"{name}.weight"]
     quantize_denoiser(den, specs, timesteps=config["timesteps"] or None)
     layers = quant_layers(den)
     state = {k: v for k, v in t.items() if not k.startswith(tuple(f"{n}." for n in layers))}
@@ -176,8 +242,11 @@ def load_merged(path: Path | str, runtime: Literal["fake"] = "fake") -> Diffusio
     missing, unexpected = den.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith((".a_quant.bits", ".a_quant.timesteps"))]
     _check(not missing and not unexpected, path, f"tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+    meta = {"unet": mcfg["unet_config"]}
+    if runtime == "int":
+        meta["runtime"] = _to_int_runtime(den, config, t, codes)
     den.eval().requires_grad_(False)
     acp = torch.tensor(mcfg["schedule"]["alphas_cumprod"], dtype=torch.float32)
     return DiffusionModel(denoiser=den, schedule=NoiseSchedule(acp), sample_shape=tuple(mcfg["sample_shape"]),
                           conditioning=mcfg["conditioning"], num_classes=mcfg["num_classes"],
-                          null_class=mcfg["null_class"], name=mcfg["name"], meta={"unet": mcfg["unet_config"]})
+                          null_class=mcfg["null_class"], name=mcfg["name"], meta=meta)

@@ -44,10 +44,10 @@ class TrainPlan:
 def _act_params(layers: dict[str, QuantLayerMixin], train_zero_point: bool) -> list[nn.Parameter]:
     out = []
     for layer in layers.values():
-        if layer.a_quant is not None:
-            out.append(layer.a_quant.delta)
-            if train_zero_point and layer.a_quant.zero_point.requires_grad:
-                out.append(layer.a_quant.zero_point)
+        for q in layer.act_quantizers():
+            out.append(q.delta)
+            if train_zero_point and q.zero_point.requires_grad:
+                out.append(q.zero_point)
     return out
 
 

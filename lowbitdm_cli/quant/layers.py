@@ -37,6 +37,11 @@ class QuantLayerMixin:
                                          timesteps=timesteps if spec.a_temporal else None,
                                          lsq_grad_scale=spec.lsq_grad_scale)
                         if spec.a_bits else None)
+        # shortcut splitting: channels [a_split:] (the concatenated skip) get their own quantizer
+        self.a_quant_skip = (UniformQuantizer(spec.a_bits, "symmetric" if spec.a_symmetric else "asymmetric",
+                                              timesteps=timesteps if spec.a_temporal else None,
+                                              lsq_grad_scale=spec.lsq_grad_scale)
+                             if spec.a_bits and spec.a_split else None)
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.observer = None  # callable(layer, x) used during calibration
@@ -63,7 +68,16 @@ class QuantLayerMixin:
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(self, x)
-        return self.a_quant(x) if self.a_quant is not None else x
+        if self.a_quant is None:
+            return x
+        if self.a_quant_skip is not None:
+            k = self.spec.a_split
+            return torch.cat([self.a_quant(x[:, :k]), self.a_quant_skip(x[:, k:])], dim=1)
+        return self.a_quant(x)
+
+    def act_quantizers(self) -> list[UniformQuantizer]:
+        """The input quantizers: `a_quant`, plus `a_quant_skip` for a split layer."""
+        return [q for q in (self.a_quant, self.a_quant_skip) if q is not None]
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):

@@ -34,8 +34,8 @@ def set_quant_enabled(denoiser: nn.Module, weights: bool = True, activations: bo
     for layer in quant_layers(denoiser).values():
         if layer.w_quant is not None:
             layer.w_quant.enabled = weights
-        if layer.a_quant is not None:
-            layer.a_quant.enabled = activations
+        for q in layer.act_quantizers():
+            q.enabled = activations
 
 
 def quant_state(denoiser: nn.Module, fp_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -34,6 +34,8 @@ class LayerSpec(BaseModel):
     a_symmetric: bool = False
     a_temporal: bool = False
     lsq_grad_scale: bool = False
+    a_split: int | None = Field(None, ge=1, description="Q-Diffusion shortcut splitting: input channels "
+                                "[:a_split] and [a_split:] (a concatenated skip) get separate activation quantizers")
 
 
 class LayerOverride(BaseModel):

@@ -5,28 +5,36 @@
    are uniform or normal (PTQ4DM); optionally keep a k-centre representative subset (PQD).
 2. Wrap every layer the policy names, initialise weight quantizers from the weights,
    optionally give them OMQ per-channel bits (MPQ-DM), then initialise activation
-   quantizers from what each layer sees on the calibration data.
-3. Store the calibration data and the quantizer state (nothing the FP model already has).
+   quantizers from what each layer sees on the calibration data. Q-Diffusion's shortcut
+   splitting (`quant.split_shortcut`) gives concatenated-skip inputs two quantizers.
+3. `qdiffusion` / `pqd`: BRECQ block reconstruction (AdaRound + LSQ, QDrop for PQD), block
+   by block, each block checkpointed (`recon_block_NNN.safetensors`) so --resume skips it.
+4. Store the calibration data and the quantizer state (nothing the FP model already has).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from lowbitdm_cli.artifacts import Artifact, StageRun
 from lowbitdm_cli.calibration.data import CalibrationData, collect_batch, select_steps
 from lowbitdm_cli.calibration.omq import apply_omq
 from lowbitdm_cli.calibration.ptq import init_activations, init_weights
+from lowbitdm_cli.calibration.reconstruct import block_state, plan_blocks, reconstruct_block, shortcut_splits
 from lowbitdm_cli.calibration.selection import k_center, normal_steps
+from lowbitdm_cli.errors import ArtifactError
 from lowbitdm_cli.models.registry import load_model, model_entry, model_ref
-from lowbitdm_cli.quant.model import quant_state, quantize_denoiser
+from lowbitdm_cli.models.wrapper import DiffusionModel
+from lowbitdm_cli.quant.model import load_quant_state, quant_state, quantize_denoiser
 from lowbitdm_cli.quant.policy import build_layer_specs
-from lowbitdm_cli.recipes import Recipe
+from lowbitdm_cli.recipes import CalibrateSection, Recipe
 from lowbitdm_cli.sampling import ddim_timesteps
 from lowbitdm_cli.stages.common import sampler_settings
 
@@ -47,6 +55,32 @@ def _representative(data: CalibrationData, num: int, seed: int) -> tuple[Calibra
     idx = sorted(k_center(feats, num, seed))
     conds = data.conds[idx] if data.conds is not None else None
     return CalibrationData(data.xs[:, idx].contiguous(), data.ts, conds), idx
+
+
+def _reconstruct(run: StageRun, model: DiffusionModel, data: CalibrationData, cfg: CalibrateSection,
+                 guidance: float, progress: Progress) -> dict[str, dict]:
+    """Reconstruct every block in forward order; a block already checkpointed is loaded instead."""
+    blocks, rows_per_sample = plan_blocks(model, data, guidance)
+    record: dict[str, dict] = {}
+    for i, block in enumerate(blocks):
+        name = f"recon_block_{i:03d}.safetensors"
+        desc = f"reconstruct {block.name}"
+        if run.has(name):
+            with safe_open(str(run.path(name)), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("block") != block.name:
+                raise ArtifactError(f"{run.path(name)} holds block {meta.get('block')!r}, expected {block.name!r}: "
+                                    f"rerun with --force")
+            load_quant_state(model.denoiser, run.load_tensors(name))
+            record[block.name] = json.loads(meta["record"])
+            progress(desc, cfg.recon_iters, cfg.recon_iters)
+            continue
+        rec = reconstruct_block(model, data, block, i, cfg, guidance, rows_per_sample,
+                                progress=lambda advance, total: progress(desc, advance, total))
+        run.save_tensors(name, block_state(block), metadata={"block": block.name, "record": json.dumps(rec)})
+        run.checkpoint(recon_blocks_done=i + 1)
+        record[block.name] = rec
+    return record
 
 
 def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = False, replace_stale: bool = False,
@@ -89,6 +123,10 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
     t0 = time.time()
     fp_state = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
     specs = build_layer_specs(model.denoiser, recipe.quant.policy())
+    if recipe.quant.split_shortcut:
+        splits = shortcut_splits(model, data, settings.guidance)
+        specs = {n: s.model_copy(update={"a_split": splits[n]}) if n in splits and s.a_bits else s
+                 for n, s in specs.items()}
     quantize_denoiser(model.denoiser, specs, timesteps=data.ts.tolist())
     init_weights(model, recipe.quant.weight_init)
     omq = apply_omq(model, data, recipe) if cfg.mixed == "omq" else None
@@ -96,6 +134,11 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
     init_activations(model, data, recipe.quant.act_init, settings.guidance, cfg.batch_size,
                      cfg.max_values_per_step, cfg.seed,
                      progress=lambda n: progress("activation ranges", n, total))
+    t_init = time.time() - t0
+    t0 = time.time()
+    recon = None
+    if cfg.method in ("qdiffusion", "pqd"):
+        recon = _reconstruct(run, model, data, cfg, settings.guidance, progress)
     with torch.no_grad():
         run.save_tensors("quant_state.safetensors", quant_state(model.denoiser, fp_state))
     info = {
@@ -109,5 +152,8 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
         info["representative_indices"] = representatives
     if omq is not None:
         info["omq"] = omq
-    return run.commit(["calib_data.safetensors", "quant_state.safetensors"], info=info,
-                      timings={"calibration_data_s": round(t_data, 3), "init_s": round(time.time() - t0, 3)})
+    timings = {"calibration_data_s": round(t_data, 3), "init_s": round(t_init, 3)}
+    if recon is not None:
+        info["reconstruction"] = recon
+        timings["reconstruct_s"] = round(time.time() - t0, 3)
+    return run.commit(["calib_data.safetensors", "quant_state.safetensors"], info=info, timings=timings)

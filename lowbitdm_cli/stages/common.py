@@ -28,6 +28,7 @@ class Source:
     ref: ModelRef
     artifact: Artifact | None
     label: str
+    runtime: str | None = None  # "int" or "fake" for a merged checkpoint, None otherwise
 
 
 def sampler_settings(sample_cfg) -> SamplerSettings:  # noqa: ANN001 - a recipes.SampleSection
@@ -44,13 +45,14 @@ def check_model(artifact: Artifact, model: DiffusionModel) -> ModelRef:
     return ref
 
 
-def load_quantized_from(artifact: Artifact) -> DiffusionModel:
+def load_quantized_from(artifact: Artifact, runtime: str = "fake") -> DiffusionModel:
     """Rebuild the fake-quantized model of a calibrate or finetune artifact: FP model, the
-    calibrate stage's layer specs, then the newest quant state in the lineage."""
+    calibrate stage's layer specs, then the newest quant state in the lineage. A merge
+    artifact loads with `runtime` ("fake" or "int"); the others are always fake-quantized."""
     if artifact.manifest.stage == "merge":
         from lowbitdm_cli.export.checkpoint import load_merged
 
-        return load_merged(artifact.path, runtime="fake")
+        return load_merged(artifact.path, runtime=runtime)
     calib = artifact.find("calibrate")
     if calib is None:
         raise StageOrderError(f"{artifact.path} has no calibrate artifact in its lineage")
@@ -63,8 +65,12 @@ def load_quantized_from(artifact: Artifact) -> DiffusionModel:
     return model
 
 
-def open_source(source: str | Path) -> Source:
-    """A registered model name (full precision) or a calibrate/finetune/merge artifact folder."""
+def open_source(source: str | Path, runtime: str = "int") -> Source:
+    """A registered model name (full precision) or a calibrate/finetune/merge artifact folder.
+
+    `runtime` applies to merge artifacts only: "int" runs integer kernels, "fake" dequantizes."""
+    if runtime not in ("int", "fake"):
+        raise ValueError(f"runtime must be 'int' or 'fake', got {runtime!r}")
     text = str(source)
     if text in MODELS and not Path(text).exists():
         model = load_model(text)
@@ -76,6 +82,8 @@ def open_source(source: str | Path) -> Source:
     if art.manifest.stage not in QUANT_STAGES:
         raise StageOrderError(f"{path} is a {art.manifest.stage} artifact; sample from a model name or a "
                               f"calibrate, finetune or merge artifact")
+    merged = art.manifest.stage == "merge"
     with torch.no_grad():
-        model = load_quantized_from(art)
-    return Source(model, art.manifest.model, art, f"{art.manifest.model.name} ({art.manifest.stage})")
+        model = load_quantized_from(art, runtime=runtime if merged else "fake")
+    return Source(model, art.manifest.model, art, f"{art.manifest.model.name} ({art.manifest.stage})",
+                  runtime=runtime if merged else None)

@@ -29,8 +29,9 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
     """Generate `recipe.sample.num_samples` class-balanced images from `source`."""
     recipe = recipe.resolved(model_entry(source.ref.name).sampler)
     cfg = recipe.sample
+    options = {"source": source.label, **({"runtime": source.runtime} if source.runtime else {})}
     run = StageRun.start(out, "sample", source.ref, recipe.model_dump(mode="json"), parent=source.artifact,
-                         options={"source": source.label}, resume=resume, force=force,
+                         options=options, resume=resume, force=force,
                          replace_stale=replace_stale)
     if run.done:
         return run.artifact  # type: ignore[return-value]
@@ -66,7 +67,8 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
         save_grid(arr[: cfg.grid_samples], run.path("grid.png"), nrow=nrow)
         files.append("grid.png")
     unmatched = unmatched_timesteps(model)
-    info = {"source": source.label, "num_samples": cfg.num_samples, "sampler": settings.__dict__,
+    info = {"source": source.label, "runtime": source.runtime, "num_samples": cfg.num_samples,
+            "sampler": settings.__dict__,
             "unmatched_timesteps": unmatched}
     return run.commit(files, info=info)
 

@@ -1,0 +1,189 @@
+"""Merged checkpoints: denoiser file size and forward time, FP32 vs fake-quant vs integer runtime.
+
+Two models, each at FP32, W8A8 and W4A4 (per-channel asymmetric min-max weights, per-tensor
+activations, the ptq recipe's layer policy):
+
+  (i)  the embedded `digits` model through the real stage chain (calibrate → finetune → merge);
+       if its weights are not there yet, the seeded `tiny-random` model of the same shape;
+  (ii) a larger randomly initialised UNet2DModel (block_out_channels 128, 256, 256; 32x32x3,
+       unconditional), quantized with the same library calls (`quantize_denoiser`, min-max
+       `init_quantizer` on random calibration inputs, `export_tensors`) into a merged folder.
+
+For each: bytes of the denoiser's safetensors file (FP32 state dict vs merged `model.safetensors`)
+and the median denoiser forward time at batch 64 after warm-up, torch.set_num_threads(2), for
+FP32 eager, the fake-quant runtime and the integer runtime (`load_merged(..., "int")`).
+
+    python benchmarks/merged_runtime.py            # 7 timed runs per cell
+    python benchmarks/merged_runtime.py --quick    # 2 timed runs per cell, small calibration
+
+Writes benchmarks/results/merged_runtime.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_tensors, load_merged
+from lowbitdm_cli.models.digits import WEIGHTS_DIR
+from lowbitdm_cli.models.registry import load_model
+from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
+from lowbitdm_cli.quant.init import init_quantizer
+from lowbitdm_cli.quant.layers import quant_layers
+from lowbitdm_cli.quant.model import quantize_denoiser, set_quant_enabled
+from lowbitdm_cli.quant.policy import QuantPolicy, build_layer_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+BITS = {"W8A8": (8, 8), "W4A4": (4, 4)}
+LARGE_CONFIG = {"sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+                "block_out_channels": (128, 256, 256),
+                "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                "attention_head_dim": 32, "norm_num_groups": 32}
+SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+def _file_bytes(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> int:
+    path = folder / name
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
+    return path.stat().st_size
+
+
+@torch.no_grad()
+def _time_forward(model: DiffusionModel, batch: int, repeats: int, warmup: int) -> float:
+    """Median seconds of one denoiser call (no CFG) on a fixed batch at t = 500."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *model.sample_shape, generator=g)
+    cond = torch.arange(batch) % model.num_classes if model.conditioning == "class" else None
+    for _ in range(warmup):
+        model.forward(x, 500, cond)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.forward(x, 500, cond)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _merged_small(name: str, label: str, folder: Path, quick: bool) -> Path:
+    """The registered model through calibrate → finetune → merge (ptq recipe)."""
+    from lowbitdm_cli.recipes import load_recipe
+    from lowbitdm_cli.stages.calibrate import calibrate
+    from lowbitdm_cli.stages.finetune import finetune
+    from lowbitdm_cli.stages.merge import merge
+
+    sets = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"] if quick else []
+    recipe = load_recipe("ptq", model=name, bits=label.lower(), sets=sets)
+    calibrated = calibrate(recipe, folder / label / "calibrate")
+    return merge(finetune(calibrated, recipe, folder / label / "finetune"), folder / label / "merge").path
+
+
+@torch.no_grad()
+def _large_fp() -> DiffusionModel:
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**LARGE_CONFIG).eval().requires_grad_(False)
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in unet.config.items() if not k.startswith("_")}
+    return DiffusionModel(denoiser=unet, schedule=NoiseSchedule.from_config(SCHEDULE), sample_shape=(3, 32, 32),
+                          conditioning="none", name="unet-128-256-256-random", meta={"unet": cfg})
+
+
+@torch.no_grad()
+def _merged_large(label: str, folder: Path, calib_batch: int) -> Path:
+    """quantize_denoiser + min-max init on random calibration inputs + export_tensors → merged folder."""
+    w_bits, a_bits = BITS[label]
+    model = _large_fp()
+    specs = build_layer_specs(model.denoiser, QuantPolicy(w_bits=w_bits, a_bits=a_bits))
+    quantize_denoiser(model.denoiser, specs)
+    layers = quant_layers(model.denoiser)
+    for layer in layers.values():
+        init_quantizer(layer.w_quant, layer.merged_weight().detach(), "minmax")
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name, layer in layers.items():
+        layer.observer = lambda _layer, x, name=name: seen.setdefault(name, []).append(x.detach().reshape(-1))
+    set_quant_enabled(model.denoiser, weights=True, activations=False)
+    g = torch.Generator().manual_seed(1)
+    for t in (999, 500, 100):
+        model.forward(torch.randn(calib_batch, 3, 32, 32, generator=g), t, None)
+    for name, layer in layers.items():
+        layer.observer = None
+        init_quantizer(layer.a_quant, torch.cat(seen[name]), "minmax")
+    set_quant_enabled(model.denoiser, weights=True, activations=True)
+    tensors, config = export_tensors(model)
+    out = folder / f"large-{label}"
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / WEIGHTS_NAME))
+    (out / CONFIG_NAME).write_text(json.dumps(config) + "\n")
+    return out
+
+
+def _bench(title: str, fp: DiffusionModel, merged: dict[str, Path], folder: Path, args: argparse.Namespace) -> dict:
+    fp_bytes = _file_bytes(fp.denoiser.state_dict(), folder, f"{fp.name}-fp32.safetensors")
+    t_fp = _time_forward(fp, args.batch, args.repeats, args.warmup)
+    rows = [{"precision": "FP32", "bytes": fp_bytes, "size_ratio": 1.0, "fp32_ms": t_fp * 1e3}]
+    for label, path in merged.items():
+        fake, integer = load_merged(path, "fake"), load_merged(path, "int")
+        t_fake = _time_forward(fake, args.batch, args.repeats, args.warmup)
+        t_int = _time_forward(integer, args.batch, args.repeats, args.warmup)
+        nbytes = (path / WEIGHTS_NAME).stat().st_size
+        report = integer.meta["runtime"]
+        rows.append({"precision": label, "bytes": nbytes, "size_ratio": nbytes / fp_bytes, "fp32_ms": t_fp * 1e3,
+                     "fake_ms": t_fake * 1e3, "int_ms": t_int * 1e3, "int_vs_fp32": t_fp / t_int,
+                     "int_vs_fake": t_fake / t_int, "int_layers": report["int_layers"],
+                     "fallback_layers": report["fallback_layers"]})
+    return {"model": title, "params": sum(p.numel() for p in fp.denoiser.parameters()), "rows": rows}
+
+
+def _print(result: dict, batch: int) -> None:
+    print(f"\n{result['model']}  ({result['params'] / 1e6:.2f}M params, batch {batch})")
+    print(f"{'':6} {'bytes':>11} {'ratio':>6} {'fp32 ms':>9} {'fake ms':>9} {'int ms':>9} {'int/fp32':>9} "
+          f"{'int/fake':>9} {'int layers':>11}")
+    for r in result["rows"]:
+        if r["precision"] == "FP32":
+            print(f"{'FP32':6} {r['bytes']:>11,} {1.0:>6.3f} {r['fp32_ms']:>9.1f}")
+            continue
+        print(f"{r['precision']:6} {r['bytes']:>11,} {r['size_ratio']:>6.3f} {r['fp32_ms']:>9.1f} "
+              f"{r['fake_ms']:>9.1f} {r['int_ms']:>9.1f} {r['int_vs_fp32']:>8.2f}x {r['int_vs_fake']:>8.2f}x "
+              f"{r['int_layers']:>5}+{r['fallback_layers']} fb")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 timed runs per cell, tiny calibration")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "merged_runtime.json")
+    args = parser.parse_args()
+    args.repeats, args.warmup = (2, 1) if args.quick else (7, 2)
+    torch.set_num_threads(args.threads)
+    wf = WEIGHTS_DIR / "digits_unet.safetensors"
+    small = "digits" if wf.is_file() else "tiny-random"
+    note = None if small == "digits" else f"{wf} is absent (still training): tiny-random stands in for digits"
+    if note:
+        print(f"note: {note}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        merged = {label: _merged_small(small, label, folder, args.quick) for label in BITS}
+        results.append(_bench(small, load_model(small), merged, folder, args))
+        _print(results[-1], args.batch)
+        merged = {label: _merged_large(label, folder, calib_batch=8 if args.quick else 32) for label in BITS}
+        results.append(_bench("unet-128-256-256 (random init, 32x32x3)", _large_fp(), merged, folder, args))
+        _print(results[-1], args.batch)
+    payload = {"quick": args.quick, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+               "warmup": args.warmup, "torch": torch.__version__, "note": note, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

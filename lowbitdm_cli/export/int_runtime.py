@@ -1,0 +1,255 @@
+"""Integer execution of a merged checkpoint: `IntConv2d` and `IntLinear`.
+
+Each layer quantizes its float input to codes exactly as the fake quantizer does,
+``u = clamp(round(x/Δx) + z, q_min, q_max)`` (same float ops, so the codes are identical),
+multiplies codes by the stored weight codes with int8 ``torch._int_mm`` and returns
+``Δx·Δw[o] · Σ_k (u − zx)(w − zw[o]) + bias[o]`` in float32. Only the float accumulation
+differs from the fake-quantized layer, so each layer agrees with it to float rounding. Across
+a whole network the two runtimes stay that close until some activation lands within float
+rounding of a rounding tie: its code then differs by one step and the difference propagates
+(a float32 and a float64 evaluation of the fake model diverge in the same way).
+
+Kernel layout (chosen for CPU speed, exactness checked against `int_ops` in the tests):
+
+- activations stay unsigned: ``_int_mm`` takes a uint8 ``mat1`` with an int8 ``mat2``;
+- weights whose ``w − zw`` fits in int8 (every 2..7-bit weight, and 8-bit ones with a
+  central zero point) are stored as that difference ("direct"); other 8-bit weights are
+  stored as ``w − 128`` with one extra all-ones column, so the same product also yields the
+  row sums of the activation codes needed for the ``128 − zw`` correction ("shifted");
+- convs run as im2col on channels-last uint8 codes (the weight's K axis is reordered to
+  (kh, kw, C) once at load), padded with the code ``zx`` that represents 0.
+
+Then ``acc = mm[:, :O] + rowsum(u)·(128 − zw) − zx·Σ_k(w − zw)``; it stays in int32 while K
+is small enough that no partial sum can overflow, else int64. The prepared weights are
+buffers, built once from the codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lowbitdm_cli.export.int_ops import _padded_int_mm
+
+__all__ = ["IntConv2d", "IntLayer", "IntLinear"]
+
+_SHIFT = 128
+# |u·w| ≤ 255·128 per product; with the corrections a partial sum is < K·255·(128+256+255),
+# which stays below 2**31 for K ≤ 8192. Larger K accumulates in int64.
+_K_INT32 = 8192
+# One _int_mm over at most this many K with uint8 x int8 stays below 2**31.
+_K_CHUNK = 1 << 15
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """int32 product of uint8 codes a [M, K] and int8 b [K, N] (K ≤ _K_CHUNK)."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b)
+    # CUDA's _int_mm wants int8 x int8: shift a to int8 and add back 128·colsum(b).
+    shifted = torch.bitwise_xor(a, _SHIFT).view(torch.int8)
+    return _padded_int_mm(shifted, b) + _SHIFT * b.sum(0, dtype=torch.int32)
+
+
+def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
+    """int64 product for large K, chunked so that each int32 partial product is exact."""
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64, device=a.device)
+    for k0 in range(0, a.shape[1], _K_CHUNK):
+        out += _mm(a[:, k0 : k0 + _K_CHUNK].contiguous(), b[k0 : k0 + _K_CHUNK]).to(torch.int64)
+    return out
+
+
+class IntLayer(nn.Module):
+    """What `IntConv2d` and `IntLinear` share: prepared weights, activation codes, timestep slots.
+
+    Args (tensors on one device):
+        weight_codes: uint8 codes u, [O, K] (linear) or [O, C, kh, kw] (conv), W = Δw[o]·(u − zw[o]).
+        weight_zero_point: [O] integer zero points zw in [0, 255].
+        weight_scale: [O] float step sizes Δw.
+        bias: [O] float or None.
+        input_scale: [S] float Δx, one per timestep slot (S = 1 when not temporal).
+        input_zero_point: [S] integer z (as the fake quantizer rounds it); ignored when symmetric.
+        a_bits: activation bit width (1..8); a_symmetric: codes in [−2^(b−1), 2^(b−1)−1].
+        timesteps: the S timestep values of a temporal layer, or None.
+    """
+
+    def __init__(self, weight_codes: Tensor, weight_zero_point: Tensor, weight_scale: Tensor,
+                 bias: Tensor | None, input_scale: Tensor, input_zero_point: Tensor, a_bits: int,
+                 a_symmetric: bool = False, timesteps: list[int] | None = None) -> None:
+        super().__init__()
+        out_ch = weight_codes.shape[0]
+        if weight_codes.is_floating_point() or weight_codes.dim() not in (2, 4):
+            raise ValueError("weight_codes must be integer codes of shape [O, K] or [O, C, kh, kw]")
+        if weight_codes.numel() and (int(weight_codes.min()) < 0 or int(weight_codes.max()) > 255):
+            raise ValueError("weight codes must lie in [0, 255]")
+        zw = weight_zero_point.reshape(-1).to(torch.int64)
+        if zw.numel() != out_ch or weight_scale.numel() != out_ch:
+            raise ValueError(f"weight zero points and scales need {out_ch} entries")
+        if zw.numel() and (int(zw.min()) < 0 or int(zw.max()) > 255):
+            raise ValueError("weight zero points must lie in [0, 255] for the int8 kernels")
+        if not 1 <= int(a_bits) <= 8 or (a_symmetric and int(a_bits) < 2):
+            raise ValueError(f"unsupported activation bits {a_bits} (symmetric={a_symmetric})")
+        slots = len(timesteps) if timesteps else 1
+        input_scale = input_scale.reshape(-1).float()
+        input_zero_point = torch.round(input_zero_point.reshape(-1).double()).to(torch.int64)
+        if input_scale.numel() != slots or input_zero_point.numel() != slots:
+            raise ValueError(f"activation parameters need {slots} entries (one per timestep slot)")
+        self.a_bits, self.a_symmetric = int(a_bits), bool(a_symmetric)
+        if self.a_symmetric:
+            half = 1 << (self.a_bits - 1)
+            self.q_min, self.q_max = float(-half), float(half - 1)
+            # fake quantization ignores z when symmetric; the kernels see u = q + 2^(b−1), zx = 2^(b−1)
+            self._z_add, self._offset, self._zx = [0.0] * slots, float(half), [half] * slots
+        else:
+            self.q_min, self.q_max = 0.0, float((1 << self.a_bits) - 1)
+            zs = input_zero_point.tolist()
+            if any(not 0 <= z <= 255 for z in zs):
+                raise ValueError(f"activation zero points {zs} are outside [0, 255]: no uint8 code represents 0")
+            self._z_add, self._offset, self._zx = [float(z) for z in zs], 0.0, [int(z) for z in zs]
+
+        codes = weight_codes.to(torch.int16)
+        if codes.dim() == 4:  # K ordered (kh, kw, C) to match channels-last im2col
+            codes = codes.permute(0, 2, 3, 1)
+        codes = codes.reshape(out_ch, -1)
+        diff = codes - zw.to(torch.int16)[:, None]
+        self.k = codes.shape[1]
+        self.direct = bool(diff.numel() == 0 or (int(diff.min()) >= -128 and int(diff.max()) <= 127))
+        if self.direct:
+            wmat, w_off = diff, torch.zeros(0, dtype=torch.int32)
+        else:
+            ones = torch.ones(1, self.k, dtype=torch.int16)  # its output column is Σ_k u
+            wmat = torch.cat([codes - _SHIFT, ones], 0)
+            w_off = (_SHIFT - zw).to(torch.int32)
+        self.register_buffer("wmat", wmat.t().to(torch.int8).contiguous())  # [K, O(+1)]
+        self.register_buffer("w_off", w_off)
+        self.register_buffer("w_col", diff.sum(1, dtype=torch.int64))  # Σ_k (w − zw)
+        self.register_buffer("weight_scale", weight_scale.reshape(-1).float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.reshape(-1).float().contiguous())
+        self.register_buffer("input_scale", input_scale.contiguous())
+        self.register_buffer("input_zero_point", input_zero_point)
+        self.register_buffer("timesteps", torch.tensor(timesteps or [], dtype=torch.long))
+        self.out_ch = out_ch
+        self._index: int | None = None
+        self.unmatched_timesteps: set[int] = set()
+
+    # --- timestep selection (as UniformQuantizer) -------------------------------------------
+    @property
+    def temporal(self) -> bool:
+        return self.timesteps.numel() > 0
+
+    def set_timestep(self, t: int | None) -> None:
+        """Select the activation parameters of timestep value `t` (the nearest slot if absent)."""
+        if not self.temporal or t is None:
+            self._index = None
+            return
+        dist = (self.timesteps - int(t)).abs()
+        self._index = int(dist.argmin())
+        if int(dist[self._index]) != 0:
+            self.unmatched_timesteps.add(int(t))
+
+    def _slot(self) -> int:
+        if not self.temporal:
+            return 0
+        if self._index is None:
+            raise RuntimeError("temporal integer layer used before set_timestep(t)")
+        return self._index
+
+    # --- math ---------------------------------------------------------------------------------
+    def quantize_input(self, x: Tensor) -> tuple[Tensor, int, Tensor]:
+        """(uint8 codes u, kernel zero point zx, Δx [1]) of float input `x`.
+
+        The float ops are those of `fake_quantize`: round(x/Δ) + z, then the clamp.
+        """
+        i = self._slot()
+        delta = self.input_scale[i : i + 1]
+        q = torch.round(x / delta)
+        q.add_(self._z_add[i]).clamp_(self.q_min, self.q_max)
+        if self._offset:
+            q.add_(self._offset)
+        return q.to(torch.uint8), self._zx[i], delta
+
+    def accumulate(self, cols: Tensor, zx: int) -> Tensor:
+        """Exact Σ_k (cols[m, k] − zx)(w[o, k] − zw[o]) as int32 (int64 for large K), [M, O]."""
+        wide = self.k > _K_INT32
+        mm = _mm_wide(cols, self.wmat) if wide else _mm(cols, self.wmat)
+        if self.direct:
+            acc = mm
+        else:
+            w_off = self.w_off.to(mm.dtype)
+            acc = torch.addr(mm[:, : self.out_ch], mm[:, self.out_ch], w_off)
+        return acc.sub_((zx * self.w_col).to(acc.dtype))
+
+    def _finish(self, acc: Tensor, delta: Tensor) -> Tensor:
+        """float32 Δx·Δw[o]·acc + bias[o] on [M, O]."""
+        scale = self.weight_scale * delta
+        if self.bias is None:
+            return acc.to(torch.float32).mul_(scale)
+        return torch.addcmul(self.bias, acc, scale)
+
+
+class IntLinear(IntLayer):
+    """Linear layer on integer codes; input [..., K] float, output [..., O] float32."""
+
+    def __init__(self, *args, **kwargs) -> None:  # arguments: see IntLayer
+        super().__init__(*args, **kwargs)
+        self.in_features, self.out_features = self.k, self.out_ch
+
+    def forward(self, x: Tensor) -> Tensor:
+        u, zx, delta = self.quantize_input(x)
+        acc = self.accumulate(u.reshape(-1, self.k), zx)
+        return self._finish(acc, delta).reshape(*x.shape[:-1], self.out_ch)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, a_bits={self.a_bits}, "
+                f"{'direct' if self.direct else 'shifted'}, slots={self.input_scale.numel()}")
+
+
+def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class IntConv2d(IntLayer):
+    """Conv2d (groups = 1, zero padding) on integer codes; NCHW float in, NCHW float32 out."""
+
+    def __init__(self, weight_codes: Tensor, *args, stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
+                 **kwargs) -> None:  # other arguments: see IntLayer
+        if weight_codes.dim() != 4:
+            raise ValueError("IntConv2d needs weight codes of shape [O, C, kh, kw]")
+        super().__init__(weight_codes, *args, **kwargs)
+        self.in_channels, self.out_channels = weight_codes.shape[1], weight_codes.shape[0]
+        self.kernel_size = (weight_codes.shape[2], weight_codes.shape[3])
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+
+    def im2col(self, u: Tensor, zx: int) -> tuple[Tensor, int, int]:
+        """uint8 NCHW codes → columns [N·Ho·Wo, kh·kw·C] (channels last), padded with code zx."""
+        n, c, h, w = u.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError("padded input is smaller than the (dilated) kernel")
+        nhwc = u.permute(0, 2, 3, 1)
+        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+            return nhwc.reshape(n * h * w, c), h, w
+        if ph or pw:
+            padded = torch.full((n, h + 2 * ph, w + 2 * pw, c), zx, dtype=torch.uint8, device=u.device)
+            padded[:, ph : ph + h, pw : pw + w] = nhwc
+        else:
+            padded = nhwc
+        taps = [padded[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+                for i in range(kh) for j in range(kw)]
+        cols = taps[0].contiguous() if len(taps) == 1 else torch.cat(taps, 3)
+        return cols.reshape(n * ho * wo, -1), ho, wo
+
+    def forward(self, x: Tensor) -> Tensor:
+        u, zx, delta = self.quantize_input(x)
+        cols, ho, wo = self.im2col(u, zx)
+        out = self._finish(self.accumulate(cols, zx), delta)
+        # NCHW shape in channels-last memory: no transpose copy, and a following IntConv2d
+        # gets its channels-last codes for free
+        return out.reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, a_bits={self.a_bits}, {'direct' if self.direct else 'shifted'}, "
+                f"slots={self.input_scale.numel()}")

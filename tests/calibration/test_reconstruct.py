@@ -1,0 +1,162 @@
+"""Block reconstruction (Q-Diffusion / PQD): AdaRound math, folding, QDrop, the stage and its resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lowbitdm_cli.artifacts import Artifact
+from lowbitdm_cli.calibration.reconstruct import qdrop
+from lowbitdm_cli.quant.adaround import AdaRoundQuantizer, attach_adaround, beta_schedule, detach_adaround
+from lowbitdm_cli.quant.init import init_quantizer
+from lowbitdm_cli.quant.layers import QuantConv2d
+from lowbitdm_cli.quant.policy import LayerSpec
+from lowbitdm_cli.quant.quantizer import UniformQuantizer
+from lowbitdm_cli.recipes import load_recipe
+from lowbitdm_cli.stages.calibrate import calibrate
+
+RECON_SETS = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4", "calibrate.num_timesteps=4",
+              "calibrate.recon_iters=20", "calibrate.recon_batch_size=16", "calibrate.recon_lr=1e-2",
+              "quant.weight_init=minmax", "quant.act_init=minmax"]
+
+
+def _quantizer(w: torch.Tensor, mode: str = "asymmetric", bits: int = 4) -> UniformQuantizer:
+    q = UniformQuantizer(bits, mode, channel_axis=0, num_channels=w.shape[0], ndim=w.ndim)
+    init_quantizer(q, w, "minmax")
+    return q
+
+
+# --- AdaRound ---------------------------------------------------------------------------------
+def test_h_starts_at_fractional_part() -> None:
+    w = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    q = _quantizer(w, "symmetric")
+    ada = AdaRoundQuantizer(q, w)
+    frac = w / q.delta - torch.floor(w / q.delta)
+    torch.testing.assert_close(ada.h(), frac, atol=1e-5, rtol=0)
+    # soft start reproduces the float weight (symmetric min-max range: nothing is clipped)
+    torch.testing.assert_close(ada(w), w, atol=1e-5, rtol=1e-5)
+
+
+def test_h_and_regulariser_by_hand() -> None:
+    w = torch.zeros(1, 4)
+    q = UniformQuantizer(4, "asymmetric", channel_axis=0, num_channels=1, ndim=2)
+    ada = AdaRoundQuantizer(q, w)
+    vs = [-3.0, -0.2, 0.7, 4.0]
+    with torch.no_grad():
+        ada.alpha.copy_(torch.tensor([vs]))
+    # h = clamp(σ(V)(ζ − γ) + γ, 0, 1) = clamp(1.2σ − 0.1, 0, 1)
+    hs = [min(max(1.2 / (1 + math.exp(-x)) - 0.1, 0.0), 1.0) for x in vs]
+    assert ada.h().flatten().tolist() == pytest.approx(hs, abs=1e-6)
+    for beta in (20.0, 2.0):
+        expected = sum(1 - abs(2 * h - 1) ** beta for h in hs)
+        assert float(ada.regularizer(beta)) == pytest.approx(expected, rel=1e-5)
+    assert ada.hard().flatten().tolist() == [float(h >= 0.5) for h in hs]
+
+
+def test_beta_schedule() -> None:
+    iters = 100
+    assert all(beta_schedule(i, iters) is None for i in range(20))
+    assert beta_schedule(20, iters) == pytest.approx(20.0)
+    assert beta_schedule(99, iters) == pytest.approx(2.0)
+    betas = [beta_schedule(i, iters) for i in range(20, 100)]
+    assert all(a >= b for a, b in zip(betas, betas[1:]))
+
+
+@pytest.mark.parametrize("mode", ["asymmetric", "symmetric"], ids=["asym", "sym"])
+def test_folded_weights_reproduce_adaround_codes(mode: str) -> None:
+    conv = nn.Conv2d(6, 8, 3)
+    spec = LayerSpec(role="conv", kind="conv", w_bits=4, a_bits=None, w_symmetric=mode == "symmetric")
+    layer = QuantConv2d.from_float(conv, spec)
+    init_quantizer(layer.w_quant, layer.weight.detach(), "mse")  # mse clips: some codes hit the range ends
+    nearest = layer.w_quant.quantize_codes(layer.weight.detach())
+    ada = attach_adaround(layer)
+    with torch.no_grad():  # push the rounding away from round-to-nearest
+        ada.alpha.copy_(torch.randn(ada.alpha.shape, generator=torch.Generator().manual_seed(1)) * 3)
+    codes = ada.codes()
+    assert not torch.equal(codes, nearest)
+    ada.soft = False
+    hard_w = ada(layer.weight).detach()
+    detach_adaround(layer, fold=True)
+    assert isinstance(layer.w_quant, UniformQuantizer)
+    assert torch.equal(layer.w_quant.quantize_codes(layer.weight.detach()), codes)
+    delta, zero = layer.w_quant.current_params()
+    z = torch.round(zero) if mode == "asymmetric" else torch.zeros_like(zero)
+    torch.testing.assert_close(layer.qweight().detach(), (codes - z) * delta.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(layer.qweight().detach(), hard_w, atol=0, rtol=0)
+
+
+def test_qdrop_is_seeded() -> None:
+    q = UniformQuantizer(4, "asymmetric")
+    x = torch.randn(4, 8, 5, 5, generator=torch.Generator().manual_seed(2))
+    init_quantizer(q, x, "minmax")
+    xq = q(x)
+
+    def run(seed: int) -> torch.Tensor:
+        handles = qdrop([q], 0.5, torch.Generator().manual_seed(seed))
+        try:
+            return q(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(q(x), xq)  # hooks removed
+    fp = (a == x) & (a != xq)
+    assert torch.all((a == x) | (a == xq))
+    assert 0.4 < fp.float().mean() / (x != xq).float().mean() < 0.6
+
+
+# --- the stage --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def recon_recipe():  # noqa: ANN201
+    return load_recipe("qdiffusion", model="tiny-random", bits="w4a8", sets=RECON_SETS)
+
+
+@pytest.fixture(scope="module")
+def reconstructed(recon_recipe, tmp_path_factory: pytest.TempPathFactory) -> Artifact:  # noqa: ANN001
+    return calibrate(recon_recipe, tmp_path_factory.mktemp("recon") / "calibrate")
+
+
+def test_reconstruction_lowers_block_mse(reconstructed: Artifact) -> None:
+    info = reconstructed.manifest.info
+    rec = info["reconstruction"]
+    assert info["method"] == "qdiffusion"
+    assert list(rec)[:3] == ["time_embedding.linear_1", "time_embedding.linear_2", "conv_in"]
+    assert rec.keys() >= {"down_blocks.0.resnets.0", "down_blocks.1.attentions.0", "up_blocks.0.upsamplers.0",
+                          "conv_out"}
+    before = sum(r["mse_before"] for r in rec.values())
+    after = sum(r["mse_after"] for r in rec.values())
+    improved = sum(r["mse_after"] < r["mse_before"] for r in rec.values())
+    assert after < 0.95 * before
+    assert improved >= 0.75 * len(rec)
+    # shortcut splitting: every up-block shortcut got a split index from the probe
+    splits = {n: s["a_split"] for n, s in info["layers"].items() if s.get("a_split")}
+    assert splits == {"up_blocks.0.resnets.0.conv_shortcut": 32, "up_blocks.0.resnets.1.conv_shortcut": 32,
+                      "up_blocks.1.resnets.0.conv_shortcut": 32, "up_blocks.1.resnets.1.conv_shortcut": 16}
+
+
+def test_interrupted_run_resumes_identically(recon_recipe, reconstructed: Artifact,  # noqa: ANN001
+                                             tmp_path: Path) -> None:
+    out = tmp_path / "calibrate"
+    seen: list[str] = []
+
+    def interrupt_after_two_blocks(desc: str, _advance: int, _total: int) -> None:
+        if desc.startswith("reconstruct ") and desc not in seen:
+            seen.append(desc)
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(recon_recipe, out, progress=interrupt_after_two_blocks)
+    partial = out.with_name("calibrate.partial")
+    assert sorted(p.name for p in partial.glob("recon_block_*")) == ["recon_block_000.safetensors",
+                                                                      "recon_block_001.safetensors"]
+    resumed = calibrate(recon_recipe, out, resume=True)
+    name = "quant_state.safetensors"
+    assert resumed.manifest.files[name].sha256 == reconstructed.manifest.files[name].sha256
+    assert resumed.manifest.info["reconstruction"] == reconstructed.manifest.info["reconstruction"]
