@@ -62,6 +62,22 @@ class QuantLayerMixin:
         return self.weight + (self.lora_B @ self.lora_A).reshape(self.weight.shape)
 
     def qweight(self) -> torch.Tensor:
+        """The fake-quantized (merged) weight. Without autograd (sampling) it is cached until
+        any tensor it depends on changes (tracked by their in-place version counters)."""
+        if torch.is_grad_enabled():
+            return self._compute_qweight()
+        tensors = [t for t in (self.weight, self.lora_A, self.lora_B) if t is not None]
+        if self.w_quant is not None:
+            tensors += [self.w_quant.delta, self.w_quant.zero_point, self.w_quant.bits]
+        key = (self.w_quant.enabled if self.w_quant is not None else None, self.weight.device,
+               self.weight.dtype, *((id(t), t._version, t.data_ptr()) for t in tensors))
+        cache = self.__dict__.get("_qweight_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, self._compute_qweight())
+            self.__dict__["_qweight_cache"] = cache
+        return cache[1]
+
+    def _compute_qweight(self) -> torch.Tensor:
         w = self.merged_weight()
         return self.w_quant(w) if self.w_quant is not None else w
 
