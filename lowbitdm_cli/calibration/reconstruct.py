@@ -103,7 +103,7 @@ def plan_blocks(model: DiffusionModel, data: CalibrationData, guidance: float) -
     order: list[int] = []
     rows: list[int] = []
 
-    def seen(i: int):  # noqa: ANN202
+    def seen(i: int) -> Callable[[nn.Module, tuple, dict], None]:
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             if i not in order:
                 order.append(i)

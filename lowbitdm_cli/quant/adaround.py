@@ -116,7 +116,7 @@ def attach_adaround(layer: nn.Module) -> AdaRoundQuantizer:
     if layer.w_quant is None:
         raise ValueError("layer has no weight quantizer")
     if isinstance(layer.w_quant, AdaRoundQuantizer):
-        raise ValueError("AdaRound is already attached to this layer")
+        raise TypeError("AdaRound is already attached to this layer")
     if layer.lora_A is not None:
         raise ValueError("AdaRound cannot fold into a layer with LoRA factors")
     ada = AdaRoundQuantizer(layer.w_quant, layer.merged_weight())
@@ -130,7 +130,7 @@ def detach_adaround(layer: nn.Module, fold: bool = True) -> None:
     in the float weight (Δ·(code − z)), so round-to-nearest reproduces the AdaRound codes."""
     ada = layer.w_quant
     if not isinstance(ada, AdaRoundQuantizer):
-        raise ValueError("no AdaRound attached to this layer")
+        raise TypeError("no AdaRound attached to this layer")
     if fold:
         with torch.no_grad():
             layer.weight.copy_(ada.folded_weight().to(layer.weight))

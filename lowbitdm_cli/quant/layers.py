@@ -64,8 +64,8 @@ class QuantLayerMixin:
     def qweight(self) -> torch.Tensor:
         """The fake-quantized (merged) weight. Without autograd (sampling) it is cached until
         any tensor it depends on changes (tracked by their in-place version counters)."""
-        if torch.is_grad_enabled():
-            return self._compute_qweight()
+        if torch.is_grad_enabled() or not isinstance(self.w_quant, (UniformQuantizer, type(None))):
+            return self._compute_qweight()  # a swapped-in quantizer (AdaRound) has state the key misses
         tensors = [t for t in (self.weight, self.lora_A, self.lora_B) if t is not None]
         if self.w_quant is not None:
             tensors += [self.w_quant.delta, self.w_quant.zero_point, self.w_quant.bits]

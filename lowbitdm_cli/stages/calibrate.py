@@ -76,7 +76,7 @@ def _reconstruct(run: StageRun, model: DiffusionModel, data: CalibrationData, cf
             progress(desc, cfg.recon_iters, cfg.recon_iters)
             continue
         rec = reconstruct_block(model, data, block, i, cfg, guidance, rows_per_sample,
-                                progress=lambda advance, total: progress(desc, advance, total))
+                                progress=lambda advance, total, desc=desc: progress(desc, advance, total))
         run.save_tensors(name, block_state(block), metadata={"block": block.name, "record": json.dumps(rec)})
         run.checkpoint(recon_blocks_done=i + 1)
         record[block.name] = rec

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +12,10 @@ import torch
 from torch import nn
 
 from lowbitdm_cli.artifacts import Artifact
+from lowbitdm_cli.calibration.data import CalibrationData
 from lowbitdm_cli.calibration.reconstruct import qdrop
+from lowbitdm_cli.export.checkpoint import CONFIG_NAME, load_merged
+from lowbitdm_cli.models.registry import load_model
 from lowbitdm_cli.quant.adaround import AdaRoundQuantizer, attach_adaround, beta_schedule, detach_adaround
 from lowbitdm_cli.quant.init import init_quantizer
 from lowbitdm_cli.quant.layers import QuantConv2d
@@ -18,9 +23,11 @@ from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
 from lowbitdm_cli.recipes import load_recipe
 from lowbitdm_cli.stages.calibrate import calibrate
+from lowbitdm_cli.stages.common import load_quantized_from
+from lowbitdm_cli.stages.merge import merge
 
 RECON_SETS = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4", "calibrate.num_timesteps=4",
-              "calibrate.recon_iters=20", "calibrate.recon_batch_size=16", "calibrate.recon_lr=1e-2",
+              "calibrate.recon_iters=40", "calibrate.recon_batch_size=16", "calibrate.recon_lr=1e-2",
               "quant.weight_init=minmax", "quant.act_init=minmax"]
 
 
@@ -53,7 +60,7 @@ def test_h_and_regulariser_by_hand() -> None:
     assert ada.h().flatten().tolist() == pytest.approx(hs, abs=1e-6)
     for beta in (20.0, 2.0):
         expected = sum(1 - abs(2 * h - 1) ** beta for h in hs)
-        assert float(ada.regularizer(beta)) == pytest.approx(expected, rel=1e-5)
+        assert float(ada.regularizer(beta).detach()) == pytest.approx(expected, rel=1e-5)
     assert ada.hard().flatten().tolist() == [float(h >= 0.5) for h in hs]
 
 
@@ -63,7 +70,7 @@ def test_beta_schedule() -> None:
     assert beta_schedule(20, iters) == pytest.approx(20.0)
     assert beta_schedule(99, iters) == pytest.approx(2.0)
     betas = [beta_schedule(i, iters) for i in range(20, 100)]
-    assert all(a >= b for a, b in zip(betas, betas[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(betas))
 
 
 @pytest.mark.parametrize("mode", ["asymmetric", "symmetric"], ids=["asym", "sym"])
@@ -113,12 +120,12 @@ def test_qdrop_is_seeded() -> None:
 
 # --- the stage --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def recon_recipe():  # noqa: ANN201
+def recon_recipe():
     return load_recipe("qdiffusion", model="tiny-random", bits="w4a8", sets=RECON_SETS)
 
 
 @pytest.fixture(scope="module")
-def reconstructed(recon_recipe, tmp_path_factory: pytest.TempPathFactory) -> Artifact:  # noqa: ANN001
+def reconstructed(recon_recipe, tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     return calibrate(recon_recipe, tmp_path_factory.mktemp("recon") / "calibrate")
 
 
@@ -132,7 +139,7 @@ def test_reconstruction_lowers_block_mse(reconstructed: Artifact) -> None:
     before = sum(r["mse_before"] for r in rec.values())
     after = sum(r["mse_after"] for r in rec.values())
     improved = sum(r["mse_after"] < r["mse_before"] for r in rec.values())
-    assert after < 0.95 * before
+    assert after < 0.9 * before
     assert improved >= 0.75 * len(rec)
     # shortcut splitting: every up-block shortcut got a split index from the probe
     splits = {n: s["a_split"] for n, s in info["layers"].items() if s.get("a_split")}
@@ -140,7 +147,7 @@ def test_reconstruction_lowers_block_mse(reconstructed: Artifact) -> None:
                       "up_blocks.1.resnets.0.conv_shortcut": 32, "up_blocks.1.resnets.1.conv_shortcut": 16}
 
 
-def test_interrupted_run_resumes_identically(recon_recipe, reconstructed: Artifact,  # noqa: ANN001
+def test_interrupted_run_resumes_identically(recon_recipe, reconstructed: Artifact,
                                              tmp_path: Path) -> None:
     out = tmp_path / "calibrate"
     seen: list[str] = []
@@ -160,3 +167,54 @@ def test_interrupted_run_resumes_identically(recon_recipe, reconstructed: Artifa
     name = "quant_state.safetensors"
     assert resumed.manifest.files[name].sha256 == reconstructed.manifest.files[name].sha256
     assert resumed.manifest.info["reconstruction"] == reconstructed.manifest.info["reconstruction"]
+
+
+@torch.no_grad()
+def _eps_mse(art: Artifact) -> float:
+    """Whole-model ε error (after CFG) against the FP model on the artifact's calibration data."""
+    q, fp = load_quantized_from(art), load_model("tiny-random")
+    data = CalibrationData.from_tensors(art.tensors("calib_data.safetensors"))
+    errs = [float((q.eps(data.xs[s], int(t), data.conds, 2.0) - fp.eps(data.xs[s], int(t), data.conds, 2.0))
+                  .pow(2).mean()) for s, t in enumerate(data.ts)]
+    return sum(errs) / len(errs)
+
+
+def test_reconstruction_lowers_model_error(reconstructed: Artifact, tmp_path: Path) -> None:
+    ptq = calibrate(load_recipe("qdiffusion", model="tiny-random", bits="w4a8",
+                                sets=RECON_SETS + ["calibrate.method=ptq"]), tmp_path / "ptq")
+    assert "reconstruction" not in ptq.manifest.info
+    assert _eps_mse(reconstructed) < _eps_mse(ptq)  # a small margin at 40 iterations (~3 %)
+
+
+def test_pqd_recipe_runs_qdrop_reconstruction(tmp_path: Path) -> None:
+    recipe = load_recipe("pqd", model="tiny-random", bits="w4a8",
+                         sets=RECON_SETS + ["calibrate.recon_iters=2", "calibrate.num_representative=3"])
+    cfg = recipe.calibrate
+    assert (cfg.method, cfg.timestep_selection, cfg.representative, cfg.qdrop_prob) == \
+        ("pqd", "normal", "kcenter", 0.5)
+    info = calibrate(recipe, tmp_path / "pqd").manifest.info
+    assert len(info["representative_indices"]) == 3
+    assert all(r["rows"] == 3 * 4 * 2 for r in info["reconstruction"].values())  # 3 samples x 4 steps x CFG
+
+
+def test_merge_stores_split_layers_dequantized(reconstructed: Artifact, tmp_path: Path) -> None:
+    merged = merge(reconstructed, tmp_path / "merge")
+    config = json.loads((merged.path / CONFIG_NAME).read_text())
+    entry = config["layers"]["up_blocks.1.resnets.1.conv_shortcut"]
+    assert entry["weights"] is None and entry["input_activations"] is None and "note" in entry
+    assert config["layers"]["up_blocks.1.resnets.1.conv1"]["weights"] is not None
+    model = load_merged(merged.path, runtime="fake")
+    fake = load_quantized_from(reconstructed)
+    ref = fake.denoiser.get_submodule("up_blocks.1.resnets.1.conv_shortcut").qweight()
+    torch.testing.assert_close(model.denoiser.get_submodule("up_blocks.1.resnets.1.conv_shortcut").weight, ref)
+
+
+def test_attached_adaround_is_not_cached_under_no_grad() -> None:
+    layer = QuantConv2d.from_float(nn.Conv2d(4, 4, 3), LayerSpec(role="conv", kind="conv", w_bits=4, a_bits=None))
+    init_quantizer(layer.w_quant, layer.weight.detach(), "minmax")
+    ada = attach_adaround(layer)
+    with torch.no_grad():
+        first = layer.qweight().clone()
+        ada.alpha.add_(5.0)  # every h(V) -> 1: all weights round up
+        assert not torch.equal(layer.qweight(), first)
+    detach_adaround(layer, fold=False)
