@@ -106,3 +106,34 @@ def _split_observer(recorder: ActivationRecorder, name: str) -> Callable[[QuantL
         main(layer, x[:, :k])
         skip(layer, x[:, k:])
     return observe
+
+
+@torch.no_grad()
+def layer_output_errors(model: DiffusionModel, data: CalibrationData, guidance: float, batch_size: int
+                        ) -> dict[str, float]:
+    """Relative output error of every quantized layer on one calibration batch per kept step:
+    ‖layer_q(x) − layer_fp(x)‖² / ‖layer_fp(x)‖², each layer fed the same input x (the input
+    the fully quantized model gives it), so the number isolates that layer's own error."""
+    layers = quant_layers(model.denoiser)
+    err: dict[str, float] = defaultdict(float)
+    ref: dict[str, float] = defaultdict(float)
+
+    def make(name: str, layer: QuantLayerMixin) -> Callable:
+        def hook(_m, inputs: tuple, output: torch.Tensor) -> None:
+            x = inputs[0]
+            w = layer.merged_weight()
+            fp = (layer._conv_forward(x, w, layer.bias) if isinstance(layer, torch.nn.Conv2d)
+                  else torch.nn.functional.linear(x, w, layer.bias))
+            err[name] += (output - fp).pow(2).sum().item()
+            ref[name] += fp.pow(2).sum().item()
+        return hook
+
+    handles = [layer.register_forward_hook(make(n, layer)) for n, layer in layers.items()]
+    try:
+        for s, t in enumerate(data.ts.tolist()):
+            cond = data.conds[:batch_size] if data.conds is not None else None
+            model.eps(data.xs[s, :batch_size], int(t), cond, guidance)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: err[n] / max(ref[n], 1e-30) for n in layers}

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from lowbitdm_cli.artifacts import Artifact, StageRun
 from lowbitdm_cli.calibration.data import CalibrationData, collect_batch, select_steps
 from lowbitdm_cli.calibration.omq import apply_omq
-from lowbitdm_cli.calibration.ptq import init_activations, init_weights
+from lowbitdm_cli.calibration.ptq import init_activations, init_weights, layer_output_errors
 from lowbitdm_cli.calibration.reconstruct import block_state, plan_blocks, reconstruct_block, shortcut_splits
 from lowbitdm_cli.calibration.selection import k_center, normal_steps
 from lowbitdm_cli.errors import ArtifactError
@@ -141,12 +141,14 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
         recon = _reconstruct(run, model, data, cfg, settings.guidance, progress)
     with torch.no_grad():
         run.save_tensors("quant_state.safetensors", quant_state(model.denoiser, fp_state))
+    errors = layer_output_errors(model, data, settings.guidance, cfg.batch_size)
     info = {
         "method": cfg.method,
         "bits": recipe.quant.bits,
         "layers": {n: s.model_dump() for n, s in specs.items()},
         "timesteps": data.ts.tolist(),
         "num_calibration_samples": cfg.num_samples,
+        "layer_output_error": errors,
     }
     if representatives is not None:
         info["representative_indices"] = representatives

@@ -50,6 +50,7 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
     fp_state = {k: v.clone() for k, v in teacher.denoiser.state_dict().items()}
     plan = plan_method(cfg, student.denoiser, cfg.seed)
     history: list[float] = []
+    step_losses: list[float] = []
     t0 = time.time()
     if plan.groups:
         dc = DistillConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, steps=cfg.steps or recipe.sample.steps,
@@ -65,26 +66,33 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
             student.denoiser.load_state_dict(state, strict=False)
             meta = json.loads(run.path("checkpoint.json").read_text())
             optimizer_from_tensors(opt, run.load_tensors(OPTIMIZER), meta["optimizer"])
-            start, history = meta["epoch"] + 1, meta["history"]
+            start, history, step_losses = meta["epoch"] + 1, meta["history"], meta["step_losses"]
             # the restored param groups already carry the decayed learning rates of that position
             sched.last_epoch = start * dc.steps
 
         def on_epoch_end(epoch: int, losses: list[float]) -> None:
             history.append(sum(losses) / len(losses))
+            step_losses.extend(losses)
             if (epoch + 1) % dc.checkpoint_every == 0 or epoch + 1 == dc.epochs:
                 trainable = {n: p.detach() for n, p in student.denoiser.named_parameters() if p.requires_grad}
                 run.save_tensors(CHECKPOINT, trainable)
                 opt_t, opt_meta = optimizer_to_tensors(opt)
                 run.save_tensors(OPTIMIZER, opt_t)
                 run.save_bytes("checkpoint.json", json.dumps({"epoch": epoch, "history": history,
+                                                              "step_losses": step_losses,
                                                               "optimizer": opt_meta}).encode())
                 run.checkpoint(epochs_done=epoch + 1)
 
         distill(teacher, student, plan, dc, opt, sched, start, on_epoch_end, progress)
     with torch.no_grad():
         run.save_tensors("quant_state.safetensors", quant_state(student.denoiser, fp_state))
+    files = ["quant_state.safetensors"]
+    if step_losses:
+        # the loss of every optimizer step (the report's loss curve); per-epoch means are in info
+        run.save_tensors("loss_curve.safetensors", {"step_loss": torch.tensor(step_losses, dtype=torch.float64)})
+        files.append("loss_curve.safetensors")
     info = {"method": cfg.method, "loss": cfg.loss, **plan.info, "loss_history": history,
             "epochs": cfg.epochs if plan.groups else 0}
-    return run.commit(["quant_state.safetensors"], info=info,
+    return run.commit(files, info=info,
                       timings={"train_s": round(time.time() - t0, 3)},
                       metrics={"final_loss": history[-1]} if history else None)

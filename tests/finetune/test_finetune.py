@@ -91,3 +91,21 @@ def test_resume_reaches_the_same_weights(calibrated, tmp_path):
 def test_nonfinite_loss_stops_with_a_clear_error(calibrated, tmp_path):
     with pytest.raises(NonFiniteError, match="lower the learning rate"):
         finetune(calibrated, _recipe("qat", "finetune.lr=1e30", "finetune.grad_clip=0"), tmp_path / "ft")
+
+
+def test_loss_curve_recorded_per_step(calibrated, tmp_path):
+    art = finetune(calibrated, _recipe("qalora"), tmp_path / "ft")
+    curve = art.tensors("loss_curve.safetensors")["step_loss"]
+    assert curve.shape == (2 * 4,)  # epochs x teacher steps
+    history = art.manifest.info["loss_history"]
+    assert history[0] == pytest.approx(curve[:4].mean().item())
+
+
+def test_calibrate_records_per_layer_output_error(calibrated):
+    errors = calibrated.manifest.info["layer_output_error"]
+    assert set(errors) == set(calibrated.manifest.info["layers"])
+    assert all(e >= 0 for e in errors.values())
+    # 8-bit layers (conv_in, conv_out) have far smaller error than the 4-bit ones on average
+    layers = calibrated.manifest.info["layers"]
+    low = [errors[n] for n, s in layers.items() if s["w_bits"] == 4]
+    assert errors["conv_in"] < sum(low) / len(low)
