@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbitdm_cli.export.int_ops import _padded_int_mm
+from lowbitdm_cli.quant.quantizer import TimestepSlots
 
 __all__ = ["IntConv2d", "IntLayer", "IntLinear"]
 
@@ -58,7 +59,7 @@ def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-class IntLayer(nn.Module):
+class IntLayer(TimestepSlots, nn.Module):
     """What `IntConv2d` and `IntLinear` share: prepared weights, activation codes, timestep slots.
 
     Args (tensors on one device):
@@ -130,21 +131,6 @@ class IntLayer(nn.Module):
         self.out_ch = out_ch
         self._index: int | None = None
         self.unmatched_timesteps: set[int] = set()
-
-    # --- timestep selection (as UniformQuantizer) -------------------------------------------
-    @property
-    def temporal(self) -> bool:
-        return self.timesteps.numel() > 0
-
-    def set_timestep(self, t: int | None) -> None:
-        """Select the activation parameters of timestep value `t` (the nearest slot if absent)."""
-        if not self.temporal or t is None:
-            self._index = None
-            return
-        dist = (self.timesteps - int(t)).abs()
-        self._index = int(dist.argmin())
-        if int(dist[self._index]) != 0:
-            self.unmatched_timesteps.add(int(t))
 
     def _slot(self) -> int:
         if not self.temporal:

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["QuantMode", "UniformQuantizer", "grad_scale", "quant_range", "round_ste"]
+__all__ = ["QuantMode", "TimestepSlots", "UniformQuantizer", "grad_scale", "quant_range", "round_ste"]
 
 QuantMode = Literal["asymmetric", "symmetric", "unsigned"]
 
@@ -41,7 +41,33 @@ def quant_range(bits: torch.Tensor | int, mode: QuantMode) -> tuple[torch.Tensor
     return torch.zeros_like(b), 2**b - 1
 
 
-class UniformQuantizer(nn.Module):
+class TimestepSlots:
+    """Selection of a per-timestep parameter slot by timestep *value* (never a call counter).
+
+    The host module keeps the slot values in a `timesteps` buffer; `set_timestep(t)` picks the
+    slot of `t`, or the nearest one when `t` was never calibrated or trained (recorded in
+    `unmatched_timesteps`, so a sampler with other steps can report it).
+    """
+
+    timesteps: torch.Tensor
+    _index: int | None
+    unmatched_timesteps: set[int]
+
+    @property
+    def temporal(self) -> bool:
+        return self.timesteps.numel() > 0
+
+    def set_timestep(self, t: int | None) -> None:
+        if not self.temporal or t is None:
+            self._index = None
+            return
+        dist = (self.timesteps - int(t)).abs()
+        self._index = int(dist.argmin())
+        if int(dist[self._index]) != 0:
+            self.unmatched_timesteps.add(int(t))
+
+
+class UniformQuantizer(TimestepSlots, nn.Module):
     """Fake quantizer with parameters Δ (`delta`) and z (`zero_point`).
 
     Shapes: `delta` and `zero_point` are [S, *param_shape] when temporal (S timesteps,
@@ -74,21 +100,6 @@ class UniformQuantizer(nn.Module):
         self.enabled = True
         self._index: int | None = None
         self.unmatched_timesteps: set[int] = set()
-
-    # --- timestep selection -------------------------------------------------------------
-    @property
-    def temporal(self) -> bool:
-        return self.timesteps.numel() > 0
-
-    def set_timestep(self, t: int | None) -> None:
-        """Select the (Δ, z) of timestep value `t`; the nearest trained one if `t` is absent."""
-        if not self.temporal or t is None:
-            self._index = None
-            return
-        dist = (self.timesteps - int(t)).abs()
-        self._index = int(dist.argmin())
-        if int(dist[self._index]) != 0:
-            self.unmatched_timesteps.add(int(t))
 
     def current_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Δ, z) for the selected timestep (or the only ones)."""
