@@ -200,6 +200,37 @@ class Artifact:
         return next((a for a in self.lineage() if a.manifest.stage == stage), None)
 
 
+# Locks this process holds, by artifact path. A stage that raised (Ctrl-C in a notebook, a test)
+# may still be referenced by its traceback; rerunning it in the same process takes the lock over
+# instead of reporting this very process as "another writer".
+_HELD: dict[str, Any] = {}
+
+
+def _lock(out: Path):  # noqa: ANN202 - an open file object holding an flock
+    """An exclusive, non-blocking lock on ``<out>.lock``; another live writer makes this an error."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stale = _HELD.pop(str(out.resolve()), None)
+    if stale is not None:
+        stale.close()
+    handle = open(out.with_name(out.name + ".lock"), "w")  # noqa: SIM115 - held until the process ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ArtifactError(f"another lowbitdm process is writing {out}: wait for it to finish") from None
+    _HELD[str(out.resolve())] = handle
+    return handle
+
+
+def _unlock(out: Path, handle) -> None:  # noqa: ANN001
+    """Remove ``<out>.lock`` and release it (unlink first: a later writer makes a fresh file)."""
+    out.with_name(out.name + ".lock").unlink(missing_ok=True)
+    _HELD.pop(str(out.resolve()), None)
+    handle.close()
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -223,14 +254,22 @@ class StageRun:
     @classmethod
     def start(cls, out: Path | str, stage: Stage, model: ModelRef, recipe: dict[str, Any],
               parent: Artifact | None = None, options: dict[str, Any] | None = None,
-              resume: bool = False, force: bool = False, replace_stale: bool = False) -> StageRun:
-        """`force` redoes the stage; `replace_stale` redoes it only where its inputs changed."""
+              resume: bool = False, force: bool = False, replace_stale: bool = False,
+              recipe_sections: tuple[str, ...] | None = None) -> StageRun:
+        """`force` redoes the stage; `replace_stale` redoes it only where its inputs changed.
+
+        `recipe_sections` names the recipe sections the stage's result depends on (default: all);
+        only those enter the inputs digest, so e.g. the FP baseline's samples are shared by every
+        recipe with the same sampler. A lock held for the life of the process refuses a second
+        process writing the same artifact (the OS drops it if the process is killed).
+        """
         out = Path(out)
         parent_ref = None
         if parent is not None:
             rel = os.path.relpath(parent.path.resolve(), out.resolve())
             parent_ref = ParentRef(path=rel, stage=parent.manifest.stage, manifest_sha256=parent.manifest_sha256)
-        inputs = digest_of({"stage": stage, "model": model.model_dump(), "recipe": recipe,
+        relevant = recipe if recipe_sections is None else {k: recipe.get(k) for k in recipe_sections}
+        inputs = digest_of({"stage": stage, "model": model.model_dump(), "recipe": relevant,
                             "parent": parent.manifest_sha256 if parent else None, "options": options or {}})
         manifest = Manifest(schema_version=SCHEMA_VERSION, stage=stage, status="partial", tool_version=__version__,
                             torch_version=torch.__version__,
@@ -245,35 +284,42 @@ class StageRun:
             if not replace_stale:
                 raise ArtifactError(f"{out} already holds a {existing.stage} artifact made from other inputs: "
                                 f"pass --force to replace it, or choose another --out")
-        partial = out.with_name(out.name + ".partial")
-        prior = 0.0
-        resumed = False
-        if partial.exists():
-            if force or not resume:
-                if not force:
-                    raise ArtifactError(f"an interrupted run left {partial}: rerun with --resume to continue it, "
-                                        f"or --force to start over")
-                shutil.rmtree(partial)
-            else:
-                old, _ = _read_manifest(partial)
-                if old.inputs_digest == inputs and old.status == "complete":
-                    # killed between marking the manifest complete and the rename: finish the rename
-                    if out.exists():
-                        shutil.rmtree(out)
-                    os.replace(partial, out)
-                    run = cls(out, old, resumed=True, prior_elapsed=0.0)
-                    run.done, run.artifact = True, Artifact.open(out)
-                    return run
-                if old.inputs_digest == inputs:
-                    prior, resumed = old.timings.get("wall_s", 0.0), True
-                    manifest.created_at = old.created_at
-                elif replace_stale:
+        lock = _lock(out)
+        try:
+            partial = out.with_name(out.name + ".partial")
+            prior = 0.0
+            resumed = False
+            if partial.exists():
+                if force or not resume:
+                    if not force:
+                        raise ArtifactError(f"an interrupted run left {partial}: rerun with --resume to continue it, "
+                                            f"or --force to start over")
                     shutil.rmtree(partial)
                 else:
-                    raise ArtifactError(f"{partial} was started with other inputs and cannot be resumed with "
-                                        f"these: pass --force to start over")
+                    old, _ = _read_manifest(partial)
+                    if old.inputs_digest == inputs and old.status == "complete":
+                        # killed between marking the manifest complete and the rename: finish the rename
+                        if out.exists():
+                            shutil.rmtree(out)
+                        os.replace(partial, out)
+                        _unlock(out, lock)
+                        run = cls(out, old, resumed=True, prior_elapsed=0.0)
+                        run.done, run.artifact = True, Artifact.open(out)
+                        return run
+                    if old.inputs_digest == inputs:
+                        prior, resumed = old.timings.get("wall_s", 0.0), True
+                        manifest.created_at = old.created_at
+                    elif replace_stale:
+                        shutil.rmtree(partial)
+                    else:
+                        raise ArtifactError(f"{partial} was started with other inputs and cannot be resumed with "
+                                            f"these: pass --force to start over")
+        except BaseException:
+            _unlock(out, lock)
+            raise
         partial.mkdir(parents=True, exist_ok=True)
         run = cls(out, manifest, resumed, prior)
+        run._lock = lock
         run._write_manifest()
         return run
 
@@ -313,6 +359,12 @@ class StageRun:
         self.manifest.self_digest = self.manifest.compute_digest()
         self.save_bytes(MANIFEST, (self.manifest.model_dump_json(indent=2) + "\n").encode())
 
+    def _release(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            _unlock(self.out, lock)
+            self._lock = None
+
     # --- commit ---------------------------------------------------------------------------
     def commit(self, files: list[str], metrics: dict[str, float] | None = None,
                info: dict[str, Any] | None = None, timings: dict[str, float] | None = None) -> Artifact:
@@ -339,6 +391,7 @@ class StageRun:
         os.replace(self.dir, self.out)
         if old is not None:
             shutil.rmtree(old)
+        self._release()
         self.done = True
         self.artifact = Artifact.open(self.out)
         return self.artifact

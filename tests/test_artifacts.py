@@ -229,3 +229,43 @@ def test_resume_with_other_inputs_refused(tmp_path: Path) -> None:
     assert (tmp_path / "a.partial" / "checkpoint_0.safetensors").is_file()  # kept
     run = StageRun.start(tmp_path / "a", "calibrate", MODEL, other, resume=True, force=True)
     assert not run.resumed and not run.has("checkpoint_0.safetensors")
+
+
+def test_second_writer_of_the_same_artifact_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from lowbitdm_cli.artifacts import ModelRef, StageRun
+
+    ref = ModelRef(name="m", source="embedded", digest="0" * 64)
+    first = StageRun.start(tmp_path / "s", "sample", ref, {"sample": {"n": 1}})
+    other = (
+        "import sys; from pathlib import Path\n"
+        "from lowbitdm_cli.artifacts import ModelRef, StageRun\n"
+        "from lowbitdm_cli.errors import ArtifactError\n"
+        "ref = ModelRef(name='m', source='embedded', digest='0' * 64)\n"
+        "try:\n"
+        "    StageRun.start(Path(sys.argv[1]), 'sample', ref, {'sample': {'n': 1}}, resume=True)\n"
+        "except ArtifactError as e:\n"
+        "    print(e); sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", other, str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3 and "another lowbitdm process" in proc.stdout
+    first.save_bytes("x.bin", b"x")
+    first.commit(["x.bin"])
+    # once committed the lock is released and the artifact is simply up to date
+    assert StageRun.start(tmp_path / "s", "sample", ref, {"sample": {"n": 1}}).done
+
+
+def test_digest_uses_only_the_named_recipe_sections(tmp_path):
+    from lowbitdm_cli.artifacts import ModelRef, StageRun
+
+    ref = ModelRef(name="m", source="embedded", digest="0" * 64)
+    run = StageRun.start(tmp_path / "s", "sample", ref, {"sample": {"n": 1}, "finetune": {"method": "a"}},
+                         recipe_sections=("sample",))
+    run.save_bytes("x.bin", b"x")
+    run.commit(["x.bin"])
+    again = StageRun.start(tmp_path / "s", "sample", ref, {"sample": {"n": 1}, "finetune": {"method": "b"}},
+                           recipe_sections=("sample",))
+    assert again.done

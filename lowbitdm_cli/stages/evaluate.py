@@ -28,7 +28,8 @@ def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = Fal
                           f"evaluator (Inception metrics are tracked in issue 7)")
     run = StageRun.start(out, "evaluate", samples.manifest.model, samples.manifest.recipe, parent=samples,
                          options={"metrics": sorted(metrics)}, resume=False, force=force,
-                         replace_stale=replace_stale)
+                         replace_stale=replace_stale,
+                         recipe_sections=("evaluate",))
     if run.done:
         return run.artifact  # type: ignore[return-value]
     from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator

@@ -32,7 +32,8 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
     options = {"source": source.label, **({"runtime": source.runtime} if source.runtime else {})}
     run = StageRun.start(out, "sample", source.ref, recipe.model_dump(mode="json"), parent=source.artifact,
                          options=options, resume=resume, force=force,
-                         replace_stale=replace_stale)
+                         replace_stale=replace_stale,
+                         recipe_sections=("model", "sample"))
     if run.done:
         return run.artifact  # type: ignore[return-value]
     model = source.model
