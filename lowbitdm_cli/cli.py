@@ -65,9 +65,11 @@ class _Bars:
         self.tasks: dict[str, Any] = {}
 
     def __call__(self, desc: str, advance: int, total: int) -> None:
-        if desc not in self.tasks:
-            self.tasks[desc] = self.progress.add_task(desc, total=total)
-        self.progress.update(self.tasks[desc], advance=advance)
+        task = self.tasks.get(desc)
+        if task is None or next(t for t in self.progress.tasks if t.id == task).finished:
+            # a finished bar with the same name (e.g. FP then quantized sampling) starts a new one
+            task = self.tasks[desc] = self.progress.add_task(desc, total=total)
+        self.progress.update(task, advance=advance)
 
     def __enter__(self) -> _Bars:
         self.progress.start()
@@ -263,7 +265,7 @@ def run(
         out.print_json(json.dumps(result))
         return
     table = Table(title=f"{r.model.name}: full precision vs {r.quant.bits} ({r.name})")
-    for col in ("model", "FID-digits ↓", "class acc ↑", "merged MB", "wall s"):
+    for col in ("model", "FID-digits ↓", "class acc ↑", "merged MiB", "wall s"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for row in result["rows"]:
         m = row["metrics"]
