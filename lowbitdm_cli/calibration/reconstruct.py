@@ -114,12 +114,7 @@ def plan_blocks(model: DiffusionModel, data: CalibrationData, guidance: float) -
         return hook
 
     handles = [b.module.register_forward_pre_hook(seen(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        cond = data.conds[:1] if data.conds is not None else None
-        _call(model, data.xs[0, :1], int(data.ts[0]), cond, guidance)
-    finally:
-        for h in handles:
-            h.remove()
+    _probe_forward(model, data, guidance, handles)
     return [blocks[i] for i in order], max(rows, default=1)
 
 
@@ -148,12 +143,7 @@ def shortcut_splits(model: DiffusionModel, data: CalibrationData, guidance: floa
                 if 0 < split < shortcut.in_channels:
                     found[f"{name}.resnets.{i}.conv_shortcut"] = split
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        cond = data.conds[:1] if data.conds is not None else None
-        _call(model, data.xs[0, :1], int(data.ts[0]), cond, guidance)
-    finally:
-        for h in handles:
-            h.remove()
+    _probe_forward(model, data, guidance, handles)
     return found
 
 
@@ -356,3 +346,12 @@ def block_state(block: Block) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v.detach().clone() for name, layer in block.layers.items()
             for k, v in layer.state_dict().items()}
 
+
+def _probe_forward(model: DiffusionModel, data: CalibrationData, guidance: float, handles: list) -> None:
+    """One forward on the first calibration row with the probe `handles` installed, then remove them."""
+    try:
+        cond = data.conds[:1] if data.conds is not None else None
+        _call(model, data.xs[0, :1], int(data.ts[0]), cond, guidance)
+    finally:
+        for h in handles:
+            h.remove()
