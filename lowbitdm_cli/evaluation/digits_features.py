@@ -114,13 +114,18 @@ class DigitsEvaluator:
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         """Return ``fid_digits`` and, when `labels` are given, ``class_accuracy``."""
+        return self.evaluate_with_stats(images, labels)[0]
+
+    def evaluate_with_stats(self, images: torch.Tensor, labels: torch.Tensor | None = None
+                            ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        """`evaluate` plus the samples' feature mean and covariance, from one classifier pass."""
         feats, logits = self.features_and_logits(images)
         mu, sigma = feature_statistics(feats)
         out = {"fid_digits": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma), "num_images": float(len(feats))}
         if labels is not None:
             pred = torch.from_numpy(logits).argmax(1)
             out["class_accuracy"] = (pred == torch.as_tensor(labels).long()).float().mean().item()
-        return out
+        return out, mu, sigma
 
 
 def to_model_range(images: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -8,7 +8,6 @@ import torch
 
 from lowbitdm_cli.artifacts import Artifact, StageRun
 from lowbitdm_cli.errors import LowbitError
-from lowbitdm_cli.evaluation.frechet import feature_statistics
 from lowbitdm_cli.models.registry import MODELS
 from lowbitdm_cli.npz import read_npz
 
@@ -37,9 +36,7 @@ def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = Fal
     data = read_npz(samples.file("samples.npz"))
     labels = torch.from_numpy(data["labels"]) if "labels" in data else None
     ev = DigitsEvaluator()
-    result = ev.evaluate(torch.from_numpy(data["arr_0"]), labels)
-    feats, _ = ev.features_and_logits(torch.from_numpy(data["arr_0"]))
-    mu, sigma = feature_statistics(feats)
+    result, mu, sigma = ev.evaluate_with_stats(torch.from_numpy(data["arr_0"]), labels)
     run.save_tensors("stats.safetensors", {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)})
     values = {m: result[m] for m in metrics if m in result}
     return run.commit(["stats.safetensors"], metrics=values,
