@@ -231,7 +231,25 @@ def _unlock(out: Path, handle) -> None:  # noqa: ANN001
     handle.close()
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux ``/proc/self/clear_refs``), so the peak a
+    stage records is its own, not that of an earlier stage run in the same process (`lowbitdm run`).
+    False where the platform cannot (the peak is then the process's since it started)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss_mb() -> float:
+    """Peak resident set size in MiB since the last `_reset_peak_rss` (or process start)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -248,6 +266,7 @@ class StageRun:
         self.manifest = manifest
         self.resumed = resumed
         self._started = time.time() - prior_elapsed
+        _reset_peak_rss()
         self.done = False
         self.artifact: Artifact | None = None
 

@@ -156,6 +156,8 @@ class FinetuneSection(_Section):
     scale_aware: Literal["lr", "grad", "none"] = "lr"
     train_act_zero_point: bool = True
     trd_weight: float = Field(100.0, ge=0)
+    trd_window: int = Field(2, ge=1, description="TRD time smoothing: average the feature over this many "
+                            "consecutive denoising steps (MPQ-DM: 2; 1 = no smoothing)")
     grad_clip: float | None = 1.0
     checkpoint_every: int = Field(1, ge=1)
     seed: int = 2024

@@ -269,3 +269,18 @@ def test_digest_uses_only_the_named_recipe_sections(tmp_path):
     again = StageRun.start(tmp_path / "s", "sample", ref, {"sample": {"n": 1}, "finetune": {"method": "b"}},
                            recipe_sections=("sample",))
     assert again.done
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_rss_is_the_stages_own(tmp_path: Path) -> None:
+    """A stage run after a big allocation in the same process (`lowbitdm run`) records its own peak."""
+    def rss_mb() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    base = rss_mb()
+    big = torch.ones(800 * 2**20 // 4)  # 800 MiB, touched
+    assert rss_mb() > base + 700
+    del big
+    art = _commit(_make(tmp_path / "a"))
+    assert art.manifest.timings["peak_rss_mb"] < base + 300

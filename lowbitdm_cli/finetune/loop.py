@@ -11,6 +11,7 @@ weights of an uninterrupted one.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -125,7 +126,8 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
                     if teacher.conditioning == "class" else None)
             gens = sample_generators(base, list(range(cfg.batch_size)))
             x = initial_noise(gens, teacher.sample_shape)
-            prev_t_feat = prev_s_feat = None
+            past_t: deque[torch.Tensor] = deque(maxlen=cfg.trd_window - 1)  # earlier steps' features
+            past_s: deque[torch.Tensor] = deque(maxlen=cfg.trd_window - 1)
             losses = []
             for step, t in enumerate(ts):
                 with torch.no_grad():
@@ -136,11 +138,14 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
                     loss = loss + cfg.local_weight * F.mse_loss(s_hooks.out[name], t_hooks.out[name].detach())
                 if cfg.loss == "trd":
                     t_feat, s_feat = t_hooks.out["__trd__"].detach(), s_hooks.out["__trd__"]
-                    # time smoothing: average with the previous step's feature (N = 2)
-                    t_avg = t_feat if prev_t_feat is None else (t_feat + prev_t_feat) / 2
-                    s_avg = s_feat if prev_s_feat is None else (s_feat + prev_s_feat) / 2
+                    # time smoothing: average over this and up to trd_window - 1 earlier steps (earlier
+                    # student features are constants: their graphs went with their own steps)
+                    t_avg = torch.stack([*past_t, t_feat]).mean(0)
+                    s_avg = torch.stack([*past_s, s_feat]).mean(0)
                     loss = loss + cfg.trd_weight * relation_kl(s_avg, t_avg)
-                    prev_t_feat, prev_s_feat = t_feat, s_feat.detach()
+                    if cfg.trd_window > 1:
+                        past_t.append(t_feat)
+                        past_s.append(s_feat.detach())
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"loss became {loss.item()} at epoch {epoch}, step {step} (t={t}): "
                                          f"lower the learning rate or check the calibration")

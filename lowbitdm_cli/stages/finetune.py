@@ -55,7 +55,7 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
     if plan.groups:
         dc = DistillConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, steps=cfg.steps or recipe.sample.steps,
                            eta=cfg.eta, guidance=cfg.guidance if cfg.guidance is not None else recipe.sample.guidance,
-                           seed=cfg.seed, loss=cfg.loss, trd_weight=cfg.trd_weight,
+                           seed=cfg.seed, loss=cfg.loss, trd_weight=cfg.trd_weight, trd_window=cfg.trd_window,
                            local_weight=1.0 if cfg.method == "quest" else 0.0,
                            global_weight=2.0 if cfg.method == "quest" else 1.0,
                            grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowbitdm_cli.errors import NonFiniteError
+from lowbitdm_cli.errors import NonFiniteError, RecipeError
 from lowbitdm_cli.finetune.losses import relation_kl
 from lowbitdm_cli.finetune.methods import QUEST_ROLES
 from lowbitdm_cli.quant.layers import quant_layers
@@ -65,6 +65,15 @@ def test_qalora_adds_lora_and_reloads(calibrated, tmp_path):
     layer = next(iter(quant_layers(model.denoiser).values()))
     assert layer.lora_A is not None
     assert len(art.manifest.info["loss_history"]) == 2
+
+
+def test_trd_window_is_the_smoothing_length(calibrated, tmp_path):
+    """Window 1 (no smoothing), 2 (MPQ-DM) and 3 train on different targets; 0 is refused."""
+    histories = [tuple(finetune(calibrated, _recipe("qalora", 'finetune.loss="trd"', f"finetune.trd_window={w}"),
+                                tmp_path / f"w{w}").manifest.info["loss_history"]) for w in (1, 2, 3)]
+    assert len(set(histories)) == 3
+    with pytest.raises(RecipeError, match="trd_window"):
+        _recipe("qalora", "finetune.trd_window=0")
 
 
 class _StopAfter:

@@ -1,0 +1,106 @@
+"""Shared by the benchmark scripts that compare recipes on the embedded model: run a list of
+cases through `run_recipe` (the FP baseline comes with the first), then read every run's
+manifests back into one row each.
+
+A case is (label, recipe, bits, extra `--set` overrides). Cases of the same recipe with different
+overrides get their own run folder (`<model>-<recipe>-<label>-<bits>`), and a finished stage is
+skipped when the runs folder already holds it with the same inputs, so an interrupted benchmark
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowbitdm_cli.artifacts import Artifact
+from lowbitdm_cli.pipeline import run_recipe
+from lowbitdm_cli.recipes import load_recipe
+from lowbitdm_cli.report import collect_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str            # what the table calls the method, e.g. "ptq mse"
+    recipe: str           # recipes/NAME.toml
+    bits: str
+    sets: tuple[str, ...] = ()
+    run_name: str | None = None  # run folder's recipe part; default: the recipe's name
+
+
+@dataclass
+class Row:
+    label: str
+    bits: str
+    run_dir: str
+    metrics: dict[str, float]
+    calibrate_s: float | None
+    finetune_s: float | None
+    finetune_peak_mb: float | None
+    peak_rss_mb: float | None
+    trainable_fraction: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _stage_timing(run_dir: Path, stage: str, key: str) -> float | None:
+    path = run_dir / stage
+    return Artifact.open(path).manifest.timings.get(key) if path.is_dir() else None
+
+
+def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
+              log: Callable[[str], None] = lambda msg: print(msg, flush=True)) -> tuple[Row, list[Row]]:
+    """Run every case (skipping finished stages); return the FP row and one row per case."""
+    rows: list[Row] = []
+    fp_dir: Path | None = None
+    for case in cases:
+        t0 = time.time()
+        recipe = load_recipe(case.recipe, model="digits", bits=case.bits, sets=[*common_sets, *case.sets])
+        if case.run_name:
+            recipe = recipe.model_copy(update={"name": case.run_name})
+        result = run_recipe(recipe, runs_dir, log=log)
+        fp_dir = Path(result["rows"][0]["path"]).parent
+        run_dir = Path(result["run_dir"])
+        summary = collect_runs([run_dir])[0]
+        row = Row(label=case.label, bits=case.bits, run_dir=str(run_dir), metrics=summary.metrics,
+                  calibrate_s=summary.calibrate_s, finetune_s=summary.finetune_s,
+                  finetune_peak_mb=_stage_timing(run_dir, "finetune", "peak_rss_mb"),
+                  peak_rss_mb=summary.peak_rss_mb, trainable_fraction=summary.trainable_fraction)
+        rows.append(row)
+        log(f"[{time.time() - t0:.0f} s] {case.bits} {case.label}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in row.metrics.items()))
+    if fp_dir is None:
+        raise SystemExit("no cases")
+    fp = collect_runs([fp_dir])[0]
+    fp_row = Row(label="fp32", bits="fp", run_dir=str(fp_dir), metrics=fp.metrics, calibrate_s=None,
+                 finetune_s=None, finetune_peak_mb=None, peak_rss_mb=fp.peak_rss_mb, trainable_fraction=None)
+    return fp_row, rows
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Print and return a Markdown table."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}")
