@@ -7,8 +7,8 @@ evaluator; `calibrate s` is the calibrate stage's wall time (calibration data, i
 reconstruction). Stages already finished under --runs-dir are reused, so an interrupted run
 resumes.
 
-    python benchmarks/calibration.py            # 500 samples per run, the recipes' settings
-    python benchmarks/calibration.py --quick    # 100 samples, 20 reconstruction iterations
+    python benchmarks/calibration.py            # 250 samples per run, the recipes' settings
+    python benchmarks/calibration.py --quick    # 50 samples, 20 reconstruction iterations
 
 Writes benchmarks/results/calibration.json (or calibration_quick.json).
 """
@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from _matrix import ROOT, Case, fmt, print_table, run_cases, write_json
+from _matrix import FULL_SETS, QUICK_SETS, ROOT, Case, fmt, print_table, run_cases, write_json
 
 BITS = ["w4a8", "w4a4", "w8a8"]  # W4A8 first: the setting the issue's claim is about
 METHODS = [
@@ -34,15 +33,14 @@ METHODS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="100 samples per run and 20 reconstruction iterations")
+    parser.add_argument("--quick", action="store_true", help="50 samples per run and 20 reconstruction iterations")
     parser.add_argument("--bits", nargs="*", default=BITS)
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs_dir = args.runs_dir or ROOT / ("runs-quick" if args.quick else "runs")
-    common = ["sample.num_samples=100", "sample.batch_size=100"] if args.quick else \
-        ["sample.num_samples=500", "sample.batch_size=250"]
+    common = QUICK_SETS if args.quick else FULL_SETS
     quick_recon = ("calibrate.recon_iters=20",) if args.quick else ()
 
     cases = []

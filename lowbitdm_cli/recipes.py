@@ -67,6 +67,9 @@ class QuantSection(_Section):
     split_shortcut: bool = Field(False, description="Q-Diffusion shortcut splitting: the 1x1 conv_shortcut of each "
                                  "up-block ResnetBlock2D (its input concatenates the skip) gets one activation "
                                  "quantizer per half; the merged checkpoint stores such layers dequantized")
+    attn_matmul: bool = Field(False, description="quantize the attention matmuls too: the inputs of QK^T and "
+                              "softmax*V at the activation bits (the softmax output unsigned)")
+    attn_softmax_bits: int = Field(8, ge=1, le=8, description="bits of the softmax output when attn_matmul is on")
     overrides: list[LayerOverride] = []
 
     @field_validator("bits")
@@ -83,7 +86,8 @@ class QuantSection(_Section):
         return QuantPolicy(w_bits=w_bits, a_bits=a_bits, keep_8bit=self.keep_8bit, skip=self.skip,
                            w_per_channel=self.w_per_channel, w_symmetric=self.w_symmetric,
                            a_symmetric=self.a_symmetric, a_temporal=self.a_temporal,
-                           lsq_grad_scale=self.lsq_grad_scale, overrides=self.overrides)
+                           lsq_grad_scale=self.lsq_grad_scale, attn_matmul=self.attn_matmul,
+                           attn_softmax_bits=self.attn_softmax_bits, overrides=self.overrides)
 
 
 class CalibrateSection(_Section):

@@ -10,9 +10,11 @@ import torch
 
 from lowbitdm_cli.calibration.data import CalibrationData, for_each_step
 from lowbitdm_cli.models.wrapper import DiffusionModel
+from lowbitdm_cli.quant.attention import MATMUL_INPUTS, attn_processors
 from lowbitdm_cli.quant.init import InitMethod, init_quantizer
 from lowbitdm_cli.quant.layers import QuantLayerMixin, quant_layers
 from lowbitdm_cli.quant.model import set_quant_enabled
+from lowbitdm_cli.quant.quantizer import UniformQuantizer
 
 __all__ = ["ActivationRecorder", "init_activations", "init_weights"]
 
@@ -64,9 +66,18 @@ def init_activations(model: DiffusionModel, data: CalibrationData, method: InitM
     """Run the model (weights quantized, activations in FP) over the calibration data and
     set every activation quantizer from the inputs its layer saw."""
     layers = {n: m for n, m in quant_layers(model.denoiser).items() if m.a_quant is not None}
+    procs = attn_processors(model.denoiser)
     recorder = ActivationRecorder(max_values, seed)
+    # recorder key -> the quantizer initialised from what was recorded under it
+    targets: dict[str, UniformQuantizer] = {}
     for name, layer in layers.items():
         layer.observer = recorder.observer(name) if layer.a_quant_skip is None else _split_observer(recorder, name)
+        targets[name] = layer.a_quant
+        if layer.a_quant_skip is not None:
+            targets[f"{name}{_SKIP}"] = layer.a_quant_skip
+    for name, proc in procs.items():
+        proc.observer = _matmul_observer(recorder, name)
+        targets.update({f"{name}.{which}": proc.quantizer(which) for which in MATMUL_INPUTS})
     set_quant_enabled(model.denoiser, weights=True, activations=False)
 
     def run(step: int, t: int, x: torch.Tensor, cond: torch.Tensor | None) -> None:
@@ -78,23 +89,29 @@ def init_activations(model: DiffusionModel, data: CalibrationData, method: InitM
     try:
         for_each_step(data, batch_size, run)
     finally:
-        for layer in layers.values():
-            layer.observer = None
+        for owner in (*layers.values(), *procs.values()):
+            owner.observer = None
         set_quant_enabled(model.denoiser, weights=True, activations=True)
     steps = list(range(len(data.ts)))
-    for name, layer in layers.items():
-        for key, q in ((name, layer.a_quant), (f"{name}{_SKIP}", layer.a_quant_skip)):
-            if q is None:
-                continue
-            if q.temporal:
-                for s, t in enumerate(data.ts.tolist()):
-                    q.set_timestep(t)
-                    init_quantizer(q, recorder.sample(key, [s]), method, timestep_index=q._index)
-            else:
-                init_quantizer(q, recorder.sample(key, steps), method)
+    for key, q in targets.items():
+        if q.temporal:
+            for s, t in enumerate(data.ts.tolist()):
+                q.set_timestep(t)
+                init_quantizer(q, recorder.sample(key, [s]), method, timestep_index=q._index)
+        else:
+            init_quantizer(q, recorder.sample(key, steps), method)
 
 
 _SKIP = "#skip"  # recorder key suffix of a split layer's skip half
+
+
+def _matmul_observer(recorder: ActivationRecorder, name: str) -> Callable[[str, torch.Tensor], None]:
+    """Record an attention processor's matmul inputs under ``<attention>.<q|k|p|v>``."""
+    observers = {which: recorder.observer(f"{name}.{which}") for which in MATMUL_INPUTS}
+
+    def observe(which: str, x: torch.Tensor) -> None:
+        observers[which](None, x)  # type: ignore[arg-type]
+    return observe
 
 
 def _split_observer(recorder: ActivationRecorder, name: str) -> Callable[[QuantLayerMixin, torch.Tensor], None]:

@@ -38,8 +38,9 @@ from torch import nn
 from lowbitdm_cli.calibration.data import CalibrationData
 from lowbitdm_cli.models.wrapper import DiffusionModel, set_timestep
 from lowbitdm_cli.quant.adaround import attach_adaround, beta_schedule, detach_adaround
+from lowbitdm_cli.quant.attention import QuantAttnProcessor
 from lowbitdm_cli.quant.layers import QuantLayerMixin, quant_layers
-from lowbitdm_cli.quant.model import set_quant_enabled
+from lowbitdm_cli.quant.model import act_quantizers, set_quant_enabled
 from lowbitdm_cli.recipes import CalibrateSection
 
 __all__ = ["BLOCK_TYPES", "Block", "block_generator", "block_state", "find_blocks", "plan_blocks",
@@ -292,7 +293,7 @@ def reconstruct_block(model: DiffusionModel, data: CalibrationData, block: Block
     per_call = max(1, cfg.recon_batch_size // max(rows_per_sample, 1))
     cap = _capture(model, data, block, guidance, per_call, num_samples, gen)
     layers = block.layers
-    act_qs = [q for layer in layers.values() for q in layer.act_quantizers() if q.enabled]
+    act_qs = [q for q in act_quantizers(block.module) if q.enabled]  # layers' inputs and attention matmuls
     per_timestep = any(q.temporal for q in act_qs)
     before = _mse(block, cap, cfg.recon_batch_size)
 
@@ -342,9 +343,15 @@ def reconstruct_block(model: DiffusionModel, data: CalibrationData, block: Block
 
 
 def block_state(block: Block) -> dict[str, torch.Tensor]:
-    """Everything the block's quantized layers hold (weights, biases, quantizer state), by model key."""
-    return {f"{name}.{k}": v.detach().clone() for name, layer in block.layers.items()
-            for k, v in layer.state_dict().items()}
+    """Everything the block's quantized layers and attention matmul quantizers hold (weights,
+    biases, quantizer state), by model key."""
+    state = {f"{name}.{k}": v.detach().clone() for name, layer in block.layers.items()
+             for k, v in layer.state_dict().items()}
+    for name, module in block.module.named_modules():
+        if isinstance(module, QuantAttnProcessor):
+            prefix = f"{block.name}.{name}" if name else block.name
+            state.update({f"{prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    return state
 
 
 def _probe_forward(model: DiffusionModel, data: CalibrationData, guidance: float, handles: list) -> None:

@@ -20,9 +20,11 @@ from torch import nn
 from lowbitdm_cli.errors import IntegrityError
 from lowbitdm_cli.export.packing import pack, pack_mixed, packed_nbytes, unpack, unpack_mixed
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
+from lowbitdm_cli.quant.attention import MATMUL_INPUTS, attn_processors
 from lowbitdm_cli.quant.layers import QuantLayerMixin, quant_layers
-from lowbitdm_cli.quant.model import quantize_denoiser
+from lowbitdm_cli.quant.model import act_quantizers, quantize_denoiser
 from lowbitdm_cli.quant.policy import LayerSpec
+from lowbitdm_cli.quant.quantizer import UniformQuantizer
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_tensors", "load_merged"]
 
@@ -86,17 +88,18 @@ def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict
         if a is not None and not split:
             tensors[f"{name}.input_scale"] = a.delta.detach().reshape(-1).float().contiguous()
             tensors[f"{name}.input_zero_point"] = torch.round(a.zero_point.detach()).reshape(-1).to(torch.int32)
-            entry["input_activations"] = {"num_bits": a.max_bits, "type": "int", "symmetric": a.mode == "symmetric",
-                                          "strategy": "tensor", "dynamic": False, "per_timestep": a.temporal}
+            entry["input_activations"] = _act_entry(a)
         else:
             entry["input_activations"] = None
         layer_cfg[name] = entry
     prefixes = tuple(f"{n}." for n in layers)
     for key, value in den.state_dict().items():
-        if not key.startswith(prefixes):
+        if not key.startswith(prefixes):  # FP parts, and attention matmul quantizers (`<attn>.processor.*`)
             tensors[key] = value.detach().contiguous()
-    timesteps = next((lay.a_quant.timesteps.tolist() for lay in layers.values()
-                      if lay.a_quant is not None and lay.a_quant.temporal), [])
+    matmuls = {name: {"inputs": {w: _act_entry(proc.quantizer(w)) for w in MATMUL_INPUTS},
+                      "params": f"{name}.processor.<q|k|p|v>_quant.(delta|zero_point)"}
+               for name, proc in attn_processors(den).items()}
+    timesteps = next((q.timesteps.tolist() for q in act_quantizers(den) if q.temporal), [])
     ignore = [n for n, m in den.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in layers]
     config = {
         "quant_method": "lowbitdm",
@@ -111,8 +114,14 @@ def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict
         "timesteps": timesteps,
         "ignore": ignore,
         "layers": layer_cfg,
+        "attention_matmuls": matmuls,
     }
     return tensors, config
+
+
+def _act_entry(q: UniformQuantizer) -> dict:
+    return {"num_bits": q.max_bits, "type": "uint" if q.mode == "unsigned" else "int",
+            "symmetric": q.mode == "symmetric", "strategy": "tensor", "dynamic": False, "per_timestep": q.temporal}
 
 
 def _check(cond: bool, path: Path, msg: str) -> None:
@@ -188,7 +197,10 @@ def _to_int_runtime(den: nn.Module, config: dict, t: dict[str, torch.Tensor],
         setattr(modules[parent_name] if parent_name else den, leaf, int_layer)
         int_layers += 1
     return {"runtime": "int", "int_layers": int_layers, "fallback_layers": len(fallback),
-            "fallback": sorted(fallback), "fallback_reasons": fallback}
+            "fallback": sorted(fallback), "fallback_reasons": fallback,
+            # QKᵀ and softmax·V have two activation operands: they run as float products of the
+            # fake-quantized (dequantized) inputs, exactly as in the fake-quantized model
+            "float_attention_matmuls": 2 * len(config.get("attention_matmuls", {}))}
 
 
 def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> DiffusionModel:
@@ -224,6 +236,10 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> D
             weights[name] = _dequantized_weight(*codes[name], entry["weight_shape"])
         else:
             weights[name] = t[f"{name}.weight"]
+    for name, entry in config.get("attention_matmuls", {}).items():
+        qk, prob = entry["inputs"]["q"], entry["inputs"]["p"]
+        specs[name] = LayerSpec(role="attention_matmul", kind="matmul", a_bits=qk["num_bits"],
+                                a_symmetric=qk["symmetric"], a_temporal=qk["per_timestep"], p_bits=prob["num_bits"])
     quantize_denoiser(den, specs, timesteps=config["timesteps"] or None)
     layers = quant_layers(den)
     state = {k: v for k, v in t.items() if not k.startswith(tuple(f"{n}." for n in layers))}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lowbitdm_cli.quant.layers import QuantLayerMixin, quant_layers
+from lowbitdm_cli.quant.model import act_quantizers
 
 __all__ = ["TrainPlan", "plan_method"]
 
@@ -41,13 +42,13 @@ class TrainPlan:
         return [p for g in self.groups for p in g["params"]]
 
 
-def _act_params(layers: dict[str, QuantLayerMixin], train_zero_point: bool) -> list[nn.Parameter]:
+def _act_params(denoiser: nn.Module, train_zero_point: bool) -> list[nn.Parameter]:
+    """Step sizes (and zero points) of every activation quantizer, attention matmuls included."""
     out = []
-    for layer in layers.values():
-        for q in layer.act_quantizers():
-            out.append(q.delta)
-            if train_zero_point and q.zero_point.requires_grad:
-                out.append(q.zero_point)
+    for q in act_quantizers(denoiser):
+        out.append(q.delta)
+        if train_zero_point and q.mode == "asymmetric":
+            out.append(q.zero_point)
     return out
 
 
@@ -55,12 +56,12 @@ def _mean_weight_step(layer: QuantLayerMixin) -> float:
     return float(layer.w_quant.delta.detach().abs().mean()) if layer.w_quant is not None else 0.0
 
 
-def plan_method(cfg, denoiser: nn.Module, seed: int) -> TrainPlan:  # noqa: ANN001 - recipes.FinetuneSection
+def plan_method(cfg, denoiser: nn.Module, seed: int) -> TrainPlan:
     """Prepare `denoiser` for `cfg.method` (add LoRA, set requires_grad) and return the plan."""
     layers = quant_layers(denoiser)
     denoiser.requires_grad_(False)
     plan = TrainPlan()
-    act = _act_params(layers, cfg.train_act_zero_point)
+    act = _act_params(denoiser, cfg.train_act_zero_point)
     if cfg.method == "none":
         return plan
     if cfg.method == "qalora":

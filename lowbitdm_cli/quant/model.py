@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbitdm_cli.quant.attention import QuantAttnProcessor, attn_processors
 from lowbitdm_cli.quant.layers import QuantConv2d, QuantLinear, quant_layers
 from lowbitdm_cli.quant.policy import LayerSpec
+from lowbitdm_cli.quant.quantizer import UniformQuantizer
 
-__all__ = ["load_quant_state", "quant_state", "quantize_denoiser", "set_quant_enabled"]
+__all__ = ["act_quantizers", "load_quant_state", "quant_state", "quantize_denoiser", "set_quant_enabled"]
 
 
 def quantize_denoiser(denoiser: nn.Module, specs: dict[str, LayerSpec], timesteps: list[int] | None = None
@@ -22,6 +24,9 @@ def quantize_denoiser(denoiser: nn.Module, specs: dict[str, LayerSpec], timestep
         module = modules.get(name)
         if module is None:
             raise ValueError(f"layer {name!r} of the layer policy is not in the model")
+        if spec.kind == "matmul":
+            module.set_processor(QuantAttnProcessor(spec, timesteps))
+            continue
         wrapper = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         parent_name, _, leaf = name.rpartition(".")
         parent = modules[parent_name] if parent_name else denoiser
@@ -34,8 +39,14 @@ def set_quant_enabled(denoiser: nn.Module, weights: bool = True, activations: bo
     for layer in quant_layers(denoiser).values():
         if layer.w_quant is not None:
             layer.w_quant.enabled = weights
-        for q in layer.act_quantizers():
-            q.enabled = activations
+    for q in act_quantizers(denoiser):
+        q.enabled = activations
+
+
+def act_quantizers(denoiser: nn.Module) -> list[UniformQuantizer]:
+    """Every activation quantizer: quantized layers' inputs and attention matmul inputs."""
+    owners = [*quant_layers(denoiser).values(), *attn_processors(denoiser).values()]
+    return [q for owner in owners for q in owner.act_quantizers()]
 
 
 def quant_state(denoiser: nn.Module, fp_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ Roles are recognised from diffusers module names, never from hard-coded indices:
 ``conv_in``, ``conv_out``, ``time_embedding`` (the timestep MLP), ``time_emb_proj``
 (ResBlock projections of it), ``shortcut`` (1x1 ResBlock skips), ``downsample``,
 ``upsample``, ``attention`` (to_q/k/v/out), ``feed_forward``, and plain ``conv``/``linear``.
+With ``attn_matmul`` on, every diffusers ``Attention`` module also gets a spec of role
+``attention_matmul`` (kind ``matmul``): the inputs of QKᵀ and softmax·V are quantized.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-__all__ = ["LayerOverride", "LayerSpec", "QuantPolicy", "ROLES", "build_layer_specs", "layer_role"]
+__all__ = ["ROLES", "LayerOverride", "LayerSpec", "QuantPolicy", "build_layer_specs", "layer_role"]
 
 Role = Literal["conv_in", "conv_out", "time_embedding", "time_emb_proj", "shortcut", "downsample", "upsample",
-               "attention", "feed_forward", "conv", "linear"]
+               "attention", "feed_forward", "conv", "linear", "attention_matmul"]
 ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
 
 
@@ -26,7 +28,7 @@ class LayerSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     role: str
-    kind: Literal["conv", "linear"]
+    kind: Literal["conv", "linear", "matmul"]
     w_bits: int | None = Field(None, ge=1, le=8)
     a_bits: int | None = Field(None, ge=1, le=8)
     w_per_channel: bool = True
@@ -36,6 +38,7 @@ class LayerSpec(BaseModel):
     lsq_grad_scale: bool = False
     a_split: int | None = Field(None, ge=1, description="Q-Diffusion shortcut splitting: input channels "
                                 "[:a_split] and [a_split:] (a concatenated skip) get separate activation quantizers")
+    p_bits: int | None = Field(None, ge=1, le=8, description="matmul specs: bits of the (unsigned) softmax output")
 
 
 class LayerOverride(BaseModel):
@@ -60,6 +63,8 @@ class QuantPolicy(BaseModel):
     a_symmetric: bool = False
     a_temporal: bool = False
     lsq_grad_scale: bool = False
+    attn_matmul: bool = False
+    attn_softmax_bits: int = Field(8, ge=1, le=8)
     overrides: list[LayerOverride] = []
 
 
@@ -94,10 +99,22 @@ def _bits(value: int | str | None, default: int | None) -> int | None:
     return None if value == "fp" else int(value)
 
 
+def _is_attention(module: nn.Module) -> bool:
+    from diffusers.models.attention_processor import Attention
+
+    return isinstance(module, Attention)
+
+
 def build_layer_specs(denoiser: nn.Module, policy: QuantPolicy) -> dict[str, LayerSpec]:
-    """A `LayerSpec` for every Conv2d/Linear of `denoiser` that gets any quantizer."""
+    """A `LayerSpec` for every Conv2d/Linear of `denoiser` that gets any quantizer, and for every
+    attention module whose matmuls are quantized (`policy.attn_matmul`)."""
     specs: dict[str, LayerSpec] = {}
     for name, module in denoiser.named_modules():
+        if policy.attn_matmul and policy.a_bits is not None and _is_attention(module):
+            spec = _matmul_spec(name, policy)
+            if spec is not None:
+                specs[name] = spec
+            continue
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         role = layer_role(name, module)
@@ -117,3 +134,17 @@ def build_layer_specs(denoiser: nn.Module, policy: QuantPolicy) -> dict[str, Lay
                                 w_symmetric=policy.w_symmetric, a_symmetric=policy.a_symmetric,
                                 a_temporal=policy.a_temporal, lsq_grad_scale=policy.lsq_grad_scale)
     return specs
+
+
+def _matmul_spec(name: str, policy: QuantPolicy) -> LayerSpec | None:
+    """QKᵀ / softmax·V inputs at the activation bits (role rules and overrides apply to a_bits)."""
+    role = "attention_matmul"
+    a_bits = None if role in policy.skip else (8 if role in policy.keep_8bit else policy.a_bits)
+    for ov in policy.overrides:
+        if fnmatch(name, ov.pattern):
+            a_bits = _bits(ov.a_bits, a_bits)
+    if a_bits is None:
+        return None
+    return LayerSpec(role=role, kind="matmul", a_bits=a_bits, a_symmetric=policy.a_symmetric,
+                     a_temporal=policy.a_temporal, lsq_grad_scale=policy.lsq_grad_scale,
+                     p_bits=policy.attn_softmax_bits)

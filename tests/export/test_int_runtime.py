@@ -26,8 +26,10 @@ from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_merge
 from lowbitdm_cli.export.int_ops import int_conv2d_acc, int_linear_acc
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear
 from lowbitdm_cli.models.wrapper import set_timestep
+from lowbitdm_cli.quant.attention import QuantAttnProcessor
 from lowbitdm_cli.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear, quant_layers
 from lowbitdm_cli.quant.policy import LayerSpec
+from lowbitdm_cli.quant.quantizer import UniformQuantizer
 from lowbitdm_cli.recipes import load_recipe
 from lowbitdm_cli.sampling import SamplerSettings, ddim_sample, to_uint8
 
@@ -35,7 +37,8 @@ TOL = 1e-4  # max abs difference as a fraction of the output range
 TINY = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"]
 FALLBACK_SETS = ["quant.a_temporal=true",
                  'quant.overrides=[{pattern="conv_out", a_bits="fp"}, {pattern="*.time_emb_proj", w_bits="fp"}]']
-CONFIGS = {"w8a8": ("w8a8", []), "w4a4": ("w4a4", []), "w4a4-temporal": ("w4a4", FALLBACK_SETS)}
+CONFIGS = {"w8a8": ("w8a8", []), "w4a4": ("w4a4", []), "w4a4-temporal": ("w4a4", FALLBACK_SETS),
+           "w8a8-attention-matmuls": ("w8a8", ["quant.attn_matmul=true"])}
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -202,11 +205,20 @@ def _record_codes(model) -> list[torch.Tensor]:
             u, _, _ = module.quantize_input(x)
             calls.append((u.to(torch.int16) - int(module._offset), x.detach().clone(), module))
         elif getattr(module, "a_quant", None) is not None:
-            calls.append((module.a_quant.quantize_codes(x).to(torch.int16), x.detach().clone(), module))
+            calls.append((module.a_quant.quantize_codes(x).to(torch.int16), x.detach().clone(), module.a_quant))
+
+    def matmul_hook(heads: int):  # attention matmul inputs (float in both runtimes): [B*heads, ...]
+        def record(module: UniformQuantizer, args: tuple) -> None:
+            x = args[0].reshape(args[0].shape[0] // heads, heads, *args[0].shape[1:])  # per sample
+            calls.append((module.quantize_codes(x).to(torch.int16), x.detach().clone(), module))
+        return record
 
     for m in model.denoiser.modules():
         if isinstance(m, IntLayer | QuantLayerMixin):
             m.register_forward_pre_hook(hook)
+        if isinstance(getattr(m, "processor", None), QuantAttnProcessor):
+            for q in m.processor.act_quantizers():
+                q.register_forward_pre_hook(matmul_hook(m.heads))
     return calls
 
 
@@ -215,14 +227,14 @@ def _first_flip_is_a_rounding_tie(int_calls: list, fake_calls: list, sample: int
     float rounding; the first differing codes are one step apart and sit on a rounding tie.
     Returns whether any code of the sample differs."""
     assert len(int_calls) == len(fake_calls)
-    for (ci, xi, _), (cf, xf, fmod) in zip(int_calls, fake_calls, strict=True):
+    for (ci, xi, _), (cf, xf, fquant) in zip(int_calls, fake_calls, strict=True):
         xi, xf, ci, cf = xi[sample], xf[sample], ci[sample], cf[sample]
         assert _rel(xi, xf) <= TOL
         if torch.equal(ci, cf):
             continue
         flipped = ci != cf
         assert int((ci - cf).abs().max()) == 1
-        delta, _ = fmod.a_quant.current_params()
+        delta, _ = fquant.current_params()
         vf, vi = (xf / delta)[flipped], (xi / delta)[flipped]
         # the half-integer between the codes lies between the two (float-rounding-close) inputs
         assert bool(((vf - vf.floor() - 0.5).abs() <= (vi - vf).abs() + 1e-5).all())

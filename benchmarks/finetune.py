@@ -1,0 +1,107 @@
+"""Finetuning methods on the embedded digits model, side by side with naive PTQ and FP:
+EfficientDM (QALoRA + TALSQ), QuEST and full QAT at W4A4 and W4A8, and EfficientDM against
+MPQ-DM (OMQ + TRD) at W2A4 and W3A4 — each with its recipe's settings (recipes/*.toml).
+
+Columns: FID-digits and class accuracy of the same class-balanced samples (same seeds), the
+calibrate and finetune stages' wall times, the finetune stage's own peak RSS, and the fraction
+of parameters trained. Then the issue's targets, each with the measured numbers and whether it
+is met. Finished stages under --runs-dir are reused, so an interrupted run resumes.
+
+    python benchmarks/finetune.py            # 250 samples per run, the recipes' settings
+    python benchmarks/finetune.py --quick    # 50 samples, 1 finetune epoch (a smoke run)
+
+Writes benchmarks/results/finetune.json (or finetune_quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from _matrix import FULL_SETS, QUICK_SETS, ROOT, Case, Row, fmt, print_table, run_cases, write_json
+
+CASES = [  # the targets' key comparisons first, naive PTQ (shared with calibration.py) last
+    ("efficientdm", "efficientdm", "w4a4"), ("qat", "qat", "w4a4"), ("quest", "quest", "w4a4"),
+    ("efficientdm", "efficientdm", "w2a4"), ("mpqdm", "mpqdm", "w2a4"),
+    ("efficientdm", "efficientdm", "w4a8"), ("qat", "qat", "w4a8"), ("quest", "quest", "w4a8"),
+    ("efficientdm", "efficientdm", "w3a4"), ("mpqdm", "mpqdm", "w3a4"),
+    ("ptq", "ptq", "w4a4"), ("ptq", "ptq", "w4a8"),
+]
+
+
+def _targets(fp: Row, rows: list[Row]) -> list[dict]:
+    by = {(r.label, r.bits): r for r in rows}
+    fid = {k: r.metrics["fid_digits"] for k, r in by.items()}
+    fp_fid = fp.metrics["fid_digits"]
+    out = []
+
+    def target(name: str, measured: str, met: bool) -> None:
+        out.append({"target": name, "measured": measured, "met": met})
+
+    if ("efficientdm", "w4a4") in fid and ("ptq", "w4a4") in fid:
+        e, p = fid["efficientdm", "w4a4"], fid["ptq", "w4a4"]
+        target("EfficientDM W4A4 FID-digits <= 0.5 x naive PTQ W4A4", f"{e:.2f} vs {p:.2f} ({e / p:.2f}x)", e <= 0.5 * p)
+        target("EfficientDM W4A4 FID-digits <= 1.5 x FP", f"{e:.2f} vs FP {fp_fid:.2f} ({e / fp_fid:.2f}x)",
+               e <= 1.5 * fp_fid)
+    for bits in ("w2a4", "w3a4"):
+        if ("mpqdm", bits) in fid and ("efficientdm", bits) in fid:
+            m, e = fid["mpqdm", bits], fid["efficientdm", bits]
+            target(f"MPQ-DM {bits.upper()} FID-digits >= 30 % below EfficientDM {bits.upper()}",
+                   f"{m:.2f} vs {e:.2f} ({100 * (1 - m / e):.1f} % below)", m <= 0.7 * e)
+    for bits in ("w4a4", "w4a8"):
+        if ("efficientdm", bits) in by and ("qat", bits) in by:
+            e, q = by["efficientdm", bits], by["qat", bits]
+            fe, fq = e.metrics["fid_digits"], q.metrics["fid_digits"]
+            te, tq = e.finetune_s or 0.0, q.finetune_s or 0.0
+            target(f"EfficientDM {bits.upper()} within 10 % of QAT's FID-digits in <= 1/5 of QAT's time",
+                   f"FID {fe:.2f} vs {fq:.2f} ({fe / fq:.2f}x); finetune {te:.0f} s vs {tq:.0f} s "
+                   f"({te / max(tq, 1e-9):.2f}x)", fe <= 1.1 * fq and te <= tq / 5)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="50 samples per run, 1 finetune epoch")
+    parser.add_argument("--only", nargs="*", default=None, help="bits to run, e.g. w4a4 w2a4 (default: all)")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    runs_dir = args.runs_dir or ROOT / ("runs-quick" if args.quick else "runs")
+    common = QUICK_SETS if args.quick else FULL_SETS
+    extra = ("finetune.epochs=1",) if args.quick else ()
+    cases = [Case(label=label, recipe=recipe, bits=bits, sets=extra if recipe != "ptq" else ())
+             for label, recipe, bits in CASES if args.only is None or bits in args.only]
+
+    t0 = time.time()
+    fp, rows = run_cases(cases, runs_dir, common)
+    order = {b: i for i, b in enumerate(["w4a4", "w4a8", "w3a4", "w2a4"])}
+    rows.sort(key=lambda r: (order.get(r.bits, 9), ["ptq", "efficientdm", "quest", "qat", "mpqdm"].index(r.label)))
+    fp_fid = fp.metrics["fid_digits"]
+    headers = ["bits", "method", "FID-digits ↓", "vs FP", "class acc ↑", "calibrate s", "finetune s",
+               "finetune peak MB", "trained params"]
+    table = [["fp32", "-", fmt(fp_fid, ".2f"), "1.00x", fmt(100 * fp.metrics["class_accuracy"], ".1f") + "%",
+              "-", "-", "-", "-"]]
+    for r in rows:
+        fid = r.metrics["fid_digits"]
+        table.append([r.bits, r.label, fmt(fid, ".2f"), f"{fid / fp_fid:.2f}x",
+                      fmt(100 * r.metrics["class_accuracy"], ".1f") + "%", fmt(r.calibrate_s, ".0f"),
+                      fmt(r.finetune_s, ".0f") if r.label != "ptq" else "-",
+                      fmt(r.finetune_peak_mb, ".0f") if r.label != "ptq" else "-",
+                      fmt(100 * r.trainable_fraction, ".1f") + "%" if r.trainable_fraction else "-"])
+    markdown = print_table(headers, table)
+    targets = _targets(fp, rows)
+    for t in targets:
+        print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
+
+    write_json(ROOT / "benchmarks" / "results" / ("finetune_quick.json" if args.quick else "finetune.json"), {
+        "quick": args.quick, "threads": args.threads, "torch": torch.__version__, "common_sets": common,
+        "wall_s": round(time.time() - t0, 1), "fp": fp.to_dict(), "runs": [r.to_dict() for r in rows],
+        "targets": targets, "markdown": markdown,
+    })
+
+
+if __name__ == "__main__":
+    main()
