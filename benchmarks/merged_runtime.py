@@ -1,7 +1,7 @@
 """Merged checkpoints: denoiser file size and forward time, FP32 vs fake-quant vs integer runtime.
 
-Two models, each at FP32, W8A8 and W4A4 (per-channel asymmetric min-max weights, per-tensor
-activations, the ptq recipe's layer policy):
+Two models, each at FP32, W8A8, W4A4 and W2A4 (per-channel asymmetric min-max weights,
+per-tensor activations, the ptq recipe's layer policy):
 
   (i)  the embedded `digits` model through the real stage chain (calibrate → finetune → merge);
        if its weights are not there yet, the seeded `tiny-random` model of the same shape;
@@ -11,7 +11,10 @@ activations, the ptq recipe's layer policy):
 
 For each: bytes of the denoiser's safetensors file (FP32 state dict vs merged `model.safetensors`)
 and the median denoiser forward time at batch 64 after warm-up, torch.set_num_threads(2), for
-FP32 eager, the fake-quant runtime and the integer runtime (`load_merged(..., "int")`).
+FP32 eager, the fake-quant runtime and the integer runtime (`load_merged(..., "int")`; the
+`kernels` column says how many layers ran on oneDNN's int8 kernels or on torch._int_mm).
+For the embedded model also: DDIM samples (the model's sampler, same seeds) from the integer and
+the fake-quantized runtime, and the share of pixels on which they agree to one grey level.
 
     python benchmarks/merged_runtime.py            # 7 timed runs per cell
     python benchmarks/merged_runtime.py --quick    # 2 timed runs per cell, small calibration
@@ -33,15 +36,16 @@ from safetensors.torch import save_file
 
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_tensors, load_merged
 from lowbitdm_cli.models.digits import WEIGHTS_DIR
-from lowbitdm_cli.models.registry import load_model
+from lowbitdm_cli.models.registry import MODELS, load_model
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 from lowbitdm_cli.quant.init import init_quantizer
 from lowbitdm_cli.quant.layers import quant_layers
 from lowbitdm_cli.quant.model import quantize_denoiser, set_quant_enabled
 from lowbitdm_cli.quant.policy import QuantPolicy, build_layer_specs
+from lowbitdm_cli.sampling import SamplerSettings, ddim_sample, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
-BITS = {"W8A8": (8, 8), "W4A4": (4, 4)}
+BITS = {"W8A8": (8, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 LARGE_CONFIG = {"sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
                 "block_out_channels": (128, 256, 256),
                 "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
@@ -138,8 +142,25 @@ def _bench(title: str, fp: DiffusionModel, merged: dict[str, Path], folder: Path
         rows.append({"precision": label, "bytes": nbytes, "size_ratio": nbytes / fp_bytes, "fp32_ms": t_fp * 1e3,
                      "fake_ms": t_fake * 1e3, "int_ms": t_int * 1e3, "int_vs_fp32": t_fp / t_int,
                      "int_vs_fake": t_fake / t_int, "int_layers": report["int_layers"],
-                     "fallback_layers": report["fallback_layers"]})
+                     "fallback_layers": report["fallback_layers"], "kernels": report.get("kernels", {})})
+        if args.agreement_samples and fp.name in MODELS:
+            rows[-1]["pixel_agreement"] = _agreement(fp.name, fake, integer, args.agreement_samples)
     return {"model": title, "params": sum(p.numel() for p in fp.denoiser.parameters()), "rows": rows}
+
+
+@torch.no_grad()
+def _agreement(name: str, fake: DiffusionModel, integer: DiffusionModel, n: int) -> dict:
+    """Share of pixels within one grey level between int and fake samples (same seeds and classes)."""
+    sampler = MODELS[name].sampler
+    settings = SamplerSettings(steps=sampler["steps"], eta=sampler["eta"], guidance=sampler["guidance"],
+                               clip_x0=sampler["clip_x0"])
+    idx = list(range(n))
+    cond = torch.arange(n) % fake.num_classes if fake.conditioning == "class" else None
+    ui = to_uint8(ddim_sample(integer, cond, idx, 0, settings)).astype(int)
+    uf = to_uint8(ddim_sample(fake, cond, idx, 0, settings)).astype(int)
+    diff = abs(ui - uf)
+    return {"samples": n, "within_one_level": float((diff <= 1).mean()), "identical": float((diff == 0).mean()),
+            "max_diff": int(diff.max())}
 
 
 def _print(result: dict, batch: int) -> None:
@@ -152,7 +173,9 @@ def _print(result: dict, batch: int) -> None:
             continue
         print(f"{r['precision']:6} {r['bytes']:>11,} {r['size_ratio']:>6.3f} {r['fp32_ms']:>9.1f} "
               f"{r['fake_ms']:>9.1f} {r['int_ms']:>9.1f} {r['int_vs_fp32']:>8.2f}x {r['int_vs_fake']:>8.2f}x "
-              f"{r['int_layers']:>5}+{r['fallback_layers']} fb")
+              f"{r['int_layers']:>5}+{r['fallback_layers']} fb  {r['kernels']}"
+              + (f"  pixels within 1 level (int vs fake, {r['pixel_agreement']['samples']} samples): "
+                 f"{100 * r['pixel_agreement']['within_one_level']:.2f} %" if "pixel_agreement" in r else ""))
 
 
 def main() -> None:
@@ -160,9 +183,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 timed runs per cell, tiny calibration")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--agreement-samples", type=int, default=None,
+                        help="samples for the int-vs-fake pixel agreement (default 100; --quick 10; 0 = skip)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "merged_runtime.json")
     args = parser.parse_args()
     args.repeats, args.warmup = (2, 1) if args.quick else (7, 2)
+    if args.agreement_samples is None:
+        args.agreement_samples = 10 if args.quick else 100
     torch.set_num_threads(args.threads)
     wf = WEIGHTS_DIR / "digits_unet.safetensors"
     small = "digits" if wf.is_file() else "tiny-random"

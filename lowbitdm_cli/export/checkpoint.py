@@ -196,7 +196,11 @@ def _to_int_runtime(den: nn.Module, config: dict, t: dict[str, torch.Tensor],
         parent_name, _, leaf = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else den, leaf, int_layer)
         int_layers += 1
-    return {"runtime": "int", "int_layers": int_layers, "fallback_layers": len(fallback),
+    kernels: dict[str, int] = {}
+    for m in den.modules():
+        if hasattr(m, "kernel") and hasattr(m, "wmat"):
+            kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
+    return {"runtime": "int", "int_layers": int_layers, "kernels": kernels, "fallback_layers": len(fallback),
             "fallback": sorted(fallback), "fallback_reasons": fallback,
             # QKᵀ and softmax·V have two activation operands: they run as float products of the
             # fake-quantized (dequantized) inputs, exactly as in the fake-quantized model

@@ -22,17 +22,28 @@ Kernel layout (chosen for CPU speed, exactness checked against `int_ops` in the 
 Then ``acc = mm[:, :O] + rowsum(u)·(128 − zw) − zx·Σ_k(w − zw)``; it stays in int32 while K
 is small enough that no partial sum can overflow, else int64. The prepared weights are
 buffers, built once from the codes.
+
+On CPUs, where PyTorch ships oneDNN's int8 kernels (``torch.ops.onednn.qconv2d_pointwise`` /
+``qlinear_pointwise``), the product runs there instead: uint8 activation codes with their
+zero point, int8 weights (``w − zw``, or ``w − 128`` for the "shifted" 8-bit ones) with zero
+weight zero point, and a float32 output ``Δx·Δw[o]·acc + bias[o]`` straight from the int32
+accumulator — the same number as above, without im2col. The weights are packed once, on the
+first call (the packing does not depend on the activation scale, so one packed weight serves
+every timestep slot). The "shifted" correction ``(128 − zw[o])·Σ_window(u − zx)`` is added in
+float32 from a one-output-channel convolution of ``u − zx`` with ones (exact: the window sums
+are integers far below 2^24). `kernel` says which path a layer takes.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbitdm_cli.export.int_ops import _padded_int_mm
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
-__all__ = ["IntConv2d", "IntLayer", "IntLinear"]
+__all__ = ["IntConv2d", "IntLayer", "IntLinear", "onednn_available"]
 
 _SHIFT = 128
 # |u·w| ≤ 255·128 per product; with the corrections a partial sum is < K·255·(128+256+255),
@@ -57,6 +68,21 @@ def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
     for k0 in range(0, a.shape[1], _K_CHUNK):
         out += _mm(a[:, k0 : k0 + _K_CHUNK].contiguous(), b[k0 : k0 + _K_CHUNK]).to(torch.int64)
     return out
+
+
+# oneDNN accumulates in int32: with |u − zx| ≤ 255 and |w| ≤ 128 every K up to this is exact.
+_K_ONEDNN = (2**31 - 1) // (255 * 128)
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch has oneDNN's int8 conv/linear with float32 output (x86 CPU builds)."""
+    ops = getattr(torch.ops, "onednn", None)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and ops is not None
+                    and hasattr(ops, "qconv2d_pointwise") and hasattr(ops, "qlinear_pointwise")
+                    and hasattr(ops, "qconv_prepack") and hasattr(ops, "qlinear_prepack"))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class IntLayer(TimestepSlots, nn.Module):
@@ -131,6 +157,24 @@ class IntLayer(TimestepSlots, nn.Module):
         self.out_ch = out_ch
         self._index: int | None = None
         self.unmatched_timesteps: set[int] = set()
+        self.use_onednn = onednn_available() and self.k <= _K_ONEDNN
+        self._packed: tuple[str, Tensor] | None = None  # (device, oneDNN-packed weight), built lazily
+
+    @property
+    def kernel(self) -> str:
+        """``onednn`` (CPU int8 kernels, float32 output) or ``int_mm`` (torch._int_mm + im2col)."""
+        return "onednn" if self.use_onednn and self.wmat.device.type == "cpu" else "int_mm"
+
+    def int8_weight(self) -> Tensor:
+        """int8 [O, K] weights as oneDNN takes them (K in this layer's order): ``w − zw`` when
+        direct, ``w − 128`` when shifted."""
+        return self.wmat[:, : self.out_ch].t().contiguous()
+
+    def _shift_correction(self, window_sums: Tensor, delta: Tensor, channel_dim: int) -> Tensor:
+        """Float ``Δx·Δw[o]·(128 − zw[o])·Σ(u − zx)`` of a shifted 8-bit weight, broadcast on channel_dim."""
+        view = [1] * window_sums.dim()
+        view[channel_dim] = self.out_ch
+        return window_sums * (self.weight_scale * delta * self.w_off.to(torch.float32)).reshape(view)
 
     def _slot(self) -> int:
         if not self.temporal:
@@ -147,8 +191,8 @@ class IntLayer(TimestepSlots, nn.Module):
         """
         i = self._slot()
         delta = self.input_scale[i : i + 1]
-        q = torch.round(x / delta)
-        q.add_(self._z_add[i]).clamp_(self.q_min, self.q_max)
+        q = torch.div(x, delta)
+        q.round_().add_(self._z_add[i]).clamp_(self.q_min, self.q_max)  # in place: one float buffer
         if self._offset:
             q.add_(self._offset)
         return q.to(torch.uint8), self._zx[i], delta
@@ -181,12 +225,24 @@ class IntLinear(IntLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         u, zx, delta = self.quantize_input(x)
+        if self.kernel == "onednn":
+            return self._onednn(u.reshape(-1, self.k), zx, delta).reshape(*x.shape[:-1], self.out_ch)
         acc = self.accumulate(u.reshape(-1, self.k), zx)
         return self._finish(acc, delta).reshape(*x.shape[:-1], self.out_ch)
 
+    def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
+        if self._packed is None or self._packed[0] != str(u.device):
+            self._packed = (str(u.device), torch.ops.onednn.qlinear_prepack(self.int8_weight(), None))
+        out = torch.ops.onednn.qlinear_pointwise(
+            u.contiguous(), float(delta), int(zx), self._packed[1], self.weight_scale,
+            torch.zeros(self.out_ch, dtype=torch.long), self.bias, 1.0, 0, torch.float32, "none", [], "")
+        if not self.direct:
+            out = out + self._shift_correction((u.to(torch.float32) - zx).sum(1, keepdim=True), delta, 1)
+        return out
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, a_bits={self.a_bits}, "
-                f"{'direct' if self.direct else 'shifted'}, slots={self.input_scale.numel()}")
+                f"{'direct' if self.direct else 'shifted'}, slots={self.input_scale.numel()}, kernel={self.kernel}")
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -205,6 +261,7 @@ class IntConv2d(IntLayer):
         self.in_channels, self.out_channels = weight_codes.shape[1], weight_codes.shape[0]
         self.kernel_size = (weight_codes.shape[2], weight_codes.shape[3])
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self._ones: Tensor | None = None  # window-sum kernel of the shifted-weight correction
 
     def im2col(self, u: Tensor, zx: int) -> tuple[Tensor, int, int]:
         """uint8 NCHW codes → columns [N·Ho·Wo, kh·kw·C] (channels last), padded with code zx."""
@@ -229,13 +286,32 @@ class IntConv2d(IntLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         u, zx, delta = self.quantize_input(x)
+        if self.kernel == "onednn":
+            return self._onednn(u, zx, delta)
         cols, ho, wo = self.im2col(u, zx)
         out = self._finish(self.accumulate(cols, zx), delta)
         # NCHW shape in channels-last memory: no transpose copy, and a following IntConv2d
         # gets its channels-last codes for free
         return out.reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
 
+    def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
+        geometry = ([*self.stride], [*self.padding], [*self.dilation], 1)
+        if self._packed is None or self._packed[0] != str(u.device):
+            kh, kw = self.kernel_size
+            w = self.int8_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
+            self._packed = (str(u.device), torch.ops.onednn.qconv_prepack(w, self.weight_scale, 1.0, 0, *geometry,
+                                                                          None))
+        out = torch.ops.onednn.qconv2d_pointwise(
+            u, float(delta), int(zx), self._packed[1], self.weight_scale, torch.zeros(self.out_ch, dtype=torch.long),
+            self.bias, *geometry, 1.0, 0, torch.float32, "none", [], "")
+        if not self.direct:
+            if self._ones is None or self._ones.shape[1] != self.in_channels:
+                self._ones = torch.ones(1, self.in_channels, *self.kernel_size)
+            sums = F.conv2d(u.to(torch.float32) - zx, self._ones, None, self.stride, self.padding, self.dilation)
+            out = out + self._shift_correction(sums, delta, 1)
+        return out  # channels-last (oneDNN's layout; the next conv takes it without a reorder)
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, a_bits={self.a_bits}, {'direct' if self.direct else 'shifted'}, "
-                f"slots={self.input_scale.numel()}")
+                f"slots={self.input_scale.numel()}, kernel={self.kernel}")
