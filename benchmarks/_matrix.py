@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbitdm_cli.artifacts import Artifact
+from lowbitdm_cli.errors import ArtifactError
 from lowbitdm_cli.pipeline import run_recipe
 from lowbitdm_cli.recipes import load_recipe
 from lowbitdm_cli.report import collect_runs
@@ -63,16 +64,31 @@ def _stage_timing(run_dir: Path, stage: str, key: str) -> float | None:
 
 
 def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
-              log: Callable[[str], None] = lambda msg: print(msg, flush=True)) -> tuple[Row, list[Row]]:
-    """Run every case (skipping finished stages); return the FP row and one row per case."""
+              log: Callable[[str], None] = lambda msg: print(msg, flush=True),
+              reverse: bool = False) -> tuple[Row, list[Row]]:
+    """Run every case (skipping finished stages); return the FP row and one row per case.
+
+    Several processes may work through the same case list (e.g. one with `reverse`): a case whose
+    stage another process is writing is put back at the end of the queue and retried later.
+    """
     rows: list[Row] = []
     fp_dir: Path | None = None
-    for case in cases:
+    queue = list(reversed(cases)) if reverse else list(cases)
+    while queue:
+        case = queue.pop(0)
         t0 = time.time()
         recipe = load_recipe(case.recipe, model="digits", bits=case.bits, sets=[*common_sets, *case.sets])
         if case.run_name:
             recipe = recipe.model_copy(update={"name": case.run_name})
-        result = run_recipe(recipe, runs_dir, log=log)
+        try:
+            result = run_recipe(recipe, runs_dir, log=log)
+        except ArtifactError as e:
+            if "another lowbitdm process" not in str(e):
+                raise
+            log(f"{case.bits} {case.label}: {e}; retrying after the other cases")
+            queue.append(case)
+            time.sleep(30 if len(queue) == 1 else 0)
+            continue
         fp_dir = Path(result["rows"][0]["path"]).parent
         run_dir = Path(result["run_dir"])
         summary = collect_runs([run_dir])[0]
@@ -85,6 +101,8 @@ def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
             + ", ".join(f"{k} {v:.4g}" for k, v in row.metrics.items()))
     if fp_dir is None:
         raise SystemExit("no cases")
+    order = {c: i for i, c in enumerate(cases)}
+    rows.sort(key=lambda r: next(i for c, i in order.items() if (c.label, c.bits) == (r.label, r.bits)))
     fp = collect_runs([fp_dir])[0]
     fp_row = Row(label="fp32", bits="fp", run_dir=str(fp_dir), metrics=fp.metrics, calibrate_s=None,
                  finetune_s=None, finetune_peak_mb=None, peak_rss_mb=fp.peak_rss_mb, trainable_fraction=None)

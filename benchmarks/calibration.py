@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--bits", nargs="*", default=BITS)
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reverse", action="store_true",
+                        help="work through the cases from the end (a second process can share the work)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs_dir = args.runs_dir or ROOT / ("runs-quick" if args.quick else "runs")
@@ -51,7 +53,7 @@ def main() -> None:
             cases.append(Case(label=label, recipe=recipe, bits=bits, sets=(*sets, *recon), run_name=run_name))
 
     t0 = time.time()
-    fp, rows = run_cases(cases, runs_dir, common)
+    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse)
     headers = ["bits", "method", "FID-digits ↓", "vs FP", "class acc ↑", "calibrate s"]
     fp_fid = fp.metrics["fid_digits"]
     table = [["fp32", "-", fmt(fp_fid, ".2f"), "1.00x", fmt(100 * fp.metrics["class_accuracy"], ".1f") + "%", "-"]]

@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="bits to run, e.g. w4a4 w2a4 (default: all)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reverse", action="store_true",
+                        help="work through the cases from the end (a second process can share the work)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs_dir = args.runs_dir or ROOT / ("runs-quick" if args.quick else "runs")
@@ -76,7 +78,7 @@ def main() -> None:
              for label, recipe, bits in CASES if args.only is None or bits in args.only]
 
     t0 = time.time()
-    fp, rows = run_cases(cases, runs_dir, common)
+    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse)
     order = {b: i for i, b in enumerate(["w4a4", "w4a8", "w3a4", "w2a4"])}
     rows.sort(key=lambda r: (order.get(r.bits, 9), ["ptq", "efficientdm", "quest", "qat", "mpqdm"].index(r.label)))
     fp_fid = fp.metrics["fid_digits"]
