@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 from _matrix import FULL_SETS, QUICK_SETS, ROOT, Case, fmt, print_table, run_cases, write_json
 
+ABLATIONS = [  # --ablations: (label, recipe, bits, sets, run folder name)
+    ("qdiffusion, no act-step learning", "qdiffusion", "w4a4", ("calibrate.recon_act_lr=0",), "qdiffusion-noactlr"),
+]
 BITS = ["w4a8", "w4a4", "w8a8"]  # W4A8 first: the setting the claim is about
 METHODS = [
     ("ptq minmax", "ptq", ()),
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--bits", nargs="*", default=BITS)
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ablations", action="store_true", help="also run the ABLATIONS cases (diagnostics)")
     parser.add_argument("--reverse", action="store_true",
                         help="work through the cases from the end (a second process can share the work)")
     args = parser.parse_args()
@@ -52,6 +56,9 @@ def main() -> None:
             run_name = recipe if label in ("ptq minmax", recipe) else label.replace(" ", "-")
             cases.append(Case(label=label, recipe=recipe, bits=bits, sets=(*sets, *recon), run_name=run_name))
 
+    if args.ablations:
+        cases += [Case(label=label, recipe=recipe, bits=bits, sets=(*sets, *quick_recon), run_name=name)
+                  for label, recipe, bits, sets, name in ABLATIONS]
     t0 = time.time()
     fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse)
     headers = ["bits", "method", "FID-digits ↓", "vs FP", "class acc ↑", "calibrate s"]
@@ -66,6 +73,8 @@ def main() -> None:
     verdicts = {}
     for bits in args.bits:
         by = {r.label: r.metrics["fid_digits"] for r in rows if r.bits == bits}
+        if "ptq minmax" not in by:
+            continue
         best = min(("qdiffusion", "pqd"), key=lambda m: by[m])
         gain = 1 - by[best] / by["ptq minmax"]
         verdicts[bits] = {"best_reconstruction": best, "fid": by[best], "ptq_minmax_fid": by["ptq minmax"],
