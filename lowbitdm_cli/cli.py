@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -212,8 +213,21 @@ def sample(
     runtime: Annotated[Literal["int", "fake"], typer.Option(
         "--runtime", help="How a merge artifact runs: integer kernels by default; `fake` dequantizes to float "
                           "for comparison.")] = "int",
+    device: Annotated[str, typer.Option(
+        "--device", help="Where the model runs: cpu, or cuda (under torchrun: each rank's own GPU, nccl).")] = "cpu",
 ) -> None:
-    """Generate class-balanced samples into samples.npz (ADM layout: arr_0 uint8 NHWC + labels) and grid.png."""
+    """Generate samples into samples.npz (ADM layout: arr_0 uint8 NHWC + labels) and grid.png.
+
+    Labels are class-balanced (0, 1, ..., C-1, 0, ...; --set sample.labels=random for
+    uniform ones). Seeds are per global sample index, so the images do not depend on the
+    batch size or the number of processes. Several processes (one machine or many) with
+    torchrun: each rank writes its share of the shards, rank 0 assembles samples.npz after
+    a barrier, and an interrupted run continues with --resume, with any number of processes:
+
+    `torchrun --nproc_per_node 8 -m lowbitdm_cli sample SOURCE --device cuda --out DIR`
+
+    (on CPUs leave out --device: the processes talk over gloo).
+    """
     from lowbitdm_cli.stages.common import open_source
     from lowbitdm_cli.stages.sample import sample as run_stage
 
@@ -221,24 +235,100 @@ def sample(
     base = src.artifact.manifest.recipe if src.artifact else None
     r = _guard(load_recipe, recipe, base=base, sets=sets, model=src.ref.name)
     target = out_dir or (src.artifact.path.parent / "sample" if src.artifact else Path("runs") / f"{source}-fp" / "sample")
+    if os.environ.get("RANK", "0") != "0":  # a torchrun worker: rank 0 shows progress and the result
+        _guard(run_stage, src, r, target, resume=resume, force=force, device=device)
+        return
     with _Bars() as bars:
-        art = _guard(run_stage, src, r, target, resume=resume, force=force, progress=bars)
+        art = _guard(run_stage, src, r, target, resume=resume, force=force, progress=bars, device=device)
     _report(art, "sampled")
 
 
 @app.command()
 def evaluate(
-    samples: Annotated[Path, typer.Argument(help="A sample artifact folder.")],
-    metric: Annotated[list[str] | None, typer.Option("--metric", help="fid_digits, class_accuracy (repeatable).")] = None,
+    samples: Annotated[Path, typer.Argument(help="A sample artifact folder. With --make-ref: the reference images "
+                                                 "instead (an image folder, an .npz with arr_0, a sample artifact, "
+                                                 "or digits-train).")],
+    metric: Annotated[list[str] | None, typer.Option(
+        "--metric", help="Metric(s), repeatable or comma-separated: fid, sfid, is, precision, recall, kid (Inception, "
+                         "any model) or fid_digits, class_accuracy (embedded models). Default: fid_digits and "
+                         "class_accuracy for digits / tiny-random, fid sfid is precision recall for the "
+                         "others.")] = None,
+    ref: Annotated[str | None, typer.Option(
+        "--ref", help="Reference for fid, sfid, precision, recall, kid: an image folder, an .npz of images (arr_0) or "
+                      "of statistics (mu/sigma, mu_s/sigma_s, feats), an ADM reference batch "
+                      "(VIRTUAL_imagenet256_labeled.npz), a --make-ref file, or a sample artifact. Default for the "
+                      "embedded models: digits-train (their 1497 training images).")] = None,
+    ref_stats: Annotated[Literal["auto", "file", "images"], typer.Option(
+        "--ref-stats", help="Where the reference statistics come from. file: the .npz's own mu/sigma (mu_s/sigma_s), "
+                            "as ADM's evaluator does; images: recomputed from its images with the samples' Inception; "
+                            "auto: a --make-ref file from the same Inception as is, else images when the file has "
+                            "them, else the file.")] = "auto",
+    backend: Annotated[Literal["pytorch-fid", "clean-fid"], typer.Option(
+        "--backend", help="Inception port: pytorch-fid (all metrics) or clean-fid (no sfid: its TorchScript file "
+                          "exposes no mixed_6/conv features).")] = "pytorch-fid",
+    mode: Annotated[str | None, typer.Option(
+        "--mode", help="Resizing to 299x299: legacy_pytorch (pytorch-fid, bilinear); clean (clean-fid's default, PIL "
+                       "bicubic) or legacy_tensorflow (clean-fid).")] = None,
+    inception_weights: Annotated[Path | None, typer.Option(
+        "--inception-weights", help="Local Inception weights (never downloaded): pytorch-fid's "
+                                    "pt_inception-2015-12-05-6726825d.pth or clean-fid's inception-2015-12-05.pt. "
+                                    "Default: $LOWBITDM_INCEPTION_WEIGHTS (pytorch-fid) or $LOWBITDM_CLEANFID_WEIGHTS "
+                                    "(clean-fid), then the backend's own download cache.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per Inception forward pass.")] = 50,
+    device: Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N.")] = "auto",
+    make_ref: Annotated[bool, typer.Option(
+        "--make-ref", help="Instead of scoring: write reference statistics of the images given as the argument into "
+                           "--out FILE.npz (mu, sigma, mu_s, sigma_s, pool features and which Inception made them), "
+                           "to pass later as --ref.")] = False,
     out_dir: OutOpt = None, force: ForceOpt = False,
 ) -> None:
-    """Score samples: FID-digits and class accuracy for the embedded model."""
+    """Score samples: FID-digits and class accuracy, or FID, sFID, IS, precision/recall, KID.
+
+    Inception metrics follow the ADM evaluation suite: FID on pool3 (2048-d), sFID on the
+    first 7 channels of mixed_6/conv (2023-d), IS from the logits over splits of 5000,
+    precision and recall with k = 3 nearest neighbours. The Inception weights must be a local
+    file (--inception-weights); the manifest records their sha256, the backend and mode,
+    the sample count and the reference. Examples:
+
+    `lowbitdm evaluate runs/x/sample` (FID-digits and class accuracy)
+
+    `lowbitdm evaluate runs/x/sample --metric fid,is --inception-weights pt_inception-2015-12-05-6726825d.pth`
+
+    `lowbitdm evaluate runs/ldm-4-fp/sample --ref VIRTUAL_imagenet256_labeled.npz`
+
+    `lowbitdm evaluate imagenet_val/ --make-ref --out imagenet_ref.npz`
+    """
+    from lowbitdm_cli.stages.evaluate import InceptionOptions, default_metrics
     from lowbitdm_cli.stages.evaluate import evaluate as run_stage
 
+    opts = InceptionOptions(backend=backend, mode=mode, weights=inception_weights, reference=ref, ref_stats=ref_stats,
+                            batch_size=batch_size, device=device)
+    if make_ref:
+        _make_ref(samples, opts, out_dir, force)
+        return
     art = _open_parent(samples, ("sample",))
-    metrics = [m.replace("-", "_") for m in (metric or ["fid_digits", "class_accuracy"])]
-    result = _guard(run_stage, art, metrics, out_dir or art.path.parent / "evaluate", force=force)
+    names = [m.strip().lower().replace("-", "_") for entry in (metric or []) for m in entry.split(",") if m.strip()]
+    metrics = list(dict.fromkeys(names)) or default_metrics(art.manifest.model.name)
+    with _Bars() as bars:
+        result = _guard(run_stage, art, metrics, out_dir or art.path.parent / "evaluate", force=force, inception=opts,
+                        progress=bars)
     _report(result, "evaluated")
+
+
+def _make_ref(source: Path, opts, out_file: Path | None, force: bool) -> None:  # noqa: ANN001 - InceptionOptions
+    from lowbitdm_cli.evaluation.inception import open_extractor
+    from lowbitdm_cli.evaluation.reference import make_reference
+
+    if out_file is None:
+        _fail("--make-ref needs --out FILE.npz (where to write the reference statistics)")
+    extractor = _guard(open_extractor, opts.backend, opts.mode, opts.weights, opts.device)
+    with _Bars() as bars:
+        summary = _guard(make_reference, source, extractor, out_file, opts.batch_size, force=force, progress=bars)
+    if _state["json"]:
+        out.print_json(json.dumps(summary))
+        return
+    err.print(f"[green]✓[/] reference statistics of {summary['num_images']} images ({extractor.backend}, "
+              f"{extractor.mode}): [bold]{summary['path']}[/]", highlight=False)
 
 
 @app.command()

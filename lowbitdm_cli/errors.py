@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArtifactError",
+    "EvaluationError",
     "IntegrityError",
     "LowbitError",
     "ManifestError",
@@ -11,6 +12,7 @@ __all__ = [
     "NonFiniteError",
     "RecipeError",
     "StageOrderError",
+    "WeightsNotFoundError",
 ]
 
 
@@ -44,3 +46,11 @@ class StageOrderError(ArtifactError):
 
 class NonFiniteError(LowbitError):
     """NaN or inf appeared in a loss or a model output."""
+
+
+class EvaluationError(LowbitError):
+    """A metric, reference set or feature-extractor setting is invalid or unavailable."""
+
+
+class WeightsNotFoundError(EvaluationError):
+    """Feature-extractor weights (Inception) are not on this machine; the message says where to get them."""

@@ -13,7 +13,16 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from lowbitdm_cli.errors import RecipeError
 from lowbitdm_cli.quant.policy import LayerOverride, QuantPolicy
@@ -176,6 +185,19 @@ class SampleSection(_Section):
     clip_x0: bool | None = None
     seed: int = 0
     grid_samples: int = Field(100, ge=0)
+    labels: Literal["balanced", "random"] = Field(
+        "balanced", description="class labels of conditional samples: balanced (0, 1, ..., C-1, 0, ...: exactly N/C "
+                                "per class when C divides N, e.g. 50 per class for 50,000 ImageNet samples) or random "
+                                "(uniform, drawn per sample index from the seed)")
+
+    @model_serializer(mode="wrap")
+    def _omit_default_labels(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `labels` came after artifacts already recorded this section: leaving the default out of the
+        # dump keeps their inputs digests (and the FP baseline folders named after them) valid
+        data = handler(self)
+        if self.labels == "balanced":
+            data.pop("labels", None)
+        return data
 
 
 class EvaluateSection(_Section):

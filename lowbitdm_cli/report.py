@@ -42,6 +42,8 @@ REPORT_METRICS: dict[str, tuple[str, bool]] = {
     "fid": ("FID ↓", False),
     "sfid": ("sFID ↓", False),
     "is": ("IS ↑", True),
+    "precision": ("precision ↑", True),
+    "recall": ("recall ↑", True),
 }
 _STAGES_NEWEST_FIRST = ("evaluate", "sample", "merge", "finetune", "calibrate")
 _DPI = 100

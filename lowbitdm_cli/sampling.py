@@ -18,12 +18,14 @@ __all__ = [
     "ddim_step",
     "ddim_timesteps",
     "initial_noise",
+    "random_labels",
     "sample_generators",
     "save_grid",
     "to_uint8",
 ]
 
 TrajectoryHook = Callable[[int, int, torch.Tensor], None]
+_LABEL_STREAM = 0x1ABE15  # tags the label generators' seeds apart from anything else seeded per index
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,15 @@ def ddim_sample(model: DiffusionModel, cond: torch.Tensor | None, indices: list[
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     """Labels 0, 1, …, C−1, 0, 1, … so any prefix of whole rounds is class-balanced."""
     return torch.arange(num_samples) % num_classes
+
+
+def random_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Uniformly random labels; label i depends only on (seed, i), like sample i's noise.
+
+    Drawn from numpy generators keyed by (seed_for(seed, i), stream tag), a stream separate from
+    the torch generators that make the noise."""
+    return torch.tensor([int(np.random.default_rng([seed_for(seed, i), _LABEL_STREAM]).integers(num_classes))
+                         for i in range(num_samples)], dtype=torch.long)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -143,10 +143,11 @@ def test_existing_output_from_other_inputs(runner: CliRunner, calibrated: Artifa
     _one_line_error(result, "--force")
 
 
-def test_non_digits_metric(runner: CliRunner, tmp_path: Path) -> None:
+def test_unknown_metric(runner: CliRunner, tmp_path: Path) -> None:
+    # Inception metrics (fid, ...) are tests/evaluation/test_inception_cli.py's business
     parent = _fake_artifact(tmp_path / "s", "sample")
-    result = runner.invoke(app, ["evaluate", str(parent.path), "--metric", "fid", "--out", str(tmp_path / "e")])
-    _one_line_error(result, "fid")
+    result = runner.invoke(app, ["evaluate", str(parent.path), "--metric", "fidd", "--out", str(tmp_path / "e")])
+    _one_line_error(result, "unknown metric fidd", "fid_digits")
 
 
 # --- happy path -----------------------------------------------------------------------------------

@@ -1,44 +1,136 @@
-"""Stage `evaluate`: a sample artifact → metrics (FID-digits and class accuracy for `digits`)."""
+"""Stage `evaluate`: a sample artifact → metrics.
+
+FID-digits and class accuracy (the embedded models' `digits-features` evaluator), and the
+Inception metrics of the ADM suite for any model: FID, sFID, IS, precision/recall (k = 3), KID,
+against a reference set (see `lowbitdm_cli.evaluation.reference`). The manifest records the
+Inception backend, its mode, the weights' sha256, the sample count and the reference.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lowbitdm_cli.artifacts import Artifact, StageRun
-from lowbitdm_cli.errors import LowbitError
+from lowbitdm_cli.errors import EvaluationError
+from lowbitdm_cli.evaluation.frechet import feature_statistics
+from lowbitdm_cli.evaluation.suite import INCEPTION_METRICS, requirements, score
 from lowbitdm_cli.models.registry import MODELS
 from lowbitdm_cli.npz import read_npz
 
-__all__ = ["evaluate"]
+__all__ = ["DIGITS_METRICS", "INCEPTION_METRICS", "InceptionOptions", "default_metrics", "evaluate"]
 
 DIGITS_METRICS = ("fid_digits", "class_accuracy")
+PAPER_METRICS = ["fid", "sfid", "is", "precision", "recall"]
 
 
-def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = False, replace_stale: bool = False) -> Artifact:
+@dataclass(frozen=True)
+class InceptionOptions:
+    """How Inception metrics are computed: backend and mode, local weights, reference, device."""
+
+    backend: str = "pytorch-fid"
+    mode: str | None = None  # the backend's default
+    weights: str | Path | None = None  # None: $LOWBITDM_INCEPTION_WEIGHTS / $LOWBITDM_CLEANFID_WEIGHTS / cache
+    reference: str | Path | None = None  # None: digits-train for the embedded models
+    ref_stats: str = "auto"
+    batch_size: int = 50
+    device: str = "auto"
+
+
+def _evaluator(model_name: str) -> str:
+    entry = MODELS.get(model_name)
+    return entry.evaluator if entry else "digits-features"
+
+
+def default_metrics(model_name: str) -> list[str]:
+    """FID-digits and class accuracy for the embedded models, the papers' metrics for the others."""
+    return list(DIGITS_METRICS) if _evaluator(model_name) == "digits-features" else list(PAPER_METRICS)
+
+
+def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = False, replace_stale: bool = False,
+             inception: InceptionOptions | None = None,
+             progress: Callable[[str, int, int], None] = lambda *_: None) -> Artifact:
     """Score the images of `samples`; metrics land in the manifest's `metrics`."""
-    entry = MODELS.get(samples.manifest.model.name)
-    evaluator = entry.evaluator if entry else "digits-features"
-    unknown = [m for m in metrics if m not in DIGITS_METRICS]
-    if evaluator != "digits-features" or unknown:
-        raise LowbitError(f"metrics {unknown or metrics} are not available for {samples.manifest.model.name!r} "
-                          f"yet: this version computes {', '.join(DIGITS_METRICS)} with the digits-features "
-                          f"evaluator (Inception metrics are tracked in issue 7)")
+    from lowbitdm_cli.evaluation.inception import extract_features, open_extractor
+    from lowbitdm_cli.evaluation.reference import DIGITS_TRAIN, load_reference, open_reference
+
+    model_name = samples.manifest.model.name
+    evaluator = _evaluator(model_name)
+    if not metrics:
+        raise EvaluationError("no metric given: use fid, sfid, is, precision, recall, kid or fid_digits, "
+                              "class_accuracy")
+    unknown = [m for m in metrics if m not in DIGITS_METRICS + INCEPTION_METRICS]
+    if unknown:
+        raise EvaluationError(f"unknown metric{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: use "
+                              f"{', '.join(INCEPTION_METRICS)} (Inception) or {', '.join(DIGITS_METRICS)} "
+                              f"(embedded models)")
+    digits_metrics = [m for m in metrics if m in DIGITS_METRICS]
+    inception_metrics = [m for m in metrics if m in INCEPTION_METRICS]
+    if digits_metrics and evaluator != "digits-features":
+        raise EvaluationError(f"{', '.join(digits_metrics)} use the digits-features evaluator of the embedded models; "
+                              f"{model_name!r} is scored with {', '.join(INCEPTION_METRICS)}")
+    options: dict = {"metrics": sorted(metrics)}
+    if inception_metrics:
+        opts = inception or InceptionOptions()
+        extractor = open_extractor(opts.backend, opts.mode, opts.weights, opts.device)
+        want, stats_needed, feats_needed = requirements(inception_metrics)
+        if want - extractor.provides:
+            raise EvaluationError(f"{', '.join(m for m in inception_metrics if m == 'sfid')} needs the spatial "
+                                  f"mixed_6/conv features, which only the pytorch-fid backend gives")
+        ref_in = None
+        if stats_needed or feats_needed:
+            spec = opts.reference or (DIGITS_TRAIN if evaluator == "digits-features" else None)
+            if spec is None:
+                raise EvaluationError(f"{', '.join(m for m in inception_metrics if m != 'is')} need a reference: pass "
+                                      f"--ref (an image folder, an .npz of images or statistics such as ADM's "
+                                      f"VIRTUAL_imagenet256_labeled.npz, or a --make-ref file)")
+            ref_in = open_reference(spec)
+        options["inception"] = {**extractor.identity(), "ref_stats": opts.ref_stats,
+                                "reference": ref_in.describe()["sha256"] if ref_in else None}
     run = StageRun.start(out, "evaluate", samples.manifest.model, samples.manifest.recipe, parent=samples,
-                         options={"metrics": sorted(metrics)}, resume=False, force=force,
+                         options=options, resume=False, force=force,
                          replace_stale=replace_stale,
                          recipe_sections=("evaluate",))
     if run.done:
         return run.artifact  # type: ignore[return-value]
-    from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
+    files: list[str] = []
+    values: dict[str, float] = {}
+    info: dict = {"evaluator": "+".join(e for e, ms in (("digits-features", digits_metrics),
+                                                        ("inception", inception_metrics)) if ms)}
+    if digits_metrics:
+        from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
 
-    data = read_npz(samples.file("samples.npz"))
-    labels = torch.from_numpy(data["labels"]) if "labels" in data else None
-    ev = DigitsEvaluator()
-    result, mu, sigma = ev.evaluate_with_stats(torch.from_numpy(data["arr_0"]), labels)
-    run.save_tensors("stats.safetensors", {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)})
-    values = {m: result[m] for m in metrics if m in result}
-    return run.commit(["stats.safetensors"], metrics=values,
-                      info={"evaluator": evaluator, "num_images": int(len(data["arr_0"])),
-                            "reference": "digits train split (shipped statistics)"})
+        data = read_npz(samples.file("samples.npz"))
+        labels = torch.from_numpy(data["labels"]) if "labels" in data else None
+        ev = DigitsEvaluator()
+        result, mu, sigma = ev.evaluate_with_stats(torch.from_numpy(data["arr_0"]), labels)
+        run.save_tensors("stats.safetensors", {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)})
+        files.append("stats.safetensors")
+        values.update({m: result[m] for m in digits_metrics if m in result})
+        info.update(num_images=len(data["arr_0"]), reference="digits train split (shipped statistics)")
+    if inception_metrics:
+        from lowbitdm_cli.evaluation.images import NpzImages
+
+        images = NpzImages(samples.file("samples.npz"))
+        feats = extract_features(extractor, images, want, opts.batch_size, progress, "inception features (samples)")
+        reference = None
+        if ref_in is not None:
+            reference = load_reference(ref_in, extractor, stats_needed, feats_needed, opts.ref_stats, opts.batch_size,
+                                       progress)
+        scores, details = score(feats, reference, inception_metrics, device=extractor.device)
+        values.update(scores)
+        stats = {}
+        for q, (mu_key, sigma_key) in (("pool", ("mu", "sigma")), ("spatial", ("mu_s", "sigma_s"))):
+            if q in feats and len(feats[q]) >= 2:
+                mu, sigma = feature_statistics(feats[q])
+                stats[mu_key], stats[sigma_key] = torch.from_numpy(mu), torch.from_numpy(sigma)
+        if stats:
+            run.save_tensors("inception_stats.safetensors", stats)
+            files.append("inception_stats.safetensors")
+        info["num_images"] = images.num_images
+        info["inception"] = {**extractor.info(), "num_samples": images.num_images,
+                             "reference": reference.description if reference else None, **details}
+    return run.commit(files, metrics=values, info=info)

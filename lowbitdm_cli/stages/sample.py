@@ -2,7 +2,10 @@
 
 Images are generated in shards of `batch_size`; every shard is saved as it completes,
 so an interrupted run resumes from the shards already written. Seeds are per global
-sample index, so the images do not depend on the batch size or on which run made them.
+sample index, so the images do not depend on the batch size, on which run made them, or on
+how many processes made them: under `torchrun` each rank takes its share of the missing
+shards, rank 0 alone owns the artifact (manifest, lock) and, after a barrier, assembles
+`samples.npz` (ADM layout: `arr_0` uint8 NHWC + `labels`) from the shards.
 """
 
 from __future__ import annotations
@@ -14,62 +17,111 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbitdm_cli.artifacts import Artifact, StageRun
+from lowbitdm_cli.artifacts import Artifact, Manifest, StageRun
+from lowbitdm_cli.distributed import process_group, rank_device
 from lowbitdm_cli.models.registry import model_entry
-from lowbitdm_cli.npz import write_npz
+from lowbitdm_cli.npz import ChunkedArray, write_npz
 from lowbitdm_cli.recipes import Recipe
-from lowbitdm_cli.sampling import balanced_labels, ddim_sample, save_grid, to_uint8
+from lowbitdm_cli.sampling import balanced_labels, ddim_sample, random_labels, save_grid, to_uint8
 from lowbitdm_cli.stages.common import Source, sampler_settings
 
 __all__ = ["sample"]
 
 
+def _shard_name(s: int) -> str:
+    return f"shard_{s:05d}.safetensors"
+
+
 def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, force: bool = False, replace_stale: bool = False,
-           progress: Callable[[str, int, int], None] = lambda *_: None) -> Artifact:
-    """Generate `recipe.sample.num_samples` class-balanced images from `source`."""
+           progress: Callable[[str, int, int], None] = lambda *_: None, device: str = "cpu") -> Artifact:
+    """Generate `recipe.sample.num_samples` images from `source` (class-balanced labels by default).
+
+    `device` is where the model runs (``cuda`` = each torchrun rank's own GPU). Under
+    `torchrun` every rank calls this; all of them return the committed artifact.
+    """
     recipe = recipe.resolved(model_entry(source.ref.name).sampler)
     cfg = recipe.sample
-    options = {"source": source.label, **({"runtime": source.runtime} if source.runtime else {})}
-    run = StageRun.start(out, "sample", source.ref, recipe.model_dump(mode="json"), parent=source.artifact,
-                         options=options, resume=resume, force=force,
-                         replace_stale=replace_stale,
-                         recipe_sections=("model", "sample"))
-    if run.done:
-        return run.artifact  # type: ignore[return-value]
-    model = source.model
-    settings = sampler_settings(cfg)
-    labels = balanced_labels(cfg.num_samples, model.num_classes) if model.conditioning == "class" else None
+    options = {"source": source.label, **({"runtime": source.runtime} if source.runtime else {}),
+               **({"device": device} if device != "cpu" else {})}
     num_shards = math.ceil(cfg.num_samples / cfg.batch_size)
-    images, all_labels = [], []
-    for s in range(num_shards):
-        name = f"shard_{s:05d}.safetensors"
-        lo, hi = s * cfg.batch_size, min((s + 1) * cfg.batch_size, cfg.num_samples)
-        if not run.has(name):
+    main_run: StageRun | None = None
+
+    def start() -> dict:  # rank 0 only: owns the artifact (lock, manifest) and plans the work
+        nonlocal main_run
+        main_run = StageRun.start(out, "sample", source.ref, recipe.model_dump(mode="json"), parent=source.artifact,
+                                  options=options, resume=resume, force=force,
+                                  replace_stale=replace_stale,
+                                  recipe_sections=("model", "sample"))
+        if main_run.done:
+            return {"done": True}
+        missing = [s for s in range(num_shards) if not main_run.has(_shard_name(s))]
+        return {"done": False, "manifest": main_run.manifest.model_dump_json(), "missing": missing}
+
+    with process_group(device) as group:
+        plan = group.on_main(start)
+        if plan["done"]:
+            return main_run.artifact if group.is_main else Artifact.open(out)  # type: ignore[union-attr]
+        # the other ranks only write shards into rank 0's partial folder; they never touch its manifest
+        run = main_run if group.is_main else StageRun(out, Manifest.model_validate_json(plan["manifest"]),
+                                                      resumed=True, prior_elapsed=0.0)
+        model = source.model
+        work_device = rank_device(device, group)
+        if work_device != "cpu":
+            model.to(work_device)
+        settings = sampler_settings(cfg)
+        labels = None
+        if model.conditioning == "class":
+            labels = (balanced_labels(cfg.num_samples, model.num_classes) if cfg.labels == "balanced"
+                      else random_labels(cfg.num_samples, model.num_classes, cfg.seed))
+        bounds = [(s * cfg.batch_size, min((s + 1) * cfg.batch_size, cfg.num_samples)) for s in range(num_shards)]
+        mine = group.split(plan["missing"])
+        todo = sum(bounds[s][1] - bounds[s][0] for s in mine)
+        for s in mine:
+            lo, hi = bounds[s]
             cond = labels[lo:hi] if labels is not None else None
             x = ddim_sample(model, cond, list(range(lo, hi)), cfg.seed, settings)
             shard = {"images": torch.from_numpy(to_uint8(x))}
             if cond is not None:
                 shard["labels"] = cond
-            run.save_tensors(name, shard)
-            run.checkpoint(shards_done=s + 1)
-        shard = run.load_tensors(name)
-        images.append(shard["images"].numpy())
-        if "labels" in shard:
-            all_labels.append(shard["labels"].numpy())
-        progress("sampling", hi - lo, cfg.num_samples)
-    arr = np.concatenate(images)
-    arrays = {"arr_0": arr}
-    if all_labels:
-        arrays["labels"] = np.concatenate(all_labels).astype(np.int64)
+            run.save_tensors(_shard_name(s), shard)
+            if group.is_main:
+                run.checkpoint(shards_done=sum(run.has(_shard_name(i)) for i in range(num_shards)))
+            progress("sampling", hi - lo, todo)
+        group.barrier()  # every shard is on disk
+        if group.is_main:
+            artifact = _assemble(run, model, source, cfg, settings, labels, num_shards)
+        group.barrier()  # rank 0 has committed
+        return artifact if group.is_main else Artifact.open(out)
+
+
+def _assemble(run: StageRun, model, source: Source, cfg, settings, labels: torch.Tensor | None,  # noqa: ANN001
+              num_shards: int) -> Artifact:
+    """Stream the shards, in order, into `samples.npz`; write the grid; commit."""
+    names = [_shard_name(s) for s in range(num_shards)]
+    first = run.load_tensors(names[0])["images"]
+
+    def chunks():  # noqa: ANN202
+        for name in names:
+            yield run.load_tensors(name)["images"].numpy()
+
+    arrays: dict = {"arr_0": ChunkedArray((cfg.num_samples, *first.shape[1:]), np.dtype(np.uint8), chunks)}
+    if labels is not None:
+        arrays["labels"] = labels.numpy().astype(np.int64)
     write_npz(run.path("samples.npz"), arrays)
     files = ["samples.npz"]
     if cfg.grid_samples > 0:
+        grid, count = [], 0
+        for name in names:
+            if count >= cfg.grid_samples:
+                break
+            grid.append(run.load_tensors(name)["images"].numpy())
+            count += len(grid[-1])
         nrow = model.num_classes if model.conditioning == "class" else 10
-        save_grid(arr[: cfg.grid_samples], run.path("grid.png"), nrow=nrow)
+        save_grid(np.concatenate(grid)[: cfg.grid_samples], run.path("grid.png"), nrow=nrow)
         files.append("grid.png")
     unmatched = unmatched_timesteps(model)
     info = {"source": source.label, "runtime": source.runtime, "num_samples": cfg.num_samples,
-            "sampler": settings.__dict__,
+            "sampler": settings.__dict__, "shards_done": num_shards,
             "unmatched_timesteps": unmatched}
     return run.commit(files, info=info)
 
