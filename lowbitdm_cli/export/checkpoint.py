@@ -184,6 +184,8 @@ def _int_layer(name: str, entry: dict, layer: QuantLayerMixin, codes: tuple[torc
 def _to_int_runtime(den: nn.Module, config: dict, t: dict[str, torch.Tensor],
                     codes: dict[str, tuple[torch.Tensor, ...]]) -> dict:
     """Replace every merged layer that can run on integer kernels; the others keep float compute."""
+    from lowbitdm_cli.export.int_runtime import IntLayer
+
     modules = dict(den.named_modules())
     fallback: dict[str, str] = {}
     int_layers = 0
@@ -198,7 +200,7 @@ def _to_int_runtime(den: nn.Module, config: dict, t: dict[str, torch.Tensor],
         int_layers += 1
     kernels: dict[str, int] = {}
     for m in den.modules():
-        if hasattr(m, "kernel") and hasattr(m, "wmat"):
+        if isinstance(m, IntLayer):
             kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
     return {"runtime": "int", "int_layers": int_layers, "kernels": kernels, "fallback_layers": len(fallback),
             "fallback": sorted(fallback), "fallback_reasons": fallback,

@@ -36,6 +36,8 @@ are integers far below 2^24). `kernel` says which path a layer takes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -158,12 +160,19 @@ class IntLayer(TimestepSlots, nn.Module):
         self._index: int | None = None
         self.unmatched_timesteps: set[int] = set()
         self.use_onednn = onednn_available() and self.k <= _K_ONEDNN
-        self._packed: tuple[str, Tensor] | None = None  # (device, oneDNN-packed weight), built lazily
+        # (device, oneDNN-packed weight, its all-zero weight zero points), built on the first call
+        self._packed: tuple[str, Tensor, Tensor] | None = None
 
     @property
     def kernel(self) -> str:
         """``onednn`` (CPU int8 kernels, float32 output) or ``int_mm`` (torch._int_mm + im2col)."""
         return "onednn" if self.use_onednn and self.wmat.device.type == "cpu" else "int_mm"
+
+    def _onednn_weight(self, device: torch.device, pack: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
+        """The packed weight `pack()` makes and zero weight zero points, cached per device."""
+        if self._packed is None or self._packed[0] != str(device):
+            self._packed = (str(device), pack(), torch.zeros(self.out_ch, dtype=torch.long, device=device))
+        return self._packed[1], self._packed[2]
 
     def int8_weight(self) -> Tensor:
         """int8 [O, K] weights as oneDNN takes them (K in this layer's order): ``w − zw`` when
@@ -231,11 +240,10 @@ class IntLinear(IntLayer):
         return self._finish(acc, delta).reshape(*x.shape[:-1], self.out_ch)
 
     def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
-        if self._packed is None or self._packed[0] != str(u.device):
-            self._packed = (str(u.device), torch.ops.onednn.qlinear_prepack(self.int8_weight(), None))
-        out = torch.ops.onednn.qlinear_pointwise(
-            u.contiguous(), float(delta), int(zx), self._packed[1], self.weight_scale,
-            torch.zeros(self.out_ch, dtype=torch.long), self.bias, 1.0, 0, torch.float32, "none", [], "")
+        packed, w_zero = self._onednn_weight(u.device, lambda: torch.ops.onednn.qlinear_prepack(self.int8_weight(),
+                                                                                                 None))
+        out = torch.ops.onednn.qlinear_pointwise(u.contiguous(), float(delta), int(zx), packed, self.weight_scale,
+                                                 w_zero, self.bias, 1.0, 0, torch.float32, "none", [], "")
         if not self.direct:
             out = out + self._shift_correction((u.to(torch.float32) - zx).sum(1, keepdim=True), delta, 1)
         return out
@@ -261,7 +269,9 @@ class IntConv2d(IntLayer):
         self.in_channels, self.out_channels = weight_codes.shape[1], weight_codes.shape[0]
         self.kernel_size = (weight_codes.shape[2], weight_codes.shape[3])
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self._ones: Tensor | None = None  # window-sum kernel of the shifted-weight correction
+        # window-sum kernel of the shifted weights' correction (oneDNN path)
+        self.register_buffer("window_ones", None if self.direct else torch.ones(1, *weight_codes.shape[1:]),
+                             persistent=False)
 
     def im2col(self, u: Tensor, zx: int) -> tuple[Tensor, int, int]:
         """uint8 NCHW codes → columns [N·Ho·Wo, kh·kw·C] (channels last), padded with code zx."""
@@ -296,18 +306,18 @@ class IntConv2d(IntLayer):
 
     def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
         geometry = ([*self.stride], [*self.padding], [*self.dilation], 1)
-        if self._packed is None or self._packed[0] != str(u.device):
+
+        def pack() -> Tensor:
             kh, kw = self.kernel_size
             w = self.int8_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
-            self._packed = (str(u.device), torch.ops.onednn.qconv_prepack(w, self.weight_scale, 1.0, 0, *geometry,
-                                                                          None))
-        out = torch.ops.onednn.qconv2d_pointwise(
-            u, float(delta), int(zx), self._packed[1], self.weight_scale, torch.zeros(self.out_ch, dtype=torch.long),
-            self.bias, *geometry, 1.0, 0, torch.float32, "none", [], "")
+            return torch.ops.onednn.qconv_prepack(w, self.weight_scale, 1.0, 0, *geometry, None)
+
+        packed, w_zero = self._onednn_weight(u.device, pack)
+        out = torch.ops.onednn.qconv2d_pointwise(u, float(delta), int(zx), packed, self.weight_scale, w_zero,
+                                                 self.bias, *geometry, 1.0, 0, torch.float32, "none", [], "")
         if not self.direct:
-            if self._ones is None or self._ones.shape[1] != self.in_channels:
-                self._ones = torch.ones(1, self.in_channels, *self.kernel_size)
-            sums = F.conv2d(u.to(torch.float32) - zx, self._ones, None, self.stride, self.padding, self.dilation)
+            sums = F.conv2d(u.to(torch.float32) - zx, self.window_ones, None, self.stride, self.padding,
+                            self.dilation)
             out = out + self._shift_correction(sums, delta, 1)
         return out  # channels-last (oneDNN's layout; the next conv takes it without a reorder)
 
