@@ -124,7 +124,15 @@ def print_table(headers: list[str], rows: list[list[str]]) -> str:
     return text
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_results(name: str, args: Any, common_sets: list[str], wall_s: float, fp: Row, rows: list[Row],
+                  markdown: str, **extra: Any) -> None:
+    """benchmarks/results/NAME.json (NAME_quick.json with --quick): settings, every row, the table."""
+    import torch
+
+    path = ROOT / "benchmarks" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
+    payload = {"quick": args.quick, "threads": args.threads, "torch": torch.__version__, "common_sets": common_sets,
+               "wall_s": round(wall_s, 1), "fp": fp.to_dict(), "runs": [r.to_dict() for r in rows], **extra,
+               "markdown": markdown}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from _matrix import FULL_SETS, QUICK_SETS, ROOT, Case, fmt, print_table, run_cases, write_json
+from _matrix import FULL_SETS, QUICK_SETS, ROOT, Case, fmt, print_table, run_cases, write_results
 
 ABLATIONS = [  # --ablations: (label, recipe, bits, sets, run folder name)
     ("qdiffusion, no act-step learning", "qdiffusion", "w4a4", ("calibrate.recon_act_lr=0",), "qdiffusion-noactlr"),
@@ -82,11 +82,7 @@ def main() -> None:
         print(f"{bits}: best reconstruction {best} FID-digits {by[best]:.2f} vs ptq minmax {by['ptq minmax']:.2f} "
               f"({100 * gain:.1f} % lower), ptq mse {by['ptq mse']:.2f}")
 
-    write_json(ROOT / "benchmarks" / "results" / ("calibration_quick.json" if args.quick else "calibration.json"), {
-        "quick": args.quick, "threads": args.threads, "torch": torch.__version__, "common_sets": common,
-        "wall_s": round(time.time() - t0, 1), "fp": fp.to_dict(), "runs": [r.to_dict() for r in rows],
-        "verdicts": verdicts, "markdown": markdown,
-    })
+    write_results("calibration", args, common, time.time() - t0, fp, rows, markdown, verdicts=verdicts)
 
 
 if __name__ == "__main__":

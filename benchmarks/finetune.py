@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from _matrix import FULL_SETS, QUICK_SETS, ROOT, Case, Row, fmt, print_table, run_cases, write_json
+from _matrix import FULL_SETS, QUICK_SETS, ROOT, Case, Row, fmt, print_table, run_cases, write_results
 
 CASES = [  # the targets' key comparisons first, naive PTQ (shared with calibration.py) last
     ("efficientdm", "efficientdm", "w4a4"), ("qat", "qat", "w4a4"), ("quest", "quest", "w4a4"),
@@ -98,11 +98,7 @@ def main() -> None:
     for t in targets:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
 
-    write_json(ROOT / "benchmarks" / "results" / ("finetune_quick.json" if args.quick else "finetune.json"), {
-        "quick": args.quick, "threads": args.threads, "torch": torch.__version__, "common_sets": common,
-        "wall_s": round(time.time() - t0, 1), "fp": fp.to_dict(), "runs": [r.to_dict() for r in rows],
-        "targets": targets, "markdown": markdown,
-    })
+    write_results("finetune", args, common, time.time() - t0, fp, rows, markdown, targets=targets)
 
 
 if __name__ == "__main__":
