@@ -6,10 +6,12 @@ layers, plus every quantized layer outside them (conv_in, conv_out, the time-emb
 linears) as a block of its own. For each block in turn:
 
 1. run the calibration data (``model.eps`` per stored step batch, so both CFG branches
-   and each temporal quantizer's timestep are covered) through the FP model and keep the
-   block's output (the target), then through the quantized model, earlier blocks already
-   reconstructed, and keep the block's inputs (args and kwargs); a seeded subsample of
-   at most `recon_samples` rows is kept;
+   and each temporal quantizer's timestep are covered) through an untouched FP copy of
+   the model and keep the block's output (the target), then through the quantized model,
+   earlier blocks already reconstructed, and keep the block's inputs (args and kwargs); a
+   seeded subsample of at most `recon_samples` rows is kept. The target must come from
+   the copy: the quantized model's earlier blocks hold folded AdaRound weights, so
+   switching its quantizers off does not give the FP model back;
 2. attach AdaRound (`quant.adaround`) to its weight quantizers and optimise, with Adam,
    the rounding variables V (lr `recon_lr`) and its activation steps Δ (LSQ, lr
    `recon_act_lr`) on random mini-batches to minimise the output error
@@ -40,7 +42,7 @@ from lowbitdm_cli.models.wrapper import DiffusionModel, set_timestep
 from lowbitdm_cli.quant.adaround import attach_adaround, beta_schedule, detach_adaround
 from lowbitdm_cli.quant.attention import QuantAttnProcessor
 from lowbitdm_cli.quant.layers import QuantLayerMixin, quant_layers
-from lowbitdm_cli.quant.model import act_quantizers, set_quant_enabled
+from lowbitdm_cli.quant.model import act_quantizers
 from lowbitdm_cli.recipes import CalibrateSection
 
 __all__ = ["BLOCK_TYPES", "Block", "block_generator", "block_state", "find_blocks", "plan_blocks",
@@ -178,10 +180,11 @@ def _row_split(args: tuple, kwargs: dict) -> tuple[int, list[int], list[str]]:
 
 
 @torch.no_grad()
-def _capture(model: DiffusionModel, data: CalibrationData, block: Block, guidance: float, batch_size: int,
-             num_samples: int, gen: torch.Generator) -> _Captured:
-    """Block inputs from the quantized model and FP outputs from the FP model on the same
-    `num_samples` (step, sample) pairs, drawn with `gen`."""
+def _capture(model: DiffusionModel, fp_model: DiffusionModel, data: CalibrationData, block: Block,
+             guidance: float, batch_size: int, num_samples: int, gen: torch.Generator) -> _Captured:
+    """Block inputs from the quantized `model` and the block's outputs from `fp_model` (the
+    unquantized original, same module names) on the same `num_samples` (step, sample) pairs,
+    drawn with `gen`."""
     num_steps, n = data.xs.shape[0], data.xs.shape[1]
     pairs = torch.randperm(num_steps * n, generator=gen)[:num_samples].sort().values
     inputs: list[tuple[tuple, dict]] = []
@@ -199,6 +202,7 @@ def _capture(model: DiffusionModel, data: CalibrationData, block: Block, guidanc
         outputs.append(out.detach().clone())
         raise _Stop
 
+    fp_block = fp_model.denoiser.get_submodule(block.name)
     for s in range(num_steps):
         idx = pairs[(pairs // n) == s] % n
         t = int(data.ts[s])
@@ -206,18 +210,14 @@ def _capture(model: DiffusionModel, data: CalibrationData, block: Block, guidanc
             sel = idx[i:i + batch_size]
             x = data.xs[s, sel].to(model.device)
             cond = data.conds[sel].to(model.device) if data.conds is not None else None
-            for quantized, hook in ((False, grab_output), (True, grab_input)):
-                set_quant_enabled(model.denoiser, weights=quantized, activations=quantized)
-                if quantized:
-                    handle = block.module.register_forward_pre_hook(hook, with_kwargs=True)
-                else:
-                    handle = block.module.register_forward_hook(hook, with_kwargs=True)
+            for run_model, handle in (
+                    (fp_model, fp_block.register_forward_hook(grab_output, with_kwargs=True)),
+                    (model, block.module.register_forward_pre_hook(grab_input, with_kwargs=True))):
                 try:
-                    _call(model, x, t, cond, guidance)
+                    _call(run_model, x, t, cond, guidance)
                 finally:
                     handle.remove()
             ts.append(torch.full((outputs[-1].shape[0],), t, dtype=torch.long))
-    set_quant_enabled(model.denoiser, weights=True, activations=True)
     if len(inputs) != len(outputs) or not inputs:
         raise RuntimeError(f"block {block.name} was not reached by the calibration forward pass")
     _, row_args, row_kwargs = _row_split(*inputs[0])
@@ -277,10 +277,11 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return err.sum(1).mean() if err.ndim > 1 else err.mean()
 
 
-def reconstruct_block(model: DiffusionModel, data: CalibrationData, block: Block, index: int,
-                      cfg: CalibrateSection, guidance: float, rows_per_sample: int = 1,
+def reconstruct_block(model: DiffusionModel, fp_model: DiffusionModel, data: CalibrationData, block: Block,
+                      index: int, cfg: CalibrateSection, guidance: float, rows_per_sample: int = 1,
                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Reconstruct `block` (the `index`-th) in place; returns its record.
+    """Reconstruct `block` (the `index`-th) of `model` in place, against the outputs of the
+    same block in `fp_model` (the unquantized original); returns its record.
 
     Record: ``{"mse_before": …, "mse_after": …, "rows": …, "layers": [...]}``, the MSEs
     of the block output against the FP target on the captured rows, before (PTQ start,
@@ -291,7 +292,7 @@ def reconstruct_block(model: DiffusionModel, data: CalibrationData, block: Block
     gen = block_generator(cfg.seed, index)
     num_samples = max(1, cfg.recon_samples // max(rows_per_sample, 1))
     per_call = max(1, cfg.recon_batch_size // max(rows_per_sample, 1))
-    cap = _capture(model, data, block, guidance, per_call, num_samples, gen)
+    cap = _capture(model, fp_model, data, block, guidance, per_call, num_samples, gen)
     layers = block.layers
     act_qs = [q for q in act_quantizers(block.module) if q.enabled]  # layers' inputs and attention matmuls
     per_timestep = any(q.temporal for q in act_qs)

@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,6 +43,7 @@ from lowbitdm_cli.stages.common import sampler_settings
 __all__ = ["calibrate"]
 
 Progress = Callable[[str, int, int], None]  # (task description, advance, total)
+RECONSTRUCTING = ("qdiffusion", "pqd")  # methods that run block reconstruction
 
 
 def _noop(_desc: str, _advance: int, _total: int) -> None:
@@ -57,9 +60,10 @@ def _representative(data: CalibrationData, num: int, seed: int) -> tuple[Calibra
     return CalibrationData(data.xs[:, idx].contiguous(), data.ts, conds), idx
 
 
-def _reconstruct(run: StageRun, model: DiffusionModel, data: CalibrationData, cfg: CalibrateSection,
-                 guidance: float, progress: Progress) -> dict[str, dict]:
-    """Reconstruct every block in forward order; a block already checkpointed is loaded instead."""
+def _reconstruct(run: StageRun, model: DiffusionModel, fp_model: DiffusionModel, data: CalibrationData,
+                 cfg: CalibrateSection, guidance: float, progress: Progress) -> dict[str, dict]:
+    """Reconstruct every block in forward order against `fp_model`'s block outputs; a block
+    already checkpointed is loaded instead."""
     blocks, rows_per_sample = plan_blocks(model, data, guidance)
     record: dict[str, dict] = {}
     for i, block in enumerate(blocks):
@@ -75,7 +79,7 @@ def _reconstruct(run: StageRun, model: DiffusionModel, data: CalibrationData, cf
             record[block.name] = json.loads(meta["record"])
             progress(desc, cfg.recon_iters, cfg.recon_iters)
             continue
-        rec = reconstruct_block(model, data, block, i, cfg, guidance, rows_per_sample,
+        rec = reconstruct_block(model, fp_model, data, block, i, cfg, guidance, rows_per_sample,
                                 progress=lambda advance, total, desc=desc: progress(desc, advance, total))
         run.save_tensors(name, block_state(block), metadata={"block": block.name, "record": json.dumps(rec)})
         run.checkpoint(recon_blocks_done=i + 1)
@@ -122,6 +126,8 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
 
     t0 = time.time()
     fp_state = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    # reconstruction targets come from an untouched copy (folded AdaRound weights change `model`)
+    fp_model = replace(model, denoiser=copy.deepcopy(model.denoiser)) if cfg.method in RECONSTRUCTING else None
     specs = build_layer_specs(model.denoiser, recipe.quant.policy())
     if recipe.quant.split_shortcut:
         splits = shortcut_splits(model, data, settings.guidance)
@@ -137,8 +143,9 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
     t_init = time.time() - t0
     t0 = time.time()
     recon = None
-    if cfg.method in ("qdiffusion", "pqd"):
-        recon = _reconstruct(run, model, data, cfg, settings.guidance, progress)
+    if fp_model is not None:
+        recon = _reconstruct(run, model, fp_model, data, cfg, settings.guidance, progress)
+        del fp_model
     with torch.no_grad():
         run.save_tensors("quant_state.safetensors", quant_state(model.denoiser, fp_state))
     errors = layer_output_errors(model, data, settings.guidance, cfg.batch_size)

@@ -13,12 +13,13 @@ from torch import nn
 
 from lowbitdm_cli.artifacts import Artifact
 from lowbitdm_cli.calibration.data import CalibrationData
-from lowbitdm_cli.calibration.reconstruct import qdrop
+from lowbitdm_cli.calibration.reconstruct import _capture, block_generator, find_blocks, qdrop
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, load_merged
 from lowbitdm_cli.models.registry import load_model
 from lowbitdm_cli.quant.adaround import AdaRoundQuantizer, attach_adaround, beta_schedule, detach_adaround
 from lowbitdm_cli.quant.init import init_quantizer
 from lowbitdm_cli.quant.layers import QuantConv2d
+from lowbitdm_cli.quant.model import set_quant_enabled
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
 from lowbitdm_cli.recipes import load_recipe
@@ -167,6 +168,32 @@ def test_interrupted_run_resumes_identically(recon_recipe, reconstructed: Artifa
     name = "quant_state.safetensors"
     assert resumed.manifest.files[name].sha256 == reconstructed.manifest.files[name].sha256
     assert resumed.manifest.info["reconstruction"] == reconstructed.manifest.info["reconstruction"]
+
+
+@torch.no_grad()
+def test_targets_are_the_fp_models_block_outputs(reconstructed: Artifact) -> None:
+    """The target of a block is what the untouched FP model's block outputs, not what the
+    quantized model outputs with its quantizers off (its earlier blocks hold folded weights)."""
+    model, fp = load_quantized_from(reconstructed), load_model("tiny-random")
+    data = CalibrationData.from_tensors(reconstructed.tensors("calib_data.safetensors"))
+    name = "up_blocks.0.resnets.0"
+    block = next(b for b in find_blocks(model.denoiser) if b.name == name)
+    every = data.xs.shape[0] * data.xs.shape[1]
+
+    def block_outputs(source) -> torch.Tensor:  # noqa: ANN001 - a DiffusionModel
+        outs: list[torch.Tensor] = []
+        handle = source.denoiser.get_submodule(name).register_forward_hook(lambda _m, _a, o: outs.append(o))
+        try:
+            for s, t in enumerate(data.ts.tolist()):
+                source.eps(data.xs[s], int(t), data.conds, 2.0)
+        finally:
+            handle.remove()
+        return torch.cat(outs)
+
+    cap = _capture(model, fp, data, block, 2.0, every, every, block_generator(0, 0))
+    torch.testing.assert_close(cap.target, block_outputs(load_model("tiny-random")), rtol=0, atol=0)
+    set_quant_enabled(model.denoiser, weights=False, activations=False)
+    assert not torch.allclose(cap.target, block_outputs(model), atol=1e-4)  # what the targets used to be
 
 
 @torch.no_grad()
