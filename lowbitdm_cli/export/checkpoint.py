@@ -233,15 +233,20 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> D
     codes = {}
     for name, entry in config["layers"].items():
         act = entry["input_activations"]
-        specs[name] = LayerSpec(role="merged", kind=entry["kind"], w_bits=None,
-                                a_bits=act["num_bits"] if act else None,
-                                a_symmetric=bool(act and act["symmetric"]),
-                                a_temporal=bool(act and act["per_timestep"]))
+        w_bits = None
         if entry["weights"] is not None:
             codes[name] = _stored_codes(name, entry, t, path)
             weights[name] = _dequantized_weight(*codes[name], entry["weight_shape"])
+            bits = t.get(f"{name}.weight_bits")
+            w_bits = int(bits.max()) if bits is not None else int(entry["weights"]["num_bits"])
         else:
             weights[name] = t[f"{name}.weight"]
+        # a weight quantizer over the stored codes (asymmetric over the unsigned codes: it gives
+        # the same integers back), so the fake runtime evaluates exactly like the artifact did
+        specs[name] = LayerSpec(role="merged", kind=entry["kind"], w_bits=w_bits,
+                                a_bits=act["num_bits"] if act else None,
+                                a_symmetric=bool(act and act["symmetric"]),
+                                a_temporal=bool(act and act["per_timestep"]))
     for name, entry in config.get("attention_matmuls", {}).items():
         qk, prob = entry["inputs"]["q"], entry["inputs"]["p"]
         specs[name] = LayerSpec(role="attention_matmul", kind="matmul", a_bits=qk["num_bits"],
@@ -253,6 +258,15 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> D
         w = weights[name]
         _check(tuple(w.shape) == tuple(layer.weight.shape), path, f"{name} weight shape {tuple(w.shape)}")
         state[f"{name}.weight"] = w
+        if name in codes:
+            _, zero, scale = codes[name]
+            view = (-1, *[1] * (w.dim() - 1))
+            bits = t.get(f"{name}.weight_bits")
+            state[f"{name}.w_quant.delta"] = scale.reshape(view)
+            state[f"{name}.w_quant.zero_point"] = zero.float().reshape(view)
+            state[f"{name}.w_quant.bits"] = (bits.float().reshape(view) if bits is not None
+                                             else layer.w_quant.bits)
+            state[f"{name}.w_quant.initialized"] = torch.tensor(True)
         if layer.bias is not None:
             state[f"{name}.bias"] = t[f"{name}.bias"]
         if layer.a_quant is not None:
@@ -262,7 +276,7 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> D
             state[f"{name}.a_quant.zero_point"] = zero.float().reshape(layer.a_quant.zero_point.shape)
             state[f"{name}.a_quant.initialized"] = torch.tensor(True)
     missing, unexpected = den.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith((".a_quant.bits", ".a_quant.timesteps"))]
+    missing = [k for k in missing if not k.endswith((".a_quant.bits", ".a_quant.timesteps", ".w_quant.timesteps"))]
     _check(not missing and not unexpected, path, f"tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
     meta = {"unet": mcfg["unet_config"]}
     if runtime == "int":

@@ -3,11 +3,9 @@
 Each layer quantizes its float input to codes exactly as the fake quantizer does,
 ``u = clamp(round(x/Δx) + z, q_min, q_max)`` (same float ops, so the codes are identical),
 multiplies codes by the stored weight codes with int8 ``torch._int_mm`` and returns
-``Δx·Δw[o] · Σ_k (u − zx)(w − zw[o]) + bias[o]`` in float32. Only the float accumulation
-differs from the fake-quantized layer, so each layer agrees with it to float rounding. Across
-a whole network the two runtimes stay that close until some activation lands within float
-rounding of a rounding tie: its code then differs by one step and the difference propagates
-(a float32 and a float64 evaluation of the fake model diverge in the same way).
+``((acc·Δx)·Δw[o]) + bias[o]`` in float32 with ``acc = Σ_k (u − zx)(w − zw[o])`` exact: the
+arithmetic of the fake-quantized layer in inference (`quant.integer`), so the two agree bit
+for bit, layer by layer and so over a whole sampling trajectory.
 
 Kernel layout (chosen for CPU speed, exactness checked against `int_ops` in the tests):
 
@@ -26,16 +24,24 @@ buffers, built once from the codes.
 On CPUs, where PyTorch ships oneDNN's int8 kernels (``torch.ops.onednn.qconv2d_pointwise`` /
 ``qlinear_pointwise``), the product runs there instead: uint8 activation codes with their
 zero point, int8 weights (``w − zw``, or ``w − 128`` for the "shifted" 8-bit ones) with zero
-weight zero point, and a float32 output ``Δx·Δw[o]·acc + bias[o]`` straight from the int32
-accumulator — the same number as above, without im2col. The weights are packed once, on the
-first call (the packing does not depend on the activation scale, so one packed weight serves
-every timestep slot). The "shifted" correction ``(128 − zw[o])·Σ_window(u − zx)`` is added in
-float32 from a one-output-channel convolution of ``u − zx`` with ones (exact: the window sums
-are integers far below 2^24). `kernel` says which path a layer takes.
+weight zero point, without im2col. The weights are packed once, on the first call (the
+packing does not depend on the activation scale, so one packed weight serves every timestep
+slot). A "direct" layer takes its float32 output ``((acc·Δx)·Δw[o]) + bias[o]`` straight from
+the kernel when the kernel's rescale is bit for bit `quant.integer.rescale` (checked once per
+process, `onednn_rescale_matches`); otherwise, and for "shifted" layers, the kernel runs with
+unit scales and no bias, giving the exact accumulator as float32, the shifted correction
+``(128 − zw[o])·Σ_window(u − zx)`` is added as integers (from a one-output-channel
+convolution of ``u − zx`` with ones; exact while the sums stay below 2^24), and `rescale`
+follows. `kernel` says which path a layer takes.
+
+Every path ends in the float ops of `quant.integer.rescale` on the exact accumulator, which
+is also what the fake-quantized model computes in inference, so the two runtimes give the
+same bits (while the accumulators stay below 2^24, where float32 holds them exactly).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -43,9 +49,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbitdm_cli.export.int_ops import _padded_int_mm
+from lowbitdm_cli.quant.integer import rescale
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
-__all__ = ["IntConv2d", "IntLayer", "IntLinear", "onednn_available"]
+__all__ = ["IntConv2d", "IntLayer", "IntLinear", "onednn_available", "onednn_rescale_matches"]
 
 _SHIFT = 128
 # |u·w| ≤ 255·128 per product; with the corrections a partial sum is < K·255·(128+256+255),
@@ -85,6 +92,43 @@ def onednn_available() -> bool:
                     and hasattr(ops, "qconv_prepack") and hasattr(ops, "qlinear_prepack"))
     except (AttributeError, RuntimeError):
         return False
+
+
+@functools.cache
+def onednn_rescale_matches() -> bool:
+    """Whether oneDNN's float32 output of an int8 conv and linear is bit for bit
+    `rescale(acc, Δx, Δw, bias)` of the exact accumulator (with and without bias), checked
+    once per process on random codes and scales. Where it is not, the layers run oneDNN
+    with unit scales and rescale themselves."""
+    if not onednn_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    out_ch, chans = 24, 40
+    u = torch.randint(0, 256, (2, chans, 6, 6), generator=gen).to(torch.uint8)
+    w = torch.randint(-128, 128, (out_ch, chans, 3, 3), generator=gen).to(torch.int8)
+    zx = 37
+    x_scale = torch.rand(1, generator=gen) * 0.1 + 1e-3
+    w_scale = torch.rand(out_ch, generator=gen) * 0.05 + 1e-4
+    w_zero = torch.zeros(out_ch, dtype=torch.long)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    conv_acc = F.conv2d(u.double() - zx, w.double(), None, 1, 1).float()
+    lin_u, lin_w = u.flatten(1)[:, : chans * 9].contiguous(), w.flatten(1).contiguous()
+    lin_acc = ((lin_u.double() - zx) @ lin_w.double().t()).float()
+    try:
+        for bias in (torch.randn(out_ch, generator=gen), None):
+            packed = torch.ops.onednn.qconv_prepack(w, w_scale, 1.0, 0, *geometry, None)
+            out = torch.ops.onednn.qconv2d_pointwise(u, float(x_scale), zx, packed, w_scale, w_zero, bias,
+                                                     *geometry, 1.0, 0, torch.float32, "none", [], "")
+            if not torch.equal(out, rescale(conv_acc, x_scale, w_scale, bias, 1)):
+                return False
+            packed = torch.ops.onednn.qlinear_prepack(lin_w, None)
+            out = torch.ops.onednn.qlinear_pointwise(lin_u, float(x_scale), zx, packed, w_scale, w_zero, bias,
+                                                     1.0, 0, torch.float32, "none", [], "")
+            if not torch.equal(out, rescale(lin_acc, x_scale, w_scale, bias, -1)):
+                return False
+    except RuntimeError:
+        return False
+    return True
 
 
 class IntLayer(TimestepSlots, nn.Module):
@@ -160,6 +204,8 @@ class IntLayer(TimestepSlots, nn.Module):
         self._index: int | None = None
         self.unmatched_timesteps: set[int] = set()
         self.use_onednn = onednn_available() and self.k <= _K_ONEDNN
+        # oneDNN rescales itself (float32 output of the kernel) only where that is `rescale` exactly
+        self.fused_rescale = self.use_onednn and self.direct and onednn_rescale_matches()
         # (device, oneDNN-packed weight, its all-zero weight zero points), built on the first call
         self._packed: tuple[str, Tensor, Tensor] | None = None
 
@@ -179,11 +225,24 @@ class IntLayer(TimestepSlots, nn.Module):
         direct, ``w − 128`` when shifted."""
         return self.wmat[:, : self.out_ch].t().contiguous()
 
-    def _shift_correction(self, window_sums: Tensor, delta: Tensor, channel_dim: int) -> Tensor:
-        """Float ``Δx·Δw[o]·(128 − zw[o])·Σ(u − zx)`` of a shifted 8-bit weight, broadcast on channel_dim."""
-        view = [1] * window_sums.dim()
-        view[channel_dim] = self.out_ch
-        return window_sums * (self.weight_scale * delta * self.w_off.to(torch.float32)).reshape(view)
+    def _onednn_args(self, delta: Tensor) -> tuple[float, Tensor, Tensor | None]:
+        """(activation scale, weight scales, bias) for the oneDNN call: the real ones when the
+        kernel rescales (`fused_rescale`), else unit scales and no bias (exact accumulator out)."""
+        if self.fused_rescale:
+            return float(delta), self.weight_scale, self.bias
+        return 1.0, torch.ones_like(self.weight_scale), None
+
+    def _onednn_finish(self, out: Tensor, u_minus_zx_sums: Callable[[], Tensor], delta: Tensor,
+                       channel_dim: int) -> Tensor:
+        """The layer output from oneDNN's: as it is when fused, else the exact accumulator (plus the
+        integer correction ``(128 − zw[o])·Σ(u − zx)`` of a shifted weight) through `rescale`."""
+        if self.fused_rescale:
+            return out
+        if not self.direct:
+            view = [1] * out.dim()
+            view[channel_dim] = self.out_ch
+            out = out + u_minus_zx_sums() * self.w_off.to(torch.float32).reshape(view)
+        return rescale(out, delta, self.weight_scale, self.bias, channel_dim)
 
     def _slot(self) -> int:
         if not self.temporal:
@@ -218,11 +277,8 @@ class IntLayer(TimestepSlots, nn.Module):
         return acc.sub_((zx * self.w_col).to(acc.dtype))
 
     def _finish(self, acc: Tensor, delta: Tensor) -> Tensor:
-        """float32 Δx·Δw[o]·acc + bias[o] on [M, O]."""
-        scale = self.weight_scale * delta
-        if self.bias is None:
-            return acc.to(torch.float32).mul_(scale)
-        return torch.addcmul(self.bias, acc, scale)
+        """float32 ``((acc·Δx)·Δw[o]) + bias[o]`` on [M, O] (`quant.integer.rescale`)."""
+        return rescale(acc.to(torch.float32), delta, self.weight_scale, self.bias, -1)
 
 
 class IntLinear(IntLayer):
@@ -242,11 +298,10 @@ class IntLinear(IntLayer):
     def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
         packed, w_zero = self._onednn_weight(u.device, lambda: torch.ops.onednn.qlinear_prepack(self.int8_weight(),
                                                                                                  None))
-        out = torch.ops.onednn.qlinear_pointwise(u.contiguous(), float(delta), int(zx), packed, self.weight_scale,
-                                                 w_zero, self.bias, 1.0, 0, torch.float32, "none", [], "")
-        if not self.direct:
-            out = out + self._shift_correction((u.to(torch.float32) - zx).sum(1, keepdim=True), delta, 1)
-        return out
+        x_scale, w_scale, bias = self._onednn_args(delta)
+        out = torch.ops.onednn.qlinear_pointwise(u.contiguous(), x_scale, int(zx), packed, w_scale,
+                                                 w_zero, bias, 1.0, 0, torch.float32, "none", [], "")
+        return self._onednn_finish(out, lambda: (u.to(torch.float32) - zx).sum(1, keepdim=True), delta, 1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, a_bits={self.a_bits}, "
@@ -307,19 +362,22 @@ class IntConv2d(IntLayer):
     def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
         geometry = ([*self.stride], [*self.padding], [*self.dilation], 1)
 
+        x_scale, w_scale, bias = self._onednn_args(delta)
+
         def pack() -> Tensor:
             kh, kw = self.kernel_size
             w = self.int8_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
-            return torch.ops.onednn.qconv_prepack(w, self.weight_scale, 1.0, 0, *geometry, None)
+            return torch.ops.onednn.qconv_prepack(w, w_scale, 1.0, 0, *geometry, None)
 
         packed, w_zero = self._onednn_weight(u.device, pack)
-        out = torch.ops.onednn.qconv2d_pointwise(u, float(delta), int(zx), packed, self.weight_scale, w_zero,
-                                                 self.bias, *geometry, 1.0, 0, torch.float32, "none", [], "")
-        if not self.direct:
-            sums = F.conv2d(u.to(torch.float32) - zx, self.window_ones, None, self.stride, self.padding,
-                            self.dilation)
-            out = out + self._shift_correction(sums, delta, 1)
-        return out  # channels-last (oneDNN's layout; the next conv takes it without a reorder)
+        out = torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), packed, w_scale, w_zero,
+                                                 bias, *geometry, 1.0, 0, torch.float32, "none", [], "")
+
+        def window_sums() -> Tensor:
+            return F.conv2d(u.to(torch.float32) - zx, self.window_ones, None, self.stride, self.padding, self.dilation)
+
+        # channels-last (oneDNN's layout; the next conv takes it without a reorder)
+        return self._onednn_finish(out, window_sums, delta, 1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

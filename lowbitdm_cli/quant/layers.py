@@ -1,7 +1,10 @@
 """Quantized layer wrappers: `QuantConv2d` and `QuantLinear`.
 
 Each wraps the float layer's own parameters and applies an input (activation)
-quantizer and a weight quantizer. An optional LoRA pair (A, B) is merged *before*
+quantizer and a weight quantizer. In inference (no autograd) a layer whose weight and
+input are both quantized evaluates ``Δx·Δw·Σ(qx − zx)(qw − zw) + b`` integer-exactly
+(`quant.integer`), the arithmetic of the integer runtime, instead of a float product of
+the dequantized operands; training keeps the float STE path. An optional LoRA pair (A, B) is merged *before*
 weight quantization, Ŵ = Q(W₀ + B·A) (EfficientDM's QALoRA), so it folds for free.
 The wrapper never decides bits or granularity: a `LayerSpec` does.
 """
@@ -9,11 +12,14 @@ The wrapper never decides bits or granularity: a `LayerSpec` does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbitdm_cli.quant.integer import accumulate, exact_in_float32, rescale
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
 
@@ -66,20 +72,50 @@ class QuantLayerMixin:
         any tensor it depends on changes (tracked by their in-place version counters)."""
         if torch.is_grad_enabled() or not isinstance(self.w_quant, (UniformQuantizer, type(None))):
             return self._compute_qweight()  # a swapped-in quantizer (AdaRound) has state the key misses
+        return self._cached("_qweight_cache", self._compute_qweight)
+
+    def _cached(self, slot: str, compute: Callable[[], Any]) -> Any:
+        """`compute()` of the weight, kept in `slot` until a tensor it depends on changes."""
         tensors = [t for t in (self.weight, self.lora_A, self.lora_B) if t is not None]
         if self.w_quant is not None:
             tensors += [self.w_quant.delta, self.w_quant.zero_point, self.w_quant.bits]
         key = (self.w_quant.enabled if self.w_quant is not None else None, self.weight.device,
                self.weight.dtype, *((id(t), t._version, t.data_ptr()) for t in tensors))
-        cache = self.__dict__.get("_qweight_cache")
+        cache = self.__dict__.get(slot)
         if cache is None or cache[0] != key:
-            cache = (key, self._compute_qweight())
-            self.__dict__["_qweight_cache"] = cache
+            cache = (key, compute())
+            self.__dict__[slot] = cache
         return cache[1]
 
     def _compute_qweight(self) -> torch.Tensor:
         w = self.merged_weight()
         return self.w_quant(w) if self.w_quant is not None else w
+
+    # --- integer-exact inference ------------------------------------------------------------
+    def integer_exact(self) -> bool:
+        """Whether `forward` takes the integer-exact path (`quant.integer`): inference (no
+        autograd) with the weight and the whole input quantized by plain uniform quantizers
+        and no observer attached. Training and calibration use the float STE path."""
+        return (not torch.is_grad_enabled() and self.observer is None and self.a_quant_skip is None
+                and type(self.w_quant) is UniformQuantizer and self.w_quant.enabled
+                and self.a_quant is not None and self.a_quant.enabled)
+
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(qw − zw as float in the weight's shape, Δw [O], max_o Σ_k |qw − zw|), cached."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor, float]:
+            w_int, delta, _ = self.w_quant.integer_values(self.merged_weight().detach())
+            out_ch = w_int.shape[0]
+            return (w_int.contiguous(), delta.detach().reshape(-1).expand(out_ch).contiguous(),
+                    float(w_int.abs().reshape(out_ch, -1).sum(1).max()) if w_int.numel() else 0.0)
+        return self._cached("_integer_weight_cache", compute)
+
+    def _integer_forward(self, x: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                         channel_dim: int) -> torch.Tensor:
+        """``Δx·Δw[o]·Σ_k (qx − zx)(qw − zw) + b`` with the sum exact and the rescale of `rescale`."""
+        x_int, x_scale, x_max = self.a_quant.integer_values(x)
+        w_int, w_scale, w_sum = self.integer_weight()
+        acc = accumulate(op, x_int, w_int, exact_in_float32(x_max, w_sum))
+        return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim)
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
@@ -111,6 +147,12 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer_exact():
+            # channels-last, the layout of the integer kernels' output, so that the float ops after
+            # this layer (norms, adds) see the same memory layout and round alike in both runtimes
+            return self._integer_forward(x, lambda a, w: self._conv_forward(
+                a.contiguous(memory_format=torch.channels_last), w, None).contiguous(
+                memory_format=torch.channels_last), 1)
         return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
 
 
@@ -128,6 +170,8 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer_exact():
+            return self._integer_forward(x, F.linear, -1)
         return F.linear(self.qinput(x), self.qweight(), self.bias)
 
 

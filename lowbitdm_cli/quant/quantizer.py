@@ -131,6 +131,21 @@ class UniformQuantizer(TimestepSlots, nn.Module):
         with torch.no_grad():
             return torch.clamp(torch.round(x / delta) + torch.round(zero), q_min.to(x), q_max.to(x))
 
+    def integer_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(q − z as float, Δ, a bound on |q − z|) for the selected timestep, no gradient.
+
+        q = clamp(round(x/Δ) + round(z), q_min, q_max) with the float operations of
+        `fake_quantize`, so ``(q − z)·Δ`` is bit for bit what `forward` returns.
+        """
+        delta, zero = self.current_params()
+        q_min, q_max = quant_range(self.bits, self.mode)
+        with torch.no_grad():
+            z = torch.round(zero) if self.mode == "asymmetric" else torch.zeros_like(zero)
+            q = torch.round(x / delta) + z
+            q = torch.where(q < q_min.to(x), q_min.to(x), torch.where(q > q_max.to(x), q_max.to(x), q))
+            bound = float(torch.maximum(q_min.abs(), q_max.abs()).max()) + float(z.abs().max())
+            return q - z, delta, bound
+
     def extra_repr(self) -> str:
         bits = self.bits.unique().tolist()
         gran = "tensor" if self.channel_axis is None else f"channel(axis={self.channel_axis})"
