@@ -63,12 +63,7 @@ def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict
         if isinstance(layer, nn.Conv2d):
             entry["conv"] = {"stride": list(layer.stride), "padding": list(layer.padding),
                              "dilation": list(layer.dilation), "groups": layer.groups}
-        # a split input quantizer (shortcut splitting) has no place in this format: such a layer
-        # is stored with its fake-quantized weight dequantized to float and a float input
-        split = layer.a_quant_skip is not None
-        if split:
-            entry["note"] = "split input quantizer not supported: weight stored dequantized, input float"
-        if layer.w_quant is not None and not split:
+        if layer.w_quant is not None:
             codes, zero, scale, bits = _weight_codes(layer)
             uniform = bool((bits == bits[0]).all())
             tensors[f"{name}.weight_packed"] = pack(codes, int(bits[0])) if uniform else pack_mixed(codes, bits)
@@ -85,10 +80,16 @@ def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach().float().contiguous()
         a = layer.a_quant
-        if a is not None and not split:
-            tensors[f"{name}.input_scale"] = a.delta.detach().reshape(-1).float().contiguous()
-            tensors[f"{name}.input_zero_point"] = torch.round(a.zero_point.detach()).reshape(-1).to(torch.int32)
+        if a is not None:
+            # Q-Diffusion shortcut splitting: input channels [split:] (the concatenated skip) have
+            # their own parameters, `input_skip_scale` / `input_skip_zero_point`
+            parts = {"input": a, "input_skip": layer.a_quant_skip} if layer.a_quant_skip is not None else {"input": a}
+            for prefix, q in parts.items():
+                tensors[f"{name}.{prefix}_scale"] = q.delta.detach().reshape(-1).float().contiguous()
+                tensors[f"{name}.{prefix}_zero_point"] = torch.round(q.zero_point.detach()).reshape(-1).to(torch.int32)
             entry["input_activations"] = _act_entry(a)
+            if layer.a_quant_skip is not None:
+                entry["input_activations"]["split"] = layer.spec.a_split
         else:
             entry["input_activations"] = None
         layer_cfg[name] = entry
@@ -168,6 +169,8 @@ def _int_layer(name: str, entry: dict, layer: QuantLayerMixin, codes: tuple[torc
         raise ValueError("weights stored as float")
     if act is None:
         raise ValueError("input not quantized")
+    if act.get("split"):
+        raise ValueError("split input (two activation scales, Q-Diffusion shortcut splitting)")
     u, zero, scale = codes
     common = {"weight_zero_point": zero, "weight_scale": scale, "bias": t.get(f"{name}.bias"),
               "input_scale": t[f"{name}.input_scale"], "input_zero_point": t[f"{name}.input_zero_point"],
@@ -246,7 +249,8 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> D
         specs[name] = LayerSpec(role="merged", kind=entry["kind"], w_bits=w_bits,
                                 a_bits=act["num_bits"] if act else None,
                                 a_symmetric=bool(act and act["symmetric"]),
-                                a_temporal=bool(act and act["per_timestep"]))
+                                a_temporal=bool(act and act["per_timestep"]),
+                                a_split=act.get("split") if act else None)
     for name, entry in config.get("attention_matmuls", {}).items():
         qk, prob = entry["inputs"]["q"], entry["inputs"]["p"]
         specs[name] = LayerSpec(role="attention_matmul", kind="matmul", a_bits=qk["num_bits"],
@@ -269,14 +273,19 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> D
             state[f"{name}.w_quant.initialized"] = torch.tensor(True)
         if layer.bias is not None:
             state[f"{name}.bias"] = t[f"{name}.bias"]
-        if layer.a_quant is not None:
-            scale, zero = t[f"{name}.input_scale"], t[f"{name}.input_zero_point"]
-            _check(scale.numel() == layer.a_quant.delta.numel(), path, f"{name} activation parameters")
-            state[f"{name}.a_quant.delta"] = scale.reshape(layer.a_quant.delta.shape)
-            state[f"{name}.a_quant.zero_point"] = zero.float().reshape(layer.a_quant.zero_point.shape)
-            state[f"{name}.a_quant.initialized"] = torch.tensor(True)
+        for prefix, key in (("input", "a_quant"), ("input_skip", "a_quant_skip")):
+            q = getattr(layer, key)
+            if q is None:
+                continue
+            scale, zero = t.get(f"{name}.{prefix}_scale"), t.get(f"{name}.{prefix}_zero_point")
+            _check(scale is not None and zero is not None and scale.numel() == q.delta.numel(), path,
+                   f"{name} activation parameters ({prefix})")
+            state[f"{name}.{key}.delta"] = scale.reshape(q.delta.shape)
+            state[f"{name}.{key}.zero_point"] = zero.float().reshape(q.zero_point.shape)
+            state[f"{name}.{key}.initialized"] = torch.tensor(True)
     missing, unexpected = den.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith((".a_quant.bits", ".a_quant.timesteps", ".w_quant.timesteps"))]
+    missing = [k for k in missing if not k.endswith((".a_quant.bits", ".a_quant.timesteps", ".w_quant.timesteps",
+                                                     ".a_quant_skip.bits", ".a_quant_skip.timesteps"))]
     _check(not missing and not unexpected, path, f"tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
     meta = {"unet": mcfg["unet_config"]}
     if runtime == "int":

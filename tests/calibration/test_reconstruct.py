@@ -224,16 +224,28 @@ def test_pqd_recipe_runs_qdrop_reconstruction(tmp_path: Path) -> None:
     assert all(r["rows"] == 3 * 4 * 2 for r in info["reconstruction"].values())  # 3 samples x 4 steps x CFG
 
 
-def test_merge_stores_split_layers_dequantized(reconstructed: Artifact, tmp_path: Path) -> None:
+def test_merge_keeps_split_input_quantizers(reconstructed: Artifact, tmp_path: Path) -> None:
+    """A shortcut-split layer is stored packed with both halves' activation parameters; the
+    merged model (fake runtime, and the int runtime, where the layer falls back to float compute)
+    gives the artifact's outputs bit for bit."""
     merged = merge(reconstructed, tmp_path / "merge")
     config = json.loads((merged.path / CONFIG_NAME).read_text())
-    entry = config["layers"]["up_blocks.1.resnets.1.conv_shortcut"]
-    assert entry["weights"] is None and entry["input_activations"] is None and "note" in entry
-    assert config["layers"]["up_blocks.1.resnets.1.conv1"]["weights"] is not None
-    model = load_merged(merged.path, runtime="fake")
+    name = "up_blocks.1.resnets.1.conv_shortcut"
+    entry = config["layers"][name]
+    assert entry["weights"]["num_bits"] == 4 and entry["input_activations"]["split"] == 16
     fake = load_quantized_from(reconstructed)
-    ref = fake.denoiser.get_submodule("up_blocks.1.resnets.1.conv_shortcut").qweight()
-    torch.testing.assert_close(model.denoiser.get_submodule("up_blocks.1.resnets.1.conv_shortcut").weight, ref)
+    for runtime in ("fake", "int"):
+        model = load_merged(merged.path, runtime=runtime)
+        if runtime == "int":
+            assert name in model.meta["runtime"]["fallback"]
+        layer = model.denoiser.get_submodule(name)
+        ref = fake.denoiser.get_submodule(name)
+        torch.testing.assert_close(layer.a_quant_skip.delta, ref.a_quant_skip.delta, rtol=0, atol=0)
+        x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        cond = torch.tensor([3, 4])
+        t = int(reconstructed.manifest.info["timesteps"][0])
+        with torch.no_grad():
+            assert torch.equal(model.eps(x, t, cond, 2.0), fake.eps(x, t, cond, 2.0))
 
 
 def test_attached_adaround_is_not_cached_under_no_grad() -> None:
