@@ -30,9 +30,8 @@ slot). A "direct" layer takes its float32 output ``((acc·Δx)·Δw[o]) + bias[o
 the kernel when the kernel's rescale is bit for bit `quant.integer.rescale` (checked once per
 process, `onednn_rescale_matches`); otherwise, and for "shifted" layers, the kernel runs with
 unit scales and no bias, giving the exact accumulator as float32, the shifted correction
-``(128 − zw[o])·Σ_window(u − zx)`` is added as integers (from a one-output-channel
-convolution of ``u − zx`` with ones; exact while the sums stay below 2^24), and `rescale`
-follows. `kernel` says which path a layer takes.
+``(128 − zw[o])·Σ_window(u − zx)`` is added as integers (a box filter over the channel
+sums of ``u − zx``; exact while the sums stay below 2^24), and `rescale` follows. `kernel` says which path a layer takes.
 
 Every path ends in the float ops of `quant.integer.rescale` on the exact accumulator, which
 is also what the fake-quantized model computes in inference, so the two runtimes give the
@@ -301,7 +300,8 @@ class IntLinear(IntLayer):
         x_scale, w_scale, bias = self._onednn_args(delta)
         out = torch.ops.onednn.qlinear_pointwise(u.contiguous(), x_scale, int(zx), packed, w_scale,
                                                  w_zero, bias, 1.0, 0, torch.float32, "none", [], "")
-        return self._onednn_finish(out, lambda: (u.to(torch.float32) - zx).sum(1, keepdim=True), delta, 1)
+        return self._onednn_finish(
+            out, lambda: u.sum(1, keepdim=True, dtype=torch.int32).to(torch.float32) - self.k * zx, delta, 1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, a_bits={self.a_bits}, "
@@ -324,8 +324,8 @@ class IntConv2d(IntLayer):
         self.in_channels, self.out_channels = weight_codes.shape[1], weight_codes.shape[0]
         self.kernel_size = (weight_codes.shape[2], weight_codes.shape[3])
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        # window-sum kernel of the shifted weights' correction (oneDNN path)
-        self.register_buffer("window_ones", None if self.direct else torch.ones(1, *weight_codes.shape[1:]),
+        # window-sum kernel of the shifted weights' correction (oneDNN path), run on channel sums
+        self.register_buffer("window_ones", None if self.direct else torch.ones(1, 1, *weight_codes.shape[2:]),
                              persistent=False)
 
     def im2col(self, u: Tensor, zx: int) -> tuple[Tensor, int, int]:
@@ -373,8 +373,13 @@ class IntConv2d(IntLayer):
         out = torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), packed, w_scale, w_zero,
                                                  bias, *geometry, 1.0, 0, torch.float32, "none", [], "")
 
-        def window_sums() -> Tensor:
-            return F.conv2d(u.to(torch.float32) - zx, self.window_ones, None, self.stride, self.padding, self.dilation)
+        def window_sums() -> Tensor:  # Σ over each window of (u − zx): a box filter over the channel sums
+            sums = u.sum(1, keepdim=True, dtype=torch.int32).to(torch.float32) - self.in_channels * zx
+            if self.dilation != (1, 1):
+                return F.conv2d(sums, self.window_ones, None, self.stride, self.padding, self.dilation)
+            # zero padding is the code zx, whose u − zx is 0; float sums of integers below 2^24 are exact
+            return F.avg_pool2d(sums, self.kernel_size, self.stride, self.padding, count_include_pad=True,
+                                divisor_override=1)
 
         # channels-last (oneDNN's layout; the next conv takes it without a reorder)
         return self._onednn_finish(out, window_sums, delta, 1)
