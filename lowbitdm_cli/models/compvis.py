@@ -373,8 +373,8 @@ def _diffusers_unet_config(lay: _UNetLayout) -> tuple[str, dict]:
     }
 
 
-def _vae_config(fs: dict) -> tuple[str, dict, bool]:
-    """(diffusers class name, config, is_vq) of the first stage."""
+def _vae_config(fs: dict) -> tuple[str, dict]:
+    """(diffusers class name, config) of the first stage."""
     target = str(fs.get("target", ""))
     fp = fs.get("params") or {}
     dd = fp.get("ddconfig")
@@ -401,14 +401,14 @@ def _vae_config(fs: dict) -> tuple[str, dict, bool]:
         if fp.get("remap") is not None:
             raise _fail("model.params.first_stage_config.params.remap: codebook remapping is not supported")
         return "VQModel", {**cfg, "num_vq_embeddings": int(fp["n_embed"]), "vq_embed_dim": embed,
-                           "scaling_factor": 1.0, "norm_type": "group"}, True
+                           "scaling_factor": 1.0, "norm_type": "group"}
     if target.endswith(".AutoencoderKL"):
         if not dd.get("double_z", True):
             raise _fail(f"{where}.double_z: a KL first stage must have double_z: true")
         if embed != z:
             raise _fail(f"first_stage_config: embed_dim {embed} != z_channels {z}; diffusers AutoencoderKL "
                         "needs them equal")
-        return "AutoencoderKL", {**cfg, "scaling_factor": 1.0}, False
+        return "AutoencoderKL", {**cfg, "scaling_factor": 1.0}
     raise _fail(f"model.params.first_stage_config.target={target!r}: only ldm.models.autoencoder.VQModelInterface "
                 "and AutoencoderKL are supported")
 
@@ -708,7 +708,7 @@ def load_compvis(ckpt_path: str | Path, config_path: str | Path, *, null_class: 
     uc = mp.get("unet_config") or {}
     lay = _unet_layout(uc.get("params") or {})
     unet_cls, unet_cfg = _diffusers_unet_config(lay)
-    vae_cls, vae_cfg, is_vq = _vae_config(mp.get("first_stage_config") or {})
+    vae_cls, vae_cfg = _vae_config(mp.get("first_stage_config") or {})
 
     # conditioning (LatentDiffusion: unconditional wins; else conditioning_key, default from concat_mode)
     cs = mp.get("cond_stage_config")

@@ -208,7 +208,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(inner, ch, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        b, c, hh, ww = x.shape
+        b, _, hh, ww = x.shape
         h = self.proj_in(self.norm(x))
         h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
         for block in self.transformer_blocks:

@@ -12,11 +12,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import compvis_reference as ref
 import pytest
 import torch
 import yaml
 
-import compvis_reference as ref
 from lowbitdm_cli.errors import ModelNotFoundError
 from lowbitdm_cli.models.compvis import compvis_files, load_compvis, read_checkpoint
 from lowbitdm_cli.models.wrapper import NoiseSchedule
