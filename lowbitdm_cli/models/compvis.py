@@ -49,6 +49,7 @@ a model that would silently compute something else.
 
 from __future__ import annotations
 
+import inspect
 import math
 import pickle
 import re
@@ -59,11 +60,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from diffusers import UNet2DModel
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from lowbitdm_cli.errors import ModelNotFoundError
 
-__all__ = ["CompVisModel", "compvis_files", "load_compvis", "read_checkpoint", "read_config"]
+__all__ = ["CompVisModel", "CompVisUNet2DModel", "compvis_files", "load_compvis", "read_checkpoint", "read_config"]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -207,7 +210,7 @@ class CompVisModel:
     guidance. For ``"text"`` models the text encoder is not converted (`cond_stage_target` names it).
     """
 
-    unet: nn.Module  # UNet2DConditionModel (cross-attention) or UNet2DModel (unconditional)
+    unet: nn.Module  # UNet2DConditionModel (cross-attention), UNet2DModel or CompVisUNet2DModel (unconditional)
     autoencoder: nn.Module  # VQModel or AutoencoderKL
     class_embedder: nn.Embedding | None
     scale_factor: float
@@ -248,6 +251,55 @@ class CompVisModel:
             dist = self.autoencoder.encode(images).latent_dist
             h = dist.sample(generator) if sample else dist.mean
         return self.scale_factor * h
+
+
+# ----------------------------------------------------------------------------- per-level heads
+
+
+def _set_heads(attn: nn.Module, heads: int) -> None:
+    """Give a diffusers `Attention` over C channels `heads` heads of C // heads (its linears are unchanged)."""
+    channels = attn.to_q.out_features
+    if channels % heads:
+        raise ValueError(f"{heads} heads do not divide {channels} channels")
+    attn.heads = attn.sliceable_head_dim = heads
+    attn.scale = (channels // heads) ** -0.5
+
+
+class CompVisUNet2DModel(UNet2DModel):
+    """A diffusers `UNet2DModel` whose attention head COUNT is set per resolution level.
+
+    `UNet2DModel` derives every attention's heads from one `attention_head_dim`. CompVis
+    AttentionBlock UNets configured with `num_heads` keep the count fixed instead, so the head dim
+    changes with the width (LSUN-Church: 8 heads over 192, 384 and 768 channels). Built with
+    ``attention_head_dim=None`` (one head of the full width, so every linear has its CompVis
+    shape), then `attention_heads[level]` heads are set on each level's attentions and
+    `attention_heads[-1]` on the middle block's. The list is part of the config, so
+    ``from_config``/``save_pretrained`` rebuild the same function; code that rebuilds a plain
+    ``UNet2DModel(**config)`` fails loudly on the extra key instead of silently losing it.
+    """
+
+    def __init__(self, *args: Any, attention_heads: list[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if attention_heads is None:
+            return
+        n = len(self.down_blocks)
+        if len(attention_heads) != n:
+            raise ValueError(f"attention_heads needs one head count per level ({n}), got {attention_heads}")
+        for level, block in enumerate(self.down_blocks):
+            for attn in getattr(block, "attentions", []):
+                _set_heads(attn, attention_heads[level])
+        for k, block in enumerate(self.up_blocks):
+            for attn in getattr(block, "attentions", []):
+                _set_heads(attn, attention_heads[n - 1 - k])
+        for attn in getattr(self.mid_block, "attentions", []):
+            if attn is not None:
+                _set_heads(attn, attention_heads[-1])
+
+    # diffusers reads a model's config keys from its __init__ signature: UNet2DModel's plus ours
+    __init__.__signature__ = inspect.signature(UNet2DModel.__init__).replace(  # type: ignore[attr-defined]
+        parameters=[*inspect.signature(UNet2DModel.__init__).parameters.values(),
+                    inspect.Parameter("attention_heads", inspect.Parameter.KEYWORD_ONLY, default=None)])
+    __init__ = register_to_config(__init__)  # type: ignore[method-assign]
 
 
 # ----------------------------------------------------------------------------- config parsing
@@ -291,6 +343,12 @@ class _UNetLayout:
     def channels(self) -> list[int]:
         return [self.mc * m for m in self.mult]
 
+    @property
+    def head_dims(self) -> list[int]:
+        """Distinct head dims of the attentions that exist (attention levels and the middle block)."""
+        used = {ch // h for ch, h, a in zip(self.channels, self.heads, self.attn_levels, strict=True) if a}
+        return sorted(used | {self.channels[-1] // self.heads[-1]})
+
 
 def _unet_layout(p: dict) -> _UNetLayout:
     where = "model.params.unet_config.params"
@@ -333,12 +391,6 @@ def _unet_layout(p: dict) -> _UNetLayout:
                          new_order=bool(p.get("use_new_attention_order", False)), params=p)
     if spatial and (layout.scale_shift or layout.updown):
         raise _fail(f"{where}: use_scale_shift_norm / resblock_updown with a spatial transformer UNet are not supported")
-    if not spatial:
-        used = {ch // h for ch, h, a in zip(layout.channels, heads, attn_levels, strict=True) if a}
-        used.add(layout.channels[-1] // heads[-1])  # the middle block always has attention
-        if len(used) > 1:
-            raise _fail(f"{where}: attention head dims {sorted(used)} differ between levels; diffusers UNet2DModel "
-                        "has one attention_head_dim, so this UNet cannot be converted faithfully")
     return layout
 
 
@@ -367,13 +419,17 @@ def _diffusers_unet_config(lay: _UNetLayout) -> tuple[str, dict]:
             for i, a in enumerate(lay.attn_levels)]
     up = ["AttnUpBlock2D" if a else ("ResnetUpsampleBlock2D" if lay.updown and i > 0 else "UpBlock2D")
           for i, a in reversed(list(enumerate(lay.attn_levels)))]
-    return "UNet2DModel", {
+    cfg = {
         **common, "down_block_types": down, "up_block_types": up,
-        "attention_head_dim": lay.channels[-1] // lay.heads[-1],  # head *dim* for this class
+        "attention_head_dim": lay.head_dims[0],  # the head *dim* for this class
         "attn_norm_num_groups": 32, "add_attention": True,
         "resnet_time_scale_shift": "scale_shift" if lay.scale_shift else "default",
         "downsample_type": "resnet" if lay.updown else "conv", "upsample_type": "resnet" if lay.updown else "conv",
     }
+    if len(lay.head_dims) == 1:
+        return "UNet2DModel", cfg
+    # a fixed head count over levels of different width: per-level heads (see CompVisUNet2DModel)
+    return "CompVisUNet2DModel", {**cfg, "attention_head_dim": None, "attention_heads": list(lay.heads)}
 
 
 def _vae_config(fs: dict) -> tuple[str, dict]:
@@ -747,7 +803,7 @@ def load_compvis(ckpt_path: str | Path, config_path: str | Path, *, null_class: 
     if groups["ema"]:  # with ema=True what is left are LitEma's decay/num_updates buffers
         ignored["model_ema"] = len(groups["ema"]) - (len(unet_src) if ema else 0)
 
-    unet = getattr(diffusers, unet_cls)(**unet_cfg)
+    unet = (CompVisUNet2DModel if unet_cls == "CompVisUNet2DModel" else getattr(diffusers, unet_cls))(**unet_cfg)
     _load_strict(unet, _map_unet(unet_src, lay), UNET_PREFIX, f"{where}: UNet")
 
     # scale factor (scale_by_std models store the measured one as a buffer) and schedule cross-check
