@@ -83,8 +83,8 @@ def bedroom_config(new_order: bool = False) -> dict:
 def church_config() -> dict:
     """lsun_churches-ldm-kl-8.yaml, tiny: scale_by_std, use_scale_shift_norm, resblock_updown, KL-f8.
 
-    (The real church UNet's head dims differ per level — 8 heads over 192..768 channels — which
-    diffusers' UNet2DModel cannot express; here num_heads gives one head dim on every level.)
+    Like the real one (8 heads over 192, 384, 768 channels) `num_heads` fixes the head count, so
+    the head dim differs per level (16, 32) — the case plain UNet2DModel cannot express.
     Latents are 16x16: at 4x4, resblock_updown reaches 1x1 maps where GroupNorm(32) over 32
     channels normalises single values and amplifies float rounding ~300x, which is no test of the
     mapping.
@@ -96,7 +96,7 @@ def church_config() -> dict:
         "scale_by_std": True, "monitor": "val/loss_simple_ema",
         "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
             "image_size": 16, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-            "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 1, 1], "num_heads": 2,
+            "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 2, 2], "num_heads": 2,
             "use_scale_shift_norm": True, "resblock_updown": True}},
         "first_stage_config": kl_first_stage(resolution=128),
         "cond_stage_config": "__is_unconditional__",
@@ -421,13 +421,25 @@ def test_unsupported_config_is_refused(tmp_path: Path, edit: Any, what: str) -> 
         load_compvis(ckpt, cfg)
 
 
-def test_church_head_dims_varying_per_level_are_refused(tmp_path: Path) -> None:
-    """The real LSUN-Church UNet (8 heads over 192, 384, 768 channels) has no faithful UNet2DModel form."""
+def test_church_per_level_heads_survive_from_config(tmp_path: Path) -> None:
+    """CompVisUNet2DModel keeps its per-level head counts in its config: a rebuild computes the same."""
+    from lowbitdm_cli.models.compvis import CompVisUNet2DModel
+
     config = church_config()
-    config["model"]["params"]["unet_config"]["params"].update(num_heads=2, channel_mult=[1, 2, 2])
-    ckpt, cfg = save(tmp_path, config, {"model.diffusion_model.x": torch.zeros(1)})
-    with pytest.raises(ModelNotFoundError, match=r"head dims \[16, 32\] differ"):
-        load_compvis(ckpt, cfg)
+    ldm = build(config, seed=6)
+    state = ldm.state_dict()
+    state["scale_factor"] = torch.tensor(0.2277)
+    m = load_compvis(*save(tmp_path, config, state))
+    assert type(m.unet) is CompVisUNet2DModel and m.unet.config.attention_heads == [2, 2, 2]
+    assert m.unet_config["_class_name"] == "CompVisUNet2DModel"
+    assert sorted({(a.heads, a.to_q.out_features) for a in m.unet.modules() if type(a).__name__ == "Attention"}) \
+        == [(2, 32), (2, 64)]
+    again = CompVisUNet2DModel.from_config(m.unet.config)
+    again.load_state_dict(m.unet.state_dict())
+    x, t = _latents((1, 4, 16, 16), seed=9), torch.tensor([3])
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x, t).sample, m.unet(x, t).sample)
+        assert rel_diff(again(x, t).sample, ldm.model.diffusion_model(x, t)) <= TOL
 
 
 def test_read_checkpoint_plain_state_dict(tmp_path: Path) -> None:
@@ -436,3 +448,29 @@ def test_read_checkpoint_plain_state_dict(tmp_path: Path) -> None:
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelNotFoundError, match="refused: not a tensors-only torch checkpoint"):
         read_checkpoint(tmp_path / "junk.ckpt")
+
+
+@pytest.mark.parametrize("make", [cin_config, sd_config, church_config], ids=["cin256", "sd-v1", "church"])
+def test_mapping_agrees_with_diffusers_single_file_converters_where_they_apply(make: Any) -> None:
+    """A second opinion: diffusers' own LDM converters give the same tensors under the same names for
+    cross-attention UNets and for the VQ/KL autoencoders (they skip the VQ codebook, and do not
+    handle AttentionBlock UNets, whose qkv split is checked against the reference above)."""
+    single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
+    from lowbitdm_cli.models import compvis as cv
+
+    config = make()
+    mp = config["model"]["params"]
+    sd = build(config).state_dict()
+    _, vae_cfg = cv._vae_config(mp["first_stage_config"])
+    ours_vae = cv._map_vae({k[len(cv.VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(cv.VAE_PREFIX)},
+                           len(vae_cfg["block_out_channels"])).out
+    theirs_vae = single_file.convert_ldm_vae_checkpoint(dict(sd), vae_cfg)
+    ours_vae.pop("quantize.embedding.weight", None)
+    assert ours_vae.keys() == theirs_vae.keys() and all(torch.equal(ours_vae[k], theirs_vae[k]) for k in ours_vae)
+    lay = cv._unet_layout(mp["unet_config"]["params"])
+    if not lay.spatial:
+        return
+    _, unet_cfg = cv._diffusers_unet_config(lay)
+    ours = cv._map_unet({k[len(cv.UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(cv.UNET_PREFIX)}, lay).out
+    theirs = single_file.convert_ldm_unet_checkpoint(dict(sd), unet_cfg)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
