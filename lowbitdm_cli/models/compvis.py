@@ -43,6 +43,12 @@ Autoencoder (``first_stage_model.*``)
 
 Class embedder (``cond_stage_model.embedding.weight``) → an ``nn.Embedding``.
 
+Head counts: for ``UNet2DConditionModel`` diffusers' ``attention_head_dim`` is the number of heads
+(one int, or one per level for ``num_head_channels`` configs); for ``UNet2DModel`` it is the head
+dim. An AttentionBlock UNet whose head dim differs between levels (``num_heads`` over levels of
+different width, as in LSUN-Church) becomes a `CompVisUNet2DModel`, which records the per-level
+head counts in its config.
+
 Anything this module does not know how to map is refused with a one-line error; it never builds
 a model that would silently compute something else.
 """
@@ -764,6 +770,9 @@ def load_compvis(ckpt_path: str | Path, config_path: str | Path, *, null_class: 
     if not target.endswith(".LatentDiffusion"):
         raise _fail(f"model.target={target!r}: only ldm.models.diffusion.ddpm.LatentDiffusion is supported")
     schedule = _schedule(mp)
+    for key, ok in (("cond_stage_forward", None), ("use_positional_encodings", False)):
+        if mp.get(key, ok) != ok:
+            raise _fail(f"model.params.{key}={mp[key]!r}: not supported")
     uc = mp.get("unet_config") or {}
     lay = _unet_layout(uc.get("params") or {})
     unet_cls, unet_cfg = _diffusers_unet_config(lay)

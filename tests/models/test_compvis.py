@@ -368,6 +368,16 @@ def test_pickle_requiring_checkpoint_is_refused_without_running_code(tmp_path: P
     assert not marker.exists()
 
 
+def test_yaml_with_python_tags_is_refused_without_running_code(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"model: !!python/object/apply:os.makedirs ['{marker}']\n")  # yaml.unsafe_load would run it
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="unreadable YAML config"):
+        load_compvis(tmp_path / "model.ckpt", cfg)
+    assert not marker.exists()
+
+
 def test_missing_key_is_named(tmp_path: Path) -> None:
     config = cin_config()
     state = build(config).state_dict()
@@ -403,6 +413,7 @@ def test_shape_mismatch_is_named(tmp_path: Path) -> None:
     (lambda p: p.update(parameterization="v"), "parameterization='v'"),
     (lambda p: p.update(beta_schedule="cosine"), "beta_schedule='cosine'"),
     (lambda p: p.update(conditioning_key="concat"), "conditioning_key='concat'"),
+    (lambda p: p.update(cond_stage_forward="encode"), "cond_stage_forward='encode'"),
     (lambda p: p["unet_config"]["params"].update(use_linear_in_transformer=True), "use_linear_in_transformer"),
     (lambda p: p["unet_config"]["params"].update(num_classes=10), "num_classes=10"),
     (lambda p: p["unet_config"]["params"].update(some_new_flag=1), "some_new_flag: not supported"),
