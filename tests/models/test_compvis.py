@@ -485,3 +485,62 @@ def test_mapping_agrees_with_diffusers_single_file_converters_where_they_apply(m
     ours = cv._map_unet({k[len(cv.UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(cv.UNET_PREFIX)}, lay).out
     theirs = single_file.convert_ldm_unet_checkpoint(dict(sd), unet_cfg)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# ----------------------------------------------------------------------------- the released configs, full size
+
+_VQ_F4 = {"target": "ldm.models.autoencoder.VQModelInterface", "params": {
+    "embed_dim": 3, "n_embed": 8192, "ddconfig": {
+        "double_z": False, "z_channels": 3, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+        "ch_mult": [1, 2, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}}
+_KL_F8 = {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+    "embed_dim": 4, "ddconfig": {
+        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+        "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}}
+PAPER_UNETS = {  # unet_config.params of cin256-v2, lsun_bedrooms-ldm-vq-4, lsun_churches-ldm-kl-8, v1-inference
+    "cin256-v2": ({"image_size": 64, "in_channels": 3, "out_channels": 3, "model_channels": 192,
+                   "attention_resolutions": [8, 4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 3, 5],
+                   "num_heads": 1, "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 512},
+                  _VQ_F4, "UNet2DConditionModel", None),
+    "lsun-bedroom": ({"image_size": 64, "in_channels": 3, "out_channels": 3, "model_channels": 224,
+                      "attention_resolutions": [8, 4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 3, 4],
+                      "num_head_channels": 32}, _VQ_F4, "UNet2DModel", None),
+    "lsun-church": ({"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 192,
+                     "attention_resolutions": [1, 2, 4, 8], "num_res_blocks": 2, "channel_mult": [1, 2, 2, 4, 4],
+                     "num_heads": 8, "use_scale_shift_norm": True, "resblock_updown": True},
+                    _KL_F8, "CompVisUNet2DModel", None),
+    "sd-v1": ({"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+               "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "num_heads": 8,
+               "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 768, "use_checkpoint": True,
+               "legacy": False}, _KL_F8, "UNet2DConditionModel", (859_520_964, 83_653_863)),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_UNETS))
+def test_released_configs_map_key_for_key_at_full_size(name: str) -> None:
+    """The paper models' real configs, on the meta device (no memory, no weights): every tensor of the
+    full-size CompVis layout lands on a diffusers tensor of the same shape, none left over. For SD v1
+    the parameter counts are the known ones (UNet 859,520,964; VAE 83,653,863)."""
+    import diffusers
+
+    from lowbitdm_cli.models import compvis as cv
+
+    unet_params, first_stage, want_cls, counts = PAPER_UNETS[name]
+    lay = cv._unet_layout(unet_params)
+    cls_name, unet_cfg = cv._diffusers_unet_config(lay)
+    vae_cls, vae_cfg = cv._vae_config(first_stage)
+    assert cls_name == want_cls
+    with torch.device("meta"):
+        ours = ref.UNetModel(**unet_params)
+        theirs = (cv.CompVisUNet2DModel if cls_name == "CompVisUNet2DModel" else getattr(diffusers, cls_name))(**unet_cfg)
+        fs_ref = (ref.VQModelInterface if vae_cls == "VQModel" else ref.AutoencoderKL)(**first_stage["params"])
+        fs = getattr(diffusers, vae_cls)(**vae_cfg)
+    cv._load_strict(theirs, cv._map_unet(ours.state_dict(), lay), cv.UNET_PREFIX, name)
+    cv._load_strict(fs, cv._map_vae(fs_ref.state_dict(), len(vae_cfg["block_out_channels"])), cv.VAE_PREFIX, name)
+    n_unet = sum(p.numel() for p in theirs.parameters())
+    assert n_unet == sum(p.numel() for p in ours.parameters())
+    if counts:
+        assert (n_unet, sum(p.numel() for p in fs.parameters())) == counts
+    if name == "lsun-church":  # 8 heads everywhere: head dims 24, 48, 48, 96 and 96 in the middle
+        heads = {(a.heads, a.to_q.out_features) for a in theirs.modules() if type(a).__name__ == "Attention"}
+        assert heads == {(8, 192), (8, 384), (8, 768)}
