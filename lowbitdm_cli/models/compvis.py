@@ -750,25 +750,8 @@ def _ema_unet(ema: dict[str, torch.Tensor], unet_keys: Iterable[str]) -> dict[st
     return out
 
 
-def load_compvis(ckpt_path: str | Path, config_path: str | Path, *, null_class: int | None = None,
-                 ema: bool = False) -> CompVisModel:
-    """Convert a CompVis LDM checkpoint + YAML config to diffusers modules (eval mode, float32).
-
-    `null_class` overrides the unconditional label of a class-conditional model; by default it is
-    ``n_classes - 1`` when ``n_classes`` is 1001 (cin256-v2: ImageNet's 1000 classes plus the
-    null class 1000), else None (no classifier-free guidance). `ema=True` takes the UNet from the
-    checkpoint's ``model_ema`` copy instead of ``model.diffusion_model``.
-
-    Raises `ModelNotFoundError` with a one-line reason for unreadable or pickle-requiring
-    checkpoints, unsupported configs, and any key that does not map 1:1 onto the diffusers modules.
-    """
-    import diffusers
-
-    cfg = read_config(config_path)
-    mp = cfg["model"]["params"]
-    target = str(cfg["model"].get("target", ""))
-    if not target.endswith(".LatentDiffusion"):
-        raise _fail(f"model.target={target!r}: only ldm.models.diffusion.ddpm.LatentDiffusion is supported")
+def _plan(mp: dict) -> tuple[dict, _UNetLayout, str, dict, str, dict, ConditioningKind, str | None, Any]:
+    """Everything the YAML's ``model.params`` decides: schedule, UNet layout and diffusers configs, conditioning."""
     schedule = _schedule(mp)
     for key, ok in (("cond_stage_forward", None), ("use_positional_encodings", False)):
         if mp.get(key, ok) != ok:
@@ -801,6 +784,32 @@ def load_compvis(ckpt_path: str | Path, config_path: str | Path, *, null_class: 
     if (conditioning == "none") == lay.spatial:
         raise _fail("model.params: a cross-attention UNet needs a conditioning stage and an unconditional model "
                     "an AttentionBlock UNet (use_spatial_transformer does not match cond_stage_config)")
+    return schedule, lay, unet_cls, unet_cfg, vae_cls, vae_cfg, conditioning, cond_target, cs
+
+
+def load_compvis(ckpt_path: str | Path, config_path: str | Path, *, null_class: int | None = None,
+                 ema: bool = False) -> CompVisModel:
+    """Convert a CompVis LDM checkpoint + YAML config to diffusers modules (eval mode, float32).
+
+    `null_class` overrides the unconditional label of a class-conditional model; by default it is
+    ``n_classes - 1`` when ``n_classes`` is 1001 (cin256-v2: ImageNet's 1000 classes plus the
+    null class 1000), else None (no classifier-free guidance). `ema=True` takes the UNet from the
+    checkpoint's ``model_ema`` copy instead of ``model.diffusion_model``.
+
+    Raises `ModelNotFoundError` with a one-line reason for unreadable or pickle-requiring
+    checkpoints, unsupported configs, and any key that does not map 1:1 onto the diffusers modules.
+    """
+    import diffusers
+
+    cfg = read_config(config_path)
+    mp = cfg["model"]["params"]
+    target = str(cfg["model"].get("target", ""))
+    if not target.endswith(".LatentDiffusion"):
+        raise _fail(f"model.target={target!r}: only ldm.models.diffusion.ddpm.LatentDiffusion is supported")
+    try:
+        schedule, lay, unet_cls, unet_cfg, vae_cls, vae_cfg, conditioning, cond_target, cs = _plan(mp)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise _fail(f"{config_path}: malformed CompVis config ({type(e).__name__}: {e})") from None
 
     sd = read_checkpoint(ckpt_path)
     groups, ignored = _group_keys(sd)

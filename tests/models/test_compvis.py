@@ -544,3 +544,12 @@ def test_released_configs_map_key_for_key_at_full_size(name: str) -> None:
     if name == "lsun-church":  # 8 heads everywhere: head dims 24, 48, 48, 96 and 96 in the middle
         heads = {(a.heads, a.to_q.out_features) for a in theirs.modules() if type(a).__name__ == "Attention"}
         assert heads == {(8, 192), (8, 384), (8, 768)}
+
+
+def test_malformed_config_is_one_clear_error(tmp_path: Path) -> None:
+    config = cin_config()
+    ckpt, cfg = save(tmp_path, config, build(config).state_dict())
+    del config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["ch"]
+    cfg.write_text(yaml.safe_dump(config))
+    with pytest.raises(ModelNotFoundError, match=r"malformed CompVis config \(KeyError: 'ch'\)"):
+        load_compvis(ckpt, cfg)
