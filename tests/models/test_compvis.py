@@ -549,3 +549,16 @@ def test_malformed_config_is_one_clear_error(tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump(config))
     with pytest.raises(ModelNotFoundError, match=r"malformed CompVis config \(KeyError: 'ch'\)"):
         load_compvis(ckpt, cfg)
+
+
+def test_null_class_default_and_override(tmp_path: Path) -> None:
+    """1001 classes → ImageNet + null 1000 (cin256-v2); otherwise no null class unless one is named."""
+    config = cin_config()
+    config["model"]["params"]["cond_stage_config"]["params"]["n_classes"] = 11
+    ckpt, cfg = save(tmp_path, config, build(config).state_dict())
+    plain = load_compvis(ckpt, cfg)
+    assert (plain.num_classes, plain.null_class) == (11, None)
+    named = load_compvis(ckpt, cfg, null_class=10)
+    assert (named.num_classes, named.null_class) == (10, 10)
+    with pytest.raises(ModelNotFoundError, match="null_class=11 is not a label"):
+        load_compvis(ckpt, cfg, null_class=11)
