@@ -547,6 +547,8 @@ def _attention_block(m: _Mapper, prefix: str, dst: str, heads: int, new_order: b
         t = m.src[k]
         t = t[..., 0] if t.ndim == 3 else t  # conv1d (3C, C, 1) → (3C, C); bias (3C,)
         c3 = t.shape[0]
+        if c3 % (3 * heads):
+            raise _fail(f"{m.what}: {k} has {c3} output channels, not 3 x {heads} heads x head dim")
         if new_order:  # [q | k | v]
             q, kk, v = t.chunk(3, dim=0)
         else:  # legacy: [h0:(q,k,v) | h1:(q,k,v) | ...]
