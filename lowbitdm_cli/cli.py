@@ -40,6 +40,10 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Artifact folde
                                                                  "parent, named after the stage).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its artifact exists.")]
+PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="Text-to-image models: a text file with one prompt "
+                                                                   "per line (sets model.prompts).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Registered model (see `lowbitdm models`) or "
+                                                                    "a diffusers pipeline folder.")]
 
 
 def _version(value: bool) -> None:
@@ -119,28 +123,30 @@ def _metrics_table(rows: list[tuple[str, dict[str, float]]], title: str | None =
 
 
 def _default_run_dir(model: str, recipe_name: str, bits: str) -> Path:
-    return Path("runs") / f"{model}-{recipe_name}-{bits}"
+    return Path("runs") / f"{Path(model).name}-{recipe_name}-{bits}"  # a folder path runs under its folder name
 
 
 @app.command()
 def calibrate(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Registered model (see `lowbitdm models`).")] = None,
+    model: ModelOpt = None,
     bits: Annotated[str | None, typer.Option("--bits", "-b", help="wXaY, X and Y in 2..8 or fp (e.g. w4a4).")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Calibration method: ptq | qdiffusion | pqd.")] = None,
     mixed: Annotated[str | None, typer.Option("--mixed", help="none | omq (MPQ-DM per-channel weight bits "
                                                                "by kurtosis).")] = None,
     recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
-    force: ForceOpt = False,
+    force: ForceOpt = False, prompts: PromptsOpt = None,
 ) -> None:
     """Calibrate a full-precision model to low bits (PTQ on data-free DDIM trajectories).
 
     Writes a calibrate artifact: calibration data and quantizer parameters. Example:
-    `lowbitdm calibrate --model digits --bits w4a8`.
+    `lowbitdm calibrate --model digits --bits w4a8`, `lowbitdm calibrate --model ldm-4 --bits w4a4`,
+    `lowbitdm calibrate --model sd-v1-4 --bits w4a8 --prompts prompts.txt`.
     """
     from lowbitdm_cli.stages.calibrate import calibrate as run_stage
 
     extra = [f'calibrate.mixed="{mixed}"'] if mixed else []
-    r = _guard(load_recipe, recipe, sets=(sets or []) + extra, bits=bits, model=model, calibrate_method=method)
+    r = _guard(load_recipe, recipe, sets=(sets or []) + extra, bits=bits, model=model, calibrate_method=method,
+               prompts=prompts)
     target = out_dir or _default_run_dir(r.model.name, r.name, r.quant.bits) / "calibrate"
     with _Bars() as bars:
         art = _guard(run_stage, r, target, resume=resume, force=force, progress=bars)
@@ -215,6 +221,7 @@ def sample(
                           "for comparison.")] = "int",
     device: Annotated[str, typer.Option(
         "--device", help="Where the model runs: cpu, or cuda (under torchrun: each rank's own GPU, nccl).")] = "cpu",
+    prompts: PromptsOpt = None,
 ) -> None:
     """Generate samples into samples.npz (ADM layout: arr_0 uint8 NHWC + labels) and grid.png.
 
@@ -231,10 +238,13 @@ def sample(
     from lowbitdm_cli.stages.common import open_source
     from lowbitdm_cli.stages.sample import sample as run_stage
 
-    src = _guard(open_source, source, runtime=runtime)
+    src = _guard(open_source, source, runtime=runtime, prompts=prompts)
     base = src.artifact.manifest.recipe if src.artifact else None
-    r = _guard(load_recipe, recipe, base=base, sets=sets, model=src.ref.name)
-    target = out_dir or (src.artifact.path.parent / "sample" if src.artifact else Path("runs") / f"{source}-fp" / "sample")
+    if src.artifact is not None and prompts is not None:
+        _fail("--prompts applies to a full-precision model; an artifact samples with the prompts it was made with")
+    r = _guard(load_recipe, recipe, base=base, sets=sets, model=src.ref.name, prompts=prompts)
+    fp_dir = Path("runs") / f"{Path(source).name}-fp" / "sample"
+    target = out_dir or (src.artifact.path.parent / "sample" if src.artifact else fp_dir)
     if os.environ.get("RANK", "0") != "0":  # a torchrun worker: rank 0 shows progress and the result
         _guard(run_stage, src, r, target, resume=resume, force=force, device=device)
         return
@@ -335,10 +345,10 @@ def _make_ref(source: Path, opts, out_file: Path | None, force: bool) -> None:  
 def run(
     recipe: RecipeOpt = "ptq",
     bits: Annotated[str | None, typer.Option("--bits", "-b", help="wXaY, X and Y in 2..8 or fp.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Registered model.")] = None,
+    model: ModelOpt = None,
     sets: SetOpt = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run folders are created.")] = Path("runs"),
-    force: ForceOpt = False,
+    force: ForceOpt = False, prompts: PromptsOpt = None,
 ) -> None:
     """Run a recipe's whole chain (calibrate, finetune, merge, sample, evaluate) plus the FP baseline.
 
@@ -347,7 +357,7 @@ def run(
     """
     from lowbitdm_cli.pipeline import run_recipe
 
-    r = _guard(load_recipe, recipe, sets=sets, bits=bits, model=model)
+    r = _guard(load_recipe, recipe, sets=sets, bits=bits, model=model, prompts=prompts)
     with _Bars() as bars:
         result = _guard(run_recipe, r, runs_dir, force=force, progress=bars,
                         log=lambda msg: err.print(msg, highlight=False))

@@ -8,6 +8,7 @@ __all__ = [
     "IntegrityError",
     "LowbitError",
     "ManifestError",
+    "ModelFormatError",
     "ModelNotFoundError",
     "NonFiniteError",
     "RecipeError",
@@ -26,6 +27,10 @@ class RecipeError(LowbitError):
 
 class ModelNotFoundError(LowbitError):
     """A model name or path cannot be resolved (unknown, or needs a download)."""
+
+
+class ModelFormatError(ModelNotFoundError):
+    """A model folder or checkpoint exists but is not in a supported form (pipeline kind, prediction type)."""
 
 
 class ArtifactError(LowbitError):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbitdm_cli.artifacts import Artifact, digest_of
-from lowbitdm_cli.models.registry import model_entry
+from lowbitdm_cli.models.registry import sampler_defaults
 from lowbitdm_cli.recipes import Recipe
 from lowbitdm_cli.stages.calibrate import calibrate
 from lowbitdm_cli.stages.common import open_source
@@ -38,14 +38,14 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
                progress: Callable[[str, int, int], None] = lambda *_: None,
                log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Run FP baseline and the quantized chain; return the rows of the comparison table."""
-    recipe = recipe.resolved(model_entry(recipe.model.name).sampler)
-    name = recipe.model.name
+    recipe = recipe.resolved(sampler_defaults(recipe.model.name))
+    name = Path(recipe.model.name).name  # a folder path runs under its folder's name
     metrics = recipe.evaluate.metrics
     fp_dir = runs_dir / f"{name}-fp-{digest_of(recipe.sample.model_dump())[:8]}"
     run_dir = runs_dir / f"{name}-{recipe.name}-{recipe.quant.bits}"
 
     log(f"full-precision baseline → {fp_dir}")
-    fp_samples = sample(open_source(name), recipe, fp_dir / "sample", resume=True, replace_stale=True,
+    fp_samples = sample(open_source(recipe.model.name, prompts=recipe.model.prompts), recipe, fp_dir / "sample", resume=True, replace_stale=True,
                         progress=progress)
     fp_eval = evaluate(fp_samples, metrics, fp_dir / "evaluate", replace_stale=True)
 

@@ -59,7 +59,18 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    name: str = "digits"
+    name: str = Field("digits", description="a registered model (`lowbitdm models`) or a diffusers folder path")
+    prompts: str | None = Field(None, description="text-to-image models: a text file, one prompt per line, used "
+                                "for calibration, finetuning and sampling (sample i gets prompt i mod N)")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_prompts(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `prompts` came after artifacts already recorded this section: leaving it out when unset keeps
+        # their inputs digests valid
+        data = handler(self)
+        if self.prompts is None:
+            data.pop("prompts", None)
+        return data
 
 
 class QuantSection(_Section):
@@ -241,6 +252,12 @@ def _apply_set(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = _parse_value(value.strip())
 
 
+def _is_registered(name: str) -> bool:
+    from lowbitdm_cli.models.registry import MODELS
+
+    return name in MODELS
+
+
 def available_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"))} if RECIPES_DIR.is_dir() else {}
 
@@ -248,10 +265,12 @@ def available_recipes() -> dict[str, Path]:
 def load_recipe(recipe: str | Path | None = None, *, base: dict[str, Any] | None = None,
                 sets: list[str] | None = None, bits: str | None = None,
                 model: str | None = None, calibrate_method: str | None = None,
-                finetune_method: str | None = None) -> Recipe:
+                finetune_method: str | None = None, prompts: str | Path | None = None) -> Recipe:
     """Load a recipe by name (``recipes/NAME.toml``) or path, then apply overrides.
 
     `base` (a resolved recipe stored in a manifest) is the starting point when no recipe is named.
+    A model or prompt file given as a path is stored as an absolute path, so later stages find
+    it from any working directory.
     """
     data: dict[str, Any] = copy.deepcopy(base) if base is not None and recipe is None else {}
     if recipe is not None:
@@ -270,8 +289,11 @@ def load_recipe(recipe: str | Path | None = None, *, base: dict[str, Any] | None
             raise RecipeError(f"recipe {path} is not valid TOML: {e}") from None
     for assignment in sets or []:
         _apply_set(data, assignment)
+    if model is not None and Path(model).exists() and not _is_registered(model):
+        model = str(Path(model).resolve())
     flags = {("quant", "bits"): bits, ("model", "name"): model, ("calibrate", "method"): calibrate_method,
-             ("finetune", "method"): finetune_method}
+             ("finetune", "method"): finetune_method,
+             ("model", "prompts"): str(Path(prompts).resolve()) if prompts is not None else None}
     for (section, key), value in flags.items():
         if value is not None:
             data.setdefault(section, {})[key] = value

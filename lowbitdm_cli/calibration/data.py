@@ -15,7 +15,11 @@ __all__ = ["CalibrationData", "collect_batch", "select_steps"]
 
 @dataclass
 class CalibrationData:
-    """`xs` [S, N, C, H, W] at timestep values `ts` [S]; `conds` [N] class labels (or None).
+    """`xs` [S, N, C, H, W] at timestep values `ts` [S]; `conds` [N] condition indices (or None).
+
+    Conditions are class labels, or for text models prompt indices into the recipe's prompt
+    list (the embeddings are recomputed from the prompts by the frozen text encoder, so the
+    data stays small; the calibrate manifest records the prompt file's sha256).
 
     Under classifier-free guidance the denoiser sees both branches (cond and null); the
     calibration forward goes through `DiffusionModel.eps` with the same guidance, so
@@ -53,7 +57,7 @@ def select_steps(num_steps: int, keep: int | None) -> list[int]:
 def collect_batch(model: DiffusionModel, indices: list[int], seed: int, settings: SamplerSettings,
                   keep_steps: list[int]) -> CalibrationData:
     """Run the FP sampler for samples `indices` and keep x_t at positions `keep_steps`."""
-    conds = balanced_labels(max(indices) + 1, model.num_classes)[indices] if model.conditioning == "class" else None
+    conds = balanced_labels(max(indices) + 1, model.num_classes)[indices] if model.conditional else None
     kept: dict[int, torch.Tensor] = {}
     wanted = set(keep_steps)
 

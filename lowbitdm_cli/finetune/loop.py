@@ -64,8 +64,12 @@ class _Hooks:
 
 
 def _feature_module(den: nn.Module) -> nn.Module:
-    """MPQ-DM's TRD hooks the output of the UNet's last up-block."""
-    return den.up_blocks[-1]
+    """MPQ-DM's TRD hooks the output of the UNet's last up-block (a transformer's last block)."""
+    blocks = getattr(den, "up_blocks", None) or getattr(den, "transformer_blocks", None)
+    if not blocks:
+        raise ValueError(f"TRD needs a UNet with up_blocks or a transformer with transformer_blocks, "
+                         f"not {type(den).__name__}")
+    return blocks[-1]
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -123,7 +127,7 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
             base = cfg.seed * 100_003 + epoch
             label_gen = torch.Generator().manual_seed(base)
             cond = (torch.randint(0, teacher.num_classes, (cfg.batch_size,), generator=label_gen)
-                    if teacher.conditioning == "class" else None)
+                    if teacher.conditional else None)
             gens = sample_generators(base, list(range(cfg.batch_size)))
             x = initial_noise(gens, teacher.sample_shape)
             past_t: deque[torch.Tensor] = deque(maxlen=cfg.trd_window - 1)  # earlier steps' features

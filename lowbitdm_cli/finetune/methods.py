@@ -27,7 +27,9 @@ from lowbitdm_cli.quant.model import act_quantizers
 
 __all__ = ["TrainPlan", "plan_method"]
 
-QUEST_ROLES = ("time_emb_proj", "attention", "feed_forward")
+# TLA: the layers that take the time embedding (ResBlock projections; DiT's adaLN modulation);
+# CMA: attention-related layers, cross-attention included (QuEST's SD setting)
+QUEST_ROLES = ("time_emb_proj", "adaln", "attention", "cross_attention", "feed_forward")
 
 
 @dataclass

@@ -2,23 +2,36 @@
 
 ``digits`` ships inside the package and loads with no network. ``tiny-random`` is a
 seeded, randomly initialised digits-shaped UNet for smoke tests of the chain. The paper
-models are listed with their defaults; they need a local copy (see `ModelEntry.needs`).
+models load from a local diffusers folder: ``$LOWBITDM_MODELS_DIR/<name>`` (default
+``~/.cache/lowbitdm/models/<name>``), else, for those published on the Hugging Face hub, a
+hub snapshot (the cache, or a download when online). Offline, one message says what to fetch
+and where to put it. ``--model PATH`` takes any supported diffusers folder instead
+(`models.diffusers_loader`); its defaults come from its family (`models.families`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from lowbitdm_cli.artifacts import ModelRef
-from lowbitdm_cli.errors import ModelNotFoundError
+from lowbitdm_cli.errors import ModelFormatError, ModelNotFoundError
 from lowbitdm_cli.models import digits
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 
-__all__ = ["MODELS", "ModelEntry", "load_model", "model_entry", "model_ref"]
+__all__ = ["MODELS", "ModelEntry", "evaluator_of", "load_model", "model_entry", "model_ref", "models_dir",
+           "parts_digest", "sampler_defaults"]
+
+
+def models_dir() -> Path:
+    """Where registered models are looked for: $LOWBITDM_MODELS_DIR or ~/.cache/lowbitdm/models."""
+    return Path(os.environ.get("LOWBITDM_MODELS_DIR") or Path.home() / ".cache" / "lowbitdm" / "models")
 
 
 @dataclass(frozen=True)
@@ -27,12 +40,25 @@ class ModelEntry:
     description: str
     sampler: dict = field(default_factory=dict)  # steps, eta, guidance, clip_x0
     evaluator: str = "digits-features"
-    loader: Callable[[], DiffusionModel] | None = None
-    needs: str = ""  # what the user must provide when there is no loader
+    loader: Callable[[], DiffusionModel] | None = None  # embedded models
+    needs: str = ""  # what the user must provide when it is not on this machine
+    hub_id: str | None = None  # a diffusers repository on the Hugging Face hub
+    family: str | None = None  # models.families key of the paper models
+
+    @property
+    def local_dir(self) -> Path:
+        return models_dir() / self.name
 
     @property
     def available(self) -> bool:
-        return self.loader is not None
+        """Loadable without a download: embedded, a local folder, or in the hub cache."""
+        if self.loader is not None or (self.local_dir / "model_index.json").is_file():
+            return True
+        if self.hub_id is None:
+            return False
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(self.hub_id, "model_index.json"), str)
 
 
 def _load_digits() -> DiffusionModel:
@@ -56,7 +82,10 @@ def _load_tiny_random() -> DiffusionModel:
                           meta={"unet": TINY_CONFIG})
 
 
-_PAPER = "the paper-scale checkpoint; not bundled and not downloadable here. Loaders for it are tracked in issue 8"
+def _compvis(what: str) -> str:
+    return (f"a local copy: convert CompVis latent-diffusion's {what} (.ckpt + YAML) to a diffusers folder and put it "
+            f"at $LOWBITDM_MODELS_DIR/<name> (default ~/.cache/lowbitdm/models/<name>), or pass --model FOLDER")
+
 
 MODELS: dict[str, ModelEntry] = {e.name: e for e in [
     ModelEntry("digits", "embedded class-conditional DDPM on sklearn digits (16x16, 2.6M params)",
@@ -65,48 +94,126 @@ MODELS: dict[str, ModelEntry] = {e.name: e for e in [
                sampler={"steps": 10, "eta": 0.0, "guidance": 2.0, "clip_x0": True}, loader=_load_tiny_random),
     ModelEntry("ldm-4", "LDM-4 ImageNet 256, class-conditional (CompVis cin256-v2)",
                sampler={"steps": 20, "eta": 0.0, "guidance": 3.0, "clip_x0": False}, evaluator="inception",
-               needs=_PAPER),
+               needs=_compvis("cin256-v2 (models/ldm/cin256-v2)"), family="ldm-class"),
     ModelEntry("ldm-bedroom", "LDM-4 LSUN-Bedroom 256, unconditional",
                sampler={"steps": 200, "eta": 1.0, "guidance": 1.0, "clip_x0": False}, evaluator="inception",
-               needs=_PAPER),
+               needs=_compvis("lsun_bedrooms"), family="ldm"),
     ModelEntry("ldm-church", "LDM-8 LSUN-Church 256, unconditional",
                sampler={"steps": 500, "eta": 0.0, "guidance": 1.0, "clip_x0": False}, evaluator="inception",
-               needs=_PAPER),
+               needs=_compvis("lsun_churches"), family="ldm"),
     ModelEntry("ddpm-cifar10", "DDPM CIFAR-10 32x32, unconditional",
                sampler={"steps": 100, "eta": 0.0, "guidance": 1.0, "clip_x0": True}, evaluator="inception",
-               needs=_PAPER),
+               needs="the diffusers folder google/ddpm-cifar10-32", hub_id="google/ddpm-cifar10-32", family="ddpm"),
     ModelEntry("sd-v1-4", "Stable Diffusion v1.4, text-to-image 512",
                sampler={"steps": 50, "eta": 0.0, "guidance": 7.5, "clip_x0": False}, evaluator="clip",
-               needs=_PAPER),
+               needs="the diffusers folder CompVis/stable-diffusion-v1-4", hub_id="CompVis/stable-diffusion-v1-4",
+               family="sd"),
     ModelEntry("dit-xl-2-256", "DiT-XL/2 ImageNet 256, class-conditional transformer",
                sampler={"steps": 50, "eta": 0.0, "guidance": 1.5, "clip_x0": False}, evaluator="inception",
-               needs=_PAPER),
+               needs="the diffusers folder facebook/DiT-XL-2-256", hub_id="facebook/DiT-XL-2-256", family="dit"),
 ]}
 MODELS["ldm-4-imagenet"] = MODELS["ldm-4"]
 
 
 def model_entry(name: str) -> ModelEntry:
+    """The registry entry of `name` (whether or not its weights are on this machine)."""
     entry = MODELS.get(name)
     if entry is None:
         raise ModelNotFoundError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))} "
-                                 f"(see `lowbitdm models`)")
-    if not entry.available:
-        raise ModelNotFoundError(f"model {name!r} needs {entry.needs}")
+                                 f"(see `lowbitdm models`), or a diffusers folder path")
     return entry
 
 
-def load_model(name: str) -> DiffusionModel:
-    """Load a registered model in eval mode with gradients off (no network access)."""
-    model = model_entry(name).loader()  # type: ignore[misc]
-    model.denoiser.eval().requires_grad_(False)
+def _is_path(name: str) -> bool:
+    return name not in MODELS and Path(name).exists()
+
+
+def _folder_family(name: str):  # noqa: ANN202 - a models.families.Family
+    from lowbitdm_cli.models.diffusers_loader import detect_family
+
+    return detect_family(Path(name))[0]
+
+
+def sampler_defaults(name: str) -> dict:
+    """The paper sampler setting of a registered model, or of a folder's family."""
+    return dict(_folder_family(name).sampler) if _is_path(name) else dict(model_entry(name).sampler)
+
+
+def evaluator_of(name: str) -> str:
+    """Which evaluator scores a model's samples: digits-features, inception or clip."""
+    if name in MODELS:
+        return MODELS[name].evaluator
+    try:
+        return _folder_family(name).evaluator if Path(name).exists() else "inception"
+    except ModelNotFoundError:
+        return "inception"
+
+
+def _load_entry(entry: ModelEntry, prompts: list[str] | None, with_denoiser: bool) -> DiffusionModel:
+    from lowbitdm_cli.models.diffusers_loader import download_snapshot, load_folder
+
+    if entry.loader is not None:
+        return entry.loader()
+    if (entry.local_dir / "model_index.json").is_file():
+        return load_folder(entry.local_dir, prompts, with_denoiser, name=entry.name)
+    if entry.hub_id is None:
+        raise ModelNotFoundError(f"model {entry.name!r} needs {entry.needs.replace('<name>', entry.name)}")
+    folder = download_snapshot(entry.hub_id, entry.name, entry.local_dir)
+    model = load_folder(folder, prompts, with_denoiser, name=entry.name)
+    model.meta["source"] = f"hub:{entry.hub_id}"
     return model
 
 
-def model_ref(model: DiffusionModel) -> ModelRef:
-    """Name, source and a digest of the model's weights (so an artifact knows what it came from)."""
-    h = hashlib.sha256()
-    for key, value in sorted(model.denoiser.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return ModelRef(name=model.name, source="embedded" if model.name in MODELS else "path", digest=h.hexdigest())
+def load_model(name: str, prompts: list[str] | None = None, with_denoiser: bool = True) -> DiffusionModel:
+    """Load a registered model or a diffusers folder in eval mode with gradients off.
 
+    `prompts` are the prompt list of a text-to-image model. `with_denoiser=False` loads only
+    the parts beside the denoiser (for a merged checkpoint, which brings its own).
+    """
+    from lowbitdm_cli.models.diffusers_loader import load_folder
+
+    if name in MODELS:
+        model = _load_entry(MODELS[name], prompts, with_denoiser)
+    elif Path(name).is_file():
+        raise ModelFormatError(f"{name} is a single checkpoint file: CompVis .ckpt checkpoints are converted by "
+                               f"lowbitdm's CompVis converter into a diffusers folder; pass --model FOLDER")
+    elif Path(name).is_dir():
+        model = load_folder(Path(name), prompts, with_denoiser)
+    else:
+        model_entry(name)  # raises: unknown model
+        raise AssertionError("unreachable")
+    if model.denoiser is not None:
+        model.denoiser.eval().requires_grad_(False)
+    for part in model.parts().values():
+        part.eval().requires_grad_(False)
+    return model
+
+
+def _update(h: "hashlib._Hash", state: dict[str, torch.Tensor]) -> None:
+    for key, value in sorted(state.items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _prefixed(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{p}.{k}": v for p, m in parts.items() for k, v in m.state_dict().items()}
+
+
+def parts_digest(model: DiffusionModel) -> str:
+    """sha256 of the parts beside the denoiser (autoencoder, conditioner weights)."""
+    h = hashlib.sha256()
+    _update(h, _prefixed(model.parts()))
+    return h.hexdigest()
+
+
+def model_ref(model: DiffusionModel) -> ModelRef:
+    """Name, source and a digest of the model's weights (so an artifact knows what it came from).
+
+    The digest covers the denoiser and every part beside it (a model without such parts, like
+    digits, has the digest of its denoiser alone). `source` is ``embedded``, ``hub:<repo>`` or
+    the folder the model was loaded from; `name` is the registry name or the folder path.
+    """
+    h = hashlib.sha256()
+    _update(h, {**model.denoiser.state_dict(), **_prefixed(model.parts())})
+    source = "embedded" if model.name in MODELS and MODELS[model.name].loader else model.meta.get("source", "path")
+    return ModelRef(name=model.name, source=source, digest=h.hexdigest())

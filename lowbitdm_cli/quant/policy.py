@@ -1,9 +1,15 @@
 """Layer policy: which module is quantized at which bits, decided by role and name pattern.
 
-Roles are recognised from diffusers module names, never from hard-coded indices:
-``conv_in``, ``conv_out``, ``time_embedding`` (the timestep MLP), ``time_emb_proj``
-(ResBlock projections of it), ``shortcut`` (1x1 ResBlock skips), ``downsample``,
-``upsample``, ``attention`` (to_q/k/v/out), ``feed_forward``, and plain ``conv``/``linear``.
+Roles are recognised from diffusers module names, never from hard-coded indices, for every
+family (UNet2DModel, UNet2DConditionModel, DiT / Transformer2DModel):
+``conv_in`` / ``conv_out`` (the first and last layer: a UNet's convs, DiT's patch embedding
+``pos_embed.proj`` and its final ``proj_out_1`` / ``proj_out_2``), ``time_embedding`` (the
+timestep MLP, DiT's ``timestep_embedder`` too), ``class_embedding`` (layers of a label /
+class embedding), ``adaln`` (DiT's adaLN-Zero modulation ``norm1.linear``), ``time_emb_proj``
+(ResBlock projections of the time embedding), ``shortcut`` (1x1 ResBlock skips),
+``downsample``, ``upsample``, ``attention`` (self-attention to_q/k/v/out), ``cross_attention``
+(``attn2``: queries from the image, keys/values from the text or class context; recipes may
+keep it at 8 bit or FP), ``feed_forward``, and plain ``conv``/``linear``.
 With ``attn_matmul`` on, every diffusers ``Attention`` module also gets a spec of role
 ``attention_matmul`` (kind ``matmul``): the inputs of QKᵀ and softmax·V are quantized.
 """
@@ -18,8 +24,9 @@ from torch import nn
 
 __all__ = ["ROLES", "LayerOverride", "LayerSpec", "QuantPolicy", "build_layer_specs", "layer_role"]
 
-Role = Literal["conv_in", "conv_out", "time_embedding", "time_emb_proj", "shortcut", "downsample", "upsample",
-               "attention", "feed_forward", "conv", "linear", "attention_matmul"]
+Role = Literal["conv_in", "conv_out", "time_embedding", "class_embedding", "adaln", "time_emb_proj", "shortcut",
+               "downsample", "upsample", "attention", "cross_attention", "feed_forward", "conv", "linear",
+               "attention_matmul"]
 ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
 
 
@@ -68,16 +75,25 @@ class QuantPolicy(BaseModel):
     overrides: list[LayerOverride] = []
 
 
+_FIRST = ("conv_in", "pos_embed.proj")  # UNets' first conv; DiT's patch embedding
+_LAST = ("conv_out", "proj_out", "proj_out_1", "proj_out_2")  # top-level only: inner proj_out are not last
+_ATTN_LEAVES = ("to_q", "to_k", "to_v", "query", "key", "value", "proj_attn")
+
+
 def layer_role(name: str, module: nn.Module) -> str:
     """The role of a Conv2d/Linear from its qualified name."""
     parts = name.split(".")
     leaf = parts[-1]
-    if name == "conv_in":
+    if name in _FIRST:
         return "conv_in"
-    if name == "conv_out":
+    if name in _LAST:
         return "conv_out"
     if parts[0] in ("time_embedding", "time_embed", "t_embedder") or "timestep_embedder" in parts:
         return "time_embedding"
+    if any(p in ("class_embedding", "class_embedder", "label_emb", "add_embedding") for p in parts):
+        return "class_embedding"
+    if len(parts) > 1 and leaf == "linear" and parts[-2] in ("norm1", "norm2", "norm3", "norm_out"):
+        return "adaln"
     if leaf in ("time_emb_proj", "emb_layers") or (len(parts) > 1 and parts[-2] == "emb_layers"):
         return "time_emb_proj"
     if leaf in ("conv_shortcut", "skip_connection", "nin_shortcut"):
@@ -86,8 +102,8 @@ def layer_role(name: str, module: nn.Module) -> str:
         return "downsample"
     if "upsamplers" in parts or "upsample" in parts:
         return "upsample"
-    if leaf in ("to_q", "to_k", "to_v", "query", "key", "value", "proj_attn") or "to_out" in parts:
-        return "attention"
+    if leaf in _ATTN_LEAVES or "to_out" in parts:
+        return "cross_attention" if "attn2" in parts else "attention"
     if "ff" in parts or leaf in ("ff", "proj_in_ff"):
         return "feed_forward"
     return "conv" if isinstance(module, nn.Conv2d) else "linear"

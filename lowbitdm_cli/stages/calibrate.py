@@ -32,13 +32,14 @@ from lowbitdm_cli.calibration.ptq import init_activations, init_weights, layer_o
 from lowbitdm_cli.calibration.reconstruct import block_state, plan_blocks, reconstruct_block, shortcut_splits
 from lowbitdm_cli.calibration.selection import k_center, normal_steps
 from lowbitdm_cli.errors import ArtifactError
-from lowbitdm_cli.models.registry import load_model, model_entry, model_ref
+from lowbitdm_cli.models.registry import model_ref, sampler_defaults
+from lowbitdm_cli.models.text import prompts_digest
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.model import load_quant_state, quant_state, quantize_denoiser
 from lowbitdm_cli.quant.policy import build_layer_specs
 from lowbitdm_cli.recipes import CalibrateSection, Recipe
 from lowbitdm_cli.sampling import ddim_timesteps
-from lowbitdm_cli.stages.common import sampler_settings
+from lowbitdm_cli.stages.common import load_fp_model, sampler_settings
 
 __all__ = ["calibrate"]
 
@@ -90,8 +91,8 @@ def _reconstruct(run: StageRun, model: DiffusionModel, fp_model: DiffusionModel,
 def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = False, replace_stale: bool = False,
               progress: Progress = _noop) -> Artifact:
     """Calibrate `recipe.model.name` at `recipe.quant.bits`; write the artifact to `out`."""
-    recipe = recipe.resolved(model_entry(recipe.model.name).sampler)
-    model = load_model(recipe.model.name)
+    recipe = recipe.resolved(sampler_defaults(recipe.model.name))
+    model = load_fp_model(recipe.model.name, recipe)
     run = StageRun.start(out, "calibrate", model_ref(model), recipe.model_dump(mode="json"),
                          resume=resume, force=force,
                          replace_stale=replace_stale)
@@ -157,6 +158,9 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
         "num_calibration_samples": cfg.num_samples,
         "layer_output_error": errors,
     }
+    prompts = getattr(model.conditioner, "prompts", None)
+    if prompts is not None:
+        info["num_prompts"], info["prompts_sha256"] = len(prompts), prompts_digest(prompts)
     if representatives is not None:
         info["representative_indices"] = representatives
     if omq is not None:

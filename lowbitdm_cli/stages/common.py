@@ -7,15 +7,17 @@ from pathlib import Path
 
 import torch
 
-from lowbitdm_cli.artifacts import Artifact, ModelRef
+from lowbitdm_cli.artifacts import MANIFEST, Artifact, ModelRef
 from lowbitdm_cli.errors import ArtifactError, StageOrderError
 from lowbitdm_cli.models.registry import MODELS, load_model, model_ref
+from lowbitdm_cli.models.text import prompts_digest, read_prompts
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.model import load_quant_state, quantize_denoiser
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.sampling import SamplerSettings
 
-__all__ = ["Source", "check_model", "load_quantized_from", "open_source", "sampler_settings"]
+__all__ = ["Source", "check_model", "load_fp_model", "load_quantized_from", "open_source", "recipe_prompts",
+           "sampler_settings"]
 
 QUANT_STAGES = ("calibrate", "finetune", "merge")
 
@@ -34,6 +36,26 @@ class Source:
 def sampler_settings(sample_cfg) -> SamplerSettings:  # noqa: ANN001 - a recipes.SampleSection
     return SamplerSettings(steps=sample_cfg.steps, eta=sample_cfg.eta, guidance=sample_cfg.guidance,
                            clip_x0=bool(sample_cfg.clip_x0))
+
+
+def recipe_prompts(recipe) -> list[str] | None:  # noqa: ANN001 - a Recipe or a manifest's recipe dict
+    """The prompt list of the recipe's ``model.prompts`` file (None when it names none)."""
+    section = recipe.get("model", {}) if isinstance(recipe, dict) else recipe.model.model_dump()
+    path = section.get("prompts")
+    return read_prompts(path) if path else None
+
+
+def load_fp_model(name: str, recipe, with_denoiser: bool = True) -> DiffusionModel:  # noqa: ANN001
+    """The full-precision model `name` with the recipe's prompts (text-to-image models)."""
+    return load_model(name, recipe_prompts(recipe), with_denoiser=with_denoiser)
+
+
+def _check_prompts(artifact: Artifact, calib: Artifact, model: DiffusionModel) -> None:
+    recorded = calib.manifest.info.get("prompts_sha256")
+    prompts = getattr(model.conditioner, "prompts", None)
+    if recorded and prompts is not None and prompts_digest(prompts) != recorded:
+        raise ArtifactError(f"{artifact.path}: the prompt file {artifact.manifest.recipe['model'].get('prompts')} "
+                            f"changed since calibration (sha256 differs): restore it or recalibrate")
 
 
 def check_model(artifact: Artifact, model: DiffusionModel) -> ModelRef:
@@ -56,8 +78,9 @@ def load_quantized_from(artifact: Artifact, runtime: str = "fake") -> DiffusionM
     calib = artifact.find("calibrate")
     if calib is None:
         raise StageOrderError(f"{artifact.path} has no calibrate artifact in its lineage")
-    model = load_model(artifact.manifest.model.name)
+    model = load_fp_model(artifact.manifest.model.name, artifact.manifest.recipe)
     check_model(artifact, model)
+    _check_prompts(artifact, calib, model)
     specs = {n: LayerSpec.model_validate(s) for n, s in calib.manifest.info["layers"].items()}
     quantize_denoiser(model.denoiser, specs, timesteps=calib.manifest.info.get("timesteps"))
     load_quant_state(model.denoiser, artifact.tensors("quant_state.safetensors"))
@@ -65,17 +88,22 @@ def load_quantized_from(artifact: Artifact, runtime: str = "fake") -> DiffusionM
     return model
 
 
-def open_source(source: str | Path, runtime: str = "int") -> Source:
-    """A registered model name (full precision) or a calibrate/finetune/merge artifact folder.
+def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | None = None) -> Source:
+    """A registered model name or diffusers folder (full precision), or a calibrate/finetune/merge
+    artifact folder.
 
-    `runtime` applies to merge artifacts only: "int" runs integer kernels, "fake" dequantizes."""
+    `runtime` applies to merge artifacts only: "int" runs integer kernels, "fake" dequantizes.
+    `prompts` (a prompt file) is needed by a full-precision text-to-image model; artifacts use
+    the prompts they were made with."""
     if runtime not in ("int", "fake"):
         raise ValueError(f"runtime must be 'int' or 'fake', got {runtime!r}")
     text = str(source)
-    if text in MODELS and not Path(text).exists():
-        model = load_model(text)
-        return Source(model, model_ref(model), None, f"{text} (fp)")
     path = Path(text)
+    fp_folder = path.is_dir() and not (path / MANIFEST).exists() and (path / "model_index.json").exists()
+    if (text in MODELS and not path.exists()) or fp_folder:
+        name = text if text in MODELS else str(path.resolve())
+        model = load_model(name, read_prompts(prompts) if prompts else None)
+        return Source(model, model_ref(model), None, f"{Path(name).name if fp_folder else name} (fp)")
     if not path.exists():
         raise ArtifactError(f"{text!r} is neither a known model ({', '.join(sorted(MODELS))}) nor an artifact folder")
     art = Artifact.open(path)

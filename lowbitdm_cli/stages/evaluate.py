@@ -18,7 +18,7 @@ from lowbitdm_cli.artifacts import Artifact, StageRun
 from lowbitdm_cli.errors import EvaluationError
 from lowbitdm_cli.evaluation.frechet import feature_statistics
 from lowbitdm_cli.evaluation.suite import INCEPTION_METRICS, requirements, score
-from lowbitdm_cli.models.registry import MODELS
+from lowbitdm_cli.models.registry import MODELS, evaluator_of
 from lowbitdm_cli.npz import read_npz
 
 __all__ = ["DIGITS_METRICS", "INCEPTION_METRICS", "InceptionOptions", "default_metrics", "evaluate"]
@@ -41,8 +41,9 @@ class InceptionOptions:
 
 
 def _evaluator(model_name: str) -> str:
-    entry = MODELS.get(model_name)
-    return entry.evaluator if entry else "digits-features"
+    if model_name in MODELS:
+        return MODELS[model_name].evaluator
+    return evaluator_of(model_name) if Path(model_name).exists() else "digits-features"
 
 
 def default_metrics(model_name: str) -> list[str]:

@@ -25,10 +25,10 @@ from lowbitdm_cli.finetune.loop import (
     optimizer_to_tensors,
 )
 from lowbitdm_cli.finetune.methods import plan_method
-from lowbitdm_cli.models.registry import load_model, model_entry
+from lowbitdm_cli.models.registry import sampler_defaults
 from lowbitdm_cli.quant.model import quant_state
 from lowbitdm_cli.recipes import Recipe
-from lowbitdm_cli.stages.common import check_model, load_quantized_from
+from lowbitdm_cli.stages.common import check_model, load_fp_model, load_quantized_from
 
 __all__ = ["finetune"]
 
@@ -38,13 +38,13 @@ OPTIMIZER = "optimizer.safetensors"
 
 def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, force: bool = False,
              replace_stale: bool = False, progress: Callable[[str, int, int], None] = lambda *_: None) -> Artifact:
-    recipe = recipe.resolved(model_entry(parent.manifest.model.name).sampler)
+    recipe = recipe.resolved(sampler_defaults(parent.manifest.model.name))
     cfg = recipe.finetune
     run = StageRun.start(out, "finetune", parent.manifest.model, recipe.model_dump(mode="json"), parent=parent,
                          resume=resume, force=force, replace_stale=replace_stale)
     if run.done:
         return run.artifact  # type: ignore[return-value]
-    teacher = load_model(parent.manifest.model.name)
+    teacher = load_fp_model(parent.manifest.model.name, recipe)
     check_model(parent, teacher)
     student = load_quantized_from(parent)
     fp_state = {k: v.clone() for k, v in teacher.denoiser.state_dict().items()}

@@ -15,8 +15,7 @@ import torch
 
 from lowbitdm_cli.artifacts import Artifact, StageRun
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_tensors
-from lowbitdm_cli.models.registry import load_model
-from lowbitdm_cli.stages.common import load_quantized_from
+from lowbitdm_cli.stages.common import load_fp_model, load_quantized_from
 
 __all__ = ["merge"]
 
@@ -33,7 +32,7 @@ def merge(parent: Artifact, out: Path, force: bool = False, replace_stale: bool 
     with torch.no_grad():
         model = load_quantized_from(parent)
         tensors, config = export_tensors(model)
-        fp_bytes = _nbytes(load_model(parent.manifest.model.name).denoiser.state_dict())
+        fp_bytes = _nbytes(load_fp_model(parent.manifest.model.name, parent.manifest.recipe).denoiser.state_dict())
     run.save_tensors(WEIGHTS_NAME, tensors, metadata={"format": "lowbitdm-pack-quantized"})
     run.save_bytes(CONFIG_NAME, (json.dumps(config, indent=1) + "\n").encode())
     merged_bytes = run.path(WEIGHTS_NAME).stat().st_size

@@ -19,7 +19,7 @@ import torch
 
 from lowbitdm_cli.artifacts import Artifact, Manifest, StageRun
 from lowbitdm_cli.distributed import process_group, rank_device
-from lowbitdm_cli.models.registry import model_entry
+from lowbitdm_cli.models.registry import sampler_defaults
 from lowbitdm_cli.npz import ChunkedArray, write_npz
 from lowbitdm_cli.recipes import Recipe
 from lowbitdm_cli.sampling import balanced_labels, ddim_sample, random_labels, save_grid, to_uint8
@@ -39,7 +39,7 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
     `device` is where the model runs (``cuda`` = each torchrun rank's own GPU). Under
     `torchrun` every rank calls this; all of them return the committed artifact.
     """
-    recipe = recipe.resolved(model_entry(source.ref.name).sampler)
+    recipe = recipe.resolved(sampler_defaults(source.ref.name))
     cfg = recipe.sample
     options = {"source": source.label, **({"runtime": source.runtime} if source.runtime else {}),
                **({"device": device} if device != "cpu" else {})}
@@ -70,7 +70,7 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
             model.to(work_device)
         settings = sampler_settings(cfg)
         labels = None
-        if model.conditioning == "class":
+        if model.conditional:  # class labels, or prompt indices of a text model
             labels = (balanced_labels(cfg.num_samples, model.num_classes) if cfg.labels == "balanced"
                       else random_labels(cfg.num_samples, model.num_classes, cfg.seed))
         bounds = [(s * cfg.batch_size, min((s + 1) * cfg.batch_size, cfg.num_samples)) for s in range(num_shards)]
@@ -79,7 +79,7 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
         for s in mine:
             lo, hi = bounds[s]
             cond = labels[lo:hi] if labels is not None else None
-            x = ddim_sample(model, cond, list(range(lo, hi)), cfg.seed, settings)
+            x = model.decode(ddim_sample(model, cond, list(range(lo, hi)), cfg.seed, settings))  # latents → images
             shard = {"images": torch.from_numpy(to_uint8(x))}
             if cond is not None:
                 shard["labels"] = cond
@@ -116,7 +116,7 @@ def _assemble(run: StageRun, model, source: Source, cfg, settings, labels: torch
                 break
             grid.append(run.load_tensors(name)["images"].numpy())
             count += len(grid[-1])
-        nrow = model.num_classes if model.conditioning == "class" else 10
+        nrow = min(model.num_classes, 10) if model.conditional else 10
         save_grid(np.concatenate(grid)[: cfg.grid_samples], run.path("grid.png"), nrow=nrow)
         files.append("grid.png")
     unmatched = unmatched_timesteps(model)

@@ -1,0 +1,136 @@
+"""Load a diffusers-format model folder (or a hub snapshot of one) as a `DiffusionModel`.
+
+The folder's kind comes from ``model_index.json`` (see `models.families`). Components are
+built by whitelisted classes only (``from_pretrained`` of diffusers / transformers model
+classes named below), so a folder can never name code to run; their weights are read by
+safetensors, or by ``torch.load(weights_only=True)`` for ``.bin`` files (diffusers' and
+transformers' own loaders), never by free unpickling. The scheduler is read as JSON only
+(its β schedule and prediction type), not instantiated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+from lowbitdm_cli.errors import ModelFormatError, ModelNotFoundError, RecipeError
+from lowbitdm_cli.models.families import (
+    FAMILIES,
+    Family,
+    build_model,
+    family_of_pipeline,
+    label_conditioner,
+    load_class_embedder,
+)
+from lowbitdm_cli.models.conditioning import ClassEmbedder
+from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
+
+__all__ = ["HUB_FILES", "detect_family", "download_snapshot", "load_folder"]
+
+DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
+# what a snapshot needs (no fp16 variants, no .ckpt, no safety checker)
+HUB_FILES = ["model_index.json", "scheduler/*.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
+             "vae/diffusion_pytorch_model.safetensors", "vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors",
+             "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/*"]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelFormatError(f"{path} is missing: the model folder is incomplete")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{path} is not valid JSON ({e})") from None
+
+
+def detect_family(path: Path) -> tuple[Family, dict]:
+    """(family, model_index) of a diffusers pipeline folder; a clear error for anything else."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelFormatError(f"{path} has no model_index.json: pass a diffusers pipeline folder (DDPMPipeline, "
+                               f"LDMPipeline, StableDiffusionPipeline, DiTPipeline or a class-conditional LDM folder)")
+    index = _read_json(index_file)
+    family = family_of_pipeline(index.get("_class_name"))
+    if family is None:
+        known = ", ".join(p for f in FAMILIES.values() for p in f.pipelines)
+        raise ModelFormatError(f"{path}: pipeline {index.get('_class_name')!r} is not supported (supported: {known})")
+    return family, index
+
+
+def _load_diffusers(folder: Path, allowed: tuple[str, ...]) -> nn.Module:
+    import diffusers
+
+    name = _read_json(folder / "config.json").get("_class_name")
+    if name not in allowed:
+        raise ModelFormatError(f"{folder}: model class {name!r} is not supported here ({', '.join(allowed)})")
+    module = getattr(diffusers, name).from_pretrained(str(folder))
+    return module.eval().requires_grad_(False)
+
+
+def _text_conditioner(path: Path, prompts: list[str] | None):  # noqa: ANN202
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from lowbitdm_cli.models.text import PromptEncoder
+
+    if not prompts:
+        raise RecipeError(f"{path} is a text-to-image model: give prompts (--prompts FILE, one per line, or "
+                          f"model.prompts in the recipe)")
+    encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
+    return PromptEncoder(encoder, tokenizer, prompts)
+
+
+def load_folder(path: Path | str, prompts: list[str] | None = None, with_denoiser: bool = True,
+                name: str | None = None) -> DiffusionModel:
+    """Load a pipeline folder. `with_denoiser=False` loads only the other parts (autoencoder,
+    conditioner), for a merged checkpoint that brings its own denoiser (`model.denoiser` is None)."""
+    path = Path(path).resolve()
+    family, index = detect_family(path)
+    extra = index.get("lowbitdm") or {}
+    schedule = NoiseSchedule.from_config(_read_json(path / "scheduler" / "scheduler_config.json"))
+    den_dir = path / family.denoiser
+    den_cfg = _read_json(den_dir / "config.json")
+    denoiser = _load_diffusers(den_dir, DENOISER_CLASSES) if with_denoiser else None
+    autoencoder = _load_diffusers(path / family.autoencoder, AUTOENCODER_CLASSES) if family.autoencoder else None
+    if family.conditioning == "text":
+        conditioner = _text_conditioner(path, prompts)
+    elif family.name == "ldm-class":
+        emb, cfg = load_class_embedder(path / "class_embedder")
+        conditioner = ClassEmbedder(emb.eval().requires_grad_(False), int(cfg["num_classes"]), int(cfg["null_class"]))
+    else:
+        try:
+            conditioner = label_conditioner(family, den_cfg, extra)
+        except ValueError as e:
+            raise ModelFormatError(f"{path}: {e}") from None
+    return build_model(family, denoiser, den_cfg, schedule, conditioner, autoencoder, name or str(path),
+                       {"source": str(path), "pipeline": index.get("_class_name")}, extra.get("latent_scale"))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def download_snapshot(repo_id: str, name: str, local_hint: Path) -> Path:
+    """The local snapshot folder of `repo_id` (from the hub cache, else downloaded when online).
+
+    Offline, or with the hub unreachable, one `ModelNotFoundError` says what to fetch and where
+    to put it."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=_offline(),
+                                      cache_dir=constants.HF_HUB_CACHE))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
+        raise ModelNotFoundError(
+            f"model {name!r} is not on this machine and the hub is unreachable: on a machine with internet run "
+            f"`hf download {repo_id} --local-dir {local_hint}` (copy the folder here), then rerun, "
+            f"or pass --model PATH of that folder") from None
