@@ -4,12 +4,21 @@
 
 Every weight is stored as unsigned codes u ∈ [0, 2^b − 1] with W = Δ[o] · (u − z[o]);
 symmetric codes are offset by 2^(b−1) first (as compressed-tensors does). Loading reads
-JSON and safetensors only, so it never executes code.
+JSON and safetensors only, so it never executes code: the denoiser is rebuilt with
+``<class>.from_config(denoiser_config)`` for a whitelisted diffusers class name.
+
+The checkpoint holds the denoiser only, the part that is quantized. The full-precision parts
+beside it (autoencoder, text encoder, class embedder) are *not* copied: they load from the
+model source the checkpoint records (registry name or folder), and their sha256
+(``parts_digest``) must match the one recorded at merge time. Copies would add the FP
+autoencoder and text encoder (for SD ~0.8 GB, more than the W4 UNet itself) to every
+low-bit checkpoint, while the user has the source anyway to run calibrate.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lowbitdm_cli.errors import IntegrityError
+from lowbitdm_cli.errors import ArtifactError, IntegrityError
 from lowbitdm_cli.export.packing import pack, pack_mixed, packed_nbytes, unpack, unpack_mixed
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 from lowbitdm_cli.quant.attention import MATMUL_INPUTS, attn_processors
@@ -31,6 +40,15 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_tensors", "load_merged"]
 CONFIG_NAME = "quantization_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+
+
+def _json_config(module: nn.Module) -> dict | None:
+    """A diffusers module's config as plain JSON (what ``from_config`` rebuilds it from)."""
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        return None
+    return json.loads(json.dumps({k: v for k, v in dict(cfg).items() if not k.startswith("_")}, default=list))
 
 
 def _weight_codes(layer: QuantLayerMixin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,15 +127,56 @@ def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict
         "format_version": FORMAT_VERSION,
         "packing": "dense little-endian bitstream, element i at bit i*b; symmetric codes offset by 2^(b-1)",
         "model": {"name": model.name, "architecture": type(den).__name__, "unet_config": model.meta.get("unet"),
+                  "denoiser_config": _json_config(den),
                   "schedule": {"alphas_cumprod": model.schedule.alphas_cumprod.tolist()},
                   "sample_shape": list(model.sample_shape), "conditioning": model.conditioning,
-                  "num_classes": model.num_classes, "null_class": model.null_class},
+                  "num_classes": model.num_classes, "null_class": model.null_class,
+                  **_parts_entry(model)},
         "timesteps": timesteps,
         "ignore": ignore,
         "layers": layer_cfg,
         "attention_matmuls": matmuls,
     }
     return tensors, config
+
+
+def _parts_entry(model: DiffusionModel) -> dict:
+    """Where the FP parts beside the denoiser come from, and their digest (none for digits)."""
+    from lowbitdm_cli.models.registry import parts_digest
+
+    with_state = sorted(n for n, m in model.parts().items() if len(m.state_dict()))
+    if not with_state:
+        return {}
+    return {"parts": {"names": with_state, "digest": parts_digest(model), "source": model.meta.get("source"),
+                      "latent_scale": model.latent_scale}}
+
+
+def _build_denoiser(mcfg: dict, path: Path) -> nn.Module:
+    """The float denoiser architecture from the recorded class name and config (no code execution)."""
+    import diffusers
+
+    arch = mcfg["architecture"]
+    if arch not in DENOISER_CLASSES:
+        raise IntegrityError(f"{path}: architecture {arch!r} is not supported by this loader "
+                             f"({', '.join(DENOISER_CLASSES)})")
+    cls = getattr(diffusers, arch)
+    if mcfg.get("denoiser_config"):
+        return cls.from_config(mcfg["denoiser_config"])
+    if arch == "UNet2DModel" and mcfg.get("unet_config"):  # checkpoints written before denoiser_config
+        return cls(**mcfg["unet_config"])
+    raise IntegrityError(f"{path}: {CONFIG_NAME} records no denoiser config")
+
+
+def _with_parts(mcfg: dict, path: Path, den: nn.Module, prompts: list[str] | None, meta: dict) -> DiffusionModel:
+    """The merged denoiser inside its FP parts, loaded from the recorded source and checked by digest."""
+    from lowbitdm_cli.models.registry import load_model, parts_digest
+
+    parts = mcfg["parts"]
+    model = load_model(mcfg["name"], prompts, with_denoiser=False)
+    if parts_digest(model) != parts["digest"]:
+        raise ArtifactError(f"{path}: the full-precision parts ({', '.join(parts['names'])}) of {mcfg['name']!r} "
+                            f"differ from those it was merged with (sha256): use the model it was made from")
+    return replace(model, denoiser=den, meta={**model.meta, **meta})
 
 
 def _act_entry(q: UniformQuantizer) -> dict:
@@ -212,13 +271,15 @@ def _to_int_runtime(den: nn.Module, config: dict, t: dict[str, torch.Tensor],
             "float_attention_matmuls": 2 * len(config.get("attention_matmuls", {}))}
 
 
-def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> DiffusionModel:
+def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake",
+                prompts: list[str] | None = None) -> DiffusionModel:
     """Rebuild a `DiffusionModel` from a merged checkpoint folder (JSON + safetensors only).
 
     ``runtime="fake"`` dequantizes the weights to float and fake-quantizes the inputs (the
     reference); ``"int"`` then replaces each quantized layer by `IntConv2d`/`IntLinear`
     (integer kernels). Layers that cannot run on them (float weights, unquantized input)
     keep float compute; ``model.meta["runtime"]`` counts both and names the fallbacks.
+    `prompts`: the prompt list of a text-to-image model (its text encoder loads from the source).
     """
     if runtime not in ("fake", "int"):
         raise ValueError(f"runtime must be 'fake' or 'int', got {runtime!r}")
@@ -226,11 +287,7 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> D
     config = json.loads((path / CONFIG_NAME).read_text())
     t = load_file(str(path / WEIGHTS_NAME))
     mcfg = config["model"]
-    if mcfg["architecture"] != "UNet2DModel":
-        raise IntegrityError(f"{path}: architecture {mcfg['architecture']!r} is not supported by this loader")
-    from diffusers import UNet2DModel
-
-    den = UNet2DModel(**mcfg["unet_config"])
+    den = _build_denoiser(mcfg, path)
     specs = {}
     weights = {}
     codes = {}
@@ -287,10 +344,12 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake") -> D
     missing = [k for k in missing if not k.endswith((".a_quant.bits", ".a_quant.timesteps", ".w_quant.timesteps",
                                                      ".a_quant_skip.bits", ".a_quant_skip.timesteps"))]
     _check(not missing and not unexpected, path, f"tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
-    meta = {"unet": mcfg["unet_config"]}
+    meta = {"unet": mcfg["unet_config"]} if mcfg.get("unet_config") else {"denoiser_config": mcfg["denoiser_config"]}
     if runtime == "int":
         meta["runtime"] = _to_int_runtime(den, config, t, codes)
     den.eval().requires_grad_(False)
+    if mcfg.get("parts"):
+        return _with_parts(mcfg, path, den, prompts, meta)
     acp = torch.tensor(mcfg["schedule"]["alphas_cumprod"], dtype=torch.float32)
     return DiffusionModel(denoiser=den, schedule=NoiseSchedule(acp), sample_shape=tuple(mcfg["sample_shape"]),
                           conditioning=mcfg["conditioning"], num_classes=mcfg["num_classes"],

@@ -68,7 +68,7 @@ def _load_diffusers(folder: Path, allowed: tuple[str, ...]) -> nn.Module:
     name = _read_json(folder / "config.json").get("_class_name")
     if name not in allowed:
         raise ModelFormatError(f"{folder}: model class {name!r} is not supported here ({', '.join(allowed)})")
-    module = getattr(diffusers, name).from_pretrained(str(folder))
+    module = getattr(diffusers, name).from_pretrained(str(folder), low_cpu_mem_usage=False)
     return module.eval().requires_grad_(False)
 
 

@@ -1,0 +1,270 @@
+"""Every diffusers family through the CLI: calibrate (ptq) → finetune (qalora) → merge → sample.
+
+Tiny random models in each on-disk format (`family_builders`) stand in for the paper
+checkpoints: DDPM (pixel, cosine schedule), LDM (VQ latents), class-conditional LDM
+(class-embedding cross-attention context, the CompVis cin256 layout), Stable Diffusion
+(CLIP text encoder, prompts from a file) and DiT (transformer, learned sigma).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from family_builders import build_class_ldm, build_ddpm, build_dit, build_ldm, build_sd
+from lowbitdm_cli.artifacts import Artifact
+from lowbitdm_cli.cli import app
+from lowbitdm_cli.export.checkpoint import CONFIG_NAME, load_merged
+from lowbitdm_cli.export.int_runtime import IntLayer, IntLinear
+from lowbitdm_cli.models.registry import load_model
+from lowbitdm_cli.models.wrapper import NoiseSchedule, set_timestep
+from lowbitdm_cli.npz import read_npz
+from lowbitdm_cli.quant.layers import quant_layers
+from lowbitdm_cli.quant.policy import QuantPolicy, build_layer_specs
+
+BUILDERS: dict[str, Callable[[Path], Path]] = {"ddpm": build_ddpm, "ldm": build_ldm, "ldm-class": build_class_ldm,
+                                               "sd": build_sd, "dit": build_dit}
+SETS = ["calibrate.num_samples=2", "calibrate.batch_size=2", "sample.num_samples=4", "sample.batch_size=2",
+        "sample.steps=3", "finetune.epochs=1", "finetune.batch_size=2", "finetune.steps=2"]
+PROMPTS = ["a cat", "a red dog", "two birds"]
+# roles each family's layer policy must find (beyond plain conv/linear)
+ROLES = {
+    "ddpm": {"conv_in", "conv_out", "time_embedding", "time_emb_proj", "attention", "downsample", "upsample"},
+    "ldm": {"conv_in", "conv_out", "time_embedding", "attention"},
+    "ldm-class": {"conv_in", "conv_out", "time_embedding", "attention", "cross_attention", "feed_forward"},
+    "sd": {"conv_in", "conv_out", "time_embedding", "attention", "cross_attention", "feed_forward"},
+    "dit": {"conv_in", "conv_out", "time_embedding", "adaln", "attention", "feed_forward"},
+}
+LATENT = {"ddpm": (3, 8, 8), "ldm": (3, 4, 4), "ldm-class": (3, 4, 4), "sd": (4, 4, 4), "dit": (4, 4, 4)}
+
+
+def _sets(extra: list[str] = ()) -> list[str]:  # type: ignore[assignment]
+    return [a for s in [*SETS, *extra] for a in ("--set", s)]
+
+
+def _ok(result, what: str) -> None:  # noqa: ANN001
+    assert result.exit_code == 0, f"{what} failed ({result.exit_code}):\n{result.output}\n{result.exception!r}"
+
+
+def _one_line_error(result, *needles: str) -> str:  # noqa: ANN001
+    assert result.exit_code == 2, f"exit code {result.exit_code}, {result.exception!r}:\n{result.output}"
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    text = " ".join(result.output.split())  # rich may wrap the one long line
+    for needle in needles:
+        assert needle in text, text
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
+    return {"root": root, **{kind: build(root / kind) for kind, build in BUILDERS.items()}}
+
+
+@pytest.fixture(scope="session")
+def chains(family_dirs: dict[str, Path]) -> dict[str, Path]:
+    """The four stages of every family, run once per session through the CLI."""
+    runner = CliRunner()
+    runs = {}
+    for kind in BUILDERS:
+        run = family_dirs["root"] / f"run-{kind}"
+        prompts = ["--prompts", str(family_dirs["root"] / "prompts.txt")] if kind == "sd" else []
+        steps = [["calibrate", "--model", str(family_dirs[kind]), "--bits", "w4a8", "--recipe", "ptq", *_sets(),
+                  *prompts, "--out", str(run / "calibrate")],
+                 ["finetune", str(run / "calibrate"), "--method", "qalora"],
+                 ["merge", str(run / "finetune")],
+                 ["sample", str(run / "merge")]]
+        for args in steps:
+            _ok(runner.invoke(app, args), f"{kind} {args[0]}")
+        runs[kind] = run
+    return runs
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_chain(kind: str, chains: dict[str, Path], family_dirs: dict[str, Path]) -> None:
+    run = chains[kind]
+    cal = Artifact.open(run / "calibrate").manifest
+    assert cal.model.name == str(family_dirs[kind].resolve()) and cal.model.source == str(family_dirs[kind].resolve())
+    roles = {s["role"] for s in cal.info["layers"].values()}
+    assert ROLES[kind] <= roles, ROLES[kind] - roles
+    xs = Artifact.open(run / "calibrate").tensors("calib_data.safetensors")["xs"]
+    assert tuple(xs.shape[1:]) == (2, *LATENT[kind])  # calibration stays in latent space
+    if kind == "sd":
+        assert cal.info["num_prompts"] == len(PROMPTS) and len(cal.info["prompts_sha256"]) == 64
+    assert Artifact.open(run / "finetune").manifest.info["method"] == "qalora"
+
+    cfg = json.loads((run / "merge" / CONFIG_NAME).read_text())
+    assert cfg["model"]["architecture"] == type(load_model(str(family_dirs[kind]), PROMPTS).denoiser).__name__
+    assert bool(cfg["model"].get("parts")) == (kind != "ddpm")  # FP parts load from the source, by digest
+
+    sampled = Artifact.open(run / "sample").manifest
+    assert sampled.info["runtime"] == "int"
+    data = read_npz(run / "sample" / "samples.npz")
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (4, 8, 8, 3)  # decoded to 8x8 RGB
+    if kind in ("ddpm", "ldm"):
+        assert "labels" not in data
+    else:
+        n = len(PROMPTS) if kind == "sd" else 4
+        assert data["labels"].tolist() == [i % n for i in range(4)]  # class labels / prompt indices
+
+
+@pytest.mark.parametrize("kind", ["ldm-class", "sd", "dit"])
+def test_sampling_is_deterministic(kind: str, chains: dict[str, Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    _ok(runner.invoke(app, ["sample", str(chains[kind] / "merge"), "--out", str(tmp_path / "again")]), "sample")
+    first = read_npz(chains[kind] / "sample" / "samples.npz")["arr_0"]
+    assert np.array_equal(first, read_npz(tmp_path / "again" / "samples.npz")["arr_0"])
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_int_runtime_agrees_with_fake_per_layer(kind: str, chains: dict[str, Path]) -> None:
+    """Every integer layer, fed the input it sees in a CFG forward, matches its fake-quantized twin
+    to float rounding; transformer and cross-attention Linears see 3-D [B, L, D] inputs."""
+    merged = chains[kind] / "merge"
+    prompts = PROMPTS if kind == "sd" else None
+    mi, mf = load_merged(merged, "int", prompts), load_merged(merged, "fake", prompts)
+    fake = quant_layers(mf.denoiser)
+    worst, three_d, names = 0.0, 0, []
+
+    def hook(name: str):  # noqa: ANN202
+        def check(_m, inputs: tuple, out: torch.Tensor) -> None:
+            nonlocal worst, three_d
+            ref = fake[name](inputs[0])
+            worst = max(worst, float((out - ref).norm() / ref.norm().clamp_min(1e-12)))
+            three_d += int(inputs[0].dim() == 3)
+        return check
+
+    handles = []
+    for name, m in mi.denoiser.named_modules():
+        if isinstance(m, IntLayer):
+            handles.append(m.register_forward_hook(hook(name)))
+            names.append(name)
+    assert len(names) >= 5
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *mi.sample_shape, generator=gen)
+    cond = torch.tensor([0, 1]) if mi.conditional else None
+    with torch.no_grad():
+        set_timestep(mf.denoiser, 500)
+        mi.eps(x, 500, cond, 2.0)
+    for h in handles:
+        h.remove()
+    assert worst < 1e-4, worst
+    if kind in ("ldm-class", "sd", "dit"):
+        assert three_d > 0
+    if kind in ("ldm-class", "sd"):
+        assert any(n.endswith("attn2.to_k") and isinstance(dict(mi.denoiser.named_modules())[n], IntLinear)
+                   for n in names)  # cross-attention keys run on integer kernels
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_layer_policy_keeps_first_last_and_time_layers_at_8bit(kind: str, family_dirs: dict[str, Path]) -> None:
+    model = load_model(str(family_dirs[kind]), PROMPTS)
+    policy = QuantPolicy(w_bits=4, a_bits=4, keep_8bit=["time_embedding", "conv_in", "conv_out", "adaln"],
+                         skip=["cross_attention"])
+    specs = build_layer_specs(model.denoiser, policy)
+    for name, s in specs.items():
+        assert s.role != "cross_attention"
+        if s.role in policy.keep_8bit:
+            assert (s.w_bits, s.a_bits) == (8, 8), name
+    if kind == "dit":
+        assert specs["pos_embed.proj"].role == "conv_in" and specs["proj_out_2"].role == "conv_out"
+        assert specs["transformer_blocks.0.norm1.linear"].role == "adaln"
+        assert specs["transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"].role == "time_embedding"
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_schedules_match_diffusers(schedule: str) -> None:
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(beta_schedule=schedule, beta_start=0.00085, beta_end=0.012)
+    ours = NoiseSchedule.from_config(dict(ref.config))
+    assert torch.allclose(ours.alphas_cumprod, ref.alphas_cumprod.float(), rtol=1e-5, atol=1e-7)
+
+
+# --- user mistakes: one line, exit code 2 -------------------------------------------------------
+
+def test_offline_hub_names_what_to_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("LOWBITDM_MODELS_DIR", str(tmp_path / "models"))
+    result = CliRunner().invoke(app, ["calibrate", "--model", "dit-xl-2-256", "--bits", "w4a4", *_sets(),
+                                      "--out", str(tmp_path / "c")])
+    _one_line_error(result, "'dit-xl-2-256'", "facebook/DiT-XL-2-256", str(tmp_path / "models" / "dit-xl-2-256"),
+                    "--model PATH")
+    assert not (tmp_path / "c").exists()
+
+
+def test_registered_name_loads_from_models_dir(family_dirs: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(family_dirs["dit"], tmp_path / "dit-xl-2-256")
+    monkeypatch.setenv("LOWBITDM_MODELS_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["--json", "calibrate", "--model", "dit-xl-2-256", "--bits", "w8a8", *_sets(),
+                                      "--set", "sample.steps=2", "--out", str(tmp_path / "c")])
+    _ok(result, "calibrate dit-xl-2-256")
+    manifest = Artifact.open(tmp_path / "c").manifest
+    assert manifest.model.name == "dit-xl-2-256" and manifest.model.source == str(tmp_path / "dit-xl-2-256")
+    assert manifest.recipe["sample"]["guidance"] == 1.5  # the registry's paper setting
+
+
+@pytest.mark.parametrize("case", ["v-prediction", "no-prompts", "pipeline", "not-a-pipeline", "prompt-file"])
+def test_bad_models(case: str, family_dirs: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    extra: list[str] = []
+    if case == "v-prediction":
+        shutil.copytree(family_dirs["ddpm"], folder)
+        cfg_file = folder / "scheduler" / "scheduler_config.json"
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "prediction_type": "v_prediction"}))
+        needles = ["v_prediction", "epsilon"]
+    elif case == "no-prompts":
+        folder = family_dirs["sd"]
+        needles = ["text-to-image", "--prompts"]
+    elif case == "pipeline":
+        shutil.copytree(family_dirs["ddpm"], folder)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+        needles = ["'FluxPipeline' is not supported", "DiTPipeline"]
+    elif case == "not-a-pipeline":
+        folder.mkdir()
+        needles = ["no model_index.json"]
+    else:
+        folder = family_dirs["sd"]
+        extra = ["--prompts", str(tmp_path / "missing.txt")]
+        needles = ["missing.txt", "does not exist"]
+    result = CliRunner().invoke(app, ["calibrate", "--model", str(folder), *extra, *_sets(),
+                                      "--out", str(tmp_path / "c")])
+    _one_line_error(result, *needles)
+    assert not (tmp_path / "c").exists()
+
+
+def test_changed_fp_parts_are_refused(chains: dict[str, Path], family_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A merged checkpoint loads its FP autoencoder from the source, and only the one it was merged with."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbitdm_cli.errors import ArtifactError
+
+    cfg = json.loads((chains["ldm"] / "merge" / CONFIG_NAME).read_text())
+    source = Path(cfg["model"]["parts"]["source"])
+    weights = source / "vqvae" / "diffusion_pytorch_model.safetensors"
+    backup = tmp_path / "vq.safetensors"
+    shutil.copy(weights, backup)
+    try:
+        state = load_file(str(weights))
+        key = next(iter(state))
+        state[key] = state[key] + 1.0
+        save_file(state, str(weights))
+        with pytest.raises(ArtifactError, match="differ from those it was merged with"):
+            load_merged(chains["ldm"] / "merge", "fake")
+    finally:
+        shutil.copy(backup, weights)
+    assert load_merged(chains["ldm"] / "merge", "fake").autoencoder is not None
