@@ -260,9 +260,9 @@ def evaluate(
                                                  "or digits-train).")],
     metric: Annotated[list[str] | None, typer.Option(
         "--metric", help="Metric(s), repeatable or comma-separated: fid, sfid, is, precision, recall, kid (Inception, "
-                         "any model) or fid_digits, class_accuracy (embedded models). Default: fid_digits and "
-                         "class_accuracy for digits / tiny-random, fid sfid is precision recall for the "
-                         "others.")] = None,
+                         "any model), clip_score (text-to-image, with --clip-weights) or fid_digits, class_accuracy "
+                         "(embedded models). Default: fid_digits and class_accuracy for digits / tiny-random, "
+                         "clip_score for text-to-image models, fid sfid is precision recall for the others.")] = None,
     ref: Annotated[str | None, typer.Option(
         "--ref", help="Reference for fid, sfid, precision, recall, kid: an image folder, an .npz of images (arr_0) or "
                       "of statistics (mu/sigma, mu_s/sigma_s, feats), an ADM reference batch "
@@ -284,6 +284,9 @@ def evaluate(
                                     "pt_inception-2015-12-05-6726825d.pth or clean-fid's inception-2015-12-05.pt. "
                                     "Default: $LOWBITDM_INCEPTION_WEIGHTS (pytorch-fid) or $LOWBITDM_CLEANFID_WEIGHTS "
                                     "(clean-fid), then the backend's own download cache.")] = None,
+    clip_weights: Annotated[Path | None, typer.Option(
+        "--clip-weights", help="clip_score: a local transformers CLIPModel folder (never downloaded; default "
+                               "$LOWBITDM_CLIP_WEIGHTS).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per Inception forward pass.")] = 50,
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N.")] = "auto",
     make_ref: Annotated[bool, typer.Option(
@@ -321,7 +324,7 @@ def evaluate(
     metrics = list(dict.fromkeys(names)) or default_metrics(art.manifest.model.name)
     with _Bars() as bars:
         result = _guard(run_stage, art, metrics, out_dir or art.path.parent / "evaluate", force=force, inception=opts,
-                        progress=bars)
+                        clip_weights=clip_weights, progress=bars)
     _report(result, "evaluated")
 
 

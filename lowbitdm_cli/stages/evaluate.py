@@ -4,6 +4,8 @@ FID-digits and class accuracy (the embedded models' `digits-features` evaluator)
 Inception metrics of the ADM suite for any model: FID, sFID, IS, precision/recall (k = 3), KID,
 against a reference set (see `lowbitdm_cli.evaluation.reference`). The manifest records the
 Inception backend, its mode, the weights' sha256, the sample count and the reference.
+Text-to-image samples are scored by CLIP score (`evaluation.clip_score`) against their
+prompts, with a local CLIP model.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowbitdm_cli.artifacts import Artifact, StageRun
@@ -21,9 +24,10 @@ from lowbitdm_cli.evaluation.suite import INCEPTION_METRICS, requirements, score
 from lowbitdm_cli.models.registry import MODELS, evaluator_of
 from lowbitdm_cli.npz import read_npz
 
-__all__ = ["DIGITS_METRICS", "INCEPTION_METRICS", "InceptionOptions", "default_metrics", "evaluate"]
+__all__ = ["CLIP_METRICS", "DIGITS_METRICS", "INCEPTION_METRICS", "InceptionOptions", "default_metrics", "evaluate"]
 
 DIGITS_METRICS = ("fid_digits", "class_accuracy")
+CLIP_METRICS = ("clip_score",)
 PAPER_METRICS = ["fid", "sfid", "is", "precision", "recall"]
 
 
@@ -47,12 +51,16 @@ def _evaluator(model_name: str) -> str:
 
 
 def default_metrics(model_name: str) -> list[str]:
-    """FID-digits and class accuracy for the embedded models, the papers' metrics for the others."""
-    return list(DIGITS_METRICS) if _evaluator(model_name) == "digits-features" else list(PAPER_METRICS)
+    """FID-digits and class accuracy for the embedded models, CLIP score for text-to-image models,
+    the papers' Inception metrics for the others."""
+    evaluator = _evaluator(model_name)
+    if evaluator == "digits-features":
+        return list(DIGITS_METRICS)
+    return list(CLIP_METRICS) if evaluator == "clip" else list(PAPER_METRICS)
 
 
 def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = False, replace_stale: bool = False,
-             inception: InceptionOptions | None = None,
+             inception: InceptionOptions | None = None, clip_weights: str | Path | None = None,
              progress: Callable[[str, int, int], None] = lambda *_: None) -> Artifact:
     """Score the images of `samples`; metrics land in the manifest's `metrics`."""
     from lowbitdm_cli.evaluation.inception import extract_features, open_extractor
@@ -63,17 +71,28 @@ def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = Fal
     if not metrics:
         raise EvaluationError("no metric given: use fid, sfid, is, precision, recall, kid or fid_digits, "
                               "class_accuracy")
-    unknown = [m for m in metrics if m not in DIGITS_METRICS + INCEPTION_METRICS]
+    unknown = [m for m in metrics if m not in DIGITS_METRICS + INCEPTION_METRICS + CLIP_METRICS]
     if unknown:
         raise EvaluationError(f"unknown metric{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: use "
-                              f"{', '.join(INCEPTION_METRICS)} (Inception) or {', '.join(DIGITS_METRICS)} "
-                              f"(embedded models)")
+                              f"{', '.join(INCEPTION_METRICS)} (Inception), {', '.join(DIGITS_METRICS)} "
+                              f"(embedded models) or clip_score (text-to-image)")
     digits_metrics = [m for m in metrics if m in DIGITS_METRICS]
     inception_metrics = [m for m in metrics if m in INCEPTION_METRICS]
     if digits_metrics and evaluator != "digits-features":
         raise EvaluationError(f"{', '.join(digits_metrics)} use the digits-features evaluator of the embedded models; "
                               f"{model_name!r} is scored with {', '.join(INCEPTION_METRICS)}")
     options: dict = {"metrics": sorted(metrics)}
+    clip = None
+    if "clip_score" in metrics:
+        from lowbitdm_cli.evaluation.clip_score import open_clip
+        from lowbitdm_cli.stages.common import recipe_prompts
+
+        prompts = recipe_prompts(samples.manifest.recipe)
+        if not prompts:
+            raise EvaluationError(f"clip_score scores text-to-image samples against their prompts: {samples.path} "
+                                  f"was sampled without prompts (model.prompts)")
+        clip = open_clip(clip_weights, (inception or InceptionOptions()).device)
+        options["clip"] = clip.identity()
     if inception_metrics:
         opts = inception or InceptionOptions()
         extractor = open_extractor(opts.backend, opts.mode, opts.weights, opts.device)
@@ -100,7 +119,10 @@ def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = Fal
     files: list[str] = []
     values: dict[str, float] = {}
     info: dict = {"evaluator": "+".join(e for e, ms in (("digits-features", digits_metrics),
-                                                        ("inception", inception_metrics)) if ms)}
+                                                        ("inception", inception_metrics),
+                                                        ("clip", clip is not None)) if ms)}
+    if clip is not None:
+        values["clip_score"], info["clip"] = _clip_score(samples, clip, prompts, progress)
     if digits_metrics:
         from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
 
@@ -135,3 +157,29 @@ def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = Fal
         info["inception"] = {**extractor.info(), "num_samples": images.num_images,
                              "reference": reference.description if reference else None, **details}
     return run.commit(files, metrics=values, info=info)
+
+
+def _clip_score(samples: Artifact, clip, prompts: list[str], progress: Callable[[str, int, int], None],  # noqa: ANN001
+                batch_size: int = 50) -> tuple[float, dict]:
+    """Mean CLIP score of the samples, each against the prompt its label indexes."""
+    from lowbitdm_cli.evaluation.images import NpzImages
+
+    from lowbitdm_cli.npz import npz_shapes
+
+    if "labels" not in npz_shapes(samples.file("samples.npz")):
+        raise EvaluationError(f"{samples.path}/samples.npz has no labels (prompt indices) to score against")
+    labels = read_npz(samples.file("samples.npz"), keys=["labels"])["labels"].tolist()
+    images = NpzImages(samples.file("samples.npz"))
+    if max(labels) >= len(prompts):
+        raise EvaluationError(f"{samples.path}: prompt index {max(labels)} is outside the {len(prompts)} prompts of "
+                              f"model.prompts: the prompt file changed since sampling")
+
+    def batches():  # noqa: ANN202
+        start = 0
+        for block in images.batches(batch_size):
+            yield np.stack(block), [prompts[i] for i in labels[start:start + len(block)]]
+            start += len(block)
+
+    per_image = clip.scores(batches(), progress=lambda n: progress("clip score", n, images.num_images))
+    return float(per_image.mean()), {**clip.identity(), "num_images": images.num_images,
+                                     "std": float(per_image.std())}

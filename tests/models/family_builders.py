@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["build_class_ldm", "build_ddpm", "build_dit", "build_ldm", "build_sd", "tiny_tokenizer"]
+__all__ = ["build_class_ldm", "build_clip", "build_ddpm", "build_dit", "build_ldm", "build_sd", "tiny_tokenizer"]
 
 _CHARS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -125,4 +125,21 @@ def build_dit(path: Path, num_classes: int = 4) -> Path:
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                 num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=num_classes)
     DiTPipeline(transformer=dit, vae=_kl(), scheduler=DDIMScheduler()).save_pretrained(path)
+    return path
+
+
+def build_clip(path: Path) -> Path:
+    """A tiny transformers CLIPModel folder (8x8 images, letter tokenizer) for the CLIP score."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    torch.manual_seed(5)
+    tok = tiny_tokenizer(path, max_length=8)
+    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1)
+    vision = CLIPVisionConfig(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2)
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8)).save_pretrained(
+        path)
+    tok.save_pretrained(path)
     return path

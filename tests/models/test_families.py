@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from family_builders import build_class_ldm, build_ddpm, build_dit, build_ldm, build_sd
+from family_builders import build_class_ldm, build_clip, build_ddpm, build_dit, build_ldm, build_sd
 from lowbitdm_cli.artifacts import Artifact
 from lowbitdm_cli.cli import app
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, load_merged
@@ -268,3 +268,28 @@ def test_changed_fp_parts_are_refused(chains: dict[str, Path], family_dirs: dict
     finally:
         shutil.copy(backup, weights)
     assert load_merged(chains["ldm"] / "merge", "fake").autoencoder is not None
+
+
+def test_clip_score(chains: dict[str, Path], tmp_path: Path) -> None:
+    """clip_score (the default metric of text-to-image samples) needs local CLIP weights; with them it
+    scores every image against the prompt its label indexes."""
+    from lowbitdm_cli.evaluation.clip_score import open_clip
+
+    runner = CliRunner()
+    samples = chains["sd"] / "sample"
+    _one_line_error(runner.invoke(app, ["evaluate", str(samples), "--out", str(tmp_path / "e0")]),
+                    "clip_score needs local CLIP weights", "--clip-weights")
+    clip_dir = build_clip(tmp_path / "clip")
+    result = runner.invoke(app, ["--json", "evaluate", str(samples), "--clip-weights", str(clip_dir),
+                                 "--out", str(tmp_path / "e")])
+    _ok(result, "evaluate clip_score")
+    score = json.loads(result.stdout)["metrics"]["clip_score"]
+    data = read_npz(samples / "samples.npz")
+    scorer = open_clip(clip_dir)
+    cos = scorer.cosines(iter([(data["arr_0"], [PROMPTS[i] for i in data["labels"]])]))
+    assert 0.0 <= score <= 100.0 and score == pytest.approx(float(100 * np.maximum(cos, 0).mean()), abs=1e-4)
+    shuffled = scorer.cosines(iter([(data["arr_0"], [PROMPTS[(i + 1) % 3] for i in data["labels"]])]))
+    assert not np.allclose(cos, shuffled)  # each image is scored against its own prompt
+    _one_line_error(runner.invoke(app, ["evaluate", str(chains["dit"] / "sample"), "--metric", "clip_score",
+                                        "--clip-weights", str(clip_dir), "--out", str(tmp_path / "e2")]),
+                    "sampled without prompts")
