@@ -293,3 +293,23 @@ def test_clip_score(chains: dict[str, Path], tmp_path: Path) -> None:
     _one_line_error(runner.invoke(app, ["evaluate", str(chains["dit"] / "sample"), "--metric", "clip_score",
                                         "--clip-weights", str(clip_dir), "--out", str(tmp_path / "e2")]),
                     "sampled without prompts")
+
+
+@pytest.mark.parametrize("kind, recipe", [("dit", "mpqdm"), ("sd", "quest"), ("ldm-class", "qdiffusion")],
+                         ids=["dit-mpqdm", "sd-quest", "ldm-class-qdiffusion"])
+def test_methods_run_on_families(kind: str, recipe: str, family_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """OMQ + TRD (the TRD feature: DiT's last transformer block), QuEST's selective layers
+    (cross-attention and time-embedding projections), BRECQ reconstruction over transformer blocks."""
+    runner = CliRunner()
+    prompts = ["--prompts", str(family_dirs["root"] / "prompts.txt")] if kind == "sd" else []
+    recon = ["calibrate.recon_iters=2", "calibrate.recon_samples=4", "calibrate.recon_batch_size=2"]
+    _ok(runner.invoke(app, ["calibrate", "--model", str(family_dirs[kind]), "--bits", "w4a4", "--recipe", recipe,
+                            *_sets(recon), *prompts, "--out", str(tmp_path / "c")]), f"{kind} {recipe} calibrate")
+    _ok(runner.invoke(app, ["finetune", str(tmp_path / "c")]), f"{kind} {recipe} finetune")
+    info = Artifact.open(tmp_path / "finetune").manifest.info
+    if recipe != "qdiffusion":  # Q-Diffusion is PTQ only: its finetune stage is the pass-through
+        assert info["epochs"] == 1 and info["trainable_parameters"] > 0
+    if recipe == "quest":
+        assert info["local_layers"] > 0
+    if recipe == "qdiffusion":
+        assert Artifact.open(tmp_path / "c").manifest.info["reconstruction"]
