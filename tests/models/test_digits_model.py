@@ -58,10 +58,12 @@ def test_ddim_timesteps():
         ddim_timesteps(1000, 0)
 
 
-def test_registry_explains_missing_checkpoints():
+def test_registry_explains_missing_checkpoints(tmp_path, monkeypatch):
     from lowbitdm_cli.errors import ModelNotFoundError
 
+    monkeypatch.setenv("LOWBITDM_MODELS_DIR", str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="unknown model"):
         model_entry("nope")
-    with pytest.raises(ModelNotFoundError, match="needs"):
-        model_entry("ldm-4")
+    assert model_entry("ldm-4").sampler["guidance"] == 3.0  # registered, with its paper setting
+    with pytest.raises(ModelNotFoundError, match="needs a local copy"):
+        load_model("ldm-4")  # not on this machine, and not on the hub
