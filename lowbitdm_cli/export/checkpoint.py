@@ -40,7 +40,8 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_tensors", "load_merged"]
 CONFIG_NAME = "quantization_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
+                    "CompVisUNet2DModel")
 
 
 def _json_config(module: nn.Module) -> dict | None:
@@ -151,6 +152,13 @@ def _parts_entry(model: DiffusionModel) -> dict:
                       "latent_scale": model.latent_scale}}
 
 
+def _compvis_unet() -> type:
+    """The CompVis converter's UNet2DModel with per-level head counts (LSUN-Church)."""
+    from lowbitdm_cli.models.registry import _compvis_module
+
+    return _compvis_module().CompVisUNet2DModel
+
+
 def _build_denoiser(mcfg: dict, path: Path) -> nn.Module:
     """The float denoiser architecture from the recorded class name and config (no code execution)."""
     import diffusers
@@ -159,7 +167,7 @@ def _build_denoiser(mcfg: dict, path: Path) -> nn.Module:
     if arch not in DENOISER_CLASSES:
         raise IntegrityError(f"{path}: architecture {arch!r} is not supported by this loader "
                              f"({', '.join(DENOISER_CLASSES)})")
-    cls = getattr(diffusers, arch)
+    cls = _compvis_unet() if arch == "CompVisUNet2DModel" else getattr(diffusers, arch)
     if mcfg.get("denoiser_config"):
         return cls.from_config(mcfg["denoiser_config"])
     if arch == "UNet2DModel" and mcfg.get("unet_config"):  # checkpoints written before denoiser_config

@@ -57,14 +57,14 @@ class ClassEmbedder(Conditioner):
     """A class-embedding table outside the denoiser whose rows are its cross-attention context.
 
     `embedding` has num_classes + 1 rows when the null class is a learned row (CompVis
-    cin256: 1001 rows, null = 1000).
+    cin256: 1001 rows, null = 1000); None when the model has no null class (no guidance).
     """
 
     kind = "class"
 
-    def __init__(self, embedding: nn.Embedding, num_classes: int, null: int) -> None:
+    def __init__(self, embedding: nn.Embedding, num_classes: int, null: int | None) -> None:
         super().__init__(num_classes, null)
-        if not 0 <= null < embedding.num_embeddings:
+        if null is not None and not 0 <= null < embedding.num_embeddings:
             raise ValueError(f"null class {null} is not a row of the {embedding.num_embeddings}-row class embedding")
         self.embedding = embedding
 

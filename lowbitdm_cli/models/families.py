@@ -36,7 +36,7 @@ from torch import nn
 from lowbitdm_cli.models.conditioning import ClassEmbedder, ClassLabels, Conditioner, NoCondition
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 
-__all__ = ["CLASS_LDM_PIPELINE", "FAMILIES", "Family", "class_ldm_model", "family_of_pipeline",
+__all__ = ["CLASS_LDM_PIPELINE", "FAMILIES", "Family", "class_ldm_model", "family_of_pipeline", "from_compvis",
            "save_class_ldm_folder", "sample_shape_of"]
 
 CLASS_LDM_PIPELINE = "LowbitdmClassLDMPipeline"
@@ -127,6 +127,28 @@ def class_ldm_model(unet: nn.Module, class_embedder: nn.Embedding, autoencoder: 
     cond = ClassEmbedder(class_embedder.eval().requires_grad_(False), num_classes, null_class)
     return build_model(FAMILIES["ldm-class"], unet, dict(unet.config), NoiseSchedule.from_config(scheduler_config),
                        cond, autoencoder.eval().requires_grad_(False), name, meta or {}, latent_scale)
+
+
+def from_compvis(cv, name: str, source: str, with_denoiser: bool = True) -> DiffusionModel:  # noqa: ANN001
+    """A `DiffusionModel` from a converted CompVis LDM (`models.compvis.load_compvis`'s result:
+    ``unet``, ``autoencoder``, ``class_embedder``, ``scale_factor``, ``schedule`` (a diffusers
+    scheduler config), ``conditioning``, ``num_classes``, ``null_class``, ``latent_shape``)."""
+    from lowbitdm_cli.errors import ModelFormatError
+
+    if cv.conditioning == "text":
+        raise ModelFormatError(f"{source}: a CompVis text-to-image checkpoint (its text encoder is not converted): "
+                               f"use the diffusers StableDiffusionPipeline folder of the model instead")
+    if cv.conditioning == "class":
+        cond: Conditioner = ClassEmbedder(cv.class_embedder.eval().requires_grad_(False), int(cv.num_classes),
+                                          cv.null_class)
+        family = FAMILIES["ldm-class"]
+    else:
+        cond, family = NoCondition(), FAMILIES["ldm"]
+    c, h, w = cv.latent_shape
+    return build_model(family, cv.unet.eval().requires_grad_(False) if with_denoiser else None,
+                       {"in_channels": c, "sample_size": [h, w]}, NoiseSchedule.from_config(cv.schedule), cond,
+                       cv.autoencoder.eval().requires_grad_(False), name,
+                       {"source": source, "pipeline": "CompVis"}, latent_scale=float(cv.scale_factor))
 
 
 def load_class_embedder(folder: Path) -> tuple[nn.Embedding, dict]:

@@ -52,7 +52,7 @@ class ModelEntry:
     @property
     def available(self) -> bool:
         """Loadable without a download: embedded, a local folder, or in the hub cache."""
-        if self.loader is not None or (self.local_dir / "model_index.json").is_file():
+        if self.loader is not None or _local(self):
             return True
         if self.hub_id is None:
             return False
@@ -83,8 +83,9 @@ def _load_tiny_random() -> DiffusionModel:
 
 
 def _compvis(what: str) -> str:
-    return (f"a local copy: convert CompVis latent-diffusion's {what} (.ckpt + YAML) to a diffusers folder and put it "
-            f"at $LOWBITDM_MODELS_DIR/<name> (default ~/.cache/lowbitdm/models/<name>), or pass --model FOLDER")
+    return (f"a local copy: put CompVis latent-diffusion's {what} (model.ckpt + config.yaml, as its model zip holds "
+            f"them; or a diffusers folder) at $LOWBITDM_MODELS_DIR/<name> (default ~/.cache/lowbitdm/models/<name>), "
+            f"or pass --model PATH")
 
 
 MODELS: dict[str, ModelEntry] = {e.name: e for e in [
@@ -128,14 +129,61 @@ def _is_path(name: str) -> bool:
     return name not in MODELS and Path(name).exists()
 
 
+_COMPVIS_FILES = ("model.ckpt", "model.safetensors")
+
+
+def _is_compvis(path: Path) -> bool:
+    """A CompVis checkpoint: a .ckpt/.safetensors file, or a folder with model.ckpt + config.yaml."""
+    if path.is_file():
+        return path.suffix in (".ckpt", ".safetensors")
+    return not (path / "model_index.json").exists() and any((path / f).is_file() for f in _COMPVIS_FILES)
+
+
+def _compvis_module():  # noqa: ANN202
+    try:
+        from lowbitdm_cli.models import compvis
+    except ImportError:
+        raise ModelFormatError("CompVis .ckpt checkpoints need lowbitdm's CompVis converter "
+                               "(lowbitdm_cli.models.compvis), which this installation lacks: pass a diffusers "
+                               "folder instead") from None
+    return compvis
+
+
+def _load_compvis(path: Path, name: str | None, with_denoiser: bool) -> DiffusionModel:
+    from lowbitdm_cli.models.families import from_compvis
+
+    compvis = _compvis_module()
+    cv = compvis.load_compvis(*compvis.compvis_files(path))
+    source = str(path.resolve())
+    return from_compvis(cv, name or source, source, with_denoiser)
+
+
+def _load_path(path: Path, prompts: list[str] | None, with_denoiser: bool, name: str | None = None
+               ) -> DiffusionModel:
+    """A diffusers pipeline folder, or a CompVis checkpoint (file, or folder with model.ckpt + config.yaml)."""
+    from lowbitdm_cli.models.diffusers_loader import load_folder
+
+    if _is_compvis(path):
+        return _load_compvis(path, name, with_denoiser)
+    return load_folder(path, prompts, with_denoiser, name=name)
+
+
 def _folder_family(name: str):  # noqa: ANN202 - a models.families.Family
     from lowbitdm_cli.models.diffusers_loader import detect_family
+    from lowbitdm_cli.models.families import FAMILIES
 
-    return detect_family(Path(name))[0]
+    path = Path(name)
+    if _is_compvis(path):
+        compvis = _compvis_module()
+        params = compvis.read_config(compvis.compvis_files(path)[1])["model"]["params"]
+        return FAMILIES["ldm" if params.get("cond_stage_config") == "__is_unconditional__" else "ldm-class"]
+    return detect_family(path)[0]
 
 
 def sampler_defaults(name: str) -> dict:
     """The paper sampler setting of a registered model, or of a folder's family."""
+    if name in MODELS:
+        return dict(MODELS[name].sampler)
     return dict(_folder_family(name).sampler) if _is_path(name) else dict(model_entry(name).sampler)
 
 
@@ -149,13 +197,18 @@ def evaluator_of(name: str) -> str:
         return "inception"
 
 
+def _local(entry: ModelEntry) -> bool:
+    d = entry.local_dir
+    return (d / "model_index.json").is_file() or (d.is_dir() and _is_compvis(d))
+
+
 def _load_entry(entry: ModelEntry, prompts: list[str] | None, with_denoiser: bool) -> DiffusionModel:
     from lowbitdm_cli.models.diffusers_loader import download_snapshot, load_folder
 
     if entry.loader is not None:
         return entry.loader()
-    if (entry.local_dir / "model_index.json").is_file():
-        return load_folder(entry.local_dir, prompts, with_denoiser, name=entry.name)
+    if _local(entry):
+        return _load_path(entry.local_dir, prompts, with_denoiser, name=entry.name)
     if entry.hub_id is None:
         raise ModelNotFoundError(f"model {entry.name!r} needs {entry.needs.replace('<name>', entry.name)}")
     folder = download_snapshot(entry.hub_id, entry.name, entry.local_dir)
@@ -170,15 +223,10 @@ def load_model(name: str, prompts: list[str] | None = None, with_denoiser: bool 
     `prompts` are the prompt list of a text-to-image model. `with_denoiser=False` loads only
     the parts beside the denoiser (for a merged checkpoint, which brings its own).
     """
-    from lowbitdm_cli.models.diffusers_loader import load_folder
-
     if name in MODELS:
         model = _load_entry(MODELS[name], prompts, with_denoiser)
-    elif Path(name).is_file():
-        raise ModelFormatError(f"{name} is a single checkpoint file: CompVis .ckpt checkpoints are converted by "
-                               f"lowbitdm's CompVis converter into a diffusers folder; pass --model FOLDER")
-    elif Path(name).is_dir():
-        model = load_folder(Path(name), prompts, with_denoiser)
+    elif Path(name).exists():
+        model = _load_path(Path(name), prompts, with_denoiser)
     else:
         model_entry(name)  # raises: unknown model
         raise AssertionError("unreachable")

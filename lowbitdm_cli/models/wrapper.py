@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lowbitdm_cli.errors import ModelFormatError
+from lowbitdm_cli.errors import ModelFormatError, RecipeError
 from lowbitdm_cli.models.conditioning import ClassLabels, Conditioner, NoCondition
 
 __all__ = ["BETA_SCHEDULES", "DiffusionModel", "NoiseSchedule", "set_timestep"]
@@ -125,6 +125,9 @@ class DiffusionModel:
         ε = ε_u + g · (ε_c − ε_u).
         """
         if self.conditional and guidance != 1.0:
+            if self.null_class is None:
+                raise RecipeError(f"{self.name} has no unconditional (null) condition, so no classifier-free "
+                                  f"guidance: set sample.guidance=1 (and finetune.guidance=1)")
             null = torch.full_like(cond, self.null_class)
             out = self.forward(torch.cat([x_t, x_t]), t, torch.cat([cond, null]))
             eps_c, eps_u = out.chunk(2)

@@ -320,3 +320,39 @@ def test_methods_run_on_families(kind: str, recipe: str, family_dirs: dict[str, 
         assert info["local_layers"] > 0
     if recipe == "qdiffusion":
         assert Artifact.open(tmp_path / "c").manifest.info["reconstruction"]
+
+
+def test_compvis_conversions_plug_in(family_dirs: dict[str, Path]) -> None:
+    """What the CompVis converter returns (UNet2DConditionModel + class embedder + VQModel + scheduler
+    config) becomes the same model as the class-LDM folder holding those modules."""
+    from types import SimpleNamespace
+
+    from lowbitdm_cli.errors import RecipeError
+    from lowbitdm_cli.models.families import from_compvis
+
+    folder = family_dirs["ldm-class"]
+    ref = load_model(str(folder))
+    cv = SimpleNamespace(unet=ref.denoiser, autoencoder=ref.autoencoder, class_embedder=ref.conditioner.embedding,
+                         scale_factor=1.0, conditioning="class", num_classes=4, null_class=4, latent_shape=(3, 4, 4),
+                         schedule=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+    model = from_compvis(cv, "cin-tiny", "/somewhere/model.ckpt")
+    x, cond = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 3])
+    with torch.no_grad():
+        assert torch.equal(model.eps(x, 500, cond, 3.0), ref.eps(x, 500, cond, 3.0))
+        assert torch.equal(model.decode(x), ref.decode(x))
+    assert (model.sample_shape, model.null_class, model.meta["family"]) == ((3, 4, 4), 4, "ldm-class")
+    no_null = from_compvis(SimpleNamespace(**{**vars(cv), "null_class": None}), "cin-tiny", "/somewhere/model.ckpt")
+    with pytest.raises(RecipeError, match="sample.guidance=1"):
+        no_null.eps(x, 500, cond, 3.0)
+
+
+def test_compvis_checkpoint_without_converter(tmp_path: Path) -> None:
+    try:
+        import lowbitdm_cli.models.compvis  # noqa: F401
+        pytest.skip("the CompVis converter is installed: tests/models/test_compvis.py covers .ckpt loading")
+    except ImportError:
+        pass
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    result = CliRunner().invoke(app, ["calibrate", "--model", str(tmp_path / "model.ckpt"), *_sets(),
+                                      "--out", str(tmp_path / "c")])
+    _one_line_error(result, "CompVis", "diffusers folder")
