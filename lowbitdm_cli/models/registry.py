@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,12 +122,30 @@ def model_entry(name: str) -> ModelEntry:
     entry = MODELS.get(name)
     if entry is None:
         raise ModelNotFoundError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))} "
-                                 f"(see `lowbitdm models`), or a diffusers folder path")
+                                 f"(see `lowbitdm models`), a model folder path, or a hub repository owner/repo")
     return entry
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _is_path(name: str) -> bool:
     return name not in MODELS and Path(name).exists()
+
+
+def _is_hub_id(name: str) -> bool:
+    """``owner/repo`` that is neither registered nor a path here: a Hugging Face hub repository."""
+    return name not in MODELS and not Path(name).exists() and bool(_HUB_ID.match(name))
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """A local copy of hub repository `repo_id`: $LOWBITDM_MODELS_DIR/<owner>--<repo>, else the hub snapshot."""
+    from lowbitdm_cli.models.diffusers_loader import download_snapshot
+
+    local = models_dir() / repo_id.replace("/", "--")
+    if (local / "model_index.json").is_file():
+        return local
+    return download_snapshot(repo_id, repo_id, local)
 
 
 _COMPVIS_FILES = ("model.ckpt", "model.safetensors")
@@ -184,6 +203,8 @@ def sampler_defaults(name: str) -> dict:
     """The paper sampler setting of a registered model, or of a folder's family."""
     if name in MODELS:
         return dict(MODELS[name].sampler)
+    if _is_hub_id(name):
+        return dict(_folder_family(str(_hub_folder(name))).sampler)
     return dict(_folder_family(name).sampler) if _is_path(name) else dict(model_entry(name).sampler)
 
 
@@ -191,6 +212,8 @@ def evaluator_of(name: str) -> str:
     """Which evaluator scores a model's samples: digits-features, inception or clip."""
     if name in MODELS:
         return MODELS[name].evaluator
+    if _is_hub_id(name):
+        return _folder_family(str(_hub_folder(name))).evaluator
     try:
         return _folder_family(name).evaluator if Path(name).exists() else "inception"
     except ModelNotFoundError:
@@ -218,7 +241,8 @@ def _load_entry(entry: ModelEntry, prompts: list[str] | None, with_denoiser: boo
 
 
 def load_model(name: str, prompts: list[str] | None = None, with_denoiser: bool = True) -> DiffusionModel:
-    """Load a registered model or a diffusers folder in eval mode with gradients off.
+    """Load a registered model, a diffusers folder, a CompVis checkpoint or a hub repository
+    (``owner/repo``: from the hub cache, downloaded when online) in eval mode, gradients off.
 
     `prompts` are the prompt list of a text-to-image model. `with_denoiser=False` loads only
     the parts beside the denoiser (for a merged checkpoint, which brings its own).
@@ -227,6 +251,9 @@ def load_model(name: str, prompts: list[str] | None = None, with_denoiser: bool 
         model = _load_entry(MODELS[name], prompts, with_denoiser)
     elif Path(name).exists():
         model = _load_path(Path(name), prompts, with_denoiser)
+    elif _is_hub_id(name):
+        model = _load_path(_hub_folder(name), prompts, with_denoiser, name=name)
+        model.meta["source"] = f"hub:{name}"
     else:
         model_entry(name)  # raises: unknown model
         raise AssertionError("unreachable")

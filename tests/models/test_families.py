@@ -356,3 +356,28 @@ def test_compvis_checkpoint_without_converter(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["calibrate", "--model", str(tmp_path / "model.ckpt"), *_sets(),
                                       "--out", str(tmp_path / "c")])
     _one_line_error(result, "CompVis", "diffusers folder")
+
+
+def test_hub_repository_from_the_cache(family_dirs: dict[str, Path], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model owner/repo` loads the hub snapshot (here a cache laid out as huggingface_hub does,
+    offline); without one, the error says what to download and where."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-dit" / "snapshots" / ("0" * 40)
+    shutil.copytree(family_dirs["dit"], snapshot)
+    (cache / "models--someone--tiny-dit" / "refs").mkdir()
+    (cache / "models--someone--tiny-dit" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("LOWBITDM_MODELS_DIR", str(tmp_path / "models"))
+    runner = CliRunner()
+    _ok(runner.invoke(app, ["calibrate", "--model", "someone/tiny-dit", "--bits", "w8a8", *_sets(),
+                            "--out", str(tmp_path / "c")]), "calibrate someone/tiny-dit")
+    ref = Artifact.open(tmp_path / "c").manifest.model
+    assert (ref.name, ref.source) == ("someone/tiny-dit", "hub:someone/tiny-dit")
+    _ok(runner.invoke(app, ["finetune", str(tmp_path / "c"), "--out", str(tmp_path / "f")]), "finetune")
+    _one_line_error(runner.invoke(app, ["calibrate", "--model", "someone/missing", *_sets(),
+                                        "--out", str(tmp_path / "c2")]),
+                    "hf download someone/missing", str(tmp_path / "models" / "someone--missing"))
