@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from lowbitdm_cli.artifacts import Artifact, digest_of
-from lowbitdm_cli.models.registry import sampler_defaults
+from lowbitdm_cli.errors import RecipeError
+from lowbitdm_cli.models.registry import evaluator_of, sampler_defaults
 from lowbitdm_cli.recipes import Recipe
 from lowbitdm_cli.stages.calibrate import calibrate
 from lowbitdm_cli.stages.common import open_source
@@ -38,7 +39,12 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
                progress: Callable[[str, int, int], None] = lambda *_: None,
                log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Run FP baseline and the quantized chain; return the rows of the comparison table."""
-    recipe = recipe.resolved(sampler_defaults(recipe.model.name))
+    defaults = sampler_defaults(recipe.model.name)  # an unknown model fails here
+    if evaluator_of(recipe.model.name) != "digits-features":
+        raise RecipeError(f"`lowbitdm run` scores with the embedded models' digits metrics; for {recipe.model.name!r} "
+                          f"run the stages one by one so that evaluate gets its reference and weights (--ref, "
+                          f"--inception-weights, --clip-weights): see the README's paper-model commands")
+    recipe = recipe.resolved(defaults)
     name = Path(recipe.model.name).name  # a folder path runs under its folder's name
     metrics = recipe.evaluate.metrics
     fp_dir = runs_dir / f"{name}-fp-{digest_of(recipe.sample.model_dump())[:8]}"

@@ -201,13 +201,18 @@ class SampleSection(_Section):
                                 "per class when C divides N, e.g. 50 per class for 50,000 ImageNet samples) or random "
                                 "(uniform, drawn per sample index from the seed)")
 
+    decode_batch_size: int | None = Field(None, ge=1, description="latent models: images the autoencoder decodes at "
+                                          "once (default: the whole batch_size)")
+
     @model_serializer(mode="wrap")
     def _omit_default_labels(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # `labels` came after artifacts already recorded this section: leaving the default out of the
-        # dump keeps their inputs digests (and the FP baseline folders named after them) valid
+        # `labels` and `decode_batch_size` came after artifacts already recorded this section: leaving their
+        # defaults out of the dump keeps those inputs digests (and the FP baseline folders named after them) valid
         data = handler(self)
         if self.labels == "balanced":
             data.pop("labels", None)
+        if self.decode_batch_size is None:
+            data.pop("decode_batch_size", None)
         return data
 
 

@@ -146,12 +146,18 @@ class DiffusionModel:
         return out
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Final x0 → images in [-1, 1]: pixel models return it, latent models decode it."""
+    def decode(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Final x0 → images in [-1, 1]: pixel models return it, latent models decode it
+        (`batch_size` latents at a time, to bound memory; float kernels may round differently per
+        batch size, which is why `sample.decode_batch_size` is part of the recipe)."""
         if self.autoencoder is None:
             return x
-        out = self.autoencoder.decode(x / self.latent_scale)
-        return out.sample if hasattr(out, "sample") else out
+        step = batch_size or x.shape[0]
+        images = []
+        for i in range(0, x.shape[0], step):
+            out = self.autoencoder.decode(x[i:i + step] / self.latent_scale)
+            images.append(out.sample if hasattr(out, "sample") else out)
+        return torch.cat(images)
 
     def parts(self) -> dict[str, nn.Module]:
         """The full-precision modules beside the denoiser (autoencoder, conditioner), by name."""

@@ -79,7 +79,8 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
         for s in mine:
             lo, hi = bounds[s]
             cond = labels[lo:hi] if labels is not None else None
-            x = model.decode(ddim_sample(model, cond, list(range(lo, hi)), cfg.seed, settings))  # latents → images
+            x = ddim_sample(model, cond, list(range(lo, hi)), cfg.seed, settings)
+            x = model.decode(x, cfg.decode_batch_size)  # latent models: latents → images
             shard = {"images": torch.from_numpy(to_uint8(x))}
             if cond is not None:
                 shard["labels"] = cond

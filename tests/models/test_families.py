@@ -381,3 +381,9 @@ def test_hub_repository_from_the_cache(family_dirs: dict[str, Path], tmp_path: P
     _one_line_error(runner.invoke(app, ["calibrate", "--model", "someone/missing", *_sets(),
                                         "--out", str(tmp_path / "c2")]),
                     "hf download someone/missing", str(tmp_path / "models" / "someone--missing"))
+
+
+def test_run_points_paper_models_to_the_stages(family_dirs: dict[str, Path], tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "--model", str(family_dirs["ddpm"]), "--runs-dir", str(tmp_path)])
+    _one_line_error(result, "run the stages one by one", "--ref")
+    assert not any(tmp_path.iterdir())
