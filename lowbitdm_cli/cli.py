@@ -385,7 +385,8 @@ def models() -> None:
     from lowbitdm_cli.models.registry import MODELS
 
     rows = [{"name": n, "available": e.available, "description": e.description, "sampler": e.sampler,
-             "needs": e.needs} for n, e in MODELS.items()]
+             "needs": e.needs.replace("<name>", n), "family": e.family, "hub_id": e.hub_id,
+             "local_dir": None if e.loader else str(e.local_dir)} for n, e in MODELS.items()]
     if _state["json"]:
         out.print_json(json.dumps(rows))
         return
@@ -394,7 +395,7 @@ def models() -> None:
         table.add_column(col)
     for row in rows:
         s = row["sampler"]
-        table.add_row(row["name"], "yes" if row["available"] else "needs local copy",
+        table.add_row(row["name"], "yes" if row["available"] else f"needs {row['hub_id'] or 'local copy'}",
                       f"DDIM {s.get('steps')} steps, eta {s.get('eta')}, cfg {s.get('guidance')}", row["description"])
     out.print(table)
 

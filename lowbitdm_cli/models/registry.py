@@ -26,7 +26,7 @@ from lowbitdm_cli.errors import ModelFormatError, ModelNotFoundError
 from lowbitdm_cli.models import digits
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 
-__all__ = ["MODELS", "ModelEntry", "evaluator_of", "load_model", "model_entry", "model_ref", "models_dir",
+__all__ = ["MODELS", "ModelEntry", "evaluator_of", "is_hub_id", "load_model", "model_entry", "model_ref", "models_dir",
            "parts_digest", "sampler_defaults"]
 
 
@@ -133,7 +133,7 @@ def _is_path(name: str) -> bool:
     return name not in MODELS and Path(name).exists()
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
     """``owner/repo`` that is neither registered nor a path here: a Hugging Face hub repository."""
     return name not in MODELS and not Path(name).exists() and bool(_HUB_ID.match(name))
 
@@ -203,7 +203,7 @@ def sampler_defaults(name: str) -> dict:
     """The paper sampler setting of a registered model, or of a folder's family."""
     if name in MODELS:
         return dict(MODELS[name].sampler)
-    if _is_hub_id(name):
+    if is_hub_id(name):
         return dict(_folder_family(str(_hub_folder(name))).sampler)
     return dict(_folder_family(name).sampler) if _is_path(name) else dict(model_entry(name).sampler)
 
@@ -212,7 +212,7 @@ def evaluator_of(name: str) -> str:
     """Which evaluator scores a model's samples: digits-features, inception or clip."""
     if name in MODELS:
         return MODELS[name].evaluator
-    if _is_hub_id(name):
+    if is_hub_id(name):
         return _folder_family(str(_hub_folder(name))).evaluator
     try:
         return _folder_family(name).evaluator if Path(name).exists() else "inception"
@@ -251,7 +251,7 @@ def load_model(name: str, prompts: list[str] | None = None, with_denoiser: bool 
         model = _load_entry(MODELS[name], prompts, with_denoiser)
     elif Path(name).exists():
         model = _load_path(Path(name), prompts, with_denoiser)
-    elif _is_hub_id(name):
+    elif is_hub_id(name):
         model = _load_path(_hub_folder(name), prompts, with_denoiser, name=name)
         model.meta["source"] = f"hub:{name}"
     else:

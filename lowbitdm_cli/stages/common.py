@@ -9,7 +9,7 @@ import torch
 
 from lowbitdm_cli.artifacts import MANIFEST, Artifact, ModelRef
 from lowbitdm_cli.errors import ArtifactError, StageOrderError
-from lowbitdm_cli.models.registry import MODELS, load_model, model_ref
+from lowbitdm_cli.models.registry import MODELS, is_hub_id, load_model, model_ref
 from lowbitdm_cli.models.text import prompts_digest, read_prompts
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.model import load_quant_state, quantize_denoiser
@@ -99,11 +99,11 @@ def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | 
         raise ValueError(f"runtime must be 'int' or 'fake', got {runtime!r}")
     text = str(source)
     path = Path(text)
-    fp_folder = path.is_dir() and not (path / MANIFEST).exists() and (path / "model_index.json").exists()
-    if (text in MODELS and not path.exists()) or fp_folder:
-        name = text if text in MODELS else str(path.resolve())
+    model_path = path.exists() and not (path / MANIFEST).exists() and text not in MODELS  # a model folder / file
+    if (text in MODELS and not path.exists()) or model_path or is_hub_id(text):
+        name = str(path.resolve()) if model_path else text
         model = load_model(name, read_prompts(prompts) if prompts else None)
-        return Source(model, model_ref(model), None, f"{Path(name).name if fp_folder else name} (fp)")
+        return Source(model, model_ref(model), None, f"{Path(name).name if model_path else name} (fp)")
     if not path.exists():
         raise ArtifactError(f"{text!r} is neither a known model ({', '.join(sorted(MODELS))}) nor an artifact folder")
     art = Artifact.open(path)

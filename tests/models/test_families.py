@@ -387,3 +387,22 @@ def test_run_points_paper_models_to_the_stages(family_dirs: dict[str, Path], tmp
     result = CliRunner().invoke(app, ["run", "--model", str(family_dirs["ddpm"]), "--runs-dir", str(tmp_path)])
     _one_line_error(result, "run the stages one by one", "--ref")
     assert not any(tmp_path.iterdir())
+
+
+def test_prompts_from_a_file(family_dirs: dict[str, Path], chains: dict[str, Path], tmp_path: Path) -> None:
+    """FP text-to-image sampling takes --prompts; artifacts keep the prompts they were made with and
+    refuse a prompt file that changed after calibration."""
+    runner = CliRunner()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    _ok(runner.invoke(app, ["sample", str(family_dirs["sd"]), "--prompts", str(prompts), *_sets(),
+                            "--set", "sample.num_samples=3", "--out", str(tmp_path / "fp")]), "FP sample")
+    data = read_npz(tmp_path / "fp" / "samples.npz")
+    assert data["arr_0"].shape == (3, 8, 8, 3) and data["labels"].tolist() == [0, 1, 0]
+    assert Artifact.open(tmp_path / "fp").manifest.recipe["model"]["prompts"] == str(prompts)
+    _one_line_error(runner.invoke(app, ["sample", str(chains["sd"] / "merge"), "--prompts", str(prompts)]),
+                    "--prompts applies to a full-precision model")
+    _ok(runner.invoke(app, ["calibrate", "--model", str(family_dirs["sd"]), "--prompts", str(prompts), *_sets(),
+                            "--out", str(tmp_path / "c")]), "calibrate")
+    prompts.write_text("a cat\na horse\n")
+    _one_line_error(runner.invoke(app, ["finetune", str(tmp_path / "c")]), "changed since calibration")
