@@ -154,9 +154,9 @@ def _parts_entry(model: DiffusionModel) -> dict:
 
 def _compvis_unet() -> type:
     """The CompVis converter's UNet2DModel with per-level head counts (LSUN-Church)."""
-    from lowbitdm_cli.models.registry import _compvis_module
+    from lowbitdm_cli.models.compvis import CompVisUNet2DModel
 
-    return _compvis_module().CompVisUNet2DModel
+    return CompVisUNet2DModel
 
 
 def _build_denoiser(mcfg: dict, path: Path) -> nn.Module:

@@ -158,20 +158,11 @@ def _is_compvis(path: Path) -> bool:
     return not (path / "model_index.json").exists() and any((path / f).is_file() for f in _COMPVIS_FILES)
 
 
-def _compvis_module():  # noqa: ANN202
-    try:
-        from lowbitdm_cli.models import compvis
-    except ImportError:
-        raise ModelFormatError("CompVis .ckpt checkpoints need lowbitdm's CompVis converter "
-                               "(lowbitdm_cli.models.compvis), which this installation lacks: pass a diffusers "
-                               "folder instead") from None
-    return compvis
-
-
 def _load_compvis(path: Path, name: str | None, with_denoiser: bool) -> DiffusionModel:
     from lowbitdm_cli.models.families import from_compvis
 
-    compvis = _compvis_module()
+    from lowbitdm_cli.models import compvis
+
     cv = compvis.load_compvis(*compvis.compvis_files(path))
     source = str(path.resolve())
     return from_compvis(cv, name or source, source, with_denoiser)
@@ -193,7 +184,8 @@ def _folder_family(name: str):  # noqa: ANN202 - a models.families.Family
 
     path = Path(name)
     if _is_compvis(path):
-        compvis = _compvis_module()
+        from lowbitdm_cli.models import compvis
+
         params = compvis.read_config(compvis.compvis_files(path)[1])["model"]["params"]
         return FAMILIES["ldm" if params.get("cond_stage_config") == "__is_unconditional__" else "ldm-class"]
     return detect_family(path)[0]

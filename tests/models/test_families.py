@@ -346,18 +346,6 @@ def test_compvis_conversions_plug_in(family_dirs: dict[str, Path]) -> None:
         no_null.eps(x, 500, cond, 3.0)
 
 
-def test_compvis_checkpoint_without_converter(tmp_path: Path) -> None:
-    try:
-        import lowbitdm_cli.models.compvis  # noqa: F401
-        pytest.skip("the CompVis converter is installed: tests/models/test_compvis.py covers .ckpt loading")
-    except ImportError:
-        pass
-    (tmp_path / "model.ckpt").write_bytes(b"not read")
-    result = CliRunner().invoke(app, ["calibrate", "--model", str(tmp_path / "model.ckpt"), *_sets(),
-                                      "--out", str(tmp_path / "c")])
-    _one_line_error(result, "CompVis", "diffusers folder")
-
-
 def test_hub_repository_from_the_cache(family_dirs: dict[str, Path], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`--model owner/repo` loads the hub snapshot (here a cache laid out as huggingface_hub does,
