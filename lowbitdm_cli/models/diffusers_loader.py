@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from lowbitdm_cli.errors import ModelFormatError, ModelNotFoundError, RecipeError
+from lowbitdm_cli.models.conditioning import ClassEmbedder
 from lowbitdm_cli.models.families import (
     FAMILIES,
     Family,
@@ -25,7 +26,6 @@ from lowbitdm_cli.models.families import (
     label_conditioner,
     load_class_embedder,
 )
-from lowbitdm_cli.models.conditioning import ClassEmbedder
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 
 __all__ = ["HUB_FILES", "detect_family", "download_snapshot", "load_folder"]

@@ -36,8 +36,16 @@ from torch import nn
 from lowbitdm_cli.models.conditioning import ClassEmbedder, ClassLabels, Conditioner, NoCondition
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 
-__all__ = ["CLASS_LDM_PIPELINE", "FAMILIES", "Family", "class_ldm_model", "family_of_pipeline", "from_compvis",
-           "save_class_ldm_folder", "sample_shape_of"]
+__all__ = [
+    "CLASS_LDM_PIPELINE",
+    "FAMILIES",
+    "Family",
+    "class_ldm_model",
+    "family_of_pipeline",
+    "from_compvis",
+    "sample_shape_of",
+    "save_class_ldm_folder",
+]
 
 CLASS_LDM_PIPELINE = "LowbitdmClassLDMPipeline"
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lowbitdm_cli.artifacts import ModelRef
-from lowbitdm_cli.errors import ModelFormatError, ModelNotFoundError
+from lowbitdm_cli.errors import ModelNotFoundError
 from lowbitdm_cli.models import digits
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 
@@ -159,9 +159,8 @@ def _is_compvis(path: Path) -> bool:
 
 
 def _load_compvis(path: Path, name: str | None, with_denoiser: bool) -> DiffusionModel:
-    from lowbitdm_cli.models.families import from_compvis
-
     from lowbitdm_cli.models import compvis
+    from lowbitdm_cli.models.families import from_compvis
 
     cv = compvis.load_compvis(*compvis.compvis_files(path))
     source = str(path.resolve())
@@ -256,7 +255,7 @@ def load_model(name: str, prompts: list[str] | None = None, with_denoiser: bool 
     return model
 
 
-def _update(h: "hashlib._Hash", state: dict[str, torch.Tensor]) -> None:
+def _update(h: hashlib._Hash, state: dict[str, torch.Tensor]) -> None:
     for key, value in sorted(state.items()):
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -164,7 +164,6 @@ def _clip_score(samples: Artifact, clip, prompts: list[str], progress: Callable[
                 batch_size: int = 50) -> tuple[float, dict]:
     """Mean CLIP score of the samples, each against the prompt its label indexes."""
     from lowbitdm_cli.evaluation.images import NpzImages
-
     from lowbitdm_cli.npz import npz_shapes
 
     if "labels" not in npz_shapes(samples.file("samples.npz")):

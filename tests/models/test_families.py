@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from family_builders import build_class_ldm, build_clip, build_ddpm, build_dit, build_ldm, build_sd
 from typer.testing import CliRunner
 
-from family_builders import build_class_ldm, build_clip, build_ddpm, build_dit, build_ldm, build_sd
 from lowbitdm_cli.artifacts import Artifact
 from lowbitdm_cli.cli import app
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, load_merged
