@@ -40,9 +40,13 @@ __all__ = [
     "CLASS_LDM_PIPELINE",
     "FAMILIES",
     "Family",
+    "build_model",
     "class_ldm_model",
     "family_of_pipeline",
     "from_compvis",
+    "label_conditioner",
+    "latent_scale_of",
+    "load_class_embedder",
     "sample_shape_of",
     "save_class_ldm_folder",
 ]

@@ -5,12 +5,13 @@ the recipe's ``model.prompts`` file); index ``len(prompts)`` is the empty prompt
 unconditional branch of classifier-free guidance (as Stable Diffusion does). Calibration
 data and sample artifacts therefore store small integer indices, and the prompt file's
 sha256 is recorded so a changed file is caught instead of silently re-pairing data and text.
-The embeddings of all prompts are computed once, in full precision, and cached.
+Embeddings are computed in full precision, one prompt at a time, and cached.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -40,32 +41,45 @@ def prompts_digest(prompts: list[str]) -> str:
 class PromptEncoder(Conditioner):
     """Prompt index → ``encoder_hidden_states`` [B, L, D] from a frozen text encoder (CLIPTextModel).
 
-    `tokenizer` is a transformers tokenizer (padded to its `model_max_length`, as SD does).
+    `tokenizer` is a transformers tokenizer (padded to its `model_max_length`, as SD does). Each
+    prompt is encoded on its own, so its embedding never depends on which prompts shared a batch
+    or were cached before (sampling and a resumed run give the same bits); the most recently used
+    `cache_size` embeddings are kept, on the encoder's device.
     """
 
     kind = "text"
 
-    def __init__(self, text_encoder: nn.Module, tokenizer, prompts: list[str]) -> None:  # noqa: ANN001
+    def __init__(self, text_encoder: nn.Module, tokenizer, prompts: list[str],  # noqa: ANN001
+                 cache_size: int = 4096) -> None:
         super().__init__(len(prompts), len(prompts))
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.prompts = list(prompts)
-        self._cache: torch.Tensor | None = None
+        self.cache_size = cache_size
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def text(self, index: int) -> str:
+        """Prompt `index`; the null index (len(prompts)) is the empty prompt."""
+        return "" if index == self.null else self.prompts[index]
 
     @torch.no_grad()
-    def embeddings(self, device: torch.device) -> torch.Tensor:
-        """[P + 1, L, D]: every prompt, then the empty prompt (computed once per device)."""
-        if self._cache is None or self._cache.device != device:
-            tokens = self.tokenizer(self.prompts + [""], padding="max_length", truncation=True,
-                                    max_length=self.tokenizer.model_max_length, return_tensors="pt")
-            ids = tokens.input_ids.to(next(self.text_encoder.parameters()).device)
-            rows = [self.text_encoder(ids[i:i + 64])[0] for i in range(0, ids.shape[0], 64)]
-            self._cache = torch.cat(rows).float().to(device)
-        return self._cache
+    def _embedding(self, index: int) -> torch.Tensor:
+        emb = self._cache.get(index)
+        if emb is None:
+            ids = self.tokenizer([self.text(index)], padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            emb = self.text_encoder(ids.to(next(self.text_encoder.parameters()).device))[0][0].float()
+            self._cache[index] = emb
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(index)
+        return emb
 
     def denoiser_kwargs(self, cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return {"encoder_hidden_states": self.embeddings(cond.device)[cond]}
+        rows = torch.stack([self._embedding(i) for i in cond.tolist()])
+        return {"encoder_hidden_states": rows.to(cond.device)}
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - a device move drops the cache
-        self._cache = None
+        self._cache.clear()
         return super()._apply(fn, recurse)
