@@ -74,7 +74,11 @@ def load_quantized_from(artifact: Artifact, runtime: str = "fake") -> DiffusionM
     if artifact.manifest.stage == "merge":
         from lowbitdm_cli.export.checkpoint import load_merged
 
-        return load_merged(artifact.path, runtime=runtime, prompts=recipe_prompts(artifact.manifest.recipe))
+        model = load_merged(artifact.path, runtime=runtime, prompts=recipe_prompts(artifact.manifest.recipe))
+        calib = artifact.find("calibrate")
+        if calib is not None:
+            _check_prompts(artifact, calib, model)
+        return model
     calib = artifact.find("calibrate")
     if calib is None:
         raise StageOrderError(f"{artifact.path} has no calibrate artifact in its lineage")

@@ -86,12 +86,17 @@ def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = Fal
     clip = None
     if "clip_score" in metrics:
         from lowbitdm_cli.evaluation.clip_score import open_clip
+        from lowbitdm_cli.models.text import prompts_digest
         from lowbitdm_cli.stages.common import recipe_prompts
 
         prompts = recipe_prompts(samples.manifest.recipe)
         if not prompts:
             raise EvaluationError(f"clip_score scores text-to-image samples against their prompts: {samples.path} "
                                   f"was sampled without prompts (model.prompts)")
+        recorded = samples.manifest.info.get("prompts_sha256")
+        if recorded and recorded != prompts_digest(prompts):
+            raise EvaluationError(f"{samples.path}: the prompt file {samples.manifest.recipe['model'].get('prompts')} "
+                                  f"changed since sampling (sha256 differs): restore it to score the samples")
         clip = open_clip(clip_weights, (inception or InceptionOptions()).device)
         options["clip"] = clip.identity()
     if inception_metrics:

@@ -20,6 +20,7 @@ import torch
 from lowbitdm_cli.artifacts import Artifact, Manifest, StageRun
 from lowbitdm_cli.distributed import process_group, rank_device
 from lowbitdm_cli.models.registry import sampler_defaults
+from lowbitdm_cli.models.text import prompts_digest
 from lowbitdm_cli.npz import ChunkedArray, write_npz
 from lowbitdm_cli.recipes import Recipe
 from lowbitdm_cli.sampling import balanced_labels, ddim_sample, random_labels, save_grid, to_uint8
@@ -124,6 +125,9 @@ def _assemble(run: StageRun, model, source: Source, cfg, settings, labels: torch
     info = {"source": source.label, "runtime": source.runtime, "num_samples": cfg.num_samples,
             "sampler": settings.__dict__, "shards_done": num_shards,
             "unmatched_timesteps": unmatched}
+    prompts = getattr(model.conditioner, "prompts", None)
+    if prompts is not None:  # labels are indices into these prompts (clip_score pairs them again)
+        info["prompts_sha256"] = prompts_digest(prompts)
     return run.commit(files, info=info)
 
 

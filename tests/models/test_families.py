@@ -392,5 +392,9 @@ def test_prompts_from_a_file(family_dirs: dict[str, Path], chains: dict[str, Pat
                     "--prompts applies to a full-precision model")
     _ok(runner.invoke(app, ["calibrate", "--model", str(family_dirs["sd"]), "--prompts", str(prompts), *_sets(),
                             "--out", str(tmp_path / "c")]), "calibrate")
+    clip_dir = build_clip(tmp_path / "clip")
     prompts.write_text("a cat\na horse\n")
     _one_line_error(runner.invoke(app, ["finetune", str(tmp_path / "c")]), "changed since calibration")
+    _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "fp"), "--clip-weights", str(clip_dir),
+                                        "--out", str(tmp_path / "e")]), "changed since sampling")
+    assert not (tmp_path / "e.partial").exists()
