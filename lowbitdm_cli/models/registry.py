@@ -12,8 +12,6 @@ and where to put it. ``--model PATH`` takes any supported diffusers folder inste
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +22,11 @@ from torch import nn
 from lowbitdm_cli.artifacts import ModelRef
 from lowbitdm_cli.errors import ModelNotFoundError
 from lowbitdm_cli.models import digits
+from lowbitdm_cli.models.sources import hub_folder, is_compvis, is_hub_id, load_path, models_dir, path_family
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 
-__all__ = ["MODELS", "ModelEntry", "evaluator_of", "is_hub_id", "load_model", "model_entry", "model_ref", "models_dir",
-           "parts_digest", "sampler_defaults"]
-
-
-def models_dir() -> Path:
-    """Where registered models are looked for: $LOWBITDM_MODELS_DIR or ~/.cache/lowbitdm/models."""
-    return Path(os.environ.get("LOWBITDM_MODELS_DIR") or Path.home() / ".cache" / "lowbitdm" / "models")
+__all__ = ["MODELS", "ModelEntry", "evaluator_of", "load_model", "model_entry", "model_ref", "parts_digest",
+           "sampler_defaults"]
 
 
 @dataclass(frozen=True)
@@ -126,107 +120,42 @@ def model_entry(name: str) -> ModelEntry:
     return entry
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _is_path(name: str) -> bool:
-    return name not in MODELS and Path(name).exists()
-
-
-def is_hub_id(name: str) -> bool:
-    """``owner/repo`` that is neither registered nor a path here: a Hugging Face hub repository."""
-    return name not in MODELS and not Path(name).exists() and bool(_HUB_ID.match(name))
-
-
-def _hub_folder(repo_id: str) -> Path:
-    """A local copy of hub repository `repo_id`: $LOWBITDM_MODELS_DIR/<owner>--<repo>, else the hub snapshot."""
-    from lowbitdm_cli.models.diffusers_loader import download_snapshot
-
-    local = models_dir() / repo_id.replace("/", "--")
-    if (local / "model_index.json").is_file():
-        return local
-    return download_snapshot(repo_id, repo_id, local)
-
-
-_COMPVIS_FILES = ("model.ckpt", "model.safetensors")
-
-
-def _is_compvis(path: Path) -> bool:
-    """A CompVis checkpoint: a .ckpt/.safetensors file, or a folder with model.ckpt + config.yaml."""
-    if path.is_file():
-        return path.suffix in (".ckpt", ".safetensors")
-    return not (path / "model_index.json").exists() and any((path / f).is_file() for f in _COMPVIS_FILES)
-
-
-def _load_compvis(path: Path, name: str | None, with_denoiser: bool) -> DiffusionModel:
-    from lowbitdm_cli.models import compvis
-    from lowbitdm_cli.models.families import from_compvis
-
-    cv = compvis.load_compvis(*compvis.compvis_files(path))
-    source = str(path.resolve())
-    return from_compvis(cv, name or source, source, with_denoiser)
-
-
-def _load_path(path: Path, prompts: list[str] | None, with_denoiser: bool, name: str | None = None
-               ) -> DiffusionModel:
-    """A diffusers pipeline folder, or a CompVis checkpoint (file, or folder with model.ckpt + config.yaml)."""
-    from lowbitdm_cli.models.diffusers_loader import load_folder
-
-    if _is_compvis(path):
-        return _load_compvis(path, name, with_denoiser)
-    return load_folder(path, prompts, with_denoiser, name=name)
-
-
-def _folder_family(name: str):  # noqa: ANN202 - a models.families.Family
-    from lowbitdm_cli.models.diffusers_loader import detect_family
-    from lowbitdm_cli.models.families import FAMILIES
-
-    path = Path(name)
-    if _is_compvis(path):
-        from lowbitdm_cli.models import compvis
-
-        params = compvis.read_config(compvis.compvis_files(path)[1])["model"]["params"]
-        return FAMILIES["ldm" if params.get("cond_stage_config") == "__is_unconditional__" else "ldm-class"]
-    return detect_family(path)[0]
+def _family(name: str):  # noqa: ANN202 - the models.families.Family of a path or hub repository
+    return path_family(hub_folder(name) if is_hub_id(name) else Path(name))
 
 
 def sampler_defaults(name: str) -> dict:
-    """The paper sampler setting of a registered model, or of a folder's family."""
+    """The paper sampler setting of a registered model, or of a path's / hub repository's family."""
     if name in MODELS:
         return dict(MODELS[name].sampler)
-    if is_hub_id(name):
-        return dict(_folder_family(str(_hub_folder(name))).sampler)
-    return dict(_folder_family(name).sampler) if _is_path(name) else dict(model_entry(name).sampler)
+    if Path(name).exists() or is_hub_id(name):
+        return dict(_family(name).sampler)
+    return dict(model_entry(name).sampler)  # raises: unknown model
 
 
 def evaluator_of(name: str) -> str:
     """Which evaluator scores a model's samples: digits-features, inception or clip."""
     if name in MODELS:
         return MODELS[name].evaluator
-    if is_hub_id(name):
-        return _folder_family(str(_hub_folder(name))).evaluator
-    try:
-        return _folder_family(name).evaluator if Path(name).exists() else "inception"
-    except ModelNotFoundError:
-        return "inception"
+    return _family(name).evaluator if Path(name).exists() or is_hub_id(name) else "inception"
 
 
 def _local(entry: ModelEntry) -> bool:
     d = entry.local_dir
-    return (d / "model_index.json").is_file() or (d.is_dir() and _is_compvis(d))
+    return (d / "model_index.json").is_file() or (d.is_dir() and is_compvis(d))
 
 
 def _load_entry(entry: ModelEntry, prompts: list[str] | None, with_denoiser: bool) -> DiffusionModel:
-    from lowbitdm_cli.models.diffusers_loader import download_snapshot, load_folder
+    from lowbitdm_cli.models.diffusers_loader import download_snapshot
 
     if entry.loader is not None:
         return entry.loader()
     if _local(entry):
-        return _load_path(entry.local_dir, prompts, with_denoiser, name=entry.name)
+        return load_path(entry.local_dir, prompts, with_denoiser, name=entry.name)
     if entry.hub_id is None:
         raise ModelNotFoundError(f"model {entry.name!r} needs {entry.needs.replace('<name>', entry.name)}")
     folder = download_snapshot(entry.hub_id, entry.name, entry.local_dir)
-    model = load_folder(folder, prompts, with_denoiser, name=entry.name)
+    model = load_path(folder, prompts, with_denoiser, name=entry.name)
     model.meta["source"] = f"hub:{entry.hub_id}"
     return model
 
@@ -241,9 +170,9 @@ def load_model(name: str, prompts: list[str] | None = None, with_denoiser: bool 
     if name in MODELS:
         model = _load_entry(MODELS[name], prompts, with_denoiser)
     elif Path(name).exists():
-        model = _load_path(Path(name), prompts, with_denoiser)
+        model = load_path(Path(name), prompts, with_denoiser)
     elif is_hub_id(name):
-        model = _load_path(_hub_folder(name), prompts, with_denoiser, name=name)
+        model = load_path(hub_folder(name), prompts, with_denoiser, name=name)
         model.meta["source"] = f"hub:{name}"
     else:
         model_entry(name)  # raises: unknown model

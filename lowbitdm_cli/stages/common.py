@@ -9,7 +9,8 @@ import torch
 
 from lowbitdm_cli.artifacts import MANIFEST, Artifact, ModelRef
 from lowbitdm_cli.errors import ArtifactError, StageOrderError
-from lowbitdm_cli.models.registry import MODELS, is_hub_id, load_model, model_ref
+from lowbitdm_cli.models.registry import MODELS, load_model, model_ref
+from lowbitdm_cli.models.sources import is_hub_id
 from lowbitdm_cli.models.text import prompts_digest, read_prompts
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.model import load_quant_state, quantize_denoiser

@@ -223,6 +223,10 @@ def test_registered_name_loads_from_models_dir(family_dirs: dict[str, Path], tmp
     manifest = Artifact.open(tmp_path / "c").manifest
     assert manifest.model.name == "dit-xl-2-256" and manifest.model.source == str(tmp_path / "dit-xl-2-256")
     assert manifest.recipe["sample"]["guidance"] == 1.5  # the registry's paper setting
+    rows = {r["name"]: r for r in json.loads(CliRunner().invoke(app, ["--json", "models"]).stdout)}
+    assert rows["dit-xl-2-256"]["available"] is True and rows["dit-xl-2-256"]["family"] == "dit"
+    assert rows["dit-xl-2-256"]["local_dir"] == str(tmp_path / "dit-xl-2-256")
+    assert rows["sd-v1-4"]["hub_id"] == "CompVis/stable-diffusion-v1-4" and rows["digits"]["local_dir"] is None
 
 
 @pytest.mark.parametrize("case", ["v-prediction", "no-prompts", "pipeline", "not-a-pipeline", "prompt-file"])
