@@ -117,14 +117,24 @@ def build_sd(path: Path) -> Path:
     return path
 
 
-def build_dit(path: Path, num_classes: int = 4) -> Path:
-    """DiTPipeline: DiTTransformer2DModel (patch 2, learned sigma: 8 output channels) on KL latents."""
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+def build_dit(path: Path, num_classes: int = 4, hub_layout: bool = False) -> Path:
+    """DiTPipeline: DiTTransformer2DModel (patch 2, learned sigma: 8 output channels) on KL latents.
+
+    `hub_layout` saves the transformer as a ``Transformer2DModel`` with ``norm_type`` ada_norm_zero,
+    as facebook/DiT-XL-2-256 on the hub does (diffusers builds a DiTTransformer2DModel from it)."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, Transformer2DModel
 
     torch.manual_seed(4)
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=num_classes)
+    kwargs = {"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 2,
+              "sample_size": 4, "patch_size": 2, "num_embeds_ada_norm": num_classes}
+    dit = DiTTransformer2DModel(**kwargs)
     DiTPipeline(transformer=dit, vae=_kl(), scheduler=DDIMScheduler()).save_pretrained(path)
+    if hub_layout:
+        (path / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+        legacy = Transformer2DModel(**kwargs, norm_type="ada_norm_zero", norm_elementwise_affine=False,
+                                    activation_fn="gelu-approximate", attention_bias=True)
+        legacy.load_state_dict(dit.state_dict())
+        legacy.save_pretrained(path / "transformer")
     return path
 
 

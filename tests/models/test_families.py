@@ -402,3 +402,14 @@ def test_prompts_from_a_file(family_dirs: dict[str, Path], chains: dict[str, Pat
     _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "fp"), "--clip-weights", str(clip_dir),
                                         "--out", str(tmp_path / "e")]), "changed since sampling")
     assert not (tmp_path / "e.partial").exists()
+
+
+def test_dit_in_the_hubs_transformer2d_layout(family_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """facebook/DiT-XL-2-256 stores its transformer as Transformer2DModel (ada_norm_zero): same model."""
+    hub = build_dit(tmp_path / "dit", hub_layout=True)
+    assert json.loads((hub / "transformer" / "config.json").read_text())["_class_name"] == "Transformer2DModel"
+    a, b = load_model(str(hub)), load_model(str(family_dirs["dit"]))
+    x, cond = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3])
+    with torch.no_grad():
+        assert torch.equal(a.eps(x, 500, cond, 1.5), b.eps(x, 500, cond, 1.5))
+    assert a.num_classes == 4 and a.null_class == 4
