@@ -32,11 +32,13 @@ __all__ = ["HUB_FILES", "detect_family", "download_snapshot", "load_folder"]
 
 DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
 AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
-# what a snapshot needs (no fp16 variants, no .ckpt, no safety checker)
-HUB_FILES = ["model_index.json", "scheduler/*.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-             "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
-             "vae/diffusion_pytorch_model.safetensors", "vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors",
-             "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/*"]
+# what a snapshot needs (no fp16 variants, no .ckpt, no safety checker): configs, tokenizer, and per
+# component its safetensors weights, or its .bin ones (read with weights_only=True) where it has none
+HUB_FILES = ["model_index.json", "scheduler/*.json", "tokenizer/*", "class_embedder/*",
+             *(f"{c}/config.json" for c in ("unet", "transformer", "vae", "vqvae", "text_encoder"))]
+_WEIGHTS = {c: ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+            for c in ("unet", "transformer", "vae", "vqvae")} | {"text_encoder": ("model.safetensors",
+                                                                                 "pytorch_model.bin")}
 
 
 def _read_json(path: Path) -> dict:
@@ -126,9 +128,22 @@ def download_snapshot(repo_id: str, name: str, local_hint: Path) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=_offline(),
+    offline = _offline()
+
+    def fetch(weights: list[str]) -> Path:
+        return Path(snapshot_download(repo_id, allow_patterns=[*HUB_FILES, *weights], local_files_only=offline,
                                       cache_dir=constants.HF_HUB_CACHE))
+
+    try:
+        folder = fetch([f"{c}/{names[0]}" for c, names in _WEIGHTS.items()])
+        # components without safetensors weights: their .bin (torch.load(weights_only=True) reads it)
+        index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() \
+            else {}
+        missing = [c for c in _WEIGHTS if c in index and not (folder / c / _WEIGHTS[c][0]).is_file()]
+        if missing:
+            folder = fetch([f"{c}/{names[0]}" for c, names in _WEIGHTS.items()] +
+                           [f"{c}/{_WEIGHTS[c][1]}" for c in missing])
+        return folder
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
         raise ModelNotFoundError(
             f"model {name!r} is not on this machine and the hub is unreachable: on a machine with internet run "

@@ -413,3 +413,24 @@ def test_dit_in_the_hubs_transformer2d_layout(family_dirs: dict[str, Path], tmp_
     with torch.no_grad():
         assert torch.equal(a.eps(x, 500, cond, 1.5), b.eps(x, 500, cond, 1.5))
     assert a.num_classes == 4 and a.null_class == 4
+
+
+def test_bin_weights_load_with_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder with .bin weights (older hub repositories) is read by torch.load(weights_only=True) only."""
+    from diffusers import DDPMPipeline
+
+    src = build_ddpm(tmp_path / "src")
+    DDPMPipeline.from_pretrained(str(src)).save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "unet" / "diffusion_pytorch_model.bin").is_file()
+    calls = []
+    real_load = torch.load
+
+    def checked_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", checked_load)
+    model = load_model(str(tmp_path / "bin"))
+    assert calls and all(w is True for w in calls)
+    assert torch.equal(next(iter(model.denoiser.state_dict().values())),
+                       next(iter(load_model(str(src)).denoiser.state_dict().values())))
