@@ -145,6 +145,8 @@ def _summarize(path: Path) -> RunSummary:
     by_stage = {a.manifest.stage: a for a in reversed(chain)}  # nearest artifact of each stage wins
     recipe = head.manifest.recipe
     model = head.manifest.model.name
+    if Path(model).is_absolute():  # a model folder: its folder name, as the run folders are named
+        model = Path(model).name
     calib, ft = by_stage.get("calibrate"), by_stage.get("finetune")
     merged, sampled, evaluated = by_stage.get("merge"), by_stage.get("sample"), by_stage.get("evaluate")
     quantized = calib is not None
