@@ -177,7 +177,7 @@ def finetune(
     method: Annotated[str | None, typer.Option("--method", help="none | qalora (EfficientDM) | quest | qat.")] = None,
     loss: Annotated[str | None, typer.Option("--loss", help="mse | trd (MPQ-DM relation distillation added).")] = None,
     recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
-    force: ForceOpt = False,
+    force: ForceOpt = False, prompts: PromptsOpt = None,
 ) -> None:
     """Finetune a calibrated model by data-free distillation from the full-precision model.
 
@@ -190,7 +190,8 @@ def finetune(
 
     art = _open_parent(parent, ("calibrate",))
     extra = [f'finetune.loss="{loss}"'] if loss else []
-    r = _guard(load_recipe, recipe, base=art.manifest.recipe, sets=(sets or []) + extra, finetune_method=method)
+    r = _guard(load_recipe, recipe, base=art.manifest.recipe, sets=(sets or []) + extra, finetune_method=method,
+               prompts=prompts)
     with _Bars() as bars:
         result = _guard(run_stage, art, r, out_dir or art.path.parent / "finetune", resume=resume, force=force,
                         progress=bars)
@@ -240,8 +241,6 @@ def sample(
 
     src = _guard(open_source, source, runtime=runtime, prompts=prompts)
     base = src.artifact.manifest.recipe if src.artifact else None
-    if src.artifact is not None and prompts is not None:
-        _fail("--prompts applies to a full-precision model; an artifact samples with the prompts it was made with")
     r = _guard(load_recipe, recipe, base=base, sets=sets, model=src.ref.name, prompts=prompts)
     fp_dir = Path("runs") / f"{Path(source).name}-fp" / "sample"
     target = out_dir or (src.artifact.path.parent / "sample" if src.artifact else fp_dir)

@@ -19,7 +19,7 @@ class CalibrationData:
 
     Conditions are class labels, or for text models prompt indices into the recipe's prompt
     list (the embeddings are recomputed from the prompts by the frozen text encoder, so the
-    data stays small; the calibrate manifest records the prompt file's sha256).
+    data stays small; the stage's inputs digest covers the prompts' sha256).
 
     Under classifier-free guidance the denoiser sees both branches (cond and null); the
     calibration forward goes through `DiffusionModel.eps` with the same guidance, so

@@ -3,8 +3,9 @@
 A text model's condition is a prompt *index* into its prompt list (one prompt per line of
 the recipe's ``model.prompts`` file); index ``len(prompts)`` is the empty prompt, the
 unconditional branch of classifier-free guidance (as Stable Diffusion does). Calibration
-data and sample artifacts therefore store small integer indices, and the prompt file's
-sha256 is recorded so a changed file is caught instead of silently re-pairing data and text.
+data and sample artifacts therefore store small integer indices; the stages put the prompts'
+sha256 into their inputs digests (`stages.common.prompt_options`), so a changed file is never
+taken for the same inputs.
 Embeddings are computed in full precision, one prompt at a time, and cached.
 """
 
@@ -57,6 +58,12 @@ class PromptEncoder(Conditioner):
         self.prompts = list(prompts)
         self.cache_size = cache_size
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def with_prompts(self, prompts: list[str]) -> PromptEncoder:
+        """The same frozen text encoder over another prompt list (the cache is kept when it is the same)."""
+        if list(prompts) == self.prompts:
+            return self
+        return PromptEncoder(self.text_encoder, self.tokenizer, prompts, self.cache_size)
 
     def text(self, index: int) -> str:
         """Prompt `index`; the null index (len(prompts)) is the empty prompt."""

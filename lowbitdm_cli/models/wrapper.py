@@ -18,7 +18,7 @@ What differs between families lives in the wrapper's parts, never in the callers
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -158,6 +158,11 @@ class DiffusionModel:
             out = self.autoencoder.decode(x[i:i + step] / self.latent_scale)
             images.append(out.sample if hasattr(out, "sample") else out)
         return torch.cat(images)
+
+    def with_conditioner(self, conditioner: Conditioner) -> DiffusionModel:
+        """The same denoiser (shared, not copied) under another conditioner, e.g. other prompts."""
+        return replace(self, conditioner=conditioner, conditioning=conditioner.kind,
+                       num_classes=conditioner.num_conditions, null_class=conditioner.null)
 
     def parts(self) -> dict[str, nn.Module]:
         """The full-precision modules beside the denoiser (autoencoder, conditioner), by name."""

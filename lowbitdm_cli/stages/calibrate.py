@@ -39,7 +39,7 @@ from lowbitdm_cli.quant.model import load_quant_state, quant_state, quantize_den
 from lowbitdm_cli.quant.policy import build_layer_specs
 from lowbitdm_cli.recipes import CalibrateSection, Recipe
 from lowbitdm_cli.sampling import ddim_timesteps
-from lowbitdm_cli.stages.common import load_fp_model, sampler_settings
+from lowbitdm_cli.stages.common import load_fp_model, prompt_options, sampler_settings
 
 __all__ = ["calibrate"]
 
@@ -94,7 +94,7 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
     recipe = recipe.resolved(sampler_defaults(recipe.model.name))
     model = load_fp_model(recipe.model.name, recipe)
     run = StageRun.start(out, "calibrate", model_ref(model), recipe.model_dump(mode="json"),
-                         resume=resume, force=force,
+                         options=prompt_options(recipe), resume=resume, force=force,
                          replace_stale=replace_stale)
     if run.done:
         return run.artifact  # type: ignore[return-value]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lowbitdm_cli.artifacts import MANIFEST, Artifact, ModelRef
-from lowbitdm_cli.errors import ArtifactError, StageOrderError
+from lowbitdm_cli.errors import ArtifactError, RecipeError, StageOrderError
 from lowbitdm_cli.models.registry import MODELS, load_model, model_ref
 from lowbitdm_cli.models.sources import is_hub_id
 from lowbitdm_cli.models.text import prompts_digest, read_prompts
@@ -17,8 +17,8 @@ from lowbitdm_cli.quant.model import load_quant_state, quantize_denoiser
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.sampling import SamplerSettings
 
-__all__ = ["Source", "check_model", "load_fp_model", "load_quantized_from", "open_source", "recipe_prompts",
-           "sampler_settings"]
+__all__ = ["Source", "check_model", "load_fp_model", "load_quantized_from", "open_source", "prompt_options",
+           "recipe_prompts", "sampler_settings", "text_prompts"]
 
 QUANT_STAGES = ("calibrate", "finetune", "merge")
 
@@ -51,12 +51,19 @@ def load_fp_model(name: str, recipe, with_denoiser: bool = True) -> DiffusionMod
     return load_model(name, recipe_prompts(recipe), with_denoiser=with_denoiser)
 
 
-def _check_prompts(artifact: Artifact, calib: Artifact, model: DiffusionModel) -> None:
-    recorded = calib.manifest.info.get("prompts_sha256")
-    prompts = getattr(model.conditioner, "prompts", None)
-    if recorded and prompts is not None and prompts_digest(prompts) != recorded:
-        raise ArtifactError(f"{artifact.path}: the prompt file {artifact.manifest.recipe['model'].get('prompts')} "
-                            f"changed since calibration (sha256 differs): restore it or recalibrate")
+def text_prompts(recipe) -> list[str]:  # noqa: ANN001
+    """The recipe's prompts, which a text-to-image model cannot do without."""
+    prompts = recipe_prompts(recipe)
+    if not prompts:
+        raise RecipeError("a text-to-image model needs prompts: --prompts FILE (one per line) or model.prompts")
+    return prompts
+
+
+def prompt_options(recipe) -> dict:  # noqa: ANN001 - a Recipe or a manifest's recipe dict
+    """Stage options that make a stage's inputs digest cover the prompts' text, not only the
+    file's path (empty without prompts, so other models' digests stay as they were)."""
+    prompts = recipe_prompts(recipe)
+    return {"prompts_sha256": prompts_digest(prompts)} if prompts else {}
 
 
 def check_model(artifact: Artifact, model: DiffusionModel) -> ModelRef:
@@ -75,17 +82,12 @@ def load_quantized_from(artifact: Artifact, runtime: str = "fake") -> DiffusionM
     if artifact.manifest.stage == "merge":
         from lowbitdm_cli.export.checkpoint import load_merged
 
-        model = load_merged(artifact.path, runtime=runtime, prompts=recipe_prompts(artifact.manifest.recipe))
-        calib = artifact.find("calibrate")
-        if calib is not None:
-            _check_prompts(artifact, calib, model)
-        return model
+        return load_merged(artifact.path, runtime=runtime, prompts=recipe_prompts(artifact.manifest.recipe))
     calib = artifact.find("calibrate")
     if calib is None:
         raise StageOrderError(f"{artifact.path} has no calibrate artifact in its lineage")
     model = load_fp_model(artifact.manifest.model.name, artifact.manifest.recipe)
     check_model(artifact, model)
-    _check_prompts(artifact, calib, model)
     specs = {n: LayerSpec.model_validate(s) for n, s in calib.manifest.info["layers"].items()}
     quantize_denoiser(model.denoiser, specs, timesteps=calib.manifest.info.get("timesteps"))
     load_quant_state(model.denoiser, artifact.tensors("quant_state.safetensors"))

@@ -28,7 +28,7 @@ from lowbitdm_cli.finetune.methods import plan_method
 from lowbitdm_cli.models.registry import sampler_defaults
 from lowbitdm_cli.quant.model import quant_state
 from lowbitdm_cli.recipes import Recipe
-from lowbitdm_cli.stages.common import check_model, load_fp_model, load_quantized_from
+from lowbitdm_cli.stages.common import check_model, load_fp_model, load_quantized_from, prompt_options
 
 __all__ = ["finetune"]
 
@@ -41,12 +41,13 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
     recipe = recipe.resolved(sampler_defaults(parent.manifest.model.name))
     cfg = recipe.finetune
     run = StageRun.start(out, "finetune", parent.manifest.model, recipe.model_dump(mode="json"), parent=parent,
-                         resume=resume, force=force, replace_stale=replace_stale)
+                         options=prompt_options(recipe), resume=resume, force=force, replace_stale=replace_stale)
     if run.done:
         return run.artifact  # type: ignore[return-value]
     teacher = load_fp_model(parent.manifest.model.name, recipe)
     check_model(parent, teacher)
     student = load_quantized_from(parent)
+    student = student.with_conditioner(teacher.conditioner)  # one frozen FP conditioner, this stage's prompts
     fp_state = {k: v.clone() for k, v in teacher.denoiser.state_dict().items()}
     plan = plan_method(cfg, student.denoiser, cfg.seed)
     history: list[float] = []

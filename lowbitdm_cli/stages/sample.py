@@ -24,7 +24,7 @@ from lowbitdm_cli.models.text import prompts_digest
 from lowbitdm_cli.npz import ChunkedArray, write_npz
 from lowbitdm_cli.recipes import Recipe
 from lowbitdm_cli.sampling import balanced_labels, ddim_sample, random_labels, save_grid, to_uint8
-from lowbitdm_cli.stages.common import Source, sampler_settings
+from lowbitdm_cli.stages.common import Source, prompt_options, sampler_settings, text_prompts
 
 __all__ = ["sample"]
 
@@ -43,7 +43,7 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
     recipe = recipe.resolved(sampler_defaults(source.ref.name))
     cfg = recipe.sample
     options = {"source": source.label, **({"runtime": source.runtime} if source.runtime else {}),
-               **({"device": device} if device != "cpu" else {})}
+               **({"device": device} if device != "cpu" else {}), **prompt_options(recipe)}
     num_shards = math.ceil(cfg.num_samples / cfg.batch_size)
     main_run: StageRun | None = None
 
@@ -66,6 +66,8 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
         run = main_run if group.is_main else StageRun(out, Manifest.model_validate_json(plan["manifest"]),
                                                       resumed=True, prior_elapsed=0.0)
         model = source.model
+        if model.conditioning == "text":  # the recipe's prompts, also for an artifact calibrated on others
+            model = model.with_conditioner(model.conditioner.with_prompts(text_prompts(recipe)))
         work_device = rank_device(device, group)
         if work_device != "cpu":
             model.to(work_device)

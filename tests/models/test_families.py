@@ -382,8 +382,8 @@ def test_run_points_paper_models_to_the_stages(family_dirs: dict[str, Path], tmp
 
 
 def test_prompts_from_a_file(family_dirs: dict[str, Path], chains: dict[str, Path], tmp_path: Path) -> None:
-    """FP text-to-image sampling takes --prompts; artifacts keep the prompts they were made with and
-    refuse a prompt file that changed after calibration."""
+    """--prompts for FP and quantized sampling (other prompts than calibration's too); a stage's inputs
+    digest covers the prompts' text, and clip_score refuses a prompt file changed since sampling."""
     runner = CliRunner()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
@@ -392,13 +392,19 @@ def test_prompts_from_a_file(family_dirs: dict[str, Path], chains: dict[str, Pat
     data = read_npz(tmp_path / "fp" / "samples.npz")
     assert data["arr_0"].shape == (3, 8, 8, 3) and data["labels"].tolist() == [0, 1, 0]
     assert Artifact.open(tmp_path / "fp").manifest.recipe["model"]["prompts"] == str(prompts)
-    _one_line_error(runner.invoke(app, ["sample", str(chains["sd"] / "merge"), "--prompts", str(prompts)]),
-                    "--prompts applies to a full-precision model")
-    _ok(runner.invoke(app, ["calibrate", "--model", str(family_dirs["sd"]), "--prompts", str(prompts), *_sets(),
-                            "--out", str(tmp_path / "c")]), "calibrate")
+    # the merged model (calibrated on PROMPTS) samples with two other prompts
+    _ok(runner.invoke(app, ["sample", str(chains["sd"] / "merge"), "--prompts", str(prompts), "--set",
+                            "sample.num_samples=3", "--out", str(tmp_path / "q")]), "quantized sample, new prompts")
+    assert read_npz(tmp_path / "q" / "samples.npz")["labels"].tolist() == [0, 1, 0]
+    calibrate = ["calibrate", "--model", str(family_dirs["sd"]), "--prompts", str(prompts), *_sets(),
+                 "--out", str(tmp_path / "c")]
+    _ok(runner.invoke(app, calibrate), "calibrate")
+    before = (tmp_path / "c" / "manifest.json").read_bytes()
+    _ok(runner.invoke(app, calibrate), "calibrate again")  # same inputs: nothing to do
+    assert (tmp_path / "c" / "manifest.json").read_bytes() == before
     clip_dir = build_clip(tmp_path / "clip")
     prompts.write_text("a cat\na horse\n")
-    _one_line_error(runner.invoke(app, ["finetune", str(tmp_path / "c")]), "changed since calibration")
+    _one_line_error(runner.invoke(app, calibrate), "made from other inputs")  # same path, other text
     _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "fp"), "--clip-weights", str(clip_dir),
                                         "--out", str(tmp_path / "e")]), "changed since sampling")
     assert not (tmp_path / "e.partial").exists()
