@@ -405,6 +405,11 @@ def test_prompts_from_a_file(family_dirs: dict[str, Path], chains: dict[str, Pat
     clip_dir = build_clip(tmp_path / "clip")
     prompts.write_text("a cat\na horse\n")
     _one_line_error(runner.invoke(app, calibrate), "made from other inputs")  # same path, other text
+    four = tmp_path / "four.txt"
+    four.write_text("a red bird\na blue bird\na cat\nsun\n")  # distil on other (and more) prompts than calibration's
+    _ok(runner.invoke(app, ["finetune", str(chains["sd"] / "calibrate"), "--method", "qalora", "--prompts", str(four),
+                            "--set", "finetune.batch_size=5", "--out", str(tmp_path / "f")]), "finetune --prompts")
+    assert Artifact.open(tmp_path / "f").manifest.recipe["model"]["prompts"] == str(four)
     _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "fp"), "--clip-weights", str(clip_dir),
                                         "--out", str(tmp_path / "e")]), "changed since sampling")
     assert not (tmp_path / "e.partial").exists()
