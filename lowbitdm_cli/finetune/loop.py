@@ -111,6 +111,9 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
             on_epoch_end: Callable[[int, list[float]], None],
             progress: Callable[[str, int, int], None] = lambda *_: None) -> None:
     """Run epochs `start_epoch`..`cfg.epochs`−1; `on_epoch_end(epoch, losses)` checkpoints."""
+    if (teacher.num_classes, teacher.null_class, getattr(teacher.conditioner, "prompts", None)) != \
+            (student.num_classes, student.null_class, getattr(student.conditioner, "prompts", None)):
+        raise ValueError("teacher and student must share their conditions (classes / prompts)")
     ts = ddim_timesteps(teacher.schedule.num_train_timesteps, cfg.steps)
     t_den, s_den = teacher.denoiser, student.denoiser
     t_mods = {n: m for n, m in t_den.named_modules() if n in plan.local_layers}
