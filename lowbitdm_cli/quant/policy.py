@@ -153,9 +153,16 @@ def build_layer_specs(denoiser: nn.Module, policy: QuantPolicy) -> dict[str, Lay
 
 
 def _matmul_spec(name: str, policy: QuantPolicy) -> LayerSpec | None:
-    """QKᵀ / softmax·V inputs at the activation bits (role rules and overrides apply to a_bits)."""
+    """QKᵀ / softmax·V inputs at the activation bits (role rules and overrides apply to a_bits).
+
+    A cross-attention module's (``attn2``) matmuls also follow the ``cross_attention`` role, so
+    keeping cross-attention at 8 bit or in full precision covers its matmuls too."""
     role = "attention_matmul"
-    a_bits = None if role in policy.skip else (8 if role in policy.keep_8bit else policy.a_bits)
+    roles = {role, "cross_attention"} if name.split(".")[-1] == "attn2" else {role}
+    if roles & set(policy.skip):
+        a_bits = None
+    else:
+        a_bits = 8 if roles & set(policy.keep_8bit) else policy.a_bits
     for ov in policy.overrides:
         if fnmatch(name, ov.pattern):
             a_bits = _bits(ov.a_bits, a_bits)

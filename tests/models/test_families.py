@@ -183,6 +183,14 @@ def test_layer_policy_keeps_first_last_and_time_layers_at_8bit(kind: str, family
         assert s.role != "cross_attention"
         if s.role in policy.keep_8bit:
             assert (s.w_bits, s.a_bits) == (8, 8), name
+    if kind in ("sd", "ldm-class"):  # cross-attention matmuls follow the cross_attention role too
+        matmul = build_layer_specs(model.denoiser, policy.model_copy(update={"attn_matmul": True, "skip": [],
+                                                                          "keep_8bit": ["cross_attention"]}))
+        attn2 = [s for n, s in matmul.items() if n.endswith("attn2") and s.kind == "matmul"]
+        attn1 = [s for n, s in matmul.items() if n.endswith("attn1") and s.kind == "matmul"]
+        assert attn2 and all(s.a_bits == 8 for s in attn2) and attn1 and all(s.a_bits == 4 for s in attn1)
+        skipped = build_layer_specs(model.denoiser, policy.model_copy(update={"attn_matmul": True}))
+        assert not any(n.endswith("attn2") for n in skipped)
     if kind == "dit":
         assert specs["pos_embed.proj"].role == "conv_in" and specs["proj_out_2"].role == "conv_out"
         assert specs["transformer_blocks.0.norm1.linear"].role == "adaln"
