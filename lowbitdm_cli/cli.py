@@ -385,6 +385,7 @@ def models() -> None:
 
     rows = [{"name": n, "available": e.available, "description": e.description, "sampler": e.sampler,
              "needs": e.needs.replace("<name>", n), "family": e.family, "hub_id": e.hub_id,
+             "conditioning": e.conditioning, "resolution": e.resolution,
              "local_dir": None if e.loader else str(e.local_dir)} for n, e in MODELS.items()]
     if _state["json"]:
         out.print_json(json.dumps(rows))

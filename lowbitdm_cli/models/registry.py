@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lowbitdm_cli.artifacts import ModelRef
-from lowbitdm_cli.errors import ModelNotFoundError
+from lowbitdm_cli.errors import ModelFormatError, ModelNotFoundError
 from lowbitdm_cli.models import digits
 from lowbitdm_cli.models.sources import hub_folder, is_compvis, is_hub_id, load_path, models_dir, path_family
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
@@ -39,6 +39,8 @@ class ModelEntry:
     needs: str = ""  # what the user must provide when it is not on this machine
     hub_id: str | None = None  # a diffusers repository on the Hugging Face hub
     family: str | None = None  # models.families key of the paper models
+    conditioning: str = "class"  # what a local copy must be: "none", "class" or "text"
+    resolution: int | None = None  # the paper's image size (pixels; informational)
 
     @property
     def local_dir(self) -> Path:
@@ -85,28 +87,32 @@ def _compvis(what: str) -> str:
 
 MODELS: dict[str, ModelEntry] = {e.name: e for e in [
     ModelEntry("digits", "embedded class-conditional DDPM on sklearn digits (16x16, 2.6M params)",
-               sampler={"steps": 50, "eta": 0.0, "guidance": 1.25, "clip_x0": True}, loader=_load_digits),
+               sampler={"steps": 50, "eta": 0.0, "guidance": 1.25, "clip_x0": True}, loader=_load_digits,
+               resolution=16),
     ModelEntry("tiny-random", "randomly initialised digits-shaped UNet (seeded) for smoke tests",
-               sampler={"steps": 10, "eta": 0.0, "guidance": 2.0, "clip_x0": True}, loader=_load_tiny_random),
+               sampler={"steps": 10, "eta": 0.0, "guidance": 2.0, "clip_x0": True}, loader=_load_tiny_random,
+               resolution=16),
     ModelEntry("ldm-4", "LDM-4 ImageNet 256, class-conditional (CompVis cin256-v2)",
                sampler={"steps": 20, "eta": 0.0, "guidance": 3.0, "clip_x0": False}, evaluator="inception",
-               needs=_compvis("cin256-v2 (models/ldm/cin256-v2)"), family="ldm-class"),
+               needs=_compvis("cin256-v2 (models/ldm/cin256-v2)"), family="ldm-class", resolution=256),
     ModelEntry("ldm-bedroom", "LDM-4 LSUN-Bedroom 256, unconditional",
                sampler={"steps": 200, "eta": 1.0, "guidance": 1.0, "clip_x0": False}, evaluator="inception",
-               needs=_compvis("lsun_bedrooms"), family="ldm"),
+               needs=_compvis("lsun_bedrooms"), family="ldm", conditioning="none", resolution=256),
     ModelEntry("ldm-church", "LDM-8 LSUN-Church 256, unconditional",
                sampler={"steps": 500, "eta": 0.0, "guidance": 1.0, "clip_x0": False}, evaluator="inception",
-               needs=_compvis("lsun_churches"), family="ldm"),
+               needs=_compvis("lsun_churches"), family="ldm", conditioning="none", resolution=256),
     ModelEntry("ddpm-cifar10", "DDPM CIFAR-10 32x32, unconditional",
                sampler={"steps": 100, "eta": 0.0, "guidance": 1.0, "clip_x0": True}, evaluator="inception",
-               needs="the diffusers folder google/ddpm-cifar10-32", hub_id="google/ddpm-cifar10-32", family="ddpm"),
+               needs="the diffusers folder google/ddpm-cifar10-32", hub_id="google/ddpm-cifar10-32", family="ddpm",
+               conditioning="none", resolution=32),
     ModelEntry("sd-v1-4", "Stable Diffusion v1.4, text-to-image 512",
                sampler={"steps": 50, "eta": 0.0, "guidance": 7.5, "clip_x0": False}, evaluator="clip",
                needs="the diffusers folder CompVis/stable-diffusion-v1-4", hub_id="CompVis/stable-diffusion-v1-4",
-               family="sd"),
+               family="sd", conditioning="text", resolution=512),
     ModelEntry("dit-xl-2-256", "DiT-XL/2 ImageNet 256, class-conditional transformer",
                sampler={"steps": 50, "eta": 0.0, "guidance": 1.5, "clip_x0": False}, evaluator="inception",
-               needs="the diffusers folder facebook/DiT-XL-2-256", hub_id="facebook/DiT-XL-2-256", family="dit"),
+               needs="the diffusers folder facebook/DiT-XL-2-256", hub_id="facebook/DiT-XL-2-256", family="dit",
+               resolution=256),
 ]}
 MODELS["ldm-4-imagenet"] = MODELS["ldm-4"]
 
@@ -151,12 +157,17 @@ def _load_entry(entry: ModelEntry, prompts: list[str] | None, with_denoiser: boo
     if entry.loader is not None:
         return entry.loader()
     if _local(entry):
-        return load_path(entry.local_dir, prompts, with_denoiser, name=entry.name)
-    if entry.hub_id is None:
+        folder = entry.local_dir
+    elif entry.hub_id is None:
         raise ModelNotFoundError(f"model {entry.name!r} needs {entry.needs.replace('<name>', entry.name)}")
-    folder = download_snapshot(entry.hub_id, entry.name, entry.local_dir)
+    else:
+        folder = download_snapshot(entry.hub_id, entry.name, entry.local_dir)
     model = load_path(folder, prompts, with_denoiser, name=entry.name)
-    model.meta["source"] = f"hub:{entry.hub_id}"
+    if model.conditioning != entry.conditioning:
+        raise ModelFormatError(f"{folder} holds a model with conditioning {model.conditioning!r}, but "
+                               f"{entry.name!r} is {entry.conditioning!r}: put {entry.name}'s own files there")
+    if not _local(entry):
+        model.meta["source"] = f"hub:{entry.hub_id}"
     return model
 
 

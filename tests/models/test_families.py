@@ -235,6 +235,10 @@ def test_registered_name_loads_from_models_dir(family_dirs: dict[str, Path], tmp
     assert rows["dit-xl-2-256"]["available"] is True and rows["dit-xl-2-256"]["family"] == "dit"
     assert rows["dit-xl-2-256"]["local_dir"] == str(tmp_path / "dit-xl-2-256")
     assert rows["sd-v1-4"]["hub_id"] == "CompVis/stable-diffusion-v1-4" and rows["digits"]["local_dir"] is None
+    assert (rows["sd-v1-4"]["conditioning"], rows["sd-v1-4"]["resolution"]) == ("text", 512)
+    shutil.copytree(family_dirs["ddpm"], tmp_path / "ldm-4")  # an unconditional model where a class one belongs
+    _one_line_error(CliRunner().invoke(app, ["calibrate", "--model", "ldm-4", *_sets(), "--out", str(tmp_path / "x")]),
+                    "conditioning 'none'", "'ldm-4' is 'class'")
 
 
 @pytest.mark.parametrize("case", ["v-prediction", "no-prompts", "pipeline", "not-a-pipeline", "prompt-file"])
