@@ -144,7 +144,12 @@ def download_snapshot(repo_id: str, name: str, local_hint: Path) -> Path:
             folder = fetch([f"{c}/{names[0]}" for c, names in _WEIGHTS.items()] +
                            [f"{c}/{_WEIGHTS[c][1]}" for c in missing])
         return folder
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
+    except HfHubHTTPError as e:  # reachable, but refused: gated (license not accepted), private or missing
+        raise ModelNotFoundError(
+            f"the hub refused {repo_id} for model {name!r} ({str(e).splitlines()[0]}): accept its license and log "
+            f"in (`hf auth login`), or download it elsewhere with `hf download {repo_id} --local-dir {local_hint}` "
+            f"and copy the folder here") from None
+    except (LocalEntryNotFoundError, OSError):
         raise ModelNotFoundError(
             f"model {name!r} is not on this machine and the hub is unreachable: on a machine with internet run "
             f"`hf download {repo_id} --local-dir {local_hint}` (copy the folder here), then rerun, "
