@@ -457,3 +457,19 @@ def test_bin_weights_load_with_weights_only(tmp_path: Path, monkeypatch: pytest.
     assert calls and all(w is True for w in calls)
     assert torch.equal(next(iter(model.denoiser.state_dict().values())),
                        next(iter(load_model(str(src)).denoiser.state_dict().values())))
+
+
+def test_merged_checkpoints_from_before_denoiser_config_still_load(calibrated: Artifact, tmp_path: Path) -> None:
+    """Checkpoints merged before this change record only `unet_config` (UNet2DModel): they load as before."""
+    from lowbitdm_cli.stages.merge import merge
+
+    merged = merge(calibrated, tmp_path / "merge")
+    old = Path(shutil.copytree(merged.path, tmp_path / "old"))
+    cfg = json.loads((old / CONFIG_NAME).read_text())
+    assert cfg["model"]["denoiser_config"] and cfg["model"]["unet_config"]
+    del cfg["model"]["denoiser_config"]
+    (old / CONFIG_NAME).write_text(json.dumps(cfg))
+    new, legacy = load_merged(merged.path, "int"), load_merged(old, "int")
+    x, cond = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(new.eps(x, 500, cond, 2.0), legacy.eps(x, 500, cond, 2.0))
