@@ -42,6 +42,8 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its artifact exists.")]
 PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="Text-to-image models: a text file with one prompt "
                                                                    "per line (sets model.prompts).")]
+WorkDeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: cpu, cuda or cuda:N (one "
+                                                           "process; calibration data stays on the CPU).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Registered model (see `lowbitdm models`) or "
                                                                     "a diffusers pipeline folder.")]
 
@@ -134,7 +136,7 @@ def calibrate(
     mixed: Annotated[str | None, typer.Option("--mixed", help="none | omq (MPQ-DM per-channel weight bits "
                                                                "by kurtosis).")] = None,
     recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
-    force: ForceOpt = False, prompts: PromptsOpt = None,
+    force: ForceOpt = False, prompts: PromptsOpt = None, device: WorkDeviceOpt = "cpu",
 ) -> None:
     """Calibrate a full-precision model to low bits (PTQ on data-free DDIM trajectories).
 
@@ -149,7 +151,7 @@ def calibrate(
                prompts=prompts)
     target = out_dir or _default_run_dir(r.model.name, r.name, r.quant.bits) / "calibrate"
     with _Bars() as bars:
-        art = _guard(run_stage, r, target, resume=resume, force=force, progress=bars)
+        art = _guard(run_stage, r, target, resume=resume, force=force, progress=bars, device=device)
     if not _state["json"]:
         out.print(_layer_table(art.manifest.info["layers"]))
     _report(art, "calibrated")
@@ -177,7 +179,7 @@ def finetune(
     method: Annotated[str | None, typer.Option("--method", help="none | qalora (EfficientDM) | quest | qat.")] = None,
     loss: Annotated[str | None, typer.Option("--loss", help="mse | trd (MPQ-DM relation distillation added).")] = None,
     recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
-    force: ForceOpt = False, prompts: PromptsOpt = None,
+    force: ForceOpt = False, prompts: PromptsOpt = None, device: WorkDeviceOpt = "cpu",
 ) -> None:
     """Finetune a calibrated model by data-free distillation from the full-precision model.
 
@@ -194,7 +196,7 @@ def finetune(
                prompts=prompts)
     with _Bars() as bars:
         result = _guard(run_stage, art, r, out_dir or art.path.parent / "finetune", resume=resume, force=force,
-                        progress=bars)
+                        progress=bars, device=device)
     _report(result, "finetuned")
 
 

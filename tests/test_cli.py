@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lowbitdm_cli.artifacts import Artifact, ModelRef, StageRun
@@ -75,9 +76,12 @@ def test_version(runner: CliRunner) -> None:
     (["evaluate", "/nonexistent"], ["does not exist"]),
     (["show", "/nonexistent"], ["does not exist"]),
     (["sample", "/nonexistent"], ["neither a known model"]),
+    (["calibrate", "--model", "tiny-random", "--device", "gpu0"], ["--device", "cpu, cuda or cuda:N", "gpu0"]),
+    *([(["calibrate", "--model", "tiny-random", "--device", "cuda"], ["--device cuda", "no CUDA device"])]
+      if not torch.cuda.is_available() else []),
 ], ids=["model", "model-unavailable", "bits-w9a4", "bits-x4", "set-unknown-key", "set-malformed",
         "recipe-name", "run-recipe-name", "finetune-missing", "merge-missing", "evaluate-missing",
-        "show-missing", "sample-missing"])
+        "show-missing", "sample-missing", "device-bad", *(["device-no-cuda"] if not torch.cuda.is_available() else [])])
 def test_bad_input(runner: CliRunner, tmp_path: Path, args: list[str], needles: list[str],
                    tiny_recipe_args: list[str]) -> None:
     if args[0] == "calibrate":
@@ -157,8 +161,8 @@ def test_chain(runner: CliRunner, tmp_path: Path, tiny_recipe_args: list[str]) -
     run = tmp_path / "run"
     steps = [
         ["calibrate", "--model", "tiny-random", "--bits", "w4a8", "--recipe", "ptq", *tiny_recipe_args,
-         "--out", str(run / "calibrate")],
-        ["finetune", str(run / "calibrate")],  # default --out: next to the parent
+         "--device", "cpu", "--out", str(run / "calibrate")],
+        ["finetune", str(run / "calibrate"), "--device", "cpu"],  # default --out: next to the parent
         ["merge", str(run / "finetune")],
         ["sample", str(run / "merge")],
         ["evaluate", str(run / "sample")],

@@ -124,15 +124,16 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
     scaled = [(g["params"], g.get("grad_scale", 1.0)) for g in plan.groups if g.get("grad_scale", 1.0) != 1.0]
     trainable = plan.parameters()
     total = cfg.epochs * len(ts)
+    device = teacher.device
     s_den.train()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             base = cfg.seed * 100_003 + epoch
             label_gen = torch.Generator().manual_seed(base)
-            cond = (torch.randint(0, teacher.num_classes, (cfg.batch_size,), generator=label_gen)
+            cond = (torch.randint(0, teacher.num_classes, (cfg.batch_size,), generator=label_gen).to(device)
                     if teacher.conditional else None)
             gens = sample_generators(base, list(range(cfg.batch_size)))
-            x = initial_noise(gens, teacher.sample_shape)
+            x = initial_noise(gens, teacher.sample_shape).to(device)  # drawn on the CPU: the same on every device
             past_t: deque[torch.Tensor] = deque(maxlen=cfg.trd_window - 1)  # earlier steps' features
             past_s: deque[torch.Tensor] = deque(maxlen=cfg.trd_window - 1)
             losses = []
@@ -169,7 +170,7 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
                 losses.append(loss.item())
                 t_prev = ts[step + 1] if step + 1 < len(ts) else -1
                 if t_prev >= 0:
-                    noise = initial_noise(gens, teacher.sample_shape) if cfg.eta > 0 else None
+                    noise = initial_noise(gens, teacher.sample_shape).to(device) if cfg.eta > 0 else None
                     x = ddim_step(teacher.schedule, x, eps_t, t, t_prev, cfg.eta, noise).detach()
                 progress("finetune", 1, total)
             on_epoch_end(epoch, losses)

@@ -135,7 +135,11 @@ class DiffusionModel:
         return self.forward(x_t, t, cond)
 
     def forward(self, x_t: torch.Tensor, t: int, cond: torch.Tensor | None) -> torch.Tensor:
-        """One raw denoiser call (no guidance); returns ε with x_t's shape."""
+        """One raw denoiser call (no guidance); returns ε with x_t's shape, on the model's device
+        (inputs elsewhere, e.g. calibration data kept on the CPU, are moved there)."""
+        device = self.device
+        x_t = x_t.to(device)
+        cond = cond.to(device) if cond is not None else None
         set_timestep(self.denoiser, int(t))
         t_vec = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
         kwargs = self.conditioner.denoiser_kwargs(cond if self.conditional else None)

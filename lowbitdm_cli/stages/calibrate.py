@@ -39,7 +39,7 @@ from lowbitdm_cli.quant.model import load_quant_state, quant_state, quantize_den
 from lowbitdm_cli.quant.policy import build_layer_specs
 from lowbitdm_cli.recipes import CalibrateSection, Recipe
 from lowbitdm_cli.sampling import ddim_timesteps
-from lowbitdm_cli.stages.common import load_fp_model, prompt_options, sampler_settings
+from lowbitdm_cli.stages.common import device_options, load_fp_model, prompt_options, sampler_settings, work_device
 
 __all__ = ["calibrate"]
 
@@ -89,15 +89,21 @@ def _reconstruct(run: StageRun, model: DiffusionModel, fp_model: DiffusionModel,
 
 
 def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = False, replace_stale: bool = False,
-              progress: Progress = _noop) -> Artifact:
-    """Calibrate `recipe.model.name` at `recipe.quant.bits`; write the artifact to `out`."""
+              progress: Progress = _noop, device: str = "cpu") -> Artifact:
+    """Calibrate `recipe.model.name` at `recipe.quant.bits`; write the artifact to `out`.
+
+    `device` is where the model runs (``cuda``/``cuda:N``); calibration data stays on the CPU
+    and is moved batch by batch, and everything written goes back to the CPU.
+    """
     recipe = recipe.resolved(sampler_defaults(recipe.model.name))
+    device = work_device(device)
     model = load_fp_model(recipe.model.name, recipe)
     run = StageRun.start(out, "calibrate", model_ref(model), recipe.model_dump(mode="json"),
-                         options=prompt_options(recipe), resume=resume, force=force,
+                         options={**prompt_options(recipe), **device_options(device)}, resume=resume, force=force,
                          replace_stale=replace_stale)
     if run.done:
         return run.artifact  # type: ignore[return-value]
+    model.to(device)
     cfg = recipe.calibrate
     settings = sampler_settings(recipe.sample)
     if cfg.timestep_selection == "normal":

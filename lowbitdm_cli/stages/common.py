@@ -59,6 +59,22 @@ def text_prompts(recipe) -> list[str]:  # noqa: ANN001
     return prompts
 
 
+def work_device(device: str) -> str:
+    """Validate a `--device` value (cpu, cuda, cuda:N) for a single-process stage."""
+    if device == "cpu":
+        return device
+    if not device.startswith("cuda") or (device != "cuda" and not device.removeprefix("cuda:").isdigit()):
+        raise RecipeError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise RecipeError(f"--device {device}: this PyTorch sees no CUDA device (torch {torch.__version__})")
+    return device
+
+
+def device_options(device: str) -> dict:
+    """Stage options for a non-CPU device (float kernels differ by device, so it is an input)."""
+    return {"device": device} if device != "cpu" else {}
+
+
 def prompt_options(recipe) -> dict:  # noqa: ANN001 - a Recipe or a manifest's recipe dict
     """Stage options that make a stage's inputs digest cover the prompts' text, not only the
     file's path (empty without prompts, so other models' digests stay as they were)."""

@@ -28,7 +28,14 @@ from lowbitdm_cli.finetune.methods import plan_method
 from lowbitdm_cli.models.registry import sampler_defaults
 from lowbitdm_cli.quant.model import quant_state
 from lowbitdm_cli.recipes import Recipe
-from lowbitdm_cli.stages.common import check_model, load_fp_model, load_quantized_from, prompt_options
+from lowbitdm_cli.stages.common import (
+    check_model,
+    device_options,
+    load_fp_model,
+    load_quantized_from,
+    prompt_options,
+    work_device,
+)
 
 __all__ = ["finetune"]
 
@@ -37,17 +44,27 @@ OPTIMIZER = "optimizer.safetensors"
 
 
 def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, force: bool = False,
-             replace_stale: bool = False, progress: Callable[[str, int, int], None] = lambda *_: None) -> Artifact:
+             replace_stale: bool = False, progress: Callable[[str, int, int], None] = lambda *_: None,
+             device: str = "cpu") -> Artifact:
+    """Finetune the quantized model of `parent` with `recipe.finetune`; write the artifact to `out`.
+
+    `device` is where teacher and student run (``cuda``/``cuda:N``); checkpoints and the
+    artifact are written from the CPU copies of the tensors.
+    """
     recipe = recipe.resolved(sampler_defaults(parent.manifest.model.name))
     cfg = recipe.finetune
+    device = work_device(device)
     run = StageRun.start(out, "finetune", parent.manifest.model, recipe.model_dump(mode="json"), parent=parent,
-                         options=prompt_options(recipe), resume=resume, force=force, replace_stale=replace_stale)
+                         options={**prompt_options(recipe), **device_options(device)}, resume=resume, force=force,
+                         replace_stale=replace_stale)
     if run.done:
         return run.artifact  # type: ignore[return-value]
     teacher = load_fp_model(parent.manifest.model.name, recipe)
     check_model(parent, teacher)
     student = load_quantized_from(parent)
     student = student.with_conditioner(teacher.conditioner)  # one frozen FP conditioner, this stage's prompts
+    teacher.to(device)
+    student.denoiser.to(device)  # its conditioner is the teacher's, already moved
     fp_state = {k: v.clone() for k, v in teacher.denoiser.state_dict().items()}
     plan = plan_method(cfg, student.denoiser, cfg.seed)
     history: list[float] = []
