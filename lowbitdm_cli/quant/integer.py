@@ -8,10 +8,11 @@ drifting apart wherever an activation sits within float rounding of a rounding t
 
 - `accumulate`: the exact accumulator as float32. Integer-valued float32 operands give
   exact products and partial sums in any summation order while every partial sum stays
-  below 2^24 in magnitude; `exact_in_float32` checks a bound on that, otherwise the product
-  runs in float64 (exact far beyond any layer here). The float32 result is then the
-  round-to-nearest-even of the exact integer, as the int32 → float32 conversion of the
-  integer kernels gives.
+  below 2^24 in magnitude. `split_plan` checks a bound on that: one float32 product when it
+  holds; else the weight is split as ``w = hi·2^s + lo`` (|lo| ≤ 2^(s−1)) so that both
+  products are exact in float32, and ``hi_acc·2^s + lo_acc`` rounds once; float64 only when no
+  split works. The float32 result is the round-to-nearest-even of the exact integer, as the
+  int32 → float32 conversion of the integer kernels gives.
 - `rescale`: ``((acc · Δx) · Δw[o]) + b[o]``, three float32 roundings in this order: the
   order oneDNN's int8 kernels use for their float32 output on the CPUs we checked
   (`tests/export/test_int_runtime.py` verifies it, and the integer runtime falls back to
@@ -25,24 +26,46 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["EXACT_F32", "accumulate", "exact_in_float32", "rescale"]
+__all__ = ["EXACT_F32", "accumulate", "split_plan", "split_weight", "rescale"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
 
 
-def exact_in_float32(x_max: float, w_abs_row_sum_max: float) -> bool:
-    """Whether every partial sum of Σ_k x_k·w_ok is below 2^24: |x| ≤ `x_max` and
-    max_o Σ_k |w_ok| = `w_abs_row_sum_max` bound each partial sum by their product."""
-    return x_max * w_abs_row_sum_max < EXACT_F32
+def split_plan(x_max: float, w_abs_row_sum_max: float, k: int) -> int | None:
+    """How to get Σ_k x_k·w_ok exactly in float32, for |x| ≤ `x_max`, max_o Σ_k |w_ok| =
+    `w_abs_row_sum_max` and `k` terms: 0 = one product (every partial sum < 2^24); s > 0 = split
+    the weight at 2^s (`split_weight`); None = no split keeps both products exact (use float64)."""
+    if x_max * w_abs_row_sum_max < EXACT_F32:
+        return 0
+    for s in range(1, 9):
+        lo_bound = x_max * k * 2 ** (s - 1)
+        hi_bound = x_max * (w_abs_row_sum_max / 2**s + k / 2)
+        if lo_bound < EXACT_F32 and hi_bound < EXACT_F32:
+            return s
+    return None
 
 
-def accumulate(op: Callable[[Tensor, Tensor], Tensor], x_int: Tensor, w_int: Tensor, exact32: bool) -> Tensor:
-    """float32 ``op(x_int, w_int)`` of integer-valued operands, computed exactly
-    (in float32 when `exact32`, else in float64) and rounded once to float32."""
-    if exact32:
+def split_weight(w_int: Tensor, s: int) -> tuple[Tensor, Tensor]:
+    """(hi, lo) with ``w_int = hi·2^s + lo``, lo = w − 2^s·round(w/2^s) ∈ [−2^(s−1), 2^(s−1)]
+    (every operation exact on integer-valued floats)."""
+    step = float(2**s)
+    hi = torch.round(w_int / step)
+    return hi, w_int - hi * step
+
+
+def accumulate(op: Callable[[Tensor, Tensor], Tensor], x_int: Tensor, w_int: Tensor, plan: int | None,
+               split: Callable[[int], tuple[Tensor, Tensor]] | None = None) -> Tensor:
+    """float32 ``op(x_int, w_int)`` of integer-valued operands, computed exactly and rounded once.
+
+    `plan` comes from `split_plan`; `split(s)` returns `split_weight(w_int, s)` (a caller may cache it).
+    """
+    if plan == 0:
         return op(x_int, w_int)
-    return op(x_int.double(), w_int.double()).float()
+    if plan is None:
+        return op(x_int.double(), w_int.double()).float()
+    hi, lo = split(plan) if split is not None else split_weight(w_int, plan)
+    return op(x_int, hi) * float(2**plan) + op(x_int, lo)  # ×2^s is exact: one rounding, in the add
 
 
 def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int) -> Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbitdm_cli.quant.integer import accumulate, exact_in_float32, rescale
+from lowbitdm_cli.quant.integer import accumulate, rescale, split_plan, split_weight
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
 
@@ -100,21 +100,29 @@ class QuantLayerMixin:
                 and type(self.w_quant) is UniformQuantizer and self.w_quant.enabled
                 and self.a_quant is not None and self.a_quant.enabled)
 
-    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(qw − zw as float in the weight's shape, Δw [O], max_o Σ_k |qw − zw|), cached."""
-        def compute() -> tuple[torch.Tensor, torch.Tensor, float]:
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, float, dict[int, tuple]]:
+        """(qw − zw as float in the weight's shape, Δw [O], max_o Σ_k |qw − zw|, the weight's
+        `split_weight` pieces by split point, filled on demand), cached with the weight."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor, float, dict[int, tuple]]:
             w_int, delta, _ = self.w_quant.integer_values(self.merged_weight().detach())
             out_ch = w_int.shape[0]
             return (w_int.contiguous(), delta.detach().reshape(-1).expand(out_ch).contiguous(),
-                    float(w_int.abs().reshape(out_ch, -1).sum(1).max()) if w_int.numel() else 0.0)
+                    float(w_int.abs().reshape(out_ch, -1).sum(1).max()) if w_int.numel() else 0.0, {})
         return self._cached("_integer_weight_cache", compute)
 
     def _integer_forward(self, x: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                          channel_dim: int) -> torch.Tensor:
         """``Δx·Δw[o]·Σ_k (qx − zx)(qw − zw) + b`` with the sum exact and the rescale of `rescale`."""
         x_int, x_scale, x_max = self.a_quant.integer_values(x)
-        w_int, w_scale, w_sum = self.integer_weight()
-        acc = accumulate(op, x_int, w_int, exact_in_float32(x_max, w_sum))
+        w_int, w_scale, w_sum, pieces = self.integer_weight()
+        plan = split_plan(x_max, w_sum, w_int[0].numel() if w_int.numel() else 0)
+
+        def split(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if s not in pieces:
+                pieces[s] = tuple(p.contiguous() for p in split_weight(w_int, s))
+            return pieces[s]
+
+        acc = accumulate(op, x_int, w_int, plan, split)
         return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim)
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:

@@ -143,7 +143,7 @@ class UniformQuantizer(TimestepSlots, nn.Module):
             z = torch.round(zero) if self.mode == "asymmetric" else torch.zeros_like(zero)
             q = torch.round(x / delta) + z
             q = torch.where(q < q_min.to(x), q_min.to(x), torch.where(q > q_max.to(x), q_max.to(x), q))
-            bound = float(torch.maximum(q_min.abs(), q_max.abs()).max()) + float(z.abs().max())
+            bound = float(torch.maximum((q_min.to(z) - z).abs(), (q_max.to(z) - z).abs()).max())
             return q - z, delta, bound
 
     def extra_repr(self) -> str:
