@@ -118,12 +118,12 @@ def onednn_rescale_matches() -> bool:
             packed = torch.ops.onednn.qconv_prepack(w, w_scale, 1.0, 0, *geometry, None)
             out = torch.ops.onednn.qconv2d_pointwise(u, float(x_scale), zx, packed, w_scale, w_zero, bias,
                                                      *geometry, 1.0, 0, torch.float32, "none", [], "")
-            if not torch.equal(out, rescale(conv_acc, x_scale, w_scale, bias, 1)):
+            if not torch.equal(out, rescale(conv_acc.clone(), x_scale, w_scale, bias, 1)):
                 return False
             packed = torch.ops.onednn.qlinear_prepack(lin_w, None)
             out = torch.ops.onednn.qlinear_pointwise(lin_u, float(x_scale), zx, packed, w_scale, w_zero, bias,
                                                      1.0, 0, torch.float32, "none", [], "")
-            if not torch.equal(out, rescale(lin_acc, x_scale, w_scale, bias, -1)):
+            if not torch.equal(out, rescale(lin_acc.clone(), x_scale, w_scale, bias, -1)):
                 return False
     except RuntimeError:
         return False
@@ -240,7 +240,7 @@ class IntLayer(TimestepSlots, nn.Module):
         if not self.direct:
             view = [1] * out.dim()
             view[channel_dim] = self.out_ch
-            out = out + u_minus_zx_sums() * self.w_off.to(torch.float32).reshape(view)
+            out = out.addcmul_(u_minus_zx_sums(), self.w_off.to(torch.float32).reshape(view))  # integers: exact
         return rescale(out, delta, self.weight_scale, self.bias, channel_dim)
 
     def _slot(self) -> int:

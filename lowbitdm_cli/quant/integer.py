@@ -69,11 +69,12 @@ def accumulate(op: Callable[[Tensor, Tensor], Tensor], x_int: Tensor, w_int: Ten
 
 
 def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int) -> Tensor:
-    """float32 ``((acc · Δx) · Δw[o]) + b[o]`` with the output channel o on `channel_dim`.
+    """float32 ``((acc · Δx) · Δw[o]) + b[o]`` with the output channel o on `channel_dim`, computed
+    in place in `acc` (a temporary of the caller's: no new buffers on the hot path).
 
     `x_scale` is a one-element tensor, `w_scale` and `bias` have one entry per output channel.
     """
     view = [1] * acc.dim()
     view[channel_dim] = -1
-    out = (acc * x_scale.reshape(())) * w_scale.reshape(view)
-    return out if bias is None else out + bias.reshape(view)
+    out = acc.mul_(x_scale.reshape(())).mul_(w_scale.reshape(view))
+    return out if bias is None else out.add_(bias.reshape(view))

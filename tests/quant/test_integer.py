@@ -56,8 +56,10 @@ def test_rescale_op_order() -> None:
     acc = torch.tensor([[3.0, -7.0], [1e6 + 1, 5.0]])
     xs, ws, b = torch.tensor([0.1]), torch.tensor([0.3, 0.7]), torch.tensor([1.0, -2.0])
     expected = (acc * xs.reshape(())) * ws + b  # ((acc·Δx)·Δw) + b, one rounding each
-    assert torch.equal(rescale(acc, xs, ws, b, -1), expected)
-    assert torch.equal(rescale(acc, xs, ws, None, -1), (acc * xs.reshape(())) * ws)
+    assert torch.equal(rescale(acc.clone(), xs, ws, b, -1), expected)
+    assert torch.equal(rescale(acc.clone(), xs, ws, None, -1), (acc * xs.reshape(())) * ws)
+    buffer = acc.clone()
+    assert rescale(buffer, xs, ws, b, -1).data_ptr() == buffer.data_ptr()  # in place: no new buffer
 
 
 @pytest.mark.parametrize("kind", ["linear", "wide-linear", "conv"])
