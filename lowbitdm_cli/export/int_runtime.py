@@ -41,6 +41,7 @@ same bits (while the accumulators stay below 2^24, where float32 holds them exac
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -91,6 +92,31 @@ def onednn_available() -> bool:
                     and hasattr(ops, "qconv_prepack") and hasattr(ops, "qlinear_prepack"))
     except (AttributeError, RuntimeError):
         return False
+
+
+class _Scratch(threading.local):
+    """Per-thread scratch buffers for a layer's input codes (the float quotient x/Δx and the
+    uint8 codes), reused by every integer layer in turn: a fresh multi-MB tensor per layer costs
+    more in page faults than the division itself. A view has the input's shape and strides
+    (contiguous or channels-last) and lives only until the next integer layer quantizes its input,
+    which is within the layer that asked for it."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype, int], Tensor] = {}
+
+    def like(self, x: Tensor, dtype: torch.dtype, slot: int = 0) -> Tensor | None:
+        """A view of a scratch buffer shaped and strided like `x` (None if `x` is not dense)."""
+        dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        if not dense:
+            return None
+        key = (str(x.device), dtype, slot)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < x.numel():
+            buf = self.buffers[key] = torch.empty(x.numel(), dtype=dtype, device=x.device)
+        return buf[: x.numel()].as_strided(x.shape, x.stride())
+
+
+_SCRATCH = _Scratch()
 
 
 @functools.cache
@@ -258,11 +284,12 @@ class IntLayer(TimestepSlots, nn.Module):
         """
         i = self._slot()
         delta = self.input_scale[i : i + 1]
-        q = torch.div(x, delta)
+        q, u = _SCRATCH.like(x, torch.float32), _SCRATCH.like(x, torch.uint8, slot=1)
+        q = torch.div(x, delta, out=q) if q is not None else torch.div(x, delta)
         q.round_().add_(self._z_add[i]).clamp_(self.q_min, self.q_max)  # in place: one float buffer
         if self._offset:
             q.add_(self._offset)
-        return q.to(torch.uint8), self._zx[i], delta
+        return (u.copy_(q) if u is not None else q.to(torch.uint8)), self._zx[i], delta
 
     def accumulate(self, cols: Tensor, zx: int) -> Tensor:
         """Exact Σ_k (cols[m, k] − zx)(w[o, k] − zw[o]) as int32 (int64 for large K), [M, O]."""
