@@ -31,7 +31,8 @@ the kernel when the kernel's rescale is bit for bit `quant.integer.rescale` (che
 process, `onednn_rescale_matches`); otherwise, and for "shifted" layers, the kernel runs with
 unit scales and no bias, giving the exact accumulator as float32, the shifted correction
 ``(128 − zw[o])·Σ_window(u − zx)`` is added as integers (a box filter over the channel
-sums of ``u − zx``; exact while the sums stay below 2^24), and `rescale` follows. `kernel` says which path a layer takes.
+sums of ``u − zx``; exact while the sums stay below 2^24), and `rescale` follows. `kernel`
+says which path a layer takes.
 
 Every path ends in the float ops of `quant.integer.rescale` on the exact accumulator, which
 is also what the fake-quantized model computes in inference, so the two runtimes give the
@@ -280,7 +281,8 @@ class IntLayer(TimestepSlots, nn.Module):
     def quantize_input(self, x: Tensor) -> tuple[Tensor, int, Tensor]:
         """(uint8 codes u, kernel zero point zx, Δx [1]) of float input `x`.
 
-        The float ops are those of `fake_quantize`: round(x/Δ) + z, then the clamp.
+        The float ops are those of `fake_quantize`: round(x/Δ) + z, then the clamp. `u` is a view
+        of a per-thread scratch buffer: valid until the next integer layer quantizes its input.
         """
         i = self._slot()
         delta = self.input_scale[i : i + 1]

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["EXACT_F32", "accumulate", "split_plan", "split_weight", "rescale"]
+__all__ = ["EXACT_F32", "accumulate", "rescale", "split_plan", "split_weight"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""

@@ -4,8 +4,9 @@ Each wraps the float layer's own parameters and applies an input (activation)
 quantizer and a weight quantizer. In inference (no autograd) a layer whose weight and
 input are both quantized evaluates ``Δx·Δw·Σ(qx − zx)(qw − zw) + b`` integer-exactly
 (`quant.integer`), the arithmetic of the integer runtime, instead of a float product of
-the dequantized operands; training keeps the float STE path. An optional LoRA pair (A, B) is merged *before*
-weight quantization, Ŵ = Q(W₀ + B·A) (EfficientDM's QALoRA), so it folds for free.
+the dequantized operands; training keeps the float STE path. An optional LoRA pair (A, B)
+is merged *before* weight quantization, Ŵ = Q(W₀ + B·A) (EfficientDM's QALoRA), so it
+folds for free.
 The wrapper never decides bits or granularity: a `LayerSpec` does.
 """
 
@@ -156,12 +157,15 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.integer_exact():
-            # channels-last, the layout of the integer kernels' output, so that the float ops after
-            # this layer (norms, adds) see the same memory layout and round alike in both runtimes
-            return self._integer_forward(x, lambda a, w: self._conv_forward(
-                a.contiguous(memory_format=torch.channels_last), w, None).contiguous(
-                memory_format=torch.channels_last), 1)
+            return self._integer_forward(x, self._channels_last_conv, 1)
         return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
+
+    def _channels_last_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The bias-free conv with a channels-last output, the layout of the integer kernels'
+        output, so the float ops after this layer (norms, adds) see the same memory layout and
+        round alike in both runtimes."""
+        out = self._conv_forward(x.contiguous(memory_format=torch.channels_last), w, None)
+        return out.contiguous(memory_format=torch.channels_last)
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
