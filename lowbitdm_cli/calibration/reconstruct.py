@@ -95,6 +95,15 @@ def _call(model: DiffusionModel, x: torch.Tensor, t: int, cond: torch.Tensor | N
         pass
 
 
+def _call_hooked(model: DiffusionModel, handle: Any, x: torch.Tensor, t: int, cond: torch.Tensor | None,
+                 guidance: float) -> None:
+    """`_call` with a hook that was just registered, removed afterwards whatever happens."""
+    try:
+        _call(model, x, t, cond, guidance)
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def plan_blocks(model: DiffusionModel, data: CalibrationData, guidance: float) -> tuple[list[Block], int]:
     """(blocks in the order the forward pass first calls them, denoiser rows per calibration sample).
@@ -210,13 +219,10 @@ def _capture(model: DiffusionModel, fp_model: DiffusionModel, data: CalibrationD
             sel = idx[i:i + batch_size]
             x = data.xs[s, sel].to(model.device)
             cond = data.conds[sel].to(model.device) if data.conds is not None else None
-            for run_model, handle in (
-                    (fp_model, fp_block.register_forward_hook(grab_output, with_kwargs=True)),
-                    (model, block.module.register_forward_pre_hook(grab_input, with_kwargs=True))):
-                try:
-                    _call(run_model, x, t, cond, guidance)
-                finally:
-                    handle.remove()
+            _call_hooked(fp_model, fp_block.register_forward_hook(grab_output, with_kwargs=True),
+                         x, t, cond, guidance)
+            _call_hooked(model, block.module.register_forward_pre_hook(grab_input, with_kwargs=True),
+                         x, t, cond, guidance)
             ts.append(torch.full((outputs[-1].shape[0],), t, dtype=torch.long))
     if len(inputs) != len(outputs) or not inputs:
         raise RuntimeError(f"block {block.name} was not reached by the calibration forward pass")
