@@ -44,8 +44,10 @@ PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="Text-to-imag
                                                                    "per line (sets model.prompts).")]
 WorkDeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: cpu, cuda or cuda:N (one "
                                                            "process; calibration data stays on the CPU).")]
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Registered model (see `lowbitdm models`) or "
-                                                                    "a diffusers pipeline folder.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Registered model (see `lowbitdm models`), a "
+                                                                    "diffusers pipeline folder, a CompVis folder "
+                                                                    "(model.ckpt + config.yaml) or a hub id "
+                                                                    "owner/repo.")]
 
 
 def _version(value: bool) -> None:
