@@ -126,19 +126,22 @@ def _split_observer(recorder: ActivationRecorder, name: str) -> Callable[[QuantL
 
 
 @torch.no_grad()
-def layer_output_errors(model: DiffusionModel, data: CalibrationData, guidance: float, batch_size: int
-                        ) -> dict[str, float]:
+def layer_output_errors(model: DiffusionModel, data: CalibrationData, guidance: float, batch_size: int,
+                        fp_weights: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Relative output error of every quantized layer on one calibration batch per kept step:
     ‖layer_q(x) − layer_fp(x)‖² / ‖layer_fp(x)‖², each layer fed the same input x (the input
-    the fully quantized model gives it), so the number isolates that layer's own error."""
+    the fully quantized model gives it), so the number isolates that layer's own error.
+    `fp_weights` (by layer name) are the FP weights where the layer's own float weight is no
+    longer the FP one (block reconstruction folds AdaRound's rounding into it)."""
     layers = quant_layers(model.denoiser)
+    fp_weights = fp_weights or {}
     err: dict[str, float] = defaultdict(float)
     ref: dict[str, float] = defaultdict(float)
 
     def make(name: str, layer: QuantLayerMixin) -> Callable:
         def hook(_m, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
-            w = layer.merged_weight()
+            w = fp_weights[name].to(x) if name in fp_weights else layer.merged_weight()
             fp = (layer._conv_forward(x, w, layer.bias) if isinstance(layer, torch.nn.Conv2d)
                   else torch.nn.functional.linear(x, w, layer.bias))
             err[name] += (output - fp).pow(2).sum().item()

@@ -155,7 +155,10 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
         del fp_model
     with torch.no_grad():
         run.save_tensors("quant_state.safetensors", quant_state(model.denoiser, fp_state))
-    errors = layer_output_errors(model, data, settings.guidance, cfg.batch_size)
+    # reconstruction folded AdaRound's rounding into the float weights: measure against the FP ones
+    fp_weights = ({n: fp_state[f"{n}.weight"] for n in specs if f"{n}.weight" in fp_state}
+                  if recon is not None else None)
+    errors = layer_output_errors(model, data, settings.guidance, cfg.batch_size, fp_weights)
     info = {
         "method": cfg.method,
         "bits": recipe.quant.bits,

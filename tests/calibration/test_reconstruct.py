@@ -13,12 +13,13 @@ from torch import nn
 
 from lowbitdm_cli.artifacts import Artifact
 from lowbitdm_cli.calibration.data import CalibrationData
+from lowbitdm_cli.calibration.ptq import layer_output_errors
 from lowbitdm_cli.calibration.reconstruct import _capture, block_generator, find_blocks, qdrop
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, load_merged
 from lowbitdm_cli.models.registry import load_model
 from lowbitdm_cli.quant.adaround import AdaRoundQuantizer, attach_adaround, beta_schedule, detach_adaround
 from lowbitdm_cli.quant.init import init_quantizer
-from lowbitdm_cli.quant.layers import QuantConv2d
+from lowbitdm_cli.quant.layers import QuantConv2d, quant_layers
 from lowbitdm_cli.quant.model import set_quant_enabled
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
@@ -194,6 +195,21 @@ def test_targets_are_the_fp_models_block_outputs(reconstructed: Artifact) -> Non
     torch.testing.assert_close(cap.target, block_outputs(load_model("tiny-random")), rtol=0, atol=0)
     set_quant_enabled(model.denoiser, weights=False, activations=False)
     assert not torch.allclose(cap.target, block_outputs(model), atol=1e-4)  # what the targets used to be
+
+
+def test_layer_output_error_is_measured_against_fp_weights(reconstructed: Artifact) -> None:
+    """After reconstruction a layer's float weight holds its folded AdaRound codes; the recorded
+    per-layer error still compares against the FP layer, so it includes the weight error."""
+    model, fp = load_quantized_from(reconstructed), load_model("tiny-random")
+    data = CalibrationData.from_tensors(reconstructed.tensors("calib_data.safetensors"))
+    layers = quant_layers(model.denoiser)
+    with torch.no_grad():
+        against_fp = layer_output_errors(model, data, 2.0, 2, {n: fp.denoiser.get_submodule(n).weight for n in layers})
+        against_folded = layer_output_errors(model, data, 2.0, 2)
+    recorded = reconstructed.manifest.info["layer_output_error"]
+    assert recorded == pytest.approx(against_fp, rel=1e-4)
+    four_bit = [n for n, s in reconstructed.manifest.info["layers"].items() if s["w_bits"] == 4 and n in layers]
+    assert four_bit and sum(against_fp[n] for n in four_bit) > sum(against_folded[n] for n in four_bit)
 
 
 @torch.no_grad()
