@@ -299,18 +299,25 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake",
     specs = {}
     weights = {}
     codes = {}
+    w_quant_state: dict[str, dict[str, torch.Tensor]] = {}
     for name, entry in config["layers"].items():
         act = entry["input_activations"]
         w_bits = None
         if entry["weights"] is not None:
             codes[name] = _stored_codes(name, entry, t, path)
             weights[name] = _dequantized_weight(*codes[name], entry["weight_shape"])
+            # a weight quantizer over the stored codes (asymmetric over the unsigned codes: it gives
+            # the same integers back), so the fake runtime evaluates exactly like the artifact did
+            _, zero, scale = codes[name]
+            view = (-1, *[1] * (len(entry["weight_shape"]) - 1))
+            w_quant_state[name] = {"delta": scale.reshape(view), "zero_point": zero.float().reshape(view),
+                                   "initialized": torch.tensor(True)}
             bits = t.get(f"{name}.weight_bits")
+            if bits is not None:  # mixed per-channel widths; uniform ones come from the spec
+                w_quant_state[name]["bits"] = bits.float().reshape(view)
             w_bits = int(bits.max()) if bits is not None else int(entry["weights"]["num_bits"])
         else:
             weights[name] = t[f"{name}.weight"]
-        # a weight quantizer over the stored codes (asymmetric over the unsigned codes: it gives
-        # the same integers back), so the fake runtime evaluates exactly like the artifact did
         specs[name] = LayerSpec(role="merged", kind=entry["kind"], w_bits=w_bits,
                                 a_bits=act["num_bits"] if act else None,
                                 a_symmetric=bool(act and act["symmetric"]),
@@ -327,15 +334,7 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake",
         w = weights[name]
         _check(tuple(w.shape) == tuple(layer.weight.shape), path, f"{name} weight shape {tuple(w.shape)}")
         state[f"{name}.weight"] = w
-        if name in codes:
-            _, zero, scale = codes[name]
-            view = (-1, *[1] * (w.dim() - 1))
-            bits = t.get(f"{name}.weight_bits")
-            state[f"{name}.w_quant.delta"] = scale.reshape(view)
-            state[f"{name}.w_quant.zero_point"] = zero.float().reshape(view)
-            state[f"{name}.w_quant.bits"] = (bits.float().reshape(view) if bits is not None
-                                             else layer.w_quant.bits)
-            state[f"{name}.w_quant.initialized"] = torch.tensor(True)
+        state.update({f"{name}.w_quant.{k}": v for k, v in w_quant_state.get(name, {}).items()})
         if layer.bias is not None:
             state[f"{name}.bias"] = t[f"{name}.bias"]
         for prefix, key in (("input", "a_quant"), ("input_skip", "a_quant_skip")):
@@ -349,8 +348,9 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake",
             state[f"{name}.{key}.zero_point"] = zero.float().reshape(q.zero_point.shape)
             state[f"{name}.{key}.initialized"] = torch.tensor(True)
     missing, unexpected = den.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith((".a_quant.bits", ".a_quant.timesteps", ".w_quant.timesteps",
-                                                     ".a_quant_skip.bits", ".a_quant_skip.timesteps"))]
+    missing = [k for k in missing if not k.endswith((".a_quant.bits", ".a_quant.timesteps", ".w_quant.bits",
+                                                     ".w_quant.timesteps", ".a_quant_skip.bits",
+                                                     ".a_quant_skip.timesteps"))]
     _check(not missing and not unexpected, path, f"tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
     meta = {"unet": mcfg["unet_config"]} if mcfg.get("unet_config") else {"denoiser_config": mcfg["denoiser_config"]}
     if runtime == "int":

@@ -222,6 +222,7 @@ class IntLayer(TimestepSlots, nn.Module):
         self.register_buffer("w_off", w_off)
         self.register_buffer("w_col", diff.sum(1, dtype=torch.int64))  # Σ_k (w − zw)
         self.register_buffer("weight_scale", weight_scale.reshape(-1).float().contiguous())
+        self.register_buffer("unit_scale", torch.ones_like(self.weight_scale), persistent=False)  # unit-scale calls
         self.register_buffer("bias", None if bias is None else bias.reshape(-1).float().contiguous())
         self.register_buffer("input_scale", input_scale.contiguous())
         self.register_buffer("input_zero_point", input_zero_point)
@@ -256,7 +257,7 @@ class IntLayer(TimestepSlots, nn.Module):
         kernel rescales (`fused_rescale`), else unit scales and no bias (exact accumulator out)."""
         if self.fused_rescale:
             return float(delta), self.weight_scale, self.bias
-        return 1.0, torch.ones_like(self.weight_scale), None
+        return 1.0, self.unit_scale, None
 
     def _onednn_finish(self, out: Tensor, u_minus_zx_sums: Callable[[], Tensor], delta: Tensor,
                        channel_dim: int) -> Tensor:
