@@ -127,6 +127,9 @@ def _assemble(run: StageRun, model, source: Source, cfg, settings, labels: torch
     info = {"source": source.label, "runtime": source.runtime, "num_samples": cfg.num_samples,
             "sampler": settings.__dict__, "shards_done": num_shards,
             "unmatched_timesteps": unmatched}
+    report = (getattr(model, "meta", None) or {}).get("runtime")
+    if isinstance(report, dict):  # the integer runtime: which CPU, what its kernels compute, which lowerings ran
+        info["int_runtime"] = {k: report[k] for k in ("cpu", "kernel_probes", "lowerings") if k in report}
     prompts = getattr(model.conditioner, "prompts", None)
     if prompts is not None:  # labels are indices into these prompts (clip_score pairs them again)
         info["prompts_sha256"] = prompts_digest(prompts)
