@@ -51,7 +51,9 @@ same bits (while the accumulators stay below 2^24, where float32 holds them exac
 from __future__ import annotations
 
 import functools
+import statistics
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -64,7 +66,8 @@ from lowbitdm_cli.export.kernel_probe import (KernelClass, pair16_weight_limit, 
 from lowbitdm_cli.quant.integer import EXACT_F32, accumulate, rescale, split_plan, split_weight
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
-__all__ = ["IntConv2d", "IntLayer", "IntLinear", "choose_split", "onednn_available", "onednn_rescale_matches"]
+__all__ = ["IntConv2d", "IntLayer", "IntLinear", "choose_split", "lowering_counts", "onednn_available",
+           "onednn_rescale_matches"]
 
 _SHIFT = 128
 # |u·w| ≤ 255·128 per product; with the corrections a partial sum is < K·255·(128+256+255),
@@ -116,6 +119,15 @@ def choose_split(w: Tensor, limit: int, u_max: int, float_exact: bool) -> int | 
         if worst < EXACT_F32 and (best is None or worst < best[0]):
             best = (worst, s)
     return None if best is None else best[1]
+
+
+def lowering_counts(module: nn.Module) -> dict[str, int]:
+    """How many integer layers of `module` run on each lowering now (after any autotuning)."""
+    counts: dict[str, int] = {}
+    for m in module.modules():
+        if isinstance(m, IntLayer):
+            counts[m.lowering] = counts.get(m.lowering, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 class _Scratch(threading.local):
@@ -258,31 +270,60 @@ class IntLayer(TimestepSlots, nn.Module):
         self.u_max = (1 << self.a_bits) - 1  # the largest code u (symmetric codes are offset to u ≥ 0)
         self._onednn_cache: tuple[str, list[Tensor], Tensor] | None = None
         self._float_weight: Tensor | None = None
-        self.set_lowering(*self.choose_lowering())
+        self._tune: list[tuple[str, int | None]] | None = None
+        lowering = self.choose_lowering()
+        tune, self._tune = self._tune, None
+        self.set_lowering(*lowering)
+        self._tune = tune
 
     # --- lowering: which kernel runs the product, and how ------------------------------------------
     _probe_onednn: Callable[[], KernelClass] = staticmethod(probe_onednn_linear)
 
-    def choose_lowering(self) -> tuple[str, int | None]:
-        """(kernel, weight split) that computes this layer exactly on this process's kernels.
-
-        From what the kernels compute (`kernel_probe`), fastest first: oneDNN when it sums in int32,
-        or sums pairs in 16 bits and this layer's pairs fit (2·u_max·|w| ≤ 32767), or with the weight
-        split in two pair-safe halves whose float32 outputs are exact; then ``torch._int_mm`` likewise
-        (integer results: a split is always exact); else the integer-exact float path."""
+    def exact_lowerings(self) -> list[tuple[str, int | None]]:
+        """Every (kernel, weight split) that computes this layer exactly with this process's kernels
+        (`kernel_probe`), in the order they are usually fastest: oneDNN when it sums in int32, or sums
+        pairs in 16 bits and this layer's pairs fit (2·u_max·|w| ≤ 32767), or with the weight split in
+        two pair-safe halves whose float32 outputs are exact; ``torch._int_mm`` likewise (integer
+        results: a split is always exact); last the integer-exact float path, always exact."""
         w = self.int8_weight().to(torch.int16)  # int16: |−128| must not wrap
         limit = pair16_weight_limit(self.u_max)
         pair_safe = w.numel() == 0 or int(w.abs().max()) <= limit
+        out: list[tuple[str, int | None]] = []
         onednn = self._probe_onednn() if self.k <= _K_ONEDNN else "unavailable"
         if onednn == "int32" or (onednn == "pair16" and pair_safe):
-            return "onednn", None
-        if onednn == "pair16":
+            out.append(("onednn", None))
+        elif onednn == "pair16":
             split = choose_split(w, limit, self.u_max, float_exact=True)
             if split is not None:
-                return "onednn", split
+                out.append(("onednn", split))
         if probe_int_mm("cpu") in ("int32", "pair16"):
-            return "int_mm", self._int_mm_split()
-        return "float", None
+            out.append(("int_mm", self._int_mm_split()))
+        return [*out, ("float", None)]
+
+    def choose_lowering(self) -> tuple[str, int | None]:
+        """The first of `exact_lowerings`; where that is not one plain kernel call (a split, or the
+        float path) the first forward times the candidates on its real input and keeps the fastest
+        (`autotune`): they all give the same bits, so the choice changes speed only."""
+        candidates = self.exact_lowerings()
+        self._tune = candidates if len(candidates) > 1 and (candidates[0][1] is not None
+                                                            or candidates[0][0] == "float") else None
+        return candidates[0]
+
+    def autotune(self, x: Tensor, repeats: int = 2) -> None:
+        """Time each candidate lowering on `x` (one warm-up, median of `repeats`) and keep the fastest."""
+        candidates, self._tune = self._tune or [], None
+        timings = []
+        for kernel, split in candidates:
+            self.set_lowering(kernel, split)
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                self.forward(x)
+                times.append(time.perf_counter() - start)
+            timings.append((statistics.median(times[1:]), kernel, split))
+        if timings:
+            _, kernel, split = min(timings, key=lambda t: t[0])
+            self.set_lowering(kernel, split)
 
     def _int_mm_split(self) -> int | None:
         """The weight split `torch._int_mm` needs here: None where it sums exactly as it is."""
@@ -297,6 +338,7 @@ class IntLayer(TimestepSlots, nn.Module):
         path) with the int8 weights split at 2^`split` into two calls (None: one call)."""
         if kernel not in ("onednn", "int_mm", "float"):
             raise ValueError(f"unknown kernel {kernel!r}")
+        self._tune = None  # an explicit lowering is kept (autotune clears its list before trying each)
         if kernel == "onednn" and not onednn_available():
             raise ValueError("this PyTorch has no oneDNN int8 kernels")
         if split is not None and kernel == "float":
@@ -430,6 +472,8 @@ class IntLinear(IntLayer):
         self.in_features, self.out_features = self.k, self.out_ch
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._tune:
+            self.autotune(x)
         u, zx, delta = self.quantize_input(x)
         kernel = self.kernel
         if kernel == "onednn":
@@ -498,6 +542,8 @@ class IntConv2d(IntLayer):
         return cols.reshape(n * ho * wo, -1), ho, wo
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._tune:
+            self.autotune(x)
         u, zx, delta = self.quantize_input(x)
         kernel = self.kernel
         if kernel == "onednn":
@@ -506,8 +552,10 @@ class IntConv2d(IntLayer):
             kh, kw = self.kernel_size
             weight = self.float_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
 
-            def conv(xi: Tensor, wi: Tensor) -> Tensor:
-                return F.conv2d(xi, wi, None, self.stride, self.padding, self.dilation)
+            def conv(xi: Tensor, wi: Tensor) -> Tensor:  # channels-last in and out, as the fake layer's
+                out = F.conv2d(xi.contiguous(memory_format=torch.channels_last), wi, None, self.stride,
+                               self.padding, self.dilation)
+                return out.contiguous(memory_format=torch.channels_last)
 
             return self._float_exact(conv, u, zx, weight, delta, 1)
         cols, ho, wo = self.im2col(u, zx)

@@ -194,6 +194,19 @@ def test_saturating_codes_are_exact(kind: str, w_code: int, zw: int) -> None:
     assert torch.equal(out, expected), (layer.lowering, float((out - expected).abs().max()))
 
 
+def test_autotune_keeps_the_bits_and_picks_an_exact_lowering() -> None:
+    """A layer whose first choice is a split (or the float path) times every exact lowering on its
+    first input and keeps the fastest: the output is the same bits whichever wins."""
+    layer, fake, codes, zw = _random_layer("conv", 8, 8, False, seed=3, conv=CONVS["3x3s2p1"])
+    x = _input("conv", layer, seed=4)
+    with torch.no_grad():
+        expected = _exact_fake(fake, 8, codes, zw, layer.weight_scale)(x)
+        layer._tune = [("float", None), ("int_mm", 1), *([("onednn", 2)] if onednn_available() else [])]
+        out = layer(x)
+    assert layer._tune is None and layer.lowering.split("-")[0] in ("float", "int_mm", "onednn")
+    assert torch.equal(out, expected) and torch.equal(layer(x), expected)
+
+
 def test_kernel_probe_sees_the_avx2_class(tmp_path: Path) -> None:
     """With oneDNN capped at AVX2 (what an AVX2-only CPU runs), the probe finds 16-bit pair sums
     (or no oneDNN at all, off x86), and the layers it lowers are split where they must be."""
@@ -383,6 +396,12 @@ def test_sample_cli_records_the_runtime(merged: Artifact, tmp_path: Path, runner
         assert result.exit_code == 0, result.output
         manifest = Artifact.open(tmp_path / runtime).manifest
         assert manifest.info["runtime"] == runtime
+        if runtime == "int":  # which CPU, what its kernels compute, which lowering each layer ran
+            record = manifest.info["int_runtime"]
+            assert set(record["kernel_probes"]) == {"onednn_linear", "onednn_conv", "int_mm"}
+            assert record["cpu"]["torch_isa"] and sum(record["lowerings"].values()) > 0
+        else:
+            assert "int_runtime" not in manifest.info
         digests[runtime] = manifest.inputs_digest
     assert digests["int"] != digests["fake"]  # the two runtimes never share an artifact
     result = runner.invoke(app, ["sample", str(merged.path), "--runtime", "exact"])
