@@ -141,11 +141,13 @@ class UniformQuantizer(TimestepSlots, nn.Module):
         q_min, q_max = quant_range(self.bits, self.mode)
         with torch.no_grad():
             z = torch.round(zero) if self.mode == "asymmetric" else torch.zeros_like(zero)
-            # in place on one new tensor (the same float values as fake_quantize's out-of-place ops;
-            # clamp equals its torch.where pair on every value, NaN included)
-            q = torch.div(x, delta).round_().add_(z).clamp_(q_min.to(x), q_max.to(x))
-            bound = float(torch.maximum((q_min.to(z) - z).abs(), (q_max.to(z) - z).abs()).max())
-            return q.sub_(z), delta, bound
+            # clamp(round(x/Δ) + z, q_min, q_max) − z == clamp(round(x/Δ), q_min − z, q_max − z) for an
+            # integer z: exact in float32 (a rounded quotient beyond 2^24 clamps either way; NaN stays
+            # NaN), so three passes in place on one new tensor give fake_quantize's values
+            lo, hi = (q_min.to(z) - z).to(x), (q_max.to(z) - z).to(x)
+            q = torch.div(x, delta).round_().clamp_(lo, hi)
+            bound = float(torch.maximum(lo.abs(), hi.abs()).max())
+            return q, delta, bound
 
     def extra_repr(self) -> str:
         bits = self.bits.unique().tolist()

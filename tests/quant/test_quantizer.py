@@ -155,3 +155,22 @@ def test_bad_bits_rejected():
         UniformQuantizer(9)
     with pytest.raises(ValueError):
         UniformQuantizer(0)
+
+
+@pytest.mark.parametrize("mode", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_integer_values_times_delta_is_the_fake_quantized_value(mode: str, bits: int) -> None:
+    """(q − z)·Δ from `integer_values` equals `forward` bit for bit, at ties, beyond the range,
+    at values whose quotient passes 2^24, and for NaN."""
+    q = UniformQuantizer(bits, mode)
+    with torch.no_grad():
+        q.delta.fill_(0.037)
+        q.zero_point.fill_(2.6 if mode == "asymmetric" else 0.0)
+    g = torch.Generator().manual_seed(0)
+    ties = (torch.arange(-300, 300) + 0.5) * 0.037
+    x = torch.cat([torch.randn(2000, generator=g) * 3, ties, torch.tensor([1e9, -1e9, 1e30, float("nan")])])
+    x_int, delta, bound = q.integer_values(x)
+    with torch.no_grad():
+        ref = q(x)
+    assert torch.equal(x_int[:-1] * delta, ref[:-1]) and x_int[-1].isnan() and ref[-1].isnan()
+    assert x_int[:-1].abs().max() <= bound and torch.equal(x_int[:-1], x_int[:-1].round())
