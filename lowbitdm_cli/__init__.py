@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from lowbitdm_cli.version import __version__
+
 if TYPE_CHECKING:
     from lowbitdm_cli.models.wrapper import DiffusionModel
-
-__version__ = "0.1.0"
 
 __all__ = ["__version__", "load_quantized"]
 

@@ -21,8 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
 
-from lowbitdm_cli import __version__
 from lowbitdm_cli.errors import ArtifactError, IntegrityError, ManifestError, StageOrderError
+from lowbitdm_cli.version import __version__
 
 __all__ = ["SCHEMA_VERSION", "Artifact", "FileEntry", "Manifest", "ModelRef", "ParentRef", "Stage", "StageRun",
            "digest_of", "sha256_file"]

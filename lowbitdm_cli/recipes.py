@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import re
 import tomllib
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +29,8 @@ from pydantic import (
 from lowbitdm_cli.errors import RecipeError
 from lowbitdm_cli.quant.policy import LayerOverride, QuantPolicy
 
-__all__ = ["RECIPES_DIR", "Recipe", "available_recipes", "load_recipe", "parse_bits"]
+__all__ = ["Recipe", "available_recipes", "load_recipe", "parse_bits", "recipes_dir"]
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _BITS_RE = re.compile(r"^w(\d+|fp)a(\d+|fp)$")
 
 
@@ -263,8 +264,21 @@ def _is_registered(name: str) -> bool:
     return name in MODELS
 
 
-def available_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"))} if RECIPES_DIR.is_dir() else {}
+def recipes_dir() -> Traversable:
+    """The shipped recipes, package data of `lowbitdm_cli`.
+
+    ``lowbitdm_cli/recipe_files`` is a symbolic link to the top-level ``recipes/`` folder, the one
+    source: a source checkout or an editable install reads through the link, and a wheel build
+    copies the files behind it into the package, so every kind of install reads them here."""
+    return resources.files("lowbitdm_cli").joinpath("recipe_files")
+
+
+def available_recipes() -> dict[str, Traversable]:
+    folder = recipes_dir()
+    if not folder.is_dir():
+        return {}
+    return {p.name.removesuffix(".toml"): p for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".toml")}
 
 
 def load_recipe(recipe: str | Path | None = None, *, base: dict[str, Any] | None = None,
@@ -279,8 +293,8 @@ def load_recipe(recipe: str | Path | None = None, *, base: dict[str, Any] | None
     """
     data: dict[str, Any] = copy.deepcopy(base) if base is not None and recipe is None else {}
     if recipe is not None:
-        path = Path(recipe)
-        if not path.suffix:
+        path: Path | Traversable = Path(recipe)
+        if not Path(recipe).suffix:
             known = available_recipes()
             if str(recipe) not in known:
                 raise RecipeError(f"unknown recipe {recipe!r}; known: {', '.join(known) or 'none'} "

@@ -140,3 +140,15 @@ def test_every_recipe_loads(name: str) -> None:
     assert r.name == name
     assert parse_bits(r.quant.bits)
     r.quant.policy()
+
+
+def test_packaged_recipes_are_the_top_level_folder() -> None:
+    # one source: the package's recipe_files link reads recipes/, which a wheel build copies in
+    from pathlib import Path
+
+    import lowbitdm_cli
+
+    top = Path(__file__).resolve().parents[1] / "recipes"
+    packaged = Path(lowbitdm_cli.__file__).parent / "recipe_files"
+    assert packaged.resolve() == top.resolve()
+    assert sorted(RECIPES) == sorted(p.stem for p in top.glob("*.toml"))
