@@ -157,7 +157,6 @@ def test_unknown_metric(runner: CliRunner, tmp_path: Path) -> None:
 # --- happy path -----------------------------------------------------------------------------------
 
 def test_chain(runner: CliRunner, tmp_path: Path, tiny_recipe_args: list[str]) -> None:
-    pytest.importorskip("lowbitdm_cli.export.packing")
     run = tmp_path / "run"
     steps = [
         ["calibrate", "--model", "tiny-random", "--bits", "w4a8", "--recipe", "ptq", *tiny_recipe_args,

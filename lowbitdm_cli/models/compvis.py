@@ -71,6 +71,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from lowbitdm_cli.errors import ModelNotFoundError
+from lowbitdm_cli.models.pickled import pickle_refusal
 
 __all__ = ["CompVisModel", "CompVisUNet2DModel", "compvis_files", "load_compvis", "read_checkpoint", "read_config"]
 
@@ -177,14 +178,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            hint = "re-save its state_dict (e.g. as .safetensors) where you trust the file"
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            if found:
-                raise _fail(f"{path}: refused: this checkpoint needs {found.group(1)} unpickled, and only tensors "
-                            f"and plain containers are read (weights_only); {hint}") from None
-            found = re.search(r"Unsupported operand[^\n]*", str(e))
-            what = found.group(0).strip() if found else str(e).splitlines()[0]
-            raise _fail(f"{path}: refused: not a tensors-only torch checkpoint ({what}); {hint}") from None
+            raise _fail(pickle_refusal(path, e)) from None
         except (OSError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
             raise _fail(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 from torch import nn
@@ -26,6 +27,7 @@ from lowbitdm_cli.models.families import (
     label_conditioner,
     load_class_embedder,
 )
+from lowbitdm_cli.models.pickled import pickle_refusal, unpickling_error
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 
 __all__ = ["HUB_FILES", "detect_family", "download_snapshot", "load_folder"]
@@ -64,13 +66,30 @@ def detect_family(path: Path) -> tuple[Family, dict]:
     return family, index
 
 
+def _refused_pickle(folder: Path, error: Exception) -> ModelFormatError | None:
+    """A one-line error for a component whose .bin weights hold a pickle that weights_only refuses
+    (diffusers and transformers wrap that refusal in tracebacks of their own); None for other errors."""
+    cause = unpickling_error(error)
+    if cause is None:
+        return None
+    names = [n for names in _WEIGHTS.values() for n in names if n.endswith(".bin")]
+    weights = next((folder / n for n in names if (folder / n).is_file()), folder)
+    return ModelFormatError(pickle_refusal(weights, cause))
+
+
 def _load_diffusers(folder: Path, allowed: tuple[str, ...]) -> nn.Module:
     import diffusers
 
     name = _read_json(folder / "config.json").get("_class_name")
     if name not in allowed:
         raise ModelFormatError(f"{folder}: model class {name!r} is not supported here ({', '.join(allowed)})")
-    module = getattr(diffusers, name).from_pretrained(str(folder), low_cpu_mem_usage=False)
+    try:
+        module = getattr(diffusers, name).from_pretrained(str(folder), low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        refused = _refused_pickle(folder, e)
+        if refused is None:
+            raise
+        raise refused from None
     return module.eval().requires_grad_(False)
 
 
@@ -82,7 +101,13 @@ def _text_conditioner(path: Path, prompts: list[str] | None):  # noqa: ANN202
     if not prompts:
         raise RecipeError(f"{path} is a text-to-image model: give prompts (--prompts FILE, one per line, or "
                           f"model.prompts in the recipe)")
-    encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"))
+    try:
+        encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"))
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        refused = _refused_pickle(path / "text_encoder", e)
+        if refused is None:
+            raise
+        raise refused from None
     tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
     return PromptEncoder(encoder, tokenizer, prompts)
 

@@ -473,3 +473,47 @@ def test_merged_checkpoints_from_before_denoiser_config_still_load(calibrated: A
     x, cond = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(new.eps(x, 500, cond, 2.0), legacy.eps(x, 500, cond, 2.0))
+
+
+def _write_marker(path: str) -> None:  # would run only if the weights were unpickled freely
+    Path(path).write_text("executed")
+
+
+class _Unsafe:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # noqa: ANN204
+        return (_write_marker, (str(self.path),))
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_pickled_bin_weights_are_refused_in_one_line(component: str, tmp_path: Path, runner: CliRunner) -> None:
+    """.bin weights that need more than tensors unpickled: one line naming the file and the global, nothing runs."""
+    from diffusers import DDPMPipeline
+    from safetensors.torch import load_file as safetensors_load
+
+    marker = tmp_path / "marker"
+    if component == "unet":
+        folder = tmp_path / "bin"
+        DDPMPipeline.from_pretrained(str(build_ddpm(tmp_path / "src"))).save_pretrained(folder,
+                                                                                       safe_serialization=False)
+        weights = folder / "unet" / "diffusion_pytorch_model.bin"
+        args = []
+    else:
+        folder = build_sd(tmp_path / "sd")
+        enc = folder / "text_encoder"
+        state = safetensors_load(str(enc / "model.safetensors"))
+        (enc / "model.safetensors").unlink()
+        weights = enc / "pytorch_model.bin"
+        torch.save(state, weights)
+        (tmp_path / "p.txt").write_text("a cat\n")
+        args = ["--prompts", str(tmp_path / "p.txt")]
+    state = torch.load(weights, weights_only=True)
+    state["callbacks"] = _Unsafe(marker)
+    torch.save(state, weights)
+    result = runner.invoke(app, ["calibrate", "--model", str(folder), "--bits", "w8a8", *args,
+                                 "--out", str(tmp_path / "c")])
+    line = _one_line_error(result, str(weights), "refused", "_write_marker unpickled")
+    assert "Traceback" not in line
+    assert not marker.exists()
