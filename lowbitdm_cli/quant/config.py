@@ -37,7 +37,8 @@ from pydantic import (
 from lowbitdm_cli.errors import RecipeError
 
 __all__ = ["CONFIG_VERSION", "FORMATS", "ROLES", "LayerEntry", "LayerOverride", "LayerSpec", "MatmulEntry",
-           "ModelEntry", "QuantArgs", "QuantScheme", "QuantizationConfig", "migrate_config", "parse_bits"]
+           "ModelEntry", "QuantArgs", "QuantScheme", "QuantizationConfig", "QuantizationRecord", "migrate_config",
+           "parse_bits"]
 
 # version of `QuantizationConfig` (quantization_config.json's "format_version"); 2 records the scheme
 CONFIG_VERSION = 2
@@ -336,3 +337,12 @@ def migrate_config(data: dict[str, Any]) -> dict[str, Any]:
         data = CONFIG_MIGRATIONS[version](data)
         version += 1
     return data
+
+
+class QuantizationRecord(_Strict):
+    """What the manifest of a calibrate, finetune or merge artifact records of its quantized model:
+    the format it is stored in (it picks the loader, `export.load`) and the version of this schema
+    its records (``recipe.quant``, ``info.layers``, ``quantization_config.json``) were written with."""
+
+    format: Format
+    config_version: int = Field(CONFIG_VERSION, ge=1)
