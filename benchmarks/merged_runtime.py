@@ -16,8 +16,15 @@ FP32 eager, the fake-quant runtime and the integer runtime (`load_merged(..., "i
 For the embedded model also: DDIM samples (the model's sampler, same seeds) from the integer and
 the fake-quantized runtime, and the share of pixels on which they agree to one grey level.
 
-    python benchmarks/merged_runtime.py            # 7 timed runs per cell
+Each CPU class runs in its own process on the same merged checkpoints: `native` (the kernels
+this CPU has) and `avx2` (oneDNN capped with ONEDNN_MAX_CPU_ISA=AVX2, which is what an AVX2-only
+CPU runs: 16-bit pair sums, split 8-bit weights). Each class's JSON names the CPU, the ISA and
+what the kernel probes found; `kernels` counts the layers per lowering. `--profile` adds the top
+operators of the integer runtime's forward on the larger UNet.
+
+    python benchmarks/merged_runtime.py            # 7 timed runs per cell, both classes
     python benchmarks/merged_runtime.py --quick    # 2 timed runs per cell, small calibration
+    python benchmarks/merged_runtime.py --classes avx2 --profile
 
 Writes benchmarks/results/merged_runtime.json.
 """
@@ -26,7 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,7 +86,7 @@ def _time_forward(model: DiffusionModel, batch: int, repeats: int, warmup: int) 
     return statistics.median(times)
 
 
-def _merged_small(name: str, label: str, folder: Path, quick: bool) -> Path:
+def _merged_small(name: str, label: str, folder: Path, quick: bool) -> Path:  # → folder/label/merge
     """The registered model through calibrate → finetune → merge (ptq recipe)."""
     from lowbitdm_cli.recipes import load_recipe
     from lowbitdm_cli.stages.calibrate import calibrate
@@ -142,7 +152,7 @@ def _bench(title: str, fp: DiffusionModel, merged: dict[str, Path], folder: Path
         rows.append({"precision": label, "bytes": nbytes, "size_ratio": nbytes / fp_bytes, "fp32_ms": t_fp * 1e3,
                      "fake_ms": t_fake * 1e3, "int_ms": t_int * 1e3, "int_vs_fp32": t_fp / t_int,
                      "int_vs_fake": t_fake / t_int, "int_layers": report["int_layers"],
-                     "fallback_layers": report["fallback_layers"], "kernels": report.get("kernels", {})})
+                     "fallback_layers": report["fallback_layers"], "kernels": report.get("lowerings", {})})
         if args.agreement_samples and fp.name in MODELS:
             rows[-1]["pixel_agreement"] = _agreement(fp.name, fake, integer, args.agreement_samples)
     return {"model": title, "params": sum(p.numel() for p in fp.denoiser.parameters()), "rows": rows}
@@ -178,6 +188,49 @@ def _print(result: dict, batch: int) -> None:
                  f"{100 * r['pixel_agreement']['within_one_level']:.2f} %" if "pixel_agreement" in r else ""))
 
 
+CLASSES = {"native": None, "avx2": "AVX2"}  # ONEDNN_MAX_CPU_ISA per CPU class (None: what this CPU has)
+
+
+def _run_class(args: argparse.Namespace, merged_dir: Path, small: str) -> dict:
+    """Every table row for the CPU class this process runs as (its oneDNN ISA is fixed at start)."""
+    from lowbitdm_cli.export.kernel_probe import kernel_report
+
+    results = []
+    folder = merged_dir / f"scratch-{args.one_class}"
+    folder.mkdir(exist_ok=True)
+    merged = {label: merged_dir / "small" / label / "merge" for label in BITS}
+    results.append(_bench(small, load_model(small), merged, folder, args))
+    _print(results[-1], args.batch)
+    merged = {label: merged_dir / f"large-{label}" for label in BITS}
+    results.append(_bench("unet-128-256-256 (random init, 32x32x3)", _large_fp(), merged, folder, args))
+    _print(results[-1], args.batch)
+    if args.profile:
+        results.append({"profile": _profile(merged_dir, args)})
+    return {"cpu_class": args.one_class, **kernel_report(), "results": results}
+
+
+@torch.no_grad()
+def _profile(merged_dir: Path, args: argparse.Namespace) -> dict:
+    """Where the integer runtime's time goes: top operators of one large-UNet W4A4 and W8A8 forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for label in ("W4A4", "W8A8"):
+        model = load_merged(merged_dir / f"large-{label}", "int")
+        x = torch.randn(args.batch, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+        model.forward(x, 500, None)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.forward(x, 500, None)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        out[label] = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+                       "calls": e.count} for e in events]
+        print(f"\nprofile, large UNet {label}, int runtime ({args.one_class}): top operators by self time")
+        for e in out[label]:
+            print(f"  {e['op']:<40} {e['self_ms']:>9.1f} ms {100 * e['share']:>5.1f} %  x{e['calls']}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 timed runs per cell, tiny calibration")
@@ -185,6 +238,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--agreement-samples", type=int, default=None,
                         help="samples for the int-vs-fake pixel agreement (default 100; --quick 10; 0 = skip)")
+    parser.add_argument("--classes", default="native,avx2",
+                        help="CPU classes to run, each in its own process: native (this CPU's kernels), avx2 "
+                             "(oneDNN capped with ONEDNN_MAX_CPU_ISA=AVX2: what an AVX2-only CPU runs)")
+    parser.add_argument("--profile", action="store_true", help="also print the top operators of the int runtime")
+    parser.add_argument("--one-class", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--merged-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "merged_runtime.json")
     args = parser.parse_args()
     args.repeats, args.warmup = (2, 1) if args.quick else (7, 2)
@@ -194,19 +253,36 @@ def main() -> None:
     wf = WEIGHTS_DIR / "digits_unet.safetensors"
     small = "digits" if wf.is_file() else "tiny-random"
     note = None if small == "digits" else f"{wf} is absent (still training): tiny-random stands in for digits"
+    if args.one_class:  # a child: one CPU class on checkpoints the parent merged
+        args.out.write_text(json.dumps(_run_class(args, args.merged_dir, small)) + "\n")
+        return
     if note:
         print(f"note: {note}")
-    results = []
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    unknown = [c for c in classes if c not in CLASSES]
+    if unknown:
+        parser.error(f"unknown CPU class(es) {unknown}; choose from {sorted(CLASSES)}")
+    per_class = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        merged = {label: _merged_small(small, label, folder, args.quick) for label in BITS}
-        results.append(_bench(small, load_model(small), merged, folder, args))
-        _print(results[-1], args.batch)
-        merged = {label: _merged_large(label, folder, calib_batch=8 if args.quick else 32) for label in BITS}
-        results.append(_bench("unet-128-256-256 (random init, 32x32x3)", _large_fp(), merged, folder, args))
-        _print(results[-1], args.batch)
+        for label in BITS:  # the same checkpoints for every class (merging does not touch int kernels)
+            _merged_small(small, label, folder / "small", args.quick)
+            _merged_large(label, folder, calib_batch=8 if args.quick else 32)
+        for cpu_class in classes:
+            env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+            if CLASSES[cpu_class]:
+                env["ONEDNN_MAX_CPU_ISA"] = CLASSES[cpu_class]
+            print(f"\n=== CPU class {cpu_class} (ONEDNN_MAX_CPU_ISA={env.get('ONEDNN_MAX_CPU_ISA', 'unset')}) ===")
+            part = folder / f"{cpu_class}.json"
+            cmd = [sys.executable, __file__, "--one-class", cpu_class, "--merged-dir", str(folder), "--out", str(part),
+                   "--batch", str(args.batch), "--threads", str(args.threads),
+                   "--agreement-samples", str(args.agreement_samples)]
+            subprocess.run(cmd + (["--quick"] if args.quick else []) + (["--profile"] if args.profile else []),
+                           env=env, check=True)
+            per_class.append(json.loads(part.read_text()))
+            print(f"kernels: {per_class[-1]['kernel_probes']}  cpu: {per_class[-1]['cpu']}")
     payload = {"quick": args.quick, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
-               "warmup": args.warmup, "torch": torch.__version__, "note": note, "results": results}
+               "warmup": args.warmup, "torch": torch.__version__, "note": note, "classes": per_class}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"\nwrote {args.out}")

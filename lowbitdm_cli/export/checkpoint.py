@@ -283,6 +283,7 @@ def _to_int_runtime(den: nn.Module, config: QuantizationConfig, t: dict[str, tor
                     codes: dict[str, tuple[torch.Tensor, ...]]) -> dict:
     """Replace every merged layer that can run on integer kernels; the others keep float compute."""
     from lowbitdm_cli.export.int_runtime import IntLayer
+    from lowbitdm_cli.export.kernel_probe import kernel_report
 
     modules = dict(den.named_modules())
     fallback: dict[str, str] = {}
@@ -297,10 +298,15 @@ def _to_int_runtime(den: nn.Module, config: QuantizationConfig, t: dict[str, tor
         setattr(modules[parent_name] if parent_name else den, leaf, int_layer)
         int_layers += 1
     kernels: dict[str, int] = {}
-    for m in den.modules():
+    lowerings: dict[str, int] = {}
+    layer_lowerings: dict[str, str] = {}
+    for name, m in den.named_modules():
         if isinstance(m, IntLayer):
             kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
-    return {"runtime": "int", "int_layers": int_layers, "kernels": kernels, "fallback_layers": len(fallback),
+            lowerings[m.lowering] = lowerings.get(m.lowering, 0) + 1
+            layer_lowerings[name] = m.lowering
+    return {"runtime": "int", "int_layers": int_layers, "kernels": kernels, "lowerings": lowerings,
+            "layer_lowerings": layer_lowerings, **kernel_report(), "fallback_layers": len(fallback),
             "fallback": sorted(fallback), "fallback_reasons": fallback,
             # QKᵀ and softmax·V have two activation operands: they run as float products of the
             # fake-quantized (dequantized) inputs, exactly as in the fake-quantized model

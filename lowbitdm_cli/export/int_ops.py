@@ -92,7 +92,20 @@ def _padded_int_mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _mm_exact(a: Tensor, b: Tensor) -> Tensor:
-    """Exact int64 product of int8 matrices a [M, K] and b [K, N]."""
+    """Exact int64 product of int8 matrices a [M, K] and b [K, N].
+
+    Where ``_int_mm`` adds products in saturating 16-bit pairs (x86 without VNNI, `kernel_probe`)
+    b is split as 2·hi + lo (|hi| ≤ 64, |lo| ≤ 1: pair-safe with a shifted to [0, 255]); where it is
+    not exact at all, float64 (exact for these magnitudes) does the product."""
+    from lowbitdm_cli.export.kernel_probe import probe_int_mm
+
+    kind = probe_int_mm(a.device.type)
+    if kind == "pair16" and b.numel() and int(b.to(torch.int16).abs().max()) > 64:
+        hi = torch.round(b.to(torch.float32) / 2).to(torch.int8)
+        lo = (b.to(torch.int16) - 2 * hi.to(torch.int16)).to(torch.int8)
+        return 2 * _mm_exact(a, hi) + _mm_exact(a, lo)
+    if kind not in ("int32", "pair16"):
+        return (a.double() @ b.double()).round().to(torch.int64)
     mm = torch._int_mm if a.device.type == "cpu" else _padded_int_mm
     k = a.shape[1]
     if k <= _K_CHUNK:

@@ -34,6 +34,15 @@ unit scales and no bias, giving the exact accumulator as float32, the shifted co
 sums of ``u − zx``; exact while the sums stay below 2^24), and `rescale` follows. `kernel`
 says which path a layer takes.
 
+Which kernel is exact depends on the CPU, so each layer picks its *lowering* from what the
+kernels were found to compute in this process (`kernel_probe`, once per process at worst-case
+codes): where they accumulate in int32 (VNNI, AMX) one call; where they add u8·s8 pairs in
+saturating 16-bit lanes (AVX2, AVX-512 without VNNI) one call while ``2·u_max·|w| ≤ 32767``
+(every layer with ≤ 7-bit activations, or weights within ±64), else the int8 weight split as
+``w = hi·2^s + lo`` into two pair-safe calls combined exactly; where no integer kernel is exact,
+the integer-exact float path of `quant.integer`. `lowering` names the choice per layer and the
+load report counts them.
+
 Every path ends in the float ops of `quant.integer.rescale` on the exact accumulator, which
 is also what the fake-quantized model computes in inference, so the two runtimes give the
 same bits (while the accumulators stay below 2^24, where float32 holds them exactly).
@@ -42,7 +51,9 @@ same bits (while the accumulators stay below 2^24, where float32 holds them exac
 from __future__ import annotations
 
 import functools
+import statistics
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -50,10 +61,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbitdm_cli.export.int_ops import _padded_int_mm
-from lowbitdm_cli.quant.integer import rescale
+from lowbitdm_cli.export.kernel_probe import (KernelClass, pair16_weight_limit, probe_int_mm, probe_onednn_conv,
+                                              probe_onednn_linear)
+from lowbitdm_cli.quant.integer import EXACT_F32, accumulate, rescale, split_plan, split_weight
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
-__all__ = ["IntConv2d", "IntLayer", "IntLinear", "onednn_available", "onednn_rescale_matches"]
+__all__ = ["IntConv2d", "IntLayer", "IntLinear", "choose_split", "lowering_counts", "onednn_available",
+           "onednn_rescale_matches"]
 
 _SHIFT = 128
 # |u·w| ≤ 255·128 per product; with the corrections a partial sum is < K·255·(128+256+255),
@@ -86,13 +100,34 @@ _K_ONEDNN = (2**31 - 1) // (255 * 128)
 
 def onednn_available() -> bool:
     """Whether this PyTorch has oneDNN's int8 conv/linear with float32 output (x86 CPU builds)."""
-    ops = getattr(torch.ops, "onednn", None)
-    try:
-        return bool(torch.backends.mkldnn.is_available() and ops is not None
-                    and hasattr(ops, "qconv2d_pointwise") and hasattr(ops, "qlinear_pointwise")
-                    and hasattr(ops, "qconv_prepack") and hasattr(ops, "qlinear_prepack"))
-    except (AttributeError, RuntimeError):
-        return False
+    return probe_onednn_linear() != "unavailable" and probe_onednn_conv() != "unavailable"
+
+
+def choose_split(w: Tensor, limit: int, u_max: int, float_exact: bool) -> int | None:
+    """The shift s of a weight split ``w = hi·2^s + lo`` whose two int8 parts both stay within
+    ±`limit` (so a pair16 kernel adds them exactly); with `float_exact`, each part's product must
+    also stay below 2^24 (the kernel returns it as float32), and the s with the smaller worst
+    part wins. `w`: integer [O, K]. None when no s works."""
+    best: tuple[float, int] | None = None
+    for s in range(1, 8):
+        hi, lo = split_weight(w.to(torch.float64), s)
+        if hi.abs().max() > limit or lo.abs().max() > limit:
+            continue
+        if not float_exact:
+            return s
+        worst = u_max * max(float(hi.abs().sum(1).max()), float(lo.abs().sum(1).max()))
+        if worst < EXACT_F32 and (best is None or worst < best[0]):
+            best = (worst, s)
+    return None if best is None else best[1]
+
+
+def lowering_counts(module: nn.Module) -> dict[str, int]:
+    """How many integer layers of `module` run on each lowering now (after any autotuning)."""
+    counts: dict[str, int] = {}
+    for m in module.modules():
+        if isinstance(m, IntLayer):
+            counts[m.lowering] = counts.get(m.lowering, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 class _Scratch(threading.local):
@@ -125,13 +160,15 @@ def onednn_rescale_matches() -> bool:
     """Whether oneDNN's float32 output of an int8 conv and linear is bit for bit
     `rescale(acc, Δx, Δw, bias)` of the exact accumulator (with and without bias), checked
     once per process on random codes and scales. Where it is not, the layers run oneDNN
-    with unit scales and rescale themselves."""
-    if not onednn_available():
+    with unit scales and rescale themselves. The weights stay within ±64, which every
+    exact class of kernel (`kernel_probe`) sums exactly: this checks the rescale, not the sum."""
+    if not onednn_available() or "inexact" in (probe_onednn_linear(), probe_onednn_conv()):
         return False
     gen = torch.Generator().manual_seed(0)
     out_ch, chans = 24, 40
+    limit = pair16_weight_limit(255)
     u = torch.randint(0, 256, (2, chans, 6, 6), generator=gen).to(torch.uint8)
-    w = torch.randint(-128, 128, (out_ch, chans, 3, 3), generator=gen).to(torch.int8)
+    w = torch.randint(-limit, limit + 1, (out_ch, chans, 3, 3), generator=gen).to(torch.int8)
     zx = 37
     x_scale = torch.rand(1, generator=gen) * 0.1 + 1e-3
     w_scale = torch.rand(out_ch, generator=gen) * 0.05 + 1e-4
@@ -230,22 +267,121 @@ class IntLayer(TimestepSlots, nn.Module):
         self.out_ch = out_ch
         self._index: int | None = None
         self.unmatched_timesteps: set[int] = set()
-        self.use_onednn = onednn_available() and self.k <= _K_ONEDNN
-        # oneDNN rescales itself (float32 output of the kernel) only where that is `rescale` exactly
-        self.fused_rescale = self.use_onednn and self.direct and onednn_rescale_matches()
-        # (device, oneDNN-packed weight, its all-zero weight zero points), built on the first call
-        self._packed: tuple[str, Tensor, Tensor] | None = None
+        self.u_max = (1 << self.a_bits) - 1  # the largest code u (symmetric codes are offset to u ≥ 0)
+        self._onednn_cache: tuple[str, list[Tensor], Tensor] | None = None
+        self._float_weight: Tensor | None = None
+        self._tune: list[tuple[str, int | None]] | None = None
+        lowering = self.choose_lowering()
+        tune, self._tune = self._tune, None
+        self.set_lowering(*lowering)
+        self._tune = tune
+
+    # --- lowering: which kernel runs the product, and how ------------------------------------------
+    _probe_onednn: Callable[[], KernelClass] = staticmethod(probe_onednn_linear)
+
+    def exact_lowerings(self) -> list[tuple[str, int | None]]:
+        """Every (kernel, weight split) that computes this layer exactly with this process's kernels
+        (`kernel_probe`), in the order they are usually fastest: oneDNN when it sums in int32, or sums
+        pairs in 16 bits and this layer's pairs fit (2·u_max·|w| ≤ 32767), or with the weight split in
+        two pair-safe halves whose float32 outputs are exact; ``torch._int_mm`` likewise (integer
+        results: a split is always exact); last the integer-exact float path, always exact."""
+        w = self.int8_weight().to(torch.int16)  # int16: |−128| must not wrap
+        limit = pair16_weight_limit(self.u_max)
+        pair_safe = w.numel() == 0 or int(w.abs().max()) <= limit
+        out: list[tuple[str, int | None]] = []
+        onednn = self._probe_onednn() if self.k <= _K_ONEDNN else "unavailable"
+        if onednn == "int32" or (onednn == "pair16" and pair_safe):
+            out.append(("onednn", None))
+        elif onednn == "pair16":
+            split = choose_split(w, limit, self.u_max, float_exact=True)
+            if split is not None:
+                out.append(("onednn", split))
+        if probe_int_mm("cpu") in ("int32", "pair16"):
+            out.append(("int_mm", self._int_mm_split()))
+        return [*out, ("float", None)]
+
+    def choose_lowering(self) -> tuple[str, int | None]:
+        """The first of `exact_lowerings`; where that is not one plain kernel call (a split, or the
+        float path) the first forward times the candidates on its real input and keeps the fastest
+        (`autotune`): they all give the same bits, so the choice changes speed only."""
+        candidates = self.exact_lowerings()
+        self._tune = candidates if len(candidates) > 1 and (candidates[0][1] is not None
+                                                            or candidates[0][0] == "float") else None
+        return candidates[0]
+
+    def autotune(self, x: Tensor, repeats: int = 2) -> None:
+        """Time each candidate lowering on `x` (one warm-up, median of `repeats`) and keep the fastest."""
+        candidates, self._tune = self._tune or [], None
+        timings = []
+        for kernel, split in candidates:
+            self.set_lowering(kernel, split)
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                self.forward(x)
+                times.append(time.perf_counter() - start)
+            timings.append((statistics.median(times[1:]), kernel, split))
+        if timings:
+            _, kernel, split = min(timings, key=lambda t: t[0])
+            self.set_lowering(kernel, split)
+
+    def _int_mm_split(self) -> int | None:
+        """The weight split `torch._int_mm` needs here: None where it sums exactly as it is."""
+        limit = pair16_weight_limit(self.u_max)
+        wmat = self.wmat.to(torch.int16)  # int16: |−128| must not wrap
+        if probe_int_mm("cpu") != "pair16" or wmat.numel() == 0 or int(wmat.abs().max()) <= limit:
+            return None
+        return choose_split(wmat.t(), limit, self.u_max, float_exact=False)
+
+    def set_lowering(self, kernel: str, split: int | None = None) -> None:
+        """Run the product on `kernel` (``onednn``, ``int_mm`` or ``float``, the integer-exact float
+        path) with the int8 weights split at 2^`split` into two calls (None: one call)."""
+        if kernel not in ("onednn", "int_mm", "float"):
+            raise ValueError(f"unknown kernel {kernel!r}")
+        self._tune = None  # an explicit lowering is kept (autotune clears its list before trying each)
+        if kernel == "onednn" and not onednn_available():
+            raise ValueError("this PyTorch has no oneDNN int8 kernels")
+        if split is not None and kernel == "float":
+            raise ValueError("the float path does not split weights")
+        self.use_onednn, self.float_exact, self.split = kernel == "onednn", kernel == "float", split
+        self._onednn_cache, self._float_weight = None, None
+        # `accumulate` (the int_mm product) stays exact whichever kernel runs the layer
+        mm_split = split if kernel == "int_mm" else self._int_mm_split()
+        hi, lo = (None, None) if mm_split is None else split_weight(self.wmat.to(torch.int16), mm_split)
+        self._mm_split = mm_split
+        self.register_buffer("wmat_hi", None if hi is None else hi.to(torch.int8).contiguous(), persistent=False)
+        self.register_buffer("wmat_lo", None if lo is None else lo.to(torch.int8).contiguous(), persistent=False)
+        # oneDNN rescales itself (float32 output of one kernel call) only where that is `rescale` exactly
+        self.fused_rescale = self.use_onednn and self.direct and split is None and onednn_rescale_matches()
 
     @property
     def kernel(self) -> str:
-        """``onednn`` (CPU int8 kernels, float32 output) or ``int_mm`` (torch._int_mm + im2col)."""
+        """``onednn`` (CPU int8 kernels, float32 output), ``int_mm`` (torch._int_mm + im2col) or
+        ``float`` (integer-exact float products: no exact integer kernel here)."""
+        if self.float_exact:
+            return "float"
         return "onednn" if self.use_onednn and self.wmat.device.type == "cpu" else "int_mm"
 
-    def _onednn_weight(self, device: torch.device, pack: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
-        """The packed weight `pack()` makes and zero weight zero points, cached per device."""
-        if self._packed is None or self._packed[0] != str(device):
-            self._packed = (str(device), pack(), torch.zeros(self.out_ch, dtype=torch.long, device=device))
-        return self._packed[1], self._packed[2]
+    @property
+    def lowering(self) -> str:
+        """What the load report records per layer: the kernel, ``-split<s>`` when the weight is split
+        in two calls, ``-fused`` when oneDNN also rescales."""
+        name = self.kernel + (f"-split{self.split}" if self.split is not None and self.kernel != "float" else "")
+        return name + ("-fused" if self.fused_rescale and self.kernel == "onednn" else "")
+
+    def _onednn_weights(self, device: torch.device, pack: Callable[[Tensor], Tensor]) -> tuple[list[Tensor], Tensor]:
+        """The packed weights (one, or the split's hi and lo) and zero weight zero points, per device."""
+        if self._onednn_cache is None or self._onednn_cache[0] != str(device):
+            w = self.int8_weight()
+            parts = [w] if self.split is None else [p.to(torch.int8) for p in split_weight(w.to(torch.int16),
+                                                                                          self.split)]
+            self._onednn_cache = (str(device), [pack(p.contiguous()) for p in parts],
+                                  torch.zeros(self.out_ch, dtype=torch.long, device=device))
+        return self._onednn_cache[1], self._onednn_cache[2]
+
+    def _combine(self, outs: list[Tensor]) -> Tensor:
+        """One call's output, or hi·2^s + lo of a split (each exact: the add rounds once)."""
+        return outs[0] if len(outs) == 1 else outs[0].mul_(float(1 << self.split)).add_(outs[1])
 
     def int8_weight(self) -> Tensor:
         """int8 [O, K] weights as oneDNN takes them (K in this layer's order): ``w − zw`` when
@@ -270,6 +406,21 @@ class IntLayer(TimestepSlots, nn.Module):
             view[channel_dim] = self.out_ch
             out = out.addcmul_(u_minus_zx_sums(), self.w_off.to(torch.float32).reshape(view))  # integers: exact
         return rescale(out, delta, self.weight_scale, self.bias, channel_dim)
+
+    def float_weight(self) -> Tensor:
+        """float32 ``w − zw`` [O, K] (K in this layer's order), for the integer-exact float path."""
+        if self._float_weight is None or self._float_weight.device != self.wmat.device:
+            w = self.int8_weight().to(torch.float32)
+            self._float_weight = w if self.direct else w + self.w_off.to(torch.float32)[:, None]
+        return self._float_weight
+
+    def _float_exact(self, op: Callable[[Tensor, Tensor], Tensor], u: Tensor, zx: int, weight: Tensor,
+                     delta: Tensor, channel_dim: int) -> Tensor:
+        """`rescale` of the exact accumulator from float products of the integer values (`quant.integer`)."""
+        plan = split_plan(float(self.u_max), float(weight.abs().flatten(1).sum(1).max()) if weight.numel() else 0.0,
+                          self.k)
+        acc = accumulate(op, u.to(torch.float32) - zx, weight, plan)
+        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim)
 
     def _slot(self) -> int:
         if not self.temporal:
@@ -296,8 +447,11 @@ class IntLayer(TimestepSlots, nn.Module):
 
     def accumulate(self, cols: Tensor, zx: int) -> Tensor:
         """Exact Σ_k (cols[m, k] − zx)(w[o, k] − zw[o]) as int32 (int64 for large K), [M, O]."""
-        wide = self.k > _K_INT32
-        mm = _mm_wide(cols, self.wmat) if wide else _mm(cols, self.wmat)
+        mm_fn = _mm_wide if self.k > _K_INT32 else _mm
+        if self.wmat_hi is None:
+            mm = mm_fn(cols, self.wmat)
+        else:  # a pair16 kernel: two products with pair-safe weights, combined as integers
+            mm = mm_fn(cols, self.wmat_hi).mul_(1 << self._mm_split).add_(mm_fn(cols, self.wmat_lo))
         if self.direct:
             acc = mm
         else:
@@ -318,24 +472,30 @@ class IntLinear(IntLayer):
         self.in_features, self.out_features = self.k, self.out_ch
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._tune:
+            self.autotune(x)
         u, zx, delta = self.quantize_input(x)
-        if self.kernel == "onednn":
+        kernel = self.kernel
+        if kernel == "onednn":
             return self._onednn(u.reshape(-1, self.k), zx, delta).reshape(*x.shape[:-1], self.out_ch)
+        if kernel == "float":
+            return self._float_exact(F.linear, u, zx, self.float_weight(), delta, -1)
         acc = self.accumulate(u.reshape(-1, self.k), zx)
         return self._finish(acc, delta).reshape(*x.shape[:-1], self.out_ch)
 
     def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
-        packed, w_zero = self._onednn_weight(u.device, lambda: torch.ops.onednn.qlinear_prepack(self.int8_weight(),
-                                                                                                 None))
+        packed, w_zero = self._onednn_weights(u.device, lambda w: torch.ops.onednn.qlinear_prepack(w, None))
         x_scale, w_scale, bias = self._onednn_args(delta)
-        out = torch.ops.onednn.qlinear_pointwise(u.contiguous(), x_scale, int(zx), packed, w_scale,
-                                                 w_zero, bias, 1.0, 0, torch.float32, "none", [], "")
+        u = u.contiguous()
+        out = self._combine([torch.ops.onednn.qlinear_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias, 1.0,
+                                                                0, torch.float32, "none", [], "") for p in packed])
         return self._onednn_finish(
             out, lambda: u.sum(1, keepdim=True, dtype=torch.int32).to(torch.float32) - self.k * zx, delta, 1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, a_bits={self.a_bits}, "
-                f"{'direct' if self.direct else 'shifted'}, slots={self.input_scale.numel()}, kernel={self.kernel}")
+                f"{'direct' if self.direct else 'shifted'}, slots={self.input_scale.numel()}, "
+                f"lowering={self.lowering}")
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -344,6 +504,8 @@ def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
 
 class IntConv2d(IntLayer):
     """Conv2d (groups = 1, zero padding) on integer codes; NCHW float in, NCHW float32 out."""
+
+    _probe_onednn = staticmethod(probe_onednn_conv)
 
     def __init__(self, weight_codes: Tensor, *args, stride: int | tuple[int, int] = 1,
                  padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
@@ -380,9 +542,22 @@ class IntConv2d(IntLayer):
         return cols.reshape(n * ho * wo, -1), ho, wo
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._tune:
+            self.autotune(x)
         u, zx, delta = self.quantize_input(x)
-        if self.kernel == "onednn":
+        kernel = self.kernel
+        if kernel == "onednn":
             return self._onednn(u, zx, delta)
+        if kernel == "float":
+            kh, kw = self.kernel_size
+            weight = self.float_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+
+            def conv(xi: Tensor, wi: Tensor) -> Tensor:  # channels-last in and out, as the fake layer's
+                out = F.conv2d(xi.contiguous(memory_format=torch.channels_last), wi, None, self.stride,
+                               self.padding, self.dilation)
+                return out.contiguous(memory_format=torch.channels_last)
+
+            return self._float_exact(conv, u, zx, weight, delta, 1)
         cols, ho, wo = self.im2col(u, zx)
         out = self._finish(self.accumulate(cols, zx), delta)
         # NCHW shape in channels-last memory: no transpose copy, and a following IntConv2d
@@ -394,14 +569,15 @@ class IntConv2d(IntLayer):
 
         x_scale, w_scale, bias = self._onednn_args(delta)
 
-        def pack() -> Tensor:
+        def pack(w: Tensor) -> Tensor:
             kh, kw = self.kernel_size
-            w = self.int8_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
+            w = w.reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
             return torch.ops.onednn.qconv_prepack(w, w_scale, 1.0, 0, *geometry, None)
 
-        packed, w_zero = self._onednn_weight(u.device, pack)
-        out = torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), packed, w_scale, w_zero,
-                                                 bias, *geometry, 1.0, 0, torch.float32, "none", [], "")
+        packed, w_zero = self._onednn_weights(u.device, pack)
+        out = self._combine([torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias,
+                                                                *geometry, 1.0, 0, torch.float32, "none", [], "")
+                             for p in packed])
 
         def window_sums() -> Tensor:  # Σ over each window of (u − zx): a box filter over the channel sums
             sums = u.sum(1, keepdim=True, dtype=torch.int32).to(torch.float32) - self.in_channels * zx
@@ -417,4 +593,4 @@ class IntConv2d(IntLayer):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, a_bits={self.a_bits}, {'direct' if self.direct else 'shifted'}, "
-                f"slots={self.input_scale.numel()}, kernel={self.kernel}")
+                f"slots={self.input_scale.numel()}, lowering={self.lowering}")

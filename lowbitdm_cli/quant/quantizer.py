@@ -141,10 +141,11 @@ class UniformQuantizer(TimestepSlots, nn.Module):
         q_min, q_max = quant_range(self.bits, self.mode)
         with torch.no_grad():
             z = torch.round(zero) if self.mode == "asymmetric" else torch.zeros_like(zero)
-            q = torch.round(x / delta) + z
-            q = torch.where(q < q_min.to(x), q_min.to(x), torch.where(q > q_max.to(x), q_max.to(x), q))
+            # in place on one new tensor (the same float values as fake_quantize's out-of-place ops;
+            # clamp equals its torch.where pair on every value, NaN included)
+            q = torch.div(x, delta).round_().add_(z).clamp_(q_min.to(x), q_max.to(x))
             bound = float(torch.maximum((q_min.to(z) - z).abs(), (q_max.to(z) - z).abs()).max())
-            return q - z, delta, bound
+            return q.sub_(z), delta, bound
 
     def extra_repr(self) -> str:
         bits = self.bits.unique().tolist()

@@ -19,6 +19,7 @@ import torch
 
 from lowbitdm_cli.artifacts import Artifact, Manifest, StageRun
 from lowbitdm_cli.distributed import process_group, rank_device
+from lowbitdm_cli.export.int_runtime import lowering_counts
 from lowbitdm_cli.models.registry import sampler_defaults
 from lowbitdm_cli.models.text import prompts_digest
 from lowbitdm_cli.npz import ChunkedArray, write_npz
@@ -127,6 +128,10 @@ def _assemble(run: StageRun, model, source: Source, cfg, settings, labels: torch
     info = {"source": source.label, "runtime": source.runtime, "num_samples": cfg.num_samples,
             "sampler": settings.__dict__, "shards_done": num_shards,
             "unmatched_timesteps": unmatched}
+    report = (getattr(model, "meta", None) or {}).get("runtime")
+    if isinstance(report, dict):  # the integer runtime: which CPU, what its kernels compute, which lowerings ran
+        info["int_runtime"] = {**{k: report[k] for k in ("cpu", "kernel_probes") if k in report},
+                               "lowerings": lowering_counts(model.denoiser)}  # as sampled (after autotuning)
     prompts = getattr(model.conditioner, "prompts", None)
     if prompts is not None:  # labels are indices into these prompts (clip_score pairs them again)
         info["prompts_sha256"] = prompts_digest(prompts)

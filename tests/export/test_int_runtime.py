@@ -10,13 +10,17 @@ samples from the merged checkpoint equal the fake-quantized artifact's pixel for
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 from lowbitdm_cli import load_quantized
@@ -25,8 +29,10 @@ from lowbitdm_cli.errors import IntegrityError
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_merged
 from lowbitdm_cli.export.int_ops import int_conv2d_acc, int_linear_acc
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear, onednn_available
+from lowbitdm_cli.export.kernel_probe import probe_int_mm, probe_onednn_conv, probe_onednn_linear
 from lowbitdm_cli.models.wrapper import set_timestep
 from lowbitdm_cli.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear, quant_layers
+from lowbitdm_cli.quant.integer import rescale
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.recipes import load_recipe
 from lowbitdm_cli.sampling import SamplerSettings, ddim_sample, to_uint8
@@ -92,7 +98,24 @@ def _input(kind: str, layer: IntLayer, seed: int) -> torch.Tensor:
 CONVS = {"3x3s2p1": {"kernel": (3, 3), "stride": 2, "padding": 1}, "1x1": {"kernel": (1, 1), "stride": 1, "padding": 0}}
 
 
-KERNELS = ["int_mm", *(["onednn", "onednn-unit-scales"] if onednn_available() else [])]
+# every lowering must give the fake layer's bits on every CPU: the split ones (weights in two
+# pair-safe halves, what AVX2-class CPUs need) are forced here too, whatever this CPU's kernels do
+KERNELS = ["int_mm", "int_mm-split1", "int_mm-split4", "float",
+           *(["onednn", "onednn-unit-scales", "onednn-split2", "onednn-split5"] if onednn_available() else [])]
+
+
+def _force(layer: IntLayer, kernel: str) -> None:
+    """Put `layer` on the lowering named by a KERNELS entry (skip what cannot be exact here)."""
+    name, _, split = kernel.partition("-split")
+    name = name.removesuffix("-unit-scales")
+    layer.set_lowering(name, int(split) if split else None)
+    if kernel.endswith("-unit-scales"):
+        layer.fused_rescale = False
+    probe = {"onednn": probe_onednn_conv if isinstance(layer, IntConv2d) else probe_onednn_linear,
+             "int_mm": probe_int_mm}.get(name)
+    if probe is not None and probe() == "pair16" and not split and layer.u_max * 2 * int(
+            layer.int8_weight().to(torch.int16).abs().max()) > 32767:
+        pytest.skip(f"{name} adds pairs in 16 bits on this CPU: this layer needs the split lowering")
 
 
 def _exact_fake(fake: QuantLayerMixin, w_bits: int, codes: torch.Tensor, zw: torch.Tensor,
@@ -118,9 +141,8 @@ def test_layer_matches_fake_quant(kind: str, w_bits: int, a_bits: int, a_symmetr
     conv = CONVS.get(kind)
     layer, fake, codes, zw = _random_layer("conv" if conv else "linear", w_bits, a_bits, a_symmetric,
                                            seed=w_bits * 10 + a_bits, conv=conv)
-    layer.use_onednn = kernel.startswith("onednn")
-    layer.fused_rescale = layer.fused_rescale and kernel == "onednn"
-    assert layer.kernel == kernel.removesuffix("-unit-scales")
+    _force(layer, kernel)
+    assert layer.kernel == kernel.removesuffix("-unit-scales").partition("-split")[0]
     assert layer.direct == (w_bits < 8)  # 8-bit weights with an off-centre zero point: shifted kernel
     x = _input("conv" if conv else "linear", layer, seed=w_bits + a_bits)
     with torch.no_grad():
@@ -140,6 +162,69 @@ def test_layer_matches_fake_quant(kind: str, w_bits: int, a_bits: int, a_symmetr
         acc = layer.accumulate(u.reshape(-1, u.shape[-1]), zx).long()
         expected = int_linear_acc(u.reshape(-1, u.shape[-1]), zx, codes, zw)
     assert torch.equal(acc, expected)
+
+
+@pytest.mark.parametrize(("w_code", "zw"), [(255, 128), (0, 128), (255, 3), (0, 252)],
+                         ids=["direct-127", "direct-minus128", "shifted-127", "shifted-minus128"])
+@pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1x1"])
+def test_saturating_codes_are_exact(kind: str, w_code: int, zw: int) -> None:
+    """All activation codes 255 against weights at the ends of the int8 range, K ≥ 64: where a CPU
+    adds u8·s8 pairs in saturating 16-bit lanes (AVX2, AVX-512 without VNNI) a plain oneDNN or
+    _int_mm call clips each pair at 32767; the chosen lowering must still give the exact result."""
+    out_ch = 8
+    shape = (out_ch, 64) if kind == "linear" else (out_ch, 16, 3, 3) if kind == "conv3x3" else (out_ch, 64, 1, 1)
+    codes = torch.full(shape, w_code, dtype=torch.uint8)
+    zero = torch.full((out_ch,), zw, dtype=torch.int32)
+    scale, bias = torch.linspace(0.01, 0.02, out_ch), torch.linspace(-1, 1, out_ch)
+    common = {"bias": bias, "input_scale": torch.tensor([0.5]), "input_zero_point": torch.tensor([0]), "a_bits": 8}
+    if kind == "linear":
+        layer: IntLayer = IntLinear(codes, zero, scale, **common)
+        x = torch.full((5, 64), 1000.0)
+    else:
+        layer = IntConv2d(codes, zero, scale, padding=1 if kind == "conv3x3" else 0, **common)
+        x = torch.full((2, shape[1], 5, 5), 1000.0)
+    w = codes.double() - zw
+    u = torch.full_like(x, 255.0, dtype=torch.float64)  # every input clamps to the top code
+    acc = F.linear(u, w) if kind == "linear" else F.conv2d(u, w, None, 1, layer.padding)
+    expected = rescale(acc.float(), torch.tensor([0.5]), scale, bias, -1 if kind == "linear" else 1)
+    assert int(layer.int8_weight().to(torch.int16).abs().min()) >= 127  # the kernels see |w| ≥ 127: pairs beyond 16 bits
+    assert layer.direct == (zw == 128)
+    with torch.no_grad():
+        out = layer(x)
+    assert torch.equal(out, expected), (layer.lowering, float((out - expected).abs().max()))
+
+
+def test_autotune_keeps_the_bits_and_picks_an_exact_lowering() -> None:
+    """A layer whose first choice is a split (or the float path) times every exact lowering on its
+    first input and keeps the fastest: the output is the same bits whichever wins."""
+    layer, fake, codes, zw = _random_layer("conv", 8, 8, False, seed=3, conv=CONVS["3x3s2p1"])
+    x = _input("conv", layer, seed=4)
+    with torch.no_grad():
+        expected = _exact_fake(fake, 8, codes, zw, layer.weight_scale)(x)
+        layer._tune = [("float", None), ("int_mm", 1), *([("onednn", 2)] if onednn_available() else [])]
+        out = layer(x)
+    assert layer._tune is None and layer.lowering.split("-")[0] in ("float", "int_mm", "onednn")
+    assert torch.equal(out, expected) and torch.equal(layer(x), expected)
+
+
+def test_kernel_probe_sees_the_avx2_class(tmp_path: Path) -> None:
+    """With oneDNN capped at AVX2 (what an AVX2-only CPU runs), the probe finds 16-bit pair sums
+    (or no oneDNN at all, off x86), and the layers it lowers are split where they must be."""
+    script = (
+        "import json, torch\n"
+        "from lowbitdm_cli.export.kernel_probe import kernel_report\n"
+        "from lowbitdm_cli.export.int_runtime import IntLinear\n"
+        "layer = IntLinear(torch.full((4, 64), 255, dtype=torch.uint8), torch.full((4,), 128), torch.ones(4), None,\n"
+        "                  torch.tensor([1.0]), torch.tensor([0]), 8)\n"
+        "print(json.dumps({**kernel_report(), 'lowering': layer.lowering}))\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for path, kind in report["kernel_probes"].items():
+        assert kind in ("pair16", "unavailable"), (path, kind)  # never mistaken for int32
+    if report["kernel_probes"]["onednn_linear"] == "pair16":
+        assert "-split" in report["lowering"]
+    assert report["cpu"]["onednn_max_cpu_isa"] == "AVX2"
 
 
 def test_temporal_slots_follow_the_timestep_value() -> None:
@@ -311,6 +396,12 @@ def test_sample_cli_records_the_runtime(merged: Artifact, tmp_path: Path, runner
         assert result.exit_code == 0, result.output
         manifest = Artifact.open(tmp_path / runtime).manifest
         assert manifest.info["runtime"] == runtime
+        if runtime == "int":  # which CPU, what its kernels compute, which lowering each layer ran
+            record = manifest.info["int_runtime"]
+            assert set(record["kernel_probes"]) == {"onednn_linear", "onednn_conv", "int_mm"}
+            assert record["cpu"]["torch_isa"] and sum(record["lowerings"].values()) > 0
+        else:
+            assert "int_runtime" not in manifest.info
         digests[runtime] = manifest.inputs_digest
     assert digests["int"] != digests["fake"]  # the two runtimes never share an artifact
     result = runner.invoke(app, ["sample", str(merged.path), "--runtime", "exact"])
