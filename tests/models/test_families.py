@@ -517,3 +517,21 @@ def test_pickled_bin_weights_are_refused_in_one_line(component: str, tmp_path: P
     line = _one_line_error(result, str(weights), "refused", "_write_marker unpickled")
     assert "Traceback" not in line
     assert not marker.exists()
+
+
+def test_merged_denoiser_drops_into_a_diffusers_pipeline(chains: dict[str, Path], family_dirs: dict[str, Path]) -> None:
+    """README's example: a merged checkpoint's denoiser samples with diffusers' own pipeline and scheduler."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from lowbitdm_cli import load_quantized
+
+    model = load_quantized(chains["ddpm"] / "merge")  # integer kernels
+    assert model.meta["runtime"]["int_layers"] > 0
+    scheduler = DDIMScheduler.from_pretrained(str(family_dirs["ddpm"]), subfolder="scheduler")
+    pipe = DDIMPipeline(unet=model.denoiser, scheduler=scheduler)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the pipeline's call computes what lowbitdm's sampler does
+        assert torch.equal(model.denoiser(x, torch.tensor([500, 500])).sample, model.eps(x, 500))
