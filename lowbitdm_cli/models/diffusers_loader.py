@@ -34,6 +34,7 @@ __all__ = ["HUB_FILES", "detect_family", "download_snapshot", "load_folder"]
 
 DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
 AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
+IMAGE_CHANNELS = (1, 3)  # a denoiser with these input channels may work on pixels (no autoencoder)
 # what a snapshot needs (no fp16 variants, no .ckpt, no safety checker): configs, tokenizer, and per
 # component its safetensors weights, or its .bin ones (read with weights_only=True) where it has none
 HUB_FILES = ["model_index.json", "scheduler/*.json", "tokenizer/*", "class_embedder/*",
@@ -112,6 +113,27 @@ def _text_conditioner(path: Path, prompts: list[str] | None):  # noqa: ANN202
     return PromptEncoder(encoder, tokenizer, prompts)
 
 
+def _autoencoder(path: Path, family: Family, index: dict, den_cfg: dict) -> nn.Module | None:
+    """The family's autoencoder, or None for a denoiser that works on the images themselves.
+
+    The autoencoder is optional wherever the denoiser's input channels are an image's (1 or 3)
+    and the folder has none (absent or ``[null, null]`` in ``model_index.json``, no folder), e.g. a
+    pixel-space `DiTTransformer2DModel` in a DiTPipeline folder; a component that
+    ``model_index.json`` names must be there."""
+    if family.autoencoder is None:
+        return None
+    folder = path / family.autoencoder
+    listed = index.get(family.autoencoder)
+    if (folder / "config.json").is_file() or (isinstance(listed, list) and any(listed)) or folder.is_dir():
+        return _load_diffusers(folder, AUTOENCODER_CLASSES)
+    channels = den_cfg.get("in_channels")
+    if channels not in IMAGE_CHANNELS:
+        raise ModelFormatError(f"{path} has no {family.autoencoder}/ and its {family.denoiser} takes {channels} "
+                               f"input channels, not an image's ({' or '.join(map(str, IMAGE_CHANNELS))}): a latent "
+                               f"model needs its autoencoder folder")
+    return None
+
+
 def load_folder(path: Path | str, prompts: list[str] | None = None, with_denoiser: bool = True,
                 name: str | None = None) -> DiffusionModel:
     """Load a pipeline folder. `with_denoiser=False` loads only the other parts (autoencoder,
@@ -123,7 +145,7 @@ def load_folder(path: Path | str, prompts: list[str] | None = None, with_denoise
     den_dir = path / family.denoiser
     den_cfg = _read_json(den_dir / "config.json")
     denoiser = _load_diffusers(den_dir, DENOISER_CLASSES) if with_denoiser else None
-    autoencoder = _load_diffusers(path / family.autoencoder, AUTOENCODER_CLASSES) if family.autoencoder else None
+    autoencoder = _autoencoder(path, family, index, den_cfg)
     if family.conditioning == "text":
         conditioner = _text_conditioner(path, prompts)
     elif family.name == "ldm-class":

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from family_builders import build_class_ldm, build_clip, build_ddpm, build_dit, build_ldm, build_sd
+from family_builders import build_class_ldm, build_clip, build_ddpm, build_dit, build_ldm, build_pixel_dit, build_sd
 from typer.testing import CliRunner
 
 from lowbitdm_cli.artifacts import Artifact
@@ -535,3 +535,38 @@ def test_merged_denoiser_drops_into_a_diffusers_pipeline(chains: dict[str, Path]
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # the pipeline's call computes what lowbitdm's sampler does
         assert torch.equal(model.denoiser(x, torch.tensor([500, 500])).sample, model.eps(x, 500))
+
+
+def test_pixel_space_dit_without_vae_runs_the_chain(tmp_path: Path, runner: CliRunner) -> None:
+    """A DiTPipeline folder with no vae/ (pixel-space DiT): the autoencoder is optional where the denoiser's
+    channels are an image's; calibrate, finetune, merge and sample run on pixels."""
+    folder = build_pixel_dit(tmp_path / "dit-pixel")
+    assert not (folder / "vae").exists()
+    model = load_model(str(folder))
+    assert model.autoencoder is None and model.sample_shape == (3, 8, 8) and model.num_classes == 4
+    run = tmp_path / "run"
+    for args in (["calibrate", "--model", str(folder), "--bits", "w4a8", "--recipe", "ptq", *_sets(),
+                  "--out", str(run / "calibrate")],
+                 ["finetune", str(run / "calibrate"), "--method", "qalora"],
+                 ["merge", str(run / "finetune")],
+                 ["sample", str(run / "merge")]):
+        _ok(runner.invoke(app, args), args[0])
+    merged = load_merged(run / "merge", "int")
+    assert merged.autoencoder is None and merged.meta["runtime"]["int_layers"] > 0
+    images = read_npz(run / "sample" / "samples.npz")["arr_0"]
+    assert images.shape == (4, 8, 8, 3)
+
+
+def test_latent_dit_without_vae_is_refused(tmp_path: Path, runner: CliRunner) -> None:
+    folder = build_dit(tmp_path / "dit")
+    shutil.rmtree(folder / "vae")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["vae"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    _one_line_error(runner.invoke(app, ["calibrate", "--model", str(folder), "--out", str(tmp_path / "c")]),
+                    "has no vae/", "4 input channels", "needs its autoencoder")
+    shutil.rmtree(folder)
+    folder = build_dit(tmp_path / "dit")
+    shutil.rmtree(folder / "vae")  # named in model_index.json, but missing: incomplete, as before
+    _one_line_error(runner.invoke(app, ["calibrate", "--model", str(folder), "--out", str(tmp_path / "c")]),
+                    "vae/config.json is missing")
