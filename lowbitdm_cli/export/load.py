@@ -47,8 +47,6 @@ def same_model(artifact: Artifact, model: DiffusionModel) -> None:
 
 
 def _fake_quant(artifact: Artifact, runtime: Runtime) -> DiffusionModel:
-    import torch
-
     from lowbitdm_cli.models.registry import load_model
     from lowbitdm_cli.quant.model import load_quant_state, quantize_denoiser
 
@@ -62,9 +60,8 @@ def _fake_quant(artifact: Artifact, runtime: Runtime) -> DiffusionModel:
     model = load_model(artifact.manifest.model.name, recipe_prompts(recipe))
     same_model(artifact, model)
     specs = {n: LayerSpec.model_validate(s) for n, s in calib.manifest.info["layers"].items()}
-    with torch.no_grad():
-        quantize_denoiser(model.denoiser, specs, timesteps=calib.manifest.info.get("timesteps"))
-        load_quant_state(model.denoiser, artifact.tensors("quant_state.safetensors"))
+    quantize_denoiser(model.denoiser, specs, timesteps=calib.manifest.info.get("timesteps"))
+    load_quant_state(model.denoiser, artifact.tensors("quant_state.safetensors"))
     model.denoiser.eval().requires_grad_(False)
     return model
 
