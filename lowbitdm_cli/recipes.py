@@ -180,7 +180,7 @@ class Recipe(_Section):
     @classmethod
     def _known_version(cls, v: int) -> int:
         if v > RECIPE_VERSION:
-            raise ValueError(f"schema_version {v} is newer than this lowbitdm reads ({RECIPE_VERSION}): "
+            raise ValueError(f"version {v} is newer than this lowbitdm reads ({RECIPE_VERSION}): "
                              f"upgrade lowbitdm to use this recipe")
         return v
 

@@ -152,3 +152,15 @@ def test_packaged_recipes_are_the_top_level_folder() -> None:
     packaged = Path(lowbitdm_cli.__file__).parent / "recipe_files"
     assert packaged.resolve() == top.resolve()
     assert sorted(RECIPES) == sorted(p.stem for p in top.glob("*.toml"))
+
+
+def test_recipe_schema_version(tmp_path: Path) -> None:
+    from lowbitdm_cli.recipes import RECIPE_VERSION
+
+    assert load_recipe("ptq").schema_version == RECIPE_VERSION
+    # the current version stays out of the dump, so manifests' inputs digests stay what they were
+    assert "schema_version" not in load_recipe("ptq").model_dump()
+    path = tmp_path / "r.toml"
+    path.write_text(f'schema_version = {RECIPE_VERSION + 1}\nname = "r"\n')
+    with pytest.raises(RecipeError, match=r"recipe: schema_version: version \d+ is newer.*upgrade lowbitdm"):
+        load_recipe(path)

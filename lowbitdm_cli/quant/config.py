@@ -2,12 +2,14 @@
 
 Shaped like compressed-tensors' ``QuantizationArgs → QuantizationScheme → QuantizationConfig``:
 
-- `QuantArgs`: how one tensor is quantized (bits, int/uint, symmetric, per channel or per
-  tensor, per-timestep activation parameters, the observer that initialises the range).
+- `QuantArgs`: how one stored tensor is quantized (bits or per-channel "mixed", int/uint,
+  symmetric, per channel or per tensor, per-timestep activation parameters, a split input).
 - `QuantScheme`: the recipe's ``[quant]`` section itself: which layers get what, by role
   (``keep_8bit``, ``skip``) and by name pattern (``overrides``), the weight and input-activation
-  args, the attention matmuls (``attn_matmul``), rounding of calibration (``weight_init`` /
-  ``act_init`` observers; AdaRound comes from ``calibrate.method``).
+  choices (``bits``, ``w_per_channel``, ``w_symmetric``, ``a_symmetric``, ``a_temporal``, the
+  ``weight_init`` / ``act_init`` range observers), the attention matmuls (``attn_matmul``).
+  Learned rounding (AdaRound) is a calibration method (``calibrate.method``), folded into the
+  weights before they are packed, so checkpoints hold round-to-nearest codes of folded weights.
 - `LayerSpec`: one layer's resolved spec (what `quant.policy.build_layer_specs` gives each layer
   from a scheme); the calibrate manifest records them under ``info["layers"]``.
 - `QuantizationConfig`: ``quantization_config.json`` of a merged (packed) checkpoint: format,
@@ -95,8 +97,6 @@ class QuantArgs(_Strict):
     strategy: Literal["tensor", "channel"] = "tensor"
     dynamic: Literal[False] = False
     per_timestep: bool = Field(False, description="activations: one (scale, zero point) per sampling timestep")
-    observer: Observer | None = Field(None, description="how the range was initialised (recipes' weight_init / "
-                                      "act_init); not recorded in checkpoints")
     split: int | None = Field(None, ge=1, description="input channels [:split] and [split:] have separate "
                               "parameters (Q-Diffusion shortcut splitting)")
 
@@ -111,9 +111,8 @@ class QuantArgs(_Strict):
     def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # keys that say nothing when unset stay out, as in the checkpoints written before this class
         data = handler(self)
-        for key in ("observer", "split"):
-            if data.get(key) is None:
-                data.pop(key, None)
+        if data.get("split") is None:
+            data.pop("split", None)
         return data
 
 
@@ -140,18 +139,6 @@ class LayerSpec(_Strict):
     a_split: int | None = Field(None, ge=1, description="Q-Diffusion shortcut splitting: input channels "
                                 "[:a_split] and [a_split:] (a concatenated skip) get separate activation quantizers")
     p_bits: int | None = Field(None, ge=1, le=8, description="matmul specs: bits of the (unsigned) softmax output")
-
-    def weights(self) -> QuantArgs | None:
-        if self.w_bits is None:
-            return None
-        return QuantArgs(num_bits=self.w_bits, symmetric=self.w_symmetric,
-                         strategy="channel" if self.w_per_channel else "tensor")
-
-    def input_activations(self) -> QuantArgs | None:
-        if self.a_bits is None:
-            return None
-        return QuantArgs(num_bits=self.a_bits, symmetric=self.a_symmetric, per_timestep=self.a_temporal,
-                         split=self.a_split)
 
 
 class QuantScheme(_Strict):
@@ -218,19 +205,6 @@ class QuantScheme(_Strict):
     def policy(self) -> QuantScheme:
         """The scheme itself (it is what `build_layer_specs` reads); kept for callers of the old name."""
         return self
-
-    def weights(self) -> QuantArgs | None:
-        """The weight args of a layer at the scheme's own bits (roles and overrides change the bits)."""
-        if self.w_bits is None:
-            return None
-        return QuantArgs(num_bits=self.w_bits, symmetric=self.w_symmetric, observer=self.weight_init,
-                         strategy="channel" if self.w_per_channel else "tensor")
-
-    def input_activations(self) -> QuantArgs | None:
-        if self.a_bits is None:
-            return None
-        return QuantArgs(num_bits=self.a_bits, symmetric=self.a_symmetric, per_timestep=self.a_temporal,
-                         observer=self.act_init)
 
 
 # ----------------------------------------------------------------------------- the packed checkpoint
