@@ -5,23 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from lowbitdm_cli.version import __version__
+
 if TYPE_CHECKING:
     from lowbitdm_cli.models.wrapper import DiffusionModel
-
-__version__ = "0.1.0"
 
 __all__ = ["__version__", "load_quantized"]
 
 
-def load_quantized(path: str | Path, runtime: Literal["int", "fake"] = "int") -> DiffusionModel:
-    """Load a merge artifact folder as a runnable `DiffusionModel` (``runtime`` "int" or "fake").
+def load_quantized(path: str | Path, runtime: Literal["int", "fake"] | None = None) -> DiffusionModel:
+    """Load a calibrate, finetune or merge artifact folder as a runnable `DiffusionModel`.
 
-    The artifact is validated first (manifest, sha256 of every file), so a changed file is an
-    `IntegrityError`; only JSON and safetensors are read, nothing is unpickled.
-    ``model.meta["runtime"]`` reports how many layers run on integer kernels.
+    ``runtime``: "int" (integer kernels; merge artifacts, their default) or "fake" (fake-quantized;
+    calibrate and finetune artifacts run only so). The artifact is validated first (manifest,
+    sha256 of every file), so a changed file is an `IntegrityError`; only JSON and safetensors
+    are read, nothing is unpickled. ``model.meta["runtime"]`` of a merged checkpoint reports how
+    many layers run on integer kernels. See `lowbitdm_cli.export.load`.
     """
-    from lowbitdm_cli.artifacts import Artifact  # imported here so `import lowbitdm_cli` stays light
-    from lowbitdm_cli.export.checkpoint import load_merged
+    from lowbitdm_cli.export.load import load_quantized as load  # imported here so `import lowbitdm_cli` stays light
 
-    art = Artifact.open(path, ("merge",))
-    return load_merged(art.path, runtime=runtime)
+    return load(path, runtime=runtime)

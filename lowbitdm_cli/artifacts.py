@@ -21,13 +21,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
 
-from lowbitdm_cli import __version__
 from lowbitdm_cli.errors import ArtifactError, IntegrityError, ManifestError, StageOrderError
+from lowbitdm_cli.manifest_versions import SCHEMA_VERSION, STAGE_FORMAT, migrate_manifest
+from lowbitdm_cli.quant.config import QuantizationRecord
+from lowbitdm_cli.version import __version__
 
 __all__ = ["SCHEMA_VERSION", "Artifact", "FileEntry", "Manifest", "ModelRef", "ParentRef", "Stage", "StageRun",
            "digest_of", "sha256_file"]
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 Stage = Literal["calibrate", "finetune", "merge", "sample", "evaluate"]
 
@@ -91,6 +92,7 @@ class Manifest(BaseModel):
     metrics: dict[str, float] = {}
     timings: dict[str, float] = {}
     info: dict[str, Any] = {}
+    quantization: QuantizationRecord | None = None
     self_digest: str = ""
 
     def compute_digest(self) -> str:
@@ -122,13 +124,18 @@ def _read_manifest(folder: Path) -> tuple[Manifest, str]:
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise ManifestError(f"{path} has schema_version {version}, this lowbitdm ({__version__}) reads up to "
                             f"{SCHEMA_VERSION}: upgrade lowbitdm to open it")
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} is invalid: manifest: not a JSON object")
     try:
-        manifest = Manifest.model_validate(data)
-    except ValidationError as e:
+        manifest = Manifest.model_validate(migrate_manifest(data))
+    except ValueError as e:  # ValidationError is a ValueError
+        if not isinstance(e, ValidationError):
+            raise ManifestError(f"{path} is invalid: {e}") from None
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "manifest"
         raise ManifestError(f"{path} is invalid: {where}: {first['msg']}") from None
-    if manifest.self_digest != manifest.compute_digest():
+    # the digest covers the manifest as written (in its own version), not its migrated form
+    if data.get("self_digest") != digest_of({k: v for k, v in data.items() if k != "self_digest"}):
         raise ManifestError(f"{path} was edited by hand (its content no longer matches its digest): "
                             f"rerun the stage with --force to regenerate it")
     return manifest, hashlib.sha256(raw).hexdigest()
@@ -293,7 +300,9 @@ class StageRun:
         manifest = Manifest(schema_version=SCHEMA_VERSION, stage=stage, status="partial", tool_version=__version__,
                             torch_version=torch.__version__,
                             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            model=model, parent=parent_ref, inputs_digest=inputs, recipe=recipe)
+                            model=model, parent=parent_ref, inputs_digest=inputs, recipe=recipe,
+                            quantization=QuantizationRecord(format=STAGE_FORMAT[stage]) if stage in STAGE_FORMAT
+                            else None)
         if out.exists() and not force:
             existing, digest = _read_manifest(out)
             if existing.inputs_digest == inputs:

@@ -8,8 +8,9 @@ resolved, so every manifest stores the exact values used.
 from __future__ import annotations
 
 import copy
-import re
 import tomllib
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,33 +26,14 @@ from pydantic import (
 )
 
 from lowbitdm_cli.errors import RecipeError
-from lowbitdm_cli.quant.policy import LayerOverride, QuantPolicy
+from lowbitdm_cli.quant.config import QuantScheme, parse_bits
 
-__all__ = ["RECIPES_DIR", "Recipe", "available_recipes", "load_recipe", "parse_bits"]
+__all__ = ["RECIPE_VERSION", "Recipe", "available_recipes", "load_recipe", "parse_bits", "recipes_dir"]
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-_BITS_RE = re.compile(r"^w(\d+|fp)a(\d+|fp)$")
+# version of the recipe format (the TOML keys). A recipe may state `schema_version`; one newer than
+# this is refused. Bump it, and add a migration of the older dicts in `load_recipe`, when keys change.
+RECIPE_VERSION = 1
 
-
-def parse_bits(text: str) -> tuple[int | None, int | None]:
-    """``w4a8`` → (4, 8); ``w4afp`` → (4, None); ``fp`` → (None, None). Bits must be 2..8."""
-    t = text.strip().lower()
-    if t == "fp":
-        return None, None
-    m = _BITS_RE.match(t)
-    if not m:
-        raise RecipeError(f"bits {text!r} not understood: use wXaY with X, Y in 2..8 (e.g. w4a4, w8a8), "
-                          f"'fp' for either side, or 'fp' alone")
-    out = []
-    for side, value in zip(("weight", "activation"), m.groups()):
-        if value == "fp":
-            out.append(None)
-            continue
-        b = int(value)
-        if not 2 <= b <= 8:
-            raise RecipeError(f"bits {text!r}: {side} bits must be in 2..8, got {b}")
-        out.append(b)
-    return out[0], out[1]
 
 
 class _Section(BaseModel):
@@ -71,43 +53,6 @@ class ModelSection(_Section):
         if self.prompts is None:
             data.pop("prompts", None)
         return data
-
-
-class QuantSection(_Section):
-    bits: str = "w8a8"
-    keep_8bit: list[str] = ["time_embedding", "conv_in", "conv_out"]
-    skip: list[str] = []
-    w_per_channel: bool = True
-    w_symmetric: bool = False
-    a_symmetric: bool = False
-    a_temporal: bool = False
-    lsq_grad_scale: bool = False
-    weight_init: Literal["minmax", "mse", "percentile"] = "minmax"
-    act_init: Literal["minmax", "mse", "percentile"] = "minmax"
-    split_shortcut: bool = Field(False, description="Q-Diffusion shortcut splitting: the 1x1 conv_shortcut of each "
-                                 "up-block ResnetBlock2D (its input concatenates the skip) gets one activation "
-                                 "quantizer per half; the merged checkpoint stores such layers dequantized")
-    attn_matmul: bool = Field(False, description="quantize the attention matmuls too: the inputs of QK^T and "
-                              "softmax*V at the activation bits (the softmax output unsigned)")
-    attn_softmax_bits: int = Field(8, ge=1, le=8, description="bits of the softmax output when attn_matmul is on")
-    overrides: list[LayerOverride] = []
-
-    @field_validator("bits")
-    @classmethod
-    def _valid_bits(cls, v: str) -> str:
-        try:
-            parse_bits(v)
-        except RecipeError as e:
-            raise ValueError(str(e)) from None
-        return v.lower()
-
-    def policy(self) -> QuantPolicy:
-        w_bits, a_bits = parse_bits(self.bits)
-        return QuantPolicy(w_bits=w_bits, a_bits=a_bits, keep_8bit=self.keep_8bit, skip=self.skip,
-                           w_per_channel=self.w_per_channel, w_symmetric=self.w_symmetric,
-                           a_symmetric=self.a_symmetric, a_temporal=self.a_temporal,
-                           lsq_grad_scale=self.lsq_grad_scale, attn_matmul=self.attn_matmul,
-                           attn_softmax_bits=self.attn_softmax_bits, overrides=self.overrides)
 
 
 class CalibrateSection(_Section):
@@ -221,14 +166,32 @@ class EvaluateSection(_Section):
 
 
 class Recipe(_Section):
+    schema_version: int = Field(RECIPE_VERSION, ge=1, description="version of the recipe format")
     name: str = "custom"
     description: str = ""
     model: ModelSection = ModelSection()
-    quant: QuantSection = QuantSection()
+    quant: QuantScheme = Field(QuantScheme(), description="how the model is quantized: `quant.config.QuantScheme`")
     calibrate: CalibrateSection = CalibrateSection()
     finetune: FinetuneSection = FinetuneSection()
     sample: SampleSection = SampleSection()
     evaluate: EvaluateSection = EvaluateSection()
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > RECIPE_VERSION:
+            raise ValueError(f"version {v} is newer than this lowbitdm reads ({RECIPE_VERSION}): "
+                             f"upgrade lowbitdm to use this recipe")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _omit_current_version(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # manifests record the recipe under their own schema_version; leaving the current recipe
+        # version out of the dump keeps the inputs digests of artifacts written before it valid
+        data = handler(self)
+        if self.schema_version == RECIPE_VERSION:
+            data.pop("schema_version", None)
+        return data
 
     def resolved(self, sampler_defaults: dict[str, Any]) -> Recipe:
         """Fill sampler fields left unset with the model's defaults."""
@@ -263,8 +226,21 @@ def _is_registered(name: str) -> bool:
     return name in MODELS
 
 
-def available_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"))} if RECIPES_DIR.is_dir() else {}
+def recipes_dir() -> Traversable:
+    """The shipped recipes, package data of `lowbitdm_cli`.
+
+    ``lowbitdm_cli/recipe_files`` is a symbolic link to the top-level ``recipes/`` folder, the one
+    source: a source checkout or an editable install reads through the link, and a wheel build
+    copies the files behind it into the package, so every kind of install reads them here."""
+    return resources.files("lowbitdm_cli").joinpath("recipe_files")
+
+
+def available_recipes() -> dict[str, Traversable]:
+    folder = recipes_dir()
+    if not folder.is_dir():
+        return {}
+    return {p.name.removesuffix(".toml"): p for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".toml")}
 
 
 def load_recipe(recipe: str | Path | None = None, *, base: dict[str, Any] | None = None,
@@ -279,8 +255,8 @@ def load_recipe(recipe: str | Path | None = None, *, base: dict[str, Any] | None
     """
     data: dict[str, Any] = copy.deepcopy(base) if base is not None and recipe is None else {}
     if recipe is not None:
-        path = Path(recipe)
-        if not path.suffix:
+        path: Path | Traversable = Path(recipe)
+        if not Path(recipe).suffix:
             known = available_recipes()
             if str(recipe) not in known:
                 raise RecipeError(f"unknown recipe {recipe!r}; known: {', '.join(known) or 'none'} "

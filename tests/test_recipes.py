@@ -140,3 +140,27 @@ def test_every_recipe_loads(name: str) -> None:
     assert r.name == name
     assert parse_bits(r.quant.bits)
     r.quant.policy()
+
+
+def test_packaged_recipes_are_the_top_level_folder() -> None:
+    # one source: the package's recipe_files link reads recipes/, which a wheel build copies in
+    from pathlib import Path
+
+    import lowbitdm_cli
+
+    top = Path(__file__).resolve().parents[1] / "recipes"
+    packaged = Path(lowbitdm_cli.__file__).parent / "recipe_files"
+    assert packaged.resolve() == top.resolve()
+    assert sorted(RECIPES) == sorted(p.stem for p in top.glob("*.toml"))
+
+
+def test_recipe_schema_version(tmp_path: Path) -> None:
+    from lowbitdm_cli.recipes import RECIPE_VERSION
+
+    assert load_recipe("ptq").schema_version == RECIPE_VERSION
+    # the current version stays out of the dump, so manifests' inputs digests stay what they were
+    assert "schema_version" not in load_recipe("ptq").model_dump()
+    path = tmp_path / "r.toml"
+    path.write_text(f'schema_version = {RECIPE_VERSION + 1}\nname = "r"\n')
+    with pytest.raises(RecipeError, match=r"recipe: schema_version: version \d+ is newer.*upgrade lowbitdm"):
+        load_recipe(path)

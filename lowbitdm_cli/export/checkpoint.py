@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -30,16 +31,27 @@ from lowbitdm_cli.errors import ArtifactError, IntegrityError
 from lowbitdm_cli.export.packing import pack, pack_mixed, packed_nbytes, unpack, unpack_mixed
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 from lowbitdm_cli.quant.attention import MATMUL_INPUTS, attn_processors
+from lowbitdm_cli.quant.config import (
+    CONFIG_VERSION,
+    ConvGeometry,
+    LayerEntry,
+    LayerSpec,
+    MatmulEntry,
+    ModelEntry,
+    QuantArgs,
+    QuantizationConfig,
+    QuantScheme,
+    migrate_config,
+)
 from lowbitdm_cli.quant.layers import QuantLayerMixin, quant_layers
 from lowbitdm_cli.quant.model import act_quantizers, quantize_denoiser
-from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_tensors", "load_merged"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_tensors", "load_merged", "read_config"]
 
 CONFIG_NAME = "quantization_config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = CONFIG_VERSION
 DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
                     "CompVisUNet2DModel")
 
@@ -70,18 +82,20 @@ def _weight_codes(layer: QuantLayerMixin) -> tuple[torch.Tensor, torch.Tensor, t
         bits.to(torch.uint8)
 
 
-def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and config of a merged checkpoint from a fake-quantized model."""
+def export_tensors(model: DiffusionModel, scheme: QuantScheme | dict | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and config (a `QuantizationConfig` dumped to JSON types) of a merged checkpoint
+    from a fake-quantized model; `scheme` is the recipe's ``[quant]`` it was made with."""
     den = model.denoiser
     layers = quant_layers(den)
     tensors: dict[str, torch.Tensor] = {}
-    layer_cfg: dict[str, dict] = {}
+    layer_cfg: dict[str, LayerEntry] = {}
     for name, layer in layers.items():
         entry: dict = {"kind": "conv" if isinstance(layer, nn.Conv2d) else "linear",
                        "weight_shape": list(layer.weight.shape)}
-        if isinstance(layer, nn.Conv2d):
-            entry["conv"] = {"stride": list(layer.stride), "padding": list(layer.padding),
-                             "dilation": list(layer.dilation), "groups": layer.groups}
+        if isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str):
+            entry["conv"] = ConvGeometry(stride=list(layer.stride), padding=list(layer.padding),
+                                         dilation=list(layer.dilation), groups=layer.groups)
         if layer.w_quant is not None:
             codes, zero, scale, bits = _weight_codes(layer)
             uniform = bool((bits == bits[0]).all())
@@ -90,9 +104,9 @@ def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict
             tensors[f"{name}.weight_zero_point"] = zero
             if not uniform:
                 tensors[f"{name}.weight_bits"] = bits
-            entry["weights"] = {"num_bits": int(bits[0]) if uniform else "mixed", "type": "int",
-                                "symmetric": layer.w_quant.mode == "symmetric",
-                                "strategy": "channel" if layer.w_quant.channel_axis is not None else "tensor"}
+            entry["weights"] = QuantArgs(num_bits=int(bits[0]) if uniform else "mixed", type="int",
+                                         symmetric=layer.w_quant.mode == "symmetric",
+                                         strategy="channel" if layer.w_quant.channel_axis is not None else "tensor")
         else:
             tensors[f"{name}.weight"] = layer.qweight().detach().float().contiguous()
             entry["weights"] = None
@@ -106,39 +120,29 @@ def export_tensors(model: DiffusionModel) -> tuple[dict[str, torch.Tensor], dict
             for prefix, q in parts.items():
                 tensors[f"{name}.{prefix}_scale"] = q.delta.detach().reshape(-1).float().contiguous()
                 tensors[f"{name}.{prefix}_zero_point"] = torch.round(q.zero_point.detach()).reshape(-1).to(torch.int32)
-            entry["input_activations"] = _act_entry(a)
-            if layer.a_quant_skip is not None:
-                entry["input_activations"]["split"] = layer.spec.a_split
+            entry["input_activations"] = _act_entry(a, split=layer.spec.a_split if layer.a_quant_skip else None)
         else:
             entry["input_activations"] = None
-        layer_cfg[name] = entry
+        layer_cfg[name] = LayerEntry(**entry)
     prefixes = tuple(f"{n}." for n in layers)
     for key, value in den.state_dict().items():
         if not key.startswith(prefixes):  # FP parts, and attention matmul quantizers (`<attn>.processor.*`)
             tensors[key] = value.detach().contiguous()
-    matmuls = {name: {"inputs": {w: _act_entry(proc.quantizer(w)) for w in MATMUL_INPUTS},
-                      "params": f"{name}.processor.<q|k|p|v>_quant.(delta|zero_point)"}
+    matmuls = {name: MatmulEntry(inputs={w: _act_entry(proc.quantizer(w)) for w in MATMUL_INPUTS},
+                                 params=f"{name}.processor.<q|k|p|v>_quant.(delta|zero_point)")
                for name, proc in attn_processors(den).items()}
     timesteps = next((q.timesteps.tolist() for q in act_quantizers(den) if q.temporal), [])
     ignore = [n for n, m in den.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in layers]
-    config = {
-        "quant_method": "lowbitdm",
-        "format": "pack-quantized",
-        "quantization_status": "compressed",
-        "format_version": FORMAT_VERSION,
-        "packing": "dense little-endian bitstream, element i at bit i*b; symmetric codes offset by 2^(b-1)",
-        "model": {"name": model.name, "architecture": type(den).__name__, "unet_config": model.meta.get("unet"),
-                  "denoiser_config": _json_config(den),
-                  "schedule": {"alphas_cumprod": model.schedule.alphas_cumprod.tolist()},
-                  "sample_shape": list(model.sample_shape), "conditioning": model.conditioning,
-                  "num_classes": model.num_classes, "null_class": model.null_class,
-                  **_parts_entry(model)},
-        "timesteps": timesteps,
-        "ignore": ignore,
-        "layers": layer_cfg,
-        "attention_matmuls": matmuls,
-    }
-    return tensors, config
+    config = QuantizationConfig(
+        packing="dense little-endian bitstream, element i at bit i*b; symmetric codes offset by 2^(b-1)",
+        model=ModelEntry(name=model.name, architecture=type(den).__name__, unet_config=model.meta.get("unet"),
+                         denoiser_config=_json_config(den),
+                         schedule={"alphas_cumprod": model.schedule.alphas_cumprod.tolist()},
+                         sample_shape=list(model.sample_shape), conditioning=model.conditioning,
+                         num_classes=model.num_classes, null_class=model.null_class, **_parts_entry(model)),
+        scheme=QuantScheme.model_validate(scheme) if scheme is not None else None,
+        timesteps=timesteps, ignore=ignore, layers=layer_cfg, attention_matmuls=matmuls)
+    return tensors, config.model_dump(mode="json")
 
 
 def _parts_entry(model: DiffusionModel) -> dict:
@@ -159,37 +163,38 @@ def _compvis_unet() -> type:
     return CompVisUNet2DModel
 
 
-def _build_denoiser(mcfg: dict, path: Path) -> nn.Module:
+def _build_denoiser(mcfg: ModelEntry, path: Path) -> nn.Module:
     """The float denoiser architecture from the recorded class name and config (no code execution)."""
     import diffusers
 
-    arch = mcfg["architecture"]
+    arch = mcfg.architecture
     if arch not in DENOISER_CLASSES:
         raise IntegrityError(f"{path}: architecture {arch!r} is not supported by this loader "
                              f"({', '.join(DENOISER_CLASSES)})")
     cls = _compvis_unet() if arch == "CompVisUNet2DModel" else getattr(diffusers, arch)
-    if mcfg.get("denoiser_config"):
-        return cls.from_config(mcfg["denoiser_config"])
-    if arch == "UNet2DModel" and mcfg.get("unet_config"):  # checkpoints written before denoiser_config
-        return cls(**mcfg["unet_config"])
+    if mcfg.denoiser_config:
+        return cls.from_config(mcfg.denoiser_config)
+    if arch == "UNet2DModel" and mcfg.unet_config:  # checkpoints written before denoiser_config
+        return cls(**mcfg.unet_config)
     raise IntegrityError(f"{path}: {CONFIG_NAME} records no denoiser config")
 
 
-def _with_parts(mcfg: dict, path: Path, den: nn.Module, prompts: list[str] | None, meta: dict) -> DiffusionModel:
+def _with_parts(mcfg: ModelEntry, path: Path, den: nn.Module, prompts: list[str] | None, meta: dict
+                ) -> DiffusionModel:
     """The merged denoiser inside its FP parts, loaded from the recorded source and checked by digest."""
     from lowbitdm_cli.models.registry import load_model, parts_digest
 
-    parts = mcfg["parts"]
-    model = load_model(mcfg["name"], prompts, with_denoiser=False)
-    if parts_digest(model) != parts["digest"]:
-        raise ArtifactError(f"{path}: the full-precision parts ({', '.join(parts['names'])}) of {mcfg['name']!r} "
+    parts = mcfg.parts
+    model = load_model(mcfg.name, prompts, with_denoiser=False)
+    if parts_digest(model) != parts.digest:
+        raise ArtifactError(f"{path}: the full-precision parts ({', '.join(parts.names)}) of {mcfg.name!r} "
                             f"differ from those it was merged with (sha256): use the model it was made from")
     return replace(model, denoiser=den, meta={**model.meta, **meta})
 
 
-def _act_entry(q: UniformQuantizer) -> dict:
-    return {"num_bits": q.max_bits, "type": "uint" if q.mode == "unsigned" else "int",
-            "symmetric": q.mode == "symmetric", "strategy": "tensor", "dynamic": False, "per_timestep": q.temporal}
+def _act_entry(q: UniformQuantizer, split: int | None = None) -> QuantArgs:
+    return QuantArgs(num_bits=q.max_bits, type="uint" if q.mode == "unsigned" else "int",
+                     symmetric=q.mode == "symmetric", strategy="tensor", per_timestep=q.temporal, split=split)
 
 
 def _check(cond: bool, path: Path, msg: str) -> None:
@@ -197,16 +202,39 @@ def _check(cond: bool, path: Path, msg: str) -> None:
         raise IntegrityError(f"{path}: {msg}: the checkpoint does not match its {CONFIG_NAME}")
 
 
-def _stored_codes(name: str, entry: dict, t: dict[str, torch.Tensor], path: Path
+def read_config(path: Path | str) -> QuantizationConfig:
+    """The validated `QuantizationConfig` of a merged checkpoint folder (older versions migrated);
+    `IntegrityError` in one line for a missing, unreadable, foreign or newer file."""
+    file = Path(path) / CONFIG_NAME
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise IntegrityError(f"{file} is missing: not a merged checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IntegrityError(f"{file} is not readable JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("quant_method") != "lowbitdm":
+        found = data.get("quant_method") if isinstance(data, dict) else type(data).__name__
+        raise IntegrityError(f"{file} is not a lowbitdm quantization config (quant_method {found!r})")
+    try:
+        return QuantizationConfig.model_validate(migrate_config(data))
+    except ValueError as e:  # ValidationError is a ValueError
+        if isinstance(e, ValidationError):
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "config"
+            raise IntegrityError(f"{file} is invalid: {where}: {first['msg']}") from None
+        raise IntegrityError(f"{file}: {e}") from None
+
+
+def _stored_codes(name: str, entry: LayerEntry, t: dict[str, torch.Tensor], path: Path
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 codes [O, K], zero points [O], scales [O]) of a packed weight, checked against the config."""
-    shape = entry["weight_shape"]
+    shape = entry.weight_shape
     out_ch, per_row = shape[0], int(torch.tensor(shape[1:]).prod())
     packed = t.get(f"{name}.weight_packed")
     scale, zero = t.get(f"{name}.weight_scale"), t.get(f"{name}.weight_zero_point")
     _check(packed is not None and scale is not None and zero is not None, path, f"{name} lacks packed weights")
     _check(scale.shape == (out_ch,) and zero.shape == (out_ch,), path, f"{name} scale/zero point shape")
-    bits_cfg = entry["weights"]["num_bits"]
+    bits_cfg = entry.weights.num_bits
     if bits_cfg == "mixed":
         bits = t.get(f"{name}.weight_bits")
         _check(bits is not None and bits.shape == (out_ch,), path, f"{name} lacks per-channel bits")
@@ -226,32 +254,32 @@ def _dequantized_weight(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Te
     return w.reshape(shape)
 
 
-def _int_layer(name: str, entry: dict, layer: QuantLayerMixin, codes: tuple[torch.Tensor, ...] | None,
+def _int_layer(name: str, entry: LayerEntry, layer: QuantLayerMixin, codes: tuple[torch.Tensor, ...] | None,
                t: dict[str, torch.Tensor], timesteps: list[int]) -> nn.Module:
     """The `IntConv2d`/`IntLinear` of one merged layer; ValueError (the reason) if it must stay float."""
     from lowbitdm_cli.export.int_runtime import IntConv2d, IntLinear
 
-    act = entry["input_activations"]
+    act = entry.input_activations
     if codes is None:
         raise ValueError("weights stored as float")
     if act is None:
         raise ValueError("input not quantized")
-    if act.get("split"):
+    if act.split:
         raise ValueError("split input (two activation scales, Q-Diffusion shortcut splitting)")
     u, zero, scale = codes
     common = {"weight_zero_point": zero, "weight_scale": scale, "bias": t.get(f"{name}.bias"),
               "input_scale": t[f"{name}.input_scale"], "input_zero_point": t[f"{name}.input_zero_point"],
-              "a_bits": int(act["num_bits"]), "a_symmetric": bool(act["symmetric"]),
-              "timesteps": timesteps if act["per_timestep"] else None}
-    if entry["kind"] == "linear":
+              "a_bits": int(act.num_bits), "a_symmetric": bool(act.symmetric),
+              "timesteps": timesteps if act.per_timestep else None}
+    if entry.kind == "linear":
         return IntLinear(u, **common)
     if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
         raise ValueError(f"conv with groups={layer.groups}, padding={layer.padding!r} ({layer.padding_mode})")
-    return IntConv2d(u.reshape(entry["weight_shape"]), stride=layer.stride, padding=layer.padding,
+    return IntConv2d(u.reshape(entry.weight_shape), stride=layer.stride, padding=layer.padding,
                      dilation=layer.dilation, **common)
 
 
-def _to_int_runtime(den: nn.Module, config: dict, t: dict[str, torch.Tensor],
+def _to_int_runtime(den: nn.Module, config: QuantizationConfig, t: dict[str, torch.Tensor],
                     codes: dict[str, tuple[torch.Tensor, ...]]) -> dict:
     """Replace every merged layer that can run on integer kernels; the others keep float compute."""
     from lowbitdm_cli.export.int_runtime import IntLayer
@@ -262,7 +290,7 @@ def _to_int_runtime(den: nn.Module, config: dict, t: dict[str, torch.Tensor],
     int_layers = 0
     for name, layer in quant_layers(den).items():
         try:
-            int_layer = _int_layer(name, config["layers"][name], layer, codes.get(name), t, config["timesteps"])
+            int_layer = _int_layer(name, config.layers[name], layer, codes.get(name), t, config.timesteps)
         except ValueError as e:
             fallback[name] = str(e)
             continue
@@ -282,7 +310,7 @@ def _to_int_runtime(den: nn.Module, config: dict, t: dict[str, torch.Tensor],
             "fallback": sorted(fallback), "fallback_reasons": fallback,
             # QKᵀ and softmax·V have two activation operands: they run as float products of the
             # fake-quantized (dequantized) inputs, exactly as in the fake-quantized model
-            "float_attention_matmuls": 2 * len(config.get("attention_matmuls", {}))}
+            "float_attention_matmuls": 2 * len(config.attention_matmuls)}
 
 
 def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake",
@@ -298,42 +326,43 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake",
     if runtime not in ("fake", "int"):
         raise ValueError(f"runtime must be 'fake' or 'int', got {runtime!r}")
     path = Path(path)
-    config = json.loads((path / CONFIG_NAME).read_text())
+    config = read_config(path)
     t = load_file(str(path / WEIGHTS_NAME))
-    mcfg = config["model"]
+    mcfg = config.model
     den = _build_denoiser(mcfg, path)
     specs = {}
     weights = {}
     codes = {}
     w_quant_state: dict[str, dict[str, torch.Tensor]] = {}
-    for name, entry in config["layers"].items():
-        act = entry["input_activations"]
+    for name, entry in config.layers.items():
+        act = entry.input_activations
         w_bits = None
-        if entry["weights"] is not None:
+        if entry.weights is not None:
             codes[name] = _stored_codes(name, entry, t, path)
-            weights[name] = _dequantized_weight(*codes[name], entry["weight_shape"])
+            weights[name] = _dequantized_weight(*codes[name], entry.weight_shape)
             # a weight quantizer over the stored codes (asymmetric over the unsigned codes: it gives
             # the same integers back), so the fake runtime evaluates exactly like the artifact did
             _, zero, scale = codes[name]
-            view = (-1, *[1] * (len(entry["weight_shape"]) - 1))
+            view = (-1, *[1] * (len(entry.weight_shape) - 1))
             w_quant_state[name] = {"delta": scale.reshape(view), "zero_point": zero.float().reshape(view),
                                    "initialized": torch.tensor(True)}
             bits = t.get(f"{name}.weight_bits")
             if bits is not None:  # mixed per-channel widths; uniform ones come from the spec
                 w_quant_state[name]["bits"] = bits.float().reshape(view)
-            w_bits = int(bits.max()) if bits is not None else int(entry["weights"]["num_bits"])
+            w_bits = int(bits.max()) if bits is not None else int(entry.weights.num_bits)
         else:
+            _check(f"{name}.weight" in t, path, f"{name} lacks its float weight")
             weights[name] = t[f"{name}.weight"]
-        specs[name] = LayerSpec(role="merged", kind=entry["kind"], w_bits=w_bits,
-                                a_bits=act["num_bits"] if act else None,
-                                a_symmetric=bool(act and act["symmetric"]),
-                                a_temporal=bool(act and act["per_timestep"]),
-                                a_split=act.get("split") if act else None)
-    for name, entry in config.get("attention_matmuls", {}).items():
-        qk, prob = entry["inputs"]["q"], entry["inputs"]["p"]
-        specs[name] = LayerSpec(role="attention_matmul", kind="matmul", a_bits=qk["num_bits"],
-                                a_symmetric=qk["symmetric"], a_temporal=qk["per_timestep"], p_bits=prob["num_bits"])
-    quantize_denoiser(den, specs, timesteps=config["timesteps"] or None)
+        specs[name] = LayerSpec(role="merged", kind=entry.kind, w_bits=w_bits,
+                                a_bits=act.num_bits if act else None,
+                                a_symmetric=bool(act and act.symmetric),
+                                a_temporal=bool(act and act.per_timestep),
+                                a_split=act.split if act else None)
+    for name, entry in config.attention_matmuls.items():
+        qk, prob = entry.inputs["q"], entry.inputs["p"]
+        specs[name] = LayerSpec(role="attention_matmul", kind="matmul", a_bits=qk.num_bits,
+                                a_symmetric=qk.symmetric, a_temporal=qk.per_timestep, p_bits=prob.num_bits)
+    quantize_denoiser(den, specs, timesteps=config.timesteps or None)
     layers = quant_layers(den)
     state = {k: v for k, v in t.items() if not k.startswith(tuple(f"{n}." for n in layers))}
     for name, layer in layers.items():
@@ -358,13 +387,13 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake",
                                                      ".w_quant.timesteps", ".a_quant_skip.bits",
                                                      ".a_quant_skip.timesteps"))]
     _check(not missing and not unexpected, path, f"tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
-    meta = {"unet": mcfg["unet_config"]} if mcfg.get("unet_config") else {"denoiser_config": mcfg["denoiser_config"]}
+    meta = {"unet": mcfg.unet_config} if mcfg.unet_config else {"denoiser_config": mcfg.denoiser_config}
     if runtime == "int":
         meta["runtime"] = _to_int_runtime(den, config, t, codes)
     den.eval().requires_grad_(False)
-    if mcfg.get("parts"):
+    if mcfg.parts:
         return _with_parts(mcfg, path, den, prompts, meta)
-    acp = torch.tensor(mcfg["schedule"]["alphas_cumprod"], dtype=torch.float32)
-    return DiffusionModel(denoiser=den, schedule=NoiseSchedule(acp), sample_shape=tuple(mcfg["sample_shape"]),
-                          conditioning=mcfg["conditioning"], num_classes=mcfg["num_classes"],
-                          null_class=mcfg["null_class"], name=mcfg["name"], meta=meta)
+    acp = torch.tensor(mcfg.schedule["alphas_cumprod"], dtype=torch.float32)
+    return DiffusionModel(denoiser=den, schedule=NoiseSchedule(acp), sample_shape=tuple(mcfg.sample_shape),
+                          conditioning=mcfg.conditioning, num_classes=mcfg.num_classes,
+                          null_class=mcfg.null_class, name=mcfg.name, meta=meta)

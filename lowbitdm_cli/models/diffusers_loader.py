@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 from torch import nn
@@ -26,12 +27,14 @@ from lowbitdm_cli.models.families import (
     label_conditioner,
     load_class_embedder,
 )
+from lowbitdm_cli.models.pickled import pickle_refusal, unpickling_error
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
 
 __all__ = ["HUB_FILES", "detect_family", "download_snapshot", "load_folder"]
 
 DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
 AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
+IMAGE_CHANNELS = (1, 3)  # a denoiser with these input channels may work on pixels (no autoencoder)
 # what a snapshot needs (no fp16 variants, no .ckpt, no safety checker): configs, tokenizer, and per
 # component its safetensors weights, or its .bin ones (read with weights_only=True) where it has none
 HUB_FILES = ["model_index.json", "scheduler/*.json", "tokenizer/*", "class_embedder/*",
@@ -64,13 +67,30 @@ def detect_family(path: Path) -> tuple[Family, dict]:
     return family, index
 
 
+def _refused_pickle(folder: Path, error: Exception) -> ModelFormatError | None:
+    """A one-line error for a component whose .bin weights hold a pickle that weights_only refuses
+    (diffusers and transformers wrap that refusal in tracebacks of their own); None for other errors."""
+    cause = unpickling_error(error)
+    if cause is None:
+        return None
+    names = [n for names in _WEIGHTS.values() for n in names if n.endswith(".bin")]
+    weights = next((folder / n for n in names if (folder / n).is_file()), folder)
+    return ModelFormatError(pickle_refusal(weights, cause))
+
+
 def _load_diffusers(folder: Path, allowed: tuple[str, ...]) -> nn.Module:
     import diffusers
 
     name = _read_json(folder / "config.json").get("_class_name")
     if name not in allowed:
         raise ModelFormatError(f"{folder}: model class {name!r} is not supported here ({', '.join(allowed)})")
-    module = getattr(diffusers, name).from_pretrained(str(folder), low_cpu_mem_usage=False)
+    try:
+        module = getattr(diffusers, name).from_pretrained(str(folder), low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        refused = _refused_pickle(folder, e)
+        if refused is None:
+            raise
+        raise refused from None
     return module.eval().requires_grad_(False)
 
 
@@ -82,9 +102,36 @@ def _text_conditioner(path: Path, prompts: list[str] | None):  # noqa: ANN202
     if not prompts:
         raise RecipeError(f"{path} is a text-to-image model: give prompts (--prompts FILE, one per line, or "
                           f"model.prompts in the recipe)")
-    encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"))
+    try:
+        encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"))
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        refused = _refused_pickle(path / "text_encoder", e)
+        if refused is None:
+            raise
+        raise refused from None
     tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
     return PromptEncoder(encoder, tokenizer, prompts)
+
+
+def _autoencoder(path: Path, family: Family, index: dict, den_cfg: dict) -> nn.Module | None:
+    """The family's autoencoder, or None for a denoiser that works on the images themselves.
+
+    The autoencoder is optional wherever the denoiser's input channels are an image's (1 or 3)
+    and the folder has none (absent or ``[null, null]`` in ``model_index.json``, no folder), e.g. a
+    pixel-space `DiTTransformer2DModel` in a DiTPipeline folder; a component that
+    ``model_index.json`` names must be there."""
+    if family.autoencoder is None:
+        return None
+    folder = path / family.autoencoder
+    listed = index.get(family.autoencoder)
+    if (folder / "config.json").is_file() or (isinstance(listed, list) and any(listed)) or folder.is_dir():
+        return _load_diffusers(folder, AUTOENCODER_CLASSES)
+    channels = den_cfg.get("in_channels")
+    if channels not in IMAGE_CHANNELS:
+        raise ModelFormatError(f"{path} has no {family.autoencoder}/ and its {family.denoiser} takes {channels} "
+                               f"input channels, not an image's ({' or '.join(map(str, IMAGE_CHANNELS))}): a latent "
+                               f"model needs its autoencoder folder")
+    return None
 
 
 def load_folder(path: Path | str, prompts: list[str] | None = None, with_denoiser: bool = True,
@@ -98,7 +145,7 @@ def load_folder(path: Path | str, prompts: list[str] | None = None, with_denoise
     den_dir = path / family.denoiser
     den_cfg = _read_json(den_dir / "config.json")
     denoiser = _load_diffusers(den_dir, DENOISER_CLASSES) if with_denoiser else None
-    autoencoder = _load_diffusers(path / family.autoencoder, AUTOENCODER_CLASSES) if family.autoencoder else None
+    autoencoder = _autoencoder(path, family, index, den_cfg)
     if family.conditioning == "text":
         conditioner = _text_conditioner(path, prompts)
     elif family.name == "ldm-class":

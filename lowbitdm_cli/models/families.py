@@ -14,6 +14,10 @@ sd                 StableDiffusionPipeline          text (CLIP)   UNet2DConditio
 dit                DiTPipeline                      class         DiT / Transformer2DModel
 =================  ===============================  ============  ===================
 
+A folder without its autoencoder (no folder, not named in ``model_index.json``) is a pixel-space
+model where the denoiser takes an image's 1 or 3 channels, e.g. a DiTPipeline of a pixel-space DiT
+(`diffusers_loader`); a latent denoiser without it is refused.
+
 ``LowbitdmClassLDMPipeline`` is lowbitdm's folder layout for class-conditional LDMs such as
 CompVis cin256 LDM-4, which diffusers has no pipeline for: ``unet/`` (UNet2DConditionModel),
 ``class_embedder/`` (``config.json`` with num_embeddings / embedding_dim / num_classes /

@@ -1,5 +1,8 @@
 """Layer policy: which module is quantized at which bits, decided by role and name pattern.
 
+The classes (`QuantScheme`, `LayerSpec`) live in `quant.config`; this module applies a scheme to
+a model's modules.
+
 Roles are recognised from diffusers module names, never from hard-coded indices, for every
 family (UNet2DModel, UNet2DConditionModel, DiT / Transformer2DModel):
 ``conv_in`` / ``conv_out`` (the first and last layer: a UNet's convs, DiT's patch embedding
@@ -17,62 +20,15 @@ With ``attn_matmul`` on, every diffusers ``Attention`` module also gets a spec o
 from __future__ import annotations
 
 from fnmatch import fnmatch
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-__all__ = ["ROLES", "LayerOverride", "LayerSpec", "QuantPolicy", "build_layer_specs", "layer_role"]
+from lowbitdm_cli.quant.config import ROLES, LayerOverride, LayerSpec, QuantScheme
 
-Role = Literal["conv_in", "conv_out", "time_embedding", "class_embedding", "adaln", "time_emb_proj", "shortcut",
-               "downsample", "upsample", "attention", "cross_attention", "feed_forward", "conv", "linear",
-               "attention_matmul"]
-ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
+__all__ = ["ROLES", "LayerOverride", "LayerSpec", "QuantPolicy", "QuantScheme", "build_layer_specs", "layer_role"]
 
-
-class LayerSpec(BaseModel):
-    """What one layer gets. `None` bits means that side stays full precision."""
-
-    model_config = ConfigDict(extra="forbid")
-    role: str
-    kind: Literal["conv", "linear", "matmul"]
-    w_bits: int | None = Field(None, ge=1, le=8)
-    a_bits: int | None = Field(None, ge=1, le=8)
-    w_per_channel: bool = True
-    w_symmetric: bool = False
-    a_symmetric: bool = False
-    a_temporal: bool = False
-    lsq_grad_scale: bool = False
-    a_split: int | None = Field(None, ge=1, description="Q-Diffusion shortcut splitting: input channels "
-                                "[:a_split] and [a_split:] (a concatenated skip) get separate activation quantizers")
-    p_bits: int | None = Field(None, ge=1, le=8, description="matmul specs: bits of the (unsigned) softmax output")
-
-
-class LayerOverride(BaseModel):
-    """Bits for every layer whose qualified name matches `pattern` (fnmatch), or `"fp"`."""
-
-    model_config = ConfigDict(extra="forbid")
-    pattern: str
-    w_bits: int | Literal["fp"] | None = None
-    a_bits: int | Literal["fp"] | None = None
-
-
-class QuantPolicy(BaseModel):
-    """The recipe's `[quant]` choices that decide each layer's spec."""
-
-    model_config = ConfigDict(extra="forbid")
-    w_bits: int | None
-    a_bits: int | None
-    keep_8bit: list[str] = ["time_embedding", "conv_in", "conv_out"]
-    skip: list[str] = []
-    w_per_channel: bool = True
-    w_symmetric: bool = False
-    a_symmetric: bool = False
-    a_temporal: bool = False
-    lsq_grad_scale: bool = False
-    attn_matmul: bool = False
-    attn_softmax_bits: int = Field(8, ge=1, le=8)
-    overrides: list[LayerOverride] = []
+# the scheme is what decides each layer's spec; the old name stays for callers
+QuantPolicy = QuantScheme
 
 
 _FIRST = ("conv_in", "pos_embed.proj")  # UNets' first conv; DiT's patch embedding
@@ -121,7 +77,7 @@ def _is_attention(module: nn.Module) -> bool:
     return isinstance(module, Attention)
 
 
-def build_layer_specs(denoiser: nn.Module, policy: QuantPolicy) -> dict[str, LayerSpec]:
+def build_layer_specs(denoiser: nn.Module, policy: QuantScheme) -> dict[str, LayerSpec]:
     """A `LayerSpec` for every Conv2d/Linear of `denoiser` that gets any quantizer, and for every
     attention module whose matmuls are quantized (`policy.attn_matmul`)."""
     specs: dict[str, LayerSpec] = {}
@@ -152,7 +108,7 @@ def build_layer_specs(denoiser: nn.Module, policy: QuantPolicy) -> dict[str, Lay
     return specs
 
 
-def _matmul_spec(name: str, policy: QuantPolicy) -> LayerSpec | None:
+def _matmul_spec(name: str, policy: QuantScheme) -> LayerSpec | None:
     """QKᵀ / softmax·V inputs at the activation bits (role rules and overrides apply to a_bits).
 
     A cross-attention module's (``attn2``) matmuls also follow the ``cross_attention`` role, so

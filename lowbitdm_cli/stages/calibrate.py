@@ -135,7 +135,7 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
     fp_state = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
     # reconstruction targets come from an untouched copy (folded AdaRound weights change `model`)
     fp_model = replace(model, denoiser=copy.deepcopy(model.denoiser)) if cfg.method in RECONSTRUCTING else None
-    specs = build_layer_specs(model.denoiser, recipe.quant.policy())
+    specs = build_layer_specs(model.denoiser, recipe.quant)
     if recipe.quant.split_shortcut:
         splits = shortcut_splits(model, data, settings.guidance)
         specs = {n: s.model_copy(update={"a_split": splits[n]}) if n in splits and s.a_bits else s

@@ -9,12 +9,11 @@ import torch
 
 from lowbitdm_cli.artifacts import MANIFEST, Artifact, ModelRef
 from lowbitdm_cli.errors import ArtifactError, RecipeError, StageOrderError
+from lowbitdm_cli.export.load import load_quantized, recipe_prompts, same_model
 from lowbitdm_cli.models.registry import MODELS, load_model, model_ref
 from lowbitdm_cli.models.sources import is_hub_id
 from lowbitdm_cli.models.text import prompts_digest, read_prompts
 from lowbitdm_cli.models.wrapper import DiffusionModel
-from lowbitdm_cli.quant.model import load_quant_state, quantize_denoiser
-from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.sampling import SamplerSettings
 
 __all__ = ["Source", "check_model", "load_fp_model", "load_quantized_from", "open_source", "prompt_options",
@@ -37,13 +36,6 @@ class Source:
 def sampler_settings(sample_cfg) -> SamplerSettings:  # noqa: ANN001 - a recipes.SampleSection
     return SamplerSettings(steps=sample_cfg.steps, eta=sample_cfg.eta, guidance=sample_cfg.guidance,
                            clip_x0=bool(sample_cfg.clip_x0))
-
-
-def recipe_prompts(recipe) -> list[str] | None:  # noqa: ANN001 - a Recipe or a manifest's recipe dict
-    """The prompt list of the recipe's ``model.prompts`` file (None when it names none)."""
-    section = recipe.get("model", {}) if isinstance(recipe, dict) else recipe.model.model_dump()
-    path = section.get("prompts")
-    return read_prompts(path) if path else None
 
 
 def load_fp_model(name: str, recipe, with_denoiser: bool = True) -> DiffusionModel:  # noqa: ANN001
@@ -84,31 +76,14 @@ def prompt_options(recipe) -> dict:  # noqa: ANN001 - a Recipe or a manifest's r
 
 def check_model(artifact: Artifact, model: DiffusionModel) -> ModelRef:
     """The FP model must be the one the artifact was made from (same weights digest)."""
-    ref = model_ref(model)
-    if ref.digest != artifact.manifest.model.digest:
-        raise ArtifactError(f"{artifact.path} was made from a different {artifact.manifest.model.name!r} model "
-                            f"(weights digest differs): recalibrate with this model")
-    return ref
+    same_model(artifact, model)
+    return model_ref(model)
 
 
 def load_quantized_from(artifact: Artifact, runtime: str = "fake") -> DiffusionModel:
-    """Rebuild the fake-quantized model of a calibrate or finetune artifact: FP model, the
-    calibrate stage's layer specs, then the newest quant state in the lineage. A merge
-    artifact loads with `runtime` ("fake" or "int"); the others are always fake-quantized."""
-    if artifact.manifest.stage == "merge":
-        from lowbitdm_cli.export.checkpoint import load_merged
-
-        return load_merged(artifact.path, runtime=runtime, prompts=recipe_prompts(artifact.manifest.recipe))
-    calib = artifact.find("calibrate")
-    if calib is None:
-        raise StageOrderError(f"{artifact.path} has no calibrate artifact in its lineage")
-    model = load_fp_model(artifact.manifest.model.name, artifact.manifest.recipe)
-    check_model(artifact, model)
-    specs = {n: LayerSpec.model_validate(s) for n, s in calib.manifest.info["layers"].items()}
-    quantize_denoiser(model.denoiser, specs, timesteps=calib.manifest.info.get("timesteps"))
-    load_quant_state(model.denoiser, artifact.tensors("quant_state.safetensors"))
-    model.denoiser.eval().requires_grad_(False)
-    return model
+    """The quantized model of a calibrate, finetune or merge artifact (`export.load.load_quantized`):
+    a merge artifact loads with `runtime` ("fake" or "int"); the others are always fake-quantized."""
+    return load_quantized(artifact, runtime=runtime if artifact.manifest.stage == "merge" else "fake")
 
 
 def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | None = None) -> Source:

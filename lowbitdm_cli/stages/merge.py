@@ -31,7 +31,7 @@ def merge(parent: Artifact, out: Path, force: bool = False, replace_stale: bool 
         return run.artifact  # type: ignore[return-value]
     with torch.no_grad():
         model = load_quantized_from(parent)
-        tensors, config = export_tensors(model)
+        tensors, config = export_tensors(model, scheme=parent.manifest.recipe.get("quant"))
         fp_bytes = _nbytes(load_fp_model(parent.manifest.model.name, parent.manifest.recipe).denoiser.state_dict())
     run.save_tensors(WEIGHTS_NAME, tensors, metadata={"format": "lowbitdm-pack-quantized"})
     run.save_bytes(CONFIG_NAME, (json.dumps(config, indent=1) + "\n").encode())

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["build_class_ldm", "build_clip", "build_ddpm", "build_dit", "build_ldm", "build_sd", "tiny_tokenizer"]
+__all__ = ["build_class_ldm", "build_clip", "build_ddpm", "build_dit", "build_ldm", "build_pixel_dit", "build_sd",
+           "tiny_tokenizer"]
 
 _CHARS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -135,6 +136,18 @@ def build_dit(path: Path, num_classes: int = 4, hub_layout: bool = False) -> Pat
                                     activation_fn="gelu-approximate", attention_bias=True)
         legacy.load_state_dict(dit.state_dict())
         legacy.save_pretrained(path / "transformer")
+    return path
+
+
+def build_pixel_dit(path: Path, num_classes: int = 4) -> Path:
+    """DiTPipeline without vae/: a pixel-space DiTTransformer2DModel on 3x8x8 images (learned sigma), as
+    small-data research trains them; model_index.json lists the vae as [null, null]."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(6)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6,
+                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes)
+    DiTPipeline(transformer=dit, vae=None, scheduler=DDIMScheduler()).save_pretrained(path)
     return path
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from family_builders import build_class_ldm, build_clip, build_ddpm, build_dit, build_ldm, build_sd
+from family_builders import build_class_ldm, build_clip, build_ddpm, build_dit, build_ldm, build_pixel_dit, build_sd
 from typer.testing import CliRunner
 
 from lowbitdm_cli.artifacts import Artifact
@@ -473,3 +473,100 @@ def test_merged_checkpoints_from_before_denoiser_config_still_load(calibrated: A
     x, cond = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(new.eps(x, 500, cond, 2.0), legacy.eps(x, 500, cond, 2.0))
+
+
+def _write_marker(path: str) -> None:  # would run only if the weights were unpickled freely
+    Path(path).write_text("executed")
+
+
+class _Unsafe:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # noqa: ANN204
+        return (_write_marker, (str(self.path),))
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_pickled_bin_weights_are_refused_in_one_line(component: str, tmp_path: Path, runner: CliRunner) -> None:
+    """.bin weights that need more than tensors unpickled: one line naming the file and the global, nothing runs."""
+    from diffusers import DDPMPipeline
+    from safetensors.torch import load_file as safetensors_load
+
+    marker = tmp_path / "marker"
+    if component == "unet":
+        folder = tmp_path / "bin"
+        DDPMPipeline.from_pretrained(str(build_ddpm(tmp_path / "src"))).save_pretrained(folder,
+                                                                                       safe_serialization=False)
+        weights = folder / "unet" / "diffusion_pytorch_model.bin"
+        args = []
+    else:
+        folder = build_sd(tmp_path / "sd")
+        enc = folder / "text_encoder"
+        state = safetensors_load(str(enc / "model.safetensors"))
+        (enc / "model.safetensors").unlink()
+        weights = enc / "pytorch_model.bin"
+        torch.save(state, weights)
+        (tmp_path / "p.txt").write_text("a cat\n")
+        args = ["--prompts", str(tmp_path / "p.txt")]
+    state = torch.load(weights, weights_only=True)
+    state["callbacks"] = _Unsafe(marker)
+    torch.save(state, weights)
+    result = runner.invoke(app, ["calibrate", "--model", str(folder), "--bits", "w8a8", *args,
+                                 "--out", str(tmp_path / "c")])
+    line = _one_line_error(result, str(weights), "refused", "_write_marker unpickled")
+    assert "Traceback" not in line
+    assert not marker.exists()
+
+
+def test_merged_denoiser_drops_into_a_diffusers_pipeline(chains: dict[str, Path], family_dirs: dict[str, Path]) -> None:
+    """README's example: a merged checkpoint's denoiser samples with diffusers' own pipeline and scheduler."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from lowbitdm_cli import load_quantized
+
+    model = load_quantized(chains["ddpm"] / "merge")  # integer kernels
+    assert model.meta["runtime"]["int_layers"] > 0
+    scheduler = DDIMScheduler.from_pretrained(str(family_dirs["ddpm"]), subfolder="scheduler")
+    pipe = DDIMPipeline(unet=model.denoiser, scheduler=scheduler)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the pipeline's call computes what lowbitdm's sampler does
+        assert torch.equal(model.denoiser(x, torch.tensor([500, 500])).sample, model.eps(x, 500))
+
+
+def test_pixel_space_dit_without_vae_runs_the_chain(tmp_path: Path, runner: CliRunner) -> None:
+    """A DiTPipeline folder with no vae/ (pixel-space DiT): the autoencoder is optional where the denoiser's
+    channels are an image's; calibrate, finetune, merge and sample run on pixels."""
+    folder = build_pixel_dit(tmp_path / "dit-pixel")
+    assert not (folder / "vae").exists()
+    model = load_model(str(folder))
+    assert model.autoencoder is None and model.sample_shape == (3, 8, 8) and model.num_classes == 4
+    run = tmp_path / "run"
+    for args in (["calibrate", "--model", str(folder), "--bits", "w4a8", "--recipe", "ptq", *_sets(),
+                  "--out", str(run / "calibrate")],
+                 ["finetune", str(run / "calibrate"), "--method", "qalora"],
+                 ["merge", str(run / "finetune")],
+                 ["sample", str(run / "merge")]):
+        _ok(runner.invoke(app, args), args[0])
+    merged = load_merged(run / "merge", "int")
+    assert merged.autoencoder is None and merged.meta["runtime"]["int_layers"] > 0
+    images = read_npz(run / "sample" / "samples.npz")["arr_0"]
+    assert images.shape == (4, 8, 8, 3)
+
+
+def test_latent_dit_without_vae_is_refused(tmp_path: Path, runner: CliRunner) -> None:
+    folder = build_dit(tmp_path / "dit")
+    shutil.rmtree(folder / "vae")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["vae"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    _one_line_error(runner.invoke(app, ["calibrate", "--model", str(folder), "--out", str(tmp_path / "c")]),
+                    "has no vae/", "4 input channels", "needs its autoencoder")
+    shutil.rmtree(folder)
+    folder = build_dit(tmp_path / "dit")
+    shutil.rmtree(folder / "vae")  # named in model_index.json, but missing: incomplete, as before
+    _one_line_error(runner.invoke(app, ["calibrate", "--model", str(folder), "--out", str(tmp_path / "c")]),
+                    "vae/config.json is missing")

@@ -1,0 +1,31 @@
+"""Training entry points live in lowbitdm_cli.training, outside what loading a model imports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_loading_models_imports_no_training_code() -> None:
+    code = ("import sys; from lowbitdm_cli.models.registry import load_model; load_model('digits'); "
+            "import lowbitdm_cli.evaluation.digits_features; "
+            "print(sorted(m for m in sys.modules if m.startswith('lowbitdm_cli.training')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_digits_unet_training_command_writes_weights(tmp_path: Path) -> None:
+    from lowbitdm_cli.training.digits_unet import main
+
+    main(["--steps", "2", "--batch-size", "4", "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "digits_unet.json").read_text())
+    assert meta["training"]["completed_steps"] == 2 and (tmp_path / "digits_unet.safetensors").is_file()
+
+
+def test_former_training_command_still_works(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "lowbitdm_cli.models.digits", "train", "--steps", "1",
+                          "--batch-size", "2", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "digits_unet.safetensors").is_file()
