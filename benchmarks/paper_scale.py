@@ -21,8 +21,10 @@ For each, with lowbitdm's own code (W4A4, per-timestep activation steps, Efficie
 
 each the median of a handful of steps after a warm-up, with the process's peak memory (RSS on
 the CPU, `torch.cuda.max_memory_allocated` on a GPU) over that measurement. Batches here are
-smaller than the papers' (see the table's `b` column); per-sample cost is taken from two batch
-sizes (slope of time against batch), which is how the projection scales to the papers' batches.
+smaller than the papers' (see the table's `b` column); per-sample cost is the slope of time
+against batch between two batch sizes (full run), or time / batch at one batch (--quick: an
+upper bound, since a larger batch uses the cores better), and the projection scales it to the
+papers' batches.
 
     python benchmarks/paper_scale.py --quick          # smaller batches / SD at 256 px, a few steps
     python benchmarks/paper_scale.py --device cuda    # the same on a GPU
@@ -202,7 +204,7 @@ def measure_traj(model: DiffusionModel, batch: int, reps: int, guidance: float, 
 
 
 def measure_range(student: DiffusionModel, batch: int, reps: int, guidance: float, meter: Meter) -> dict:
-    data = _calib_data(student, batch, reps + 2)
+    data = _calib_data(student, batch, reps + 1)
     times: list[float] = []
     meter.reset()
     times.append(time.perf_counter())
@@ -289,9 +291,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     student.denoiser.to(args.device)
     init_weights(student, "minmax")
     meter = Meter(args.device)
-    batches = args.batches or ([1, 2] if quick else [2, 4])
-    if name == "sd-v1-4" and not args.batches and not args.device.startswith("cuda"):
-        batches = [1, 2] if not quick else [1]
+    batches = args.batches or ([1] if quick else [2, 4])
     reps = args.steps
     print(f"{name}: {n_params / 1e6:.1f} M parameters, latent {fp.sample_shape}, {len(specs)} quantized layers, "
           f"batches {batches}", flush=True)
@@ -385,7 +385,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--models", default="ldm-4,sd-v1-4,dit-xl-2", help="comma-separated: ldm-4, sd-v1-4, dit-xl-2")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (after one warm-up)")
-    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,2 quick; 2,4 full)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1 quick; 2,4 full)")
     ap.add_argument("--recon-batch", type=int, default=None, help="rows per reconstruction iteration (paper: 32)")
     ap.add_argument("--grad-checkpoint", action="store_true", help="student activation checkpointing in distill")
     ap.add_argument("--teacher-dtype", choices=["bf16", "fp16"], default=None, help="teacher autocast in distill")

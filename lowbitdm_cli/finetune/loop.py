@@ -35,6 +35,7 @@ from lowbitdm_cli.errors import NonFiniteError
 from lowbitdm_cli.finetune.losses import relation_kl
 from lowbitdm_cli.finetune.methods import TrainPlan
 from lowbitdm_cli.models.wrapper import DiffusionModel
+from lowbitdm_cli.quant.quantizer import UniformQuantizer
 from lowbitdm_cli.sampling import ddim_step, ddim_timesteps, initial_noise, sample_generators
 
 __all__ = ["DistillConfig", "checkpoint_blocks", "distill", "optimizer_from_tensors", "optimizer_to_tensors"]
@@ -174,7 +175,12 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
     trainable = plan.parameters()
     total = cfg.epochs * len(ts)
     device = teacher.device
-    s_den.train()
+    # training mode only where lowbitdm relies on it (LSQ's gradient scale): the denoiser's own
+    # train-time randomness (DiT's class-label dropout) must not reach the student
+    s_den.eval()
+    for m in s_den.modules():
+        if isinstance(m, UniformQuantizer):
+            m.train()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             base = cfg.seed * 100_003 + epoch
