@@ -297,17 +297,25 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
           f"batches {batches}", flush=True)
     res: dict[str, Any] = {"params_m": round(n_params / 1e6, 1), "latent": list(fp.sample_shape),
                            "quantized_layers": len(specs), "batches": batches}
-    traj = {b: measure_traj(fp, b, reps, guidance, meter) for b in batches}
-    print(f"  traj {[(b, round(v['s'], 3)) for b, v in traj.items()]}", flush=True)
-    rng = {b: measure_range(student, b, reps, guidance, meter) for b in batches}
-    print(f"  range {[(b, round(v['s'], 3)) for b, v in rng.items()]}", flush=True)
-    recon_batch = args.recon_batch or (8 if quick else 32)
-    recon = measure_recon(student, fp, reps + 2, recon_batch, guidance, meter)
-    print(f"  recon {recon['s']:.3f} s/iter at {recon_batch} rows over {recon['measured_blocks']}", flush=True)
-    dist = {b: measure_distill(fp, student, b, reps + 2, guidance, meter, args.grad_checkpoint, args.teacher_dtype)
-            for b in batches}
-    print(f"  distill {[(b, round(v['s'], 3)) for b, v in dist.items()]}", flush=True)
+    phases = args.phases
     lo, hi = batches[0], batches[-1]
+    nan = {"s": float("nan"), "peak_gib": float("nan")}
+    traj = rng = dist = dict.fromkeys(batches, nan)
+    recon_batch = args.recon_batch or (8 if quick else 32)
+    recon = {**nan, "blocks": 0, "measured_blocks": [], "per_block_s": []}
+    if "traj" in phases:
+        traj = {b: measure_traj(fp, b, reps, guidance, meter) for b in batches}
+        print(f"  traj {[(b, round(v['s'], 3)) for b, v in traj.items()]}", flush=True)
+    if "range" in phases:
+        rng = {b: measure_range(student, b, reps, guidance, meter) for b in batches}
+        print(f"  range {[(b, round(v['s'], 3)) for b, v in rng.items()]}", flush=True)
+    if "recon" in phases:
+        recon = measure_recon(student, fp, reps + 2, recon_batch, guidance, meter)
+        print(f"  recon {recon['s']:.3f} s/iter at {recon_batch} rows over {recon['measured_blocks']}", flush=True)
+    if "distill" in phases:
+        dist = {b: measure_distill(fp, student, b, reps + 2, guidance, meter, args.grad_checkpoint,
+                                   args.teacher_dtype) for b in batches}
+        print(f"  distill {[(b, round(v['s'], 3), round(v['peak_gib'], 2)) for b, v in dist.items()]}", flush=True)
     res["traj"] = {str(b): v for b, v in traj.items()}
     res["range"] = {str(b): v for b, v in rng.items()}
     res["recon"] = {**recon, "batch": recon_batch}
@@ -387,6 +395,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (after one warm-up)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1 quick; 2,4 full)")
     ap.add_argument("--recon-batch", type=int, default=None, help="rows per reconstruction iteration (paper: 32)")
+    ap.add_argument("--phases", default="traj,range,recon,distill", help="what to measure (comma-separated)")
     ap.add_argument("--grad-checkpoint", action="store_true", help="student activation checkpointing in distill")
     ap.add_argument("--teacher-dtype", choices=["bf16", "fp16"], default=None, help="teacher autocast in distill")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -396,6 +405,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.steps = args.steps or (2 if args.quick else 4)
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    args.phases = {p.strip() for p in args.phases.split(",")}
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this PyTorch sees no CUDA device")
     hw = machine(args.device)
@@ -410,7 +420,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": hw, "device": args.device, "torch": torch.__version__, "quick": args.quick,
                                "steps": args.steps, "grad_checkpoint": args.grad_checkpoint,
-                               "teacher_dtype": args.teacher_dtype, "results": results, "table": table},
+                               "teacher_dtype": args.teacher_dtype, "phases": sorted(args.phases),
+                               "results": results, "table": table},
                               indent=2) + "\n")
     print(f"wrote {out}")
 
