@@ -15,7 +15,8 @@ For each, with lowbitdm's own code (W4A4, per-timestep activation steps, Efficie
 - `traj`: one FP denoiser call under CFG (a calibration-trajectory step), per sample;
 - `range`: one range-pass forward (weights quantized, activation observers on), per sample;
 - `recon`: one BRECQ/AdaRound reconstruction iteration (`reconstruct_block`) at the papers'
-  mini-batch of 32 rows, averaged over three blocks (first, middle, last of the forward order);
+  mini-batch of 32 rows (8 with --quick, scaled to 32 linearly), averaged over four blocks
+  evenly spaced through the forward order;
 - `distill`: one EfficientDM distillation step (`finetune.loop.distill`: teacher + student
   forward under CFG, backward into LoRA and step sizes, AdamW step), at batch b;
 
@@ -63,6 +64,7 @@ from lowbitdm_cli.recipes import load_recipe
 from lowbitdm_cli.sampling import ddim_timesteps
 
 ROOT = Path(__file__).resolve().parent
+RECON_PICKS = 4  # blocks whose reconstruction iterations are timed
 
 # --- the real configs -------------------------------------------------------------------------
 CIN256_V2_UNET = {  # configs/latent-diffusion/cin256-v2.yaml, model.params.unet_config.params
@@ -223,7 +225,9 @@ def measure_recon(student: DiffusionModel, teacher: DiffusionModel, iters: int, 
         "recon_iters": iters, "recon_batch_size": batch, "recon_samples": batch})
     data = _calib_data(student, max(batch // 2, 1), 1)  # CFG: two rows per sample
     blocks, rows = plan_blocks(student, data, guidance)
-    picks = sorted({0, len(blocks) // 2, len(blocks) - 1})
+    # evenly spaced through the forward order (not the ends: conv_in / time embedding / conv_out are
+    # single layers), so the mean over the picks estimates the mean over all blocks
+    picks = sorted({int((i + 0.5) * len(blocks) / RECON_PICKS) for i in range(RECON_PICKS)})
     per_iter, peaks = [], []
     for i in picks:
         times: list[float] = []
@@ -275,6 +279,35 @@ def _slope(a: dict, b: dict, ba: int, bb: int) -> tuple[float, float]:
     return per, max(a["s"] - per * ba, 0.0)
 
 
+def project(name: str, res: dict) -> dict:
+    """Per-sample seconds and the projected protocols (hours) from a model's measured steps."""
+    batches = res["batches"]
+    lo, hi = batches[0], batches[-1]
+    traj, rng, dist = ({int(b): v for b, v in res[k].items()} for k in ("traj", "range", "distill"))
+    recon, recon_batch = res["recon"], res["recon"]["batch"]
+    p = PROTOCOLS[name]
+    t_traj = _slope(traj[lo], traj[hi], lo, hi)
+    t_rng = _slope(rng[lo], rng[hi], lo, hi)
+    t_dist = _slope(dist[lo], dist[hi], lo, hi)
+
+    def at(batch: int, slope: tuple[float, float]) -> float:
+        return slope[0] * batch + slope[1]
+
+    # recon iterations scale with rows: measured at recon_batch rows, the protocol's mini-batch is 32
+    recon_iter_32 = recon["s"] * p["recon_batch"] / recon_batch
+    calib_points = p["qdiff_samples"] * p["qdiff_steps"]
+    traj_steps = p["qdiff_samples"] / 32 * p["qdiff_steps"]  # trajectories in batches of 32, every sampler step
+    proj = {
+        "qdiffusion_trajectories_h": traj_steps * at(32, t_traj) / 3600,
+        "qdiffusion_ranges_h": calib_points / 32 * at(32, t_rng) / 3600,
+        "qdiffusion_reconstruction_h": recon["blocks"] * p["recon_iters"] * recon_iter_32 / 3600,
+        "efficientdm_h": p["efficientdm_epochs"] * p["efficientdm_steps"] * at(p["distill_batch"], t_dist) / 3600,
+        "mpqdm_h": p["mpqdm_epochs"] * p["mpqdm_steps"] * at(p["distill_batch"], t_dist) / 3600,
+    }
+    return {"per_sample_s": {"traj": t_traj[0], "range": t_rng[0], "distill": t_dist[0]},
+            "projection_h": proj, "protocol": p}
+
+
 def run_model(name: str, args: argparse.Namespace) -> dict:
     quick = args.quick
     latent = (32 if name == "sd-v1-4" else None) if quick else None
@@ -320,28 +353,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     res["range"] = {str(b): v for b, v in rng.items()}
     res["recon"] = {**recon, "batch": recon_batch}
     res["distill"] = {str(b): v for b, v in dist.items()}
-    p = PROTOCOLS[name]
-    t_traj = _slope(traj[lo], traj[hi], lo, hi)
-    t_rng = _slope(rng[lo], rng[hi], lo, hi)
-    t_dist = _slope(dist[lo], dist[hi], lo, hi)
-
-    def at(batch: int, slope: tuple[float, float]) -> float:
-        return slope[0] * batch + slope[1]
-
-    # recon iterations scale with rows: measured at recon_batch rows, the protocol's mini-batch is 32
-    recon_iter_32 = recon["s"] * p["recon_batch"] / recon_batch
-    calib_points = p["qdiff_samples"] * p["qdiff_steps"]
-    traj_steps = p["qdiff_samples"] / 32 * p["qdiff_steps"]  # trajectories in batches of 32, every sampler step
-    proj = {
-        "qdiffusion_trajectories_h": traj_steps * at(32, t_traj) / 3600,
-        "qdiffusion_ranges_h": calib_points / 32 * at(32, t_rng) / 3600,
-        "qdiffusion_reconstruction_h": recon["blocks"] * p["recon_iters"] * recon_iter_32 / 3600,
-        "efficientdm_h": p["efficientdm_epochs"] * p["efficientdm_steps"] * at(p["distill_batch"], t_dist) / 3600,
-        "mpqdm_h": p["mpqdm_epochs"] * p["mpqdm_steps"] * at(p["distill_batch"], t_dist) / 3600,
-    }
-    res["per_sample_s"] = {"traj": t_traj[0], "range": t_rng[0], "distill": t_dist[0]}
-    res["projection_h"] = proj
-    res["protocol"] = p
+    res.update(project(name, res))
     del fp, student, student_den
     gc.collect()
     if args.device.startswith("cuda"):
@@ -363,27 +375,31 @@ def machine(device: str) -> str:
     return (f"{model}, ISA {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
 
 
+def _f(x: float, digits: int = 2) -> str:
+    return "-" if x != x else f"{x:.{digits}f}"  # NaN: not measured
+
+
 def print_table(results: dict, hw: str) -> str:
     lines = [f"Measured on {hw} (torch {torch.__version__}).", "",
              "| model | params | latent | b | traj s/step | range s/step | recon s/iter (rows) | distill s/step | "
-             "peak GiB (distill) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "peak GiB (range) | peak GiB (distill) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for b in r["batches"]:
             k = str(b)
             lines.append(f"| {name} | {r['params_m']:.0f} M | {'x'.join(map(str, r['latent']))} | {b} | "
-                         f"{r['traj'][k]['s']:.2f} | {r['range'][k]['s']:.2f} | "
-                         f"{r['recon']['s']:.2f} ({r['recon']['batch']}) | {r['distill'][k]['s']:.2f} | "
-                         f"{r['distill'][k]['peak_gib']:.1f} |")
+                         f"{_f(r['traj'][k]['s'])} | {_f(r['range'][k]['s'])} | "
+                         f"{_f(r['recon']['s'])} ({r['recon']['batch']}) | {_f(r['distill'][k]['s'])} | "
+                         f"{_f(r['range'][k]['peak_gib'], 1)} | {_f(r['distill'][k]['peak_gib'], 1)} |")
     lines += ["", "Projected whole protocols on the same device (hours; from per-sample slopes, batch 32):", "",
               "| model | Q-Diffusion trajectories | ranges | reconstruction (blocks x 20k it) | "
               "EfficientDM 160 ep x 100 st | MPQ-DM 800 ep x 20 st |",
               "|---|---|---|---|---|---|"]
     for name, r in results.items():
         p = r["projection_h"]
-        lines.append(f"| {name} | {p['qdiffusion_trajectories_h']:.1f} | {p['qdiffusion_ranges_h']:.1f} | "
-                     f"{p['qdiffusion_reconstruction_h']:.0f} ({r['recon']['blocks']} blocks) | "
-                     f"{p['efficientdm_h']:.0f} | {p['mpqdm_h']:.0f} |")
+        lines.append(f"| {name} | {_f(p['qdiffusion_trajectories_h'], 1)} | {_f(p['qdiffusion_ranges_h'], 1)} | "
+                     f"{_f(p['qdiffusion_reconstruction_h'], 0)} ({r['recon']['blocks']} blocks) | "
+                     f"{_f(p['efficientdm_h'], 0)} | {_f(p['mpqdm_h'], 0)} |")
     return "\n".join(lines)
 
 
@@ -399,6 +415,8 @@ def main() -> None:
     ap.add_argument("--grad-checkpoint", action="store_true", help="student activation checkpointing in distill")
     ap.add_argument("--teacher-dtype", choices=["bf16", "fp16"], default=None, help="teacher autocast in distill")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--update", default=None, help="a results JSON of an earlier run: replace the phases measured "
+                                                   "now (same device and batches), recompute the projections")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/paper_scale[_quick].json)")
     args = ap.parse_args()
     if args.threads:
@@ -410,10 +428,20 @@ def main() -> None:
         raise SystemExit("--device cuda: this PyTorch sees no CUDA device")
     hw = machine(args.device)
     results = {}
+    if args.update:  # earlier measurements: this run replaces the phases it measures
+        results = json.loads(Path(args.update).read_text())["results"]
     for name in args.models.split(","):
+        name = name.strip()
         t0 = time.time()
-        results[name] = run_model(name.strip(), args)
-        results[name]["wall_s"] = round(time.time() - t0, 1)
+        fresh = run_model(name, args)
+        fresh["wall_s"] = round(time.time() - t0, 1)
+        if name in results:
+            keys = {"traj": "traj", "range": "range", "recon": "recon", "distill": "distill"}
+            results[name].update({keys[ph]: fresh[keys[ph]] for ph in args.phases})
+            results[name]["wall_s"] = results[name].get("wall_s", 0) + fresh["wall_s"]
+            results[name].update(project(name, results[name]))
+        else:
+            results[name] = fresh
     table = print_table(results, hw)
     print(table)
     out = Path(args.out) if args.out else ROOT / "results" / f"paper_scale{'_quick' if args.quick else ''}.json"
