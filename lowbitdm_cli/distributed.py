@@ -1,9 +1,15 @@
-"""Several processes on one job under `torchrun`: rank, world size, barrier, broadcast.
+"""Several processes on one job under `torchrun`: rank, world size, barrier, broadcast, reductions.
 
 `torchrun --nproc_per_node N -m lowbitdm_cli sample ...` starts N copies of the command with
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set; `process_group` joins them
 (gloo on CPU, nccl when the work runs on CUDA) and leaves again. Launched any other way, it
 is a group of one and every operation is a no-op, so the same code serves both.
+
+`calibrate` and `finetune` are data parallel on top of it: every rank holds the whole model,
+works on its share of each global batch, and the ranks' gradients are summed by one
+all-reduce of a flat buffer per optimizer step (`all_reduce_sum_`), which is DDP's gradient
+synchronisation without its module wrapper (the models are called through `DiffusionModel`
+with hooks, and the trained tensors are small: LoRA factors, step sizes, AdaRound variables).
 """
 
 from __future__ import annotations
@@ -51,6 +57,48 @@ class ProcessGroup:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum `tensors` across ranks in place, in one flat all-reduce (they share a device and dtype)."""
+        if self.world_size == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def sync_grads(self, params: list[torch.Tensor], extra: list[torch.Tensor] = ()) -> None:
+        """Sum the gradients of `params` (and the tensors `extra`) over ranks, in one all-reduce.
+
+        A parameter that got no gradient on some rank counts as zero there; one that got none on
+        any rank keeps ``grad = None``, as in one process (the optimizer then skips it)."""
+        if self.world_size == 1:
+            return
+        ref = params[0] if params else extra[0]
+        used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=ref.device)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.all_reduce_sum_([*(p.grad for p in params), *extra, used])
+        for p, u in zip(params, used.tolist()):
+            if u == 0:
+                p.grad = None
+
+    def all_gather(self, obj: T) -> list[T]:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share [lo, hi) of n rows (the first n % world_size ranks get one more)."""
+        base, extra = divmod(n, self.world_size)
+        lo = self.rank * base + min(self.rank, extra)
+        return lo, lo + base + (1 if self.rank < extra else 0)
 
     def split(self, items: list[T]) -> list[T]:
         """This rank's share of `items`: every world_size-th one, starting at its rank."""

@@ -105,3 +105,15 @@ def flip_byte() -> Callable[..., None]:
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu",
+                     help="where tests/test_device.py runs the chain against the CPU: cpu (those tests skip) or "
+                          "cuda (benchmarks/gpu_check.sh)")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    """The `--device` option (cpu unless given)."""
+    return request.config.getoption("--device")

@@ -3,15 +3,17 @@ the inputs each layer sees on the calibration data (per timestep when temporal).
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 
-from lowbitdm_cli.calibration.data import CalibrationData, for_each_step
+from lowbitdm_cli.calibration.data import CalibrationData
+from lowbitdm_cli.distributed import ProcessGroup
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.attention import MATMUL_INPUTS, attn_processors
-from lowbitdm_cli.quant.init import InitMethod, init_quantizer
+from lowbitdm_cli.quant.init import InitMethod, init_quantizer, search_params, set_params
 from lowbitdm_cli.quant.layers import QuantLayerMixin, quant_layers
 from lowbitdm_cli.quant.model import set_quant_enabled
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
@@ -20,34 +22,65 @@ __all__ = ["ActivationRecorder", "init_activations", "init_weights"]
 
 
 class ActivationRecorder:
-    """Per (layer, timestep): exact min and max, plus a seeded random subsample of values."""
+    """Per (layer, timestep): exact min and max, plus (`keep_values`) a seeded subsample of values.
 
-    def __init__(self, max_values: int, seed: int = 0) -> None:
+    Each observation's values are shuffled by a generator seeded by (seed, layer, timestep,
+    batch) and at most `max_values` kept; a key's sample is its batches' values in global batch
+    order, cut at `max_values`. So the sample does not depend on which process saw which batch:
+    `merge` combines the recorders of all ranks into exactly what one process records.
+    """
+
+    def __init__(self, max_values: int, seed: int = 0, keep_values: bool = True) -> None:
         self.max_values = max_values
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.keep_values = keep_values
         self.step = 0
+        self.batch = 0
         self.lo: dict[tuple[str, int], float] = {}
         self.hi: dict[tuple[str, int], float] = {}
-        self.values: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
+        self.values: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
         self.counts: dict[tuple[str, int], int] = defaultdict(int)
+
+    def _generator(self, name: str) -> torch.Generator:
+        digest = hashlib.sha256(f"lowbitdm-act/{self.seed}/{name}/{self.step}/{self.batch}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     def observer(self, name: str) -> Callable[[QuantLayerMixin, torch.Tensor], None]:
         def observe(_layer: QuantLayerMixin, x: torch.Tensor) -> None:
             key = (name, self.step)
-            flat = x.detach().reshape(-1).float().cpu()
+            flat = x.detach().reshape(-1).float()
             self.lo[key] = min(self.lo.get(key, float("inf")), flat.min().item())
             self.hi[key] = max(self.hi.get(key, float("-inf")), flat.max().item())
-            budget = self.max_values - self.counts[key]
-            if budget > 0:
-                if flat.numel() > budget:
-                    flat = flat[torch.randperm(flat.numel(), generator=self.gen)[:budget]]
-                self.values[key].append(flat)
+            if self.keep_values and self.counts[key] < self.max_values:  # later batches of this rank can't count
+                flat = flat.cpu()
+                flat = flat[torch.randperm(flat.numel(), generator=self._generator(name))[:self.max_values]]
+                self.values[key].append((self.batch, flat))
                 self.counts[key] += flat.numel()
         return observe
 
+    def merge(self, group: ProcessGroup) -> None:
+        """Combine every rank's records (min of minima, max of maxima, values in batch order)."""
+        parts = group.all_gather((self.lo, self.hi, dict(self.values)))
+        lo: dict[tuple[str, int], float] = {}
+        hi: dict[tuple[str, int], float] = {}
+        values: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for p_lo, p_hi, p_values in parts:
+            for k, v in p_lo.items():
+                lo[k] = min(lo.get(k, float("inf")), v)
+            for k, v in p_hi.items():
+                hi[k] = max(hi.get(k, float("-inf")), v)
+            for k, v in p_values.items():
+                values[k].extend(v)
+        self.lo, self.hi, self.values = lo, hi, values
+        for key, items in values.items():
+            items.sort(key=lambda item: item[0])
+            flat = torch.cat([v for _, v in items])[:self.max_values]
+            values[key] = [(0, flat)]
+            self.counts[key] = flat.numel()
+
     def sample(self, name: str, steps: list[int]) -> torch.Tensor:
         """Values seen by `name` at trajectory positions `steps`, with the exact extremes included."""
-        parts = [v for s in steps for v in self.values[(name, s)]]
+        parts = [v for s in steps for _, v in self.values[(name, s)]]
         ext = [torch.tensor([self.lo[(name, s)], self.hi[(name, s)]]) for s in steps]
         return torch.cat(parts + ext)
 
@@ -62,12 +95,18 @@ def init_weights(model: DiffusionModel, method: InitMethod) -> None:
 @torch.no_grad()
 def init_activations(model: DiffusionModel, data: CalibrationData, method: InitMethod, guidance: float,
                      batch_size: int, max_values: int, seed: int,
-                     progress: Callable[[int], None] | None = None) -> None:
+                     progress: Callable[[int], None] | None = None, group: ProcessGroup | None = None) -> None:
     """Run the model (weights quantized, activations in FP) over the calibration data and
-    set every activation quantizer from the inputs its layer saw."""
+    set every activation quantizer from the inputs its layer saw.
+
+    Under torchrun (`group`) each rank runs every world_size-th batch, the records are merged,
+    and the (Δ, z) searches are split across ranks and gathered: the result is the same bytes
+    as one process's."""
+    group = group or ProcessGroup()
     layers = {n: m for n, m in quant_layers(model.denoiser).items() if m.a_quant is not None}
     procs = attn_processors(model.denoiser)
-    recorder = ActivationRecorder(max_values, seed)
+    # minmax needs only the exact extremes; mse / percentile search over a sample of values
+    recorder = ActivationRecorder(max_values, seed, keep_values=method != "minmax")
     # recorder key -> the quantizer initialised from what was recorded under it
     targets: dict[str, UniformQuantizer] = {}
     for name, layer in layers.items():
@@ -79,27 +118,38 @@ def init_activations(model: DiffusionModel, data: CalibrationData, method: InitM
         proc.observer = _matmul_observer(recorder, name)
         targets.update({f"{name}.{which}": proc.quantizer(which) for which in MATMUL_INPUTS})
     set_quant_enabled(model.denoiser, weights=True, activations=False)
-
-    def run(step: int, t: int, x: torch.Tensor, cond: torch.Tensor | None) -> None:
-        recorder.step = step
-        model.eps(x, t, cond, guidance)
-        if progress is not None:
-            progress(x.shape[0])
-
+    n = data.xs.shape[1]
+    batches = [(s, int(t), i) for s, t in enumerate(data.ts.tolist()) for i in range(0, n, batch_size)]
     try:
-        for_each_step(data, batch_size, run)
+        for s, t, i in group.split(batches):
+            recorder.step, recorder.batch = s, i // batch_size
+            cond = data.conds[i:i + batch_size] if data.conds is not None else None
+            x = data.xs[s, i:i + batch_size]
+            model.eps(x, t, cond, guidance)
+            if progress is not None:
+                progress(x.shape[0])
     finally:
         for owner in (*layers.values(), *procs.values()):
             owner.observer = None
         set_quant_enabled(model.denoiser, weights=True, activations=True)
+    recorder.merge(group)
     steps = list(range(len(data.ts)))
-    for key, q in targets.items():
-        if q.temporal:
-            for s, t in enumerate(data.ts.tolist()):
-                q.set_timestep(t)
-                init_quantizer(q, recorder.sample(key, [s]), method, timestep_index=q._index)
-        else:
-            init_quantizer(q, recorder.sample(key, steps), method)
+    # one (Δ, z) search per (quantizer, timestep slot); ranks search every world_size-th and share
+    work = [(key, s, t) for key, q in targets.items()
+            for s, t in (enumerate(data.ts.tolist()) if q.temporal else [(None, None)])]
+    found = {}
+    for key, s, t in group.split(work):
+        q = targets[key]
+        x = recorder.sample(key, steps if s is None else [s])
+        found[(key, s)] = tuple(v.cpu() for v in search_params(x, q.bits, q.mode, q.channel_axis, method))
+    for part in group.all_gather(found):
+        for (key, s), (delta, zero) in part.items():
+            q = targets[key]
+            index = None
+            if s is not None:
+                q.set_timestep(int(data.ts[s]))
+                index = q._index
+            set_params(q, delta.to(q.delta.device), zero.to(q.delta.device), timestep_index=index)
 
 
 _SKIP = "#skip"  # recorder key suffix of a split layer's skip half

@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from lowbitdm_cli.calibration.data import CalibrationData
+from lowbitdm_cli.distributed import ProcessGroup
+from lowbitdm_cli.errors import RecipeError
 from lowbitdm_cli.models.wrapper import DiffusionModel, set_timestep
 from lowbitdm_cli.quant.adaround import attach_adaround, beta_schedule, detach_adaround
 from lowbitdm_cli.quant.attention import QuantAttnProcessor
@@ -190,10 +192,13 @@ def _row_split(args: tuple, kwargs: dict) -> tuple[int, list[int], list[str]]:
 
 @torch.no_grad()
 def _capture(model: DiffusionModel, fp_model: DiffusionModel, data: CalibrationData, block: Block,
-             guidance: float, batch_size: int, num_samples: int, gen: torch.Generator) -> _Captured:
+             guidance: float, batch_size: int, num_samples: int, gen: torch.Generator,
+             group: ProcessGroup | None = None) -> _Captured:
     """Block inputs from the quantized `model` and the block's outputs from `fp_model` (the
     unquantized original, same module names) on the same `num_samples` (step, sample) pairs,
-    drawn with `gen`."""
+    drawn with `gen`. Under torchrun each rank runs every world_size-th forward call and the
+    captures are gathered in call order: every rank ends with the same rows as one process."""
+    group = group or ProcessGroup()
     num_steps, n = data.xs.shape[0], data.xs.shape[1]
     pairs = torch.randperm(num_steps * n, generator=gen)[:num_samples].sort().values
     inputs: list[tuple[tuple, dict]] = []
@@ -212,18 +217,26 @@ def _capture(model: DiffusionModel, fp_model: DiffusionModel, data: CalibrationD
         raise _Stop
 
     fp_block = fp_model.denoiser.get_submodule(block.name)
+    calls = []
     for s in range(num_steps):
         idx = pairs[(pairs // n) == s] % n
+        calls += [(s, idx[i:i + batch_size]) for i in range(0, idx.numel(), batch_size)]
+    for s, sel in group.split(calls):
         t = int(data.ts[s])
-        for i in range(0, idx.numel(), batch_size):
-            sel = idx[i:i + batch_size]
-            x = data.xs[s, sel].to(model.device)
-            cond = data.conds[sel].to(model.device) if data.conds is not None else None
-            _call_hooked(fp_model, fp_block.register_forward_hook(grab_output, with_kwargs=True),
-                         x, t, cond, guidance)
-            _call_hooked(model, block.module.register_forward_pre_hook(grab_input, with_kwargs=True),
-                         x, t, cond, guidance)
-            ts.append(torch.full((outputs[-1].shape[0],), t, dtype=torch.long))
+        x = data.xs[s, sel].to(model.device)
+        cond = data.conds[sel].to(model.device) if data.conds is not None else None
+        _call_hooked(fp_model, fp_block.register_forward_hook(grab_output, with_kwargs=True),
+                     x, t, cond, guidance)
+        _call_hooked(model, block.module.register_forward_pre_hook(grab_input, with_kwargs=True),
+                     x, t, cond, guidance)
+        ts.append(torch.full((outputs[-1].shape[0],), t, dtype=torch.long))
+    if group.world_size > 1:  # call k ran on rank k % world_size: interleave the ranks' captures back
+        cpu = [(_to(i, "cpu"), o.cpu(), t) for i, o, t in zip(inputs, outputs, ts)]
+        mine = group.all_gather(cpu)
+        ordered = [mine[k % group.world_size][k // group.world_size] for k in range(len(calls))]
+        inputs = [_to(i, model.device) for i, _, _ in ordered]
+        outputs = [o.to(model.device) for _, o, _ in ordered]
+        ts = [t for _, _, t in ordered]
     if len(inputs) != len(outputs) or not inputs:
         raise RuntimeError(f"block {block.name} was not reached by the calibration forward pass")
     _, row_args, row_kwargs = _row_split(*inputs[0])
@@ -232,16 +245,39 @@ def _capture(model: DiffusionModel, fp_model: DiffusionModel, data: CalibrationD
     return _Captured(args, kwargs, row_args, row_kwargs, torch.cat(ts), torch.cat(outputs))
 
 
+def _to(captured: tuple[tuple, dict], device: torch.device | str) -> tuple[tuple, dict]:
+    args, kwargs = captured
+    return (tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args),
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+
+
 # --- optimisation -----------------------------------------------------------------------------
-def qdrop(quantizers: list[nn.Module], prob: float, gen: torch.Generator) -> list[Any]:
+@dataclass
+class RowShare:
+    """Rows [lo, hi) of a mini-batch of `total` rows that this rank computes (all of them in one process)."""
+
+    total: int = 0
+    lo: int = 0
+    hi: int = 0
+
+
+def qdrop(quantizers: list[nn.Module], prob: float, gen: torch.Generator, share: RowShare | None = None
+          ) -> list[Any]:
     """QDrop: each quantizer's output is replaced by its input element-wise with probability `prob`.
 
     Returns the hook handles (call ``.remove()`` on each to stop). Masks come from `gen`
-    in call order, so a run is deterministic given the generator's seed.
+    in call order, so a run is deterministic given the generator's seed. With a `share`
+    (data parallel), each mask is drawn for the whole mini-batch and this rank's rows are
+    cut from it, so every rank's generator stays in step and the masks are one process's.
     """
 
     def hook(_q: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        keep_fp = torch.rand(out.shape, generator=gen, device=gen.device) < prob
+        if share is None or share.hi - share.lo == share.total:
+            keep_fp = torch.rand(out.shape, generator=gen, device=gen.device) < prob
+        else:  # out holds k rows per mini-batch row, batch-major (attention heads: [B·heads, ...])
+            k = out.shape[0] // (share.hi - share.lo)
+            full = torch.rand((share.total * k, *out.shape[1:]), generator=gen, device=gen.device)
+            keep_fp = full[share.lo * k:share.hi * k] < prob
         return torch.where(keep_fp.to(out.device), args[0], out)
 
     return [q.register_forward_hook(hook) for q in quantizers]
@@ -285,7 +321,8 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def reconstruct_block(model: DiffusionModel, fp_model: DiffusionModel, data: CalibrationData, block: Block,
                       index: int, cfg: CalibrateSection, guidance: float, rows_per_sample: int = 1,
-                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                      progress: Callable[[int, int], None] | None = None,
+                      group: ProcessGroup | None = None) -> dict[str, Any]:
     """Reconstruct `block` (the `index`-th) of `model` in place, against the outputs of the
     same block in `fp_model` (the unquantized original); returns its record.
 
@@ -294,11 +331,16 @@ def reconstruct_block(model: DiffusionModel, fp_model: DiffusionModel, data: Cal
     round-to-nearest) and after (hard AdaRound folded, learned Δ, no QDrop).
     `progress(advance, total)` is called once per iteration. Captures run
     ``recon_batch_size // rows_per_sample`` calibration samples per forward call.
+
+    Under torchrun (`group`) the capture's forward calls are split across ranks, and each
+    mini-batch too: every rank computes the loss on its contiguous share of the rows, weighted
+    by its share, and one all-reduce sums the gradients (the regulariser counts on rank 0).
     """
+    group = group or ProcessGroup()
     gen = block_generator(cfg.seed, index)
     num_samples = max(1, cfg.recon_samples // max(rows_per_sample, 1))
     per_call = max(1, cfg.recon_batch_size // max(rows_per_sample, 1))
-    cap = _capture(model, fp_model, data, block, guidance, per_call, num_samples, gen)
+    cap = _capture(model, fp_model, data, block, guidance, per_call, num_samples, gen, group)
     layers = block.layers
     act_qs = [q for q in act_quantizers(block.module) if q.enabled]  # layers' inputs and attention matmuls
     per_timestep = any(q.temporal for q in act_qs)
@@ -320,19 +362,34 @@ def reconstruct_block(model: DiffusionModel, fp_model: DiffusionModel, data: Cal
             for q in act_qs:
                 q.delta.requires_grad_(True)
             groups.append({"params": [q.delta for q in act_qs], "lr": cfg.recon_act_lr})
+        share = RowShare()
         if cfg.qdrop_prob > 0:
-            handles = qdrop(act_qs, cfg.qdrop_prob, block_generator(cfg.seed, index, model.device))
+            handles = qdrop(act_qs, cfg.qdrop_prob, block_generator(cfg.seed, index, model.device), share)
         block.module.train()
         opt = torch.optim.Adam(groups) if groups else None
+        params = [p for g in groups for p in g["params"]]
         for it in range(cfg.recon_iters if opt is not None else 0):
             idx = _draw(cap, cfg.recon_batch_size, per_timestep, gen)
             set_timestep(block.module, int(cap.ts[idx[0]]))
-            loss = _rec_loss(_forward(block, cap, idx), cap.target[idx])
+            share.total = idx.numel()
+            share.lo, share.hi = group.shard(idx.numel())
+            if share.hi == share.lo and cfg.qdrop_prob > 0:
+                raise RecipeError(f"block {block.name}: a mini-batch of {idx.numel()} rows cannot be split over "
+                                  f"{group.world_size} processes with QDrop: raise calibrate.recon_batch_size "
+                                  f"or calibrate.recon_samples, or use fewer processes")
+            loss = torch.zeros((), device=model.device)
+            if share.hi > share.lo:
+                mine = idx[share.lo:share.hi]
+                loss = _rec_loss(_forward(block, cap, mine), cap.target[mine])
+                if group.world_size > 1:  # this rank's part of the mini-batch mean
+                    loss = loss * ((share.hi - share.lo) / share.total)
             beta = beta_schedule(it, cfg.recon_iters)
-            if beta is not None and cfg.recon_reg_weight > 0 and adas:
+            if beta is not None and cfg.recon_reg_weight > 0 and adas and group.is_main:
                 loss = loss + cfg.recon_reg_weight * sum(a.regularizer(beta) for a in adas.values())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:
+                loss.backward()
+            group.sync_grads(params)
             opt.step()
             if progress is not None:
                 progress(1, cfg.recon_iters)

@@ -8,7 +8,7 @@ import torch
 
 from lowbitdm_cli.quant.quantizer import QuantMode, UniformQuantizer, fake_quantize, quant_range
 
-__all__ = ["InitMethod", "init_quantizer", "range_to_params", "search_params"]
+__all__ = ["InitMethod", "init_quantizer", "range_to_params", "search_params", "set_params"]
 
 InitMethod = Literal["minmax", "mse", "percentile"]
 
@@ -96,6 +96,13 @@ def init_quantizer(quantizer: UniformQuantizer, x: torch.Tensor, method: InitMet
                    timestep_index: int | None = None) -> None:
     """Set the quantizer's (Δ, z) from sample `x` (for one timestep slot if temporal)."""
     delta, zero = search_params(x, quantizer.bits, quantizer.mode, quantizer.channel_axis, method)
+    set_params(quantizer, delta, zero, timestep_index)
+
+
+@torch.no_grad()
+def set_params(quantizer: UniformQuantizer, delta: torch.Tensor, zero: torch.Tensor,
+               timestep_index: int | None = None) -> None:
+    """Set (Δ, z) as `search_params` returned them (for one timestep slot if temporal)."""
     if quantizer.temporal:
         if timestep_index is None:
             quantizer.delta.copy_(delta.expand_as(quantizer.delta))

@@ -10,6 +10,12 @@
 3. `qdiffusion` / `pqd`: BRECQ block reconstruction (AdaRound + LSQ, QDrop for PQD), block
    by block, each block checkpointed (`recon_block_NNN.safetensors`) so --resume skips it.
 4. Store the calibration data and the quantizer state (nothing the FP model already has).
+
+Under `torchrun` the ranks share the work and rank 0 writes the artifact: each rank makes
+every world_size-th trajectory batch (seeded per global sample index, so the data are the same
+bytes for any process count), runs every world_size-th batch of the range pass (records merged
+across ranks: exact min/max, the same value samples as one process) and its share of each
+reconstruction mini-batch (gradients all-reduced). `--resume` works with any process count.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lowbitdm_cli.artifacts import Artifact, StageRun
+from lowbitdm_cli.artifacts import Artifact, Manifest, StageRun
 from lowbitdm_cli.calibration.data import CalibrationData, collect_batch, select_steps
 from lowbitdm_cli.calibration.omq import apply_omq
 from lowbitdm_cli.calibration.ptq import init_activations, init_weights, layer_output_errors
 from lowbitdm_cli.calibration.reconstruct import block_state, plan_blocks, reconstruct_block, shortcut_splits
 from lowbitdm_cli.calibration.selection import k_center, normal_steps
+from lowbitdm_cli.distributed import ProcessGroup, process_group, rank_device
 from lowbitdm_cli.errors import ArtifactError
 from lowbitdm_cli.models.registry import model_ref, sampler_defaults
 from lowbitdm_cli.models.text import prompts_digest
@@ -62,15 +69,16 @@ def _representative(data: CalibrationData, num: int, seed: int) -> tuple[Calibra
 
 
 def _reconstruct(run: StageRun, model: DiffusionModel, fp_model: DiffusionModel, data: CalibrationData,
-                 cfg: CalibrateSection, guidance: float, progress: Progress) -> dict[str, dict]:
+                 cfg: CalibrateSection, guidance: float, progress: Progress,
+                 group: ProcessGroup) -> dict[str, dict]:
     """Reconstruct every block in forward order against `fp_model`'s block outputs; a block
-    already checkpointed is loaded instead."""
+    already checkpointed is loaded instead (rank 0 writes the checkpoints)."""
     blocks, rows_per_sample = plan_blocks(model, data, guidance)
     record: dict[str, dict] = {}
     for i, block in enumerate(blocks):
         name = f"recon_block_{i:03d}.safetensors"
         desc = f"reconstruct {block.name}"
-        if run.has(name):
+        if group.broadcast(run.has(name)):
             with safe_open(str(run.path(name)), "pt") as f:
                 meta = f.metadata() or {}
             if meta.get("block") != block.name:
@@ -81,9 +89,11 @@ def _reconstruct(run: StageRun, model: DiffusionModel, fp_model: DiffusionModel,
             progress(desc, cfg.recon_iters, cfg.recon_iters)
             continue
         rec = reconstruct_block(model, fp_model, data, block, i, cfg, guidance, rows_per_sample,
-                                progress=lambda advance, total, desc=desc: progress(desc, advance, total))
-        run.save_tensors(name, block_state(block), metadata={"block": block.name, "record": json.dumps(rec)})
-        run.checkpoint(recon_blocks_done=i + 1)
+                                progress=lambda advance, total, desc=desc: progress(desc, advance, total),
+                                group=group)
+        if group.is_main:
+            run.save_tensors(name, block_state(block), metadata={"block": block.name, "record": json.dumps(rec)})
+            run.checkpoint(recon_blocks_done=i + 1)
         record[block.name] = rec
     return record
 
@@ -98,11 +108,39 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
     recipe = recipe.resolved(sampler_defaults(recipe.model.name))
     device = work_device(device)
     model = load_fp_model(recipe.model.name, recipe)
-    run = StageRun.start(out, "calibrate", model_ref(model), recipe.model_dump(mode="json"),
-                         options={**prompt_options(recipe), **device_options(device)}, resume=resume, force=force,
-                         replace_stale=replace_stale)
-    if run.done:
-        return run.artifact  # type: ignore[return-value]
+    cfg = recipe.calibrate
+    num_batches = math.ceil(cfg.num_samples / cfg.batch_size)
+    main_run: StageRun | None = None
+
+    def start() -> dict:  # rank 0 only: owns the artifact (lock, manifest)
+        nonlocal main_run
+        main_run = StageRun.start(out, "calibrate", model_ref(model), recipe.model_dump(mode="json"),
+                                  options={**prompt_options(recipe), **device_options(device)}, resume=resume,
+                                  force=force, replace_stale=replace_stale)
+        if main_run.done:
+            return {"done": True}
+        missing = [b for b in range(num_batches) if not main_run.has(_part_name(b))]
+        return {"done": False, "manifest": main_run.manifest.model_dump_json(), "missing": missing}
+
+    with process_group(device) as group:
+        plan = group.on_main(start)
+        if plan["done"]:
+            return main_run.artifact if group.is_main else Artifact.open(out)  # type: ignore[union-attr]
+        run = main_run if group.is_main else StageRun(out, Manifest.model_validate_json(plan["manifest"]),
+                                                      resumed=True, prior_elapsed=0.0)
+        artifact = _calibrate(run, recipe, model, plan["missing"], group, rank_device(device, group),
+                              progress if group.is_main else _noop)
+        group.barrier()  # rank 0 has committed
+        return artifact if group.is_main else Artifact.open(out)
+
+
+def _part_name(b: int) -> str:
+    return f"calib_part_{b:04d}.safetensors"
+
+
+def _calibrate(run: StageRun, recipe: Recipe, model: DiffusionModel, missing: list[int], group: ProcessGroup,
+               device: str, progress: Progress) -> Artifact | None:
+    """The stage's work on one rank (every rank of a torchrun job; rank 0 returns the artifact)."""
     model.to(device)
     cfg = recipe.calibrate
     settings = sampler_settings(recipe.sample)
@@ -115,20 +153,23 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
 
     t0 = time.time()
     num_batches = math.ceil(cfg.num_samples / cfg.batch_size)
-    parts = []
-    for b in range(num_batches):
-        name = f"calib_part_{b:04d}.safetensors"
-        if not run.has(name):
-            indices = list(range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, cfg.num_samples)))
-            run.save_tensors(name, collect_batch(model, indices, cfg.seed, settings, keep).to_tensors())
-            run.checkpoint(calib_batches_done=b + 1)
-        parts.append(CalibrationData.from_tensors(run.load_tensors(name)))
-        progress("calibration trajectories", 1, num_batches)
+    mine = group.split(missing)  # rank r makes every world_size-th missing batch
+    for b in mine:
+        indices = list(range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, cfg.num_samples)))
+        run.save_tensors(_part_name(b), collect_batch(model, indices, cfg.seed, settings, keep).to_tensors())
+        if group.is_main:
+            run.checkpoint(calib_batches_done=sum(run.has(_part_name(i)) for i in range(num_batches)))
+        progress("calibration trajectories", 1, len(mine))
+    group.barrier()  # every batch is on disk
+    if group.is_main:
+        run.checkpoint(calib_batches_done=num_batches)
+    parts = [CalibrationData.from_tensors(run.load_tensors(_part_name(b))) for b in range(num_batches)]
     data = CalibrationData.concat(parts)
     representatives = None
     if cfg.representative == "kcenter":
         data, representatives = _representative(data, cfg.num_representative, cfg.seed)
-    run.save_tensors("calib_data.safetensors", data.to_tensors())
+    if group.is_main:
+        run.save_tensors("calib_data.safetensors", data.to_tensors())
     t_data = time.time() - t0
 
     t0 = time.time()
@@ -146,13 +187,15 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
     total = data.xs.shape[0] * data.xs.shape[1]
     init_activations(model, data, recipe.quant.act_init, settings.guidance, cfg.batch_size,
                      cfg.max_values_per_step, cfg.seed,
-                     progress=lambda n: progress("activation ranges", n, total))
+                     progress=lambda n: progress("activation ranges", n, total), group=group)
     t_init = time.time() - t0
     t0 = time.time()
     recon = None
     if fp_model is not None:
-        recon = _reconstruct(run, model, fp_model, data, cfg, settings.guidance, progress)
+        recon = _reconstruct(run, model, fp_model, data, cfg, settings.guidance, progress, group)
         del fp_model
+    if not group.is_main:
+        return None
     with torch.no_grad():
         run.save_tensors("quant_state.safetensors", quant_state(model.denoiser, fp_state))
     # reconstruction folded AdaRound's rounding into the float weights: measure against the FP ones

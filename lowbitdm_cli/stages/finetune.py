@@ -5,6 +5,10 @@ rate, under which losses; one loop (`finetune.loop.distill`) runs them all. Chec
 every `checkpoint_every` epochs land in the partial folder, and `--resume` continues to
 the same final weights as an uninterrupted run. `none` is an explicit pass-through that
 still writes a proper artifact.
+
+Under `torchrun` the ranks split each global batch (data parallel, gradients all-reduced,
+see `finetune.loop`) and rank 0 writes checkpoints and the artifact; `--resume` continues
+with any number of processes (a checkpoint holds the global state).
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ from pathlib import Path
 
 import torch
 
-from lowbitdm_cli.artifacts import Artifact, StageRun
+from lowbitdm_cli.artifacts import Artifact, Manifest, StageRun
+from lowbitdm_cli.distributed import ProcessGroup, process_group, rank_device
+from lowbitdm_cli.errors import RecipeError
 from lowbitdm_cli.finetune.loop import (
+    TEACHER_DTYPES,
     DistillConfig,
+    checkpoint_blocks,
     distill,
     make_optimizer,
     optimizer_from_tensors,
@@ -45,20 +53,54 @@ OPTIMIZER = "optimizer.safetensors"
 
 def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, force: bool = False,
              replace_stale: bool = False, progress: Callable[[str, int, int], None] = lambda *_: None,
-             device: str = "cpu") -> Artifact:
+             device: str = "cpu", grad_checkpoint: bool = False, teacher_dtype: str | None = None) -> Artifact:
     """Finetune the quantized model of `parent` with `recipe.finetune`; write the artifact to `out`.
 
-    `device` is where teacher and student run (``cuda``/``cuda:N``); checkpoints and the
-    artifact are written from the CPU copies of the tensors.
+    `device` is where teacher and student run (``cuda``/``cuda:N``; under torchrun ``cuda`` is
+    each rank's own GPU); checkpoints and the artifact are written from the CPU copies of the
+    tensors. `grad_checkpoint` recomputes the student's block activations in the backward pass
+    (less memory, same result); `teacher_dtype` ("bf16"/"fp16") runs the frozen teacher under
+    autocast (less memory and time on a GPU; it changes the result, so it is an input of the stage).
     """
     recipe = recipe.resolved(sampler_defaults(parent.manifest.model.name))
     cfg = recipe.finetune
     device = work_device(device)
-    run = StageRun.start(out, "finetune", parent.manifest.model, recipe.model_dump(mode="json"), parent=parent,
-                         options={**prompt_options(recipe), **device_options(device)}, resume=resume, force=force,
-                         replace_stale=replace_stale)
-    if run.done:
-        return run.artifact  # type: ignore[return-value]
+    if teacher_dtype is not None and teacher_dtype not in TEACHER_DTYPES:
+        raise RecipeError(f"--teacher-dtype must be one of {', '.join(TEACHER_DTYPES)}, got {teacher_dtype!r}")
+    options = {**prompt_options(recipe), **device_options(device),
+               **({"teacher_dtype": teacher_dtype} if teacher_dtype else {})}
+    main_run: StageRun | None = None
+
+    def start() -> dict:  # rank 0 only: owns the artifact (lock, manifest)
+        nonlocal main_run
+        main_run = StageRun.start(out, "finetune", parent.manifest.model, recipe.model_dump(mode="json"),
+                                  parent=parent, options=options, resume=resume, force=force,
+                                  replace_stale=replace_stale)
+        if main_run.done:
+            return {"done": True}
+        return {"done": False, "manifest": main_run.manifest.model_dump_json(),
+                "checkpoint": main_run.has(CHECKPOINT)}
+
+    with process_group(device) as group:
+        plan = group.on_main(start)
+        if plan["done"]:
+            return main_run.artifact if group.is_main else Artifact.open(out)  # type: ignore[union-attr]
+        if cfg.method != "none" and cfg.batch_size < group.world_size:
+            raise RecipeError(f"finetune.batch_size ({cfg.batch_size}) must be at least the number of "
+                              f"processes ({group.world_size})")
+        run = main_run if group.is_main else StageRun(out, Manifest.model_validate_json(plan["manifest"]),
+                                                      resumed=True, prior_elapsed=0.0)
+        artifact = _finetune(run, parent, recipe, plan["checkpoint"], group, rank_device(device, group),
+                             progress if group.is_main else (lambda *_: None), grad_checkpoint, teacher_dtype)
+        group.barrier()  # rank 0 has committed
+        return artifact if group.is_main else Artifact.open(out)
+
+
+def _finetune(run: StageRun, parent: Artifact, recipe: Recipe, from_checkpoint: bool, group: ProcessGroup,
+              device: str, progress: Callable[[str, int, int], None], grad_checkpoint: bool,
+              teacher_dtype: str | None) -> Artifact | None:
+    """The stage's work on one rank (every rank of a torchrun job; rank 0 returns the artifact)."""
+    cfg = recipe.finetune
     teacher = load_fp_model(parent.manifest.model.name, recipe)
     check_model(parent, teacher)
     student = load_quantized_from(parent)
@@ -67,6 +109,8 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
     student.denoiser.to(device)  # its conditioner is the teacher's, already moved
     fp_state = {k: v.clone() for k, v in teacher.denoiser.state_dict().items()}
     plan = plan_method(cfg, student.denoiser, cfg.seed)
+    if grad_checkpoint and plan.groups:
+        checkpoint_blocks(student.denoiser)
     history: list[float] = []
     step_losses: list[float] = []
     t0 = time.time()
@@ -76,10 +120,11 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
                            seed=cfg.seed, loss=cfg.loss, trd_weight=cfg.trd_weight, trd_window=cfg.trd_window,
                            local_weight=1.0 if cfg.method == "quest" else 0.0,
                            global_weight=2.0 if cfg.method == "quest" else 1.0,
-                           grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every)
+                           grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
+                           teacher_dtype=teacher_dtype)
         opt, sched = make_optimizer(plan, dc.epochs * dc.steps)
         start = 0
-        if run.has(CHECKPOINT):
+        if from_checkpoint:
             state = run.load_tensors(CHECKPOINT)
             student.denoiser.load_state_dict(state, strict=False)
             meta = json.loads(run.path("checkpoint.json").read_text())
@@ -91,7 +136,7 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
         def on_epoch_end(epoch: int, losses: list[float]) -> None:
             history.append(sum(losses) / len(losses))
             step_losses.extend(losses)
-            if (epoch + 1) % dc.checkpoint_every == 0 or epoch + 1 == dc.epochs:
+            if group.is_main and ((epoch + 1) % dc.checkpoint_every == 0 or epoch + 1 == dc.epochs):
                 trainable = {n: p.detach() for n, p in student.denoiser.named_parameters() if p.requires_grad}
                 run.save_tensors(CHECKPOINT, trainable)
                 opt_t, opt_meta = optimizer_to_tensors(opt)
@@ -101,7 +146,9 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
                                                               "optimizer": opt_meta}).encode())
                 run.checkpoint(epochs_done=epoch + 1)
 
-        distill(teacher, student, plan, dc, opt, sched, start, on_epoch_end, progress)
+        distill(teacher, student, plan, dc, opt, sched, start, on_epoch_end, progress, group=group)
+    if not group.is_main:
+        return None
     with torch.no_grad():
         run.save_tensors("quant_state.safetensors", quant_state(student.denoiser, fp_state))
     files = ["quant_state.safetensors"]
@@ -111,6 +158,10 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
         files.append("loss_curve.safetensors")
     info = {"method": cfg.method, "loss": cfg.loss, **plan.info, "loss_history": history,
             "epochs": cfg.epochs if plan.groups else 0}
+    if group.world_size > 1:
+        info["processes"] = group.world_size
+    if teacher_dtype:
+        info["teacher_dtype"] = teacher_dtype
     return run.commit(files, info=info,
                       timings={"train_s": round(time.time() - t0, 3)},
                       metrics={"final_loss": history[-1]} if history else None)
