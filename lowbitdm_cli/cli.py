@@ -108,21 +108,32 @@ def _report(artifact, title: str) -> None:  # noqa: ANN001
     m = artifact.manifest
     if _state["json"]:
         out.print_json(json.dumps({"path": str(artifact.path), "stage": m.stage, "status": m.status,
-                                   "metrics": m.metrics, "timings": m.timings}))
+                                   "metrics": m.metrics, "timings": m.timings,
+                                   **({"intervals": {k: v.model_dump() for k, v in m.intervals.items()}}
+                                      if m.intervals else {})}))
         return
     err.print(f"[green]✓[/] {title}: [bold]{artifact.path}[/] ({m.timings.get('wall_s', 0):.1f}s)")
     if m.metrics:
-        out.print(_metrics_table([(str(artifact.path), m.metrics)]))
+        out.print(_metrics_table([(str(artifact.path), m.metrics)], intervals=m.intervals))
 
 
-def _metrics_table(rows: list[tuple[str, dict[str, float]]], title: str | None = None) -> Table:
+def _metrics_table(rows: list[tuple[str, dict[str, float]]], title: str | None = None,
+                   intervals: dict | None = None) -> Table:
+    """One row per (name, metrics); with `intervals` (one manifest's), each value shows its 95 % interval."""
     keys = sorted({k for _, metrics in rows for k in metrics})
     table = Table(title=title)
     table.add_column("model")
     for k in keys:
-        table.add_column(k, justify="right")
+        table.add_column(k + (" [95 % interval]" if intervals and k in intervals else ""), justify="right")
+
+    def cell(metrics: dict[str, float], k: str) -> str:
+        if k not in metrics:
+            return "-"
+        iv = (intervals or {}).get(k)
+        return f"{metrics[k]:.4g}" + (f" [{iv.low:.4g}, {iv.high:.4g}]" if iv is not None else "")
+
     for name, metrics in rows:
-        table.add_row(name, *[f"{metrics[k]:.4g}" if k in metrics else "-" for k in keys])
+        table.add_row(name, *[cell(metrics, k) for k in keys])
     return table
 
 
@@ -296,6 +307,11 @@ def evaluate(
         "--make-ref", help="Instead of scoring: write reference statistics of the images given as the argument into "
                            "--out FILE.npz (mu, sigma, mu_s, sigma_s, pool features and which Inception made them), "
                            "to pass later as --ref.")] = False,
+    bootstrap: Annotated[int, typer.Option(
+        "--bootstrap", min=0, help="Resamples of the samples' features for the 95 % intervals of fid_digits, fid, "
+                                   "sfid, kid and is (0: none; the reference stays fixed). Class accuracy and "
+                                   "precision get Wilson intervals, clip_score a normal one, recall none.")] = 1000,
+    bootstrap_seed: Annotated[int, typer.Option("--bootstrap-seed", help="Seed of the bootstrap resamples.")] = 0,
     out_dir: OutOpt = None, force: ForceOpt = False,
 ) -> None:
     """Score samples: FID-digits and class accuracy, or FID, sFID, IS, precision/recall, KID.
@@ -327,7 +343,7 @@ def evaluate(
     metrics = list(dict.fromkeys(names)) or default_metrics(art.manifest.model.name)
     with _Bars() as bars:
         result = _guard(run_stage, art, metrics, out_dir or art.path.parent / "evaluate", force=force, inception=opts,
-                        clip_weights=clip_weights, progress=bars)
+                        clip_weights=clip_weights, progress=bars, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     _report(result, "evaluated")
 
 
@@ -422,7 +438,7 @@ def show(artifact: Annotated[Path, typer.Argument(help="Any artifact folder.")])
     out.print(f"model: {m.model.name} ({m.model.source}, weights sha256 {m.model.digest[:12]}…)")
     out.print("lineage: " + " ← ".join(f"{a.manifest.stage}:{a.path}" for a in chain))
     if m.metrics:
-        out.print(_metrics_table([(m.stage, m.metrics)], title="metrics"))
+        out.print(_metrics_table([(m.stage, m.metrics)], title="metrics", intervals=m.intervals))
     out.print("timings: " + ", ".join(f"{k}={v}" for k, v in m.timings.items()))
     files = Table(title="files")
     for col in ("file", "bytes", "sha256"):
