@@ -370,32 +370,50 @@ def run(
     model: ModelOpt = None,
     sets: SetOpt = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run folders are created.")] = Path("runs"),
+    seeds: Annotated[int, typer.Option(
+        "--seeds", min=1, help="Run the chain N times, seed offset k = 0..N-1 added to calibrate.seed, "
+                               "finetune.seed and sample.seed (folders <model>-<recipe>-<bits>-seed<k> for k >= 1, "
+                               "each with its FP baseline), and end with the mean and 95 % interval over seeds.")] = 1,
     force: ForceOpt = False, prompts: PromptsOpt = None,
 ) -> None:
     """Run a recipe's whole chain (calibrate, finetune, merge, sample, evaluate) plus the FP baseline.
 
     Stages that are complete for the same inputs are skipped and interrupted ones resume,
-    so rerunning after a crash continues where it stopped. Ends with an FP vs quantized table.
+    so rerunning after a crash continues where it stopped. Ends with an FP vs quantized table
+    (values with their 95 % intervals; with --seeds N, one row per seed and the mean over seeds).
     """
-    from lowbitdm_cli.pipeline import run_recipe
+    from lowbitdm_cli.pipeline import run_seeds
 
     r = _guard(load_recipe, recipe, sets=sets, bits=bits, model=model, prompts=prompts)
     with _Bars() as bars:
-        result = _guard(run_recipe, r, runs_dir, force=force, progress=bars,
+        result = _guard(run_seeds, r, runs_dir, seeds, force=force, progress=bars,
                         log=lambda msg: err.print(msg, highlight=False))
     if _state["json"]:
         out.print_json(json.dumps(result))
         return
-    table = Table(title=f"{r.model.name}: full precision vs {r.quant.bits} ({r.name})")
-    for col in ("model", "FID-digits ↓", "class acc ↑", "merged MiB", "wall s"):
+    title = f"{r.model.name}: full precision vs {r.quant.bits} ({r.name})" + (f", {seeds} seeds" if seeds > 1 else "")
+    table = Table(title=title)
+    for col in ("model", "FID-digits ↓ [95 %]", "class acc ↑ [95 %]", "merged MiB", "wall s"):
         table.add_column(col, justify="right" if col != "model" else "left")
+
+    def cell(m: dict, iv: dict, key: str, scale: float, unit: str) -> str:
+        if key not in m:
+            return "-"
+        text = f"{scale * m[key]:.{1 if unit else 2}f}{unit}"
+        if key in iv and iv[key]:
+            lo, hi = (iv[key]["low"], iv[key]["high"]) if isinstance(iv[key], dict) else iv[key]
+            text += f" [{scale * lo:.{1 if unit else 2}f}, {scale * hi:.{1 if unit else 2}f}]"
+        return text
+
     for row in result["rows"]:
-        m = row["metrics"]
-        table.add_row(row["label"], f"{m.get('fid_digits', float('nan')):.2f}",
-                      f"{100 * m.get('class_accuracy', float('nan')):.1f}%",
+        m, iv = row["metrics"], row.get("intervals", {})
+        table.add_row(row["label"], cell(m, iv, "fid_digits", 1, ""), cell(m, iv, "class_accuracy", 100, "%"),
                       f"{row['merged_mb']:.3f}" if row.get("merged_mb") else "-", f"{row['wall_s']:.0f}")
+    for c in result.get("configurations", []):
+        table.add_row(f"{c['label']}: mean of {len(c['runs'])}", cell(c["metrics"], c["intervals"], "fid_digits", 1, ""),
+                      cell(c["metrics"], c["intervals"], "class_accuracy", 100, "%"), "", "", style="bold")
     out.print(table)
-    err.print(f"artifacts in [bold]{result['run_dir']}[/]")
+    err.print(f"artifacts in [bold]{', '.join(result.get('run_dirs', [result['run_dir']]))}[/]")
 
 
 @app.command()
@@ -463,18 +481,28 @@ def report(
     """Compare finished runs: a table, plus report.md / report.html with figures.
 
     Reads manifests only. For a run folder the furthest-along stage (evaluate, else sample, ...)
-    is used and its lineage supplies metrics, timings, peak memory, merged size, finetune
-    loss and OMQ bit allocations. Figures: metric_vs_bits.png, loss_curves.png, omq_bits.png
+    is used and its lineage supplies metrics (with their 95 % intervals), timings, peak memory,
+    merged size, finetune loss and OMQ bit allocations. Runs that differ only by their seeds
+    (`run --seeds N`) are grouped into configurations: mean and 95 % interval over seeds, and
+    differences whose intervals overlap marked not significant. Figures: metric_vs_bits.png, loss_curves.png, omq_bits.png
     and samples.png (the same sample indices, hence seeds, from every run). report.html
     embeds the images, so it can be sent as one file. Example:
     `lowbitdm report runs/digits-fp-* runs/digits-ptq-w8a8 runs/digits-ptq-w4a4 --out report/`.
     """
-    from lowbitdm_cli.report import collect_runs, table, write_report
+    from lowbitdm_cli.report import collect_runs, report_sections, table, write_report
 
     runs = _guard(collect_runs, run_dirs)
     files = _guard(write_report, runs, out_dir, num_images=num_images)
     if _state["json"]:
-        out.print_json(json.dumps({"runs": [r.to_dict() for r in runs], "report": str(files.markdown),
+        from dataclasses import asdict
+
+        from lowbitdm_cli.report import differences, group_runs
+
+        configs = group_runs(runs)
+        out.print_json(json.dumps({"runs": [r.to_dict() for r in runs],
+                                   "configurations": [c.to_dict() for c in configs],
+                                   "differences": [asdict(d) for d in differences(configs)],
+                                   "report": str(files.markdown),
                                    "html": str(files.html), "images": {n: {"path": str(p), "size": files.sizes[n]}
                                                                        for n, p in files.images.items()}}))
         return
@@ -485,6 +513,13 @@ def report(
     for row in rows:
         grid.add_row(*row)
     out.print(grid)
+    for title, note, heads, body in report_sections(runs):
+        extra = Table(title=title, caption=note, box=box.SIMPLE_HEAD)
+        for i, col in enumerate(heads):
+            extra.add_column(col, justify="left" if i == 0 or col == "significant?" else "right", overflow="fold")
+        for row in body:
+            extra.add_row(*row)
+        out.print(extra)
     err.print(f"wrote [bold]{files.markdown}[/], {files.html.name} and {', '.join(files.images)} in {files.out_dir}",
               highlight=False)
 
