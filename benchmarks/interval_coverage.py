@@ -4,6 +4,7 @@ Samples K disjoint blocks of n class-balanced images from the full-precision dig
 k = `sample.seed=k`, so no two blocks share an initial noise), scores each block as `evaluate`
 does (FID-digits with its re-centred bootstrap interval, class accuracy with Wilson's), and
 checks what the intervals claim to cover: the metric's expected value at n samples.
+The sample seed's blocks are fixed; the bootstrap seed of a block is its first sample seed.
 
 - ``cover mean of others``: how often block k's interval contains the mean of the other K − 1
   blocks' values (an estimate of E[metric at n]). That mean is itself noisy, so an exactly
@@ -15,6 +16,8 @@ checks what the intervals claim to cover: the metric's expected value at n sampl
   deviation of the K block values, with that ratio's 95 % range from the chi-square law of the
   K-block estimate (1 is calibrated; the range is wide for small K). For class accuracy the
   "bootstrap" sd is the binomial sqrt(p(1 − p)/n) behind Wilson's interval.
+- ``fid_digits`` is the interval `evaluate` records (double bootstrap); ``fid_digits (plain
+  bootstrap)`` the single-level bootstrap it corrects, for comparison.
 - ``cover pooled``: how often an interval contains the metric of all K·n samples pooled. FID is
   biased in n (higher for fewer samples), so the pooled FID lies below the blocks' values and
   an interval at n is not meant to cover it; this row shows by how much.
@@ -43,7 +46,7 @@ from scipy import stats
 
 from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
 from lowbitdm_cli.evaluation.frechet import feature_statistics, frechet_distance
-from lowbitdm_cli.evaluation.intervals import frechet_replicates, recentred_interval, wilson_interval
+from lowbitdm_cli.evaluation.intervals import frechet_interval, frechet_replicates, recentred_interval, wilson_interval
 from lowbitdm_cli.models.registry import load_model, model_entry
 from lowbitdm_cli.sampling import SamplerSettings, balanced_labels, ddim_sample, to_uint8
 
@@ -97,11 +100,16 @@ def _score(ev: DigitsEvaluator, feats: np.ndarray, logits: np.ndarray, labels: n
            seed: int) -> dict:
     mu, sigma = feature_statistics(feats)
     fid = frechet_distance(mu, sigma, ev.ref_mu, ev.ref_sigma)
-    reps = frechet_replicates(feats, ev.ref_mu, ev.ref_sigma, resamples, seed)
+    double = frechet_interval(fid, feats, ev.ref_mu, ev.ref_sigma, resamples, seed)  # what evaluate records
+    reps = frechet_replicates(feats, ev.ref_mu, ev.ref_sigma, resamples, seed)  # the same outer level
     right = int((logits.argmax(1) == labels).sum())
-    return {"fid": fid, "fid_interval": recentred_interval(fid, reps), "fid_boot_sd": float(reps.std(ddof=1)),
-            "acc": right / len(labels), "acc_interval": wilson_interval(right, len(labels)),
-            "acc_sd": math.sqrt(max(right / len(labels) * (1 - right / len(labels)), 1e-12) / len(labels))}
+    p = right / len(labels)
+    return {"fid": fid, "fid_interval": (double["low"], double["high"]),
+            "fid_sd": float(reps.std(ddof=1)) * double["correction"],
+            "fid_plain_interval": recentred_interval(fid, reps), "fid_plain_sd": float(reps.std(ddof=1)),
+            "fid_correction": double["correction"],
+            "acc": p, "acc_interval": wilson_interval(right, len(labels)),
+            "acc_sd": math.sqrt(max(p * (1 - p), 1e-12) / len(labels))}
 
 
 def main() -> None:
@@ -142,12 +150,17 @@ def main() -> None:
     for size, groups in ((n, [[i] for i in range(k)]), (2 * n, [[i, i + 1] for i in range(0, k, 2)])):
         scored = [_score(ev, np.concatenate([blocks[i][0] for i in g]), np.concatenate([blocks[i][1] for i in g]),
                          np.concatenate([blocks[i][2] for i in g]), resamples, seed=g[0]) for g in groups]
-        for metric, key in (("fid_digits", "fid"), ("class_accuracy", "acc")):
+        for metric, key, iv_key, sd_key in (("fid_digits", "fid", "fid_interval", "fid_sd"),
+                                            ("fid_digits (plain bootstrap)", "fid", "fid_plain_interval",
+                                             "fid_plain_sd"),
+                                            ("class_accuracy", "acc", "acc_interval", "acc_sd")):
             values = np.array([s[key] for s in scored])
-            ivs = np.array([s[f"{key}_interval"] for s in scored])
-            sds = np.array([s["fid_boot_sd" if key == "fid" else "acc_sd"] for s in scored])
+            ivs = np.array([s[iv_key] for s in scored])
+            sds = np.array([s[sd_key] for s in scored])
             row = _analyse(metric, values, ivs, sds, pooled_fid if key == "fid" else pooled_acc)
             row["samples_per_block"] = size
+            if iv_key == "fid_interval":
+                row["mean_correction"] = float(np.mean([s["fid_correction"] for s in scored]))
             rows.append(row)
 
     print(f"\nFP digits, DDIM {settings.steps}, CFG {settings.guidance}; {k} disjoint seed blocks of {n} "
@@ -165,6 +178,9 @@ def main() -> None:
               f"{100 * r['cover_mean_of_others']:.0f} % ({100 * r['expected_cover_mean_of_others']:.0f} %) | "
               f"{100 * r['cover_another_block']:.0f} % ({100 * r['expected_cover_another_block']:.0f} %) | "
               f"{scale * r['pooled_value']:.2f} | {100 * r['cover_pooled']:.0f} % |")
+    for r in rows:
+        if "mean_correction" in r:
+            print(f"n = {r['samples_per_block']}: mean double-bootstrap correction {r['mean_correction']:.2f}")
     result = {"quick": args.quick, "blocks": k, "samples_per_block": n, "resamples": resamples,
               "sampler": {"steps": settings.steps, "eta": settings.eta, "guidance": settings.guidance},
               "sampling_s": round(sampling_s, 1), "pooled_samples": k * n, "rows": rows}

@@ -79,7 +79,8 @@ class MetricInterval(BaseModel):
     """A metric's confidence interval, beside its value in `Manifest.metrics` (same key).
 
     `method`: ``bootstrap`` (resamples of the generated set, re-centred on the value: see
-    `lowbitdm_cli.evaluation.intervals`), ``wilson`` (a proportion) or ``normal`` (a mean);
+    `lowbitdm_cli.evaluation.intervals`), ``double-bootstrap`` (Fréchet distances: the same,
+    its spread scaled by `correction`), ``wilson`` (a proportion) or ``normal`` (a mean);
     `resamples` and `seed` for the bootstrap.
     """
 
@@ -87,9 +88,10 @@ class MetricInterval(BaseModel):
     low: float
     high: float
     level: float = 0.95
-    method: Literal["bootstrap", "wilson", "normal"]
+    method: Literal["bootstrap", "double-bootstrap", "wilson", "normal"]
     resamples: int | None = None
     seed: int | None = None
+    correction: float | None = None
 
 
 class Manifest(BaseModel):

@@ -131,19 +131,17 @@ class DigitsEvaluator:
                                 level: float = 0.95) -> tuple[dict[str, float], dict[str, dict], np.ndarray,
                                                               np.ndarray]:
         """`evaluate_with_stats` plus 95 % intervals (`MetricInterval` fields): FID-digits by the
-        re-centred bootstrap over the samples' features (none when `resamples` < 2), class
+        double bootstrap over the samples' features (none when `resamples` < 2), class
         accuracy by Wilson (see `lowbitdm_cli.evaluation.intervals`)."""
-        from lowbitdm_cli.evaluation.intervals import frechet_replicates, recentred_interval, wilson_interval
+        from lowbitdm_cli.evaluation.intervals import frechet_interval, wilson_interval
 
         feats, logits = self.features_and_logits(images)
         mu, sigma = feature_statistics(feats)
         out = {"fid_digits": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma), "num_images": float(len(feats))}
         intervals: dict[str, dict] = {}
         if resamples >= 2:
-            reps = frechet_replicates(feats, self.ref_mu, self.ref_sigma, resamples, seed)
-            low, high = recentred_interval(out["fid_digits"], reps, level)
-            intervals["fid_digits"] = {"low": low, "high": high, "level": level, "method": "bootstrap",
-                                       "resamples": resamples, "seed": seed}
+            intervals["fid_digits"] = frechet_interval(out["fid_digits"], feats, self.ref_mu, self.ref_sigma,
+                                                       resamples, seed, level)
         if labels is not None:
             hit = torch.from_numpy(logits).argmax(1) == torch.as_tensor(labels).long()
             right = int(hit.sum())

@@ -16,6 +16,17 @@ Bootstrap metrics (FID-digits, FID, sFID, KID, IS)
     interval of the replicates would sit above the value. The interval is therefore the
     replicates' spread re-centred on the value: ``value + quantile(T* − mean(T*), [2.5 %, 97.5 %])``
     (method ``bootstrap``).
+Fréchet distances (FID-digits, FID, sFID): a double bootstrap
+    When the feature dimension is not small against n (64-d features at a few hundred
+    samples), a Fréchet distance's spread is dominated by its small-sample term, and the
+    bootstrap's own resamples, drawn from a set whose covariance spectrum is already spread
+    by sampling, exaggerate it: on the embedded model at 250 samples the plain bootstrap's
+    standard deviation is about twice the spread of independent sample sets
+    (`benchmarks/interval_coverage.py`). The interval's deviations are therefore scaled by
+    sd(T*) / mean sd(T**), where T** are resamples of resamples: the inflation one bootstrap
+    level adds, estimated one level down and removed (a factor of 1 when there is none, as for
+    a statistic linear in the samples; never above 1). Method ``double-bootstrap``, with the
+    factor as `correction`.
 Proportions (class accuracy, precision)
     Wilson score interval over the n samples (each sample is a Bernoulli trial: classified
     right, or inside the reference manifold, whose radii are fixed by the reference).
@@ -41,6 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from scipy.stats import norm
@@ -53,6 +65,7 @@ __all__ = [
     "LEVEL",
     "bootstrap_indices",
     "bootstrap_interval",
+    "frechet_interval",
     "frechet_replicates",
     "inception_score_replicates",
     "kid_replicates",
@@ -143,6 +156,35 @@ def frechet_replicates(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndar
         if (b + 1) % 50 == 0 or b + 1 == resamples:
             progress(b + 1, resamples)
     return out
+
+
+def frechet_interval(value: float, feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, resamples: int,
+                     seed: int, level: float = LEVEL, inner: int = 25) -> dict[str, Any]:
+    """The double-bootstrap interval of a Fréchet distance (see the module docstring), as
+    `MetricInterval` fields: low, high, level, method, resamples, seed, correction.
+
+    T*: `resamples` replicates (`frechet_replicates`). T**: for the first `inner` resamples,
+    `inner` resamples of each (seeds derived from `seed`), whose standard deviations are
+    averaged. correction = min(1, sd(T*) / mean sd(T**)); the interval is
+    ``value + correction · quantile(T* − mean(T*), [(1 − level)/2, (1 + level)/2])``.
+    """
+    x = np.asarray(feats, dtype=np.float64)
+    reps = frechet_replicates(x, ref_mu, ref_sigma, resamples, seed)
+    correction = 1.0
+    if inner >= 2 and len(x) >= 4:
+        inner_sd = [float(np.std(frechet_replicates(x[idx], ref_mu, ref_sigma, inner, seed=_inner_seed(seed, b)),
+                                 ddof=1))
+                    for b, idx in enumerate(bootstrap_indices(len(x), min(inner, resamples), seed))]
+        outer = float(np.std(reps, ddof=1))
+        if np.mean(inner_sd) > 0:
+            correction = min(1.0, outer / float(np.mean(inner_sd)))
+    lo, hi = recentred_interval(0.0, reps, level)
+    return {"low": float(value + correction * lo), "high": float(value + correction * hi), "level": level,
+            "method": "double-bootstrap", "resamples": resamples, "seed": seed, "correction": correction}
+
+
+def _inner_seed(seed: int, b: int) -> int:
+    return (int(seed) * 1_000_003 + 7919 * (b + 1)) % (2**63 - 1)
 
 
 def inception_score_replicates(probs: np.ndarray, split_size: int, resamples: int, seed: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from lowbitdm_cli.errors import EvaluationError
 from lowbitdm_cli.evaluation.frechet import feature_statistics
 from lowbitdm_cli.evaluation.intervals import (
     LEVEL,
-    frechet_replicates,
+    frechet_interval,
     inception_score_replicates,
     kid_replicates,
     recentred_interval,
@@ -98,7 +98,8 @@ def intervals(sample: dict[str, np.ndarray], reference: Reference | None, values
               resamples: int, seed: int, level: float = LEVEL) -> dict[str, dict[str, Any]]:
     """95 % intervals (`MetricInterval` fields) of the Inception metrics in `values`
     (see `lowbitdm_cli.evaluation.intervals`): a bootstrap over the samples' features with the
-    reference fixed for FID, sFID, KID and IS (none when `resamples` < 2), Wilson for precision.
+    reference fixed for FID, sFID (double bootstrap), KID and IS (none when `resamples` < 2), Wilson for
+    precision.
     Recall gets none (its k-NN radii on the samples do not survive resampling)."""
     out: dict[str, dict[str, Any]] = {}
     boot = {"method": "bootstrap", "level": level, "resamples": resamples, "seed": seed}
@@ -106,8 +107,7 @@ def intervals(sample: dict[str, np.ndarray], reference: Reference | None, values
     if resamples >= 2:
         for m in (m for m in values if m in _FRECHET):
             q = _FRECHET[m]
-            reps = frechet_replicates(sample[q], *reference.stats[q], resamples, seed)
-            out[m] = dict(zip(("low", "high"), recentred_interval(values[m], reps, level)), **boot)
+            out[m] = frechet_interval(values[m], sample[q], *reference.stats[q], resamples, seed, level)
         if "is" in values:
             reps = inception_score_replicates(sample["probs"], IS_SPLIT_SIZE, resamples, seed)
             out["is"] = dict(zip(("low", "high"), recentred_interval(values["is"], reps, level)), **boot)

@@ -19,6 +19,8 @@ from lowbitdm_cli.cli import app
 from lowbitdm_cli.evaluation.intervals import (
     bootstrap_indices,
     bootstrap_interval,
+    _inner_seed,
+    frechet_interval,
     frechet_replicates,
     inception_score_replicates,
     kid_replicates,
@@ -110,6 +112,59 @@ def test_fid_interval_covers_the_expected_value_at_n() -> None:
     assert pooled < expected  # FID's n-bias: the intervals do not target the large-n value
 
 
+def _naive_fid(x: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray) -> float:
+    return calculate_frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu_r, sigma_r)
+
+
+def test_double_bootstrap_matches_naive_two_level_loop() -> None:
+    d, n = 5, 40
+    feats = _gauss(n, d, seed=3)
+    mu_r, sigma_r = _ref(d)
+    value = _naive_fid(feats, mu_r, sigma_r)
+    got = frechet_interval(value, feats, mu_r, sigma_r, resamples=30, seed=4, inner=5)
+    outer = np.array([_naive_fid(feats[i], mu_r, sigma_r) for i in bootstrap_indices(n, 30, seed=4)])
+    inner_sd = []
+    for b, idx in enumerate(bootstrap_indices(n, 5, seed=4)):
+        x = feats[idx]
+        inner_sd.append(np.std([_naive_fid(x[j], mu_r, sigma_r) for j in bootstrap_indices(n, 5, _inner_seed(4, b))],
+                               ddof=1))
+    correction = min(1.0, np.std(outer, ddof=1) / np.mean(inner_sd))
+    dev = np.quantile(outer - outer.mean(), [0.025, 0.975])
+    assert got["correction"] == pytest.approx(correction, rel=1e-6)
+    assert (got["low"], got["high"]) == pytest.approx((value + correction * dev[0], value + correction * dev[1]),
+                                                      rel=1e-6)
+    assert got["method"] == "double-bootstrap" and got["resamples"] == 30 and got["seed"] == 4
+
+
+def test_double_bootstrap_changes_nothing_where_the_statistic_is_nearly_linear() -> None:
+    # a large mean shift in 3-d at 2000 samples: FID is dominated by its linear term, the
+    # bootstrap is not inflated, and the correction stays close to 1
+    feats = _gauss(2000, 3, seed=1, shift=3.0)
+    mu_r, sigma_r = _ref(3)
+    got = frechet_interval(_naive_fid(feats, mu_r, sigma_r), feats, mu_r, sigma_r, resamples=200, seed=0)
+    assert 0.85 <= got["correction"] <= 1.0
+
+
+def test_double_bootstrap_covers_in_the_high_dimensional_regime() -> None:
+    """d = 24 at n = 80 (d/n = 0.3, as FID-digits at 250 samples is 64/250): the plain bootstrap
+    over-covers with a too-wide interval; the double bootstrap is narrower and still covers E[FID_n]."""
+    d, n, sets = 24, 80, 40
+    mu_r, sigma_r = _ref(d)
+    values, plain, double = [], [], []
+    for s in range(sets):
+        feats = _gauss(n, d, seed=20_000 + s)
+        v = _naive_fid(feats, mu_r, sigma_r)
+        values.append(v)
+        plain.append(recentred_interval(v, frechet_replicates(feats, mu_r, sigma_r, 200, seed=s)))
+        got = frechet_interval(v, feats, mu_r, sigma_r, 200, seed=s)
+        double.append((got["low"], got["high"]))
+    expected = float(np.mean(values))
+    width = {k: np.mean([hi - lo for lo, hi in ivs]) for k, ivs in (("plain", plain), ("double", double))}
+    assert width["double"] < width["plain"]
+    covered = np.mean([lo <= expected <= hi for lo, hi in double])
+    assert covered >= 0.85, covered
+
+
 def test_kid_replicates_match_naive_unbiased_mmd() -> None:
     x, ref = _gauss(40, 5, seed=1), _gauss(60, 5, seed=2, shift=0.0)
 
@@ -188,18 +243,20 @@ def test_evaluate_records_intervals(tmp_path: Path) -> None:
     m = art.manifest
     assert set(m.intervals) == {"fid_digits", "class_accuracy"}
     fid, acc = m.intervals["fid_digits"], m.intervals["class_accuracy"]
-    assert fid.low < m.metrics["fid_digits"] < fid.high and (fid.method, fid.resamples, fid.seed) == ("bootstrap", 200, 3)
+    assert fid.low < m.metrics["fid_digits"] < fid.high
+    assert (fid.method, fid.resamples, fid.seed) == ("double-bootstrap", 200, 3) and 0 < fid.correction <= 1
     assert acc.method == "wilson" and acc.low <= m.metrics["class_accuracy"] <= acc.high
     right = round(m.metrics["class_accuracy"] * 120)
     assert (acc.low, acc.high) == pytest.approx(wilson_interval(right, 120))
-    # the FID interval is the one a hand-written bootstrap over the evaluator's own features gives
+    # the FID interval's outer level is a hand-written bootstrap over the evaluator's own features
     ev = DigitsEvaluator()
     data = np.load(samples.file("samples.npz"))
     feats, _ = ev.features_and_logits(torch.from_numpy(data["arr_0"]))
     naive = [calculate_frechet_distance(feats[i].mean(0), np.cov(feats[i], rowvar=False), ev.ref_mu, ev.ref_sigma)
              for i in bootstrap_indices(120, 200, seed=3)]
-    assert (fid.low, fid.high) == pytest.approx(recentred_interval(m.metrics["fid_digits"], np.array(naive)),
-                                                rel=1e-6)
+    lo, hi = recentred_interval(0.0, np.array(naive))
+    v = m.metrics["fid_digits"]
+    assert (fid.low, fid.high) == pytest.approx((v + fid.correction * lo, v + fid.correction * hi), rel=1e-6)
     # the written manifest carries them; without bootstrap, FID-digits says why it has none
     assert "intervals" in json.loads((art.path / MANIFEST).read_text())
     off = evaluate(samples, ["fid_digits", "class_accuracy"], tmp_path / "evaluate-off", bootstrap=0)
