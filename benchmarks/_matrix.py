@@ -6,6 +6,11 @@ A case is (label, recipe, bits, extra `--set` overrides). Cases of the same reci
 overrides get their own run folder (`<model>-<recipe>-<label>-<bits>`), and a finished stage is
 skipped when the runs folder already holds it with the same inputs, so an interrupted benchmark
 resumes where it stopped.
+
+With `seeds` > 1 every case (and the FP baseline) runs once per seed offset k = 0 .. seeds − 1
+(`lowbitdm run --seeds`: calibrate, finetune and sample seeds moved by k; folders ``-seed<k>``),
+and a row's metrics are the mean over seeds with the 95 % t interval of that mean in
+``extra["intervals"]`` (a single seed: the run's own evaluate interval).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from lowbitdm_cli.artifacts import Artifact
 from lowbitdm_cli.errors import ArtifactError
 from lowbitdm_cli.pipeline import run_recipe
 from lowbitdm_cli.recipes import load_recipe
-from lowbitdm_cli.report import collect_runs
+from lowbitdm_cli.report import collect_runs, group_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every comparison benchmark samples the same class-balanced set (same seeds), so they share one
@@ -30,6 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # 1000 for every model alike (it is biased by the sample count), so compare within a table.
 FULL_SETS = ["sample.num_samples=250", "sample.batch_size=250"]
 QUICK_SETS = ["sample.num_samples=50", "sample.batch_size=50"]
+
+
+def sample_sets(num_samples: int | None, quick: bool) -> list[str]:
+    """The common sampler overrides: FULL_SETS / QUICK_SETS, or `num_samples` per run."""
+    if num_samples is None:
+        return list(QUICK_SETS if quick else FULL_SETS)
+    return [f"sample.num_samples={num_samples}", f"sample.batch_size={min(num_samples, 250)}"]
 
 
 @dataclass(frozen=True)
@@ -63,50 +75,84 @@ def _stage_timing(run_dir: Path, stage: str, key: str) -> float | None:
     return Artifact.open(path).manifest.timings.get(key) if path.is_dir() else None
 
 
+def _seeded_row(label: str, bits: str, run_dirs: list[Path]) -> Row:
+    """One row from the runs of one case over seeds: mean metrics, intervals, per-seed values."""
+    summaries = collect_runs(run_dirs)
+    (config,) = group_runs(summaries)  # the runs differ only by seed
+    first = summaries[0]
+
+    def mean(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return sum(present) / len(present) if present else None
+
+    return Row(label=label, bits=bits, run_dir=str(run_dirs[0]), metrics=config.metrics,
+               calibrate_s=mean([r.calibrate_s for r in summaries]), finetune_s=mean([r.finetune_s for r in summaries]),
+               finetune_peak_mb=_stage_timing(run_dirs[0], "finetune", "peak_rss_mb"),
+               peak_rss_mb=max((r.peak_rss_mb for r in summaries if r.peak_rss_mb is not None), default=None),
+               trainable_fraction=first.trainable_fraction,
+               extra={"intervals": config.intervals, "interval_kind": config.interval_kind, "values": config.values,
+                      "run_dirs": [str(d) for d in run_dirs]})
+
+
 def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
               log: Callable[[str], None] = lambda msg: print(msg, flush=True),
-              reverse: bool = False) -> tuple[Row, list[Row]]:
+              reverse: bool = False, seeds: int = 1) -> tuple[Row, list[Row]]:
     """Run every case (skipping finished stages); return the FP row and one row per case.
 
     Several processes may work through the same case list (e.g. one with `reverse`): a case whose
     stage another process is writing is put back at the end of the queue and retried later.
     """
     rows: list[Row] = []
-    fp_dir: Path | None = None
-    queue = list(reversed(cases)) if reverse else list(cases)
+    fp_dirs: dict[int, Path] = {}
+    done: dict[Case, dict[int, Path]] = {}
+    queue = [(c, k) for c in (reversed(cases) if reverse else cases) for k in range(seeds)]
     while queue:
-        case = queue.pop(0)
+        case, k = queue.pop(0)
         t0 = time.time()
         recipe = load_recipe(case.recipe, model="digits", bits=case.bits, sets=[*common_sets, *case.sets])
         if case.run_name:
             recipe = recipe.model_copy(update={"name": case.run_name})
         try:
-            result = run_recipe(recipe, runs_dir, log=log)
+            result = run_recipe(recipe, runs_dir, log=log, seed_offset=k)
         except ArtifactError as e:
             if "another lowbitdm process" not in str(e):
                 raise
-            log(f"{case.bits} {case.label}: {e}; retrying after the other cases")
-            queue.append(case)
+            log(f"{case.bits} {case.label} seed +{k}: {e}; retrying after the other cases")
+            queue.append((case, k))
             time.sleep(30 if len(queue) == 1 else 0)
             continue
-        fp_dir = Path(result["rows"][0]["path"]).parent
-        run_dir = Path(result["run_dir"])
-        summary = collect_runs([run_dir])[0]
-        row = Row(label=case.label, bits=case.bits, run_dir=str(run_dir), metrics=summary.metrics,
-                  calibrate_s=summary.calibrate_s, finetune_s=summary.finetune_s,
-                  finetune_peak_mb=_stage_timing(run_dir, "finetune", "peak_rss_mb"),
-                  peak_rss_mb=summary.peak_rss_mb, trainable_fraction=summary.trainable_fraction)
-        rows.append(row)
-        log(f"[{time.time() - t0:.0f} s] {case.bits} {case.label}: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in row.metrics.items()))
-    if fp_dir is None:
+        fp_dirs[k] = Path(result["rows"][0]["path"]).parent
+        done.setdefault(case, {})[k] = Path(result["run_dir"])
+        metrics = Artifact.open(Path(result["run_dir"]) / "evaluate").manifest.metrics
+        log(f"[{time.time() - t0:.0f} s] {case.bits} {case.label} seed +{k}: "
+            + ", ".join(f"{key} {v:.4g}" for key, v in metrics.items()))
+    if not fp_dirs:
         raise SystemExit("no cases")
-    order = {c: i for i, c in enumerate(cases)}
-    rows.sort(key=lambda r: next(i for c, i in order.items() if (c.label, c.bits) == (r.label, r.bits)))
-    fp = collect_runs([fp_dir])[0]
-    fp_row = Row(label="fp32", bits="fp", run_dir=str(fp_dir), metrics=fp.metrics, calibrate_s=None,
-                 finetune_s=None, finetune_peak_mb=None, peak_rss_mb=fp.peak_rss_mb, trainable_fraction=None)
+    for case in cases:
+        if case in done:
+            rows.append(_seeded_row(case.label, case.bits, [done[case][k] for k in range(seeds)]))
+    fp_row = _seeded_row("fp32", "fp", [fp_dirs[k] for k in range(seeds)])
+    fp_row.calibrate_s = fp_row.finetune_s = fp_row.finetune_peak_mb = fp_row.trainable_fraction = None
     return fp_row, rows
+
+
+def cell(row: Row, key: str) -> str:
+    """``mean [low, high]`` of a metric (class accuracy in %), or the value alone without an interval."""
+    v = row.metrics.get(key)
+    if v is None:
+        return "-"
+    iv = row.extra.get("intervals", {}).get(key)
+    scale, spec, unit = (100, ".1f", "%") if key == "class_accuracy" else (1, ".2f", "")
+    text = f"{scale * v:{spec}}{unit}"
+    return text + (f" [{scale * iv[0]:{spec}}, {scale * iv[1]:{spec}}]" if iv else "")
+
+
+def disjoint(a: Row, b: Row, key: str) -> bool | None:
+    """Whether the two rows' 95 % intervals of `key` are disjoint (None: one has none)."""
+    ia, ib = a.extra.get("intervals", {}).get(key), b.extra.get("intervals", {}).get(key)
+    if not ia or not ib:
+        return None
+    return ia[1] < ib[0] or ib[1] < ia[0]
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -131,6 +177,7 @@ def write_results(name: str, args: Any, common_sets: list[str], wall_s: float, f
 
     path = ROOT / "benchmarks" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
     payload = {"quick": args.quick, "threads": args.threads, "torch": torch.__version__, "common_sets": common_sets,
+               "seeds": getattr(args, "seeds", 1),
                "wall_s": round(wall_s, 1), "fp": fp.to_dict(), "runs": [r.to_dict() for r in rows], **extra,
                "markdown": markdown}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,11 @@ resumes.
 
     python benchmarks/calibration.py            # 250 samples per run, the recipes' settings
     python benchmarks/calibration.py --quick    # 50 samples, 20 reconstruction iterations
+    python benchmarks/calibration.py --seeds 3 --num-samples 1000   # the README table's protocol
+
+Each FID-digits and class-accuracy cell shows its 95 % interval: with --seeds N the mean over N
+seeds (calibration data and sample noise redrawn) and the t interval of that mean, else the
+run's own evaluate interval (bootstrap / Wilson).
 
 Writes benchmarks/results/calibration.json (or calibration_quick.json).
 """
@@ -20,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _matrix import FULL_SETS, QUICK_SETS, ROOT, Case, fmt, print_table, run_cases, write_results
+from _matrix import ROOT, Case, cell, disjoint, fmt, print_table, run_cases, sample_sets, write_results
 
 ABLATIONS = [  # --ablations: (label, recipe, bits, sets, run folder name)
     ("qdiffusion, no act-step learning", "qdiffusion", "w4a4", ("calibrate.recon_act_lr=0",), "qdiffusion-noactlr"),
@@ -40,13 +45,18 @@ def main() -> None:
     parser.add_argument("--bits", nargs="*", default=BITS)
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=1, help="runs per case, seed offsets 0..N-1 (default 1)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="samples per run (default 250, 50 with --quick)")
     parser.add_argument("--ablations", action="store_true", help="also run the ABLATIONS cases (diagnostics)")
     parser.add_argument("--reverse", action="store_true",
                         help="work through the cases from the end (a second process can share the work)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs_dir = args.runs_dir or ROOT / ("runs-quick" if args.quick else "runs")
-    common = QUICK_SETS if args.quick else FULL_SETS
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    common = sample_sets(args.num_samples, args.quick)
     quick_recon = ("calibrate.recon_iters=20",) if args.quick else ()
 
     cases = []
@@ -60,27 +70,32 @@ def main() -> None:
         cases += [Case(label=label, recipe=recipe, bits=bits, sets=(*sets, *quick_recon), run_name=name)
                   for label, recipe, bits, sets, name in ABLATIONS]
     t0 = time.time()
-    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse)
-    headers = ["bits", "method", "FID-digits ↓", "vs FP", "class acc ↑", "calibrate s"]
+    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds)
+    headers = ["bits", "method", "FID-digits ↓ [95 %]", "vs FP", "class acc ↑ [95 %]", "calibrate s"]
     fp_fid = fp.metrics["fid_digits"]
-    table = [["fp32", "-", fmt(fp_fid, ".2f"), "1.00x", fmt(100 * fp.metrics["class_accuracy"], ".1f") + "%", "-"]]
+    table = [["fp32", "-", cell(fp, "fid_digits"), "1.00x", cell(fp, "class_accuracy"), "-"]]
     for r in rows:
         fid = r.metrics["fid_digits"]
-        table.append([r.bits, r.label, fmt(fid, ".2f"), f"{fid / fp_fid:.2f}x",
-                      fmt(100 * r.metrics["class_accuracy"], ".1f") + "%", fmt(r.calibrate_s, ".0f")])
+        table.append([r.bits, r.label, cell(r, "fid_digits"), f"{fid / fp_fid:.2f}x",
+                      cell(r, "class_accuracy"), fmt(r.calibrate_s, ".0f")])
     markdown = print_table(headers, table)
 
     verdicts = {}
     for bits in args.bits:
-        by = {r.label: r.metrics["fid_digits"] for r in rows if r.bits == bits}
-        if "ptq minmax" not in by:
+        at = {r.label: r for r in rows if r.bits == bits}
+        by = {label: r.metrics["fid_digits"] for label, r in at.items()}
+        if not {"ptq minmax", "ptq mse", "qdiffusion", "pqd"} <= set(by):
             continue
         best = min(("qdiffusion", "pqd"), key=lambda m: by[m])
         gain = 1 - by[best] / by["ptq minmax"]
+        sig = disjoint(at[best], at["ptq minmax"], "fid_digits")
         verdicts[bits] = {"best_reconstruction": best, "fid": by[best], "ptq_minmax_fid": by["ptq minmax"],
-                          "ptq_mse_fid": by["ptq mse"], "fid_reduction_vs_minmax": round(gain, 4)}
+                          "ptq_mse_fid": by["ptq mse"], "fid_reduction_vs_minmax": round(gain, 4),
+                          "intervals_disjoint": sig}
         print(f"{bits}: best reconstruction {best} FID-digits {by[best]:.2f} vs ptq minmax {by['ptq minmax']:.2f} "
-              f"({100 * gain:.1f} % lower), ptq mse {by['ptq mse']:.2f}")
+              f"({100 * gain:.1f} % lower; " + ("no intervals" if sig is None else
+                                               "significant: intervals disjoint" if sig else
+                                               "not significant: intervals overlap") + f"), ptq mse {by['ptq mse']:.2f}")
 
     write_results("calibration", args, common, time.time() - t0, fp, rows, markdown, verdicts=verdicts)
 

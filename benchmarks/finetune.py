@@ -9,6 +9,12 @@ is met. Finished stages under --runs-dir are reused, so an interrupted run resum
 
     python benchmarks/finetune.py            # 250 samples per run, the recipes' settings
     python benchmarks/finetune.py --quick    # 50 samples, 1 finetune epoch (a smoke run)
+    python benchmarks/finetune.py --seeds 3 --num-samples 1000   # the README table's protocol
+
+Each FID-digits and class-accuracy cell shows its 95 % interval: with --seeds N the mean over N
+seeds (calibration, finetuning and sampling redrawn) and the t interval of that mean, else the
+run's own evaluate interval (bootstrap / Wilson). A target comparing two methods also says
+whether their intervals are disjoint (significant) or overlap (not significant).
 
 Writes benchmarks/results/finetune.json (or finetune_quick.json).
 """
@@ -20,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from _matrix import FULL_SETS, QUICK_SETS, ROOT, Case, Row, fmt, print_table, run_cases, write_results
+from _matrix import ROOT, Case, Row, cell, disjoint, fmt, print_table, run_cases, sample_sets, write_results
 
 CASES = [  # the targets' key comparisons first, naive PTQ (shared with calibration.py) last
     ("efficientdm", "efficientdm", "w4a4"), ("qat", "qat", "w4a4"), ("quest", "quest", "w4a4"),
@@ -37,19 +43,25 @@ def _targets(fp: Row, rows: list[Row]) -> list[dict]:
     fp_fid = fp.metrics["fid_digits"]
     out = []
 
-    def target(name: str, measured: str, met: bool) -> None:
-        out.append({"target": name, "measured": measured, "met": met})
+    def target(name: str, measured: str, met: bool, a: Row | None = None, b: Row | None = None) -> None:
+        sig = disjoint(a, b, "fid_digits") if a is not None and b is not None else None
+        if a is not None and b is not None:
+            measured += ("; no intervals" if sig is None else "; intervals disjoint (significant)" if sig else
+                         "; intervals overlap (not significant)")
+        out.append({"target": name, "measured": measured, "met": met, "intervals_disjoint": sig})
 
     if ("efficientdm", "w4a4") in fid and ("ptq", "w4a4") in fid:
         e, p = fid["efficientdm", "w4a4"], fid["ptq", "w4a4"]
-        target("EfficientDM W4A4 FID-digits <= 0.5 x naive PTQ W4A4", f"{e:.2f} vs {p:.2f} ({e / p:.2f}x)", e <= 0.5 * p)
+        target("EfficientDM W4A4 FID-digits <= 0.5 x naive PTQ W4A4", f"{e:.2f} vs {p:.2f} ({e / p:.2f}x)", e <= 0.5 * p,
+               by["efficientdm", "w4a4"], by["ptq", "w4a4"])
         target("EfficientDM W4A4 FID-digits <= 1.5 x FP", f"{e:.2f} vs FP {fp_fid:.2f} ({e / fp_fid:.2f}x)",
-               e <= 1.5 * fp_fid)
+               e <= 1.5 * fp_fid, by["efficientdm", "w4a4"], fp)
     for bits in ("w2a4", "w3a4"):
         if ("mpqdm", bits) in fid and ("efficientdm", bits) in fid:
             m, e = fid["mpqdm", bits], fid["efficientdm", bits]
             target(f"MPQ-DM {bits.upper()} FID-digits >= 30 % below EfficientDM {bits.upper()}",
-                   f"{m:.2f} vs {e:.2f} ({100 * (1 - m / e):.1f} % below)", m <= 0.7 * e)
+                   f"{m:.2f} vs {e:.2f} ({100 * (1 - m / e):.1f} % below)", m <= 0.7 * e,
+                   by["mpqdm", bits], by["efficientdm", bits])
     for bits in ("w4a4", "w4a8"):
         if ("efficientdm", bits) in by and ("qat", bits) in by:
             e, q = by["efficientdm", bits], by["qat", bits]
@@ -57,7 +69,7 @@ def _targets(fp: Row, rows: list[Row]) -> list[dict]:
             te, tq = e.finetune_s or 0.0, q.finetune_s or 0.0
             target(f"EfficientDM {bits.upper()} within 10 % of QAT's FID-digits in <= 1/5 of QAT's time",
                    f"FID {fe:.2f} vs {fq:.2f} ({fe / fq:.2f}x); finetune {te:.0f} s vs {tq:.0f} s "
-                   f"({te / max(tq, 1e-9):.2f}x)", fe <= 1.1 * fq and te <= tq / 5)
+                   f"({te / max(tq, 1e-9):.2f}x)", fe <= 1.1 * fq and te <= tq / 5, e, q)
     return out
 
 
@@ -67,29 +79,33 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="bits to run, e.g. w4a4 w2a4 (default: all)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=1, help="runs per case, seed offsets 0..N-1 (default 1)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="samples per run (default 250, 50 with --quick)")
     parser.add_argument("--reverse", action="store_true",
                         help="work through the cases from the end (a second process can share the work)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs_dir = args.runs_dir or ROOT / ("runs-quick" if args.quick else "runs")
-    common = QUICK_SETS if args.quick else FULL_SETS
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    common = sample_sets(args.num_samples, args.quick)
     extra = ("finetune.epochs=1",) if args.quick else ()
     cases = [Case(label=label, recipe=recipe, bits=bits, sets=extra if recipe != "ptq" else ())
              for label, recipe, bits in CASES if args.only is None or bits in args.only]
 
     t0 = time.time()
-    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse)
+    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds)
     order = {b: i for i, b in enumerate(["w4a4", "w4a8", "w3a4", "w2a4"])}
     rows.sort(key=lambda r: (order.get(r.bits, 9), ["ptq", "efficientdm", "quest", "qat", "mpqdm"].index(r.label)))
     fp_fid = fp.metrics["fid_digits"]
-    headers = ["bits", "method", "FID-digits ↓", "vs FP", "class acc ↑", "calibrate s", "finetune s",
+    headers = ["bits", "method", "FID-digits ↓ [95 %]", "vs FP", "class acc ↑ [95 %]", "calibrate s", "finetune s",
                "finetune peak MB", "trained params"]
-    table = [["fp32", "-", fmt(fp_fid, ".2f"), "1.00x", fmt(100 * fp.metrics["class_accuracy"], ".1f") + "%",
-              "-", "-", "-", "-"]]
+    table = [["fp32", "-", cell(fp, "fid_digits"), "1.00x", cell(fp, "class_accuracy"), "-", "-", "-", "-"]]
     for r in rows:
         fid = r.metrics["fid_digits"]
-        table.append([r.bits, r.label, fmt(fid, ".2f"), f"{fid / fp_fid:.2f}x",
-                      fmt(100 * r.metrics["class_accuracy"], ".1f") + "%", fmt(r.calibrate_s, ".0f"),
+        table.append([r.bits, r.label, cell(r, "fid_digits"), f"{fid / fp_fid:.2f}x",
+                      cell(r, "class_accuracy"), fmt(r.calibrate_s, ".0f"),
                       fmt(r.finetune_s, ".0f") if r.label != "ptq" else "-",
                       fmt(r.finetune_peak_mb, ".0f") if r.label != "ptq" else "-",
                       fmt(100 * r.trainable_fraction, ".1f") + "%" if r.trainable_fraction else "-"])

@@ -26,8 +26,8 @@ from lowbitdm_cli.manifest_versions import SCHEMA_VERSION, STAGE_FORMAT, migrate
 from lowbitdm_cli.quant.config import QuantizationRecord
 from lowbitdm_cli.version import __version__
 
-__all__ = ["SCHEMA_VERSION", "Artifact", "FileEntry", "Manifest", "ModelRef", "ParentRef", "Stage", "StageRun",
-           "digest_of", "sha256_file"]
+__all__ = ["SCHEMA_VERSION", "Artifact", "FileEntry", "Manifest", "MetricInterval", "ModelRef", "ParentRef", "Stage",
+           "StageRun", "digest_of", "sha256_file"]
 
 MANIFEST = "manifest.json"
 Stage = Literal["calibrate", "finetune", "merge", "sample", "evaluate"]
@@ -76,6 +76,25 @@ class ParentRef(BaseModel):
     manifest_sha256: str
 
 
+class MetricInterval(BaseModel):
+    """A metric's confidence interval, beside its value in `Manifest.metrics` (same key).
+
+    `method`: ``bootstrap`` (resamples of the generated set, re-centred on the value: see
+    `lowbitdm_cli.evaluation.intervals`), ``double-bootstrap`` (Fréchet distances: the same,
+    its spread scaled by `correction`), ``wilson`` (a proportion) or ``normal`` (a mean);
+    `resamples` and `seed` for the bootstrap.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    low: float
+    high: float
+    level: float = 0.95
+    method: Literal["bootstrap", "double-bootstrap", "wilson", "normal"]
+    resamples: int | None = None
+    seed: int | None = None
+    correction: float | None = None
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: int
@@ -90,14 +109,20 @@ class Manifest(BaseModel):
     recipe: dict[str, Any]
     files: dict[str, FileEntry] = {}
     metrics: dict[str, float] = {}
+    intervals: dict[str, MetricInterval] = {}  # only in evaluate manifests; absent (empty) elsewhere
     timings: dict[str, float] = {}
     info: dict[str, Any] = {}
     quantization: QuantizationRecord | None = None
     self_digest: str = ""
 
+    def to_json(self) -> str:
+        """The manifest as written: `intervals` left out while empty, so manifests without intervals
+        (every stage but evaluate, and evaluate manifests from before intervals) keep their bytes."""
+        return self.model_dump_json(indent=2, exclude=None if self.intervals else {"intervals"})
+
     def compute_digest(self) -> str:
         """sha256 of the manifest's content without `self_digest` (detects hand edits)."""
-        data = json.loads(self.model_dump_json())
+        data = json.loads(self.to_json())
         data.pop("self_digest", None)
         return digest_of(data)
 
@@ -385,7 +410,7 @@ class StageRun:
     def _write_manifest(self) -> None:
         self.manifest.timings["wall_s"] = round(time.time() - self._started, 3)
         self.manifest.self_digest = self.manifest.compute_digest()
-        self.save_bytes(MANIFEST, (self.manifest.model_dump_json(indent=2) + "\n").encode())
+        self.save_bytes(MANIFEST, (self.manifest.to_json() + "\n").encode())
 
     def _release(self) -> None:
         lock = getattr(self, "_lock", None)
@@ -395,7 +420,8 @@ class StageRun:
 
     # --- commit ---------------------------------------------------------------------------
     def commit(self, files: list[str], metrics: dict[str, float] | None = None,
-               info: dict[str, Any] | None = None, timings: dict[str, float] | None = None) -> Artifact:
+               info: dict[str, Any] | None = None, timings: dict[str, float] | None = None,
+               intervals: dict[str, MetricInterval] | None = None) -> Artifact:
         """Hash `files`, drop everything else (checkpoints), mark complete, rename into place."""
         keep = set(files) | {MANIFEST}
         entries = {}
@@ -407,6 +433,7 @@ class StageRun:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         self.manifest.files = entries
         self.manifest.metrics.update(metrics or {})
+        self.manifest.intervals.update(intervals or {})
         self.manifest.info.update(info or {})
         self.manifest.timings.update(timings or {})
         self.manifest.timings["peak_rss_mb"] = round(_peak_rss_mb(), 1)

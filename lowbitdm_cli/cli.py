@@ -109,21 +109,32 @@ def _report(artifact, title: str) -> None:  # noqa: ANN001
     m = artifact.manifest
     if _state["json"]:
         out.print_json(json.dumps({"path": str(artifact.path), "stage": m.stage, "status": m.status,
-                                   "metrics": m.metrics, "timings": m.timings}))
+                                   "metrics": m.metrics, "timings": m.timings,
+                                   **({"intervals": {k: v.model_dump() for k, v in m.intervals.items()}}
+                                      if m.intervals else {})}))
         return
     err.print(f"[green]✓[/] {title}: [bold]{artifact.path}[/] ({m.timings.get('wall_s', 0):.1f}s)")
     if m.metrics:
-        out.print(_metrics_table([(str(artifact.path), m.metrics)]))
+        out.print(_metrics_table([(str(artifact.path), m.metrics)], intervals=m.intervals))
 
 
-def _metrics_table(rows: list[tuple[str, dict[str, float]]], title: str | None = None) -> Table:
+def _metrics_table(rows: list[tuple[str, dict[str, float]]], title: str | None = None,
+                   intervals: dict | None = None) -> Table:
+    """One row per (name, metrics); with `intervals` (one manifest's), each value shows its 95 % interval."""
     keys = sorted({k for _, metrics in rows for k in metrics})
     table = Table(title=title)
     table.add_column("model")
     for k in keys:
-        table.add_column(k, justify="right")
+        table.add_column(k + (" [95 % interval]" if intervals and k in intervals else ""), justify="right")
+
+    def cell(metrics: dict[str, float], k: str) -> str:
+        if k not in metrics:
+            return "-"
+        iv = (intervals or {}).get(k)
+        return f"{metrics[k]:.4g}" + (f" [{iv.low:.4g}, {iv.high:.4g}]" if iv is not None else "")
+
     for name, metrics in rows:
-        table.add_row(name, *[f"{metrics[k]:.4g}" if k in metrics else "-" for k in keys])
+        table.add_row(name, *[cell(metrics, k) for k in keys])
     return table
 
 
@@ -315,6 +326,11 @@ def evaluate(
         "--make-ref", help="Instead of scoring: write reference statistics of the images given as the argument into "
                            "--out FILE.npz (mu, sigma, mu_s, sigma_s, pool features and which Inception made them), "
                            "to pass later as --ref.")] = False,
+    bootstrap: Annotated[int, typer.Option(
+        "--bootstrap", min=0, help="Resamples of the samples' features for the 95 % intervals of fid_digits, fid, "
+                                   "sfid, kid and is (0: none; the reference stays fixed). Class accuracy and "
+                                   "precision get Wilson intervals, clip_score a normal one, recall none.")] = 1000,
+    bootstrap_seed: Annotated[int, typer.Option("--bootstrap-seed", help="Seed of the bootstrap resamples.")] = 0,
     out_dir: OutOpt = None, force: ForceOpt = False,
 ) -> None:
     """Score samples: FID-digits and class accuracy, or FID, sFID, IS, precision/recall, KID.
@@ -346,7 +362,7 @@ def evaluate(
     metrics = list(dict.fromkeys(names)) or default_metrics(art.manifest.model.name)
     with _Bars() as bars:
         result = _guard(run_stage, art, metrics, out_dir or art.path.parent / "evaluate", force=force, inception=opts,
-                        clip_weights=clip_weights, progress=bars)
+                        clip_weights=clip_weights, progress=bars, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     _report(result, "evaluated")
 
 
@@ -373,32 +389,50 @@ def run(
     model: ModelOpt = None,
     sets: SetOpt = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run folders are created.")] = Path("runs"),
+    seeds: Annotated[int, typer.Option(
+        "--seeds", min=1, help="Run the chain N times, seed offset k = 0..N-1 added to calibrate.seed, "
+                               "finetune.seed and sample.seed (folders <model>-<recipe>-<bits>-seed<k> for k >= 1, "
+                               "each with its FP baseline), and end with the mean and 95 % interval over seeds.")] = 1,
     force: ForceOpt = False, prompts: PromptsOpt = None,
 ) -> None:
     """Run a recipe's whole chain (calibrate, finetune, merge, sample, evaluate) plus the FP baseline.
 
     Stages that are complete for the same inputs are skipped and interrupted ones resume,
-    so rerunning after a crash continues where it stopped. Ends with an FP vs quantized table.
+    so rerunning after a crash continues where it stopped. Ends with an FP vs quantized table
+    (values with their 95 % intervals; with --seeds N, one row per seed and the mean over seeds).
     """
-    from lowbitdm_cli.pipeline import run_recipe
+    from lowbitdm_cli.pipeline import run_seeds
 
     r = _guard(load_recipe, recipe, sets=sets, bits=bits, model=model, prompts=prompts)
     with _Bars() as bars:
-        result = _guard(run_recipe, r, runs_dir, force=force, progress=bars,
+        result = _guard(run_seeds, r, runs_dir, seeds, force=force, progress=bars,
                         log=lambda msg: err.print(msg, highlight=False))
     if _state["json"]:
         out.print_json(json.dumps(result))
         return
-    table = Table(title=f"{r.model.name}: full precision vs {r.quant.bits} ({r.name})")
-    for col in ("model", "FID-digits ↓", "class acc ↑", "merged MiB", "wall s"):
+    title = f"{r.model.name}: full precision vs {r.quant.bits} ({r.name})" + (f", {seeds} seeds" if seeds > 1 else "")
+    table = Table(title=title)
+    for col in ("model", "FID-digits ↓ [95 %]", "class acc ↑ [95 %]", "merged MiB", "wall s"):
         table.add_column(col, justify="right" if col != "model" else "left")
+
+    def cell(m: dict, iv: dict, key: str, scale: float, unit: str) -> str:
+        if key not in m:
+            return "-"
+        text = f"{scale * m[key]:.{1 if unit else 2}f}{unit}"
+        if key in iv and iv[key]:
+            lo, hi = (iv[key]["low"], iv[key]["high"]) if isinstance(iv[key], dict) else iv[key]
+            text += f" [{scale * lo:.{1 if unit else 2}f}, {scale * hi:.{1 if unit else 2}f}]"
+        return text
+
     for row in result["rows"]:
-        m = row["metrics"]
-        table.add_row(row["label"], f"{m.get('fid_digits', float('nan')):.2f}",
-                      f"{100 * m.get('class_accuracy', float('nan')):.1f}%",
+        m, iv = row["metrics"], row.get("intervals", {})
+        table.add_row(row["label"], cell(m, iv, "fid_digits", 1, ""), cell(m, iv, "class_accuracy", 100, "%"),
                       f"{row['merged_mb']:.3f}" if row.get("merged_mb") else "-", f"{row['wall_s']:.0f}")
+    for c in result.get("configurations", []):
+        table.add_row(f"{c['label']}: mean of {len(c['runs'])}", cell(c["metrics"], c["intervals"], "fid_digits", 1, ""),
+                      cell(c["metrics"], c["intervals"], "class_accuracy", 100, "%"), "", "", style="bold")
     out.print(table)
-    err.print(f"artifacts in [bold]{result['run_dir']}[/]")
+    err.print(f"artifacts in [bold]{', '.join(result.get('run_dirs', [result['run_dir']]))}[/]")
 
 
 @app.command()
@@ -441,7 +475,7 @@ def show(artifact: Annotated[Path, typer.Argument(help="Any artifact folder.")])
     out.print(f"model: {m.model.name} ({m.model.source}, weights sha256 {m.model.digest[:12]}…)")
     out.print("lineage: " + " ← ".join(f"{a.manifest.stage}:{a.path}" for a in chain))
     if m.metrics:
-        out.print(_metrics_table([(m.stage, m.metrics)], title="metrics"))
+        out.print(_metrics_table([(m.stage, m.metrics)], title="metrics", intervals=m.intervals))
     out.print("timings: " + ", ".join(f"{k}={v}" for k, v in m.timings.items()))
     files = Table(title="files")
     for col in ("file", "bytes", "sha256"):
@@ -466,18 +500,28 @@ def report(
     """Compare finished runs: a table, plus report.md / report.html with figures.
 
     Reads manifests only. For a run folder the furthest-along stage (evaluate, else sample, ...)
-    is used and its lineage supplies metrics, timings, peak memory, merged size, finetune
-    loss and OMQ bit allocations. Figures: metric_vs_bits.png, loss_curves.png, omq_bits.png
+    is used and its lineage supplies metrics (with their 95 % intervals), timings, peak memory,
+    merged size, finetune loss and OMQ bit allocations. Runs that differ only by their seeds
+    (`run --seeds N`) are grouped into configurations: mean and 95 % interval over seeds, and
+    differences whose intervals overlap marked not significant. Figures: metric_vs_bits.png, loss_curves.png, omq_bits.png
     and samples.png (the same sample indices, hence seeds, from every run). report.html
     embeds the images, so it can be sent as one file. Example:
     `lowbitdm report runs/digits-fp-* runs/digits-ptq-w8a8 runs/digits-ptq-w4a4 --out report/`.
     """
-    from lowbitdm_cli.report import collect_runs, table, write_report
+    from lowbitdm_cli.report import collect_runs, report_sections, table, write_report
 
     runs = _guard(collect_runs, run_dirs)
     files = _guard(write_report, runs, out_dir, num_images=num_images)
     if _state["json"]:
-        out.print_json(json.dumps({"runs": [r.to_dict() for r in runs], "report": str(files.markdown),
+        from dataclasses import asdict
+
+        from lowbitdm_cli.report import differences, group_runs
+
+        configs = group_runs(runs)
+        out.print_json(json.dumps({"runs": [r.to_dict() for r in runs],
+                                   "configurations": [c.to_dict() for c in configs],
+                                   "differences": [asdict(d) for d in differences(configs)],
+                                   "report": str(files.markdown),
                                    "html": str(files.html), "images": {n: {"path": str(p), "size": files.sizes[n]}
                                                                        for n, p in files.images.items()}}))
         return
@@ -488,6 +532,13 @@ def report(
     for row in rows:
         grid.add_row(*row)
     out.print(grid)
+    for title, note, heads, body in report_sections(runs):
+        extra = Table(title=title, caption=note, box=box.SIMPLE_HEAD)
+        for i, col in enumerate(heads):
+            extra.add_column(col, justify="left" if i == 0 or col == "significant?" else "right", overflow="fold")
+        for row in body:
+            extra.add_row(*row)
+        out.print(extra)
     err.print(f"wrote [bold]{files.markdown}[/], {files.html.name} and {', '.join(files.images)} in {files.out_dir}",
               highlight=False)
 

@@ -4,6 +4,13 @@ Layout under `runs_dir`::
 
     <model>-fp-<sampler digest>/sample, evaluate        shared by every recipe with the same sampler
     <model>-<recipe>-<bits>/calibrate, finetune, merge, sample, evaluate
+    <model>-<recipe>-<bits>-seed<k>/...                 `run_seeds`: seed offset k >= 1
+
+Several seeds (`run_seeds`, `lowbitdm run --seeds N`): run k adds k to the recipe's
+`calibrate.seed`, `finetune.seed` and `sample.seed`, so the whole chain is redrawn (calibration
+trajectories, finetune noise and labels, sample noise; sample seeds k are disjoint noise blocks)
+and run 0 is the plain run. Each seed gets its own FP baseline (its sampler seed differs).
+`lowbitdm report` groups runs that differ only by these seeds.
 """
 
 from __future__ import annotations
@@ -23,22 +30,35 @@ from lowbitdm_cli.stages.finetune import finetune
 from lowbitdm_cli.stages.merge import merge
 from lowbitdm_cli.stages.sample import sample
 
-__all__ = ["run_recipe"]
+__all__ = ["run_recipe", "run_seeds", "with_seed_offset"]
 
 
 def _row(label: str, evaluated: Artifact, merged: Artifact | None = None) -> dict[str, Any]:
     wall = sum(a.manifest.timings.get("wall_s", 0.0) for a in evaluated.lineage())
-    row = {"label": label, "path": str(evaluated.path), "metrics": evaluated.manifest.metrics, "wall_s": wall}
+    row = {"label": label, "path": str(evaluated.path), "metrics": evaluated.manifest.metrics, "wall_s": wall,
+           "intervals": {k: v.model_dump() for k, v in evaluated.manifest.intervals.items()}}
     if merged is not None:
         row["merged_mb"] = merged.manifest.metrics.get("merged_mb")
         row["size_ratio"] = merged.manifest.info.get("size_ratio")
     return row
 
 
+def with_seed_offset(recipe: Recipe, offset: int) -> Recipe:
+    """`recipe` with `offset` added to calibrate.seed, finetune.seed and sample.seed."""
+    if offset == 0:
+        return recipe
+    return recipe.model_copy(update={
+        section: getattr(recipe, section).model_copy(update={"seed": getattr(recipe, section).seed + offset})
+        for section in ("calibrate", "finetune", "sample")})
+
+
 def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
                progress: Callable[[str, int, int], None] = lambda *_: None,
-               log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Run FP baseline and the quantized chain; return the rows of the comparison table."""
+               log: Callable[[str], None] = lambda _: None, seed_offset: int = 0) -> dict[str, Any]:
+    """Run FP baseline and the quantized chain; return the rows of the comparison table.
+
+    `seed_offset` k > 0: the seeds moved by k (`with_seed_offset`), run folder suffixed ``-seed<k>``."""
+    recipe = with_seed_offset(recipe, seed_offset)
     defaults = sampler_defaults(recipe.model.name)  # an unknown model fails here
     if evaluator_of(recipe.model.name) != "digits-features":
         raise RecipeError(f"`lowbitdm run` scores with the embedded models' digits metrics; for {recipe.model.name!r} "
@@ -48,7 +68,7 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
     name = Path(recipe.model.name).name  # a folder path runs under its folder's name
     metrics = recipe.evaluate.metrics
     fp_dir = runs_dir / f"{name}-fp-{digest_of(recipe.sample.model_dump())[:8]}"
-    run_dir = runs_dir / f"{name}-{recipe.name}-{recipe.quant.bits}"
+    run_dir = runs_dir / (f"{name}-{recipe.name}-{recipe.quant.bits}" + (f"-seed{seed_offset}" if seed_offset else ""))
 
     log(f"full-precision baseline → {fp_dir}")
     fp_samples = sample(open_source(recipe.model.name, prompts=recipe.model.prompts), recipe, fp_dir / "sample", resume=True, replace_stale=True,
@@ -63,5 +83,31 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
     q_samples = sample(open_source(str(merged.path)), recipe, run_dir / "sample", resume=True, progress=progress,
                        **stale)
     q_eval = evaluate(q_samples, metrics, run_dir / "evaluate", **stale)
+    suffix = f" (seed +{seed_offset})" if seed_offset else ""
     return {"run_dir": str(run_dir),
-            "rows": [_row(f"{name} fp32", fp_eval), _row(f"{name} {recipe.quant.bits} {recipe.name}", q_eval, merged)]}
+            "rows": [_row(f"{name} fp32{suffix}", fp_eval),
+                     _row(f"{name} {recipe.quant.bits} {recipe.name}{suffix}", q_eval, merged)]}
+
+
+def run_seeds(recipe: Recipe, runs_dir: Path, seeds: int, force: bool = False,
+              progress: Callable[[str, int, int], None] = lambda *_: None,
+              log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """`run_recipe` for seed offsets 0 .. seeds − 1, then the configurations over seeds (mean and
+    95 % t interval per metric, as `lowbitdm report` shows them)."""
+    from lowbitdm_cli.report import collect_runs, group_runs
+
+    if seeds < 1:
+        raise RecipeError(f"--seeds must be at least 1, got {seeds}")
+    results = []
+    for k in range(seeds):
+        if seeds > 1:
+            log(f"seed {k + 1} of {seeds} (seed offset {k})")
+        results.append(run_recipe(recipe, runs_dir, force=force, progress=progress, log=log, seed_offset=k))
+    rows = [row for r in results for row in r["rows"]]
+    if seeds == 1:
+        return {**results[0], "seeds": 1}
+    fp_dirs = [str(Path(r["rows"][0]["path"]).parent) for r in results]
+    q_dirs = [r["run_dir"] for r in results]
+    configs = group_runs(collect_runs(fp_dirs + q_dirs))
+    return {"run_dir": q_dirs[0], "run_dirs": q_dirs, "fp_dirs": fp_dirs, "seeds": seeds, "rows": rows,
+            "configurations": [c.to_dict() for c in configs]}

@@ -5,7 +5,8 @@
 as base64 data URIs, so the file stands alone) and the figures:
 
 - ``metric_vs_bits.png``: FID-digits and class accuracy against weight bits, one line per
-  method and activation width, full-precision runs as horizontal lines;
+  method and activation width, full-precision runs as horizontal lines; error bars (a band for
+  full precision) are each configuration's 95 % interval (below);
 - ``loss_curves.png``: finetune loss per epoch (only when some run was finetuned);
 - ``omq_bits.png``: MPQ-DM OMQ per-layer bit allocation and kurtosis (only with OMQ records);
 - ``samples.png``: the first images of every run, the same sample indices in every row block.
@@ -13,6 +14,16 @@ as base64 data URIs, so the file stands alone) and the figures:
 
 Figures have fixed sizes and dpi, so a figure's pixel size depends only on how many runs
 (or OMQ runs) it shows; `ReportFiles.sizes` gives them.
+
+Uncertainty. Each run's metric cell shows its evaluate interval (``value [low, high]``).
+Runs that differ only by their seeds (``calibrate.seed``, ``finetune.seed``, ``sample.seed``, as
+`lowbitdm run --seeds N` makes them) form one *configuration* (`group_runs`): its value is the
+mean over seeds and its 95 % interval the t interval of that mean (mean ± t(0.975, N−1)·sd/√N:
+it covers training and sampling randomness alike); a configuration of one run keeps that run's
+evaluate interval. `differences` compares configurations of one model (each against the
+full-precision one, and configurations of equal bits with each other): a difference whose
+intervals overlap is marked not significant (a conservative rule: non-overlap implies a
+difference at well beyond 5 %, overlap does not prove there is none).
 """
 
 from __future__ import annotations
@@ -26,14 +37,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lowbitdm_cli.artifacts import MANIFEST, Artifact
+from lowbitdm_cli.artifacts import MANIFEST, Artifact, digest_of
 from lowbitdm_cli.errors import ArtifactError, LowbitError
 from lowbitdm_cli.recipes import parse_bits
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["REPORT_METRICS", "ReportFiles", "RunSummary", "collect_runs", "table", "write_report"]
+__all__ = ["REPORT_METRICS", "Configuration", "Difference", "ReportFiles", "RunSummary", "collect_runs",
+           "config_table", "differences", "group_runs", "report_sections", "table", "write_report"]
 
 # metric key → (column header, higher is better)
 REPORT_METRICS: dict[str, tuple[str, bool]] = {
@@ -79,6 +91,10 @@ class RunSummary:
     omq: dict[str, Any] | None = None
     samples: str | None = None       # path of samples.npz
     sample_seed: int | None = None
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # metric → [low, high] (95 %)
+    seeds: dict[str, int] = field(default_factory=dict)  # calibrate / finetune / sample seeds of the lineage
+    config: str = ""                 # digest of everything but the seeds: runs that share it form a configuration
+    config_label: str = ""           # the label before it was made unique
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: non-finite floats become None (JSON has no NaN)."""
@@ -154,14 +170,17 @@ def _summarize(path: Path) -> RunSummary:
     w_bits, a_bits = parse_bits(bits)
     metrics = {k: float(v) for k, v in (evaluated.manifest.metrics if evaluated else {}).items()
                if k in REPORT_METRICS}
+    intervals = {k: [iv.low, iv.high] for k, iv in (evaluated.manifest.intervals if evaluated else {}).items()
+                 if k in metrics}
     peaks = [a.manifest.timings["peak_rss_mb"] for a in chain if "peak_rss_mb" in a.manifest.timings]
     summary = RunSummary(
         label="", path=str(path), head=str(head.path), model=model,
         method=_method(calib, ft) if calib is not None else "fp",
         recipe=str(recipe.get("name")) if quantized else None,
         bits=bits, w_bits=w_bits, a_bits=a_bits, metrics=metrics,
-        peak_rss_mb=max(peaks) if peaks else None,
+        peak_rss_mb=max(peaks) if peaks else None, intervals=intervals,
     )
+    summary.seeds, summary.config = _seeds_and_config(recipe, model, quantized, sorted(metrics))
     if calib is not None:
         summary.calibrate_s = calib.manifest.timings.get("wall_s")
         summary.omq = calib.manifest.info.get("omq")
@@ -181,6 +200,29 @@ def _summarize(path: Path) -> RunSummary:
     return summary
 
 
+_SEEDED = ("calibrate", "finetune", "sample")
+
+
+def _seeds_and_config(recipe: dict[str, Any], model: str, quantized: bool, metrics: list[str]
+                      ) -> tuple[dict[str, int], str]:
+    """The lineage's seeds, and a digest of everything else that decides the result.
+
+    A full-precision run depends only on the sampler (its recipe's other sections are those of
+    whichever recipe ran the baseline first), so only the sample section enters its digest."""
+    seeds: dict[str, int] = {}
+    rest: dict[str, Any] = {}
+    for section, value in recipe.items():
+        if isinstance(value, dict) and section in _SEEDED:
+            value = dict(value)
+            if "seed" in value:
+                seeds[section] = value.pop("seed")
+        rest[section] = value
+    if not quantized:
+        seeds.pop("calibrate", None)
+        seeds.pop("finetune", None)
+        rest = {"sample": rest.get("sample")}
+    return seeds, digest_of({"model": model, "quantized": quantized, "recipe": rest, "metrics": metrics})
+
 def collect_runs(paths: list[Path | str]) -> list[RunSummary]:
     """Summarize each path: a run folder (its furthest-along stage is used) or any artifact folder.
 
@@ -194,6 +236,8 @@ def collect_runs(paths: list[Path | str]) -> list[RunSummary]:
     if len({r.model for r in runs}) == 1:  # the model is then the table's title, not every label's prefix
         for r in runs:
             r.label = r.label.removeprefix(f"{r.model} ")
+    for r in runs:
+        r.config_label = r.label
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.label] = counts.get(r.label, 0) + 1
@@ -213,10 +257,26 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
+def _metric_cell(key: str, value: float | None, interval: list[float] | None) -> str:
+    """``59.74 [55.10, 64.38]`` (class accuracy in %), or the value alone without an interval."""
+    pct = key == "class_accuracy"
+
+    def one(v: float | None) -> str:
+        return _fmt(100 * v, ".1f") if pct and v is not None else _fmt(v, ".2f")
+
+    if value is None:
+        return "-"
+    text = one(value) + ("%" if pct else "")
+    if interval is not None:
+        text += f" [{one(interval[0])}, {one(interval[1])}]"
+    return text
+
+
 def table(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
     """The comparison table as (headers, rows of strings), shared by Markdown, HTML and the CLI.
 
-    Metric columns appear only when some run has that metric.
+    Metric columns appear only when some run has that metric; a value with a 95 % interval shows
+    it as ``value [low, high]``.
     """
     keys = [k for k in REPORT_METRICS if any(k in r.metrics for r in runs)]
     headers = ["run", "recipe", *[REPORT_METRICS[k][0] for k in keys], "calibrate s", "finetune s", "peak MB",
@@ -225,12 +285,118 @@ def table(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
     for r in runs:
         cells = [r.label, r.recipe or "-"]
         for k in keys:
-            v = r.metrics.get(k)
-            cells.append(_fmt(100 * v, ".1f") + "%" if k == "class_accuracy" and v is not None else _fmt(v, ".2f"))
+            cells.append(_metric_cell(k, r.metrics.get(k), r.intervals.get(k)))
         cells += [_fmt(r.calibrate_s, ".1f"), _fmt(r.finetune_s, ".1f"), _fmt(r.peak_rss_mb, ".0f"),
                   _fmt(r.merged_bytes / 2**20 if r.merged_bytes is not None else None, ".3f"),
                   _fmt(r.size_ratio, ".3f")]
         rows.append(cells)
+    return headers, rows
+
+
+# --- configurations: runs that differ only by seed ------------------------------------------------
+
+@dataclass
+class Configuration:
+    """Runs sharing everything but their seeds. `metrics`: mean over the runs; `intervals`: the t
+    interval of that mean over seeds (2+ runs) or the single run's evaluate interval; `interval_kind`
+    says which, per metric."""
+
+    label: str
+    model: str
+    method: str
+    bits: str
+    w_bits: int | None
+    a_bits: int | None
+    runs: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    interval_kind: dict[str, str] = field(default_factory=dict)
+    values: dict[str, list[float]] = field(default_factory=dict)  # per run, in run order
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+
+def _t_interval(values: list[float], level: float = 0.95) -> list[float]:
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=np.float64)
+    half = float(t.ppf(0.5 + level / 2, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return [float(v.mean() - half), float(v.mean() + half)]
+
+
+def group_runs(runs: list[RunSummary]) -> list[Configuration]:
+    """Configurations in the order their first run appears (see the module docstring)."""
+    groups: dict[str, list[RunSummary]] = {}
+    for r in runs:
+        groups.setdefault(r.config, []).append(r)
+    configs = []
+    for members in groups.values():
+        first = members[0]
+        c = Configuration(label=first.config_label, model=first.model, method=first.method, bits=first.bits,
+                          w_bits=first.w_bits, a_bits=first.a_bits, runs=[m.label for m in members])
+        for key in REPORT_METRICS:
+            vals = [m.metrics[key] for m in members if key in m.metrics and math.isfinite(m.metrics[key])]
+            if not vals:
+                continue
+            c.values[key] = vals
+            c.metrics[key] = float(np.mean(vals))
+            if len(vals) >= 2:
+                c.intervals[key], c.interval_kind[key] = _t_interval(vals), f"t over {len(vals)} seeds"
+            elif key in first.intervals:
+                c.intervals[key], c.interval_kind[key] = list(first.intervals[key]), "evaluate (one run)"
+        configs.append(c)
+    return configs
+
+
+@dataclass
+class Difference:
+    """`a` − `b` on one metric, and whether their 95 % intervals are disjoint."""
+
+    a: str
+    b: str
+    metric: str
+    difference: float
+    significant: bool | None  # None: one side has no interval
+
+
+def differences(configs: list[Configuration]) -> list[Difference]:
+    """Each quantized configuration against the full-precision one of its model, and configurations
+    of one model with equal bits against each other, on every metric both have."""
+    out = []
+    for i, a in enumerate(configs):
+        for b in configs[:i] + configs[i + 1:]:
+            if a.model != b.model or a.w_bits is None:
+                continue
+            against_fp = b.w_bits is None
+            if not against_fp and not (a.bits == b.bits and configs.index(b) > i):
+                continue
+            for key in REPORT_METRICS:
+                if key not in a.metrics or key not in b.metrics:
+                    continue
+                ia, ib = a.intervals.get(key), b.intervals.get(key)
+                sig = None if ia is None or ib is None else (ia[1] < ib[0] or ib[1] < ia[0])
+                out.append(Difference(a.label, b.label, key, a.metrics[key] - b.metrics[key], sig))
+    return out
+
+
+def config_table(configs: list[Configuration]) -> tuple[list[str], list[list[str]]]:
+    """One row per configuration: runs (seeds), then per metric ``mean [low, high]``."""
+    keys = [k for k in REPORT_METRICS if any(k in c.metrics for c in configs)]
+    headers = ["configuration", "runs", *[REPORT_METRICS[k][0] for k in keys]]
+    rows = [[c.label, str(len(c.runs)), *[_metric_cell(k, c.metrics.get(k), c.intervals.get(k)) for k in keys]]
+            for c in configs]
+    return headers, rows
+
+
+def _difference_rows(diffs: list[Difference]) -> tuple[list[str], list[list[str]]]:
+    headers = ["compared", "metric", "difference", "significant?"]
+    rows = []
+    for d in diffs:
+        scale, unit = (100, " pts") if d.metric == "class_accuracy" else (1, "")
+        verdict = ("no interval" if d.significant is None else
+                   "yes (intervals disjoint)" if d.significant else "not significant (intervals overlap)")
+        rows.append([f"{d.a} vs {d.b}", REPORT_METRICS[d.metric][0], f"{scale * d.difference:+.2f}{unit}", verdict])
     return headers, rows
 
 
@@ -254,6 +420,8 @@ def _save(fig: Figure, path: Path) -> tuple[int, int]:
 
 
 def _plot_metric_vs_bits(runs: list[RunSummary], path: Path) -> tuple[int, int]:
+    """One point per configuration (the mean over its seeds), with its 95 % interval as error bar."""
+    configs = group_runs(runs)
     fig = _figure(1000, 400)
     axes = fig.subplots(1, 2)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.25)
@@ -265,18 +433,22 @@ def _plot_metric_vs_bits(runs: list[RunSummary], path: Path) -> tuple[int, int]:
         ax.set_xticks(range(2, 9))
         ax.set_xlim(1.5, 8.5)
         ax.grid(alpha=0.3)
-        series: dict[str, list[tuple[int, float]]] = {}
-        for r in runs:
-            if key not in r.metrics or not math.isfinite(r.metrics[key]):
+        series: dict[str, list[tuple[int, float, float, float]]] = {}
+        for c in configs:
+            if key not in c.metrics or not math.isfinite(c.metrics[key]):
                 continue
-            if r.w_bits is None:
-                ax.axhline(scale * r.metrics[key], color="0.4", linestyle="--", linewidth=1, label=r.label)
+            v = scale * c.metrics[key]
+            lo, hi = (scale * x for x in c.intervals[key]) if key in c.intervals else (v, v)
+            if c.w_bits is None:
+                ax.axhline(v, color="0.4", linestyle="--", linewidth=1, label=c.label)
+                if hi > lo:
+                    ax.axhspan(lo, hi, color="0.4", alpha=0.12, linewidth=0)
                 continue
-            name = f"{r.method} A{r.a_bits or 'fp'}" + (f" ({r.model})" if len({x.model for x in runs}) > 1 else "")
-            series.setdefault(name, []).append((r.w_bits, scale * r.metrics[key]))
+            name = f"{c.method} A{c.a_bits or 'fp'}" + (f" ({c.model})" if len({x.model for x in runs}) > 1 else "")
+            series.setdefault(name, []).append((c.w_bits, v, v - lo, hi - v))
         for name, points in series.items():
-            xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=name)
+            xs, ys, below, above = zip(*sorted(points))
+            ax.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, label=name)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         else:
@@ -385,29 +557,60 @@ def _plot_samples(runs: list[RunSummary], arrays: list[np.ndarray], path: Path, 
 # --- writing ---------------------------------------------------------------------------------
 
 _CAPTIONS = {
-    "metric_vs_bits.png": "Quality against weight bits: one line per method and activation width; dashed lines "
-                          "are full-precision runs.",
+    "metric_vs_bits.png": "Quality against weight bits: one line per method and activation width, error bars "
+                          "the 95 % interval (mean over seeds where a configuration has several runs); dashed "
+                          "lines and bands are full-precision runs.",
     "loss_curves.png": "Finetune distillation loss per epoch.",
     "omq_bits.png": "MPQ-DM OMQ: per-layer weight bit allocation and per-channel kurtosis.",
     "samples.png": "The same sample indices (same seed and class) from every run.",
 }
 
 
-def _markdown(headers: list[str], rows: list[list[str]], images: dict[str, Path]) -> str:
+Section = tuple[str, str, list[str], list[list[str]]]  # title, note, headers, rows
+
+
+def report_sections(runs: list[RunSummary]) -> list[Section]:
+    """Extra tables after the run table: configurations (when some have several seeds), differences."""
+    configs = group_runs(runs)
+    out: list[Section] = []
+    if any(len(c.runs) > 1 for c in configs):
+        out.append(("Configurations", "Runs that differ only by their seeds: the mean over seeds and the 95 % t "
+                    "interval of that mean (a configuration of one run: its evaluate interval).",
+                    *config_table(configs)))
+    diffs = differences(configs)
+    if diffs:
+        out.append(("Differences", "Each quantized configuration against full precision, and configurations of "
+                    "equal bits against each other. Overlapping 95 % intervals: not significant.",
+                    *_difference_rows(diffs)))
+    return out
+
+
+def _markdown(headers: list[str], rows: list[list[str]], images: dict[str, Path],
+              sections: list[Section] = ()) -> str:  # type: ignore[assignment]
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     right = "|".join([":---"] * 2 + ["---:"] * (len(headers) - 2))
     parts = ["# lowbitdm report", "", line(headers), f"|{right}|", *[line(r) for r in rows], ""]
+    for title, note, heads, body in sections:
+        align = "|".join([":---"] + ["---:"] * (len(heads) - 1))
+        parts += [f"## {title}", "", note, "", line(heads), f"|{align}|", *[line(r) for r in body], ""]
     for name in images:
         parts += [f"![{_CAPTIONS[name]}]({name})", "", f"*{_CAPTIONS[name]}*", ""]
     return "\n".join(parts)
 
 
-def _html(headers: list[str], rows: list[list[str]], images: dict[str, Path]) -> str:
+def _html(headers: list[str], rows: list[list[str]], images: dict[str, Path],
+          sections: list[Section] = ()) -> str:  # type: ignore[assignment]
     esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>\n" for r in rows)
+
+    def html_table(heads: list[str], body_rows: list[list[str]]) -> str:
+        head = "".join(f"<th>{esc(h)}</th>" for h in heads)
+        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>\n" for r in body_rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>\n"
+
+    extra = "".join(f"<h2>{esc(title)}</h2>\n<p>{esc(note)}</p>\n" + html_table(heads, body)
+                    for title, note, heads, body in sections)
     figures = []
     for name, p in images.items():
         data = base64.b64encode(p.read_bytes()).decode("ascii")
@@ -419,7 +622,7 @@ def _html(headers: list[str], rows: list[list[str]], images: dict[str, Path]) ->
              "img{max-width:100%}figcaption{color:#555;font-size:90%}")
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>lowbitdm report</title>'
             f"<style>{style}</style></head><body>\n<h1>lowbitdm report</h1>\n"
-            f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>\n"
+            + html_table(headers, rows) + extra
             + "\n".join(figures) + "\n</body></html>\n")
 
 
@@ -457,6 +660,7 @@ def write_report(runs: list[RunSummary], out_dir: Path | str, num_images: int = 
     images = {name: out / name for name in sizes}
     headers, rows = table(runs)
     md, page = out / "report.md", out / "report.html"
-    md.write_text(_markdown(headers, rows, images), encoding="utf-8")
-    page.write_text(_html(headers, rows, images), encoding="utf-8")
+    sections = report_sections(runs)
+    md.write_text(_markdown(headers, rows, images, sections), encoding="utf-8")
+    page.write_text(_html(headers, rows, images, sections), encoding="utf-8")
     return ReportFiles(out_dir=out, markdown=md, html=page, images=images, sizes=sizes)

@@ -57,6 +57,8 @@ def test_summaries_match_manifests(runs: list[RunSummary], run_dirs: list[Path])
     for r, run_dir in zip(runs, run_dirs):
         chain = {a.manifest.stage: a.manifest for a in _lineage(run_dir)}
         assert r.metrics == chain["evaluate"].metrics and set(r.metrics) == {"fid_digits", "class_accuracy"}
+        assert r.intervals == {k: [v.low, v.high] for k, v in chain["evaluate"].intervals.items()}
+        assert set(r.intervals) == set(r.metrics)
         assert r.peak_rss_mb == max(m.timings["peak_rss_mb"] for m in chain.values())
         assert r.samples == str(run_dir / "sample" / "samples.npz")
         if "calibrate" in chain:
@@ -77,8 +79,10 @@ def test_table_cells_are_the_manifest_metrics(runs: list[RunSummary], files: Rep
     md_lines = files.markdown.read_text().splitlines()
     for r, row in zip(runs, rows):
         assert row[0] == r.label
-        assert row[fid] == f"{r.metrics['fid_digits']:.2f}"
-        assert row[acc] == f"{100 * r.metrics['class_accuracy']:.1f}%"
+        lo, hi = r.intervals["fid_digits"]
+        assert row[fid] == f"{r.metrics['fid_digits']:.2f} [{lo:.2f}, {hi:.2f}]"
+        lo, hi = r.intervals["class_accuracy"]
+        assert row[acc] == f"{100 * r.metrics['class_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
         assert "| " + " | ".join(row) + " |" in md_lines
     assert rows[0][headers.index("merged MB")] == "-"
     assert rows[1][headers.index("merged MB")] == f"{runs[1].merged_bytes / 2**20:.3f}"

@@ -127,6 +127,29 @@ class DigitsEvaluator:
             out["class_accuracy"] = (pred == torch.as_tensor(labels).long()).float().mean().item()
         return out, mu, sigma
 
+    def evaluate_with_intervals(self, images: torch.Tensor, labels: torch.Tensor | None, resamples: int, seed: int,
+                                level: float = 0.95) -> tuple[dict[str, float], dict[str, dict], np.ndarray,
+                                                              np.ndarray]:
+        """`evaluate_with_stats` plus 95 % intervals (`MetricInterval` fields): FID-digits by the
+        double bootstrap over the samples' features (none when `resamples` < 2), class
+        accuracy by Wilson (see `lowbitdm_cli.evaluation.intervals`)."""
+        from lowbitdm_cli.evaluation.intervals import frechet_interval, wilson_interval
+
+        feats, logits = self.features_and_logits(images)
+        mu, sigma = feature_statistics(feats)
+        out = {"fid_digits": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma), "num_images": float(len(feats))}
+        intervals: dict[str, dict] = {}
+        if resamples >= 2:
+            intervals["fid_digits"] = frechet_interval(out["fid_digits"], feats, self.ref_mu, self.ref_sigma,
+                                                       resamples, seed, level)
+        if labels is not None:
+            hit = torch.from_numpy(logits).argmax(1) == torch.as_tensor(labels).long()
+            right = int(hit.sum())
+            out["class_accuracy"] = hit.float().mean().item()  # as `evaluate_with_stats`
+            low, high = wilson_interval(right, len(feats), level)
+            intervals["class_accuracy"] = {"low": low, "high": high, "level": level, "method": "wilson"}
+        return out, intervals, mu, sigma
+
 
 def to_model_range(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 NHWC/NCHW or float [-1, 1] NCHW → float [-1, 1] NCHW with one channel."""

@@ -13,6 +13,14 @@ import numpy as np
 
 from lowbitdm_cli.errors import EvaluationError
 from lowbitdm_cli.evaluation.frechet import feature_statistics
+from lowbitdm_cli.evaluation.intervals import (
+    LEVEL,
+    frechet_interval,
+    inception_score_replicates,
+    kid_replicates,
+    recentred_interval,
+    wilson_interval,
+)
 from lowbitdm_cli.evaluation.metrics import (
     frechet_distance_features,
     frechet_distance_psd,
@@ -22,7 +30,8 @@ from lowbitdm_cli.evaluation.metrics import (
 )
 from lowbitdm_cli.evaluation.reference import Reference
 
-__all__ = ["INCEPTION_METRICS", "IS_SPLIT_SIZE", "KID_SUBSETS", "KID_SUBSET_SIZE", "PR_K", "requirements", "score"]
+__all__ = ["INCEPTION_METRICS", "IS_SPLIT_SIZE", "KID_SUBSETS", "KID_SUBSET_SIZE", "PR_K", "intervals",
+           "requirements", "score"]
 
 INCEPTION_METRICS = ("fid", "sfid", "is", "precision", "recall", "kid")
 IS_SPLIT_SIZE = 5000
@@ -83,3 +92,30 @@ def score(sample: dict[str, np.ndarray], reference: Reference | None, metrics: l
         values["kid"] = kernel_inception_distance(ref, sample["pool"], KID_SUBSETS, KID_SUBSET_SIZE)
         details.update(kid_subsets=KID_SUBSETS, kid_subset_size=min(n, len(ref), KID_SUBSET_SIZE))
     return values, details
+
+
+def intervals(sample: dict[str, np.ndarray], reference: Reference | None, values: dict[str, float],
+              resamples: int, seed: int, level: float = LEVEL) -> dict[str, dict[str, Any]]:
+    """95 % intervals (`MetricInterval` fields) of the Inception metrics in `values`
+    (see `lowbitdm_cli.evaluation.intervals`): a bootstrap over the samples' features with the
+    reference fixed for FID, sFID (double bootstrap), KID and IS (none when `resamples` < 2), Wilson for
+    precision.
+    Recall gets none (its k-NN radii on the samples do not survive resampling)."""
+    out: dict[str, dict[str, Any]] = {}
+    boot = {"method": "bootstrap", "level": level, "resamples": resamples, "seed": seed}
+    n = len(next(iter(sample.values())))
+    if resamples >= 2:
+        for m in (m for m in values if m in _FRECHET):
+            q = _FRECHET[m]
+            out[m] = frechet_interval(values[m], sample[q], *reference.stats[q], resamples, seed, level)
+        if "is" in values:
+            reps = inception_score_replicates(sample["probs"], IS_SPLIT_SIZE, resamples, seed)
+            out["is"] = dict(zip(("low", "high"), recentred_interval(values["is"], reps, level)), **boot)
+        if "kid" in values:
+            reps, scale = kid_replicates(sample["pool"], reference.features["pool"], resamples, seed)
+            lo, hi = recentred_interval(0.0, reps, level)
+            out["kid"] = {"low": values["kid"] + scale * lo, "high": values["kid"] + scale * hi, **boot}
+    if "precision" in values:
+        k = round(values["precision"] * n)
+        out["precision"] = dict(zip(("low", "high"), wilson_interval(k, n, level)), method="wilson", level=level)
+    return out

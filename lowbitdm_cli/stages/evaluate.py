@@ -6,6 +6,11 @@ against a reference set (see `lowbitdm_cli.evaluation.reference`). The manifest 
 Inception backend, its mode, the weights' sha256, the sample count and the reference.
 Text-to-image samples are scored by CLIP score (`evaluation.clip_score`) against their
 prompts, with a local CLIP model.
+
+Every metric but recall gets a 95 % interval in the manifest's `intervals` (same key as in
+`metrics`): a seeded bootstrap over the samples' features with the reference fixed (FID-digits,
+FID, sFID, KID, IS; `bootstrap` resamples, 0 for none), Wilson for class accuracy and precision,
+a normal interval of the mean for CLIP score. What they cover: `lowbitdm_cli.evaluation.intervals`.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbitdm_cli.artifacts import Artifact, StageRun
+from lowbitdm_cli.artifacts import Artifact, MetricInterval, StageRun
 from lowbitdm_cli.errors import EvaluationError
 from lowbitdm_cli.evaluation.frechet import feature_statistics
+from lowbitdm_cli.evaluation.intervals import DEFAULT_RESAMPLES, DEFAULT_SEED, LEVEL, mean_interval
 from lowbitdm_cli.evaluation.suite import INCEPTION_METRICS, requirements, score
+from lowbitdm_cli.evaluation.suite import intervals as inception_intervals
 from lowbitdm_cli.models.registry import MODELS, evaluator_of
 from lowbitdm_cli.npz import read_npz
 
@@ -62,13 +69,17 @@ def default_metrics(model_name: str) -> list[str]:
 
 def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = False, replace_stale: bool = False,
              inception: InceptionOptions | None = None, clip_weights: str | Path | None = None,
-             progress: Callable[[str, int, int], None] = lambda *_: None) -> Artifact:
-    """Score the images of `samples`; metrics land in the manifest's `metrics`."""
+             progress: Callable[[str, int, int], None] = lambda *_: None,
+             bootstrap: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> Artifact:
+    """Score the images of `samples`; metrics land in the manifest's `metrics`, their 95 % intervals
+    in its `intervals` (`bootstrap`: resamples for the bootstrap intervals, 0 for none)."""
     from lowbitdm_cli.evaluation.inception import extract_features, open_extractor
     from lowbitdm_cli.evaluation.reference import DIGITS_TRAIN, load_reference, open_reference
 
     model_name = samples.manifest.model.name
     evaluator = _evaluator(model_name)
+    if bootstrap < 0 or bootstrap == 1:
+        raise EvaluationError(f"bootstrap resamples must be 0 (no bootstrap intervals) or at least 2, got {bootstrap}")
     if not metrics:
         raise EvaluationError("no metric given: use fid, sfid, is, precision, recall, kid or fid_digits, "
                               "class_accuracy")
@@ -82,7 +93,8 @@ def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = Fal
     if digits_metrics and evaluator != "digits-features":
         raise EvaluationError(f"{', '.join(digits_metrics)} use the digits-features evaluator of the embedded models; "
                               f"{model_name!r} is scored with {', '.join(INCEPTION_METRICS)}")
-    options: dict = {"metrics": sorted(metrics)}
+    options: dict = {"metrics": sorted(metrics), "intervals": {"level": LEVEL, "resamples": bootstrap,
+                                                               "seed": bootstrap_seed}}
     clip = None
     if "clip_score" in metrics:
         from lowbitdm_cli.evaluation.clip_score import open_clip
@@ -124,18 +136,25 @@ def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = Fal
         return run.artifact  # type: ignore[return-value]
     files: list[str] = []
     values: dict[str, float] = {}
+    intervals: dict[str, dict] = {}
     info: dict = {"evaluator": "+".join(e for e, ms in (("digits-features", digits_metrics),
                                                         ("inception", inception_metrics),
                                                         ("clip", clip is not None)) if ms)}
     if clip is not None:
-        values["clip_score"], info["clip"] = _clip_score(samples, clip, prompts, progress)
+        values["clip_score"], info["clip"], interval = _clip_score(samples, clip, prompts, progress)
+        if interval is not None:
+            intervals["clip_score"] = interval
     if digits_metrics:
         from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
 
         data = read_npz(samples.file("samples.npz"))
         labels = torch.from_numpy(data["labels"]) if "labels" in data else None
         ev = DigitsEvaluator()
-        result, mu, sigma = ev.evaluate_with_stats(torch.from_numpy(data["arr_0"]), labels)
+        progress("bootstrap intervals", 0, 1)
+        result, found, mu, sigma = ev.evaluate_with_intervals(torch.from_numpy(data["arr_0"]), labels, bootstrap,
+                                                              bootstrap_seed)
+        progress("bootstrap intervals", 1, 1)
+        intervals.update({m: found[m] for m in digits_metrics if m in found})
         run.save_tensors("stats.safetensors", {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)})
         files.append("stats.safetensors")
         values.update({m: result[m] for m in digits_metrics if m in result})
@@ -151,6 +170,9 @@ def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = Fal
                                        progress)
         scores, details = score(feats, reference, inception_metrics, device=extractor.device)
         values.update(scores)
+        progress("bootstrap intervals", 0, 1)
+        intervals.update(inception_intervals(feats, reference, scores, bootstrap, bootstrap_seed))
+        progress("bootstrap intervals", 1, 1)
         stats = {}
         for q, (mu_key, sigma_key) in (("pool", ("mu", "sigma")), ("spatial", ("mu_s", "sigma_s"))):
             if q in feats and len(feats[q]) >= 2:
@@ -162,7 +184,12 @@ def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = Fal
         info["num_images"] = images.num_images
         info["inception"] = {**extractor.info(), "num_samples": images.num_images,
                              "reference": reference.description if reference else None, **details}
-    return run.commit(files, metrics=values, info=info)
+    missing = sorted(set(values) - set(intervals))
+    if missing:
+        info["no_interval"] = {m: ("no interval: its k-NN radii on the samples do not survive resampling"
+                                   if m == "recall" else "bootstrap off (0 resamples)") for m in missing}
+    return run.commit(files, metrics=values, info=info,
+                      intervals={k: MetricInterval(**v) for k, v in intervals.items()})
 
 
 def _clip_score(samples: Artifact, clip, prompts: list[str], progress: Callable[[str, int, int], None],  # noqa: ANN001
@@ -186,5 +213,9 @@ def _clip_score(samples: Artifact, clip, prompts: list[str], progress: Callable[
             start += len(block)
 
     per_image = clip.scores(batches(), progress=lambda n: progress("clip score", n, images.num_images))
+    interval = None
+    if len(per_image) >= 2:
+        low, high = mean_interval(np.asarray(per_image, dtype=np.float64))
+        interval = {"low": low, "high": high, "level": LEVEL, "method": "normal"}
     return float(per_image.mean()), {**clip.identity(), "num_images": images.num_images,
-                                     "std": float(per_image.std())}
+                                     "std": float(per_image.std())}, interval
