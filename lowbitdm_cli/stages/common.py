@@ -35,8 +35,12 @@ class Source:
 
 
 def sampler_settings(sample_cfg) -> SamplerSettings:  # noqa: ANN001 - a recipes.SampleSection
-    return SamplerSettings(steps=sample_cfg.steps, eta=sample_cfg.eta, guidance=sample_cfg.guidance,
-                           clip_x0=bool(sample_cfg.clip_x0))
+    sampler = getattr(sample_cfg, "sampler", None) or "ddim"
+    try:
+        return SamplerSettings(steps=sample_cfg.steps, eta=sample_cfg.eta, guidance=sample_cfg.guidance,
+                               clip_x0=bool(sample_cfg.clip_x0), sampler=sampler)
+    except ValueError as e:
+        raise RecipeError(f"sample: {e} (set sample.eta=0 or sample.sampler=ddim)") from None
 
 
 def recipe_prompts(recipe) -> list[str] | None:  # noqa: ANN001 - a Recipe or a manifest's recipe dict
