@@ -61,8 +61,15 @@ def main(
     json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON results on stdout.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, envvar="LOWBITDM_THREADS",
+                                                help="CPU threads for torch (default: one per core; waiting "
+                                                     "threads sleep instead of spinning unless OMP_WAIT_POLICY "
+                                                     "is set, so a busy machine does not stall them).")] = None,
 ) -> None:
     _state["json"] = json_output
+    from lowbitdm_cli.threads import configure_threads
+
+    configure_threads(threads)
 
 
 class _Bars:
@@ -355,29 +362,38 @@ def run(
     sets: SetOpt = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run folders are created.")] = Path("runs"),
     force: ForceOpt = False, prompts: PromptsOpt = None,
+    fp_cache: Annotated[Path | None, typer.Option("--fp-cache", help="Folder sharing full-precision baselines "
+                                                  "across --runs-dir folders, keyed by the model's weights digest "
+                                                  "and the sample settings (default: $LOWBITDM_FP_CACHE or "
+                                                  "~/.cache/lowbitdm/fp-baselines).")] = None,
+    no_fp_cache: Annotated[bool, typer.Option("--no-fp-cache", help="Neither read nor fill the FP cache.")] = False,
 ) -> None:
     """Run a recipe's whole chain (calibrate, finetune, merge, sample, evaluate) plus the FP baseline.
 
     Stages that are complete for the same inputs are skipped and interrupted ones resume,
-    so rerunning after a crash continues where it stopped. Ends with an FP vs quantized table.
+    so rerunning after a crash continues where it stopped. The FP baseline is copied from (and
+    into) the FP cache, so another --runs-dir with the same model and sample settings reuses it
+    (hashes checked). Ends with an FP vs quantized table.
     """
-    from lowbitdm_cli.pipeline import run_recipe
+    from lowbitdm_cli.pipeline import default_fp_cache, run_recipe
 
     r = _guard(load_recipe, recipe, sets=sets, bits=bits, model=model, prompts=prompts)
+    cache = None if no_fp_cache else (fp_cache or default_fp_cache())
     with _Bars() as bars:
         result = _guard(run_recipe, r, runs_dir, force=force, progress=bars,
-                        log=lambda msg: err.print(msg, highlight=False))
+                        log=lambda msg: err.print(msg, highlight=False), fp_cache=cache)
     if _state["json"]:
         out.print_json(json.dumps(result))
         return
     table = Table(title=f"{r.model.name}: full precision vs {r.quant.bits} ({r.name})")
     for col in ("model", "FID-digits ↓", "class acc ↑", "merged MiB", "wall s"):
         table.add_column(col, justify="right" if col != "model" else "left")
-    for row in result["rows"]:
+    for i, row in enumerate(result["rows"]):
         m = row["metrics"]
+        wall = "cached" if i == 0 and result.get("fp_from_cache") else f"{row['wall_s']:.0f}"
         table.add_row(row["label"], f"{m.get('fid_digits', float('nan')):.2f}",
                       f"{100 * m.get('class_accuracy', float('nan')):.1f}%",
-                      f"{row['merged_mb']:.3f}" if row.get("merged_mb") else "-", f"{row['wall_s']:.0f}")
+                      f"{row['merged_mb']:.3f}" if row.get("merged_mb") else "-", wall)
     out.print(table)
     err.print(f"artifacts in [bold]{result['run_dir']}[/]")
 
@@ -400,7 +416,8 @@ def models() -> None:
     for row in rows:
         s = row["sampler"]
         table.add_row(row["name"], "yes" if row["available"] else f"needs {row['hub_id'] or 'local copy'}",
-                      f"DDIM {s.get('steps')} steps, eta {s.get('eta')}, cfg {s.get('guidance')}", row["description"])
+                      f"{'DPM-Solver++(2M)' if s.get('sampler') == 'dpmpp2m' else 'DDIM'} {s.get('steps')} steps, "
+                      f"eta {s.get('eta')}, cfg {s.get('guidance')}", row["description"])
     out.print(table)
 
 
