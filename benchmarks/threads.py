@@ -108,7 +108,7 @@ def main() -> None:
             try:
                 time.sleep(0.5 if hogs else 0.0)
                 done = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(batch), str(reps),
-                                       str(args.budget)], env=env, capture_output=True, text=True,
+                                       str(args.budget)], env=env, capture_output=True, text=True, check=False,
                                       timeout=args.budget * 4 + 120)
             finally:
                 stop_hogs(running)

@@ -8,16 +8,20 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import typer
-from pydantic import ValidationError
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from lowbitdm_cli.threads import prefer_passive_wait
 
-from lowbitdm_cli import __version__
-from lowbitdm_cli.errors import LowbitError
-from lowbitdm_cli.recipes import load_recipe
+prefer_passive_wait()  # before anything imports torch: OpenMP reads OMP_WAIT_POLICY when it loads
+
+import typer  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+from rich import box  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from lowbitdm_cli import __version__  # noqa: E402
+from lowbitdm_cli.errors import LowbitError  # noqa: E402
+from lowbitdm_cli.recipes import load_recipe  # noqa: E402
 
 app = typer.Typer(
     name="lowbitdm",
@@ -62,9 +66,10 @@ def main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", min=1, envvar="LOWBITDM_THREADS",
-                                                help="CPU threads for torch (default: one per core; waiting "
-                                                     "threads sleep instead of spinning unless OMP_WAIT_POLICY "
-                                                     "is set, so a busy machine does not stall them).")] = None,
+                                                help="CPU threads for torch (default: one per core, or "
+                                                     "$OMP_NUM_THREADS). Waiting threads sleep instead of "
+                                                     "spinning (OMP_WAIT_POLICY=PASSIVE unless set), so other "
+                                                     "work on the cores does not stall them.")] = None,
 ) -> None:
     _state["json"] = json_output
     from lowbitdm_cli.threads import configure_threads

@@ -26,9 +26,9 @@ __all__ = [
     "ddim_timesteps",
     "dpmpp2m_sample",
     "dpmpp2m_step",
-    "run_sampler",
     "initial_noise",
     "random_labels",
+    "run_sampler",
     "sample_generators",
     "save_grid",
     "to_uint8",
@@ -142,7 +142,7 @@ def dpmpp2m_step(schedule: NoiseSchedule, x_s: torch.Tensor, x0: torch.Tensor, s
     D = (1 + 1/(2r))·x0 − 1/(2r)·x0_prev:  x_t = (σ_t/σ_s)·x_s − α_t·(e^{−h} − 1)·D.
     The step to x0 (σ_t = 0) is always first order and returns `x0`."""
     alpha_t, sigma_t, lam_t = _lambda(schedule, t)
-    alpha_s, sigma_s, lam_s = _lambda(schedule, s)
+    _, sigma_s, lam_s = _lambda(schedule, s)
     if t < 0:  # λ_t = ∞: the first-order update is exactly the data prediction
         return x0
     h = lam_t - lam_s

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import lowbitdm_cli.pipeline as pipeline
+from lowbitdm_cli import pipeline
 from lowbitdm_cli.artifacts import Artifact
 from lowbitdm_cli.pipeline import run_recipe
 from lowbitdm_cli.recipes import load_recipe
