@@ -77,22 +77,24 @@ def main() -> None:
     runs: dict[str, list[dict]] = {k: [] for k in settings}
     feats: dict[tuple[str, int], np.ndarray] = {}
     x0_first: dict[str, torch.Tensor] = {}
-    for b in range(args.blocks):
-        for name, st in settings.items():
-            if name == ddim_low and b > 0:
-                continue
-            x, labels, wall = sample_block(model, st, b * n, n, args.batch_size)
-            f, logits = ev.features_and_logits(torch.from_numpy(to_uint8(x)))
-            feats[(name, b)] = f
-            acc = float((torch.from_numpy(logits).argmax(1) == labels).float().mean())
-            boot = [fid_of(ev, f[rng.integers(0, n, n)]) for _ in range(args.bootstrap)]
-            runs[name].append({"block": b, "fid_digits": fid_of(ev, f), "class_accuracy": acc,
-                               "bootstrap_sd": float(np.std(boot, ddof=1)), "sampling_s": round(wall, 1)})
-            if b == 0:
-                x0_first[name] = x[:min(50, n)]
-            print(f"block {b} {name:<10} FID-digits {runs[name][-1]['fid_digits']:6.2f}  "
-                  f"(bootstrap sd {runs[name][-1]['bootstrap_sd']:.2f})  acc {100 * acc:5.1f}%  {wall:6.0f} s",
-                  flush=True)
+    out_path = ROOT / "benchmarks" / "results" / ("sampler_fid_quick.json" if args.quick else "sampler_fid.json")
+    order = [(b, k) for b in range(args.blocks) for k in settings if k != ddim_low] + [(0, ddim_low)]
+    for b, name in order:  # the DDIM 50 / DPM pairs first, block by block; DDIM at the low step count last
+        st = settings[name]
+        x, labels, wall = sample_block(model, st, b * n, n, args.batch_size)
+        f, logits = ev.features_and_logits(torch.from_numpy(to_uint8(x)))
+        feats[(name, b)] = f
+        acc = float((torch.from_numpy(logits).argmax(1) == labels).float().mean())
+        boot = [fid_of(ev, f[rng.integers(0, n, n)]) for _ in range(args.bootstrap)]
+        runs[name].append({"block": b, "fid_digits": fid_of(ev, f), "class_accuracy": acc,
+                           "bootstrap_sd": float(np.std(boot, ddof=1)), "sampling_s": round(wall, 1)})
+        if b == 0:
+            x0_first[name] = x[:min(50, n)]
+        print(f"block {b} {name:<10} FID-digits {runs[name][-1]['fid_digits']:6.2f}  "
+              f"(bootstrap sd {runs[name][-1]['bootstrap_sd']:.2f})  acc {100 * acc:5.1f}%  {wall:6.0f} s",
+              flush=True)
+        out_path.write_text(json.dumps({"partial": True, "quick": args.quick, "num_samples_per_block": n,
+                                        "runs": runs}, indent=2) + "\n")
     # paired bootstrap of FID(dpm) - FID(ddim50) on each block (same indices for both)
     paired = []
     for b in range(args.blocks):
@@ -140,8 +142,7 @@ def main() -> None:
            "x0_rms_vs_dpmpp2m100_first50": rms, "noise": {"seed_block_sd": spread_sd, "bootstrap_sd": boot_sd},
            "mean_diff": mean_diff, "within_noise": bool(within), "threads": args.threads,
            "loadavg_at_end": os.getloadavg()}
-    name = "sampler_fid_quick.json" if args.quick else "sampler_fid.json"
-    (ROOT / "benchmarks" / "results" / name).write_text(json.dumps(out, indent=2) + "\n")
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 def _cpu() -> str:
