@@ -105,3 +105,10 @@ def flip_byte() -> Callable[..., None]:
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _private_fp_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lowbitdm run` shares FP baselines through $LOWBITDM_FP_CACHE: each test gets its own, empty
+    one (never the user's ~/.cache, and no test sees another's baseline)."""
+    monkeypatch.setenv("LOWBITDM_FP_CACHE", str(tmp_path_factory.mktemp("fp-cache")))
