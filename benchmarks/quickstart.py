@@ -103,10 +103,12 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", default=None, help="git revision to compare with (e.g. 398ffa4)")
     parser.add_argument("--warm", action="store_true", help="also rerun the current code in a new runs folder "
                                                             "with the FP cache filled")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra recipe override for every run (e.g. a smoke check with fewer samples)")
     args = parser.parse_args()
     import torch
 
-    sets = ["sample.num_samples=100", "sample.batch_size=100"] if args.quick else []
+    sets = (["sample.num_samples=100", "sample.batch_size=100"] if args.quick else []) + args.sets
     tmp = Path(tempfile.mkdtemp(prefix="lowbitdm-quickstart-"))
     info = {"quick": args.quick, "cpu": cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
