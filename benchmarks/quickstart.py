@@ -1,62 +1,157 @@
 """The README's main job, measured: `lowbitdm run --recipe ptq --bits w8a8` on the embedded model.
 
-Runs the whole chain (FP baseline, calibrate, finetune pass-through, merge, sample,
-evaluate) in a fresh runs folder and prints FP vs quantized metrics with wall times.
+Runs the CLI as a user does (a fresh Python process, a fresh runs folder, an empty FP cache) and
+prints FP vs quantized metrics, the whole job's wall time, each stage's wall time (from the
+manifests) and the CPU it ran on (model name from /proc/cpuinfo, torch's ISA level).
 
-    python benchmarks/quickstart.py            # the README's setting (500 samples)
-    python benchmarks/quickstart.py --quick    # 100 samples, for a smoke check
+    python benchmarks/quickstart.py                   # the README's setting (500 samples)
+    python benchmarks/quickstart.py --quick           # 100 samples, for a smoke check
+    python benchmarks/quickstart.py --against 398ffa4 # that revision's main job, then this code's, back to back
 
-Writes benchmarks/results/quickstart.json.
+`--against REV` extracts git revision REV of this repository (`git archive`, into a temporary
+folder; the repository and its worktrees are not touched) and runs its CLI with PYTHONPATH
+pointed there, then the current code's, on the same machine one after the other, and prints the
+ratio new / old per stage and in all. `--warm` adds a second run of the current code in another
+runs folder with the same FP cache (the baseline is then copied, not recomputed). Both runs get
+the caller's environment minus OMP_WAIT_POLICY / OMP_NUM_THREADS / LOWBITDM_THREADS, so each
+code uses its own thread defaults.
+
+Writes benchmarks/results/quickstart.json (quickstart_quick.json with --quick).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from lowbitdm_cli.pipeline import run_recipe
-from lowbitdm_cli.recipes import load_recipe
-
 ROOT = Path(__file__).resolve().parent.parent
+STAGES = [("fp", "sample"), ("fp", "evaluate"), ("q", "calibrate"), ("q", "finetune"), ("q", "merge"),
+          ("q", "sample"), ("q", "evaluate")]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def extract_revision(rev: str, dest: Path) -> str:
+    """Write the tree of `rev` into `dest` (git archive); returns the full commit id."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                            capture_output=True, text=True, check=False)
+    if commit.returncode != 0:
+        raise SystemExit(f"--against {rev}: not a commit of {ROOT} ({commit.stderr.strip()})")
+    archive = dest.with_suffix(".tar")
+    subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), commit.stdout.strip()],
+                   check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    archive.unlink()
+    return commit.stdout.strip()
+
+
+def run_job(code: Path, runs: Path, sets: list[str], extra: list[str], label: str) -> dict:
+    """`python -m lowbitdm_cli --json run --recipe ptq --bits w8a8` of the code in `code`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS",
+                                                             "LOWBITDM_THREADS", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(code)
+    cmd = [sys.executable, "-m", "lowbitdm_cli", "--json", "run", "--recipe", "ptq", "--bits", "w8a8",
+           "--runs-dir", str(runs), *[a for s in sets for a in ("--set", s)], *extra]
+    print(f"[{label}] {' '.join(cmd[1:])}  (PYTHONPATH={code})", flush=True)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, cwd=runs.parent, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"[{label}] failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout)
+    fp_dir = Path(result["rows"][0]["path"]).parent
+    q_dir = Path(result["run_dir"])
+    stages = {}
+    for where, stage in STAGES:
+        manifest = json.loads(((fp_dir if where == "fp" else q_dir) / stage / "manifest.json").read_text())
+        stages[f"{where} {stage}"] = manifest["timings"].get("wall_s", 0.0)
+    if result.get("fp_from_cache"):
+        stages["fp sample"] = stages["fp evaluate"] = 0.0  # copied, not run (the manifests keep the original times)
+    stages["startup, loading, copying"] = max(wall - sum(stages.values()), 0.0)
+    fp, q = result["rows"][0]["metrics"], result["rows"][1]["metrics"]
+    out = {"label": label, "code": str(code), "wall_s": round(wall, 1), "stages_s": {k: round(v, 1) for k, v in
+                                                                                      stages.items()},
+           "fp": fp, "w8a8": q, "fp_from_cache": bool(result.get("fp_from_cache")),
+           "fid_w8a8_vs_fp": q["fid_digits"] / fp["fid_digits"] - 1, "loadavg_after": os.getloadavg()}
+    print(f"[{label}] {wall:.0f} s; FID-digits fp {fp['fid_digits']:.2f}, w8a8 {q['fid_digits']:.2f} "
+          f"({out['fid_w8a8_vs_fp']:+.1%})", flush=True)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--recipe", default="ptq")
-    parser.add_argument("--bits", default=["w8a8"], nargs="*")
+    parser.add_argument("--quick", action="store_true", help="100 samples instead of 500")
+    parser.add_argument("--against", metavar="REV", default=None, help="git revision to compare with (e.g. 398ffa4)")
+    parser.add_argument("--warm", action="store_true", help="also rerun the current code in a new runs folder "
+                                                            "with the FP cache filled")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra recipe override for every run (e.g. a smoke check with fewer samples)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    sets = ["sample.num_samples=100", "sample.batch_size=100"] if args.quick else []
-    runs = Path(tempfile.mkdtemp(prefix="lowbitdm-bench-"))
-    results = []
+    import torch
+
+    sets = (["sample.num_samples=100", "sample.batch_size=100"] if args.quick else []) + args.sets
+    tmp = Path(tempfile.mkdtemp(prefix="lowbitdm-quickstart-"))
+    info = {"quick": args.quick, "cpu": cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch": torch.__version__, "loadavg_at_start": os.getloadavg(), "sets": sets}
+    runs = []
     try:
-        for bits in args.bits:
-            t0 = time.time()
-            out = run_recipe(load_recipe(args.recipe, bits=bits, sets=sets), runs)
-            results.append({"bits": bits, "recipe": args.recipe, "total_wall_s": round(time.time() - t0, 1),
-                            "rows": out["rows"]})
+        if args.against:
+            old_code = tmp / "old"
+            info["against"] = extract_revision(args.against, old_code)
+            runs.append(run_job(old_code, tmp / "runs-old", sets, [], f"old {args.against}"))
+        cache = tmp / "fp-cache"
+        runs.append(run_job(ROOT, tmp / "runs-new", sets, ["--fp-cache", str(cache)], "new"))
+        if args.warm:
+            runs.append(run_job(ROOT, tmp / "runs-new-warm", sets, ["--fp-cache", str(cache)], "new, FP cached"))
     finally:
-        shutil.rmtree(runs, ignore_errors=True)
-    fp = results[0]["rows"][0]["metrics"]
-    print(f"{'model':<28} {'FID-digits':>10} {'vs FP':>7} {'class acc':>9} {'merged MB':>9} {'stage s':>8}")
-    print(f"{'digits fp32':<28} {fp['fid_digits']:>10.2f} {'':>7} {100 * fp['class_accuracy']:>8.1f}% {'':>9} "
-          f"{results[0]['rows'][0]['wall_s']:>8.0f}")
-    for r in results:
-        q = r["rows"][1]
-        m = q["metrics"]
-        print(f"{q['label']:<28} {m['fid_digits']:>10.2f} {m['fid_digits'] / fp['fid_digits'] - 1:>+7.1%} "
-              f"{100 * m['class_accuracy']:>8.1f}% {q.get('merged_mb') or 0:>9.3f} {q['wall_s']:>8.0f}")
-    print(f"whole run (both chains): {sum(r['total_wall_s'] for r in results):.0f} s")
+        shutil.rmtree(tmp, ignore_errors=True)
+    info["loadavg_at_end"] = os.getloadavg()
+
+    new = next(r for r in runs if r["label"] == "new")
+    print(f"\nCPU: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ISA {info['isa']}; load average "
+          f"{info['loadavg_at_start'][0]:.1f} at start, {info['loadavg_at_end'][0]:.1f} at end (1 min; other "
+          f"users' jobs included)")
+    print(f"{'model':<20} {'FID-digits':>10} {'vs FP':>7} {'class acc':>9}")
+    print(f"{'digits fp32':<20} {new['fp']['fid_digits']:>10.2f} {'':>7} {100 * new['fp']['class_accuracy']:>8.1f}%")
+    print(f"{'digits w8a8 ptq':<20} {new['w8a8']['fid_digits']:>10.2f} {new['fid_w8a8_vs_fp']:>+7.1%} "
+          f"{100 * new['w8a8']['class_accuracy']:>8.1f}%")
+    keys = list(new["stages_s"])
+    print(f"\n{'stage (s)':<28}" + "".join(f"{r['label']:>18}" for r in runs)
+          + (f"{'new / old':>11}" if args.against else ""))
+    for k in [*keys, "whole job"]:
+        vals = [r["wall_s"] if k == "whole job" else r["stages_s"].get(k, 0.0) for r in runs]
+        ratio = ""
+        if args.against:
+            ratio = f"{vals[1] / vals[0]:>11.2f}" if vals[0] > 0 else f"{'-':>11}"
+        print(f"{k:<28}" + "".join(f"{v:>18.1f}" for v in vals) + ratio)
+    if args.against:
+        old = runs[0]
+        info["ratio_new_over_old"] = new["wall_s"] / old["wall_s"]
+        print(f"\nwhole job, new / old: {info['ratio_new_over_old']:.2f} ({new['wall_s']:.0f} s vs {old['wall_s']:.0f} s)"
+              f"; old FID-digits fp {old['fp']['fid_digits']:.2f}, w8a8 {old['w8a8']['fid_digits']:.2f} "
+              f"({old['fid_w8a8_vs_fp']:+.1%})")
     name = "quickstart_quick.json" if args.quick else "quickstart.json"
-    (ROOT / "benchmarks" / "results" / name).write_text(json.dumps({"quick": args.quick, "results": results},
-                                                                   indent=2) + "\n")
+    (ROOT / "benchmarks" / "results" / name).write_text(json.dumps({**info, "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,16 +8,20 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import typer
-from pydantic import ValidationError
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from lowbitdm_cli.threads import prefer_passive_wait
 
-from lowbitdm_cli import __version__
-from lowbitdm_cli.errors import LowbitError
-from lowbitdm_cli.recipes import load_recipe
+prefer_passive_wait()  # before anything imports torch: OpenMP reads OMP_WAIT_POLICY when it loads
+
+import typer  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+from rich import box  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from lowbitdm_cli import __version__  # noqa: E402
+from lowbitdm_cli.errors import LowbitError  # noqa: E402
+from lowbitdm_cli.recipes import load_recipe  # noqa: E402
 
 app = typer.Typer(
     name="lowbitdm",
@@ -62,8 +66,16 @@ def main(
     json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON results on stdout.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, envvar="LOWBITDM_THREADS",
+                                                help="CPU threads for torch (default: one per core, or "
+                                                     "$OMP_NUM_THREADS). Waiting threads sleep instead of "
+                                                     "spinning (OMP_WAIT_POLICY=PASSIVE unless set), so other "
+                                                     "work on the cores does not stall them.")] = None,
 ) -> None:
     _state["json"] = json_output
+    from lowbitdm_cli.threads import configure_threads
+
+    configure_threads(threads)
 
 
 class _Bars:
@@ -394,19 +406,27 @@ def run(
                                "finetune.seed and sample.seed (folders <model>-<recipe>-<bits>-seed<k> for k >= 1, "
                                "each with its FP baseline), and end with the mean and 95 % interval over seeds.")] = 1,
     force: ForceOpt = False, prompts: PromptsOpt = None,
+    fp_cache: Annotated[Path | None, typer.Option("--fp-cache", help="Folder sharing full-precision baselines "
+                                                  "across --runs-dir folders, keyed by the model's weights digest "
+                                                  "and the sample settings (default: $LOWBITDM_FP_CACHE or "
+                                                  "~/.cache/lowbitdm/fp-baselines).")] = None,
+    no_fp_cache: Annotated[bool, typer.Option("--no-fp-cache", help="Neither read nor fill the FP cache.")] = False,
 ) -> None:
     """Run a recipe's whole chain (calibrate, finetune, merge, sample, evaluate) plus the FP baseline.
 
     Stages that are complete for the same inputs are skipped and interrupted ones resume,
-    so rerunning after a crash continues where it stopped. Ends with an FP vs quantized table
-    (values with their 95 % intervals; with --seeds N, one row per seed and the mean over seeds).
+    so rerunning after a crash continues where it stopped. The FP baseline is copied from (and
+    into) the FP cache, so another --runs-dir with the same model and sample settings reuses it
+    (hashes checked). Ends with an FP vs quantized table (values with their 95 % intervals; with
+    --seeds N, one row per seed and the mean over seeds).
     """
-    from lowbitdm_cli.pipeline import run_seeds
+    from lowbitdm_cli.pipeline import default_fp_cache, run_seeds
 
     r = _guard(load_recipe, recipe, sets=sets, bits=bits, model=model, prompts=prompts)
+    cache = None if no_fp_cache else (fp_cache or default_fp_cache())
     with _Bars() as bars:
         result = _guard(run_seeds, r, runs_dir, seeds, force=force, progress=bars,
-                        log=lambda msg: err.print(msg, highlight=False))
+                        log=lambda msg: err.print(msg, highlight=False), fp_cache=cache)
     if _state["json"]:
         out.print_json(json.dumps(result))
         return
@@ -424,10 +444,14 @@ def run(
             text += f" [{scale * lo:.{1 if unit else 2}f}, {scale * hi:.{1 if unit else 2}f}]"
         return text
 
-    for row in result["rows"]:
+    cached = result.get("fp_from_cache", False)
+    cached = cached if isinstance(cached, list) else [cached]
+    for i, row in enumerate(result["rows"]):  # (fp, quantized) per seed
         m, iv = row["metrics"], row.get("intervals", {})
+        from_cache = i % 2 == 0 and i // 2 < len(cached) and cached[i // 2]
         table.add_row(row["label"], cell(m, iv, "fid_digits", 1, ""), cell(m, iv, "class_accuracy", 100, "%"),
-                      f"{row['merged_mb']:.3f}" if row.get("merged_mb") else "-", f"{row['wall_s']:.0f}")
+                      f"{row['merged_mb']:.3f}" if row.get("merged_mb") else "-",
+                      "cached" if from_cache else f"{row['wall_s']:.0f}")
     for c in result.get("configurations", []):
         table.add_row(f"{c['label']}: mean of {len(c['runs'])}", cell(c["metrics"], c["intervals"], "fid_digits", 1, ""),
                       cell(c["metrics"], c["intervals"], "class_accuracy", 100, "%"), "", "", style="bold")
@@ -453,7 +477,8 @@ def models() -> None:
     for row in rows:
         s = row["sampler"]
         table.add_row(row["name"], "yes" if row["available"] else f"needs {row['hub_id'] or 'local copy'}",
-                      f"DDIM {s.get('steps')} steps, eta {s.get('eta')}, cfg {s.get('guidance')}", row["description"])
+                      f"{'DPM-Solver++(2M)' if s.get('sampler') == 'dpmpp2m' else 'DDIM'} {s.get('steps')} steps, "
+                      f"eta {s.get('eta')}, cfg {s.get('guidance')}", row["description"])
     out.print(table)
 
 

@@ -11,16 +11,27 @@ Several seeds (`run_seeds`, `lowbitdm run --seeds N`): run k adds k to the recip
 trajectories, finetune noise and labels, sample noise; sample seeds k are disjoint noise blocks)
 and run 0 is the plain run. Each seed gets its own FP baseline (its sampler seed differs).
 `lowbitdm report` groups runs that differ only by these seeds.
+
+With an FP cache folder (`lowbitdm run` uses ``$LOWBITDM_FP_CACHE`` or
+``~/.cache/lowbitdm/fp-baselines``), the baseline is also shared across runs folders:
+``<cache>/<model>-<key>/sample, evaluate``, keyed by the model's weights digest and the resolved
+model and sample sections (sampler, steps, guidance, seed, sample count, ...). A runs folder
+without the baseline gets a copy (hashes checked before it is used; the sample and evaluate
+stages then still check their inputs digests and redo anything stale), and a baseline computed
+here is copied in. Both copies go through a temporary folder renamed into place, so a crash leaves
+either the whole entry or none, and nothing in the runs folder is ever modified by the cache.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lowbitdm_cli.artifacts import Artifact, digest_of
-from lowbitdm_cli.errors import RecipeError
+from lowbitdm_cli.errors import LowbitError, RecipeError
 from lowbitdm_cli.models.registry import evaluator_of, sampler_defaults
 from lowbitdm_cli.recipes import Recipe
 from lowbitdm_cli.stages.calibrate import calibrate
@@ -30,7 +41,69 @@ from lowbitdm_cli.stages.finetune import finetune
 from lowbitdm_cli.stages.merge import merge
 from lowbitdm_cli.stages.sample import sample
 
-__all__ = ["run_recipe", "run_seeds", "with_seed_offset"]
+__all__ = ["default_fp_cache", "run_recipe", "run_seeds", "with_seed_offset"]
+
+
+def default_fp_cache() -> Path:
+    """Where `lowbitdm run` keeps FP baselines: $LOWBITDM_FP_CACHE or ~/.cache/lowbitdm/fp-baselines."""
+    return Path(os.environ.get("LOWBITDM_FP_CACHE") or Path.home() / ".cache" / "lowbitdm" / "fp-baselines")
+
+
+def _copy_artifacts(src: Path, dst: Path, names: list[str]) -> None:
+    """Copy the artifact folders `names` of `src` into a new folder `dst`, atomically: a temporary
+    sibling is filled, every copied artifact is re-opened (sha256 of every file), then renamed."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for n in names:
+            shutil.copytree(src / n, tmp / n, symlinks=True)
+            Artifact.open(tmp / n)  # hashes checked on the copy
+        old = None
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore_fp(entry: Path, fp_dir: Path, log: Callable[[str], None]) -> str | None:
+    """Copy a cached baseline into `fp_dir` if the runs folder has none (and no interrupted one);
+    returns the copied sample artifact's manifest sha256, None when nothing was copied."""
+    if not (entry / "sample").is_dir() or any((fp_dir / n).exists() for n in ("sample", "sample.partial")):
+        return None
+    names = ["sample"] + (["evaluate"] if (entry / "evaluate").is_dir() else [])
+    try:
+        for n in names:
+            Artifact.open(entry / n)
+        fp_dir.mkdir(parents=True, exist_ok=True)
+        for n in names:  # artifact by artifact: the evaluate's parent path (../sample) stays valid
+            if not (fp_dir / n).exists():
+                _copy_artifacts(entry, fp_dir / f".restore-{n}", [n])
+                os.replace(fp_dir / f".restore-{n}" / n, fp_dir / n)
+                shutil.rmtree(fp_dir / f".restore-{n}", ignore_errors=True)
+    except (LowbitError, OSError) as e:
+        log(f"FP cache entry {entry} not used: {e}")
+        return None
+    log(f"full-precision baseline copied from the FP cache {entry}")
+    return Artifact.open(fp_dir / "sample", verify=False).manifest_sha256
+
+
+def _store_fp(entry: Path, fp_dir: Path, evaluated: Artifact, log: Callable[[str], None]) -> None:
+    """Copy the runs folder's complete baseline into the cache unless the entry already holds it."""
+    try:
+        if (entry / "evaluate").is_dir() and Artifact.open(entry / "evaluate", verify=False).manifest_sha256 == \
+                evaluated.manifest_sha256:
+            return
+    except LowbitError:
+        pass  # a broken entry is replaced
+    try:
+        _copy_artifacts(fp_dir, entry, ["sample", "evaluate"])
+    except (LowbitError, OSError) as e:
+        log(f"could not store the full-precision baseline in the FP cache {entry}: {e}")
 
 
 def _row(label: str, evaluated: Artifact, merged: Artifact | None = None) -> dict[str, Any]:
@@ -54,10 +127,12 @@ def with_seed_offset(recipe: Recipe, offset: int) -> Recipe:
 
 def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
                progress: Callable[[str, int, int], None] = lambda *_: None,
-               log: Callable[[str], None] = lambda _: None, seed_offset: int = 0) -> dict[str, Any]:
+               log: Callable[[str], None] = lambda _: None, seed_offset: int = 0,
+               fp_cache: Path | None = None) -> dict[str, Any]:
     """Run FP baseline and the quantized chain; return the rows of the comparison table.
 
-    `seed_offset` k > 0: the seeds moved by k (`with_seed_offset`), run folder suffixed ``-seed<k>``."""
+    `seed_offset` k > 0: the seeds moved by k (`with_seed_offset`), run folder suffixed ``-seed<k>``.
+    `fp_cache`: a folder sharing FP baselines across runs folders (None: no sharing)."""
     recipe = with_seed_offset(recipe, seed_offset)
     defaults = sampler_defaults(recipe.model.name)  # an unknown model fails here
     if evaluator_of(recipe.model.name) != "digits-features":
@@ -71,9 +146,17 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
     run_dir = runs_dir / (f"{name}-{recipe.name}-{recipe.quant.bits}" + (f"-seed{seed_offset}" if seed_offset else ""))
 
     log(f"full-precision baseline → {fp_dir}")
-    fp_samples = sample(open_source(recipe.model.name, prompts=recipe.model.prompts), recipe, fp_dir / "sample", resume=True, replace_stale=True,
-                        progress=progress)
+    fp_source = open_source(recipe.model.name, prompts=recipe.model.prompts)
+    entry = restored = None
+    if fp_cache is not None:
+        key = digest_of({"model": fp_source.ref.model_dump(), "model_section": recipe.model.model_dump(mode="json"),
+                         "sample": recipe.sample.model_dump(mode="json")})
+        entry = Path(fp_cache) / f"{name}-{key[:16]}"
+        restored = _restore_fp(entry, fp_dir, log)
+    fp_samples = sample(fp_source, recipe, fp_dir / "sample", resume=True, replace_stale=True, progress=progress)
     fp_eval = evaluate(fp_samples, metrics, fp_dir / "evaluate", replace_stale=True)
+    if entry is not None:
+        _store_fp(entry, fp_dir, fp_eval, log)
 
     log(f"{recipe.name} at {recipe.quant.bits} → {run_dir}")
     stale = {"force": force, "replace_stale": True}
@@ -85,13 +168,14 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
     q_eval = evaluate(q_samples, metrics, run_dir / "evaluate", **stale)
     suffix = f" (seed +{seed_offset})" if seed_offset else ""
     return {"run_dir": str(run_dir),
+            "fp_from_cache": restored is not None and restored == fp_samples.manifest_sha256,
             "rows": [_row(f"{name} fp32{suffix}", fp_eval),
                      _row(f"{name} {recipe.quant.bits} {recipe.name}{suffix}", q_eval, merged)]}
 
 
 def run_seeds(recipe: Recipe, runs_dir: Path, seeds: int, force: bool = False,
               progress: Callable[[str, int, int], None] = lambda *_: None,
-              log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+              log: Callable[[str], None] = lambda _: None, fp_cache: Path | None = None) -> dict[str, Any]:
     """`run_recipe` for seed offsets 0 .. seeds − 1, then the configurations over seeds (mean and
     95 % t interval per metric, as `lowbitdm report` shows them)."""
     from lowbitdm_cli.report import collect_runs, group_runs
@@ -102,7 +186,8 @@ def run_seeds(recipe: Recipe, runs_dir: Path, seeds: int, force: bool = False,
     for k in range(seeds):
         if seeds > 1:
             log(f"seed {k + 1} of {seeds} (seed offset {k})")
-        results.append(run_recipe(recipe, runs_dir, force=force, progress=progress, log=log, seed_offset=k))
+        results.append(run_recipe(recipe, runs_dir, force=force, progress=progress, log=log, seed_offset=k,
+                                  fp_cache=fp_cache))
     rows = [row for r in results for row in r["rows"]]
     if seeds == 1:
         return {**results[0], "seeds": 1}
@@ -110,4 +195,5 @@ def run_seeds(recipe: Recipe, runs_dir: Path, seeds: int, force: bool = False,
     q_dirs = [r["run_dir"] for r in results]
     configs = group_runs(collect_runs(fp_dirs + q_dirs))
     return {"run_dir": q_dirs[0], "run_dirs": q_dirs, "fp_dirs": fp_dirs, "seeds": seeds, "rows": rows,
+            "fp_from_cache": [r["fp_from_cache"] for r in results],
             "configurations": [c.to_dict() for c in configs]}

@@ -139,6 +139,8 @@ class SampleSection(_Section):
     eta: float | None = Field(None, ge=0.0)
     guidance: float | None = None
     clip_x0: bool | None = None
+    sampler: Literal["ddim", "dpmpp2m"] | None = Field(None, description="ddim or dpmpp2m (DPM-Solver++(2M), "
+                                                       "deterministic, eta = 0); None = the model's default")
     seed: int = 0
     grid_samples: int = Field(100, ge=0)
     labels: Literal["balanced", "random"] = Field(
@@ -158,6 +160,8 @@ class SampleSection(_Section):
             data.pop("labels", None)
         if self.decode_batch_size is None:
             data.pop("decode_batch_size", None)
+        if self.sampler is None:  # unset = DDIM for every model without a sampler default (digests unchanged)
+            data.pop("sampler", None)
         return data
 
 

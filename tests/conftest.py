@@ -117,3 +117,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def device(request: pytest.FixtureRequest) -> str:
     """The `--device` option (cpu unless given)."""
     return request.config.getoption("--device")
+
+
+@pytest.fixture(autouse=True)
+def _private_fp_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lowbitdm run` shares FP baselines through $LOWBITDM_FP_CACHE: each test gets its own, empty
+    one (never the user's ~/.cache, and no test sees another's baseline)."""
+    monkeypatch.setenv("LOWBITDM_FP_CACHE", str(tmp_path_factory.mktemp("fp-cache")))

@@ -89,8 +89,8 @@ def test_nonzero_rank_writes_only_its_shards(tmp_path: Path, monkeypatch: pytest
     out = tmp_path / "s"
     OUT[:] = [out]
     calls: list[Any] = []
-    real = sample_stage.ddim_sample
-    monkeypatch.setattr(sample_stage, "ddim_sample", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = sample_stage.run_sampler
+    monkeypatch.setattr(sample_stage, "run_sampler", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     with monkeypatch.context() as m:
         m.setattr(sample_stage, "process_group", _as_second_rank)
         with pytest.raises(ArtifactError, match="--resume"):  # rank 0 never committed here

@@ -152,7 +152,7 @@ def test_sample_kill_and_resume(runner: CliRunner, tmp_path: Path, monkeypatch: 
     assert 1 <= parts < num_shards
     _rerun_without_resume_refused(runner, args, out, "shard_*.safetensors", parts)
 
-    calls = _count_calls(monkeypatch, sample_stage, "ddim_sample")
+    calls = _count_calls(monkeypatch, sample_stage, "run_sampler")
     result = runner.invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert len(calls) == num_shards - parts

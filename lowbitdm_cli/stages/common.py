@@ -34,8 +34,12 @@ class Source:
 
 
 def sampler_settings(sample_cfg) -> SamplerSettings:  # noqa: ANN001 - a recipes.SampleSection
-    return SamplerSettings(steps=sample_cfg.steps, eta=sample_cfg.eta, guidance=sample_cfg.guidance,
-                           clip_x0=bool(sample_cfg.clip_x0))
+    sampler = getattr(sample_cfg, "sampler", None) or "ddim"
+    try:
+        return SamplerSettings(steps=sample_cfg.steps, eta=sample_cfg.eta, guidance=sample_cfg.guidance,
+                               clip_x0=bool(sample_cfg.clip_x0), sampler=sampler)
+    except ValueError as e:
+        raise RecipeError(f"sample: {e} (set sample.eta=0 or sample.sampler=ddim)") from None
 
 
 def load_fp_model(name: str, recipe, with_denoiser: bool = True) -> DiffusionModel:  # noqa: ANN001

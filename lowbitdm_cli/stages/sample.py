@@ -24,7 +24,7 @@ from lowbitdm_cli.models.registry import sampler_defaults
 from lowbitdm_cli.models.text import prompts_digest
 from lowbitdm_cli.npz import ChunkedArray, write_npz
 from lowbitdm_cli.recipes import Recipe
-from lowbitdm_cli.sampling import balanced_labels, ddim_sample, random_labels, save_grid, to_uint8
+from lowbitdm_cli.sampling import balanced_labels, random_labels, run_sampler, save_grid, to_uint8
 from lowbitdm_cli.stages.common import Source, prompt_options, sampler_settings, text_prompts
 
 __all__ = ["sample"]
@@ -83,7 +83,7 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
         for s in mine:
             lo, hi = bounds[s]
             cond = labels[lo:hi] if labels is not None else None
-            x = ddim_sample(model, cond, list(range(lo, hi)), cfg.seed, settings)
+            x = run_sampler(model, cond, list(range(lo, hi)), cfg.seed, settings)
             x = model.decode(x, cfg.decode_batch_size)  # latent models: latents → images
             shard = {"images": torch.from_numpy(to_uint8(x))}
             if cond is not None:
