@@ -127,18 +127,20 @@ def _sqrt_psd(m: np.ndarray) -> np.ndarray:
 
 
 def frechet_replicates(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, resamples: int, seed: int,
-                       progress: Callable[[int, int], None] = lambda *_: None) -> np.ndarray:
+                       progress: Callable[[int, int], None] = lambda *_: None,
+                       ref_root: np.ndarray | None = None) -> np.ndarray:
     """Fréchet distance of each bootstrap resample of `feats` [n, d] to the fixed reference (μ_r, Σ_r).
 
     d²(I) = |μ_I − μ_r|² + Tr Σ_I + Tr Σ_r − 2 Σ sqrt(eig(Σ_r^½ Σ_I Σ_r^½)), where
-    Σ_r^½ Σ_I Σ_r^½ is the covariance of the resampled Y = X Σ_r^½ (computed once).
+    Σ_r^½ Σ_I Σ_r^½ is the covariance of the resampled Y = X Σ_r^½ (computed once; `ref_root`
+    passes Σ_r^½ in, so repeated calls on one reference skip its d×d eigendecomposition).
     """
     x = np.asarray(feats, dtype=np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"need at least 2 feature vectors [n, d], got shape {x.shape}")
     n, d = x.shape
     mu_r, sigma_r = np.asarray(ref_mu, dtype=np.float64), _sym(np.asarray(ref_sigma, dtype=np.float64))
-    root = _sqrt_psd(sigma_r)
+    root = _sqrt_psd(sigma_r) if ref_root is None else ref_root
     y = x @ root
     tr_r = float(np.trace(sigma_r))
     out = np.empty(resamples)
@@ -169,11 +171,12 @@ def frechet_interval(value: float, feats: np.ndarray, ref_mu: np.ndarray, ref_si
     ``value + correction · quantile(T* − mean(T*), [(1 − level)/2, (1 + level)/2])``.
     """
     x = np.asarray(feats, dtype=np.float64)
-    reps = frechet_replicates(x, ref_mu, ref_sigma, resamples, seed)
+    root = _sqrt_psd(_sym(np.asarray(ref_sigma, dtype=np.float64)))  # once for every call below
+    reps = frechet_replicates(x, ref_mu, ref_sigma, resamples, seed, ref_root=root)
     correction = 1.0
     if inner >= 2 and len(x) >= 4:
-        inner_sd = [float(np.std(frechet_replicates(x[idx], ref_mu, ref_sigma, inner, seed=_inner_seed(seed, b)),
-                                 ddof=1))
+        inner_sd = [float(np.std(frechet_replicates(x[idx], ref_mu, ref_sigma, inner, seed=_inner_seed(seed, b),
+                                                    ref_root=root), ddof=1))
                     for b, idx in enumerate(bootstrap_indices(len(x), min(inner, resamples), seed))]
         outer = float(np.std(reps, ddof=1))
         if np.mean(inner_sd) > 0:
