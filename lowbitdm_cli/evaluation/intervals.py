@@ -126,26 +126,23 @@ def _sqrt_psd(m: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_replicates(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, resamples: int, seed: int,
-                       progress: Callable[[int, int], None] = lambda *_: None,
-                       ref_root: np.ndarray | None = None) -> np.ndarray:
-    """Fréchet distance of each bootstrap resample of `feats` [n, d] to the fixed reference (μ_r, Σ_r).
+class _FrechetBootstrap:
+    """What every replicate against one reference shares: Σ_r^½ (one eigh), Y = X Σ_r^½, Tr Σ_r."""
 
-    d²(I) = |μ_I − μ_r|² + Tr Σ_I + Tr Σ_r − 2 Σ sqrt(eig(Σ_r^½ Σ_I Σ_r^½)), where
-    Σ_r^½ Σ_I Σ_r^½ is the covariance of the resampled Y = X Σ_r^½ (computed once; `ref_root`
-    passes Σ_r^½ in, so repeated calls on one reference skip its d×d eigendecomposition).
-    """
-    x = np.asarray(feats, dtype=np.float64)
-    if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"need at least 2 feature vectors [n, d], got shape {x.shape}")
-    n, d = x.shape
-    mu_r, sigma_r = np.asarray(ref_mu, dtype=np.float64), _sym(np.asarray(ref_sigma, dtype=np.float64))
-    root = _sqrt_psd(sigma_r) if ref_root is None else ref_root
-    y = x @ root
-    tr_r = float(np.trace(sigma_r))
-    out = np.empty(resamples)
-    for b, idx in enumerate(bootstrap_indices(n, resamples, seed)):
-        xi, yi = x[idx], y[idx]
+    def __init__(self, feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> None:
+        x = np.asarray(feats, dtype=np.float64)
+        if x.ndim != 2 or len(x) < 2:
+            raise ValueError(f"need at least 2 feature vectors [n, d], got shape {x.shape}")
+        self.x = x
+        self.mu_r = np.asarray(ref_mu, dtype=np.float64)
+        sigma_r = _sym(np.asarray(ref_sigma, dtype=np.float64))
+        self.y = x @ _sqrt_psd(sigma_r)
+        self.tr_r = float(np.trace(sigma_r))
+
+    def value(self, idx: np.ndarray) -> float:
+        """d²(I) = |μ_I − μ_r|² + Tr Σ_I + Tr Σ_r − 2 Σ sqrt(eig(cov(Y[I])))."""
+        xi, yi = self.x[idx], self.y[idx]
+        n, d = xi.shape
         mu = xi.mean(0)
         xc, yc = xi - mu, yi - yi.mean(0)
         tr_i = float((xc * xc).sum()) / (n - 1)
@@ -153,8 +150,21 @@ def frechet_replicates(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndar
             eig = np.linalg.eigvalsh(_sym(yc @ yc.T)) / (n - 1)
         else:
             eig = np.linalg.eigvalsh(_sym(yc.T @ yc)) / (n - 1)
-        diff = mu - mu_r
-        out[b] = diff @ diff + tr_i + tr_r - 2 * np.sqrt(np.clip(eig, 0.0, None)).sum()
+        diff = mu - self.mu_r
+        return float(diff @ diff + tr_i + self.tr_r - 2 * np.sqrt(np.clip(eig, 0.0, None)).sum())
+
+
+def frechet_replicates(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, resamples: int, seed: int,
+                       progress: Callable[[int, int], None] = lambda *_: None) -> np.ndarray:
+    """Fréchet distance of each bootstrap resample of `feats` [n, d] to the fixed reference (μ_r, Σ_r).
+
+    d²(I) = |μ_I − μ_r|² + Tr Σ_I + Tr Σ_r − 2 Σ sqrt(eig(Σ_r^½ Σ_I Σ_r^½)), where
+    Σ_r^½ Σ_I Σ_r^½ is the covariance of the resampled Y = X Σ_r^½ (computed once).
+    """
+    boot = _FrechetBootstrap(feats, ref_mu, ref_sigma)
+    out = np.empty(resamples)
+    for b, idx in enumerate(bootstrap_indices(len(boot.x), resamples, seed)):
+        out[b] = boot.value(idx)
         if (b + 1) % 50 == 0 or b + 1 == resamples:
             progress(b + 1, resamples)
     return out
@@ -170,14 +180,15 @@ def frechet_interval(value: float, feats: np.ndarray, ref_mu: np.ndarray, ref_si
     averaged. correction = min(1, sd(T*) / mean sd(T**)); the interval is
     ``value + correction · quantile(T* − mean(T*), [(1 − level)/2, (1 + level)/2])``.
     """
-    x = np.asarray(feats, dtype=np.float64)
-    root = _sqrt_psd(_sym(np.asarray(ref_sigma, dtype=np.float64)))  # once for every call below
-    reps = frechet_replicates(x, ref_mu, ref_sigma, resamples, seed, ref_root=root)
+    boot = _FrechetBootstrap(feats, ref_mu, ref_sigma)
+    n = len(boot.x)
+    reps = np.array([boot.value(idx) for idx in bootstrap_indices(n, resamples, seed)])
     correction = 1.0
-    if inner >= 2 and len(x) >= 4:
-        inner_sd = [float(np.std(frechet_replicates(x[idx], ref_mu, ref_sigma, inner, seed=_inner_seed(seed, b),
-                                                    ref_root=root), ddof=1))
-                    for b, idx in enumerate(bootstrap_indices(len(x), min(inner, resamples), seed))]
+    if inner >= 2 and n >= 4:
+        # resample b of the outer level, resampled again: indices into it, mapped back to the samples
+        inner_sd = [float(np.std([boot.value(idx[j]) for j in bootstrap_indices(n, inner, _inner_seed(seed, b))],
+                                 ddof=1))
+                    for b, idx in enumerate(bootstrap_indices(n, min(inner, resamples), seed))]
         outer = float(np.std(reps, ddof=1))
         if np.mean(inner_sd) > 0:
             correction = min(1.0, outer / float(np.mean(inner_sd)))
