@@ -13,7 +13,7 @@ For each: bytes of the denoiser's safetensors file (FP32 state dict vs merged `m
 and the median denoiser forward time at batch 64 after warm-up, torch.set_num_threads(2), for
 FP32 eager, the fake-quant runtime and the integer runtime (`load_merged(..., "int")`; the
 `kernels` column says how many layers ran on oneDNN's int8 kernels or on torch._int_mm).
-For the embedded model also: DDIM samples (the model's sampler, same seeds) from the integer and
+For the embedded model also: samples (the model's own sampler, same seeds) from the integer and
 the fake-quantized runtime, and the share of pixels on which they agree to one grey level.
 
 Each CPU class runs in its own process on the same merged checkpoints: `native` (the kernels
@@ -52,7 +52,7 @@ from lowbitdm_cli.quant.init import init_quantizer
 from lowbitdm_cli.quant.layers import quant_layers
 from lowbitdm_cli.quant.model import quantize_denoiser, set_quant_enabled
 from lowbitdm_cli.quant.policy import QuantPolicy, build_layer_specs
-from lowbitdm_cli.sampling import SamplerSettings, ddim_sample, to_uint8
+from lowbitdm_cli.sampling import SamplerSettings, run_sampler, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
 BITS = {"W8A8": (8, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
@@ -163,14 +163,14 @@ def _agreement(name: str, fake: DiffusionModel, integer: DiffusionModel, n: int)
     """Share of pixels within one grey level between int and fake samples (same seeds and classes)."""
     sampler = MODELS[name].sampler
     settings = SamplerSettings(steps=sampler["steps"], eta=sampler["eta"], guidance=sampler["guidance"],
-                               clip_x0=sampler["clip_x0"])
+                               clip_x0=sampler["clip_x0"], sampler=sampler.get("sampler", "ddim"))
     idx = list(range(n))
     cond = torch.arange(n) % fake.num_classes if fake.conditioning == "class" else None
-    ui = to_uint8(ddim_sample(integer, cond, idx, 0, settings)).astype(int)
-    uf = to_uint8(ddim_sample(fake, cond, idx, 0, settings)).astype(int)
+    ui = to_uint8(run_sampler(integer, cond, idx, 0, settings)).astype(int)
+    uf = to_uint8(run_sampler(fake, cond, idx, 0, settings)).astype(int)
     diff = abs(ui - uf)
-    return {"samples": n, "within_one_level": float((diff <= 1).mean()), "identical": float((diff == 0).mean()),
-            "max_diff": int(diff.max())}
+    return {"samples": n, "sampler": f"{settings.sampler} {settings.steps}", "within_one_level":
+            float((diff <= 1).mean()), "identical": float((diff == 0).mean()), "max_diff": int(diff.max())}
 
 
 def _print(result: dict, batch: int) -> None:

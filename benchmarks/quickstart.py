@@ -100,6 +100,7 @@ def run_job(code: Path, runs: Path, sets: list[str], extra: list[str], label: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100 samples instead of 500")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/quickstart.json)")
     parser.add_argument("--against", metavar="REV", default=None, help="git revision to compare with (e.g. 398ffa4)")
     parser.add_argument("--warm", action="store_true", help="also rerun the current code in a new runs folder "
                                                             "with the FP cache filled")
@@ -111,6 +112,8 @@ def main() -> None:
     sets = (["sample.num_samples=100", "sample.batch_size=100"] if args.quick else []) + args.sets
     tmp = Path(tempfile.mkdtemp(prefix="lowbitdm-quickstart-"))
     info = {"quick": args.quick, "cpu": cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(),
+            # ONEDNN_MAX_CPU_ISA=AVX2 runs the int8 kernels as an AVX2-only CPU does (16-bit pair sums)
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "torch": torch.__version__, "loadavg_at_start": os.getloadavg(), "sets": sets}
     runs = []
@@ -151,7 +154,9 @@ def main() -> None:
               f"; old FID-digits fp {old['fp']['fid_digits']:.2f}, w8a8 {old['w8a8']['fid_digits']:.2f} "
               f"({old['fid_w8a8_vs_fp']:+.1%})")
     name = "quickstart_quick.json" if args.quick else "quickstart.json"
-    (ROOT / "benchmarks" / "results" / name).write_text(json.dumps({**info, "runs": runs}, indent=2) + "\n")
+    out = args.out or ROOT / "benchmarks" / "results" / name
+    out.write_text(json.dumps({**info, "runs": runs}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
