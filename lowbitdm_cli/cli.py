@@ -340,8 +340,9 @@ def evaluate(
                            "to pass later as --ref.")] = False,
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", min=0, help="Resamples of the samples' features for the 95 % intervals of fid_digits, fid, "
-                                   "sfid, kid and is (0: none; the reference stays fixed). Class accuracy and "
-                                   "precision get Wilson intervals, clip_score a normal one, recall none.")] = 1000,
+                                   "sfid (double bootstrap), kid and is (0: none; the reference stays fixed). "
+                                   "Class accuracy and precision get Wilson intervals, clip_score a normal one, "
+                                   "recall none.")] = 1000,
     bootstrap_seed: Annotated[int, typer.Option("--bootstrap-seed", help="Seed of the bootstrap resamples.")] = 0,
     out_dir: OutOpt = None, force: ForceOpt = False,
 ) -> None:

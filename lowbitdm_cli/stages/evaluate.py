@@ -8,8 +8,9 @@ Text-to-image samples are scored by CLIP score (`evaluation.clip_score`) against
 prompts, with a local CLIP model.
 
 Every metric but recall gets a 95 % interval in the manifest's `intervals` (same key as in
-`metrics`): a seeded bootstrap over the samples' features with the reference fixed (FID-digits,
-FID, sFID, KID, IS; `bootstrap` resamples, 0 for none), Wilson for class accuracy and precision,
+`metrics`): a seeded bootstrap over the samples' features with the reference fixed (a double
+bootstrap for FID-digits, FID and sFID; KID, IS; `bootstrap` resamples, 0 for none), Wilson for
+class accuracy and precision,
 a normal interval of the mean for CLIP score. What they cover: `lowbitdm_cli.evaluation.intervals`.
 """
 
