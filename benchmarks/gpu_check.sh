@@ -87,8 +87,7 @@ fi
 # data parallel: the same commands over 2 processes (nccl on 2+ GPUs, gloo on the CPU) against one process
 if [[ $CPU_ONLY -eq 1 || "$NGPU" -ge 2 ]]; then
   NPROC=2
-  TR="$OUT/torchrun"
-  rm -rf "$TR"; mkdir -p "$TR"
+  TR="$(mktemp -d "${TMPDIR:-/tmp}/lowbitdm-gpu-check.XXXXXX")"  # artifacts: not kept
   S=(--set sample.num_samples=8 --set sample.batch_size=2 --set sample.steps=4 --set calibrate.num_samples=6
      --set calibrate.batch_size=2 --set finetune.epochs=2 --set finetune.batch_size=4 --set finetune.steps=3)
   # torchrun gives each worker one thread (OMP_NUM_THREADS=1); on the CPU float kernels depend on the thread
