@@ -245,9 +245,10 @@ def measure_recon(student: DiffusionModel, teacher: DiffusionModel, iters: int, 
 
 
 def measure_distill(teacher: DiffusionModel, student: DiffusionModel, batch: int, steps: int, guidance: float,
-                    meter: Meter, grad_checkpoint: bool, teacher_dtype: str | None) -> dict:
+                    meter: Meter, grad_checkpoint: bool, teacher_dtype: str | None, last: bool = True) -> dict:
     recipe = load_recipe("efficientdm")
-    den = copy.deepcopy(student.denoiser)  # LoRA goes onto a copy: the calibrated student stays as it is
+    # LoRA goes onto a copy: the calibrated student stays as it is (the last batch size takes the student itself)
+    den = student.denoiser if last else copy.deepcopy(student.denoiser)
     stu = DiffusionModel(den, student.schedule, student.sample_shape, student.conditioning, student.num_classes,
                          student.null_class, name=student.name, conditioner=teacher.conditioner)
     plan = plan_method(recipe.finetune, den, 0)
@@ -347,7 +348,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         print(f"  recon {recon['s']:.3f} s/iter at {recon_batch} rows over {recon['measured_blocks']}", flush=True)
     if "distill" in phases:
         dist = {b: measure_distill(fp, student, b, reps + 2, guidance, meter, args.grad_checkpoint,
-                                   args.teacher_dtype) for b in batches}
+                                   args.teacher_dtype, last=b == batches[-1]) for b in batches}
         print(f"  distill {[(b, round(v['s'], 3), round(v['peak_gib'], 2)) for b, v in dist.items()]}", flush=True)
     res["traj"] = {str(b): v for b, v in traj.items()}
     res["range"] = {str(b): v for b, v in rng.items()}

@@ -213,7 +213,7 @@ def finetune(
     force: ForceOpt = False, prompts: PromptsOpt = None, device: WorkDeviceOpt = "cpu",
     grad_checkpoint: Annotated[bool, typer.Option(
         "--grad-checkpoint", help="Recompute the student's block activations in the backward pass: less "
-                                  "memory, same result, about a third more compute.")] = False,
+                                  "memory, same result, each block's forward runs twice.")] = False,
     teacher_dtype: Annotated[str | None, typer.Option(
         "--teacher-dtype", help="Run the frozen FP teacher under bf16 or fp16 autocast (for GPUs; changes "
                                 "the result slightly). Default: float32.")] = None,
