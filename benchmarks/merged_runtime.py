@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import save_file
 
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_tensors, load_merged
+from lowbitdm_cli.export.int_runtime import lowering_counts
 from lowbitdm_cli.models.digits import WEIGHTS_DIR
 from lowbitdm_cli.models.registry import MODELS, load_model
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
@@ -152,7 +153,9 @@ def _bench(title: str, fp: DiffusionModel, merged: dict[str, Path], folder: Path
         rows.append({"precision": label, "bytes": nbytes, "size_ratio": nbytes / fp_bytes, "fp32_ms": t_fp * 1e3,
                      "fake_ms": t_fake * 1e3, "int_ms": t_int * 1e3, "int_vs_fp32": t_fp / t_int,
                      "int_vs_fake": t_fake / t_int, "int_layers": report["int_layers"],
-                     "fallback_layers": report["fallback_layers"], "kernels": report.get("lowerings", {})})
+                     "fallback_layers": report["fallback_layers"],
+                     # as timed: where the first exact lowering was a split, the first forward autotuned
+                     "kernels": lowering_counts(integer.denoiser)})
         if args.agreement_samples and fp.name in MODELS:
             rows[-1]["pixel_agreement"] = _agreement(fp.name, fake, integer, args.agreement_samples)
     return {"model": title, "params": sum(p.numel() for p in fp.denoiser.parameters()), "rows": rows}
