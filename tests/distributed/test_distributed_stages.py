@@ -25,6 +25,7 @@ gradient all-reduce (each rank training on its own rows) the median is 0.85 % an
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -115,6 +116,24 @@ def _run_killed(cmd: list[str], checkpoint: Path, log: Path) -> None:
             _kill_tree(proc.pid)
             proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"finished (rc {proc.returncode}) before it could be killed"
+    _wait_unlocked(checkpoint.parent.with_name(checkpoint.parent.name.removesuffix(".partial")))
+
+
+def _wait_unlocked(out: Path, timeout_s: float = 60.0) -> None:
+    """Wait until no killed writer holds ``<out>.lock``: a killed multi-threaded process shows as a
+    zombie while its other threads still exit, and its files (the flock) close only after them."""
+    lock = out.with_name(out.name + ".lock")
+    deadline = time.monotonic() + timeout_s
+    while lock.exists():
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                pass
+        assert time.monotonic() < deadline, f"{lock} is still held {timeout_s:.0f} s after the kill"
+        time.sleep(0.05)
 
 
 def _torchrun(args: list[str]) -> list[str]:
@@ -200,7 +219,10 @@ def _assert_finetune_close(a: Path, b: Path) -> None:
     trained = [v for k, v in diffs.items() if "lora" in k or k.endswith("a_quant.delta")]
     assert statistics.median(trained) < 1e-3 and max(trained) < 0.05, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     h1, h2 = (Artifact.open(p).manifest.info["loss_history"] for p in (a, b))
-    assert len(h1) == len(h2) == 3 and h2 == pytest.approx(h1, rel=1e-2)
+    # the epochs agree to float reduction order until quantizer rounding amplifies it: the last
+    # epoch's loss differed by 0.6 % natively and by 2.5 % with oneDNN capped at AVX2 (measured)
+    assert len(h1) == len(h2) == 3 and h2[:2] == pytest.approx(h1[:2], rel=1e-4)
+    assert h2[2] == pytest.approx(h1[2], rel=5e-2)
     s1, s2 = (load_file(str(p / "loss_curve.safetensors"))["step_loss"] for p in (a, b))
     close = ((s1 - s2).abs() <= 1e-5 * s1.abs()).tolist()
     assert close[:3] == [True] * 3 and sum(close) >= len(close) - 2, (s1.tolist(), s2.tolist())
