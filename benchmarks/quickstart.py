@@ -32,21 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from lowbitdm_cli.export.kernel_probe import cpu_description
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = [("fp", "sample"), ("fp", "evaluate"), ("q", "calibrate"), ("q", "finetune"), ("q", "merge"),
           ("q", "sample"), ("q", "evaluate")]
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
+    return cpu_description()["model"]
 
 
 def extract_revision(rev: str, dest: Path) -> str:

@@ -32,6 +32,7 @@ import torch
 
 from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
 from lowbitdm_cli.evaluation.frechet import feature_statistics, frechet_distance
+from lowbitdm_cli.export.kernel_probe import cpu_description
 from lowbitdm_cli.models.registry import load_model, model_entry
 from lowbitdm_cli.sampling import SamplerSettings, balanced_labels, run_sampler, to_uint8
 
@@ -146,13 +147,7 @@ def main() -> None:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    return cpu_description()["model"]
 
 
 if __name__ == "__main__":

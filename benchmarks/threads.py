@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from lowbitdm_cli.export.kernel_probe import cpu_description
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SETTINGS = [  # label, threads, OMP_WAIT_POLICY (None = unset: libgomp's default)
@@ -58,15 +60,7 @@ print(json.dumps({"ms": 1000 * statistics.median(times), "calls": len(times),
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
+    return cpu_description()["model"]
 
 
 def start_hogs(n: int) -> list[subprocess.Popen]:

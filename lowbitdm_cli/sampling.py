@@ -99,6 +99,16 @@ def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: 
     return x_prev
 
 
+def _start(model: DiffusionModel, cond: torch.Tensor | None, indices: list[int] | torch.Tensor, seed: int,
+           settings: SamplerSettings) -> tuple[list[torch.Generator], torch.Tensor, torch.Tensor | None, list[int]]:
+    """What every sampler starts from: per-index generators, their initial noise and the condition on
+    the model's device, and DDIM's timestep grid."""
+    gens = sample_generators(seed, indices)
+    x = initial_noise(gens, model.sample_shape).to(model.device)
+    return gens, x, None if cond is None else cond.to(model.device), ddim_timesteps(
+        model.schedule.num_train_timesteps, settings.steps)
+
+
 @torch.no_grad()
 def ddim_sample(model: DiffusionModel, cond: torch.Tensor | None, indices: list[int] | torch.Tensor, seed: int,
                 settings: SamplerSettings, hook: TrajectoryHook | None = None) -> torch.Tensor:
@@ -107,18 +117,13 @@ def ddim_sample(model: DiffusionModel, cond: torch.Tensor | None, indices: list[
     Sample i's initial noise and every η-noise come from its own generator seeded by
     (seed, indices[i]). `hook(step, t, x_t)` sees every x_t the denoiser is called on.
     """
-    gens = sample_generators(seed, indices)
-    device = model.device
-    x = initial_noise(gens, model.sample_shape).to(device)
-    if cond is not None:
-        cond = cond.to(device)
-    ts = ddim_timesteps(model.schedule.num_train_timesteps, settings.steps)
+    gens, x, cond, ts = _start(model, cond, indices, seed, settings)
     for step, t in enumerate(ts):
         if hook is not None:
             hook(step, t, x)
         eps = model.eps(x, t, cond, settings.guidance)
         t_prev = ts[step + 1] if step + 1 < len(ts) else -1
-        noise = initial_noise(gens, model.sample_shape).to(device) if settings.eta > 0 and t_prev >= 0 else None
+        noise = initial_noise(gens, model.sample_shape).to(x.device) if settings.eta > 0 and t_prev >= 0 else None
         x = ddim_step(model.schedule, x, eps, t, t_prev, settings.eta, noise, settings.clip_x0)
     return x
 
@@ -173,12 +178,7 @@ def dpmpp2m_sample(model: DiffusionModel, cond: torch.Tensor | None, indices: li
     jump in λ several times the previous step (t = 50 → 0 at 20 steps: λ 1.7 → 4.6), over which
     the second-order extrapolation of the data prediction overshoots; the others are second
     order. CFG and x0 clipping act on the denoiser's ε and on the data prediction as in DDIM."""
-    gens = sample_generators(seed, indices)
-    device = model.device
-    x = initial_noise(gens, model.sample_shape).to(device)
-    if cond is not None:
-        cond = cond.to(device)
-    ts = ddim_timesteps(model.schedule.num_train_timesteps, settings.steps)
+    _, x, cond, ts = _start(model, cond, indices, seed, settings)
     x0_prev, s_prev = None, None
     for step, t in enumerate(ts):
         if hook is not None:

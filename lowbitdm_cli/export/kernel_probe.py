@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KernelClass", "PAIR16_LIMIT", "cpu_description", "kernel_report", "pair16_weight_limit",
+__all__ = ["PAIR16_LIMIT", "KernelClass", "cpu_description", "kernel_report", "pair16_weight_limit",
            "probe_int_mm", "probe_onednn_conv", "probe_onednn_linear"]
 
 KernelClass = Literal["int32", "pair16", "inexact", "unavailable"]
@@ -158,28 +160,16 @@ def probe_int_mm(device: str = "cpu") -> KernelClass:
 @functools.cache
 def cpu_description() -> dict[str, str]:
     """The CPU's model name, the vector ISA PyTorch dispatches to, and oneDNN's cap if one is set."""
-    model = ""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    if not model:
-        import platform
-
-        model = platform.processor() or platform.machine()
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        pass
-    vnni = any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-    return {"model": model, "torch_isa": torch.backends.cpu.get_cpu_capability(),
-            "vnni_flag": "yes" if vnni else ("no" if flags else "unknown"),
+        lines = []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), None)
+    vnni = flags is not None and any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return {"model": model or platform.processor() or platform.machine(),
+            "torch_isa": torch.backends.cpu.get_cpu_capability(),
+            "vnni_flag": "yes" if vnni else ("no" if flags is not None else "unknown"),
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
 
 
