@@ -26,13 +26,16 @@ On CPUs, where PyTorch ships oneDNN's int8 kernels (``torch.ops.onednn.qconv2d_p
 zero point, int8 weights (``w − zw``, or ``w − 128`` for the "shifted" 8-bit ones) with zero
 weight zero point, without im2col. The weights are packed once, on the first call (the
 packing does not depend on the activation scale, so one packed weight serves every timestep
-slot). A "direct" layer takes its float32 output ``((acc·Δx)·Δw[o]) + bias[o]`` straight from
-the kernel when the kernel's rescale is bit for bit `quant.integer.rescale` (checked once per
-process, `onednn_rescale_matches`); otherwise, and for "shifted" layers, the kernel runs with
-unit scales and no bias, giving the exact accumulator as float32, the shifted correction
-``(128 − zw[o])·Σ_window(u − zx)`` is added as integers (a box filter over the channel
-sums of ``u − zx``; exact while the sums stay below 2^24), and `rescale` follows. `kernel`
-says which path a layer takes.
+slot). A "shifted" layer's packed weights keep the all-ones row as one more output channel, so
+the same call also returns ``Σ_window(u − zx)`` for its correction. A "direct" layer takes its
+float32 output ``((acc·Δx)·Δw[o]) + bias[o]`` straight from the kernel when the kernel's rescale
+is bit for bit `quant.integer.rescale` (checked once per process, `onednn_rescale_matches`);
+otherwise, and for "shifted" layers, the kernel runs with unit scales and no bias, giving the
+exact accumulator as float32, the shifted correction ``(128 − zw[o])·Σ_window(u − zx)`` is added
+as integers (exact while the sums stay below 2^24), and `rescale` follows. Every conv returns a
+contiguous NCHW tensor, the layout of the FP model's tensors: a channels-last output made every
+following concat, upsample and GroupNorm copy or run a slower kernel. `kernel` says which path a
+layer takes.
 
 Which kernel is exact depends on the CPU, so each layer picks its *lowering* from what the
 kernels were found to compute in this process (`kernel_probe`, once per process at worst-case
@@ -259,7 +262,8 @@ class IntLayer(TimestepSlots, nn.Module):
         self.register_buffer("w_off", w_off)
         self.register_buffer("w_col", diff.sum(1, dtype=torch.int64))  # Σ_k (w − zw)
         self.register_buffer("weight_scale", weight_scale.reshape(-1).float().contiguous())
-        self.register_buffer("unit_scale", torch.ones_like(self.weight_scale), persistent=False)  # unit-scale calls
+        # unit-scale calls (one scale per kernel output channel: a shifted layer's has the sums' too)
+        self.register_buffer("unit_scale", torch.ones(wmat.shape[0], dtype=torch.float32), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.reshape(-1).float().contiguous())
         self.register_buffer("input_scale", input_scale.contiguous())
         self.register_buffer("input_zero_point", input_zero_point)
@@ -270,6 +274,7 @@ class IntLayer(TimestepSlots, nn.Module):
         self.u_max = (1 << self.a_bits) - 1  # the largest code u (symmetric codes are offset to u ≥ 0)
         self._onednn_cache: tuple[str, list[Tensor], Tensor] | None = None
         self._float_weight: Tensor | None = None
+        self._w_off_f32: Tensor | None = None
         self._tune: list[tuple[str, int | None]] | None = None
         lowering = self.choose_lowering()
         tune, self._tune = self._tune, None
@@ -370,13 +375,15 @@ class IntLayer(TimestepSlots, nn.Module):
         return name + ("-fused" if self.fused_rescale and self.kernel == "onednn" else "")
 
     def _onednn_weights(self, device: torch.device, pack: Callable[[Tensor], Tensor]) -> tuple[list[Tensor], Tensor]:
-        """The packed weights (one, or the split's hi and lo) and zero weight zero points, per device."""
+        """The packed weights (one, or the split's hi and lo) and zero weight zero points, per device.
+        A shifted layer's weights carry the all-ones row (`wmat`'s last column) as an extra output
+        channel: the same call then also yields Σ_window (u − zx), its correction's sums."""
         if self._onednn_cache is None or self._onednn_cache[0] != str(device):
-            w = self.int8_weight()
+            w = self.wmat.t().contiguous()  # [O(+1), K]
             parts = [w] if self.split is None else [p.to(torch.int8) for p in split_weight(w.to(torch.int16),
                                                                                           self.split)]
             self._onednn_cache = (str(device), [pack(p.contiguous()) for p in parts],
-                                  torch.zeros(self.out_ch, dtype=torch.long, device=device))
+                                  torch.zeros(w.shape[0], dtype=torch.long, device=device))
         return self._onednn_cache[1], self._onednn_cache[2]
 
     def _combine(self, outs: list[Tensor]) -> Tensor:
@@ -395,17 +402,30 @@ class IntLayer(TimestepSlots, nn.Module):
             return float(delta), self.weight_scale, self.bias
         return 1.0, self.unit_scale, None
 
-    def _onednn_finish(self, out: Tensor, u_minus_zx_sums: Callable[[], Tensor], delta: Tensor,
-                       channel_dim: int) -> Tensor:
-        """The layer output from oneDNN's: as it is when fused, else the exact accumulator (plus the
-        integer correction ``(128 − zw[o])·Σ(u − zx)`` of a shifted weight) through `rescale`."""
+    def _onednn_finish(self, out: Tensor, delta: Tensor, channel_dim: int) -> Tensor:
+        """The layer output, contiguous (NCHW for a conv, whatever oneDNN's layout), from oneDNN's:
+        as it is when fused, else the exact accumulator through `rescale`. A shifted layer's
+        output has one more channel, Σ_window (u − zx) (its weights' all-ones row):
+        ``acc = out[:O] + (128 − zw[o])·out[O]``, integers, so exact in float32. The first pass
+        over the output writes the contiguous result (no separate layout copy)."""
         if self.fused_rescale:
-            return out
-        if not self.direct:
-            view = [1] * out.dim()
-            view[channel_dim] = self.out_ch
-            out = out.addcmul_(u_minus_zx_sums(), self.w_off.to(torch.float32).reshape(view))  # integers: exact
-        return rescale(out, delta, self.weight_scale, self.bias, channel_dim)
+            return out.contiguous()
+        if self.direct:
+            return rescale(out, delta, self.weight_scale, self.bias, channel_dim,
+                           out=torch.empty(out.shape, dtype=out.dtype, device=out.device))
+        view = [1] * out.dim()
+        view[channel_dim] = self.out_ch
+        main, sums = out.split([self.out_ch, 1], channel_dim)
+        acc = torch.addcmul(main, sums, self._w_off_float(view),
+                            out=torch.empty(main.shape, dtype=out.dtype, device=out.device))
+        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim)
+
+    def _w_off_float(self, view: list[int]) -> Tensor:
+        """float32 ``128 − zw[o]`` shaped to broadcast over the output (cached per device)."""
+        if self._w_off_f32 is None or self._w_off_f32.device != self.w_off.device or \
+                list(self._w_off_f32.shape) != view:
+            self._w_off_f32 = self.w_off.to(torch.float32).reshape(view)
+        return self._w_off_f32
 
     def float_weight(self) -> Tensor:
         """float32 ``w − zw`` [O, K] (K in this layer's order), for the integer-exact float path."""
@@ -431,14 +451,15 @@ class IntLayer(TimestepSlots, nn.Module):
 
     # --- math ---------------------------------------------------------------------------------
     def quantize_input(self, x: Tensor) -> tuple[Tensor, int, Tensor]:
-        """(uint8 codes u, kernel zero point zx, Δx [1]) of float input `x`.
+        """(uint8 codes u, kernel zero point zx, Δx [1]) of float input `x`, in the layout of `x`.
 
         The float ops are those of `fake_quantize`: round(x/Δ) + z, then the clamp. `u` is a view
         of a per-thread scratch buffer: valid until the next integer layer quantizes its input.
         """
         i = self._slot()
         delta = self.input_scale[i : i + 1]
-        q, u = _SCRATCH.like(x, torch.float32), _SCRATCH.like(x, torch.uint8, slot=1)
+        q = _SCRATCH.like(x, torch.float32)
+        u = _SCRATCH.like(x, torch.uint8, slot=1)
         q = torch.div(x, delta, out=q) if q is not None else torch.div(x, delta)
         q.round_().add_(self._z_add[i]).clamp_(self.q_min, self.q_max)  # in place: one float buffer
         if self._offset:
@@ -489,8 +510,7 @@ class IntLinear(IntLayer):
         u = u.contiguous()
         out = self._combine([torch.ops.onednn.qlinear_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias, 1.0,
                                                                 0, torch.float32, "none", [], "") for p in packed])
-        return self._onednn_finish(
-            out, lambda: u.sum(1, keepdim=True, dtype=torch.int32).to(torch.float32) - self.k * zx, delta, 1)
+        return self._onednn_finish(out, delta, 1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, a_bits={self.a_bits}, "
@@ -516,9 +536,6 @@ class IntConv2d(IntLayer):
         self.in_channels, self.out_channels = weight_codes.shape[1], weight_codes.shape[0]
         self.kernel_size = (weight_codes.shape[2], weight_codes.shape[3])
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        # window-sum kernel of the shifted weights' correction (oneDNN path), run on channel sums
-        self.register_buffer("window_ones", None if self.direct else torch.ones(1, 1, *weight_codes.shape[2:]),
-                             persistent=False)
 
     def im2col(self, u: Tensor, zx: int) -> tuple[Tensor, int, int]:
         """uint8 NCHW codes → columns [N·Ho·Wo, kh·kw·C] (channels last), padded with code zx."""
@@ -544,25 +561,23 @@ class IntConv2d(IntLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self._tune:
             self.autotune(x)
-        u, zx, delta = self.quantize_input(x)
         kernel = self.kernel
+        u, zx, delta = self.quantize_input(x)
         if kernel == "onednn":
             return self._onednn(u, zx, delta)
         if kernel == "float":
             kh, kw = self.kernel_size
             weight = self.float_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
 
-            def conv(xi: Tensor, wi: Tensor) -> Tensor:  # channels-last in and out, as the fake layer's
-                out = F.conv2d(xi.contiguous(memory_format=torch.channels_last), wi, None, self.stride,
-                               self.padding, self.dilation)
-                return out.contiguous(memory_format=torch.channels_last)
+            def conv(xi: Tensor, wi: Tensor) -> Tensor:  # contiguous (NCHW) out, as the fake layer's
+                return F.conv2d(xi, wi, None, self.stride, self.padding, self.dilation).contiguous()
 
             return self._float_exact(conv, u, zx, weight, delta, 1)
         cols, ho, wo = self.im2col(u, zx)
-        out = self._finish(self.accumulate(cols, zx), delta)
-        # NCHW shape in channels-last memory: no transpose copy, and a following IntConv2d
-        # gets its channels-last codes for free
-        return out.reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
+        acc = self.accumulate(cols, zx).reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
+        # contiguous NCHW out, the layout every runtime hands to the float ops after a conv
+        return rescale(acc.to(torch.float32), delta, self.weight_scale, self.bias, 1,
+                       out=torch.empty(acc.shape, dtype=torch.float32, device=acc.device))
 
     def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
         geometry = ([*self.stride], [*self.padding], [*self.dilation], 1)
@@ -571,24 +586,14 @@ class IntConv2d(IntLayer):
 
         def pack(w: Tensor) -> Tensor:
             kh, kw = self.kernel_size
-            w = w.reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
+            w = w.reshape(w.shape[0], kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
             return torch.ops.onednn.qconv_prepack(w, w_scale, 1.0, 0, *geometry, None)
 
         packed, w_zero = self._onednn_weights(u.device, pack)
         out = self._combine([torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias,
                                                                 *geometry, 1.0, 0, torch.float32, "none", [], "")
                              for p in packed])
-
-        def window_sums() -> Tensor:  # Σ over each window of (u − zx): a box filter over the channel sums
-            sums = u.sum(1, keepdim=True, dtype=torch.int32).to(torch.float32) - self.in_channels * zx
-            if self.dilation != (1, 1):
-                return F.conv2d(sums, self.window_ones, None, self.stride, self.padding, self.dilation)
-            # zero padding is the code zx, whose u − zx is 0; float sums of integers below 2^24 are exact
-            return F.avg_pool2d(sums, self.kernel_size, self.stride, self.padding, count_include_pad=True,
-                                divisor_override=1)
-
-        # channels-last (oneDNN's layout; the next conv takes it without a reorder)
-        return self._onednn_finish(out, window_sums, delta, 1)
+        return self._onednn_finish(out, delta, 1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -68,13 +68,16 @@ def accumulate(op: Callable[[Tensor, Tensor], Tensor], x_int: Tensor, w_int: Ten
     return op(x_int, hi) * float(2**plan) + op(x_int, lo)  # ×2^s is exact: one rounding, in the add
 
 
-def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int) -> Tensor:
+def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int,
+            out: Tensor | None = None) -> Tensor:
     """float32 ``((acc · Δx) · Δw[o]) + b[o]`` with the output channel o on `channel_dim`, computed
-    in place in `acc` (a temporary of the caller's: no new buffers on the hot path).
+    in place in `acc` (a temporary of the caller's: no new buffers on the hot path), or, given
+    `out` (float32, `acc`'s shape, any layout), into `out` (the first pass writes it: a layout
+    change costs no extra pass).
 
     `x_scale` is a one-element tensor, `w_scale` and `bias` have one entry per output channel.
     """
     view = [1] * acc.dim()
     view[channel_dim] = -1
-    out = acc.mul_(x_scale.reshape(())).mul_(w_scale.reshape(view))
+    out = torch.mul(acc, x_scale.reshape(()), out=acc if out is None else out).mul_(w_scale.reshape(view))
     return out if bias is None else out.add_(bias.reshape(view))

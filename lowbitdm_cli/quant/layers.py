@@ -157,15 +157,15 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.integer_exact():
-            return self._integer_forward(x, self._channels_last_conv, 1)
+            return self._integer_forward(x, self._contiguous_conv, 1)
         return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
 
-    def _channels_last_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The bias-free conv with a channels-last output, the layout of the integer kernels'
+    def _contiguous_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The bias-free conv with a contiguous (NCHW) output, the layout of the integer kernels'
         output, so the float ops after this layer (norms, adds) see the same memory layout and
-        round alike in both runtimes."""
-        out = self._conv_forward(x.contiguous(memory_format=torch.channels_last), w, None)
-        return out.contiguous(memory_format=torch.channels_last)
+        round alike in both runtimes (and as in the FP model, whose tensors are all NCHW: mixing
+        layouts cost a copy at every concat, upsample and norm)."""
+        return self._conv_forward(x, w, None).contiguous()
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):

@@ -149,6 +149,9 @@ def test_layer_matches_fake_quant(kind: str, w_bits: int, a_bits: int, a_symmetr
         out, ref = layer(x), fake(x)  # `fake` has no weight quantizer: a float product of dequantized operands
         exact = _exact_fake(fake, w_bits, codes, zw, layer.weight_scale)(x)
     assert out.dtype == torch.float32 and out.shape == ref.shape
+    # contiguous (NCHW) on every lowering, as the fake layer's: the float ops after it (GroupNorm)
+    # round by memory layout, so both runtimes must hand them the same one
+    assert out.is_contiguous() and exact.is_contiguous()
     assert _rel(out, ref) <= TOL
     assert torch.equal(out, exact)  # the fake layer's integer-exact inference gives the same bits
     # the integer sums are exactly int_ops' (independently tested) ones
