@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import lowbitdm_cli.stages.common as stage_common
 import lowbitdm_cli.stages.sample as sample_stage
 from lowbitdm_cli.artifacts import Artifact
 from lowbitdm_cli.cli import app
@@ -92,7 +93,7 @@ def test_nonzero_rank_writes_only_its_shards(tmp_path: Path, monkeypatch: pytest
     real = sample_stage.run_sampler
     monkeypatch.setattr(sample_stage, "run_sampler", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     with monkeypatch.context() as m:
-        m.setattr(sample_stage, "process_group", _as_second_rank)
+        m.setattr(stage_common, "process_group", _as_second_rank)  # every stage opens its group there
         with pytest.raises(ArtifactError, match="--resume"):  # rank 0 never committed here
             sample_stage.sample(open_source("tiny-random"), recipe, out)
     partial = out.with_name("s.partial")

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lowbitdm_cli.artifacts import Artifact, Manifest, StageRun
+from lowbitdm_cli.artifacts import Artifact, StageRun
 from lowbitdm_cli.calibration.data import CalibrationData, collect_batch, select_steps
 from lowbitdm_cli.calibration.omq import apply_omq
 from lowbitdm_cli.calibration.ptq import init_activations, init_weights, layer_output_errors
 from lowbitdm_cli.calibration.reconstruct import block_state, plan_blocks, reconstruct_block, shortcut_splits
 from lowbitdm_cli.calibration.selection import k_center, normal_steps
-from lowbitdm_cli.distributed import ProcessGroup, process_group, rank_device
+from lowbitdm_cli.distributed import ProcessGroup, rank_device
 from lowbitdm_cli.errors import ArtifactError
 from lowbitdm_cli.models.registry import model_ref, sampler_defaults
 from lowbitdm_cli.models.text import prompts_digest
@@ -46,7 +46,14 @@ from lowbitdm_cli.quant.model import load_quant_state, quant_state, quantize_den
 from lowbitdm_cli.quant.policy import build_layer_specs
 from lowbitdm_cli.recipes import CalibrateSection, Recipe
 from lowbitdm_cli.sampling import ddim_timesteps
-from lowbitdm_cli.stages.common import device_options, load_fp_model, prompt_options, sampler_settings, work_device
+from lowbitdm_cli.stages.common import (
+    device_options,
+    load_fp_model,
+    prompt_options,
+    run_on_ranks,
+    sampler_settings,
+    work_device,
+)
 
 __all__ = ["calibrate"]
 
@@ -110,28 +117,14 @@ def calibrate(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fal
     model = load_fp_model(recipe.model.name, recipe)
     cfg = recipe.calibrate
     num_batches = math.ceil(cfg.num_samples / cfg.batch_size)
-    main_run: StageRun | None = None
-
-    def start() -> dict:  # rank 0 only: owns the artifact (lock, manifest)
-        nonlocal main_run
-        main_run = StageRun.start(out, "calibrate", model_ref(model), recipe.model_dump(mode="json"),
-                                  options={**prompt_options(recipe), **device_options(device)}, resume=resume,
-                                  force=force, replace_stale=replace_stale)
-        if main_run.done:
-            return {"done": True}
-        missing = [b for b in range(num_batches) if not main_run.has(_part_name(b))]
-        return {"done": False, "manifest": main_run.manifest.model_dump_json(), "missing": missing}
-
-    with process_group(device) as group:
-        plan = group.on_main(start)
-        if plan["done"]:
-            return main_run.artifact if group.is_main else Artifact.open(out)  # type: ignore[union-attr]
-        run = main_run if group.is_main else StageRun(out, Manifest.model_validate_json(plan["manifest"]),
-                                                      resumed=True, prior_elapsed=0.0)
-        artifact = _calibrate(run, recipe, model, plan["missing"], group, rank_device(device, group),
-                              progress if group.is_main else _noop)
-        group.barrier()  # rank 0 has committed
-        return artifact if group.is_main else Artifact.open(out)
+    return run_on_ranks(
+        out, device,
+        lambda: StageRun.start(out, "calibrate", model_ref(model), recipe.model_dump(mode="json"),
+                               options={**prompt_options(recipe), **device_options(device)}, resume=resume,
+                               force=force, replace_stale=replace_stale),
+        lambda run: {"missing": [b for b in range(num_batches) if not run.has(_part_name(b))]},
+        lambda group, run, shared: _calibrate(run, recipe, model, shared["missing"], group,
+                                              rank_device(device, group), progress if group.is_main else _noop))
 
 
 def _part_name(b: int) -> str:

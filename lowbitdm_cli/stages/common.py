@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lowbitdm_cli.artifacts import MANIFEST, Artifact, ModelRef
+from lowbitdm_cli.artifacts import MANIFEST, Artifact, Manifest, ModelRef, StageRun
+from lowbitdm_cli.distributed import ProcessGroup, process_group
 from lowbitdm_cli.errors import ArtifactError, RecipeError, StageOrderError
 from lowbitdm_cli.export.load import load_quantized, recipe_prompts, same_model
 from lowbitdm_cli.models.registry import MODELS, load_model, model_ref
@@ -17,7 +19,7 @@ from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.sampling import SamplerSettings
 
 __all__ = ["Source", "check_model", "load_fp_model", "load_quantized_from", "open_source", "prompt_options",
-           "recipe_prompts", "sampler_settings", "text_prompts"]
+           "recipe_prompts", "run_on_ranks", "sampler_settings", "text_prompts"]
 
 QUANT_STAGES = ("calibrate", "finetune", "merge")
 
@@ -117,3 +119,35 @@ def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | 
         model = load_quantized_from(art, runtime=runtime if merged else "fake")
     return Source(model, art.manifest.model, art, f"{art.manifest.model.name} ({art.manifest.stage})",
                   runtime=runtime if merged else None)
+
+
+def run_on_ranks(out: Path, device: str, open_run: Callable[[], StageRun], share: Callable[[StageRun], dict],
+                 work: Callable[[ProcessGroup, StageRun, dict], Artifact | None]) -> Artifact:
+    """Run a stage on one process or on every rank of a torchrun job; every rank returns the
+    committed artifact.
+
+    Rank 0 alone owns the artifact: `open_run()` starts (or resumes) its StageRun, taking the
+    lock and writing the manifest, and `share(run)` says what the other ranks need to know
+    (e.g. the batches still missing); a finished artifact is returned at once on every rank.
+    The other ranks open the same partial folder from rank 0's manifest, never writing it.
+    `work(group, run, shared)` does the stage's work on each rank and returns the artifact on
+    rank 0 (None elsewhere); a barrier then waits for rank 0's commit.
+    """
+    main_run: StageRun | None = None
+
+    def start() -> dict:  # rank 0 only
+        nonlocal main_run
+        main_run = open_run()
+        if main_run.done:
+            return {"done": True}
+        return {"done": False, "manifest": main_run.manifest.model_dump_json(), **share(main_run)}
+
+    with process_group(device) as group:
+        shared = group.on_main(start)
+        if shared["done"]:
+            return main_run.artifact if group.is_main else Artifact.open(out)  # type: ignore[union-attr]
+        run = main_run if group.is_main else StageRun(out, Manifest.model_validate_json(shared["manifest"]),
+                                                      resumed=True, prior_elapsed=0.0)
+        artifact = work(group, run, shared)  # type: ignore[arg-type]
+        group.barrier()  # rank 0 has committed
+        return artifact if group.is_main else Artifact.open(out)  # type: ignore[return-value]

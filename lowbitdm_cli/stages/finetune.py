@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lowbitdm_cli.artifacts import Artifact, Manifest, StageRun
-from lowbitdm_cli.distributed import ProcessGroup, process_group, rank_device
+from lowbitdm_cli.artifacts import Artifact, StageRun
+from lowbitdm_cli.distributed import ProcessGroup, rank_device
 from lowbitdm_cli.errors import RecipeError
 from lowbitdm_cli.finetune.loop import (
     TEACHER_DTYPES,
@@ -42,6 +42,7 @@ from lowbitdm_cli.stages.common import (
     load_fp_model,
     load_quantized_from,
     prompt_options,
+    run_on_ranks,
     work_device,
 )
 
@@ -69,31 +70,18 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
         raise RecipeError(f"--teacher-dtype must be one of {', '.join(TEACHER_DTYPES)}, got {teacher_dtype!r}")
     options = {**prompt_options(recipe), **device_options(device),
                **({"teacher_dtype": teacher_dtype} if teacher_dtype else {})}
-    main_run: StageRun | None = None
-
-    def start() -> dict:  # rank 0 only: owns the artifact (lock, manifest)
-        nonlocal main_run
-        main_run = StageRun.start(out, "finetune", parent.manifest.model, recipe.model_dump(mode="json"),
-                                  parent=parent, options=options, resume=resume, force=force,
-                                  replace_stale=replace_stale)
-        if main_run.done:
-            return {"done": True}
-        return {"done": False, "manifest": main_run.manifest.model_dump_json(),
-                "checkpoint": main_run.has(CHECKPOINT)}
-
-    with process_group(device) as group:
-        plan = group.on_main(start)
-        if plan["done"]:
-            return main_run.artifact if group.is_main else Artifact.open(out)  # type: ignore[union-attr]
+    def work(group: ProcessGroup, run: StageRun, shared: dict) -> Artifact | None:
         if cfg.method != "none" and cfg.batch_size < group.world_size:
             raise RecipeError(f"finetune.batch_size ({cfg.batch_size}) must be at least the number of "
                               f"processes ({group.world_size})")
-        run = main_run if group.is_main else StageRun(out, Manifest.model_validate_json(plan["manifest"]),
-                                                      resumed=True, prior_elapsed=0.0)
-        artifact = _finetune(run, parent, recipe, plan["checkpoint"], group, rank_device(device, group),
-                             progress if group.is_main else (lambda *_: None), grad_checkpoint, teacher_dtype)
-        group.barrier()  # rank 0 has committed
-        return artifact if group.is_main else Artifact.open(out)
+        return _finetune(run, parent, recipe, shared["checkpoint"], group, rank_device(device, group),
+                         progress if group.is_main else (lambda *_: None), grad_checkpoint, teacher_dtype)
+
+    return run_on_ranks(
+        out, device,
+        lambda: StageRun.start(out, "finetune", parent.manifest.model, recipe.model_dump(mode="json"), parent=parent,
+                               options=options, resume=resume, force=force, replace_stale=replace_stale),
+        lambda run: {"checkpoint": run.has(CHECKPOINT)}, work)
 
 
 def _finetune(run: StageRun, parent: Artifact, recipe: Recipe, from_checkpoint: bool, group: ProcessGroup,

@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbitdm_cli.artifacts import Artifact, Manifest, StageRun
-from lowbitdm_cli.distributed import process_group, rank_device
+from lowbitdm_cli.artifacts import Artifact, StageRun
+from lowbitdm_cli.distributed import ProcessGroup, rank_device
 from lowbitdm_cli.export.int_runtime import lowering_counts
 from lowbitdm_cli.models.registry import sampler_defaults
 from lowbitdm_cli.models.text import prompts_digest
 from lowbitdm_cli.npz import ChunkedArray, write_npz
 from lowbitdm_cli.recipes import Recipe
 from lowbitdm_cli.sampling import balanced_labels, random_labels, run_sampler, save_grid, to_uint8
-from lowbitdm_cli.stages.common import Source, prompt_options, sampler_settings, text_prompts
+from lowbitdm_cli.stages.common import Source, prompt_options, run_on_ranks, sampler_settings, text_prompts
 
 __all__ = ["sample"]
 
@@ -46,26 +46,9 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
     options = {"source": source.label, **({"runtime": source.runtime} if source.runtime else {}),
                **({"device": device} if device != "cpu" else {}), **prompt_options(recipe)}
     num_shards = math.ceil(cfg.num_samples / cfg.batch_size)
-    main_run: StageRun | None = None
 
-    def start() -> dict:  # rank 0 only: owns the artifact (lock, manifest) and plans the work
-        nonlocal main_run
-        main_run = StageRun.start(out, "sample", source.ref, recipe.model_dump(mode="json"), parent=source.artifact,
-                                  options=options, resume=resume, force=force,
-                                  replace_stale=replace_stale,
-                                  recipe_sections=("model", "sample"))
-        if main_run.done:
-            return {"done": True}
-        missing = [s for s in range(num_shards) if not main_run.has(_shard_name(s))]
-        return {"done": False, "manifest": main_run.manifest.model_dump_json(), "missing": missing}
-
-    with process_group(device) as group:
-        plan = group.on_main(start)
-        if plan["done"]:
-            return main_run.artifact if group.is_main else Artifact.open(out)  # type: ignore[union-attr]
+    def work(group: ProcessGroup, run: StageRun, shared: dict) -> Artifact | None:
         # the other ranks only write shards into rank 0's partial folder; they never touch its manifest
-        run = main_run if group.is_main else StageRun(out, Manifest.model_validate_json(plan["manifest"]),
-                                                      resumed=True, prior_elapsed=0.0)
         model = source.model
         if model.conditioning == "text":  # the recipe's prompts, also for an artifact calibrated on others
             model = model.with_conditioner(model.conditioner.with_prompts(text_prompts(recipe)))
@@ -78,7 +61,7 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
             labels = (balanced_labels(cfg.num_samples, model.num_classes) if cfg.labels == "balanced"
                       else random_labels(cfg.num_samples, model.num_classes, cfg.seed))
         bounds = [(s * cfg.batch_size, min((s + 1) * cfg.batch_size, cfg.num_samples)) for s in range(num_shards)]
-        mine = group.split(plan["missing"])
+        mine = group.split(shared["missing"])
         todo = sum(bounds[s][1] - bounds[s][0] for s in mine)
         for s in mine:
             lo, hi = bounds[s]
@@ -93,10 +76,14 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
                 run.checkpoint(shards_done=sum(run.has(_shard_name(i)) for i in range(num_shards)))
             progress("sampling", hi - lo, todo)
         group.barrier()  # every shard is on disk
-        if group.is_main:
-            artifact = _assemble(run, model, source, cfg, settings, labels, num_shards)
-        group.barrier()  # rank 0 has committed
-        return artifact if group.is_main else Artifact.open(out)
+        return _assemble(run, model, source, cfg, settings, labels, num_shards) if group.is_main else None
+
+    return run_on_ranks(
+        out, device,
+        lambda: StageRun.start(out, "sample", source.ref, recipe.model_dump(mode="json"), parent=source.artifact,
+                               options=options, resume=resume, force=force, replace_stale=replace_stale,
+                               recipe_sections=("model", "sample")),
+        lambda run: {"missing": [s for s in range(num_shards) if not run.has(_shard_name(s))]}, work)
 
 
 def _assemble(run: StageRun, model, source: Source, cfg, settings, labels: torch.Tensor | None,  # noqa: ANN001
