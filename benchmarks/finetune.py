@@ -1,18 +1,19 @@
 """Finetuning methods on the embedded digits model, side by side with naive PTQ and FP:
-EfficientDM (QALoRA + TALSQ), QuEST and full QAT at W4A4 and W4A8, and EfficientDM against
-MPQ-DM (OMQ + TRD) at W2A4 and W3A4 — each with its recipe's settings (recipes/*.toml).
+EfficientDM (QALoRA + TALSQ), QuEST, full QAT and MPQ-DM (OMQ + TRD) at W4A4, W3A4 and W2A4 —
+each with its recipe's settings (recipes/*.toml); `--ablations` adds MPQ-DM's parts apart
+(OMQ only, TRD only) at W2A4.
 
 Columns: FID-digits and class accuracy of the same class-balanced samples (same seeds), the
 calibrate and finetune stages' wall times, the finetune stage's own peak RSS, and the fraction
-of parameters trained. Then the issue's targets, each with the measured numbers and whether it
+of parameters trained. Then the issues' targets, each with the measured numbers and whether it
 is met. Finished stages under --runs-dir are reused, so an interrupted run resumes.
 
-    python benchmarks/finetune.py            # 250 samples per run, the recipes' settings
-    python benchmarks/finetune.py --quick    # 50 samples, 1 finetune epoch (a smoke run)
-    python benchmarks/finetune.py --seeds 3 --num-samples 1000   # the README table's protocol
+    python benchmarks/finetune.py              # the README table: 1000 samples per run, 3 seeds
+    python benchmarks/finetune.py --ablations  # and the MPQ-DM ablation rows
+    python benchmarks/finetune.py --quick      # 50 samples, 1 seed, 1 finetune epoch (a smoke run)
 
-Each FID-digits and class-accuracy cell shows its 95 % interval: with --seeds N the mean over N
-seeds (calibration, finetuning and sampling redrawn) and the t interval of that mean, else the
+Each FID-digits and class-accuracy cell shows its 95 % interval: with N > 1 seeds the mean over
+N seeds (calibration, finetuning and sampling redrawn) and the t interval of that mean, else the
 run's own evaluate interval (bootstrap / Wilson). A target comparing two methods also says
 whether their intervals are disjoint (significant) or overlap (not significant).
 
@@ -26,14 +27,29 @@ import time
 from pathlib import Path
 
 import torch
-from _matrix import ROOT, Case, Row, cell, disjoint, fmt, print_table, run_cases, sample_sets, write_results
+from _matrix import (
+    FULL_SAMPLES,
+    FULL_SEEDS,
+    QUICK_SAMPLES,
+    ROOT,
+    Case,
+    Row,
+    cell,
+    disjoint,
+    fmt,
+    print_table,
+    run_cases,
+    sample_sets,
+    write_results,
+)
 
-CASES = [  # the targets' key comparisons first, naive PTQ (shared with calibration.py) last
-    ("efficientdm", "efficientdm", "w4a4"), ("qat", "qat", "w4a4"), ("quest", "quest", "w4a4"),
-    ("efficientdm", "efficientdm", "w2a4"), ("mpqdm", "mpqdm", "w2a4"),
-    ("efficientdm", "efficientdm", "w4a8"), ("qat", "qat", "w4a8"), ("quest", "quest", "w4a8"),
-    ("efficientdm", "efficientdm", "w3a4"), ("mpqdm", "mpqdm", "w3a4"),
-    ("ptq", "ptq", "w4a4"), ("ptq", "ptq", "w4a8"),
+BITS = ["w4a4", "w3a4", "w2a4"]
+METHODS = ["ptq", "efficientdm", "quest", "qat", "mpqdm"]  # the label is the recipe's name
+# --ablations: MPQ-DM's two parts apart at W2A4 (the paper's ablation, Table 3 of MPQ-DM):
+# (label, recipe, bits, sets, run folder name)
+ABLATIONS = [
+    ("mpqdm omq only", "mpqdm", "w2a4", ("finetune.loss=mse",), "mpqdm-omq-only"),
+    ("mpqdm trd only", "mpqdm", "w2a4", ("calibrate.mixed=none",), "mpqdm-trd-only"),
 ]
 
 
@@ -62,6 +78,21 @@ def _targets(fp: Row, rows: list[Row]) -> list[dict]:
             target(f"MPQ-DM {bits.upper()} FID-digits >= 30 % below EfficientDM {bits.upper()}",
                    f"{m:.2f} vs {e:.2f} ({100 * (1 - m / e):.1f} % below)", m <= 0.7 * e,
                    by["mpqdm", bits], by["efficientdm", bits])
+    fp_iv = fp.extra.get("intervals", {}).get("fid_digits")
+    for bits, limit in (("w4a4", None), ("w3a4", None), ("w2a4", 1.15)):
+        cands = [r for r in rows if r.bits == bits and r.label in METHODS]
+        if not cands:
+            continue
+        best = min(cands, key=lambda r: r.metrics["fid_digits"])
+        b = best.metrics["fid_digits"]
+        if limit is None:
+            inside = fp_iv is not None and fp_iv[0] <= b <= fp_iv[1]
+            where = f"FP {fp_fid:.2f} [{fp_iv[0]:.2f}, {fp_iv[1]:.2f}]" if fp_iv else f"FP {fp_fid:.2f}, no interval"
+            target(f"best {bits.upper()} recipe inside FP's 95 % interval", f"{best.label} {b:.2f} vs {where}",
+                   inside)
+        else:
+            target(f"best {bits.upper()} recipe FID-digits <= {limit} x FP",
+                   f"{best.label} {b:.2f} vs FP {fp_fid:.2f} ({b / fp_fid:.2f}x)", b <= limit * fp_fid, best, fp)
     for bits in ("w4a4", "w4a8"):
         if ("efficientdm", bits) in by and ("qat", bits) in by:
             e, q = by["efficientdm", bits], by["qat", bits]
@@ -76,28 +107,35 @@ def _targets(fp: Row, rows: list[Row]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="50 samples per run, 1 finetune epoch")
-    parser.add_argument("--only", nargs="*", default=None, help="bits to run, e.g. w4a4 w2a4 (default: all)")
+    parser.add_argument("--bits", nargs="*", default=BITS, help=f"widths to run (default: {' '.join(BITS)}; w4a8 too)")
+    parser.add_argument("--ablations", action="store_true", help="also run the MPQ-DM ABLATIONS cases at W2A4")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seeds", type=int, default=1, help="runs per case, seed offsets 0..N-1 (default 1)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"runs per case, seed offsets 0..N-1 (default {FULL_SEEDS}, 1 with --quick)")
     parser.add_argument("--num-samples", type=int, default=None,
-                        help="samples per run (default 250, 50 with --quick)")
+                        help=f"samples per run (default {FULL_SAMPLES}, {QUICK_SAMPLES} with --quick)")
     parser.add_argument("--reverse", action="store_true",
                         help="work through the cases from the end (a second process can share the work)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs_dir = args.runs_dir or ROOT / ("runs-quick" if args.quick else "runs")
+    args.seeds = args.seeds or (1 if args.quick else FULL_SEEDS)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     common = sample_sets(args.num_samples, args.quick)
     extra = ("finetune.epochs=1",) if args.quick else ()
-    cases = [Case(label=label, recipe=recipe, bits=bits, sets=extra if recipe != "ptq" else ())
-             for label, recipe, bits in CASES if args.only is None or bits in args.only]
+    cases = [Case(label=method, recipe=method, bits=bits, sets=extra if method != "ptq" else ())
+             for bits in args.bits for method in METHODS]
+    if args.ablations:
+        cases += [Case(label=label, recipe=recipe, bits=bits, sets=(*sets, *extra), run_name=name)
+                  for label, recipe, bits, sets, name in ABLATIONS]
 
     t0 = time.time()
     fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds)
     order = {b: i for i, b in enumerate(["w4a4", "w4a8", "w3a4", "w2a4"])}
-    rows.sort(key=lambda r: (order.get(r.bits, 9), ["ptq", "efficientdm", "quest", "qat", "mpqdm"].index(r.label)))
+    labels = [*METHODS, *(a[0] for a in ABLATIONS)]
+    rows.sort(key=lambda r: (order.get(r.bits, 9), labels.index(r.label)))
     fp_fid = fp.metrics["fid_digits"]
     headers = ["bits", "method", "FID-digits ↓ [95 %]", "vs FP", "class acc ↑ [95 %]", "calibrate s", "finetune s",
                "finetune peak MB", "trained params"]

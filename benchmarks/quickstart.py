@@ -7,6 +7,7 @@ manifests) and the CPU it ran on (model name from /proc/cpuinfo, torch's ISA lev
     python benchmarks/quickstart.py                   # the README's setting (500 samples)
     python benchmarks/quickstart.py --quick           # 100 samples, for a smoke check
     python benchmarks/quickstart.py --against 398ffa4 # that revision's main job, then this code's, back to back
+    python benchmarks/quickstart.py --against 398ffa4 --repeat 2  # old, new, old, new: medians compared
 
 `--against REV` extracts git revision REV of this repository (`git archive`, into a temporary
 folder; the repository and its worktrees are not touched) and runs its CLI with PYTHONPATH
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -96,6 +98,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100 samples instead of 500")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/quickstart.json)")
     parser.add_argument("--against", metavar="REV", default=None, help="git revision to compare with (e.g. 398ffa4)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="with --against: run the old and the new job N times, alternating (old, new, old, "
+                             "new, ...), and compare the medians (a shared machine drifts by tens of percent)")
     parser.add_argument("--warm", action="store_true", help="also rerun the current code in a new runs folder "
                                                             "with the FP cache filled")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -112,19 +117,23 @@ def main() -> None:
             "torch": torch.__version__, "loadavg_at_start": os.getloadavg(), "sets": sets}
     runs = []
     try:
+        repeats = max(args.repeat, 1) if args.against else 1
         if args.against:
             old_code = tmp / "old"
             info["against"] = extract_revision(args.against, old_code)
-            runs.append(run_job(old_code, tmp / "runs-old", sets, [], f"old {args.against}"))
-        cache = tmp / "fp-cache"
-        runs.append(run_job(ROOT, tmp / "runs-new", sets, ["--fp-cache", str(cache)], "new"))
+        for i in range(repeats):  # each run in a fresh runs folder with an empty FP cache
+            tag = "" if repeats == 1 else f" #{i + 1}"
+            if args.against:
+                runs.append(run_job(old_code, tmp / f"runs-old{i}", sets, [], f"old {args.against}{tag}"))
+            cache = tmp / f"fp-cache{i}"
+            runs.append(run_job(ROOT, tmp / f"runs-new{i}", sets, ["--fp-cache", str(cache)], f"new{tag}"))
         if args.warm:
             runs.append(run_job(ROOT, tmp / "runs-new-warm", sets, ["--fp-cache", str(cache)], "new, FP cached"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     info["loadavg_at_end"] = os.getloadavg()
 
-    new = next(r for r in runs if r["label"] == "new")
+    new = next(r for r in runs if r["label"].startswith("new"))
     print(f"\nCPU: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ISA {info['isa']}; load average "
           f"{info['loadavg_at_start'][0]:.1f} at start, {info['loadavg_at_end'][0]:.1f} at end (1 min; other "
           f"users' jobs included)")
@@ -135,17 +144,28 @@ def main() -> None:
     keys = list(new["stages_s"])
     print(f"\n{'stage (s)':<28}" + "".join(f"{r['label']:>18}" for r in runs)
           + (f"{'new / old':>11}" if args.against else ""))
+    olds = [r for r in runs if r["label"].startswith("old")]
+    news = [r for r in runs if r["label"].startswith("new") and not r["fp_from_cache"]]
+
+    def median_of(k: str, rows: list[dict]) -> float:
+        values = [r["wall_s"] if k == "whole job" else r["stages_s"].get(k, 0.0) for r in rows]
+        return statistics.median(values) if values else 0.0
+
     for k in [*keys, "whole job"]:
         vals = [r["wall_s"] if k == "whole job" else r["stages_s"].get(k, 0.0) for r in runs]
         ratio = ""
         if args.against:
-            ratio = f"{vals[1] / vals[0]:>11.2f}" if vals[0] > 0 else f"{'-':>11}"
+            o, n = median_of(k, olds), median_of(k, news)
+            ratio = f"{n / o:>11.2f}" if o > 0 else f"{'-':>11}"
         print(f"{k:<28}" + "".join(f"{v:>18.1f}" for v in vals) + ratio)
     if args.against:
-        old = runs[0]
-        info["ratio_new_over_old"] = new["wall_s"] / old["wall_s"]
-        print(f"\nwhole job, new / old: {info['ratio_new_over_old']:.2f} ({new['wall_s']:.0f} s vs {old['wall_s']:.0f} s)"
-              f"; old FID-digits fp {old['fp']['fid_digits']:.2f}, w8a8 {old['w8a8']['fid_digits']:.2f} "
+        old_wall, new_wall = median_of("whole job", olds), median_of("whole job", news)
+        info["ratio_new_over_old"] = new_wall / old_wall
+        info["median_wall_s"] = {"old": old_wall, "new": new_wall}
+        old = olds[0]
+        print(f"\nwhole job, new / old: {info['ratio_new_over_old']:.2f} ({new_wall:.0f} s vs {old_wall:.0f} s"
+              + (f", medians of {len(olds)} alternating runs each" if len(olds) > 1 else "")
+              + f"); old FID-digits fp {old['fp']['fid_digits']:.2f}, w8a8 {old['w8a8']['fid_digits']:.2f} "
               f"({old['fid_w8a8_vs_fp']:+.1%})")
     name = "quickstart_quick.json" if args.quick else "quickstart.json"
     out = args.out or ROOT / "benchmarks" / "results" / name
