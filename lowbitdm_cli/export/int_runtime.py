@@ -440,7 +440,9 @@ class IntLayer(TimestepSlots, nn.Module):
         plan = split_plan(float(self.u_max), float(weight.abs().flatten(1).sum(1).max()) if weight.numel() else 0.0,
                           self.k)
         acc = accumulate(op, u.to(torch.float32) - zx, weight, plan)
-        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim)
+        # contiguous out (NCHW for a conv), written by the rescale's first pass
+        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim,
+                       out=None if acc.is_contiguous() else torch.empty(acc.shape, dtype=acc.dtype, device=acc.device))
 
     def _slot(self) -> int:
         if not self.temporal:
@@ -569,8 +571,9 @@ class IntConv2d(IntLayer):
             kh, kw = self.kernel_size
             weight = self.float_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
 
-            def conv(xi: Tensor, wi: Tensor) -> Tensor:  # contiguous (NCHW) out, as the fake layer's
-                return F.conv2d(xi, wi, None, self.stride, self.padding, self.dilation).contiguous()
+            def conv(xi: Tensor, wi: Tensor) -> Tensor:  # on channels-last memory, as the fake layer's
+                return F.conv2d(xi.contiguous(memory_format=torch.channels_last), wi, None, self.stride,
+                                self.padding, self.dilation)
 
             return self._float_exact(conv, u, zx, weight, delta, 1)
         cols, ho, wo = self.im2col(u, zx)

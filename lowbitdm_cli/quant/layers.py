@@ -124,7 +124,11 @@ class QuantLayerMixin:
             return pieces[s]
 
         acc = accumulate(op, x_int, w_int, plan, split)
-        return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim)
+        # contiguous out (NCHW for a conv, whatever layout `op` computed in): the first pass of
+        # the rescale writes it, so the layout change costs no extra pass
+        return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim,
+                       out=None if acc.is_contiguous() else torch.empty(acc.shape, dtype=acc.dtype,
+                                                                        device=acc.device))
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
@@ -157,15 +161,18 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.integer_exact():
-            return self._integer_forward(x, self._contiguous_conv, 1)
+            # channels-last once per layer (a split weight runs the conv twice on the same input)
+            return self._integer_forward(x.contiguous(memory_format=torch.channels_last), self._bias_free_conv, 1)
         return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
 
-    def _contiguous_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The bias-free conv with a contiguous (NCHW) output, the layout of the integer kernels'
-        output, so the float ops after this layer (norms, adds) see the same memory layout and
-        round alike in both runtimes (and as in the FP model, whose tensors are all NCHW: mixing
-        layouts cost a copy at every concat, upsample and norm)."""
-        return self._conv_forward(x, w, None).contiguous()
+    def _bias_free_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The bias-free conv; `forward` hands it channels-last input, on which oneDNN's float conv
+        runs without reordering input and output per call. `_integer_forward` rescales its (exact)
+        output into a contiguous NCHW tensor, the layout of the integer kernels' output and of the
+        FP model's tensors, so the float ops after this layer (norms, adds) see the same memory
+        layout and round alike in both runtimes (mixed layouts cost a copy at every concat,
+        upsample and norm)."""
+        return self._conv_forward(x, w, None)
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
