@@ -108,6 +108,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="50 samples per run, 1 finetune epoch")
     parser.add_argument("--bits", nargs="*", default=BITS, help=f"widths to run (default: {' '.join(BITS)}; w4a8 too)")
+    parser.add_argument("--methods", nargs="*", default=METHODS, help=f"recipes to run (default: {' '.join(METHODS)})")
+    parser.add_argument("--add", nargs="*", default=[], metavar="BITS:METHOD",
+                        help="further cases beyond --bits x --methods, e.g. w2a4:efficientdm w2a4:mpqdm")
     parser.add_argument("--ablations", action="store_true", help="also run the MPQ-DM ABLATIONS cases at W2A4")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
     parser.add_argument("--threads", type=int, default=2)
@@ -126,7 +129,12 @@ def main() -> None:
     common = sample_sets(args.num_samples, args.quick)
     extra = ("finetune.epochs=1",) if args.quick else ()
     cases = [Case(label=method, recipe=method, bits=bits, sets=extra if method != "ptq" else ())
-             for bits in args.bits for method in METHODS]
+             for bits in args.bits for method in args.methods]
+    for item in args.add:
+        bits, _, method = item.partition(":")
+        if method not in METHODS:
+            parser.error(f"--add {item}: METHOD must be one of {', '.join(METHODS)}")
+        cases.append(Case(label=method, recipe=method, bits=bits, sets=extra if method != "ptq" else ()))
     if args.ablations:
         cases += [Case(label=label, recipe=recipe, bits=bits, sets=(*sets, *extra), run_name=name)
                   for label, recipe, bits, sets, name in ABLATIONS]
