@@ -411,8 +411,7 @@ class IntLayer(TimestepSlots, nn.Module):
         if self.fused_rescale:
             return out.contiguous()
         if self.direct:
-            return rescale(out, delta, self.weight_scale, self.bias, channel_dim,
-                           out=torch.empty(out.shape, dtype=out.dtype, device=out.device))
+            return rescale(out, delta, self.weight_scale, self.bias, channel_dim, contiguous=True)
         view = [1] * out.dim()
         view[channel_dim] = self.out_ch
         main, sums = out.split([self.out_ch, 1], channel_dim)
@@ -441,8 +440,7 @@ class IntLayer(TimestepSlots, nn.Module):
                           self.k)
         acc = accumulate(op, u.to(torch.float32) - zx, weight, plan)
         # contiguous out (NCHW for a conv), written by the rescale's first pass
-        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim,
-                       out=None if acc.is_contiguous() else torch.empty(acc.shape, dtype=acc.dtype, device=acc.device))
+        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, contiguous=True)
 
     def _slot(self) -> int:
         if not self.temporal:
@@ -460,8 +458,7 @@ class IntLayer(TimestepSlots, nn.Module):
         """
         i = self._slot()
         delta = self.input_scale[i : i + 1]
-        q = _SCRATCH.like(x, torch.float32)
-        u = _SCRATCH.like(x, torch.uint8, slot=1)
+        q, u = _SCRATCH.like(x, torch.float32), _SCRATCH.like(x, torch.uint8, slot=1)
         q = torch.div(x, delta, out=q) if q is not None else torch.div(x, delta)
         q.round_().add_(self._z_add[i]).clamp_(self.q_min, self.q_max)  # in place: one float buffer
         if self._offset:
@@ -563,8 +560,8 @@ class IntConv2d(IntLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self._tune:
             self.autotune(x)
-        kernel = self.kernel
         u, zx, delta = self.quantize_input(x)
+        kernel = self.kernel
         if kernel == "onednn":
             return self._onednn(u, zx, delta)
         if kernel == "float":
@@ -579,8 +576,8 @@ class IntConv2d(IntLayer):
         cols, ho, wo = self.im2col(u, zx)
         acc = self.accumulate(cols, zx).reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
         # contiguous NCHW out, the layout every runtime hands to the float ops after a conv
-        return rescale(acc.to(torch.float32), delta, self.weight_scale, self.bias, 1,
-                       out=torch.empty(acc.shape, dtype=torch.float32, device=acc.device))
+        return rescale(acc.to(torch.float32, memory_format=torch.contiguous_format), delta, self.weight_scale,
+                       self.bias, 1)
 
     def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
         geometry = ([*self.stride], [*self.padding], [*self.dilation], 1)

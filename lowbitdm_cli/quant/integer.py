@@ -69,15 +69,18 @@ def accumulate(op: Callable[[Tensor, Tensor], Tensor], x_int: Tensor, w_int: Ten
 
 
 def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int,
-            out: Tensor | None = None) -> Tensor:
+            contiguous: bool = False) -> Tensor:
     """float32 ``((acc · Δx) · Δw[o]) + b[o]`` with the output channel o on `channel_dim`, computed
-    in place in `acc` (a temporary of the caller's: no new buffers on the hot path), or, given
-    `out` (float32, `acc`'s shape, any layout), into `out` (the first pass writes it: a layout
-    change costs no extra pass).
+    in place in `acc` (a float32 temporary of the caller's: no new buffers on the hot path). With
+    `contiguous` the result is contiguous (NCHW for a conv) whatever the layout of `acc`: where
+    `acc` is not, the first pass writes a new contiguous tensor, so the layout change costs no
+    extra pass.
 
     `x_scale` is a one-element tensor, `w_scale` and `bias` have one entry per output channel.
     """
     view = [1] * acc.dim()
     view[channel_dim] = -1
-    out = torch.mul(acc, x_scale.reshape(()), out=acc if out is None else out).mul_(w_scale.reshape(view))
+    dest = acc if not contiguous or acc.is_contiguous() else torch.empty(acc.shape, dtype=acc.dtype,
+                                                                          device=acc.device)
+    out = torch.mul(acc, x_scale.reshape(()), out=dest).mul_(w_scale.reshape(view))
     return out if bias is None else out.add_(bias.reshape(view))

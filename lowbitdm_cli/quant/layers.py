@@ -126,9 +126,7 @@ class QuantLayerMixin:
         acc = accumulate(op, x_int, w_int, plan, split)
         # contiguous out (NCHW for a conv, whatever layout `op` computed in): the first pass of
         # the rescale writes it, so the layout change costs no extra pass
-        return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim,
-                       out=None if acc.is_contiguous() else torch.empty(acc.shape, dtype=acc.dtype,
-                                                                        device=acc.device))
+        return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim, contiguous=True)
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
