@@ -15,6 +15,7 @@ and a row's metrics are the mean over seeds with the 95 % t interval of that mea
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable
@@ -42,6 +43,32 @@ def sample_sets(num_samples: int | None, quick: bool) -> list[str]:
     batches of at most 250. The sampler is the model's default (the recipes name none)."""
     n = num_samples or (QUICK_SAMPLES if quick else FULL_SAMPLES)
     return [f"sample.num_samples={n}", f"sample.batch_size={min(n, 250)}"]
+
+
+def add_matrix_args(parser: argparse.ArgumentParser) -> None:
+    """The options every method-table benchmark takes (runs folder, threads, seeds, samples, order)."""
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"runs per case, seed offsets 0..N-1 (default {FULL_SEEDS}, 1 with --quick)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help=f"samples per run (default {FULL_SAMPLES}, {QUICK_SAMPLES} with --quick)")
+    parser.add_argument("--reverse", action="store_true",
+                        help="work through the cases from the end (a second process can share the work)")
+
+
+def matrix_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Path, list[str]]:
+    """Apply `add_matrix_args`' options: set the threads and `args.seeds` (its default filled in);
+    return the runs folder and the common sample overrides."""
+    import torch
+
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else FULL_SEEDS
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    torch.set_num_threads(args.threads)
+    runs_dir = args.runs_dir or ROOT / ("runs-quick" if args.quick else "runs")
+    return runs_dir, sample_sets(args.num_samples, args.quick)
 
 
 @dataclass(frozen=True)

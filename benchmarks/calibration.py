@@ -21,21 +21,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-import torch
 from _matrix import (
-    FULL_SAMPLES,
-    FULL_SEEDS,
-    QUICK_SAMPLES,
-    ROOT,
     Case,
+    add_matrix_args,
     cell,
     disjoint,
     fmt,
+    matrix_setup,
     print_table,
     run_cases,
-    sample_sets,
     write_results,
 )
 
@@ -56,22 +51,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="50 samples per run and 20 reconstruction iterations")
     parser.add_argument("--bits", nargs="*", default=BITS)
-    parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seeds", type=int, default=None,
-                        help=f"runs per case, seed offsets 0..N-1 (default {FULL_SEEDS}, 1 with --quick)")
-    parser.add_argument("--num-samples", type=int, default=None,
-                        help=f"samples per run (default {FULL_SAMPLES}, {QUICK_SAMPLES} with --quick)")
+    add_matrix_args(parser)
     parser.add_argument("--ablations", action="store_true", help="also run the ABLATIONS cases (diagnostics)")
-    parser.add_argument("--reverse", action="store_true",
-                        help="work through the cases from the end (a second process can share the work)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    runs_dir = args.runs_dir or ROOT / ("runs-quick" if args.quick else "runs")
-    args.seeds = args.seeds or (1 if args.quick else FULL_SEEDS)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    common = sample_sets(args.num_samples, args.quick)
+    runs_dir, common = matrix_setup(args, parser)
     quick_recon = ("calibrate.recon_iters=20",) if args.quick else ()
 
     cases = []

@@ -24,22 +24,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-import torch
 from _matrix import (
-    FULL_SAMPLES,
-    FULL_SEEDS,
-    QUICK_SAMPLES,
-    ROOT,
     Case,
     Row,
+    add_matrix_args,
     cell,
     disjoint,
     fmt,
+    matrix_setup,
     print_table,
     run_cases,
-    sample_sets,
     write_results,
 )
 
@@ -112,21 +107,9 @@ def main() -> None:
     parser.add_argument("--add", nargs="*", default=[], metavar="BITS:METHOD",
                         help="further cases beyond --bits x --methods, e.g. w2a4:efficientdm w2a4:mpqdm")
     parser.add_argument("--ablations", action="store_true", help="also run the MPQ-DM ABLATIONS cases at W2A4")
-    parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/ (runs-quick/ with --quick)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seeds", type=int, default=None,
-                        help=f"runs per case, seed offsets 0..N-1 (default {FULL_SEEDS}, 1 with --quick)")
-    parser.add_argument("--num-samples", type=int, default=None,
-                        help=f"samples per run (default {FULL_SAMPLES}, {QUICK_SAMPLES} with --quick)")
-    parser.add_argument("--reverse", action="store_true",
-                        help="work through the cases from the end (a second process can share the work)")
+    add_matrix_args(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    runs_dir = args.runs_dir or ROOT / ("runs-quick" if args.quick else "runs")
-    args.seeds = args.seeds or (1 if args.quick else FULL_SEEDS)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    common = sample_sets(args.num_samples, args.quick)
+    runs_dir, common = matrix_setup(args, parser)
     extra = ("finetune.epochs=1",) if args.quick else ()
     cases = [Case(label=method, recipe=method, bits=bits, sets=extra if method != "ptq" else ())
              for bits in args.bits for method in args.methods]
