@@ -119,6 +119,10 @@ class FinetuneSection(_Section):
     steps: int | None = Field(None, ge=1, description="teacher DDIM steps per epoch; None = sample.steps")
     eta: float = Field(0.0, ge=0.0)
     guidance: float | None = None
+    trajectory: Literal["teacher", "student"] = Field(
+        "teacher", description="whose prediction moves x_t to the next step: teacher (EfficientDM: the student "
+                               "sees the FP trajectory) or student (the student sees the states it reaches itself, "
+                               "the teacher's prediction there is the target)")
     lr: float = Field(1e-3, gt=0)
     act_lr: float = Field(5e-4, ge=0)
     lora_rank: int = Field(8, ge=1)

@@ -2,7 +2,9 @@
 
 Per epoch: draw class labels and initial noise (seeded by (seed, epoch)), run the FP
 teacher's DDIM trajectory; at every step the student sees the same x_t and takes one
-optimizer step on its losses; the next x_t follows the teacher (EfficientDM §3.3).
+optimizer step on its losses; the next x_t follows the teacher (EfficientDM §3.3), or with
+`trajectory="student"` the student's own prediction, so it learns on the states it reaches
+when it samples (the teacher's ε at those states is the target).
 Checkpoints hold the trainable tensors, the optimizer state and the epoch reached;
 everything random is derived from (seed, epoch), so a resumed run reaches exactly the
 weights of an uninterrupted one.
@@ -51,6 +53,7 @@ class DistillConfig:
     eta: float
     guidance: float
     seed: int
+    trajectory: str = "teacher"  # whose ε moves x_t on: "teacher" (EfficientDM) or "student"
     loss: str = "mse"  # "mse" or "trd"
     trd_weight: float = 100.0
     trd_window: int = 2
@@ -168,6 +171,8 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
     t_den, s_den = teacher.denoiser, student.denoiser
     t_mods = {n: m for n, m in t_den.named_modules() if n in plan.local_layers}
     s_mods = {n: m for n, m in s_den.named_modules() if n in plan.local_layers}
+    if cfg.trajectory not in ("teacher", "student"):
+        raise ValueError(f"trajectory must be 'teacher' or 'student', got {cfg.trajectory!r}")
     if cfg.loss == "trd":
         t_mods["__trd__"], s_mods["__trd__"] = _feature_module(t_den), _feature_module(s_den)
     t_hooks, s_hooks = _Hooks(t_mods), _Hooks(s_mods)
@@ -235,7 +240,8 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
                 t_prev = ts[step + 1] if step + 1 < len(ts) else -1
                 if t_prev >= 0:
                     noise = initial_noise(gens, teacher.sample_shape).to(device) if cfg.eta > 0 else None
-                    x = ddim_step(teacher.schedule, x, eps_t, t, t_prev, cfg.eta, noise).detach()
+                    eps_next = eps_t if cfg.trajectory == "teacher" else eps_s.detach().float()
+                    x = ddim_step(teacher.schedule, x, eps_next, t, t_prev, cfg.eta, noise).detach()
                 progress("finetune", 1, total)
             on_epoch_end(epoch, losses)
     finally:

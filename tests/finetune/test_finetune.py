@@ -118,3 +118,44 @@ def test_calibrate_records_per_layer_output_error(calibrated):
     layers = calibrated.manifest.info["layers"]
     low = [errors[n] for n, s in layers.items() if s["w_bits"] == 4]
     assert errors["conv_in"] < sum(low) / len(low)
+
+
+@pytest.mark.parametrize("trajectory", ["teacher", "student"])
+def test_trajectory_moves_x_with_the_chosen_prediction(calibrated, trajectory):
+    """Each step's x_t is the previous x_t moved by DDIM with the teacher's ε (EfficientDM) or the
+    student's own ε (trajectory = "student"); the teacher always sees the student's x_t."""
+    from lowbitdm_cli.finetune.loop import DistillConfig, distill, make_optimizer
+    from lowbitdm_cli.finetune.methods import plan_method
+    from lowbitdm_cli.sampling import ddim_step, ddim_timesteps
+    from lowbitdm_cli.stages.common import load_fp_model
+
+    recipe = _recipe("qalora", f'finetune.trajectory="{trajectory}"', "finetune.epochs=1")
+    teacher = load_fp_model("tiny-random", recipe)
+    student = load_quantized_from(calibrated).with_conditioner(teacher.conditioner)
+    plan = plan_method(recipe.finetune, student.denoiser, 0)
+    seen = {"teacher": [], "student": []}
+
+    def record(model, who):
+        eps = model.eps
+
+        def wrapped(x, t, cond, guidance):
+            out = eps(x, t, cond, guidance)
+            seen[who].append((x.detach().clone(), t, out.detach().float().clone()))
+            return out
+        model.eps = wrapped
+
+    record(teacher, "teacher")
+    record(student, "student")
+    cfg = DistillConfig(epochs=1, batch_size=2, steps=4, eta=0.0, guidance=1.0, seed=0, trajectory=trajectory)
+    opt, sched = make_optimizer(plan, 4)
+    distill(teacher, student, plan, cfg, opt, sched, 0, lambda *_: None)
+    ts = ddim_timesteps(teacher.schedule.num_train_timesteps, 4)
+    assert len(seen["teacher"]) == len(seen["student"]) == 4
+    for k in range(3):
+        x, t, eps_t = seen["teacher"][k]
+        torch.testing.assert_close(seen["student"][k][0], x)  # both see the same x_t
+        eps_move = eps_t if trajectory == "teacher" else seen["student"][k][2]
+        expected = ddim_step(teacher.schedule, x, eps_move, ts[k], ts[k + 1], 0.0, None)
+        torch.testing.assert_close(seen["teacher"][k + 1][0], expected)
+    student_moved = ddim_step(teacher.schedule, seen["teacher"][0][0], seen["student"][0][2], ts[0], ts[1], 0.0, None)
+    assert (trajectory == "student") == torch.allclose(seen["teacher"][1][0], student_moved)
