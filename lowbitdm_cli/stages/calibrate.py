@@ -42,6 +42,7 @@ from lowbitdm_cli.errors import ArtifactError
 from lowbitdm_cli.models.registry import model_ref, sampler_defaults
 from lowbitdm_cli.models.text import prompts_digest
 from lowbitdm_cli.models.wrapper import DiffusionModel
+from lowbitdm_cli.quant.cost import bit_budget, layer_macs
 from lowbitdm_cli.quant.model import load_quant_state, quant_state, quantize_denoiser
 from lowbitdm_cli.quant.policy import build_layer_specs
 from lowbitdm_cli.recipes import CalibrateSection, Recipe
@@ -170,6 +171,8 @@ def _calibrate(run: StageRun, recipe: Recipe, model: DiffusionModel, missing: li
     # reconstruction targets come from an untouched copy (folded AdaRound weights change `model`)
     fp_model = replace(model, denoiser=copy.deepcopy(model.denoiser)) if cfg.method in RECONSTRUCTING else None
     specs = build_layer_specs(model.denoiser, recipe.quant)
+    dense = {n: s for n, s in specs.items() if s.kind != "matmul"}
+    budget = bit_budget(dense, layer_macs(model, list(dense)))
     if recipe.quant.split_shortcut:
         splits = shortcut_splits(model, data, settings.guidance)
         specs = {n: s.model_copy(update={"a_split": splits[n]}) if n in splits and s.a_bits else s
@@ -199,6 +202,7 @@ def _calibrate(run: StageRun, recipe: Recipe, model: DiffusionModel, missing: li
         "method": cfg.method,
         "bits": recipe.quant.bits,
         "layers": {n: s.model_dump() for n, s in specs.items()},
+        "bit_budget": budget,
         "timesteps": data.ts.tolist(),
         "num_calibration_samples": cfg.num_samples,
         "layer_output_error": errors,
