@@ -163,6 +163,29 @@ def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
     return fp_row, rows
 
 
+def keep_previous_rows(name: str, rows: list[Row], quick: bool, log: Callable[[str], None] = print) -> list[Row]:
+    """`rows` plus the rows of the existing results/NAME.json whose (label, bits) were not run now,
+    each marked ``extra["kept_from_previous"]``; a case run again is compared with its previous
+    value (the runs are deterministic, so equal values show the kept rows are still this code's)."""
+    path = ROOT / "benchmarks" / "results" / (f"{name}_quick.json" if quick else f"{name}.json")
+    if not path.exists():
+        return rows
+    previous = [Row(**r) for r in json.loads(path.read_text())["runs"]]
+    now = {(r.label, r.bits): r for r in rows}
+    kept = []
+    for old in previous:
+        new = now.get((old.label, old.bits))
+        if new is None:
+            old.extra["kept_from_previous"] = True
+            kept.append(old)
+            continue
+        a, b = old.metrics.get("fid_digits"), new.metrics.get("fid_digits")
+        if a is not None and b is not None:
+            log(f"rerun {old.bits} {old.label}: FID-digits {b:.4f} now, {a:.4f} in {path.name} "
+                f"({'identical' if a == b else f'differs by {b - a:+.4f}'})")
+    return rows + kept
+
+
 def cell(row: Row, key: str) -> str:
     """``mean [low, high]`` of a metric (class accuracy in %), or the value alone without an interval."""
     v = row.metrics.get(key)

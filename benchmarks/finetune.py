@@ -1,16 +1,20 @@
 """Finetuning methods on the embedded digits model, side by side with naive PTQ and FP:
-EfficientDM (QALoRA + TALSQ), QuEST, full QAT and MPQ-DM (OMQ + TRD) at W4A4, W3A4 and W2A4 —
-each with its recipe's settings (recipes/*.toml); `--ablations` adds MPQ-DM's parts apart
-(OMQ only, TRD only) at W2A4.
+EfficientDM (QALoRA + TALSQ), QuEST, full QAT, MPQ-DM (OMQ + TRD) and lowbitdm's EfficientDM+
+(8-bit 1x1 shortcuts + student-trajectory distillation) at W4A4, W3A4 and W2A4 — each with its
+recipe's settings (recipes/*.toml); `--ablations` adds MPQ-DM's parts apart (OMQ only, TRD
+only) at W2A4 and EfficientDM+'s (8-bit shortcuts only at every width, student trajectory only
+at W4A4).
 
 Columns: FID-digits and class accuracy of the same class-balanced samples (same seeds), the
-calibrate and finetune stages' wall times, the finetune stage's own peak RSS, and the fraction
-of parameters trained. Then the issues' targets, each with the measured numbers and whether it
+calibrate and finetune stages' wall times, the finetune stage's own peak RSS, the fraction
+of parameters trained, and the MAC-weighted mean weight / activation bits of the layer policy
+(`lowbitdm_cli.quant.cost`: recipes of one nominal width differ where they keep layers at 8 bits). Then the issues' targets, each with the measured numbers and whether it
 is met. Finished stages under --runs-dir are reused, so an interrupted run resumes.
 
     python benchmarks/finetune.py              # the README table: 1000 samples per run, 3 seeds
     python benchmarks/finetune.py --ablations  # and the MPQ-DM ablation rows
     python benchmarks/finetune.py --quick      # 50 samples, 1 seed, 1 finetune epoch (a smoke run)
+    python benchmarks/finetune.py --methods efficientdm-plus --keep-previous   # rerun some rows only
 
 Each FID-digits and class-accuracy cell shows its 95 % interval: with N > 1 seeds the mean over
 N seeds (calibration, finetuning and sampling redrawn) and the t interval of that mean, else the
@@ -32,6 +36,7 @@ from _matrix import (
     cell,
     disjoint,
     fmt,
+    keep_previous_rows,
     matrix_setup,
     print_table,
     run_cases,
@@ -39,13 +44,23 @@ from _matrix import (
 )
 
 BITS = ["w4a4", "w3a4", "w2a4"]
-METHODS = ["ptq", "efficientdm", "quest", "qat", "mpqdm"]  # the label is the recipe's name
-# --ablations: MPQ-DM's two parts apart at W2A4 (the paper's ablation, Table 3 of MPQ-DM):
-# (label, recipe, bits, sets, run folder name)
-ABLATIONS = [
-    ("mpqdm omq only", "mpqdm", "w2a4", ("finetune.loss=mse",), "mpqdm-omq-only"),
-    ("mpqdm trd only", "mpqdm", "w2a4", ("calibrate.mixed=none",), "mpqdm-trd-only"),
-]
+METHODS = ["ptq", "efficientdm", "quest", "qat", "mpqdm", "efficientdm-plus"]  # the label is the recipe's name
+# --ablations: a method's parts apart, (label, recipe, bits, sets, run folder name) by method.
+# MPQ-DM's two parts at W2A4 (the paper's ablation, Table 3 of MPQ-DM); EfficientDM+'s two
+# changes to EfficientDM apart (the 8-bit shortcuts at every width, the student trajectory at W4A4).
+ABLATIONS = {
+    "mpqdm": [
+        ("mpqdm omq only", "mpqdm", "w2a4", ("finetune.loss=mse",), "mpqdm-omq-only"),
+        ("mpqdm trd only", "mpqdm", "w2a4", ("calibrate.mixed=none",), "mpqdm-trd-only"),
+    ],
+    "efficientdm-plus": [
+        *(("efficientdm-plus 8-bit shortcuts only", "efficientdm-plus", bits, ('finetune.trajectory="teacher"',),
+           "efficientdm-plus-shortcut8-only") for bits in BITS),
+        ("efficientdm-plus student trajectory only", "efficientdm-plus", "w4a4",
+         ('quant.keep_8bit=["time_embedding", "conv_in", "conv_out"]',), "efficientdm-plus-trajectory-only"),
+    ],
+}
+ABLATION_ROWS = [a for rows in ABLATIONS.values() for a in rows]
 
 
 def _targets(fp: Row, rows: list[Row]) -> list[dict]:
@@ -99,6 +114,29 @@ def _targets(fp: Row, rows: list[Row]) -> list[dict]:
     return out
 
 
+def _bit_budgets(rows: list[Row]) -> dict[tuple[str, str], dict]:
+    """Each row's MAC-weighted bits, from its recipe's layer policy on the digits model."""
+    from torch import nn
+
+    from lowbitdm_cli.quant.cost import bit_budget, layer_macs
+    from lowbitdm_cli.quant.policy import build_layer_specs
+    from lowbitdm_cli.recipes import load_recipe
+    from lowbitdm_cli.stages.common import load_fp_model
+
+    cases = {label: (recipe, sets) for label, recipe, _bits, sets, _name in ABLATION_ROWS}
+    model, macs, out = None, None, {}
+    for r in rows:
+        recipe_name, sets = cases.get(r.label, (r.label, ()))
+        recipe = load_recipe(recipe_name, model="digits", bits=r.bits, sets=list(sets))
+        if model is None:
+            model = load_fp_model("digits", recipe)
+            macs = layer_macs(model, [n for n, m in model.denoiser.named_modules()
+                                      if isinstance(m, (nn.Conv2d, nn.Linear))])
+        specs = {n: s for n, s in build_layer_specs(model.denoiser, recipe.quant).items() if s.kind != "matmul"}
+        out[r.label, r.bits] = bit_budget(specs, macs)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="50 samples per run, 1 finetune epoch")
@@ -106,7 +144,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=METHODS, help=f"recipes to run (default: {' '.join(METHODS)})")
     parser.add_argument("--add", nargs="*", default=[], metavar="BITS:METHOD",
                         help="further cases beyond --bits x --methods, e.g. w2a4:efficientdm w2a4:mpqdm")
-    parser.add_argument("--ablations", action="store_true", help="also run the MPQ-DM ABLATIONS cases at W2A4")
+    parser.add_argument("--ablations", nargs="*", default=None, choices=sorted(ABLATIONS), metavar="METHOD",
+                        help=f"also run these methods' ablation rows ({', '.join(ABLATIONS)}; none named: all)")
+    parser.add_argument("--keep-previous", action="store_true",
+                        help="keep the rows of the existing results file that this invocation does not run "
+                             "(marked as kept; a rerun row is compared with its previous value)")
     add_matrix_args(parser)
     args = parser.parse_args()
     runs_dir, common = matrix_setup(args, parser)
@@ -118,26 +160,32 @@ def main() -> None:
         if method not in METHODS:
             parser.error(f"--add {item}: METHOD must be one of {', '.join(METHODS)}")
         cases.append(Case(label=method, recipe=method, bits=bits, sets=extra if method != "ptq" else ()))
-    if args.ablations:
-        cases += [Case(label=label, recipe=recipe, bits=bits, sets=(*sets, *extra), run_name=name)
-                  for label, recipe, bits, sets, name in ABLATIONS]
+    if args.ablations is not None:
+        for method in args.ablations or ABLATIONS:
+            cases += [Case(label=label, recipe=recipe, bits=bits, sets=(*sets, *extra), run_name=name)
+                      for label, recipe, bits, sets, name in ABLATIONS[method]]
 
     t0 = time.time()
     fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds)
+    if args.keep_previous:
+        rows = keep_previous_rows("finetune", rows, args.quick)
     order = {b: i for i, b in enumerate(["w4a4", "w4a8", "w3a4", "w2a4"])}
-    labels = [*METHODS, *(a[0] for a in ABLATIONS)]
+    labels = [*METHODS, *(a[0] for a in ABLATION_ROWS)]
     rows.sort(key=lambda r: (order.get(r.bits, 9), labels.index(r.label)))
     fp_fid = fp.metrics["fid_digits"]
     headers = ["bits", "method", "FID-digits ↓ [95 %]", "vs FP", "class acc ↑ [95 %]", "calibrate s", "finetune s",
-               "finetune peak MB", "trained params"]
-    table = [["fp32", "-", cell(fp, "fid_digits"), "1.00x", cell(fp, "class_accuracy"), "-", "-", "-", "-"]]
+               "finetune peak MB", "trained params", "mean bits w/a"]
+    table = [["fp32", "-", cell(fp, "fid_digits"), "1.00x", cell(fp, "class_accuracy"), "-", "-", "-", "-", "32/32"]]
+    budgets = _bit_budgets(rows)
     for r in rows:
+        r.extra["bit_budget"] = budgets[r.label, r.bits]
         fid = r.metrics["fid_digits"]
         table.append([r.bits, r.label, cell(r, "fid_digits"), f"{fid / fp_fid:.2f}x",
                       cell(r, "class_accuracy"), fmt(r.calibrate_s, ".0f"),
                       fmt(r.finetune_s, ".0f") if r.label != "ptq" else "-",
                       fmt(r.finetune_peak_mb, ".0f") if r.label != "ptq" else "-",
-                      fmt(100 * r.trainable_fraction, ".1f") + "%" if r.trainable_fraction else "-"])
+                      fmt(100 * r.trainable_fraction, ".1f") + "%" if r.trainable_fraction else "-",
+                      f"{budgets[r.label, r.bits]['mean_w_bits']:.2f}/{budgets[r.label, r.bits]['mean_a_bits']:.2f}"])
     markdown = print_table(headers, table)
     targets = _targets(fp, rows)
     for t in targets:
