@@ -180,13 +180,19 @@ def main() -> None:
     for r in rows:
         r.extra["bit_budget"] = budgets[r.label, r.bits]
         fid = r.metrics["fid_digits"]
-        table.append([r.bits, r.label, cell(r, "fid_digits"), f"{fid / fp_fid:.2f}x",
+        kept = " *" if r.extra.get("kept_from_previous") else ""
+        table.append([r.bits, r.label + kept, cell(r, "fid_digits"), f"{fid / fp_fid:.2f}x",
                       cell(r, "class_accuracy"), fmt(r.calibrate_s, ".0f"),
                       fmt(r.finetune_s, ".0f") if r.label != "ptq" else "-",
                       fmt(r.finetune_peak_mb, ".0f") if r.label != "ptq" else "-",
                       fmt(100 * r.trainable_fraction, ".1f") + "%" if r.trainable_fraction else "-",
                       f"{budgets[r.label, r.bits]['mean_w_bits']:.2f}/{budgets[r.label, r.bits]['mean_a_bits']:.2f}"])
     markdown = print_table(headers, table)
+    if any(r.extra.get("kept_from_previous") for r in rows):
+        note = ("\n\n\\* kept from the previous results file (--keep-previous): not rerun by this invocation; "
+                "its time columns are from that run")
+        print(note.strip())
+        markdown += note
     targets = _targets(fp, rows)
     for t in targets:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")

@@ -164,3 +164,23 @@ def test_recipe_schema_version(tmp_path: Path) -> None:
     path.write_text(f'schema_version = {RECIPE_VERSION + 1}\nname = "r"\n')
     with pytest.raises(RecipeError, match=r"recipe: schema_version: version \d+ is newer.*upgrade lowbitdm"):
         load_recipe(path)
+
+
+def test_efficientdm_plus_keeps_the_shortcuts_at_8_bits() -> None:
+    """The recipe's one policy change: role `shortcut` (1x1 residual-stream projections) at W8A8,
+    every other ResBlock conv at the nominal width; the bit budget counts them."""
+    from lowbitdm_cli.quant.cost import bit_budget, layer_macs
+    from lowbitdm_cli.quant.policy import build_layer_specs
+    from lowbitdm_cli.stages.common import load_fp_model
+
+    recipe = load_recipe("efficientdm-plus", model="tiny-random", bits="w4a4")
+    assert recipe.finetune.trajectory == "student"
+    model = load_fp_model("tiny-random", recipe)
+    specs = build_layer_specs(model.denoiser, recipe.quant)
+    shortcuts = {n for n, s in specs.items() if s.role == "shortcut"}
+    assert shortcuts, "tiny-random has no 1x1 shortcut: the test needs one"
+    assert all((specs[n].w_bits, specs[n].a_bits) == (8, 8) for n in shortcuts)
+    assert all((s.w_bits, s.a_bits) == (4, 4) for s in specs.values() if s.role == "conv")
+    dense = {n: s for n, s in specs.items() if s.kind != "matmul"}
+    budget = bit_budget(dense, layer_macs(model, list(dense)))
+    assert 4 < budget["mean_a_bits"] < 8 and budget["a_bits_mac_share"]["8"] > 0
