@@ -163,10 +163,12 @@ def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
     return fp_row, rows
 
 
-def keep_previous_rows(name: str, rows: list[Row], quick: bool, log: Callable[[str], None] = print) -> list[Row]:
+def keep_previous_rows(name: str, rows: list[Row], quick: bool, labels: set[str],
+                       log: Callable[[str], None] = print) -> list[Row]:
     """`rows` plus the rows of the existing results/NAME.json whose (label, bits) were not run now,
     each marked ``extra["kept_from_previous"]``; a case run again is compared with its previous
-    value (the runs are deterministic, so equal values show the kept rows are still this code's)."""
+    value (the runs are deterministic, so equal values show the kept rows are still this code's).
+    Rows whose label is not in `labels` (cases the benchmark no longer defines) are dropped."""
     path = ROOT / "benchmarks" / "results" / (f"{name}_quick.json" if quick else f"{name}.json")
     if not path.exists():
         return rows
@@ -175,6 +177,9 @@ def keep_previous_rows(name: str, rows: list[Row], quick: bool, log: Callable[[s
     kept = []
     for old in previous:
         new = now.get((old.label, old.bits))
+        if old.label not in labels:
+            log(f"dropped {old.bits} {old.label} from {path.name}: no longer a case of this benchmark")
+            continue
         if new is None:
             old.extra["kept_from_previous"] = True
             kept.append(old)

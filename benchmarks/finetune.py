@@ -2,8 +2,8 @@
 EfficientDM (QALoRA + TALSQ), QuEST, full QAT, MPQ-DM (OMQ + TRD) and lowbitdm's EfficientDM+
 (8-bit 1x1 shortcuts + student-trajectory distillation) at W4A4, W3A4 and W2A4 — each with its
 recipe's settings (recipes/*.toml); `--ablations` adds MPQ-DM's parts apart (OMQ only, TRD
-only) at W2A4 and EfficientDM+'s (8-bit shortcuts only at every width, student trajectory only
-at W4A4, 24 instead of 8 epochs at W3A4 and W2A4).
+only) at W2A4 and EfficientDM+'s at EfficientDM's 8 epochs (both changes, and 8-bit shortcuts
+only, at every width; student trajectory only at W4A4).
 
 Columns: FID-digits and class accuracy of the same class-balanced samples (same seeds), the
 calibrate and finetune stages' wall times, the finetune stage's own peak RSS, the fraction
@@ -47,20 +47,21 @@ BITS = ["w4a4", "w3a4", "w2a4"]
 METHODS = ["ptq", "efficientdm", "quest", "qat", "mpqdm", "efficientdm-plus"]  # the label is the recipe's name
 # --ablations: a method's parts apart, (label, recipe, bits, sets, run folder name) by method.
 # MPQ-DM's two parts at W2A4 (the paper's ablation, Table 3 of MPQ-DM); EfficientDM+'s two
-# changes to EfficientDM apart (the 8-bit shortcuts at every width, the student trajectory at W4A4)
-# and 3x the distillation steps at the widths where the weights limit.
+# changes to EfficientDM apart at EfficientDM's 8 epochs (the 8-bit shortcuts at every width, the
+# student trajectory at W4A4), and both at 8 epochs (the recipe trains 24).
 ABLATIONS = {
     "mpqdm": [
         ("mpqdm omq only", "mpqdm", "w2a4", ("finetune.loss=mse",), "mpqdm-omq-only"),
         ("mpqdm trd only", "mpqdm", "w2a4", ("calibrate.mixed=none",), "mpqdm-trd-only"),
     ],
     "efficientdm-plus": [
-        *(("efficientdm-plus 8-bit shortcuts only", "efficientdm-plus", bits, ('finetune.trajectory="teacher"',),
-           "efficientdm-plus-shortcut8-only") for bits in BITS),
-        ("efficientdm-plus student trajectory only", "efficientdm-plus", "w4a4",
-         ('quant.keep_8bit=["time_embedding", "conv_in", "conv_out"]',), "efficientdm-plus-trajectory-only"),
-        *(("efficientdm-plus 24 epochs", "efficientdm-plus", bits, ("finetune.epochs=24",), "efficientdm-plus-24-epochs")
-          for bits in ("w3a4", "w2a4")),
+        *(("efficientdm-plus 8 epochs", "efficientdm-plus", bits, ("finetune.epochs=8",), "efficientdm-plus-8-epochs")
+          for bits in BITS),
+        *(("efficientdm-plus 8-bit shortcuts only, 8 epochs", "efficientdm-plus", bits,
+           ('finetune.trajectory="teacher"', "finetune.epochs=8"), "efficientdm-plus-shortcut8-only") for bits in BITS),
+        ("efficientdm-plus student trajectory only, 8 epochs", "efficientdm-plus", "w4a4",
+         ('quant.keep_8bit=["time_embedding", "conv_in", "conv_out"]', "finetune.epochs=8"),
+         "efficientdm-plus-trajectory-only"),
     ],
 }
 ABLATION_ROWS = [a for rows in ABLATIONS.values() for a in rows]
@@ -171,7 +172,8 @@ def main() -> None:
     t0 = time.time()
     fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds)
     if args.keep_previous:
-        rows = keep_previous_rows("finetune", rows, args.quick)
+        rows = keep_previous_rows("finetune", rows, args.quick,
+                                  labels={*METHODS, *(a[0] for a in ABLATION_ROWS)})
     order = {b: i for i, b in enumerate(["w4a4", "w4a8", "w3a4", "w2a4"])}
     labels = [*METHODS, *(a[0] for a in ABLATION_ROWS)]
     rows.sort(key=lambda r: (order.get(r.bits, 9), labels.index(r.label)))
