@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _matrix import print_table
 
 from lowbitdm_cli.calibration.data import collect_batch, select_steps
 from lowbitdm_cli.export.kernel_probe import cpu_description
@@ -62,8 +63,7 @@ def main() -> None:
     for name, spec in specs.items():
         if spec.kind != "matmul" and spec.a_bits == low:
             roles.setdefault(spec.role, []).append(name)
-    dense = {n: s for n, s in specs.items() if s.kind != "matmul"}
-    macs = layer_macs(fp, list(dense))
+    macs = layer_macs(fp, list(specs))
     total = sum(macs.values())
     variants = {"none": [], **roles, "all": [n for names in roles.values() for n in names]}
 
@@ -87,8 +87,7 @@ def main() -> None:
             errs = [((q.eps(data.xs[s], int(data.ts[s]), data.conds, guidance) - ref[s]) ** 2).mean().item()
                     for s in range(len(data.ts))]
         share = sum(macs.get(n, 0) for n in names) / total
-        budget = bit_budget({n: s for n, s in build_layer_specs(fp.denoiser, recipe.quant).items()
-                             if s.kind != "matmul"}, macs)
+        budget = bit_budget(build_layer_specs(fp.denoiser, recipe.quant), macs)
         results[label] = {"layers": len(names), "eps_mse": errs, "mac_share": share,
                           "mean_a_bits": budget["mean_a_bits"]}
         print(f"{label}: ε MSE per step " + " ".join(f"{e:.5f}" for e in errs), flush=True)
@@ -110,12 +109,7 @@ def main() -> None:
         ratio = r["x_next_mse"] / base_x
         rows.append([label, str(r["layers"]), *(f"{e:.4f}" for e in r["eps_mse"]), f"{ratio:.2f}x",
                      f"{100 * r['mac_share']:.1f}%"])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
-    markdown = "\n".join(lines)
-    print(markdown)
+    markdown = print_table(headers, rows)
     path = ROOT / "benchmarks" / "results" / ("act_sensitivity_quick.json" if args.quick else "act_sensitivity.json")
     path.write_text(json.dumps({"quick": args.quick, "model": args.model, "bits": args.bits, "recipe": args.recipe,
                                 "held_out_samples": held_out, "timesteps": ts, "cpu": cpu_description(),

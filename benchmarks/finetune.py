@@ -136,8 +136,7 @@ def _bit_budgets(rows: list[Row]) -> dict[tuple[str, str], dict]:
             model = load_fp_model("digits", recipe)
             macs = layer_macs(model, [n for n, m in model.denoiser.named_modules()
                                       if isinstance(m, (nn.Conv2d, nn.Linear))])
-        specs = {n: s for n, s in build_layer_specs(model.denoiser, recipe.quant).items() if s.kind != "matmul"}
-        out[r.label, r.bits] = bit_budget(specs, macs)
+        out[r.label, r.bits] = bit_budget(build_layer_specs(model.denoiser, recipe.quant), macs)
     return out
 
 

@@ -181,6 +181,5 @@ def test_efficientdm_plus_keeps_the_shortcuts_at_8_bits() -> None:
     assert shortcuts, "tiny-random has no 1x1 shortcut: the test needs one"
     assert all((specs[n].w_bits, specs[n].a_bits) == (8, 8) for n in shortcuts)
     assert all((s.w_bits, s.a_bits) == (4, 4) for s in specs.values() if s.role == "conv")
-    dense = {n: s for n, s in specs.items() if s.kind != "matmul"}
-    budget = bit_budget(dense, layer_macs(model, list(dense)))
+    budget = bit_budget(specs, layer_macs(model, list(specs)))
     assert 4 < budget["mean_a_bits"] < 8 and budget["a_bits_mac_share"]["8"] > 0

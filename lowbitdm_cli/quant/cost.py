@@ -18,8 +18,9 @@ __all__ = ["bit_budget", "layer_macs"]
 
 
 def layer_macs(model, names: list[str]) -> dict[str, int]:  # noqa: ANN001 - DiffusionModel
-    """Multiply-accumulates per sample of the conv / linear layers `names` in one denoiser call
-    (one CFG branch), measured by running the denoiser once on a zero sample at the middle timestep."""
+    """Multiply-accumulates per sample of the conv / linear layers among `names` (other modules
+    are skipped) in one denoiser call (one CFG branch), measured by running the denoiser once on a
+    zero sample at the middle timestep."""
     modules = dict(model.denoiser.named_modules())
     macs: dict[str, int] = defaultdict(int)
 
@@ -49,7 +50,9 @@ def layer_macs(model, names: list[str]) -> dict[str, int]:  # noqa: ANN001 - Dif
 
 def bit_budget(specs: dict[str, LayerSpec], macs: dict[str, int]) -> dict:
     """MAC-weighted mean weight and activation bits over the quantized conv / linear layers, and
-    the share of their MACs at each activation width ("fp" where the input stays float)."""
+    the share of their MACs at each activation width ("fp" where the input stays float).
+    Attention-matmul specs (kind "matmul") are not conv / linear layers and are left out."""
+    specs = {n: s for n, s in specs.items() if s.kind != "matmul"}
     total = sum(macs.get(n, 0) for n in specs)
     if total == 0:
         return {}

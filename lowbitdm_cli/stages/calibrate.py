@@ -171,8 +171,8 @@ def _calibrate(run: StageRun, recipe: Recipe, model: DiffusionModel, missing: li
     # reconstruction targets come from an untouched copy (folded AdaRound weights change `model`)
     fp_model = replace(model, denoiser=copy.deepcopy(model.denoiser)) if cfg.method in RECONSTRUCTING else None
     specs = build_layer_specs(model.denoiser, recipe.quant)
-    dense = {n: s for n, s in specs.items() if s.kind != "matmul"}
-    budget = bit_budget(dense, layer_macs(model, list(dense)))
+    # the FP model's MACs (one denoiser call), before its layers are wrapped; rank 0 writes the manifest
+    budget = bit_budget(specs, layer_macs(model, list(specs))) if group.is_main else None
     if recipe.quant.split_shortcut:
         splits = shortcut_splits(model, data, settings.guidance)
         specs = {n: s.model_copy(update={"a_split": splits[n]}) if n in splits and s.a_bits else s

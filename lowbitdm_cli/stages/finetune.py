@@ -104,7 +104,8 @@ def _finetune(run: StageRun, parent: Artifact, recipe: Recipe, from_checkpoint: 
     t0 = time.time()
     if plan.groups:
         dc = DistillConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, steps=cfg.steps or recipe.sample.steps,
-                           eta=cfg.eta, trajectory=cfg.trajectory, guidance=cfg.guidance if cfg.guidance is not None else recipe.sample.guidance,
+                           eta=cfg.eta, trajectory=cfg.trajectory,
+                           guidance=cfg.guidance if cfg.guidance is not None else recipe.sample.guidance,
                            seed=cfg.seed, loss=cfg.loss, trd_weight=cfg.trd_weight, trd_window=cfg.trd_window,
                            local_weight=1.0 if cfg.method == "quest" else 0.0,
                            global_weight=2.0 if cfg.method == "quest" else 1.0,

@@ -152,7 +152,7 @@ def test_trajectory_moves_x_with_the_chosen_prediction(calibrated, trajectory):
     ts = ddim_timesteps(teacher.schedule.num_train_timesteps, 4)
     assert len(seen["teacher"]) == len(seen["student"]) == 4
     for k in range(3):
-        x, t, eps_t = seen["teacher"][k]
+        x, _t, eps_t = seen["teacher"][k]
         torch.testing.assert_close(seen["student"][k][0], x)  # both see the same x_t
         eps_move = eps_t if trajectory == "teacher" else seen["student"][k][2]
         expected = ddim_step(teacher.schedule, x, eps_move, ts[k], ts[k + 1], 0.0, None)

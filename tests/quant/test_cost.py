@@ -33,3 +33,6 @@ def test_bit_budget_weights_bits_by_macs():
     assert budget["a_bits_mac_share"] == {"4": 0.6, "8": 0.3, "fp": 0.1}
     assert budget["w_bits_mac_share"] == {"4": 0.9, "8": 0.1}
     assert bit_budget(specs, {}) == {}
+    # attention-matmul specs are no conv / linear layers: left out, whatever MACs a caller passes
+    with_matmul = {**specs, "m": LayerSpec(role="attention_matmul", kind="matmul", a_bits=4)}
+    assert bit_budget(with_matmul, {"a": 600, "b": 300, "c": 100, "m": 500}) == budget
