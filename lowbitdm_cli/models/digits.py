@@ -24,6 +24,8 @@ __all__ = [
     "DIGITS_UNET_CONFIG",
     "DigitsSplit",
     "WEIGHTS_DIR",
+    "DIGITS_DIT_CONFIG",
+    "build_digits_dit",
     "build_digits_unet",
     "load_digits_split",
 ]
@@ -47,6 +49,21 @@ DIGITS_UNET_CONFIG: dict = {
     "num_class_embeds": NUM_CLASSES + 1,
     "attention_head_dim": 32,
     "norm_num_groups": 16,
+}
+
+# diffusers DiTTransformer2DModel arguments of the embedded digits DiT: pixel space, patch 2 (an 8x8
+# grid of 64 tokens: the digits' native resolution), 6 blocks of width 128 (4 heads of 32), adaLN-Zero
+# conditioning on timestep and class (10 classes; the table's 11th row is the null class for CFG).
+DIGITS_DIT_CONFIG: dict = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 1,
+    "out_channels": 1,
+    "patch_size": 2,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "num_layers": 6,
+    "num_embeds_ada_norm": NUM_CLASSES,
+    "norm_num_groups": 32,
 }
 
 # DDPM schedule (Ho et al. 2020): 1000 steps, linear betas.
@@ -96,6 +113,13 @@ def build_digits_unet(config: dict | None = None):
     from diffusers import UNet2DModel
 
     return UNet2DModel(**(config or DIGITS_UNET_CONFIG))
+
+
+def build_digits_dit(config: dict | None = None):
+    """An untrained diffusers DiTTransformer2DModel with the digits DiT architecture."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(**(config or DIGITS_DIT_CONFIG))
 
 
 def _alphas_cumprod(schedule: dict) -> torch.Tensor:
