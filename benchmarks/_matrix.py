@@ -53,6 +53,8 @@ def add_matrix_args(parser: argparse.ArgumentParser) -> None:
                         help=f"runs per case, seed offsets 0..N-1 (default {FULL_SEEDS}, 1 with --quick)")
     parser.add_argument("--num-samples", type=int, default=None,
                         help=f"samples per run (default {FULL_SAMPLES}, {QUICK_SAMPLES} with --quick)")
+    parser.add_argument("--model", default="digits", help="the embedded model (or a digits-shaped diffusers "
+                        "folder) every case runs on")
     parser.add_argument("--reverse", action="store_true",
                         help="work through the cases from the end (a second process can share the work)")
 
@@ -123,7 +125,7 @@ def _seeded_row(label: str, bits: str, run_dirs: list[Path]) -> Row:
 
 def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
               log: Callable[[str], None] = lambda msg: print(msg, flush=True),
-              reverse: bool = False, seeds: int = 1) -> tuple[Row, list[Row]]:
+              reverse: bool = False, seeds: int = 1, model: str = "digits") -> tuple[Row, list[Row]]:
     """Run every case (skipping finished stages); return the FP row and one row per case.
 
     Several processes may work through the same case list (e.g. one with `reverse`): a case whose
@@ -136,7 +138,7 @@ def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
     while queue:
         case, k = queue.pop(0)
         t0 = time.time()
-        recipe = load_recipe(case.recipe, model="digits", bits=case.bits, sets=[*common_sets, *case.sets])
+        recipe = load_recipe(case.recipe, model=model, bits=case.bits, sets=[*common_sets, *case.sets])
         if case.run_name:
             recipe = recipe.model_copy(update={"name": case.run_name})
         try:

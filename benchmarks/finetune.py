@@ -118,8 +118,8 @@ def _targets(fp: Row, rows: list[Row]) -> list[dict]:
     return out
 
 
-def _bit_budgets(rows: list[Row]) -> dict[tuple[str, str], dict]:
-    """Each row's MAC-weighted bits, from its recipe's layer policy on the digits model."""
+def _bit_budgets(rows: list[Row], model_name: str = "digits") -> dict[tuple[str, str], dict]:
+    """Each row's MAC-weighted bits, from its recipe's layer policy on the model."""
     from torch import nn
 
     from lowbitdm_cli.quant.cost import bit_budget, layer_macs
@@ -131,9 +131,9 @@ def _bit_budgets(rows: list[Row]) -> dict[tuple[str, str], dict]:
     model, macs, out = None, None, {}
     for r in rows:
         recipe_name, sets = cases.get(r.label, (r.label, ()))
-        recipe = load_recipe(recipe_name, model="digits", bits=r.bits, sets=list(sets))
+        recipe = load_recipe(recipe_name, model=model_name, bits=r.bits, sets=list(sets))
         if model is None:
-            model = load_fp_model("digits", recipe)
+            model = load_fp_model(model_name, recipe)
             macs = layer_macs(model, [n for n, m in model.denoiser.named_modules()
                                       if isinstance(m, (nn.Conv2d, nn.Linear))])
         out[r.label, r.bits] = bit_budget(build_layer_specs(model.denoiser, recipe.quant), macs)
@@ -169,7 +169,7 @@ def main() -> None:
                       for label, recipe, bits, sets, name in ABLATIONS[method]]
 
     t0 = time.time()
-    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds)
+    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds, model=args.model)
     if args.keep_previous:
         rows = keep_previous_rows("finetune", rows, args.quick,
                                   labels={*METHODS, *(a[0] for a in ABLATION_ROWS)})
@@ -180,7 +180,7 @@ def main() -> None:
     headers = ["bits", "method", "FID-digits ↓ [95 %]", "vs FP", "class acc ↑ [95 %]", "calibrate s", "finetune s",
                "finetune peak MB", "trained params", "mean bits w/a"]
     table = [["fp32", "-", cell(fp, "fid_digits"), "1.00x", cell(fp, "class_accuracy"), "-", "-", "-", "-", "32/32"]]
-    budgets = _bit_budgets(rows)
+    budgets = _bit_budgets(rows, args.model)
     for r in rows:
         r.extra["bit_budget"] = budgets[r.label, r.bits]
         fid = r.metrics["fid_digits"]
@@ -201,7 +201,7 @@ def main() -> None:
     for t in targets:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
 
-    write_results("finetune", args, common, time.time() - t0, fp, rows, markdown, targets=targets)
+    write_results("finetune" if args.model == "digits" else f"finetune_{args.model}", args, common, time.time() - t0, fp, rows, markdown, targets=targets)
 
 
 if __name__ == "__main__":

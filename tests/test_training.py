@@ -29,3 +29,31 @@ def test_former_training_command_still_works(tmp_path: Path) -> None:
                           "--batch-size", "2", "--out", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "digits_unet.safetensors").is_file()
+
+
+def test_digits_dit_training_command_writes_loadable_weights(tmp_path: Path) -> None:
+    from lowbitdm_cli.models.digits import load_digits_dit
+    from lowbitdm_cli.training.digits_dit import main
+
+    main(["--steps", "2", "--batch-size", "4", "--out", str(tmp_path)])
+    model, meta = load_digits_dit(tmp_path)
+    assert meta["training"]["completed_steps"] == 2 and type(model).__name__ == "DiTTransformer2DModel"
+
+
+def test_validation_model_folder_loads_with_the_digits_evaluator(tmp_path: Path) -> None:
+    """A validation model is a plain diffusers folder whose model_index.json names the digits
+    evaluator and sampler: `--model PATH` scores it like the embedded models."""
+    import torch
+
+    from lowbitdm_cli.models.registry import evaluator_of, load_model, sampler_defaults
+    from lowbitdm_cli.training.validation_models import DIGITS_SAMPLER, main
+
+    main(["--models", "digits-dit-val", "--steps", "1", "--out", str(tmp_path)])
+    folder = tmp_path / "digits-dit-val"
+    model = load_model(str(folder))
+    assert (model.num_classes, model.null_class, model.sample_shape) == (10, 10, (1, 16, 16))
+    assert evaluator_of(str(folder)) == "digits-features"
+    assert sampler_defaults(str(folder)) == {**DIGITS_SAMPLER}
+    with torch.no_grad():
+        eps = model.eps(torch.zeros(2, 1, 16, 16), 500, torch.tensor([3, 10]), 1.25)
+    assert eps.shape == (2, 1, 16, 16) and torch.isfinite(eps).all()

@@ -138,6 +138,15 @@ def load_digits_unet(weights_dir: Path = WEIGHTS_DIR):
     return model, meta
 
 
+def load_digits_dit(weights_dir: Path = WEIGHTS_DIR, stem: str = "digits_dit"):
+    """Load the shipped digits DiT (no network) and its metadata."""
+    meta = json.loads((weights_dir / f"{stem}.json").read_text())
+    model = build_digits_dit(meta["transformer"])
+    model.load_state_dict(load_file(str(weights_dir / f"{stem}.safetensors")))
+    model.eval()
+    return model, meta
+
+
 if __name__ == "__main__":  # the former training command: the training lives in lowbitdm_cli.training.digits_unet
     from lowbitdm_cli.training.digits_unet import main
 

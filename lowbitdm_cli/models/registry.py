@@ -58,11 +58,18 @@ class ModelEntry:
         return isinstance(try_to_load_from_cache(self.hub_id, "model_index.json"), str)
 
 
-def _load_digits() -> DiffusionModel:
-    unet, meta = digits.load_digits_unet()
-    return DiffusionModel(denoiser=unet, schedule=NoiseSchedule.from_config(meta["schedule"]),
+def _digits_model(denoiser: nn.Module, meta: dict, name: str) -> DiffusionModel:
+    return DiffusionModel(denoiser=denoiser, schedule=NoiseSchedule.from_config(meta["schedule"]),
                           sample_shape=(1, digits.IMAGE_SIZE, digits.IMAGE_SIZE), conditioning="class",
-                          num_classes=meta["num_classes"], null_class=meta["num_classes"], name="digits", meta=meta)
+                          num_classes=meta["num_classes"], null_class=meta["num_classes"], name=name, meta=meta)
+
+
+def _load_digits() -> DiffusionModel:
+    return _digits_model(*digits.load_digits_unet(), name="digits")
+
+
+def _load_digits_dit() -> DiffusionModel:
+    return _digits_model(*digits.load_digits_dit(), name="digits-dit")
 
 
 TINY_CONFIG = {**digits.DIGITS_UNET_CONFIG, "block_out_channels": [16, 32],
@@ -92,6 +99,11 @@ MODELS: dict[str, ModelEntry] = {e.name: e for e in [
                sampler={"sampler": "dpmpp2m", "steps": 10, "eta": 0.0, "guidance": 1.25, "clip_x0": True},
                loader=_load_digits,
                resolution=16),
+    ModelEntry("digits-dit", "embedded class-conditional diffusion transformer (DiT, patch 2, 6 blocks) on sklearn "
+               "digits (16x16, 2.1M params)",
+               # the digits UNet's sampler: the DiT is scored against it at the same setting
+               sampler={"sampler": "dpmpp2m", "steps": 10, "eta": 0.0, "guidance": 1.25, "clip_x0": True},
+               loader=_load_digits_dit, resolution=16),
     ModelEntry("tiny-random", "randomly initialised digits-shaped UNet (seeded) for smoke tests",
                sampler={"steps": 10, "eta": 0.0, "guidance": 2.0, "clip_x0": True}, loader=_load_tiny_random,
                resolution=16),
@@ -133,20 +145,39 @@ def _family(name: str):  # noqa: ANN202 - the models.families.Family of a path o
     return path_family(hub_folder(name) if is_hub_id(name) else Path(name))
 
 
+def _folder_settings(name: str) -> dict:
+    """The ``"lowbitdm"`` object of a pipeline folder's ``model_index.json`` ({} for anything else)."""
+    path = hub_folder(name) if is_hub_id(name) else Path(name)
+    index = path / "model_index.json"
+    if not index.is_file():
+        return {}
+    import json
+
+    try:
+        extra = json.loads(index.read_text()).get("lowbitdm") or {}
+    except (OSError, ValueError):
+        return {}
+    return extra if isinstance(extra, dict) else {}
+
+
 def sampler_defaults(name: str) -> dict:
-    """The paper sampler setting of a registered model, or of a path's / hub repository's family."""
+    """The paper sampler setting of a registered model, or of a path's / hub repository's family
+    (a folder's ``model_index.json`` may set its own under ``"lowbitdm": {"sampler": {...}}``)."""
     if name in MODELS:
         return dict(MODELS[name].sampler)
     if Path(name).exists() or is_hub_id(name):
-        return dict(_family(name).sampler)
+        return {**_family(name).sampler, **(_folder_settings(name).get("sampler") or {})}
     return dict(model_entry(name).sampler)  # raises: unknown model
 
 
 def evaluator_of(name: str) -> str:
-    """Which evaluator scores a model's samples: digits-features, inception or clip."""
+    """Which evaluator scores a model's samples: digits-features, inception or clip (a folder's
+    ``model_index.json`` may name its own under ``"lowbitdm": {"evaluator": ...}``)."""
     if name in MODELS:
         return MODELS[name].evaluator
-    return _family(name).evaluator if Path(name).exists() or is_hub_id(name) else "inception"
+    if Path(name).exists() or is_hub_id(name):
+        return _folder_settings(name).get("evaluator") or _family(name).evaluator
+    return "inception"
 
 
 def _local(entry: ModelEntry) -> bool:
