@@ -103,7 +103,8 @@ def init_activations(model: DiffusionModel, data: CalibrationData, method: InitM
     and the (Δ, z) searches are split across ranks and gathered: the result is the same bytes
     as one process's."""
     group = group or ProcessGroup()
-    layers = {n: m for n, m in quant_layers(model.denoiser).items() if m.a_quant is not None}
+    # per-token dynamic inputs need no range: their scales come from the values at run time
+    layers = {n: m for n, m in quant_layers(model.denoiser).items() if m.a_quant is not None and not m.a_quant.dynamic}
     procs = attn_processors(model.denoiser)
     # minmax needs only the exact extremes; mse / percentile search over a sample of values
     recorder = ActivationRecorder(max_values, seed, keep_values=method != "minmax")
