@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from lowbitdm_cli.calibration.data import CalibrationData
+from lowbitdm_cli.calibration.data import CalibrationData, run_first_batches
 from lowbitdm_cli.distributed import ProcessGroup
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.attention import MATMUL_INPUTS, attn_processors
@@ -201,9 +201,7 @@ def layer_output_errors(model: DiffusionModel, data: CalibrationData, guidance: 
 
     handles = [layer.register_forward_hook(make(n, layer)) for n, layer in layers.items()]
     try:
-        for s, t in enumerate(data.ts.tolist()):
-            cond = data.conds[:batch_size] if data.conds is not None else None
-            model.eps(data.xs[s, :batch_size], int(t), cond, guidance)
+        run_first_batches(model, data, guidance, batch_size)
     finally:
         for h in handles:
             h.remove()

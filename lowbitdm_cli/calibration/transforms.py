@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from lowbitdm_cli.calibration.data import CalibrationData
+from lowbitdm_cli.calibration.data import CalibrationData, run_first_batches
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.layers import QuantLayerMixin, quant_layers
 from lowbitdm_cli.quant.model import set_quant_enabled
@@ -58,7 +58,7 @@ def input_absmax(model: DiffusionModel, data: CalibrationData, layers: dict[str,
     kept trajectory position."""
     found: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):  # noqa: ANN202
+    def hook(name: str):
         def record(_m: torch.nn.Module, args: tuple) -> None:
             x = args[0].detach()
             m = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
@@ -68,9 +68,7 @@ def input_absmax(model: DiffusionModel, data: CalibrationData, layers: dict[str,
     handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in layers.items()]
     try:
         with _as_float_model(layers, model):
-            for s, t in enumerate(data.ts.tolist()):
-                cond = data.conds[:batch_size] if data.conds is not None else None
-                model.eps(data.xs[s, :batch_size], int(t), cond, guidance)
+            run_first_batches(model, data, guidance, batch_size)
     finally:
         for h in handles:
             h.remove()

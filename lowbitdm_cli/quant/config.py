@@ -89,6 +89,14 @@ def _bits_text(w_bits: int | None, a_bits: int | None) -> str:
     return f"w{'fp' if w_bits is None else w_bits}a{'fp' if a_bits is None else a_bits}"
 
 
+def _without_none(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """`data` without those of `keys` whose value is None (a serialiser's optional fields)."""
+    for key in keys:
+        if data.get(key) is None:
+            data.pop(key, None)
+    return data
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -125,10 +133,7 @@ class QuantArgs(_Strict):
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # keys that say nothing when unset stay out, as in the checkpoints written before this class
-        data = handler(self)
-        if data.get("split") is None:
-            data.pop("split", None)
-        return data
+        return _without_none(handler(self), "split")
 
 
 class LayerOverride(_Strict):
@@ -280,10 +285,7 @@ class LayerEntry(_Strict):
 
     @model_serializer(mode="wrap")
     def _omit_absent_transforms(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("transforms") is None:
-            data.pop("transforms", None)
-        return data
+        return _without_none(handler(self), "transforms")
 
 
 class MatmulEntry(_Strict):

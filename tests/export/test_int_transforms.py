@@ -31,8 +31,8 @@ from lowbitdm_cli.stages.common import load_quantized_from
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from family_builders import build_pixel_dit  # noqa: E402
-from test_int_runtime import KERNELS, _force  # noqa: E402
+from family_builders import build_pixel_dit
+from test_int_runtime import KERNELS, _force
 
 TINY = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4", "finetune.epochs=1",
         "finetune.batch_size=2", "finetune.lora_rank=2"]
@@ -75,12 +75,12 @@ def chain(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return request.param, tuned, merged
 
 
-def _batch(model, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def _batch(model, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *model.sample_shape, generator=g), torch.arange(n) % model.num_classes
 
 
-def test_checkpoint_records_the_options(chain) -> None:  # noqa: ANN001
+def test_checkpoint_records_the_options(chain) -> None:
     name, tuned, merged = chain
     cfg = json.loads((merged.path / CONFIG_NAME).read_text())
     assert cfg["format_version"] == 3
@@ -107,7 +107,7 @@ def test_checkpoint_records_the_options(chain) -> None:  # noqa: ANN001
     assert transformed + sum(s.get("a_dynamic", False) for s in specs.values()) > 0
 
 
-def test_merge_round_trip_reproduces_the_artifact(chain) -> None:  # noqa: ANN001
+def test_merge_round_trip_reproduces_the_artifact(chain) -> None:
     """The merged checkpoint on the fake runtime gives the finetune artifact's denoiser output, bit for bit."""
     _name, tuned, merged = chain
     art, mf = load_quantized_from(tuned), load_merged(merged.path, "fake")
@@ -119,7 +119,7 @@ def test_merge_round_trip_reproduces_the_artifact(chain) -> None:  # noqa: ANN00
             assert torch.equal(art.eps(x, t, cond, 2.0), mf.eps(x, t, cond, 2.0))
 
 
-def test_every_layer_and_the_output_agree(chain) -> None:  # noqa: ANN001
+def test_every_layer_and_the_output_agree(chain) -> None:
     _name, _tuned, merged = chain
     mi, mf = load_merged(merged.path, "int"), load_merged(merged.path, "fake")
     assert mi.meta["runtime"]["fallback_layers"] == 0 or all(
@@ -127,7 +127,7 @@ def test_every_layer_and_the_output_agree(chain) -> None:  # noqa: ANN001
     fake_layers = quant_layers(mf.denoiser)
     differing: dict[str, float] = {}
 
-    def check(layer: str):  # noqa: ANN202
+    def check(layer: str):
         def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
             if not torch.equal(out, fake_layers[layer](args[0])):
                 differing[layer] = float((out - fake_layers[layer](args[0])).abs().max())
@@ -147,7 +147,7 @@ def test_every_layer_and_the_output_agree(chain) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_every_lowering_of_a_transformed_layer_is_exact(chain, kernel: str) -> None:  # noqa: ANN001
+def test_every_lowering_of_a_transformed_layer_is_exact(chain, kernel: str) -> None:
     """Each transformed int layer, forced onto each exact lowering, on inputs with outlier channels."""
     _name, _tuned, merged = chain
     mi, mf = load_merged(merged.path, "int"), load_merged(merged.path, "fake")

@@ -11,15 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbitdm_cli.calibration.transforms import transform_weight
 from lowbitdm_cli.errors import RecipeError
 from lowbitdm_cli.quant.config import QuantArgs, QuantScheme
 from lowbitdm_cli.quant.cost import LOW_RANK_KEY, bit_budget
 from lowbitdm_cli.quant.layers import QuantLinear
 from lowbitdm_cli.quant.policy import LayerSpec, build_layer_specs, layer_part, layer_role
 from lowbitdm_cli.quant.quantizer import UniformQuantizer, token_scale
-from lowbitdm_cli.quant.transforms import (fold_into_down, hadamard_block, hadamard_transform, low_rank_split,
-                                           smoothing_factors, transform_input)
-from lowbitdm_cli.calibration.transforms import transform_weight
+from lowbitdm_cli.quant.transforms import (
+    fold_into_down,
+    hadamard_block,
+    hadamard_transform,
+    low_rank_split,
+    smoothing_factors,
+    transform_input,
+)
 
 U32 = 2.0**-24  # float32 unit roundoff
 
