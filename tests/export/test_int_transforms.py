@@ -49,6 +49,10 @@ CONFIGS = {
     "dit-combined-w8a8": ("dit", "w8a8", None, [
         'quant.a_per_token=["attention_qkv", "ff_in"]', f"quant.smooth={ALL}", 'quant.rotate=["ff_out"]',
         'quant.low_rank=["feed_forward", "adaln"]', "quant.low_rank_dim=4"]),
+    "unet-per-token": ("unet", "w4a4", None, ['quant.a_per_token=["attention", "time_emb_proj"]']),
+    "unet-smooth-temporal": ("unet", "w4a4", None, ['quant.smooth=["attention"]', "quant.a_temporal=true"]),
+    "unet-rotate": ("unet", "w4a4", None, ['quant.rotate=["attention", "time_emb_proj"]']),
+    "unet-low-rank": ("unet", "w4a4", None, ['quant.low_rank=["attention"]', "quant.low_rank_dim=4"]),
     "unet-combined": ("unet", "w4a4", None, [
         'quant.a_per_token=["attention_qkv", "time_emb_proj"]', 'quant.smooth=["attention"]',
         'quant.rotate=["attention_out"]', 'quant.low_rank=["attention", "time_emb_proj"]', "quant.low_rank_dim=4",
@@ -105,6 +109,41 @@ def test_checkpoint_records_the_options(chain) -> None:
             assert (f"{layer}.low_rank_up" in t) == (tr["low_rank"] is not None)
     assert transformed or "per-token" in name
     assert transformed + sum(s.get("a_dynamic", False) for s in specs.values()) > 0
+
+
+def test_calibration_sets_consistent_factors_and_skips_per_token_ranges(chain) -> None:
+    """From the calibrated layer's stored tensors, W = (R·H)/s + up·down (down on the raw input) gives
+    the FP weight back to the rounding of the float32 factors: per row o,
+    ‖ΔW_o‖₂ ≤ 4u·(‖R_o‖₂·max 1/s + ‖up_o‖₂·‖down‖_F + ‖W_o‖₂) (R, up and down each rounded once, the
+    orthogonal H keeps norms). Per-token input quantizers keep their initial (unused) step: the range
+    pass never observed them."""
+    from lowbitdm_cli.quant.transforms import hadamard_transform
+    from lowbitdm_cli.stages.common import load_fp_model
+
+    _name, tuned, _merged = chain
+    calib = Artifact.open(tuned.path).find("calibrate")
+    state = calib.tensors("quant_state.safetensors")
+    fp = load_fp_model(calib.manifest.model.name, calib.manifest.recipe)
+    fp_weights = {n: m.weight.detach().double() for n, m in fp.denoiser.named_modules() if isinstance(m, nn.Linear)}
+    u = 2.0**-24
+    for layer, spec in calib.manifest.info["layers"].items():
+        if spec["a_dynamic"]:
+            assert float(state[f"{layer}.a_quant.delta"]) == 1.0
+        elif spec["a_bits"] and spec["kind"] != "matmul":
+            assert float(state[f"{layer}.a_quant.delta"].reshape(-1)[0]) != 1.0
+        if not (spec["smooth"] or spec["rotate"] or spec["low_rank"]):
+            continue
+        w_fp = fp_weights[layer]
+        r = state[f"{layer}.weight"].double()
+        s = state[f"{layer}.smooth"].double() if spec["smooth"] else torch.ones(r.shape[1], dtype=torch.float64)
+        rec = r if not spec["rotate"] else hadamard_transform(r, spec["rotate"])
+        rec = rec / s
+        bound = r.norm(dim=1) * float((1 / s).max()) + w_fp.norm(dim=1)
+        if spec["low_rank"]:
+            up, down = state[f"{layer}.low_rank_up"].double(), state[f"{layer}.low_rank_down"].double()
+            rec = rec + up @ down
+            bound = bound + up.norm(dim=1) * down.norm()
+        assert ((rec - w_fp).norm(dim=1) <= 4 * u * bound).all(), layer
 
 
 def test_merge_round_trip_reproduces_the_artifact(chain) -> None:
