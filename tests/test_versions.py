@@ -32,7 +32,7 @@ def test_fixture_is_version_1() -> None:
         raw = json.loads((V1 / stage / MANIFEST).read_text())
         assert raw["schema_version"] == 1 and "quantization" not in raw
     assert json.loads((V1 / "merge" / CONFIG_NAME).read_text())["format_version"] == 1
-    assert SCHEMA_VERSION == 2 and CONFIG_VERSION == 2
+    assert SCHEMA_VERSION == 2 and CONFIG_VERSION == 3
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -110,6 +110,18 @@ def test_version_1_checkpoint_config_migrates() -> None:
     assert set(cfg.layers) == set(raw["layers"])
     with pytest.raises(ValueError, match="newer"):
         migrate_config({**raw, "format_version": CONFIG_VERSION + 1})
+
+
+def test_version_2_checkpoint_config_migrates_unchanged() -> None:
+    """Version 3 only added optional fields (per-token inputs, input transforms): a version-2 file
+    reads as it was, with the current version number."""
+    raw = migrate_config(json.loads((V1 / "merge" / CONFIG_NAME).read_text()))
+    v2 = {**raw, "format_version": 2}
+    out = migrate_config(v2)
+    assert out == {**v2, "format_version": 3} and v2["format_version"] == 2
+    cfg = QuantizationConfig.model_validate(out)
+    assert all(e.transforms is None and not (e.input_activations and e.input_activations.dynamic)
+               for e in cfg.layers.values())
 
 
 @pytest.mark.parametrize(("content", "needle"), [

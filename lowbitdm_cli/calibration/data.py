@@ -10,7 +10,7 @@ import torch
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.sampling import SamplerSettings, balanced_labels, ddim_sample, ddim_timesteps
 
-__all__ = ["CalibrationData", "collect_batch", "select_steps"]
+__all__ = ["CalibrationData", "collect_batch", "run_first_batches", "select_steps"]
 
 
 @dataclass
@@ -44,6 +44,14 @@ class CalibrationData:
     def concat(cls, parts: list[CalibrationData]) -> CalibrationData:
         conds = None if parts[0].conds is None else torch.cat([p.conds for p in parts])
         return cls(torch.cat([p.xs for p in parts], dim=1), parts[0].ts, conds)
+
+
+@torch.no_grad()
+def run_first_batches(model: DiffusionModel, data: CalibrationData, guidance: float, batch_size: int) -> None:
+    """Run the model on the first `batch_size` calibration samples at every kept step (hooks observe)."""
+    for s, t in enumerate(data.ts.tolist()):
+        cond = data.conds[:batch_size] if data.conds is not None else None
+        model.eps(data.xs[s, :batch_size], int(t), cond, guidance)
 
 
 def select_steps(num_steps: int, keep: int | None) -> list[int]:

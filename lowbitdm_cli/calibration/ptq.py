@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from lowbitdm_cli.calibration.data import CalibrationData
+from lowbitdm_cli.calibration.data import CalibrationData, run_first_batches
 from lowbitdm_cli.distributed import ProcessGroup
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.attention import MATMUL_INPUTS, attn_processors
@@ -103,7 +103,8 @@ def init_activations(model: DiffusionModel, data: CalibrationData, method: InitM
     and the (Δ, z) searches are split across ranks and gathered: the result is the same bytes
     as one process's."""
     group = group or ProcessGroup()
-    layers = {n: m for n, m in quant_layers(model.denoiser).items() if m.a_quant is not None}
+    # per-token dynamic inputs need no range: their scales come from the values at run time
+    layers = {n: m for n, m in quant_layers(model.denoiser).items() if m.a_quant is not None and not m.a_quant.dynamic}
     procs = attn_processors(model.denoiser)
     # minmax needs only the exact extremes; mse / percentile search over a sample of values
     recorder = ActivationRecorder(max_values, seed, keep_values=method != "minmax")
@@ -200,9 +201,7 @@ def layer_output_errors(model: DiffusionModel, data: CalibrationData, guidance: 
 
     handles = [layer.register_forward_hook(make(n, layer)) for n, layer in layers.items()]
     try:
-        for s, t in enumerate(data.ts.tolist()):
-            cond = data.conds[:batch_size] if data.conds is not None else None
-            model.eps(data.xs[s, :batch_size], int(t), cond, guidance)
+        run_first_batches(model, data, guidance, batch_size)
     finally:
         for h in handles:
             h.remove()

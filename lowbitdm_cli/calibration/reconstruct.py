@@ -349,7 +349,8 @@ def reconstruct_block(model: DiffusionModel, fp_model: DiffusionModel, data: Cal
     adas = {}
     handles: list[Any] = []
     was_training = block.module.training
-    grads = [(q.delta, q.delta.requires_grad) for q in act_qs]
+    learned = [q for q in act_qs if not q.dynamic]  # per-token quantizers have no step to learn
+    grads = [(q.delta, q.delta.requires_grad) for q in learned]
     finished = False
     try:
         for name, layer in layers.items():
@@ -358,10 +359,10 @@ def reconstruct_block(model: DiffusionModel, fp_model: DiffusionModel, data: Cal
         groups = []
         if adas:
             groups.append({"params": [a.alpha for a in adas.values()], "lr": cfg.recon_lr})
-        if act_qs and cfg.recon_act_lr > 0:
-            for q in act_qs:
+        if learned and cfg.recon_act_lr > 0:
+            for q in learned:
                 q.delta.requires_grad_(True)
-            groups.append({"params": [q.delta for q in act_qs], "lr": cfg.recon_act_lr})
+            groups.append({"params": [q.delta for q in learned], "lr": cfg.recon_act_lr})
         share = RowShare()
         if cfg.qdrop_prob > 0:
             handles = qdrop(act_qs, cfg.qdrop_prob, block_generator(cfg.seed, index, model.device), share)

@@ -34,6 +34,7 @@ from lowbitdm_cli.quant.attention import MATMUL_INPUTS, attn_processors
 from lowbitdm_cli.quant.config import (
     CONFIG_VERSION,
     ConvGeometry,
+    InputTransforms,
     LayerEntry,
     LayerSpec,
     MatmulEntry,
@@ -113,7 +114,12 @@ def export_tensors(model: DiffusionModel, scheme: QuantScheme | dict | None = No
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach().float().contiguous()
         a = layer.a_quant
-        if a is not None:
+        if layer.spec.transformed:
+            entry["transforms"], transform_tensors = _transform_entry(layer)
+            tensors.update({f"{name}.{k}": v for k, v in transform_tensors.items()})
+        if a is not None and a.dynamic:  # per-token scales come from the values: no tensors
+            entry["input_activations"] = _act_entry(a)
+        elif a is not None:
             # Q-Diffusion shortcut splitting: input channels [split:] (the concatenated skip) have
             # their own parameters, `input_skip_scale` / `input_skip_zero_point`
             parts = {"input": a, "input_skip": layer.a_quant_skip} if layer.a_quant_skip is not None else {"input": a}
@@ -194,7 +200,20 @@ def _with_parts(mcfg: ModelEntry, path: Path, den: nn.Module, prompts: list[str]
 
 def _act_entry(q: UniformQuantizer, split: int | None = None) -> QuantArgs:
     return QuantArgs(num_bits=q.max_bits, type="uint" if q.mode == "unsigned" else "int",
-                     symmetric=q.mode == "symmetric", strategy="tensor", per_timestep=q.temporal, split=split)
+                     symmetric=q.mode == "symmetric", strategy="token" if q.dynamic else "tensor",
+                     dynamic=q.dynamic, per_timestep=q.temporal, split=split)
+
+
+# a transformed linear's buffers and their names in the checkpoint (`InputTransforms`)
+_TRANSFORM_TENSORS = {"smooth": "input_smooth", "low_rank_down": "low_rank_down", "low_rank_up": "low_rank_up"}
+
+
+def _transform_entry(layer: QuantLayerMixin) -> tuple[InputTransforms, dict[str, torch.Tensor]]:
+    """The `InputTransforms` of a transformed linear and its float32 tensors by checkpoint suffix."""
+    spec = layer.spec
+    tensors = {stored: getattr(layer, buf).detach().float().contiguous() for buf, stored in _TRANSFORM_TENSORS.items()
+               if getattr(layer, buf) is not None}
+    return InputTransforms(smooth=spec.smooth, rotate=spec.rotate, low_rank=spec.low_rank), tensors
 
 
 def _check(cond: bool, path: Path, msg: str) -> None:
@@ -264,6 +283,10 @@ def _int_layer(name: str, entry: LayerEntry, layer: QuantLayerMixin, codes: tupl
         raise ValueError("weights stored as float")
     if act is None:
         raise ValueError("input not quantized")
+    if act.dynamic or entry.transforms is not None:
+        from lowbitdm_cli.export.int_transforms import int_transform_linear
+
+        return int_transform_linear(name, entry, codes, t, timesteps)
     if act.split:
         raise ValueError("split input (two activation scales, Q-Diffusion shortcut splitting)")
     u, zero, scale = codes
@@ -357,7 +380,8 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake",
                                 a_bits=act.num_bits if act else None,
                                 a_symmetric=bool(act and act.symmetric),
                                 a_temporal=bool(act and act.per_timestep),
-                                a_split=act.split if act else None)
+                                a_split=act.split if act else None, a_dynamic=bool(act and act.dynamic),
+                                **(entry.transforms.model_dump() if entry.transforms else {}))
     for name, entry in config.attention_matmuls.items():
         qk, prob = entry.inputs["q"], entry.inputs["p"]
         specs[name] = LayerSpec(role="attention_matmul", kind="matmul", a_bits=qk.num_bits,
@@ -372,9 +396,16 @@ def load_merged(path: Path | str, runtime: Literal["fake", "int"] = "fake",
         state.update({f"{name}.w_quant.{k}": v for k, v in w_quant_state.get(name, {}).items()})
         if layer.bias is not None:
             state[f"{name}.bias"] = t[f"{name}.bias"]
+        for buf, stored in _TRANSFORM_TENSORS.items():
+            if getattr(layer, buf) is not None:
+                _check(f"{name}.{stored}" in t, path, f"{name} lacks {stored}")
+                state[f"{name}.{buf}"] = t[f"{name}.{stored}"]
         for prefix, key in (("input", "a_quant"), ("input_skip", "a_quant_skip")):
             q = getattr(layer, key)
             if q is None:
+                continue
+            if q.dynamic:  # no stored parameters: the quantizer's own (unused) ones
+                state.update({f"{name}.{key}.{k}": v for k, v in q.state_dict().items()})
                 continue
             scale, zero = t.get(f"{name}.{prefix}_scale"), t.get(f"{name}.{prefix}_zero_point")
             _check(scale is not None and zero is not None and scale.numel() == q.delta.numel(), path,

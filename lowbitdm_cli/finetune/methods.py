@@ -45,9 +45,12 @@ class TrainPlan:
 
 
 def _act_params(denoiser: nn.Module, train_zero_point: bool) -> list[nn.Parameter]:
-    """Step sizes (and zero points) of every activation quantizer, attention matmuls included."""
+    """Step sizes (and zero points) of every activation quantizer, attention matmuls included
+    (not the per-token dynamic ones: their steps come from the values at run time)."""
     out = []
     for q in act_quantizers(denoiser):
+        if q.dynamic:
+            continue
         out.append(q.delta)
         if train_zero_point and q.mode == "asymmetric":
             out.append(q.zero_point)

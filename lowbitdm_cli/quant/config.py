@@ -7,7 +7,9 @@ Shaped like compressed-tensors' ``QuantizationArgs → QuantizationScheme → Qu
 - `QuantScheme`: the recipe's ``[quant]`` section itself: which layers get what, by role
   (``keep_8bit``, ``skip``) and by name pattern (``overrides``), the weight and input-activation
   choices (``bits``, ``w_per_channel``, ``w_symmetric``, ``a_symmetric``, ``a_temporal``, the
-  ``weight_init`` / ``act_init`` range observers), the attention matmuls (``attn_matmul``).
+  ``weight_init`` / ``act_init`` range observers), the attention matmuls (``attn_matmul``), and
+  the transformer methods of linear layers, each scoped by role, part or name pattern
+  (``a_per_token``, ``smooth``, ``rotate``, ``low_rank``; `quant.transforms` has their math).
   Learned rounding (AdaRound) is a calibration method (``calibrate.method``), folded into the
   weights before they are packed, so checkpoints hold round-to-nearest codes of folded weights.
 - `LayerSpec`: one layer's resolved spec (what `quant.policy.build_layer_specs` gives each layer
@@ -38,12 +40,13 @@ from pydantic import (
 
 from lowbitdm_cli.errors import RecipeError
 
-__all__ = ["CONFIG_VERSION", "FORMATS", "ROLES", "LayerEntry", "LayerOverride", "LayerSpec", "MatmulEntry",
-           "ModelEntry", "QuantArgs", "QuantScheme", "QuantizationConfig", "QuantizationRecord", "migrate_config",
-           "parse_bits"]
+__all__ = ["CONFIG_VERSION", "FORMATS", "PARTS", "ROLES", "InputTransforms", "LayerEntry", "LayerOverride",
+           "LayerSpec", "MatmulEntry", "ModelEntry", "QuantArgs", "QuantScheme", "QuantizationConfig",
+           "QuantizationRecord", "migrate_config", "parse_bits"]
 
-# version of `QuantizationConfig` (quantization_config.json's "format_version"); 2 records the scheme
-CONFIG_VERSION = 2
+# version of `QuantizationConfig` (quantization_config.json's "format_version"); 2 records the scheme,
+# 3 per-token dynamic activations and the input transforms of linear layers (smoothing, rotation, low rank)
+CONFIG_VERSION = 3
 # how an artifact holds its quantized model: "fake-quant" (FP weights + quantizer state, calibrate and
 # finetune artifacts) or "pack-quantized" (packed integer codes + scales, merge artifacts)
 FORMATS = ("fake-quant", "pack-quantized")
@@ -53,6 +56,9 @@ Role = Literal["conv_in", "conv_out", "time_embedding", "class_embedding", "adal
                "downsample", "upsample", "attention", "cross_attention", "feed_forward", "conv", "linear",
                "attention_matmul"]
 ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
+# finer labels inside the attention / cross_attention and feed_forward roles (`quant.policy.layer_part`):
+# the q/k/v projections, the attention output projection, a feed-forward's first and second linear
+PARTS: tuple[str, ...] = ("attention_qkv", "attention_out", "ff_in", "ff_out")
 _BITS_RE = re.compile(r"^w(\d+|fp)a(\d+|fp)$")
 
 
@@ -83,6 +89,14 @@ def _bits_text(w_bits: int | None, a_bits: int | None) -> str:
     return f"w{'fp' if w_bits is None else w_bits}a{'fp' if a_bits is None else a_bits}"
 
 
+def _without_none(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """`data` without those of `keys` whose value is None (a serialiser's optional fields)."""
+    for key in keys:
+        if data.get(key) is None:
+            data.pop(key, None)
+    return data
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -94,8 +108,9 @@ class QuantArgs(_Strict):
     num_bits: int | Literal["mixed"] = Field(description="bits, or 'mixed' (per-channel widths, MPQ-DM's OMQ)")
     type: Literal["int", "uint"] = "int"
     symmetric: bool = False
-    strategy: Literal["tensor", "channel"] = "tensor"
-    dynamic: Literal[False] = False
+    strategy: Literal["tensor", "channel", "token"] = Field("tensor", description="'token': one scale per "
+                                                            "token (row of a linear's input), computed at run time")
+    dynamic: bool = Field(False, description="scales computed at run time from the values (strategy 'token')")
     per_timestep: bool = Field(False, description="activations: one (scale, zero point) per sampling timestep")
     split: int | None = Field(None, ge=1, description="input channels [:split] and [split:] have separate "
                               "parameters (Q-Diffusion shortcut splitting)")
@@ -107,13 +122,18 @@ class QuantArgs(_Strict):
             raise ValueError(f"num_bits must be in 1..8, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _dynamic_per_token(self) -> QuantArgs:
+        if self.dynamic != (self.strategy == "token"):
+            raise ValueError("dynamic scales are per token (strategy 'token'), and per-token scales are dynamic")
+        if self.dynamic and (not self.symmetric or self.per_timestep or self.split):
+            raise ValueError("per-token dynamic activations are symmetric, with no timestep slots and no split")
+        return self
+
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # keys that say nothing when unset stay out, as in the checkpoints written before this class
-        data = handler(self)
-        if data.get("split") is None:
-            data.pop("split", None)
-        return data
+        return _without_none(handler(self), "split")
 
 
 class LayerOverride(_Strict):
@@ -139,6 +159,19 @@ class LayerSpec(_Strict):
     a_split: int | None = Field(None, ge=1, description="Q-Diffusion shortcut splitting: input channels "
                                 "[:a_split] and [a_split:] (a concatenated skip) get separate activation quantizers")
     p_bits: int | None = Field(None, ge=1, le=8, description="matmul specs: bits of the (unsigned) softmax output")
+    part: str | None = Field(None, description="finer label inside the role (`PARTS`), e.g. attention_qkv")
+    a_dynamic: bool = Field(False, description="per-token dynamic input scales (symmetric, max|x| of each token)")
+    smooth: bool = Field(False, description="SmoothQuant: the input is divided by a per-channel s, the weight "
+                         "multiplied by it (s from calibration)")
+    rotate: int | None = Field(None, ge=2, description="Hadamard rotation of the input (and weight) in blocks "
+                               "of this size (a power of two dividing in_features)")
+    low_rank: int | None = Field(None, ge=1, description="SVDQuant: rank of the float32 branch W = L1·L2 + R, "
+                                 "only R quantized")
+
+    @property
+    def transformed(self) -> bool:
+        """Whether the layer has any input transform (smoothing, rotation, a low-rank branch)."""
+        return self.smooth or self.rotate is not None or self.low_rank is not None
 
 
 class QuantScheme(_Strict):
@@ -166,6 +199,19 @@ class QuantScheme(_Strict):
                               "softmax*V at the activation bits (the softmax output unsigned)")
     attn_softmax_bits: int = Field(8, ge=1, le=8, description="bits of the softmax output when attn_matmul is on")
     overrides: list[LayerOverride] = []
+    # the transformer methods: each a list of scopes (a role, a part of `PARTS`, or an fnmatch pattern
+    # of layer names); they apply to the quantized nn.Linear layers in scope
+    a_per_token: list[str] = Field([], description="per-token dynamic input scales (ViDiT-Q): symmetric, "
+                                   "one scale per token from its max|x| at run time; a_temporal and act_init "
+                                   "do not apply to these inputs")
+    smooth: list[str] = Field([], description="SmoothQuant smoothing: s_j = max|X_j|^α / max|W_j|^(1−α) from "
+                              "calibration statistics, X/s and W·s")
+    smooth_alpha: float = Field(0.5, ge=0.0, le=1.0, description="SmoothQuant's migration strength α")
+    rotate: list[str] = Field([], description="normalised Walsh-Hadamard rotation of the input, XH and WH "
+                              "(block-diagonal in the largest power-of-two block dividing in_features)")
+    low_rank: list[str] = Field([], description="SVDQuant low-rank branch: the top-r SVD of the (smoothed, "
+                                "rotated) weight stays float32 beside the quantized residual")
+    low_rank_dim: int = Field(32, ge=1, description="rank r of the low_rank branch")
 
     @model_validator(mode="before")
     @classmethod
@@ -189,9 +235,9 @@ class QuantScheme(_Strict):
     @field_validator("keep_8bit", "skip")
     @classmethod
     def _known_roles(cls, v: list[str]) -> list[str]:
-        unknown = [r for r in v if r not in ROLES]
+        unknown = [r for r in v if r not in ROLES + PARTS]
         if unknown:
-            raise ValueError(f"unknown role {unknown[0]!r} (roles: {', '.join(ROLES)})")
+            raise ValueError(f"unknown role {unknown[0]!r} (roles: {', '.join(ROLES)}; parts: {', '.join(PARTS)})")
         return v
 
     @property
@@ -216,6 +262,17 @@ class ConvGeometry(_Strict):
     groups: int = Field(ge=1)
 
 
+class InputTransforms(_Strict):
+    """What a linear layer does to its input around the quantized product (`quant.transforms`):
+    tensors ``<layer>.input_smooth`` [K] (smoothing divisor s), ``<layer>.low_rank_down`` [r, K] and
+    ``<layer>.low_rank_up`` [O, r] (float32 branch on the raw input); the packed weight is the
+    transformed residual."""
+
+    smooth: bool = False
+    rotate: int | None = Field(None, ge=2, description="Hadamard block size")
+    low_rank: int | None = Field(None, ge=1, description="rank of the float32 branch")
+
+
 class LayerEntry(_Strict):
     """One quantized layer of a packed checkpoint: its shape and args (`None`: that side is float)."""
 
@@ -224,6 +281,11 @@ class LayerEntry(_Strict):
     conv: ConvGeometry | None = None
     weights: QuantArgs | None
     input_activations: QuantArgs | None
+    transforms: InputTransforms | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_transforms(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_none(handler(self), "transforms")
 
 
 class MatmulEntry(_Strict):
@@ -293,8 +355,13 @@ def _config_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "format_version": 2, "scheme": None}
 
 
+def _config_v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 added optional fields only (per-token activations, input transforms): nothing to change."""
+    return {**data, "format_version": 3}
+
+
 # one step per version: MIGRATIONS[v] turns a version-v dict into a version-(v+1) one
-CONFIG_MIGRATIONS = {1: _config_v1_to_v2}
+CONFIG_MIGRATIONS = {1: _config_v1_to_v2, 2: _config_v2_to_v3}
 
 
 def migrate_config(data: dict[str, Any]) -> dict[str, Any]:

@@ -76,11 +76,19 @@ def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, 
     `acc` is not, the first pass writes a new contiguous tensor, so the layout change costs no
     extra pass.
 
-    `x_scale` is a one-element tensor, `w_scale` and `bias` have one entry per output channel.
+    `x_scale` is a one-element tensor, or one entry per output position (per-token dynamic
+    activations: one per row of a linear's output, in row order); `w_scale` and `bias` have one
+    entry per output channel.
     """
     view = [1] * acc.dim()
     view[channel_dim] = -1
     dest = acc if not contiguous or acc.is_contiguous() else torch.empty(acc.shape, dtype=acc.dtype,
                                                                           device=acc.device)
-    out = torch.mul(acc, x_scale.reshape(()), out=dest).mul_(w_scale.reshape(view))
+    if x_scale.numel() == 1:
+        x_scale = x_scale.reshape(())
+    else:  # per token: the output channel dim gets 1, the others are the rows
+        rows = list(acc.shape)
+        rows[channel_dim] = 1
+        x_scale = x_scale.reshape(rows)
+    out = torch.mul(acc, x_scale, out=dest).mul_(w_scale.reshape(view))
     return out if bias is None else out.add_(bias.reshape(view))

@@ -7,6 +7,14 @@ input are both quantized evaluates ``Δx·Δw·Σ(qx − zx)(qw − zw) + b`` in
 the dequantized operands; training keeps the float STE path. An optional LoRA pair (A, B)
 is merged *before* weight quantization, Ŵ = Q(W₀ + B·A) (EfficientDM's QALoRA), so it
 folds for free.
+
+A linear layer may also transform its input (`quant.transforms`, set by calibration): divide
+it by the smoothing factors s (buffer ``smooth``), rotate it (``rotate_block``), and add a
+float32 low-rank branch on the raw input (buffers ``low_rank_down`` / ``low_rank_up``). Its
+``weight`` then holds the transformed residual W·s·H − L1·L2, so LoRA, AdaRound, QAT and the
+packing all work on what is quantized. With smoothing alone and a static input quantizer the
+integer path divides by Δ·s in the quantization pass itself (no extra pass over the input);
+otherwise, and always in the float STE path, x/s is computed first.
 The wrapper never decides bits or granularity: a `LayerSpec` does.
 """
 
@@ -23,6 +31,7 @@ from torch import nn
 from lowbitdm_cli.quant.integer import accumulate, rescale, split_plan, split_weight
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
+from lowbitdm_cli.quant.transforms import low_rank_branch, transform_input
 
 __all__ = ["QuantConv2d", "QuantLayerMixin", "QuantLinear", "quant_layers"]
 
@@ -40,9 +49,10 @@ class QuantLayerMixin:
                                          channel_axis=0 if spec.w_per_channel else None,
                                          num_channels=w.shape[0], ndim=w.ndim if spec.w_per_channel else 1)
                         if spec.w_bits else None)
-        self.a_quant = (UniformQuantizer(spec.a_bits, "symmetric" if spec.a_symmetric else "asymmetric",
-                                         timesteps=timesteps if spec.a_temporal else None,
-                                         lsq_grad_scale=spec.lsq_grad_scale)
+        self.a_quant = (UniformQuantizer(spec.a_bits, "symmetric" if spec.a_symmetric or spec.a_dynamic
+                                         else "asymmetric",
+                                         timesteps=timesteps if spec.a_temporal and not spec.a_dynamic else None,
+                                         lsq_grad_scale=spec.lsq_grad_scale, dynamic=spec.a_dynamic)
                         if spec.a_bits else None)
         # shortcut splitting: channels [a_split:] (the concatenated skip) get their own quantizer
         self.a_quant_skip = (UniformQuantizer(spec.a_bits, "symmetric" if spec.a_symmetric else "asymmetric",
@@ -52,6 +62,37 @@ class QuantLayerMixin:
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.observer = None  # callable(layer, x) used during calibration
+        self._setup_transforms(spec)
+
+    # --- input transforms (smoothing, rotation, low-rank branch) -----------------------------------
+    def _setup_transforms(self, spec: LayerSpec) -> None:
+        """Buffers of the input transforms the spec names, at identity (calibration sets them)."""
+        w = self.weight
+        if spec.transformed and w.ndim != 2:
+            raise ValueError("input transforms (smooth, rotate, low_rank) apply to linear layers only")
+        self.rotate_block: int | None = spec.rotate
+        self.register_buffer("smooth", torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if spec.smooth
+                             else None)
+        r = spec.low_rank
+        self.register_buffer("low_rank_down", None if r is None else torch.zeros(r, w.shape[1]).to(w))
+        self.register_buffer("low_rank_up", None if r is None else torch.zeros(w.shape[0], r).to(w))
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the quantized product: x/s, then rotated (identity without transforms)."""
+        return transform_input(x, self.smooth, self.rotate_block)
+
+    def add_low_rank(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y plus the float32 low-rank branch on the raw input x (y itself without a branch)."""
+        if self.low_rank_down is None:
+            return y
+        return y + low_rank_branch(x, self.low_rank_down, self.low_rank_up)
+
+    def _input_integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """`a_quant.integer_values` of the transformed input; smoothing alone (static quantizer)
+        divides by Δ·s in the quantization pass."""
+        if self.smooth is not None and self.rotate_block is None and not self.a_quant.dynamic:
+            return self.a_quant.integer_values(x, divisor=self.smooth)
+        return self.a_quant.integer_values(self.transform_input(x))
 
     # --- LoRA (QALoRA) --------------------------------------------------------------------
     def add_lora(self, rank: int, generator: torch.Generator | None = None) -> None:
@@ -114,7 +155,7 @@ class QuantLayerMixin:
     def _integer_forward(self, x: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                          channel_dim: int) -> torch.Tensor:
         """``Δx·Δw[o]·Σ_k (qx − zx)(qw − zw) + b`` with the sum exact and the rescale of `rescale`."""
-        x_int, x_scale, x_max = self.a_quant.integer_values(x)
+        x_int, x_scale, x_max = self._input_integers(x)
         w_int, w_scale, w_sum, pieces = self.integer_weight()
         plan = split_plan(x_max, w_sum, w_int[0].numel() if w_int.numel() else 0)
 
@@ -129,6 +170,8 @@ class QuantLayerMixin:
         return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim, contiguous=True)
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
+        """The (transformed) input, observed during calibration, fake-quantized."""
+        x = self.transform_input(x)
         if self.observer is not None:
             self.observer(self, x)
         if self.a_quant is None:
@@ -188,8 +231,10 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.integer_exact():
-            return self._integer_forward(x, F.linear, -1)
-        return F.linear(self.qinput(x), self.qweight(), self.bias)
+            y = self._integer_forward(x, F.linear, -1)
+        else:
+            y = F.linear(self.qinput(x), self.qweight(), self.bias)
+        return self.add_low_rank(y, x)
 
 
 def quant_layers(module: nn.Module) -> dict[str, QuantLayerMixin]:

@@ -15,6 +15,13 @@ class embedding), ``adaln`` (DiT's adaLN-Zero modulation ``norm1.linear``), ``ti
 keep it at 8 bit or FP), ``feed_forward``, and plain ``conv``/``linear``.
 With ``attn_matmul`` on, every diffusers ``Attention`` module also gets a spec of role
 ``attention_matmul`` (kind ``matmul``): the inputs of QKᵀ and softmax·V are quantized.
+
+Inside the attention and feed-forward roles a layer also has a *part* (`layer_part`):
+``attention_qkv`` (to_q / to_k / to_v), ``attention_out`` (to_out.0, proj_attn), ``ff_in``
+(ff.net.0.proj, the GELU/GEGLU input projection) and ``ff_out`` (ff.net.2). ``keep_8bit``,
+``skip`` and the transformer-method scopes (``a_per_token``, ``smooth``, ``rotate``,
+``low_rank``) accept a role or a part; the scopes also take fnmatch patterns of layer names.
+The transformer methods apply to linear layers only (a conv in scope is left as it is).
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ from fnmatch import fnmatch
 
 from torch import nn
 
-from lowbitdm_cli.quant.config import ROLES, LayerOverride, LayerSpec, QuantScheme
+from lowbitdm_cli.errors import RecipeError
+from lowbitdm_cli.quant.config import PARTS, ROLES, LayerOverride, LayerSpec, QuantScheme
+from lowbitdm_cli.quant.transforms import hadamard_block
 
-__all__ = ["ROLES", "LayerOverride", "LayerSpec", "QuantPolicy", "QuantScheme", "build_layer_specs", "layer_role"]
+__all__ = ["PARTS", "ROLES", "LayerOverride", "LayerSpec", "QuantPolicy", "QuantScheme", "build_layer_specs",
+           "in_scope", "layer_part", "layer_role"]
 
 # the scheme is what decides each layer's spec; the old name stays for callers
 QuantPolicy = QuantScheme
@@ -65,6 +75,30 @@ def layer_role(name: str, module: nn.Module) -> str:
     return "conv" if isinstance(module, nn.Conv2d) else "linear"
 
 
+_QKV_LEAVES = ("to_q", "to_k", "to_v", "query", "key", "value", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def layer_part(name: str) -> str | None:
+    """The finer label of an attention or feed-forward linear (`PARTS`), or None."""
+    parts = name.split(".")
+    leaf = parts[-1]
+    if leaf in _QKV_LEAVES:
+        return "attention_qkv"
+    if leaf == "proj_attn" or (len(parts) > 1 and parts[-2] in ("to_out", "to_add_out")):
+        return "attention_out"
+    if "ff" in parts and "net" in parts:
+        i = parts.index("net")
+        if i + 1 < len(parts):
+            return "ff_in" if parts[i + 1] == "0" else "ff_out" if parts[i + 1] == "2" else None
+    return None
+
+
+def in_scope(scope: list[str], name: str, role: str, part: str | None) -> bool:
+    """Whether a layer is named by a scope: one of its entries is the layer's role or part, or an
+    fnmatch pattern matching its qualified name."""
+    return any(entry in (role, part) or (entry not in ROLES + PARTS and fnmatch(name, entry)) for entry in scope)
+
+
 def _bits(value: int | str | None, default: int | None) -> int | None:
     if value is None:
         return default
@@ -81,6 +115,8 @@ def build_layer_specs(denoiser: nn.Module, policy: QuantScheme) -> dict[str, Lay
     """A `LayerSpec` for every Conv2d/Linear of `denoiser` that gets any quantizer, and for every
     attention module whose matmuls are quantized (`policy.attn_matmul`)."""
     specs: dict[str, LayerSpec] = {}
+    names = [n for n, m in denoiser.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    _check_scopes(policy, names)
     for name, module in denoiser.named_modules():
         if policy.attn_matmul and policy.a_bits is not None and _is_attention(module):
             spec = _matmul_spec(name, policy)
@@ -89,11 +125,11 @@ def build_layer_specs(denoiser: nn.Module, policy: QuantScheme) -> dict[str, Lay
             continue
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
-        role = layer_role(name, module)
+        role, part = layer_role(name, module), layer_part(name)
         w_bits, a_bits = policy.w_bits, policy.a_bits
-        if role in policy.skip:
+        if role in policy.skip or part in policy.skip:
             w_bits = a_bits = None
-        elif role in policy.keep_8bit:
+        elif role in policy.keep_8bit or part in policy.keep_8bit:
             w_bits = 8 if w_bits is not None else None
             a_bits = 8 if a_bits is not None else None
         for ov in policy.overrides:
@@ -101,11 +137,42 @@ def build_layer_specs(denoiser: nn.Module, policy: QuantScheme) -> dict[str, Lay
                 w_bits, a_bits = _bits(ov.w_bits, w_bits), _bits(ov.a_bits, a_bits)
         if w_bits is None and a_bits is None:
             continue
-        specs[name] = LayerSpec(role=role, kind="conv" if isinstance(module, nn.Conv2d) else "linear",
-                                w_bits=w_bits, a_bits=a_bits, w_per_channel=policy.w_per_channel,
-                                w_symmetric=policy.w_symmetric, a_symmetric=policy.a_symmetric,
-                                a_temporal=policy.a_temporal, lsq_grad_scale=policy.lsq_grad_scale)
+        spec = LayerSpec(role=role, part=part, kind="conv" if isinstance(module, nn.Conv2d) else "linear",
+                         w_bits=w_bits, a_bits=a_bits, w_per_channel=policy.w_per_channel,
+                         w_symmetric=policy.w_symmetric, a_symmetric=policy.a_symmetric,
+                         a_temporal=policy.a_temporal, lsq_grad_scale=policy.lsq_grad_scale)
+        if isinstance(module, nn.Linear):
+            spec = _with_transforms(spec, name, module, policy)
+        specs[name] = spec
     return specs
+
+
+def _with_transforms(spec: LayerSpec, name: str, linear: nn.Linear, policy: QuantScheme) -> LayerSpec:
+    """`spec` with the transformer methods whose scope names this linear layer. Per-token inputs
+    are symmetric and have no timestep slots; a low-rank branch needs a quantized weight and a rank
+    below min(O, K); rotation needs a power-of-two block of at least 2 dividing in_features."""
+    update: dict = {}
+    scoped = {key: in_scope(getattr(policy, key), name, spec.role, spec.part)
+              for key in ("a_per_token", "smooth", "rotate", "low_rank")}
+    if scoped["a_per_token"] and spec.a_bits is not None:
+        update.update(a_dynamic=True, a_symmetric=True, a_temporal=False, lsq_grad_scale=False)
+    if scoped["smooth"]:
+        update["smooth"] = True
+    block = hadamard_block(linear.in_features)
+    if scoped["rotate"] and block >= 2:
+        update["rotate"] = block
+    if scoped["low_rank"] and spec.w_bits is not None and policy.low_rank_dim < min(linear.weight.shape):
+        update["low_rank"] = policy.low_rank_dim
+    return spec.model_copy(update=update) if update else spec
+
+
+def _check_scopes(policy: QuantScheme, names: list[str]) -> None:
+    """A scope entry that is neither a role, a part nor a pattern matching some layer is a typo."""
+    for key in ("a_per_token", "smooth", "rotate", "low_rank"):
+        for entry in getattr(policy, key):
+            if entry not in ROLES + PARTS and not any(fnmatch(n, entry) for n in names):
+                raise RecipeError(f"quant.{key}: {entry!r} is no role ({', '.join(ROLES)}), no part "
+                                  f"({', '.join(PARTS)}) and matches no layer of this model")
 
 
 def _matmul_spec(name: str, policy: QuantScheme) -> LayerSpec | None:

@@ -7,7 +7,10 @@ estimator for round. Every variant used by lowbitdm is a configuration of `Unifo
 - any bit width 1..8, or a per-channel bit width (OMQ mixed precision);
 - temporal: one (Δ, z) per denoising timestep, selected by the timestep *value*
   (``set_timestep(t)``), stored as parameters with the timestep values as a buffer;
-- LSQ (Esser et al. 2020) learnable Δ, optionally with gradient scale 1/√(N·Q_p).
+- LSQ (Esser et al. 2020) learnable Δ, optionally with gradient scale 1/√(N·Q_p);
+- dynamic per token (ViDiT-Q): symmetric, Δ = max|x| / (2^(b−1) − 1) of each token (the last dim
+  is the channel dim), computed at run time from the (detached) values (`token_scale`); such a
+  quantizer has no learned Δ, no timestep slots and needs no calibration.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["QuantMode", "TimestepSlots", "UniformQuantizer", "grad_scale", "quant_range", "round_ste"]
+__all__ = ["QuantMode", "TimestepSlots", "UniformQuantizer", "grad_scale", "quant_range", "round_ste", "token_scale"]
 
 QuantMode = Literal["asymmetric", "symmetric", "unsigned"]
 
@@ -39,6 +42,14 @@ def quant_range(bits: torch.Tensor | int, mode: QuantMode) -> tuple[torch.Tensor
     if mode == "symmetric":
         return -(2 ** (b - 1)), 2 ** (b - 1) - 1
     return torch.zeros_like(b), 2**b - 1
+
+
+def token_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token symmetric step Δ = max_k |x[..., k]| / (2^(bits−1) − 1), shape [..., 1], no gradient;
+    at least 1e-8 (an all-zero token). Elementwise IEEE operations and an exact max: every
+    runtime that calls this gets the same bits."""
+    with torch.no_grad():
+        return x.detach().abs().amax(-1, keepdim=True).div_(float(2 ** (bits - 1) - 1)).clamp_min_(1e-8)
 
 
 class TimestepSlots:
@@ -78,12 +89,15 @@ class UniformQuantizer(TimestepSlots, nn.Module):
 
     def __init__(self, bits: int, mode: QuantMode = "asymmetric", channel_axis: int | None = None,
                  num_channels: int = 1, ndim: int = 1, timesteps: list[int] | None = None,
-                 lsq_grad_scale: bool = False) -> None:
+                 lsq_grad_scale: bool = False, dynamic: bool = False) -> None:
         super().__init__()
         if not 1 <= int(bits) <= 8:
             raise ValueError(f"bits must be in 1..8, got {bits}")
         if mode == "symmetric" and int(bits) < 2:
             raise ValueError("symmetric quantization needs at least 2 bits")
+        if dynamic and (mode != "symmetric" or channel_axis is not None or timesteps):
+            raise ValueError("a dynamic (per-token) quantizer is symmetric, with no channel axis and no timesteps")
+        self.dynamic = dynamic
         self.mode: QuantMode = mode
         self.channel_axis = channel_axis
         self.lsq_grad_scale = lsq_grad_scale
@@ -96,7 +110,7 @@ class UniformQuantizer(TimestepSlots, nn.Module):
         self.register_buffer("timesteps", torch.tensor(timesteps or [], dtype=torch.long))
         self.delta = nn.Parameter(torch.ones(lead + self.param_shape))
         self.zero_point = nn.Parameter(torch.zeros(lead + self.param_shape), requires_grad=mode == "asymmetric")
-        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("initialized", torch.tensor(dynamic))
         self.enabled = True
         self._index: int | None = None
         self.unmatched_timesteps: set[int] = set()
@@ -117,6 +131,8 @@ class UniformQuantizer(TimestepSlots, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if self.dynamic:
+            return fake_quantize(x, token_scale(x, self.max_bits), self.zero_point, self.bits, self.mode)
         delta, zero = self.current_params()
         if self.lsq_grad_scale and self.training:
             _, q_max = quant_range(self.max_bits, self.mode)
@@ -131,12 +147,20 @@ class UniformQuantizer(TimestepSlots, nn.Module):
         with torch.no_grad():
             return torch.clamp(torch.round(x / delta) + torch.round(zero), q_min.to(x), q_max.to(x))
 
-    def integer_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def integer_values(self, x: torch.Tensor, divisor: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(q − z as float, Δ, a bound on |q − z|) for the selected timestep, no gradient.
 
         q = clamp(round(x/Δ) + round(z), q_min, q_max) with the float operations of
-        `fake_quantize`, so ``(q − z)·Δ`` is bit for bit what `forward` returns.
+        `fake_quantize`, so ``(q − z)·Δ`` is bit for bit what `forward` returns. A dynamic
+        quantizer returns Δ per token ([..., 1]). `divisor` (smoothing's s, one per input channel,
+        static Δ only): q = clamp(round(x / (Δ·s)) + z, …), the quantization of x/s in one pass.
         """
+        if self.dynamic:
+            delta = token_scale(x, self.max_bits)
+            half = float(2 ** (self.max_bits - 1))
+            with torch.no_grad():
+                return torch.div(x, delta).round_().clamp_(-half, half - 1), delta, half
         delta, zero = self.current_params()
         q_min, q_max = quant_range(self.bits, self.mode)
         with torch.no_grad():
@@ -145,13 +169,14 @@ class UniformQuantizer(TimestepSlots, nn.Module):
             # integer z: exact in float32 (a rounded quotient beyond 2^24 clamps either way; NaN stays
             # NaN), so three passes in place on one new tensor give fake_quantize's values
             lo, hi = (q_min.to(z) - z).to(x), (q_max.to(z) - z).to(x)
-            q = torch.div(x, delta).round_().clamp_(lo, hi)
+            q = torch.div(x, delta if divisor is None else delta * divisor).round_().clamp_(lo, hi)
             bound = float(torch.maximum(lo.abs(), hi.abs()).max())
             return q, delta, bound
 
     def extra_repr(self) -> str:
         bits = self.bits.unique().tolist()
         gran = "tensor" if self.channel_axis is None else f"channel(axis={self.channel_axis})"
+        gran = "token(dynamic)" if self.dynamic else gran
         temporal = f", timesteps={self.timesteps.numel()}" if self.temporal else ""
         return f"bits={bits if len(bits) > 1 else int(bits[0])}, mode={self.mode}, {gran}{temporal}"
 

@@ -3,7 +3,8 @@
 1. Collect calibration data from the FP model's own DDIM trajectories (data-free), one
    checkpointed batch at a time, so an interrupted run resumes where it stopped. Positions
    are uniform or normal (PTQ4DM); optionally keep a k-centre representative subset (PQD).
-2. Wrap every layer the policy names, initialise weight quantizers from the weights,
+2. Wrap every layer the policy names, set the input transforms of the transformer methods
+   (smoothing, rotation, low-rank branch: `calibration.transforms`), initialise weight quantizers from the weights,
    optionally give them OMQ per-channel bits (MPQ-DM), then initialise activation
    quantizers from what each layer sees on the calibration data. Q-Diffusion's shortcut
    splitting (`quant.split_shortcut`) gives concatenated-skip inputs two quantizers.
@@ -37,6 +38,7 @@ from lowbitdm_cli.calibration.omq import apply_omq
 from lowbitdm_cli.calibration.ptq import init_activations, init_weights, layer_output_errors
 from lowbitdm_cli.calibration.reconstruct import block_state, plan_blocks, reconstruct_block, shortcut_splits
 from lowbitdm_cli.calibration.selection import k_center, normal_steps
+from lowbitdm_cli.calibration.transforms import apply_transforms
 from lowbitdm_cli.distributed import ProcessGroup, rank_device
 from lowbitdm_cli.errors import ArtifactError
 from lowbitdm_cli.models.registry import model_ref, sampler_defaults
@@ -172,12 +174,15 @@ def _calibrate(run: StageRun, recipe: Recipe, model: DiffusionModel, missing: li
     fp_model = replace(model, denoiser=copy.deepcopy(model.denoiser)) if cfg.method in RECONSTRUCTING else None
     specs = build_layer_specs(model.denoiser, recipe.quant)
     # the FP model's MACs (one denoiser call), before its layers are wrapped; rank 0 writes the manifest
-    budget = bit_budget(specs, layer_macs(model, list(specs))) if group.is_main else None
+    low_rank = {n: s.low_rank for n, s in specs.items() if s.low_rank}
+    budget = bit_budget(specs, layer_macs(model, list(specs), low_rank)) if group.is_main else None
     if recipe.quant.split_shortcut:
         splits = shortcut_splits(model, data, settings.guidance)
         specs = {n: s.model_copy(update={"a_split": splits[n]}) if n in splits and s.a_bits else s
                  for n, s in specs.items()}
     quantize_denoiser(model.denoiser, specs, timesteps=data.ts.tolist())
+    transforms = (apply_transforms(model, data, recipe.quant.smooth_alpha, settings.guidance, cfg.batch_size)
+                  if any(s.transformed for s in specs.values()) else None)
     init_weights(model, recipe.quant.weight_init)
     omq = apply_omq(model, data, recipe) if cfg.mixed == "omq" else None
     total = data.xs.shape[0] * data.xs.shape[1]
@@ -194,9 +199,10 @@ def _calibrate(run: StageRun, recipe: Recipe, model: DiffusionModel, missing: li
         return None
     with torch.no_grad():
         run.save_tensors("quant_state.safetensors", quant_state(model.denoiser, fp_state))
-    # reconstruction folded AdaRound's rounding into the float weights: measure against the FP ones
+    # reconstruction folded AdaRound's rounding into the float weights, and input transforms hold
+    # transformed ones: measure against the FP weights
     fp_weights = ({n: fp_state[f"{n}.weight"] for n in specs if f"{n}.weight" in fp_state}
-                  if recon is not None else None)
+                  if recon is not None or transforms else None)
     errors = layer_output_errors(model, data, settings.guidance, cfg.batch_size, fp_weights)
     info = {
         "method": cfg.method,
@@ -214,6 +220,8 @@ def _calibrate(run: StageRun, recipe: Recipe, model: DiffusionModel, missing: li
         info["representative_indices"] = representatives
     if omq is not None:
         info["omq"] = omq
+    if transforms:
+        info["transforms"] = transforms
     timings = {"calibration_data_s": round(t_data, 3), "init_s": round(t_init, 3)}
     if recon is not None:
         info["reconstruction"] = recon
