@@ -61,23 +61,12 @@ def cases(parts: list[str], quick: bool) -> list[Case]:
     return out
 
 
-def _bit_budgets(rows, model_name: str) -> dict:  # noqa: ANN001
-    from torch import nn
+def _bit_budget(row) -> dict:  # noqa: ANN001 - a _matrix.Row
+    """The MAC-weighted bits that calibrate recorded for the row's layer policy (a low-rank branch's
+    MACs at 32 bits, `quant.cost.bit_budget`)."""
+    from lowbitdm_cli.artifacts import Artifact
 
-    from lowbitdm_cli.quant.cost import bit_budget, layer_macs
-    from lowbitdm_cli.quant.policy import build_layer_specs
-    from lowbitdm_cli.recipes import load_recipe
-    from lowbitdm_cli.stages.common import load_fp_model
-
-    model, macs, out = None, None, {}
-    for r in rows:
-        recipe = load_recipe(r.extra["recipe"], model=model_name, bits=r.bits, sets=list(r.extra["sets"]))
-        if model is None:
-            model = load_fp_model(model_name, recipe)
-            macs = layer_macs(model, [n for n, m in model.denoiser.named_modules()
-                                      if isinstance(m, (nn.Conv2d, nn.Linear))])
-        out[r.label, r.bits] = bit_budget(build_layer_specs(model.denoiser, recipe.quant), macs)
-    return out
+    return Artifact.open(Path(row.run_dir) / "calibrate").manifest.info["bit_budget"]
 
 
 def main() -> None:
@@ -94,15 +83,13 @@ def main() -> None:
     fp, rows = run_cases(todo, runs_dir, common, reverse=args.reverse, seeds=args.seeds, model=args.model)
     by_label = {(c.label, c.bits): c for c in todo}
     for r in rows:
-        c = by_label[r.label, r.bits]
-        r.extra.update(recipe=c.recipe, sets=list(c.sets))
-    budgets = _bit_budgets(rows, args.model)
+        r.extra["sets"] = list(by_label[r.label, r.bits].sets)
     fp_fid = fp.metrics["fid_digits"]
     headers = ["bits", "method", "FID-digits ↓ [95 %]", "vs FP", "class acc ↑ [95 %]", "calibrate s", "finetune s",
                "mean bits w/a"]
     table = [["fp32", "-", cell(fp, "fid_digits"), "1.00x", cell(fp, "class_accuracy"), "-", "-", "32/32"]]
     for r in rows:
-        b = r.extra["bit_budget"] = budgets[r.label, r.bits]
+        b = r.extra["bit_budget"] = _bit_budget(r)
         table.append([r.bits, r.label, cell(r, "fid_digits"), f"{r.metrics['fid_digits'] / fp_fid:.2f}x",
                       cell(r, "class_accuracy"), fmt(r.calibrate_s, ".0f"), fmt(r.finetune_s, ".0f"),
                       f"{b['mean_w_bits']:.2f}/{b['mean_a_bits']:.2f}"])
