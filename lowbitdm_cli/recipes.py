@@ -74,6 +74,10 @@ class CalibrateSection(_Section):
     max_values_per_step: int = Field(100_000, ge=1000)
     recon_iters: int = Field(200, ge=1, description="Adam iterations per block (Q-Diffusion/BRECQ: 20k)")
     recon_batch_size: int = Field(32, ge=1, description="rows per reconstruction mini-batch")
+    recon_micro_batch: int | None = Field(
+        None, ge=1, description="rows per forward/backward pass of a reconstruction mini-batch, their gradients "
+                                "summed in index order: the same bits for any number of processes (torchrun "
+                                "needs one micro-batch per process); None = one pass, all-reduced across processes")
     recon_samples: int = Field(1024, ge=1, description="rows of block inputs kept per block (seeded subsample; "
                                                        "under CFG each calibration sample gives two rows)")
     recon_lr: float = Field(1e-3, gt=0, description="Adam lr of the AdaRound variables V (BRECQ default)")
@@ -97,6 +101,15 @@ class CalibrateSection(_Section):
             raise ValueError("qdrop_prob applies during block reconstruction only: use method = 'qdiffusion' "
                              "or 'pqd', or set qdrop_prob = 0")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_micro_batch(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `recon_micro_batch` came after artifacts already recorded this section: leaving it out when
+        # unset keeps their inputs digests valid
+        data = handler(self)
+        if self.recon_micro_batch is None:
+            data.pop("recon_micro_batch", None)
+        return data
 
     @model_validator(mode="after")
     def _representative_count(self) -> CalibrateSection:
