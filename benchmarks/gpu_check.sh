@@ -89,7 +89,8 @@ if [[ $CPU_ONLY -eq 1 || "$NGPU" -ge 2 ]]; then
   NPROC=2
   TR="$(mktemp -d "${TMPDIR:-/tmp}/lowbitdm-gpu-check.XXXXXX")"  # artifacts: not kept
   S=(--set sample.num_samples=8 --set sample.batch_size=2 --set sample.steps=4 --set calibrate.num_samples=6
-     --set calibrate.batch_size=2 --set finetune.epochs=2 --set finetune.batch_size=4 --set finetune.steps=3)
+     --set calibrate.batch_size=2 --set finetune.epochs=2 --set finetune.batch_size=4 --set finetune.micro_batch=2
+     --set finetune.steps=3)
   # torchrun gives each worker one thread (OMP_NUM_THREADS=1); on the CPU float kernels depend on the thread
   # count, so the one-process run gets one thread too
   step torchrun_one 300 bash -c "OMP_NUM_THREADS=1 $PY -m lowbitdm_cli calibrate --model tiny-random --bits w4a8 ${S[*]} \
@@ -112,13 +113,12 @@ assert all(torch.equal(one[k], two[k]) for k in one), f'calibration trajectories
 qa, qb = (load_file(f'{tr}/{n}/calibrate/quant_state.safetensors') for n in ('one', 'two'))
 print('calibrate: trajectories identical; quant state identical:', all(torch.equal(qa[k], qb[k]) for k in qa))
 fa, fb = (load_file(f'{tr}/{n}/finetune/quant_state.safetensors') for n in ('one', 'two'))
-rel = sorted(((fa[k].double() - fb[k].double()).norm() / fa[k].double().norm().clamp_min(1e-30)).item()
-             for k in fa if fa[k].numel() and ('lora' in k or k.endswith('a_quant.delta')))  # the trained tensors
-print(f'finetune: trained tensors, per-tensor relative L2 difference median {rel[len(rel) // 2]:.2e}, max {rel[-1]:.2e}')
 la, lb = (load_file(f'{tr}/{n}/finetune/loss_curve.safetensors')['step_loss'] for n in ('one', 'two'))
 print('finetune: step losses', la.tolist(), lb.tolist())
-assert abs(la[0] - lb[0]) <= 1e-5 * abs(la[0]), 'the first step (before any update) must give the same loss'
-assert rel[len(rel) // 2] < 1e-2 and rel[-1] < 0.2  # measured on a CPU: median 2.3e-3, max 5.4e-2
+differ = [k for k in fa if not torch.equal(fa[k], fb[k])]
+print(f'finetune: {len(fa) - len(differ)} of {len(fa)} tensors identical, step losses identical: {torch.equal(la, lb)}')
+# micro-batches summed in index order on every rank: the same bits for any process count
+assert not differ and torch.equal(la, lb), f'finetune differs from one process in {differ[:3]}'
 import numpy as np
 from lowbitdm_cli.npz import read_npz
 a, b = (read_npz(f'{tr}/{n}/sample/samples.npz')['arr_0'].astype(int) for n in ('one', 'two'))

@@ -5,11 +5,14 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set; `process_group` 
 (gloo on CPU, nccl when the work runs on CUDA) and leaves again. Launched any other way, it
 is a group of one and every operation is a no-op, so the same code serves both.
 
-`calibrate` and `finetune` are data parallel on top of it: every rank holds the whole model,
-works on its share of each global batch, and the ranks' gradients are summed by one
-all-reduce of a flat buffer per optimizer step (`all_reduce_sum_`), which is DDP's gradient
-synchronisation without its module wrapper (the models are called through `DiffusionModel`
-with hooks, and the trained tensors are small: LoRA factors, step sizes, AdaRound variables).
+`calibrate` and `finetune` are data parallel on top of it: every rank holds the whole model and
+works on its share of each global batch. Block reconstruction sums the ranks' gradients by one
+all-reduce of a flat buffer per optimizer step (`sync_grads`): DDP's gradient synchronisation
+without its module wrapper (the models are called through `DiffusionModel` with hooks, and the
+trained tensors are small: LoRA factors, step sizes, AdaRound variables). `finetune` sums in a
+fixed order instead (`ordered_sum`): the batch is cut into micro-batches by global index, and
+every rank adds all micro-batches' flat gradients (`pack_grads`) one by one in index order, as
+one process does, so the result has the same bits for any number of processes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.distributed as dist
 from lowbitdm_cli import errors
 from lowbitdm_cli.errors import LowbitError
 
-__all__ = ["ProcessGroup", "launched_world_size", "process_group", "rank_device"]
+__all__ = ["ProcessGroup", "launched_world_size", "pack_grads", "process_group", "rank_device", "unpack_grads"]
 
 T = TypeVar("T")
 # Ranks wait at a barrier while rank 0 assembles 50k samples (tens of GB read and written): be generous.
@@ -86,6 +89,33 @@ class ProcessGroup:
             if u == 0:
                 p.grad = None
 
+    def ordered_sum(self, parts: list[torch.Tensor], total: int) -> torch.Tensor:
+        """The sum of `total` flat vectors of one length held across the ranks, each rank holding its
+        `shard(total)` of them (`parts`, in index order), added one by one in global index order.
+
+        Every rank gathers all of them (an all-gather of ⌈total / world_size⌉ vectors per rank) and
+        does the same additions: float addition is correctly rounded, so with the order fixed the
+        sum has the same bits for any process count, which an all-reduce (its order depends on the
+        ranks and the backend) does not promise."""
+        lo, hi = self.shard(total)
+        if len(parts) != hi - lo or not parts:
+            raise ValueError(f"rank {self.rank} holds {len(parts)} of {total} vectors, its share is {hi - lo} "
+                             f"(each of the {self.world_size} processes needs one at least)")
+        seq = parts
+        if self.world_size > 1:
+            per = -(-total // self.world_size)
+            buf = parts[0].new_zeros(per, parts[0].numel())
+            for i, p in enumerate(parts):
+                buf[i].copy_(p)
+            out = [torch.empty_like(buf) for _ in range(self.world_size)]
+            dist.all_gather(out, buf)
+            counts = [b - a for a, b in (ProcessGroup(r, self.world_size).shard(total) for r in range(self.world_size))]
+            seq = [out[r][i] for r in range(self.world_size) for i in range(counts[r])]
+        acc = seq[0].clone()
+        for p in seq[1:]:
+            acc.add_(p)
+        return acc
+
     def all_gather(self, obj: T) -> list[T]:
         """Every rank's `obj` (picklable), in rank order, on every rank."""
         if self.world_size == 1:
@@ -126,6 +156,29 @@ class ProcessGroup:
             cls = getattr(errors, failure[0], LowbitError)
             raise (cls if isinstance(cls, type) and issubclass(cls, LowbitError) else LowbitError)(failure[1])
         return result
+
+
+def pack_grads(params: list[torch.Tensor], extra: list[torch.Tensor] = ()) -> torch.Tensor:
+    """One flat vector: the gradients of `params` (zeros where there is none), the tensors `extra`,
+    then one flag per parameter (1.0 where it got a gradient), for `ordered_sum` and `unpack_grads`."""
+    ref = params[0] if params else extra[0]
+    return torch.cat([*((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params),
+                      *(t.reshape(-1).to(ref.dtype) for t in extra),
+                      torch.tensor([float(p.grad is not None) for p in params], dtype=ref.dtype, device=ref.device)])
+
+
+def unpack_grads(params: list[torch.Tensor], flat: torch.Tensor, n_extra: int) -> torch.Tensor:
+    """Set the gradients of `params` from a (summed) `pack_grads` vector and return its `n_extra`
+    extra values. A parameter no part gave a gradient keeps ``grad = None`` (the optimizer skips it)."""
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    extra = flat[offset:offset + n_extra]
+    for p, used in zip(params, flat[offset + n_extra:].tolist()):
+        if used == 0:
+            p.grad = None
+    return extra
 
 
 def launched_world_size() -> int:

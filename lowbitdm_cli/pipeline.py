@@ -93,13 +93,19 @@ def _restore_fp(entry: Path, fp_dir: Path, log: Callable[[str], None]) -> str | 
 
 
 def _store_fp(entry: Path, fp_dir: Path, evaluated: Artifact, log: Callable[[str], None]) -> None:
-    """Copy the runs folder's complete baseline into the cache unless the entry already holds it."""
+    """Copy the runs folder's complete baseline into the cache unless the entry already holds it,
+    intact: the same evaluate manifest is not enough, every file of the entry's evaluate and sample
+    must match its sha256 (a runs folder that filled the entry finds its own manifests there even
+    after the entry's files were damaged, and would otherwise leave them so)."""
     try:
-        if (entry / "evaluate").is_dir() and Artifact.open(entry / "evaluate", verify=False).manifest_sha256 == \
-                evaluated.manifest_sha256:
-            return
+        held = Artifact.open(entry / "evaluate")  # verified
+        if held.manifest_sha256 == evaluated.manifest_sha256:
+            sample = held.parent  # the entry's own sample, its manifest checked against the evaluate's record
+            if sample is not None:
+                sample.verify()
+                return
     except LowbitError:
-        pass  # a broken entry is replaced
+        pass  # a missing or broken entry is (re)written
     try:
         _copy_artifacts(fp_dir, entry, ["sample", "evaluate"])
     except (LowbitError, OSError) as e:

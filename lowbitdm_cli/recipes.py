@@ -74,6 +74,10 @@ class CalibrateSection(_Section):
     max_values_per_step: int = Field(100_000, ge=1000)
     recon_iters: int = Field(200, ge=1, description="Adam iterations per block (Q-Diffusion/BRECQ: 20k)")
     recon_batch_size: int = Field(32, ge=1, description="rows per reconstruction mini-batch")
+    recon_micro_batch: int | None = Field(
+        None, ge=1, description="rows per forward/backward pass of a reconstruction mini-batch, their gradients "
+                                "summed in index order: the same bits for any number of processes (torchrun "
+                                "needs one micro-batch per process); None = one pass, all-reduced across processes")
     recon_samples: int = Field(1024, ge=1, description="rows of block inputs kept per block (seeded subsample; "
                                                        "under CFG each calibration sample gives two rows)")
     recon_lr: float = Field(1e-3, gt=0, description="Adam lr of the AdaRound variables V (BRECQ default)")
@@ -98,6 +102,15 @@ class CalibrateSection(_Section):
                              "or 'pqd', or set qdrop_prob = 0")
         return self
 
+    @model_serializer(mode="wrap")
+    def _omit_unset_micro_batch(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `recon_micro_batch` came after artifacts already recorded this section: leaving it out when
+        # unset keeps their inputs digests valid
+        data = handler(self)
+        if self.recon_micro_batch is None:
+            data.pop("recon_micro_batch", None)
+        return data
+
     @model_validator(mode="after")
     def _representative_count(self) -> CalibrateSection:
         if self.representative != "none":
@@ -116,6 +129,11 @@ class FinetuneSection(_Section):
     loss: Literal["mse", "trd"] = "mse"
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
+    micro_batch: int | None = Field(
+        None, ge=1, description="rows per forward/backward pass; each step's gradient is the sum over the batch's "
+                                "micro-batches in index order, whatever the number of processes (torchrun shares "
+                                "out whole micro-batches, so it needs one per process at least); None = the whole "
+                                "batch in one pass")
     steps: int | None = Field(None, ge=1, description="teacher DDIM steps per epoch; None = sample.steps")
     eta: float = Field(0.0, ge=0.0)
     guidance: float | None = None
@@ -134,6 +152,21 @@ class FinetuneSection(_Section):
     grad_clip: float | None = 1.0
     checkpoint_every: int = Field(1, ge=1)
     seed: int = 2024
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> FinetuneSection:
+        if self.micro_batch is not None and self.batch_size % self.micro_batch:
+            raise ValueError(f"micro_batch ({self.micro_batch}) must divide batch_size ({self.batch_size})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_micro_batch(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `micro_batch` came after artifacts already recorded this section: leaving it out when unset keeps
+        # their inputs digests valid (unset = one pass over the whole batch, what they ran)
+        data = handler(self)
+        if self.micro_batch is None:
+            data.pop("micro_batch", None)
+        return data
 
 
 class SampleSection(_Section):

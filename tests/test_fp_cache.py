@@ -66,6 +66,23 @@ def test_corrupted_entry_is_not_used_and_is_replaced(tmp_path: Path) -> None:
     Artifact.open(entry / "sample")
 
 
+def test_damaged_entry_is_rewritten_by_the_runs_folder_that_filled_it(tmp_path: Path) -> None:
+    # the runs folder still holds the baseline it stored: the entry's evaluate manifest is the very one
+    # of that folder, so only checking the entry's files shows that its samples were damaged since
+    cache = tmp_path / "cache"
+    run_recipe(_recipe(), tmp_path / "a", fp_cache=cache)
+    (entry,) = _entries(cache)
+    npz = entry / "sample" / "samples.npz"
+    data = bytearray(npz.read_bytes())
+    data[-10] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    again = run_recipe(_recipe(), tmp_path / "a", fp_cache=cache)
+    assert not again["fp_from_cache"]
+    Artifact.open(entry / "sample")  # rewritten from the runs folder's intact copy
+    Artifact.open(entry / "evaluate").lineage()
+    assert _entries(cache) == [entry]
+
+
 def test_failed_store_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"
     real = shutil.copytree

@@ -183,3 +183,12 @@ def test_efficientdm_plus_keeps_the_shortcuts_at_8_bits() -> None:
     assert all((s.w_bits, s.a_bits) == (4, 4) for s in specs.values() if s.role == "conv")
     budget = bit_budget(specs, layer_macs(model, list(specs)))
     assert 4 < budget["mean_a_bits"] < 8 and budget["a_bits_mac_share"]["8"] > 0
+
+
+def test_micro_batch_must_divide_the_batch() -> None:
+    assert load_recipe("efficientdm", sets=["finetune.micro_batch=8"]).finetune.micro_batch == 8
+    with pytest.raises(RecipeError, match=r"micro_batch \(5\) must divide batch_size \(32\)"):
+        load_recipe("efficientdm", sets=["finetune.micro_batch=5"])
+    # unset, it stays out of the recipe dump: the inputs digests of earlier artifacts stay valid
+    assert "micro_batch" not in load_recipe("efficientdm").model_dump()["finetune"]
+    assert load_recipe("efficientdm", sets=["finetune.micro_batch=8"]).model_dump()["finetune"]["micro_batch"] == 8

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from lowbitdm_cli.calibration.data import CalibrationData
-from lowbitdm_cli.distributed import ProcessGroup
+from lowbitdm_cli.distributed import ProcessGroup, pack_grads, unpack_grads
 from lowbitdm_cli.errors import RecipeError
 from lowbitdm_cli.models.wrapper import DiffusionModel, set_timestep
 from lowbitdm_cli.quant.adaround import attach_adaround, beta_schedule, detach_adaround
@@ -333,8 +333,11 @@ def reconstruct_block(model: DiffusionModel, fp_model: DiffusionModel, data: Cal
     ``recon_batch_size // rows_per_sample`` calibration samples per forward call.
 
     Under torchrun (`group`) the capture's forward calls are split across ranks, and each
-    mini-batch too: every rank computes the loss on its contiguous share of the rows, weighted
-    by its share, and one all-reduce sums the gradients (the regulariser counts on rank 0).
+    mini-batch too. With `cfg.recon_micro_batch` set, the mini-batch is cut into micro-batches of
+    that many rows whose gradients are summed in index order on every rank (`_ordered_grads`):
+    the same bits for any process count. Unset, every rank computes the loss on its contiguous
+    share of the rows, weighted by its share, and one all-reduce sums the gradients (the
+    regulariser counts on rank 0): one process's result up to float summation order.
     """
     group = group or ProcessGroup()
     gen = block_generator(cfg.seed, index)
@@ -364,14 +367,24 @@ def reconstruct_block(model: DiffusionModel, fp_model: DiffusionModel, data: Cal
                 q.delta.requires_grad_(True)
             groups.append({"params": [q.delta for q in learned], "lr": cfg.recon_act_lr})
         share = RowShare()
-        if cfg.qdrop_prob > 0:
-            handles = qdrop(act_qs, cfg.qdrop_prob, block_generator(cfg.seed, index, model.device), share)
+        qdrop_gen = block_generator(cfg.seed, index, model.device) if cfg.qdrop_prob > 0 else None
+        if qdrop_gen is not None:
+            handles = qdrop(act_qs, cfg.qdrop_prob, qdrop_gen, share)
         block.module.train()
         opt = torch.optim.Adam(groups) if groups else None
         params = [p for g in groups for p in g["params"]]
         for it in range(cfg.recon_iters if opt is not None else 0):
             idx = _draw(cap, cfg.recon_batch_size, per_timestep, gen)
             set_timestep(block.module, int(cap.ts[idx[0]]))
+            beta = beta_schedule(it, cfg.recon_iters)
+            if cfg.recon_micro_batch is not None:
+                _ordered_grads(block, cap, idx, cfg.recon_micro_batch, params, share, qdrop_gen, group)
+                if beta is not None and cfg.recon_reg_weight > 0 and adas:  # the same on every rank, added last
+                    (cfg.recon_reg_weight * sum(a.regularizer(beta) for a in adas.values())).backward()
+                opt.step()
+                if progress is not None:
+                    progress(1, cfg.recon_iters)
+                continue
             share.total = idx.numel()
             share.lo, share.hi = group.shard(idx.numel())
             if share.hi == share.lo and cfg.qdrop_prob > 0:
@@ -384,7 +397,6 @@ def reconstruct_block(model: DiffusionModel, fp_model: DiffusionModel, data: Cal
                 loss = _rec_loss(_forward(block, cap, mine), cap.target[mine])
                 if group.world_size > 1:  # this rank's part of the mini-batch mean
                     loss = loss * ((share.hi - share.lo) / share.total)
-            beta = beta_schedule(it, cfg.recon_iters)
             if beta is not None and cfg.recon_reg_weight > 0 and adas and group.is_main:
                 loss = loss + cfg.recon_reg_weight * sum(a.regularizer(beta) for a in adas.values())
             opt.zero_grad(set_to_none=True)
@@ -405,6 +417,44 @@ def reconstruct_block(model: DiffusionModel, fp_model: DiffusionModel, data: Cal
             detach_adaround(layers[name], fold=finished)
     return {"mse_before": before, "mse_after": _mse(block, cap, cfg.recon_batch_size),
             "rows": int(cap.ts.numel()), "layers": sorted(layers)}
+
+
+def _ordered_grads(block: Block, cap: _Captured, idx: torch.Tensor, micro: int, params: list[torch.Tensor],
+                   share: RowShare, qdrop_gen: torch.Generator | None, group: ProcessGroup) -> None:
+    """The gradients of one mini-batch's loss, its micro-batches of `micro` rows summed in index
+    order (`ProcessGroup.ordered_sum`): each rank backpropagates its share of whole micro-batches,
+    weighted by their share of the rows, and every rank gets the same bits for any process count.
+
+    QDrop draws its masks for the whole mini-batch (`share`): every micro-batch starts from the
+    same generator state and cuts its rows, and the generator ends where one forward leaves it."""
+    n = idx.numel()
+    count = -(-n // micro)
+    lo, hi = group.shard(count)
+    if hi == lo:
+        raise RecipeError(f"a reconstruction mini-batch of {n} rows in micro-batches of calibrate.recon_micro_batch "
+                          f"({micro}) gives {count}, fewer than the {group.world_size} processes: lower "
+                          f"recon_micro_batch or use fewer processes")
+    start = qdrop_gen.get_state() if qdrop_gen is not None else None
+    after = None
+    parts = []
+    for j in range(lo, hi):
+        a, b = j * micro, min(n, (j + 1) * micro)
+        share.total, share.lo, share.hi = n, a, b
+        if start is not None:
+            qdrop_gen.set_state(start)
+        loss = _rec_loss(_forward(block, cap, idx[a:b]), cap.target[idx[a:b]])
+        if count > 1:
+            loss = loss * ((b - a) / n)  # its part of the mini-batch mean
+        if after is None and qdrop_gen is not None:
+            after = qdrop_gen.get_state()
+        for p in params:
+            p.grad = None
+        if loss.requires_grad:
+            loss.backward()
+        parts.append(pack_grads(params))
+    unpack_grads(params, group.ordered_sum(parts, count), 0)
+    if after is not None:
+        qdrop_gen.set_state(after)
 
 
 def block_state(block: Block) -> dict[str, torch.Tensor]:

@@ -96,9 +96,14 @@ def _mm_exact(a: Tensor, b: Tensor) -> Tensor:
 
     Where ``_int_mm`` adds products in saturating 16-bit pairs (x86 without VNNI, `kernel_probe`)
     b is split as 2·hi + lo (|hi| ≤ 64, |lo| ≤ 1: pair-safe with a shifted to [0, 255]); where it is
-    not exact at all, float64 (exact for these magnitudes) does the product."""
+    not exact at all, float64 (exact for these magnitudes) does the product. So does a single output
+    column (N = 1): with oneDNN capped at AVX512_CORE ``_int_mm``'s N = 1 path was wrong even for
+    |b| <= 4 while every N >= 2 was pair16-exact (torch 2.14, Sapphire Rapids); a matrix-vector
+    product gains nothing from the kernel anyway."""
     from lowbitdm_cli.export.kernel_probe import probe_int_mm
 
+    if b.shape[1] == 1 and a.device.type == "cpu":
+        return (a.double() @ b.double()).round().to(torch.int64)
     kind = probe_int_mm(a.device.type)
     if kind == "pair16" and b.numel() and int(b.to(torch.int16).abs().max()) > 64:
         hi = torch.round(b.to(torch.float32) / 2).to(torch.int8)

@@ -9,12 +9,15 @@ Checkpoints hold the trainable tensors, the optimizer state and the epoch reache
 everything random is derived from (seed, epoch), so a resumed run reaches exactly the
 weights of an uninterrupted one.
 
-Data parallel under torchrun (`group`): the epoch's global batch is drawn as in one process
-(labels, and noise per global sample index); each rank runs the teacher trajectory and the
-student on its contiguous share of the rows, weights its losses by its share of the batch
-(every loss is a mean over samples), and one all-reduce per step sums the gradients and the
-loss. Every rank then takes the same optimizer step, so the result is one process's with the
-same global batch, up to float summation order.
+Micro-batches (`micro_batch` rows; None = the whole batch): the epoch's global batch (labels,
+and noise per global sample index) is cut into micro-batches by index, each with its own
+trajectory state; at every step each micro-batch's loss, weighted by its share of the batch
+(every loss is a mean over samples), is backpropagated on its own, and the step's gradient and
+loss are the sum of the micro-batches' in index order (`ProcessGroup.ordered_sum`). Under
+torchrun (`group`) each rank takes a contiguous share of whole micro-batches and the sum is
+taken over all of them on every rank, in the same order: every rank takes the same optimizer
+step, and 1, 2 or N processes give the same bits (a micro-batch's forward and backward are the
+same operations on the same shapes whichever rank runs them).
 
 Memory: `teacher_dtype` ("bf16" / "fp16") runs the frozen teacher under autocast (its outputs
 are used in float32); `checkpoint_blocks` makes the student recompute its blocks' activations
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbitdm_cli.distributed import ProcessGroup
+from lowbitdm_cli.distributed import ProcessGroup, pack_grads, unpack_grads
 from lowbitdm_cli.errors import NonFiniteError
 from lowbitdm_cli.finetune.losses import relation_kl
 from lowbitdm_cli.finetune.methods import TrainPlan
@@ -40,7 +43,8 @@ from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
 from lowbitdm_cli.sampling import ddim_step, ddim_timesteps, initial_noise, sample_generators
 
-__all__ = ["DistillConfig", "checkpoint_blocks", "distill", "optimizer_from_tensors", "optimizer_to_tensors"]
+__all__ = ["DistillConfig", "checkpoint_blocks", "distill", "micro_batches", "optimizer_from_tensors",
+           "optimizer_to_tensors"]
 
 TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,7 +66,20 @@ class DistillConfig:
     grad_clip: float | None = 1.0
     checkpoint_every: int = 1  # epochs
     teacher_dtype: str | None = None  # None (float32), "bf16" or "fp16": autocast for the frozen teacher
+    micro_batch: int | None = None  # rows per forward/backward pass (divides batch_size); None = the whole batch
     history: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Micro:
+    """One micro-batch's trajectory: its rows' conditions, noise generators, x_t and TRD features."""
+
+    cond: torch.Tensor | None
+    gens: list[torch.Generator]
+    x: torch.Tensor
+    past_t: deque[torch.Tensor]  # earlier steps' features (TRD time smoothing)
+    past_s: deque[torch.Tensor]
+    eps_next: torch.Tensor | None = None  # the ε that moves x on
 
 
 class _Hooks:
@@ -153,26 +170,37 @@ def make_optimizer(plan: TrainPlan, total_steps: int) -> tuple[torch.optim.Optim
     return opt, sched
 
 
+def micro_batches(batch_size: int, micro_batch: int | None, processes: int) -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches per batch); an error unless every process gets one."""
+    micro = micro_batch or batch_size
+    if batch_size % micro:
+        raise ValueError(f"finetune.micro_batch ({micro}) must divide finetune.batch_size ({batch_size})")
+    if batch_size // micro < processes:
+        raise ValueError(f"{processes} processes share out whole micro-batches: finetune.batch_size ({batch_size}) "
+                         f"in micro-batches of finetune.micro_batch ({micro_batch or 'unset: the whole batch'}) "
+                         f"gives {batch_size // micro}; set finetune.micro_batch to a divisor of batch_size of at "
+                         f"most {batch_size // processes} (the result depends on micro_batch, not on the number "
+                         f"of processes)")
+    return micro, batch_size // micro
+
+
 def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, cfg: DistillConfig,
             opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, start_epoch: int,
             on_epoch_end: Callable[[int, list[float]], None],
             progress: Callable[[str, int, int], None] = lambda *_: None, group: ProcessGroup | None = None) -> None:
     """Run epochs `start_epoch`..`cfg.epochs`−1; `on_epoch_end(epoch, losses)` checkpoints."""
     group = group or ProcessGroup()
-    lo, hi = group.shard(cfg.batch_size)
-    if hi == lo:
-        raise ValueError(f"finetune.batch_size ({cfg.batch_size}) must be at least the number of processes "
-                         f"({group.world_size})")
-    share = (hi - lo) / cfg.batch_size
+    micro, n_micro = micro_batches(cfg.batch_size, cfg.micro_batch, group.world_size)
+    lo, hi = group.shard(n_micro)  # this rank's micro-batches
     if (teacher.num_classes, teacher.null_class, getattr(teacher.conditioner, "prompts", None)) != \
             (student.num_classes, student.null_class, getattr(student.conditioner, "prompts", None)):
         raise ValueError("teacher and student must share their conditions (classes / prompts)")
+    if cfg.trajectory not in ("teacher", "student"):
+        raise ValueError(f"trajectory must be 'teacher' or 'student', got {cfg.trajectory!r}")
     ts = ddim_timesteps(teacher.schedule.num_train_timesteps, cfg.steps)
     t_den, s_den = teacher.denoiser, student.denoiser
     t_mods = {n: m for n, m in t_den.named_modules() if n in plan.local_layers}
     s_mods = {n: m for n, m in s_den.named_modules() if n in plan.local_layers}
-    if cfg.trajectory not in ("teacher", "student"):
-        raise ValueError(f"trajectory must be 'teacher' or 'student', got {cfg.trajectory!r}")
     if cfg.loss == "trd":
         t_mods["__trd__"], s_mods["__trd__"] = _feature_module(t_den), _feature_module(s_den)
     t_hooks, s_hooks = _Hooks(t_mods), _Hooks(s_mods)
@@ -180,54 +208,42 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
     trainable = plan.parameters()
     total = cfg.epochs * len(ts)
     device = teacher.device
-    # training mode only where lowbitdm relies on it (LSQ's gradient scale): the denoiser's own
-    # train-time randomness (DiT's class-label dropout) must not reach the student
+    # training mode only where lowbitdm relies on it (LSQ's gradient scale, which counts the whole
+    # batch's elements): the denoiser's own train-time randomness (DiT's class-label dropout) must
+    # not reach the student
     s_den.eval()
-    for m in s_den.modules():
-        if isinstance(m, UniformQuantizer):
-            m.train()
+    quantizers = [m for m in s_den.modules() if isinstance(m, UniformQuantizer)]
+    for q in quantizers:
+        q.train()
+        q.lsq_batch_factor = n_micro
     try:
         for epoch in range(start_epoch, cfg.epochs):
             base = cfg.seed * 100_003 + epoch
             label_gen = torch.Generator().manual_seed(base)
-            cond = (torch.randint(0, teacher.num_classes, (cfg.batch_size,), generator=label_gen)[lo:hi].to(device)
-                    if teacher.conditional else None)
-            gens = sample_generators(base, list(range(lo, hi)))  # this rank's rows of the global batch
-            x = initial_noise(gens, teacher.sample_shape).to(device)  # drawn on the CPU: the same on every device
-            past_t: deque[torch.Tensor] = deque(maxlen=cfg.trd_window - 1)  # earlier steps' features
-            past_s: deque[torch.Tensor] = deque(maxlen=cfg.trd_window - 1)
+            labels = (torch.randint(0, teacher.num_classes, (cfg.batch_size,), generator=label_gen)
+                      if teacher.conditional else None)
+            micros = []
+            for k in range(lo, hi):
+                rows = list(range(k * micro, (k + 1) * micro))
+                gens = sample_generators(base, rows)
+                micros.append(_Micro(cond=labels[rows[0]:rows[-1] + 1].to(device) if labels is not None else None,
+                                     gens=gens,  # drawn on the CPU: the same on every device
+                                     x=initial_noise(gens, teacher.sample_shape).to(device),
+                                     past_t=deque(maxlen=cfg.trd_window - 1), past_s=deque(maxlen=cfg.trd_window - 1)))
             losses = []
             for step, t in enumerate(ts):
-                with torch.no_grad(), _teacher_autocast(device, cfg.teacher_dtype):
-                    eps_t = teacher.eps(x, t, cond, cfg.guidance).float()
-                eps_s = student.eps(x, t, cond, cfg.guidance)
-                loss = cfg.global_weight * F.mse_loss(eps_s, eps_t)
-                for name in plan.local_layers:
-                    loss = loss + cfg.local_weight * F.mse_loss(s_hooks.out[name],
-                                                                t_hooks.out[name].detach().float())
-                if cfg.loss == "trd":
-                    t_feat, s_feat = t_hooks.out["__trd__"].detach().float(), s_hooks.out["__trd__"]
-                    # time smoothing: average over this and up to trd_window - 1 earlier steps (earlier
-                    # student features are constants: their graphs went with their own steps)
-                    t_avg = torch.stack([*past_t, t_feat]).mean(0)
-                    s_avg = torch.stack([*past_s, s_feat]).mean(0)
-                    loss = loss + cfg.trd_weight * relation_kl(s_avg, t_avg)
-                    if cfg.trd_window > 1:
-                        past_t.append(t_feat)
-                        past_s.append(s_feat.detach())
-                if group.world_size > 1:
-                    loss = loss * share  # this rank's part of the batch mean
-                opt.zero_grad(set_to_none=True)
-                if group.world_size > 1:  # backward first: the loss is known only once summed over ranks
+                parts = []
+                for mb in micros:
+                    loss = _micro_loss(teacher, student, plan, cfg, t, mb, t_hooks, s_hooks)
+                    if n_micro > 1:
+                        loss = loss * (micro / cfg.batch_size)  # its part of the batch mean
+                    opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    total_loss = loss.detach().reshape(1).clone()
-                    group.sync_grads(trainable, [total_loss])
-                    loss = total_loss[0]
+                    parts.append(pack_grads(trainable, [loss.detach()]))
+                loss = unpack_grads(trainable, group.ordered_sum(parts, n_micro), 1)[0]
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"loss became {loss.item()} at epoch {epoch}, step {step} (t={t}): "
                                          f"lower the learning rate or check the calibration")
-                if group.world_size == 1:
-                    loss.backward()
                 for params, scale in scaled:
                     for p in params:
                         if p.grad is not None:
@@ -239,15 +255,40 @@ def distill(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, c
                 losses.append(loss.item())
                 t_prev = ts[step + 1] if step + 1 < len(ts) else -1
                 if t_prev >= 0:
-                    noise = initial_noise(gens, teacher.sample_shape).to(device) if cfg.eta > 0 else None
-                    eps_next = eps_t if cfg.trajectory == "teacher" else eps_s.detach().float()
-                    x = ddim_step(teacher.schedule, x, eps_next, t, t_prev, cfg.eta, noise).detach()
+                    for mb in micros:
+                        noise = initial_noise(mb.gens, teacher.sample_shape).to(device) if cfg.eta > 0 else None
+                        mb.x = ddim_step(teacher.schedule, mb.x, mb.eps_next, t, t_prev, cfg.eta, noise).detach()
                 progress("finetune", 1, total)
             on_epoch_end(epoch, losses)
     finally:
         t_hooks.close()
         s_hooks.close()
+        for q in quantizers:
+            q.lsq_batch_factor = 1
         s_den.eval()
+
+
+def _micro_loss(teacher: DiffusionModel, student: DiffusionModel, plan: TrainPlan, cfg: DistillConfig, t: int,
+                mb: _Micro, t_hooks: _Hooks, s_hooks: _Hooks) -> torch.Tensor:
+    """The distillation loss of one micro-batch at timestep `t` (a mean over its rows); sets `mb.eps_next`."""
+    with torch.no_grad(), _teacher_autocast(teacher.device, cfg.teacher_dtype):
+        eps_t = teacher.eps(mb.x, t, mb.cond, cfg.guidance).float()
+    eps_s = student.eps(mb.x, t, mb.cond, cfg.guidance)
+    loss = cfg.global_weight * F.mse_loss(eps_s, eps_t)
+    for name in plan.local_layers:
+        loss = loss + cfg.local_weight * F.mse_loss(s_hooks.out[name], t_hooks.out[name].detach().float())
+    if cfg.loss == "trd":
+        t_feat, s_feat = t_hooks.out["__trd__"].detach().float(), s_hooks.out["__trd__"]
+        # time smoothing: average over this and up to trd_window - 1 earlier steps (earlier
+        # student features are constants: their graphs went with their own steps)
+        t_avg = torch.stack([*mb.past_t, t_feat]).mean(0)
+        s_avg = torch.stack([*mb.past_s, s_feat]).mean(0)
+        loss = loss + cfg.trd_weight * relation_kl(s_avg, t_avg)
+        if cfg.trd_window > 1:
+            mb.past_t.append(t_feat)
+            mb.past_s.append(s_feat.detach())
+    mb.eps_next = eps_t if cfg.trajectory == "teacher" else eps_s.detach().float()
+    return loss
 
 
 def _teacher_autocast(device: torch.device | str, dtype: str | None):  # noqa: ANN202 - a context manager

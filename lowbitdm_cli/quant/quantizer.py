@@ -101,6 +101,9 @@ class UniformQuantizer(TimestepSlots, nn.Module):
         self.mode: QuantMode = mode
         self.channel_axis = channel_axis
         self.lsq_grad_scale = lsq_grad_scale
+        # LSQ's gradient scale counts the elements of the whole batch; a loop that runs it in k
+        # equal micro-batches sets k here (finetune.loop), so the scale stays the batch's
+        self.lsq_batch_factor = 1
         shape = [1] * max(ndim, 1)
         if channel_axis is not None:
             shape[channel_axis] = num_channels
@@ -136,7 +139,7 @@ class UniformQuantizer(TimestepSlots, nn.Module):
         delta, zero = self.current_params()
         if self.lsq_grad_scale and self.training:
             _, q_max = quant_range(self.max_bits, self.mode)
-            per_param = x.numel() / max(delta.numel(), 1)
+            per_param = x.numel() * self.lsq_batch_factor / max(delta.numel(), 1)
             delta = grad_scale(delta, 1.0 / math.sqrt(per_param * float(q_max)))
         return fake_quantize(x, delta, zero, self.bits, self.mode)
 

@@ -6,9 +6,10 @@ every `checkpoint_every` epochs land in the partial folder, and `--resume` conti
 the same final weights as an uninterrupted run. `none` is an explicit pass-through that
 still writes a proper artifact.
 
-Under `torchrun` the ranks split each global batch (data parallel, gradients all-reduced,
-see `finetune.loop`) and rank 0 writes checkpoints and the artifact; `--resume` continues
-with any number of processes (a checkpoint holds the global state).
+Under `torchrun` the ranks share out each global batch's micro-batches (data parallel, gradients
+summed in micro-batch order: the same bits for any process count, see `finetune.loop`) and rank 0
+writes checkpoints and the artifact; `--resume` continues with any number of processes (a
+checkpoint holds the global state).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lowbitdm_cli.finetune.loop import (
     checkpoint_blocks,
     distill,
     make_optimizer,
+    micro_batches,
     optimizer_from_tensors,
     optimizer_to_tensors,
 )
@@ -71,9 +73,11 @@ def finetune(parent: Artifact, recipe: Recipe, out: Path, resume: bool = False, 
     options = {**prompt_options(recipe), **device_options(device),
                **({"teacher_dtype": teacher_dtype} if teacher_dtype else {})}
     def work(group: ProcessGroup, run: StageRun, shared: dict) -> Artifact | None:
-        if cfg.method != "none" and cfg.batch_size < group.world_size:
-            raise RecipeError(f"finetune.batch_size ({cfg.batch_size}) must be at least the number of "
-                              f"processes ({group.world_size})")
+        if cfg.method != "none":
+            try:
+                micro_batches(cfg.batch_size, cfg.micro_batch, group.world_size)
+            except ValueError as e:
+                raise RecipeError(str(e)) from None
         return _finetune(run, parent, recipe, shared["checkpoint"], group, rank_device(device, group),
                          progress if group.is_main else (lambda *_: None), grad_checkpoint, teacher_dtype)
 
@@ -110,7 +114,7 @@ def _finetune(run: StageRun, parent: Artifact, recipe: Recipe, from_checkpoint: 
                            local_weight=1.0 if cfg.method == "quest" else 0.0,
                            global_weight=2.0 if cfg.method == "quest" else 1.0,
                            grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
-                           teacher_dtype=teacher_dtype)
+                           teacher_dtype=teacher_dtype, micro_batch=cfg.micro_batch)
         opt, sched = make_optimizer(plan, dc.epochs * dc.steps)
         start = 0
         if from_checkpoint:

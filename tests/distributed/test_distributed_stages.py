@@ -1,26 +1,20 @@
-"""`calibrate` and `finetune` over two real gloo processes (torchrun) against one process.
+"""`calibrate` and `finetune` over real gloo processes (torchrun) against one process.
 
 One module fixture makes every artifact once:
 
 - one process, in-process through the CLI: PTQ (mse ranges, temporal), PQD (reconstruction with
-  QDrop), EfficientDM finetune of the PTQ artifact;
+  QDrop), EfficientDM finetune of the PTQ artifact with the MSE loss and with TRD;
 - one `python -m lowbitdm_cli` process killed at its first reconstruction-block checkpoint (a
   partial PQD calibrate);
-- ONE torchrun job of 2 processes running four commands (`worker.py`): the same PTQ, PQD and
-  finetune, and the killed PQD resumed with 2 processes;
+- ONE torchrun job of 2 processes running six commands (`worker.py`): the same PTQ, PQD and
+  both finetunes, and the killed PQD resumed with 2 processes;
+- ONE torchrun job of 3 processes running both finetunes;
 - a 2-process torchrun finetune killed at its first epoch checkpoint, resumed in one process.
 
-Measured on this code (2 gloo processes vs 1, 1 thread each): trajectories and PTQ ranges
-(mse search over the merged value samples) are byte-identical; after PQD reconstruction every
-folded weight is identical and two activation steps differ by at most 2.3e-7 relative. After
-3 epochs x 3 steps of EfficientDM the per-tensor relative L2 difference of the trained tensors
-(LoRA factors, activation steps) has median 2.6e-5, 90th percentile 4.9e-4 and maximum 3.4e-3;
-the step losses agree to 1.5e-7 relative (the split batch mean) except the last one (0.6 %).
-Two things amplify float summation-order noise in training: Adam's g/sqrt(v) makes near-zero
-gradient components take lr-sized steps of either sign, and fake quantization is piecewise
-constant, so a tiny change of a step size can move values across a rounding boundary. Without the
-gradient all-reduce (each rank training on its own rows) the median is 0.85 % and the maximum
-97 %, so the bounds below (median 1e-3, maximum 5 %) separate the two.
+Finetune cuts each batch of 3 into micro-batches of 1 row (2 processes take 2 + 1, 3 take
+1 + 1 + 1) and sums their gradients in index order on every rank, so its results are asserted
+byte for byte: no tolerance, on any CPU. Reconstruction all-reduces its gradients (the order of
+that sum is gloo's): see `test_reconstruction_two_processes_match` for its bound.
 """
 
 from __future__ import annotations
@@ -29,7 +23,6 @@ import fcntl
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +38,11 @@ from lowbitdm_cli.cli import app
 from lowbitdm_cli.distributed import ProcessGroup
 
 WORKER = Path(__file__).with_name("worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# the subprocesses import this checkout's lowbitdm_cli, whatever the cwd (worker.py's own folder comes
+# first on its sys.path, ahead of the installed package)
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 TIMEOUT_S = 400
 
 COMMON = ["--model", "tiny-random", "--bits", "w4a4",
@@ -54,12 +51,14 @@ PTQ = ["calibrate", *COMMON, "--set", 'quant.act_init="mse"', "--set", "quant.a_
        "--set", "calibrate.max_values_per_step=1000"]  # 3 trajectory batches: split 2 + 1
 PQD = ["calibrate", *COMMON, "--method", "pqd",
        *[a for s in ["calibrate.recon_iters=12", "calibrate.recon_samples=8", "calibrate.recon_batch_size=4",
-                     "calibrate.qdrop_prob=0.5"] for a in ("--set", s)]]
-FT_SETS = [a for s in ["finetune.epochs=3", "finetune.batch_size=3", "finetune.steps=3"] for a in ("--set", s)]
+                     "calibrate.recon_micro_batch=2", "calibrate.qdrop_prob=0.5"] for a in ("--set", s)]]
+FT_SETS = [a for s in ["finetune.epochs=3", "finetune.batch_size=3", "finetune.micro_batch=1", "finetune.steps=3"]
+           for a in ("--set", s)]
 
 
-def _ft(parent: Path) -> list[str]:
-    return ["finetune", str(parent), "--method", "qalora", *FT_SETS]  # global batch 3: ranks take 2 + 1 rows
+def _ft(parent: Path, loss: str = "mse") -> list[str]:
+    # global batch 3 in micro-batches of 1: ranks take 2 + 1 or 1 + 1 + 1 of them
+    return ["finetune", str(parent), "--method", "qalora", *FT_SETS, "--set", f'finetune.loss="{loss}"']
 
 
 def _descendants(pid: int) -> list[int]:
@@ -136,8 +135,17 @@ def _wait_unlocked(out: Path, timeout_s: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def _torchrun(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+def _torchrun(args: list[str], processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *args]
+
+
+def _run_jobs(root: Path, name: str, processes: int, jobs: list[list[str]]) -> None:
+    """Run `jobs` (argument lists) in one torchrun job of `processes` processes (`worker.py`)."""
+    (root / f"{name}.json").write_text(json.dumps(jobs))
+    proc = subprocess.run(_torchrun([str(WORKER), str(root / f"{name}.json")], processes), env=ENV,
+                          capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (root / f"{name}.log").write_text(proc.stdout + proc.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +153,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     runner = CliRunner()
     for args in ([*PTQ, "--out", str(root / "one/ptq")], [*PQD, "--out", str(root / "one/pqd")],
-                 [*_ft(root / "one/ptq"), "--out", str(root / "one/ft")]):
+                 [*_ft(root / "one/ptq"), "--out", str(root / "one/ft")],
+                 [*_ft(root / "one/ptq", "trd"), "--out", str(root / "one/ft_trd")]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
 
@@ -153,14 +162,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run_killed([sys.executable, "-m", "lowbitdm_cli", *PQD, "--out", str(root / "resumed/pqd")],
                 root / "resumed/pqd.partial/recon_block_000.safetensors", root / "killed_pqd.log")
 
-    jobs = [[*PTQ, "--out", str(root / "two/ptq")], [*PQD, "--out", str(root / "two/pqd")],
-            [*PQD, "--resume", "--out", str(root / "resumed/pqd")],
-            [*_ft(root / "one/ptq"), "--out", str(root / "two/ft")]]
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run(_torchrun([str(WORKER), str(root / "jobs.json")]), env=ENV,
-                          capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (root / "two.log").write_text(proc.stdout + proc.stderr)
+    _run_jobs(root, "two", 2, [[*PTQ, "--out", str(root / "two/ptq")], [*PQD, "--out", str(root / "two/pqd")],
+                               [*PQD, "--resume", "--out", str(root / "resumed/pqd")],
+                               [*_ft(root / "one/ptq"), "--out", str(root / "two/ft")],
+                               [*_ft(root / "one/ptq", "trd"), "--out", str(root / "two/ft_trd")]])
+    _run_jobs(root, "three", 3, [[*_ft(root / "one/ptq"), "--out", str(root / "three/ft")],
+                                 [*_ft(root / "one/ptq", "trd"), "--out", str(root / "three/ft_trd")]])
 
     # a partial finetune from two processes, to be resumed by one
     _run_killed(_torchrun(["-m", "lowbitdm_cli", *_ft(root / "one/ptq"), "--out", str(root / "resumed/ft")]),
@@ -175,73 +182,67 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "quant_state.safetensors"))
 
 
-def _rel_diffs(a: Path, b: Path) -> dict[str, float]:
-    """Per float tensor of the quant state: ‖a − b‖₂ / ‖a‖₂ (integer tensors must be equal)."""
-    ta, tb = _tensors(a), _tensors(b)
-    assert ta.keys() == tb.keys()
-    out = {}
-    for k, x in ta.items():
-        if not x.is_floating_point():
-            assert torch.equal(x, tb[k]), k
-        elif x.numel():
-            x, y = x.double(), tb[k].double()
-            out[k] = ((x - y).norm() / x.norm().clamp_min(1e-30)).item()
-    return out
-
-
 def test_calibrate_two_processes_byte_identical(runs: Path) -> None:
     one, two = Artifact.open(runs / "one/ptq"), Artifact.open(runs / "two/ptq")
     assert two.manifest.inputs_digest == one.manifest.inputs_digest  # the process count is no input
     for name in ("calib_data.safetensors", "quant_state.safetensors"):  # trajectories; mse-searched ranges
         assert (runs / "two/ptq" / name).read_bytes() == (runs / "one/ptq" / name).read_bytes(), name
     assert one.manifest.info["layer_output_error"] == two.manifest.info["layer_output_error"]
-    assert sorted(p.name for p in (runs / "two").iterdir()) == ["ft", "pqd", "ptq"]  # no partial folder left
+    assert sorted(p.name for p in (runs / "two").iterdir()) == ["ft", "ft_trd", "pqd", "ptq"]  # no partial folder left
     assert (runs / "two.log").read_text().count("✓ calibrated") == 3  # rank 0 reports, once per command
 
 
-def test_reconstruction_two_processes_match(runs: Path) -> None:
-    assert (runs / "two/pqd/calib_data.safetensors").read_bytes() == \
-        (runs / "one/pqd/calib_data.safetensors").read_bytes()
-    diffs = _rel_diffs(runs / "one/pqd", runs / "two/pqd")
-    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
-    weights = [k for k in diffs if k.endswith(".weight")]
-    assert weights and all(diffs[k] == 0.0 for k in weights)  # the same AdaRound decisions everywhere
-    rec_one = Artifact.open(runs / "one/pqd").manifest.info["reconstruction"]
-    rec_two = Artifact.open(runs / "two/pqd").manifest.info["reconstruction"]
-    assert rec_one.keys() == rec_two.keys()
-    for name, r in rec_one.items():
-        assert r["mse_before"] == rec_two[name]["mse_before"]  # captures gathered from both ranks: same rows
-        assert r["mse_after"] == pytest.approx(rec_two[name]["mse_after"], rel=1e-4)
+def _assert_calibrate_identical(a: Path, b: Path) -> None:
+    """The same trajectories, quantizer state and reconstruction records, bit for bit."""
+    for name in ("calib_data.safetensors", "quant_state.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{a} and {b} differ in {name}"
+    rec_a, rec_b = (Artifact.open(p).manifest.info["reconstruction"] for p in (a, b))
+    assert rec_a and rec_a == rec_b
 
 
-def _assert_finetune_close(a: Path, b: Path) -> None:
-    diffs = _rel_diffs(a, b)
-    trained = [v for k, v in diffs.items() if "lora" in k or k.endswith("a_quant.delta")]
-    assert statistics.median(trained) < 1e-3 and max(trained) < 0.05, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+def test_reconstruction_two_processes_byte_identical(runs: Path) -> None:
+    # micro-batches of 2 rows (calibrate.recon_micro_batch), summed in index order on every rank
+    _assert_calibrate_identical(runs / "one/pqd", runs / "two/pqd")
+    rec = Artifact.open(runs / "one/pqd").manifest.info["reconstruction"]
+    assert any(r["mse_after"] < r["mse_before"] for r in rec.values())  # it trained
+
+
+def _assert_finetune_identical(a: Path, b: Path) -> None:
+    """The same trained tensors, loss curve and epoch losses, bit for bit."""
+    for name in ("quant_state.safetensors", "loss_curve.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{a} and {b} differ in {name}"
     h1, h2 = (Artifact.open(p).manifest.info["loss_history"] for p in (a, b))
-    # the epochs agree to float reduction order until quantizer rounding amplifies it: the last
-    # epoch's loss differed by 0.6 % natively and by 2.5 % with oneDNN capped at AVX2 (measured)
-    assert len(h1) == len(h2) == 3 and h2[:2] == pytest.approx(h1[:2], rel=1e-4)
-    assert h2[2] == pytest.approx(h1[2], rel=5e-2)
-    s1, s2 = (load_file(str(p / "loss_curve.safetensors"))["step_loss"] for p in (a, b))
-    close = ((s1 - s2).abs() <= 1e-5 * s1.abs()).tolist()
-    assert close[:3] == [True] * 3 and sum(close) >= len(close) - 2, (s1.tolist(), s2.tolist())
+    assert len(h1) == 3 and h1 == h2
 
 
-def test_finetune_two_processes_match_one(runs: Path) -> None:
-    _assert_finetune_close(runs / "one/ft", runs / "two/ft")
-    assert Artifact.open(runs / "two/ft").manifest.info["processes"] == 2
+def _assert_trained(ft: Path, parent: Path) -> None:
+    """`ft` moved every activation step of `parent` and trained every LoRA B (zero at the start)."""
+    tf, tp = _tensors(ft), _tensors(parent)
+    steps = [k for k in tp if k.endswith("a_quant.delta")]
+    assert steps and all(not torch.equal(tf[k], tp[k]) for k in steps)
+    lora_b = [k for k in tf if k.endswith("lora_B")]
+    assert lora_b and all(bool(tf[k].abs().max() > 0) for k in lora_b)
+
+
+@pytest.mark.parametrize("loss", ["mse", "trd"])
+def test_finetune_on_two_and_three_processes_is_byte_identical(runs: Path, loss: str) -> None:
+    name = "ft" if loss == "mse" else "ft_trd"
+    _assert_trained(runs / "one" / name, runs / "one/ptq")
+    for processes, folder in ((2, "two"), (3, "three")):
+        _assert_finetune_identical(runs / "one" / name, runs / folder / name)
+        art = Artifact.open(runs / folder / name)
+        assert art.manifest.info["processes"] == processes and art.manifest.info["loss"] == loss
+        assert art.manifest.inputs_digest == Artifact.open(runs / "one" / name).manifest.inputs_digest
+    assert not (runs / "one/ft_trd/quant_state.safetensors").read_bytes() == \
+        (runs / "one/ft/quant_state.safetensors").read_bytes()  # the TRD term trains too
 
 
 def test_resume_across_process_counts(runs: Path) -> None:
     # calibrate: killed with 1 process after its first block, finished by 2
-    diffs = _rel_diffs(runs / "one/pqd", runs / "resumed/pqd")
-    assert max(diffs.values()) < 1e-5
-    assert (runs / "resumed/pqd/calib_data.safetensors").read_bytes() == \
-        (runs / "one/pqd/calib_data.safetensors").read_bytes()
+    _assert_calibrate_identical(runs / "one/pqd", runs / "resumed/pqd")
     # finetune: killed with 2 processes after its first epoch, finished by 1
     assert int((runs / "killed_ft_epoch").read_text()) < 2  # the 2-process run stopped before its last epoch
-    _assert_finetune_close(runs / "one/ft", runs / "resumed/ft")
+    _assert_finetune_identical(runs / "one/ft", runs / "resumed/ft")
     resumed = Artifact.open(runs / "resumed/ft")
     assert resumed.manifest.info["epochs_done"] == 3 and "processes" not in resumed.manifest.info
 
@@ -251,16 +252,20 @@ def test_grad_checkpoint_gives_the_same_weights(runs: Path) -> None:
     assert result.exit_code == 0, result.output
     one, gc = Artifact.open(runs / "one/ft"), Artifact.open(runs / "gc")
     assert gc.manifest.inputs_digest == one.manifest.inputs_digest  # a memory option, not an input
-    diffs = _rel_diffs(runs / "one/ft", runs / "gc")
-    assert max(diffs.values()) == 0.0
+    _assert_finetune_identical(runs / "one/ft", runs / "gc")
 
 
-def test_small_batch_for_many_processes_is_an_error() -> None:
-    from lowbitdm_cli.finetune.loop import DistillConfig, distill
+def test_too_few_micro_batches_for_the_processes_is_an_error() -> None:
+    from lowbitdm_cli.finetune.loop import DistillConfig, distill, micro_batches
 
-    cfg = DistillConfig(epochs=1, batch_size=2, steps=1, eta=0.0, guidance=1.0, seed=0)
-    with pytest.raises(ValueError, match=r"batch_size \(2\) must be at least the number of processes \(3\)"):
+    cfg = DistillConfig(epochs=1, batch_size=4, steps=1, eta=0.0, guidance=1.0, seed=0, micro_batch=2)
+    with pytest.raises(ValueError, match=r"3 processes share out whole micro-batches: finetune.batch_size \(4\) in "
+                                         r"micro-batches of finetune.micro_batch \(2\) gives 2; set "
+                                         r"finetune.micro_batch to a divisor of batch_size of at most 1"):
         distill(None, None, None, cfg, None, None, 0, lambda *_: None,  # type: ignore[arg-type]
                 group=ProcessGroup(rank=2, world_size=3, local_rank=2))
+    with pytest.raises(ValueError, match=r"micro-batches of finetune.micro_batch \(unset: the whole batch\) gives 1"):
+        micro_batches(3, None, 2)
+    assert micro_batches(3, None, 1) == (3, 1) and micro_batches(12, 4, 3) == (4, 3)
     assert [ProcessGroup(r, 3).shard(7) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
     assert [ProcessGroup(r, 3).shard(2) for r in range(3)] == [(0, 1), (1, 2), (2, 2)]

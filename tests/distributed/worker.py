@@ -19,9 +19,10 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     for args in json.loads(open(sys.argv[1]).read()):
         try:
-            app(args, standalone_mode=False)
-        except SystemExit as e:  # a one-line error: stop the job with its code
-            if e.code:
-                raise
+            code = app(args, standalone_mode=False)  # a one-line error returns its exit code
+        except SystemExit as e:
+            code = e.code
+        if code:
+            sys.exit(code)  # stop the job with it
         dist.barrier()
     dist.destroy_process_group()
