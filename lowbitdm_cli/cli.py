@@ -49,6 +49,13 @@ PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="Text-to-imag
 WorkDeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: cpu, cuda or cuda:N "
                                                            "(under torchrun, cuda is each rank's own GPU; "
                                                            "calibration data stays on the CPU).")]
+LoraOpt = Annotated[list[Path] | None, typer.Option(
+    "--lora", help="A LoRA adapter (.safetensors: diffusers / PEFT lora_A/lora_B or lora_down/lora_up keys, or a "
+                   "folder holding adapter_model.safetensors) to run as a float branch beside the layers it "
+                   "targets. Repeatable.")]
+LoraScaleOpt = Annotated[list[float] | None, typer.Option(
+    "--lora-scale", help="Scale of each --lora, in the same order (one per --lora; default 1.0 each), times the "
+                         "file's alpha/rank when it records alpha.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Registered model (see `lowbitdm models`), a "
                                                                     "diffusers pipeline folder, a CompVis folder "
                                                                     "(model.ckpt + config.yaml) or a hub id "
@@ -150,6 +157,24 @@ def _metrics_table(rows: list[tuple[str, dict[str, float]]], title: str | None =
     return table
 
 
+def _adapters(loras: list[Path] | None, scales: list[float] | None) -> list:
+    """--lora / --lora-scale pairs as `Adapter`s (one scale per adapter, or none: 1.0 each)."""
+    from lowbitdm_cli.adapters.lora_file import Adapter
+
+    loras, scales = loras or [], scales or []
+    if scales and len(scales) != len(loras):
+        _fail(f"give one --lora-scale per --lora ({len(loras)} adapter(s), {len(scales)} scale(s)), or none")
+    return [Adapter(p, s) for p, s in zip(loras, scales or [1.0] * len(loras), strict=True)]
+
+
+def _lora_suffix(records: list[dict]) -> str:
+    """The default folder's suffix for a stage run with adapters: -lora-<digest of their sha256 and scales>."""
+    from lowbitdm_cli.adapters.lora_file import lora_inputs
+    from lowbitdm_cli.artifacts import digest_of
+
+    return f"-lora-{digest_of(lora_inputs(records))[:8]}" if records else ""
+
+
 def _default_run_dir(model: str, recipe_name: str, bits: str) -> Path:
     return Path("runs") / f"{Path(model).name}-{recipe_name}-{bits}"  # a folder path runs under its folder name
 
@@ -247,13 +272,21 @@ def finetune(
 @app.command()
 def merge(
     parent: Annotated[Path, typer.Argument(help="A finetune (or calibrate) artifact folder.")],
-    out_dir: OutOpt = None, force: ForceOpt = False,
+    out_dir: OutOpt = None, force: ForceOpt = False, lora: LoraOpt = None, lora_scale: LoraScaleOpt = None,
 ) -> None:
-    """Fold everything learned into packed low-bit integer weights (a real low-bit checkpoint)."""
+    """Fold everything learned into packed low-bit integer weights (a real low-bit checkpoint).
+
+    `--lora FILE [--lora-scale S]` (repeatable) folds an adapter into the weights before they are
+    quantized, Q(W + s·B·A): one file, the adapter quantized with the layer (default folder
+    merge-lora-<digest>). To keep adapters exact and swappable, merge without them and pass
+    --lora to `lowbitdm sample` instead (a float branch beside each layer).
+    """
     from lowbitdm_cli.stages.merge import merge as run_stage
 
     art = _open_parent(parent, ("finetune", "calibrate"))
-    result = _guard(run_stage, art, out_dir or art.path.parent / "merge", force=force)
+    adapters = _adapters(lora, lora_scale)
+    name = "merge" + _lora_suffix([_guard(a.record) for a in adapters])
+    result = _guard(run_stage, art, out_dir or art.path.parent / name, force=force, loras=adapters)
     _report(result, "merged")
 
 
@@ -268,7 +301,7 @@ def sample(
                           "for comparison.")] = "int",
     device: Annotated[str, typer.Option(
         "--device", help="Where the model runs: cpu, or cuda (under torchrun: each rank's own GPU, nccl).")] = "cpu",
-    prompts: PromptsOpt = None,
+    prompts: PromptsOpt = None, lora: LoraOpt = None, lora_scale: LoraScaleOpt = None,
 ) -> None:
     """Generate samples into samples.npz (ADM layout: arr_0 uint8 NHWC + labels) and grid.png.
 
@@ -281,15 +314,21 @@ def sample(
     `torchrun --nproc_per_node 8 -m lowbitdm_cli sample SOURCE --device cuda --out DIR`
 
     (on CPUs leave out --device: the processes talk over gloo).
+
+    LoRA adapters (`--lora FILE [--lora-scale S]`, repeatable) run as float low-rank branches
+    beside the layers they target, on any source (FP, fake-quantized, integer): the packed
+    weights stay as they are, and the manifest records each adapter's sha256 and scale.
+    Default folder with adapters: sample-lora-<digest>.
     """
     from lowbitdm_cli.stages.common import open_source
     from lowbitdm_cli.stages.sample import sample as run_stage
 
-    src = _guard(open_source, source, runtime=runtime, prompts=prompts)
+    src = _guard(open_source, source, runtime=runtime, prompts=prompts, loras=_adapters(lora, lora_scale))
     base = src.artifact.manifest.recipe if src.artifact else None
     r = _guard(load_recipe, recipe, base=base, sets=sets, model=src.ref.name, prompts=prompts)
-    fp_dir = Path("runs") / f"{Path(source).name}-fp" / "sample"
-    target = out_dir or (src.artifact.path.parent / "sample" if src.artifact else fp_dir)
+    name = "sample" + _lora_suffix(src.loras)
+    fp_dir = Path("runs") / f"{Path(source).name}-fp" / name
+    target = out_dir or (src.artifact.path.parent / name if src.artifact else fp_dir)
     if os.environ.get("RANK", "0") != "0":  # a torchrun worker: rank 0 shows progress and the result
         _guard(run_stage, src, r, target, resume=resume, force=force, device=device)
         return
