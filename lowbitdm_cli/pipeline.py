@@ -174,8 +174,9 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
     defaults = sampler_defaults(recipe.model.name)  # an unknown model fails here
     recipe = recipe.resolved(defaults)
     digits = evaluator_of(recipe.model.name) == "digits-features"
-    metrics, skipped = plan_metrics(recipe.model.name, evaluation.metrics or (recipe.evaluate.metrics if digits else None),
-                                    evaluation.inception, evaluation.clip_weights, recipe_prompts(recipe))
+    wanted = evaluation.metrics or (recipe.evaluate.metrics if digits else None)
+    metrics, skipped = plan_metrics(recipe.model.name, wanted, evaluation.inception, evaluation.clip_weights,
+                                    recipe_prompts(recipe))
     scoring = {"inception": evaluation.inception, "clip_weights": evaluation.clip_weights}
     name = Path(recipe.model.name).name  # a folder path runs under its folder's name
     fp_dir = runs_dir / f"{name}-fp-{digest_of(recipe.sample.model_dump())[:8]}"

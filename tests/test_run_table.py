@@ -22,7 +22,8 @@ PAPER_IV = {"fid": (120.1, 126.7), "sfid": (40.2, 50.3), "is": (7.5, 8.2), "prec
 CASES = {
     "digits": {"rows": [_row("digits fp32", DIGITS, DIGITS_IV),
                         _row("digits w4a4 efficientdm-plus", DIGITS, DIGITS_IV)]},
-    "seeds": {"rows": [_row(f"digits {k} (seed +{s})", DIGITS, DIGITS_IV) for s in (0, 1) for k in ("fp32", "w4a4 ptq")],
+    "seeds": {"rows": [_row(f"digits {k} (seed +{s})", DIGITS, DIGITS_IV) for s in (0, 1)
+                       for k in ("fp32", "w4a4 ptq")],
               "configurations": [{"label": "digits w4a4 ptq", "runs": [1, 2], "metrics": DIGITS,
                                   "intervals": {k: list(v) for k, v in DIGITS_IV.items()}}]},
     "paper": {"rows": [_row("my-ldm fp32", PAPER, PAPER_IV), _row("my-ldm w4a8 efficientdm", PAPER, PAPER_IV)]},
@@ -63,6 +64,7 @@ def test_no_metrics_shows_size_and_speed() -> None:
 
 
 def test_skipped_metrics_in_one_line() -> None:
-    line = skipped_line({"fid": "no reference (--ref)", "sfid": "no reference (--ref)", "clip_score": "no CLIP weights"})
+    line = skipped_line({"fid": "no reference (--ref)", "sfid": "no reference (--ref)",
+                         "clip_score": "no CLIP weights"})
     assert line == "metrics skipped: fid, sfid: no reference (--ref); clip_score: no CLIP weights"
     assert skipped_line({}) is None

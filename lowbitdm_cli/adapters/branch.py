@@ -34,12 +34,16 @@ class LoRABranch(nn.Module):
         except AttributeError:
             return getattr(self._modules["base"], name)
 
-    def add(self, pair: LoraPair, multiplier: float) -> None:
-        """One more branch: down (A) as given, up (B) times `multiplier`."""
+    def add(self, pair: LoraPair, multiplier: float) -> tuple[nn.Parameter, nn.Parameter]:
+        """One more branch: down (A) as given, up (B) times `multiplier`; returns its (A, B) parameters,
+        frozen (a training script sets requires_grad)."""
         i = self.num_branches
-        self.register_buffer(f"down_{i}", pair.down.clone())
-        self.register_buffer(f"up_{i}", (pair.up * multiplier).contiguous())
+        down = nn.Parameter(pair.down.clone(), requires_grad=False)
+        up = nn.Parameter((pair.up * multiplier).contiguous(), requires_grad=False)
+        self.register_parameter(f"down_{i}", down)
+        self.register_parameter(f"up_{i}", up)
         self.num_branches += 1
+        return down, up
 
     def branch(self, x: torch.Tensor, i: int) -> torch.Tensor:
         down, up = getattr(self, f"down_{i}"), getattr(self, f"up_{i}")
