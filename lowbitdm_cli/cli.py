@@ -50,9 +50,9 @@ WorkDeviceOpt = Annotated[str, typer.Option("--device", help="Where the model ru
                                                            "(under torchrun, cuda is each rank's own GPU; "
                                                            "calibration data stays on the CPU).")]
 LoraOpt = Annotated[list[Path] | None, typer.Option(
-    "--lora", help="A LoRA adapter (.safetensors: diffusers / PEFT lora_A/lora_B or lora_down/lora_up keys, or a "
-                   "folder holding adapter_model.safetensors) to run as a float branch beside the layers it "
-                   "targets. Repeatable.")]
+    "--lora", help="A LoRA adapter (.safetensors with diffusers / PEFT lora_A/lora_B or kohya lora_down/lora_up "
+                   "keys, or a folder holding adapter_model.safetensors): `sample` runs it as a float branch "
+                   "beside the layers it targets, `merge` folds it into the weights. Repeatable.")]
 LoraScaleOpt = Annotated[list[float] | None, typer.Option(
     "--lora-scale", help="Scale of each --lora, in the same order (one per --lora; default 1.0 each), times the "
                          "file's alpha/rank when it records alpha.")]

@@ -32,7 +32,10 @@ class LoRABranch(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["base"], name)
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name.startswith("__"):  # half-built (copy, unpickling): no fallback
+                raise
+            return getattr(base, name)
 
     def add(self, pair: LoraPair, multiplier: float) -> tuple[nn.Parameter, nn.Parameter]:
         """One more branch: down (A) as given, up (B) times `multiplier`; returns its (A, B) parameters,
