@@ -13,15 +13,18 @@ if TYPE_CHECKING:
 __all__ = ["__version__", "load_quantized"]
 
 
-def load_quantized(path: str | Path, runtime: Literal["int", "fake"] | None = None) -> DiffusionModel:
+def load_quantized(path: str | Path, runtime: Literal["int", "fake"] | None = None, loras: list | None = None
+                   ) -> DiffusionModel:
     """Load a calibrate, finetune or merge artifact folder as a runnable `DiffusionModel`.
 
     ``runtime``: "int" (integer kernels; merge artifacts, their default) or "fake" (fake-quantized;
     calibrate and finetune artifacts run only so). The artifact is validated first (manifest,
     sha256 of every file), so a changed file is an `IntegrityError`; only JSON and safetensors
     are read, nothing is unpickled. ``model.meta["runtime"]`` of a merged checkpoint reports how
-    many layers run on integer kernels. See `lowbitdm_cli.export.load`.
+    many layers run on integer kernels. ``loras``: LoRA adapter files (paths or ``(path, scale)``
+    pairs) run as float branches beside the layers they target, the packed weights untouched
+    (``model.meta["loras"]`` records each file's sha256 and scale). See `lowbitdm_cli.export.load`.
     """
     from lowbitdm_cli.export.load import load_quantized as load  # imported here so `import lowbitdm_cli` stays light
 
-    return load(path, runtime=runtime)
+    return load(path, runtime=runtime, loras=loras)

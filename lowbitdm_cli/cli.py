@@ -49,6 +49,31 @@ PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="Text-to-imag
 WorkDeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: cpu, cuda or cuda:N "
                                                            "(under torchrun, cuda is each rank's own GPU; "
                                                            "calibration data stays on the CPU).")]
+LoraOpt = Annotated[list[Path] | None, typer.Option(
+    "--lora", help="A LoRA adapter (.safetensors with diffusers / PEFT lora_A/lora_B or kohya lora_down/lora_up "
+                   "keys, or a folder holding adapter_model.safetensors): `sample` runs it as a float branch "
+                   "beside the layers it targets, `merge` folds it into the weights. Repeatable.")]
+LoraScaleOpt = Annotated[list[float] | None, typer.Option(
+    "--lora-scale", help="Scale of each --lora, in the same order (one per --lora; default 1.0 each), times the "
+                         "file's alpha/rank when it records alpha.")]
+MetricOpt = Annotated[list[str] | None, typer.Option(
+    "--metric", help="Metric(s), repeatable or comma-separated: fid, sfid, is, precision, recall, kid (Inception, "
+                     "any model), clip_score (text-to-image, with --clip-weights) or fid_digits, class_accuracy "
+                     "(embedded models). Default: fid_digits and class_accuracy for digits / tiny-random, "
+                     "clip_score for text-to-image models, fid sfid is precision recall for the others.")]
+RefOpt = Annotated[str | None, typer.Option(
+    "--ref", help="Reference for fid, sfid, precision, recall, kid: an image folder, an .npz of images (arr_0) or "
+                  "of statistics (mu/sigma, mu_s/sigma_s, feats), an ADM reference batch "
+                  "(VIRTUAL_imagenet256_labeled.npz), a --make-ref file, or a sample artifact. Default for the "
+                  "embedded models: digits-train (their 1497 training images).")]
+InceptionWeightsOpt = Annotated[Path | None, typer.Option(
+    "--inception-weights", help="Local Inception weights (never downloaded): pytorch-fid's "
+                                "pt_inception-2015-12-05-6726825d.pth or clean-fid's inception-2015-12-05.pt. "
+                                "Default: $LOWBITDM_INCEPTION_WEIGHTS (pytorch-fid) or $LOWBITDM_CLEANFID_WEIGHTS "
+                                "(clean-fid), then the backend's own download cache.")]
+ClipWeightsOpt = Annotated[Path | None, typer.Option(
+    "--clip-weights", help="clip_score: a local transformers CLIPModel folder (never downloaded; default "
+                           "$LOWBITDM_CLIP_WEIGHTS).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Registered model (see `lowbitdm models`), a "
                                                                     "diffusers pipeline folder, a CompVis folder "
                                                                     "(model.ckpt + config.yaml) or a hub id "
@@ -150,6 +175,24 @@ def _metrics_table(rows: list[tuple[str, dict[str, float]]], title: str | None =
     return table
 
 
+def _adapters(loras: list[Path] | None, scales: list[float] | None) -> list:
+    """--lora / --lora-scale pairs as `Adapter`s (one scale per adapter, or none: 1.0 each)."""
+    from lowbitdm_cli.adapters.lora_file import Adapter
+
+    loras, scales = loras or [], scales or []
+    if scales and len(scales) != len(loras):
+        _fail(f"give one --lora-scale per --lora ({len(loras)} adapter(s), {len(scales)} scale(s)), or none")
+    return [Adapter(p, s) for p, s in zip(loras, scales or [1.0] * len(loras), strict=True)]
+
+
+def _lora_suffix(records: list[dict]) -> str:
+    """The default folder's suffix for a stage run with adapters: -lora-<digest of their sha256 and scales>."""
+    from lowbitdm_cli.adapters.lora_file import lora_inputs
+    from lowbitdm_cli.artifacts import digest_of
+
+    return f"-lora-{digest_of(lora_inputs(records))[:8]}" if records else ""
+
+
 def _default_run_dir(model: str, recipe_name: str, bits: str) -> Path:
     return Path("runs") / f"{Path(model).name}-{recipe_name}-{bits}"  # a folder path runs under its folder name
 
@@ -247,13 +290,21 @@ def finetune(
 @app.command()
 def merge(
     parent: Annotated[Path, typer.Argument(help="A finetune (or calibrate) artifact folder.")],
-    out_dir: OutOpt = None, force: ForceOpt = False,
+    out_dir: OutOpt = None, force: ForceOpt = False, lora: LoraOpt = None, lora_scale: LoraScaleOpt = None,
 ) -> None:
-    """Fold everything learned into packed low-bit integer weights (a real low-bit checkpoint)."""
+    """Fold everything learned into packed low-bit integer weights (a real low-bit checkpoint).
+
+    `--lora FILE [--lora-scale S]` (repeatable) folds an adapter into the weights before they are
+    quantized, Q(W + s·B·A): one file, the adapter quantized with the layer (default folder
+    merge-lora-<digest>). To keep adapters exact and swappable, merge without them and pass
+    --lora to `lowbitdm sample` instead (a float branch beside each layer).
+    """
     from lowbitdm_cli.stages.merge import merge as run_stage
 
     art = _open_parent(parent, ("finetune", "calibrate"))
-    result = _guard(run_stage, art, out_dir or art.path.parent / "merge", force=force)
+    adapters = _adapters(lora, lora_scale)
+    name = "merge" + _lora_suffix([_guard(a.record) for a in adapters])
+    result = _guard(run_stage, art, out_dir or art.path.parent / name, force=force, loras=adapters)
     _report(result, "merged")
 
 
@@ -268,7 +319,7 @@ def sample(
                           "for comparison.")] = "int",
     device: Annotated[str, typer.Option(
         "--device", help="Where the model runs: cpu, or cuda (under torchrun: each rank's own GPU, nccl).")] = "cpu",
-    prompts: PromptsOpt = None,
+    prompts: PromptsOpt = None, lora: LoraOpt = None, lora_scale: LoraScaleOpt = None,
 ) -> None:
     """Generate samples into samples.npz (ADM layout: arr_0 uint8 NHWC + labels) and grid.png.
 
@@ -281,15 +332,21 @@ def sample(
     `torchrun --nproc_per_node 8 -m lowbitdm_cli sample SOURCE --device cuda --out DIR`
 
     (on CPUs leave out --device: the processes talk over gloo).
+
+    LoRA adapters (`--lora FILE [--lora-scale S]`, repeatable) run as float low-rank branches
+    beside the layers they target, on any source (FP, fake-quantized, integer): the packed
+    weights stay as they are, and the manifest records each adapter's sha256 and scale.
+    Default folder with adapters: sample-lora-<digest>.
     """
     from lowbitdm_cli.stages.common import open_source
     from lowbitdm_cli.stages.sample import sample as run_stage
 
-    src = _guard(open_source, source, runtime=runtime, prompts=prompts)
+    src = _guard(open_source, source, runtime=runtime, prompts=prompts, loras=_adapters(lora, lora_scale))
     base = src.artifact.manifest.recipe if src.artifact else None
     r = _guard(load_recipe, recipe, base=base, sets=sets, model=src.ref.name, prompts=prompts)
-    fp_dir = Path("runs") / f"{Path(source).name}-fp" / "sample"
-    target = out_dir or (src.artifact.path.parent / "sample" if src.artifact else fp_dir)
+    name = "sample" + _lora_suffix(src.loras)
+    fp_dir = Path("runs") / f"{Path(source).name}-fp" / name
+    target = out_dir or (src.artifact.path.parent / name if src.artifact else fp_dir)
     if os.environ.get("RANK", "0") != "0":  # a torchrun worker: rank 0 shows progress and the result
         _guard(run_stage, src, r, target, resume=resume, force=force, device=device)
         return
@@ -303,16 +360,7 @@ def evaluate(
     samples: Annotated[Path, typer.Argument(help="A sample artifact folder. With --make-ref: the reference images "
                                                  "instead (an image folder, an .npz with arr_0, a sample artifact, "
                                                  "or digits-train).")],
-    metric: Annotated[list[str] | None, typer.Option(
-        "--metric", help="Metric(s), repeatable or comma-separated: fid, sfid, is, precision, recall, kid (Inception, "
-                         "any model), clip_score (text-to-image, with --clip-weights) or fid_digits, class_accuracy "
-                         "(embedded models). Default: fid_digits and class_accuracy for digits / tiny-random, "
-                         "clip_score for text-to-image models, fid sfid is precision recall for the others.")] = None,
-    ref: Annotated[str | None, typer.Option(
-        "--ref", help="Reference for fid, sfid, precision, recall, kid: an image folder, an .npz of images (arr_0) or "
-                      "of statistics (mu/sigma, mu_s/sigma_s, feats), an ADM reference batch "
-                      "(VIRTUAL_imagenet256_labeled.npz), a --make-ref file, or a sample artifact. Default for the "
-                      "embedded models: digits-train (their 1497 training images).")] = None,
+    metric: MetricOpt = None, ref: RefOpt = None,
     ref_stats: Annotated[Literal["auto", "file", "images"], typer.Option(
         "--ref-stats", help="Where the reference statistics come from. file: the .npz's own mu/sigma (mu_s/sigma_s), "
                             "as ADM's evaluator does; images: recomputed from its images with the samples' Inception; "
@@ -324,14 +372,7 @@ def evaluate(
     mode: Annotated[str | None, typer.Option(
         "--mode", help="Resizing to 299x299: legacy_pytorch (pytorch-fid, bilinear); clean (clean-fid's default, PIL "
                        "bicubic) or legacy_tensorflow (clean-fid).")] = None,
-    inception_weights: Annotated[Path | None, typer.Option(
-        "--inception-weights", help="Local Inception weights (never downloaded): pytorch-fid's "
-                                    "pt_inception-2015-12-05-6726825d.pth or clean-fid's inception-2015-12-05.pt. "
-                                    "Default: $LOWBITDM_INCEPTION_WEIGHTS (pytorch-fid) or $LOWBITDM_CLEANFID_WEIGHTS "
-                                    "(clean-fid), then the backend's own download cache.")] = None,
-    clip_weights: Annotated[Path | None, typer.Option(
-        "--clip-weights", help="clip_score: a local transformers CLIPModel folder (never downloaded; default "
-                               "$LOWBITDM_CLIP_WEIGHTS).")] = None,
+    inception_weights: InceptionWeightsOpt = None, clip_weights: ClipWeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per Inception forward pass.")] = 50,
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N.")] = "auto",
     make_ref: Annotated[bool, typer.Option(
@@ -371,12 +412,17 @@ def evaluate(
         _make_ref(samples, opts, out_dir, force)
         return
     art = _open_parent(samples, ("sample",))
-    names = [m.strip().lower().replace("-", "_") for entry in (metric or []) for m in entry.split(",") if m.strip()]
-    metrics = list(dict.fromkeys(names)) or default_metrics(art.manifest.model.name)
+    metrics = _metric_names(metric) or default_metrics(art.manifest.model.name)
     with _Bars() as bars:
         result = _guard(run_stage, art, metrics, out_dir or art.path.parent / "evaluate", force=force, inception=opts,
                         clip_weights=clip_weights, progress=bars, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     _report(result, "evaluated")
+
+
+def _metric_names(metric: list[str] | None) -> list[str]:
+    """--metric values (repeatable, comma-separated, fid-digits or fid_digits) as metric names, in order."""
+    names = [m.strip().lower().replace("-", "_") for entry in (metric or []) for m in entry.split(",") if m.strip()]
+    return list(dict.fromkeys(names))
 
 
 def _make_ref(source: Path, opts, out_file: Path | None, force: bool) -> None:  # noqa: ANN001 - InceptionOptions
@@ -412,51 +458,48 @@ def run(
                                                   "and the sample settings (default: $LOWBITDM_FP_CACHE or "
                                                   "~/.cache/lowbitdm/fp-baselines).")] = None,
     no_fp_cache: Annotated[bool, typer.Option("--no-fp-cache", help="Neither read nor fill the FP cache.")] = False,
+    metric: MetricOpt = None, ref: RefOpt = None, inception_weights: InceptionWeightsOpt = None,
+    clip_weights: ClipWeightsOpt = None,
 ) -> None:
     """Run a recipe's whole chain (calibrate, finetune, merge, sample, evaluate) plus the FP baseline.
+
+    Any model: the embedded digits (scored with FID-digits and class accuracy) or your own
+    diffusers folder, e.g. `lowbitdm run --model ./my-ddpm --recipe ptq --bits w8a8 --ref
+    train_images/ --inception-weights pt_inception-2015-12-05-6726825d.pth`. Metrics are scored
+    with what is given; those that cannot be (no reference, no Inception or CLIP weights) are
+    skipped and named in one line, and with none left the run stops after sampling and writes the
+    FP and quantized grids side by side (<run>/fp_vs_quantized.png).
 
     Stages that are complete for the same inputs are skipped and interrupted ones resume,
     so rerunning after a crash continues where it stopped. The FP baseline is copied from (and
     into) the FP cache, so another --runs-dir with the same model and sample settings reuses it
-    (hashes checked). Ends with an FP vs quantized table (values with their 95 % intervals; with
-    --seeds N, one row per seed and the mean over seeds).
+    (hashes checked). Ends with an FP vs quantized table (values with their 95 % intervals, the
+    denoiser's MiB, sampling images per second, wall seconds; with --seeds N, one row per seed and
+    the mean over seeds).
     """
-    from lowbitdm_cli.pipeline import default_fp_cache, run_seeds
+    from lowbitdm_cli.pipeline import RunEvaluation, default_fp_cache, run_seeds
+    from lowbitdm_cli.run_table import run_table, skipped_line
+    from lowbitdm_cli.stages.evaluate import InceptionOptions
 
     r = _guard(load_recipe, recipe, sets=sets, bits=bits, model=model, prompts=prompts)
     cache = None if no_fp_cache else (fp_cache or default_fp_cache())
+    scoring = RunEvaluation(metrics=_metric_names(metric) or None, clip_weights=clip_weights,
+                            inception=InceptionOptions(weights=inception_weights, reference=ref))
     with _Bars() as bars:
         result = _guard(run_seeds, r, runs_dir, seeds, force=force, progress=bars,
-                        log=lambda msg: err.print(msg, highlight=False), fp_cache=cache)
+                        log=lambda msg: err.print(msg, highlight=False), fp_cache=cache, evaluation=scoring)
     if _state["json"]:
         out.print_json(json.dumps(result))
         return
     title = f"{r.model.name}: full precision vs {r.quant.bits} ({r.name})" + (f", {seeds} seeds" if seeds > 1 else "")
-    table = Table(title=title)
-    for col in ("model", "FID-digits ↓ [95 %]", "class acc ↑ [95 %]", "merged MiB", "wall s"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-
-    def cell(m: dict, iv: dict, key: str, scale: float, unit: str) -> str:
-        if key not in m:
-            return "-"
-        text = f"{scale * m[key]:.{1 if unit else 2}f}{unit}"
-        if key in iv and iv[key]:
-            lo, hi = (iv[key]["low"], iv[key]["high"]) if isinstance(iv[key], dict) else iv[key]
-            text += f" [{scale * lo:.{1 if unit else 2}f}, {scale * hi:.{1 if unit else 2}f}]"
-        return text
-
-    cached = result.get("fp_from_cache", False)
-    cached = cached if isinstance(cached, list) else [cached]
-    for i, row in enumerate(result["rows"]):  # (fp, quantized) per seed
-        m, iv = row["metrics"], row.get("intervals", {})
-        from_cache = i % 2 == 0 and i // 2 < len(cached) and cached[i // 2]
-        table.add_row(row["label"], cell(m, iv, "fid_digits", 1, ""), cell(m, iv, "class_accuracy", 100, "%"),
-                      f"{row['merged_mb']:.3f}" if row.get("merged_mb") else "-",
-                      "cached" if from_cache else f"{row['wall_s']:.0f}")
-    for c in result.get("configurations", []):
-        table.add_row(f"{c['label']}: mean of {len(c['runs'])}", cell(c["metrics"], c["intervals"], "fid_digits", 1, ""),
-                      cell(c["metrics"], c["intervals"], "class_accuracy", 100, "%"), "", "", style="bold")
-    out.print(table)
+    out.print(run_table(result, title, r.model.name, width=out.width))
+    line = skipped_line(result.get("skipped", {}))
+    if line:
+        err.print(line, highlight=False, soft_wrap=True)
+    grids = result.get("grids")
+    if grids:
+        err.print(f"FP and quantized samples side by side: {', '.join(grids) if isinstance(grids, list) else grids}",
+                  highlight=False, soft_wrap=True)
     err.print(f"artifacts in [bold]{', '.join(result.get('run_dirs', [result['run_dir']]))}[/]")
 
 

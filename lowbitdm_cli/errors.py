@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AdapterError",
     "ArtifactError",
     "EvaluationError",
     "IntegrityError",
@@ -59,3 +60,7 @@ class EvaluationError(LowbitError):
 
 class WeightsNotFoundError(EvaluationError):
     """Feature-extractor weights (Inception) are not on this machine; the message says where to get them."""
+
+
+class AdapterError(LowbitError):
+    """A LoRA adapter file is unreadable or does not fit the model (keys that match no layer, shapes)."""

@@ -12,6 +12,11 @@ trajectories, finetune noise and labels, sample noise; sample seeds k are disjoi
 and run 0 is the plain run. Each seed gets its own FP baseline (its sampler seed differs).
 `lowbitdm report` groups runs that differ only by these seeds.
 
+Any model runs, the embedded ones and a user's diffusers folder alike: what is scored depends on
+what is given (`RunEvaluation`: metrics, Inception weights and reference, CLIP weights). Metrics
+that cannot be computed are skipped with their reason; with none left, the run stops after
+sampling and writes ``<run>/fp_vs_quantized.png`` (the FP and quantized grids side by side).
+
 With an FP cache folder (`lowbitdm run` uses ``$LOWBITDM_FP_CACHE`` or
 ``~/.cache/lowbitdm/fp-baselines``), the baseline is also shared across runs folders:
 ``<cache>/<model>-<key>/sample, evaluate``, keyed by the model's weights digest and the resolved
@@ -27,6 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +41,24 @@ from lowbitdm_cli.errors import LowbitError, RecipeError
 from lowbitdm_cli.models.registry import evaluator_of, sampler_defaults
 from lowbitdm_cli.recipes import Recipe
 from lowbitdm_cli.stages.calibrate import calibrate
-from lowbitdm_cli.stages.common import open_source
-from lowbitdm_cli.stages.evaluate import evaluate
+from lowbitdm_cli.stages.common import open_source, recipe_prompts
+from lowbitdm_cli.stages.evaluate import InceptionOptions, evaluate, plan_metrics
 from lowbitdm_cli.stages.finetune import finetune
 from lowbitdm_cli.stages.merge import merge
 from lowbitdm_cli.stages.sample import sample
 
-__all__ = ["default_fp_cache", "run_recipe", "run_seeds", "with_seed_offset"]
+__all__ = ["RunEvaluation", "default_fp_cache", "run_recipe", "run_seeds", "with_seed_offset"]
+
+
+@dataclass(frozen=True)
+class RunEvaluation:
+    """What `run` scores with: metrics (None: the recipe's for the embedded models, else the model's
+    defaults), Inception options (weights, reference) and CLIP weights. Metrics that cannot be computed
+    with these are skipped, each with its reason (`stages.evaluate.plan_metrics`)."""
+
+    metrics: list[str] | None = None
+    inception: InceptionOptions = field(default_factory=InceptionOptions)
+    clip_weights: str | Path | None = None
 
 
 def default_fp_cache() -> Path:
@@ -112,12 +129,16 @@ def _store_fp(entry: Path, fp_dir: Path, evaluated: Artifact, log: Callable[[str
         log(f"could not store the full-precision baseline in the FP cache {entry}: {e}")
 
 
-def _row(label: str, evaluated: Artifact, merged: Artifact | None = None) -> dict[str, Any]:
-    wall = sum(a.manifest.timings.get("wall_s", 0.0) for a in evaluated.lineage())
-    row = {"label": label, "path": str(evaluated.path), "metrics": evaluated.manifest.metrics, "wall_s": wall,
-           "intervals": {k: v.model_dump() for k, v in evaluated.manifest.intervals.items()}}
+def _row(label: str, last: Artifact, samples: Artifact, merged: Artifact | None = None) -> dict[str, Any]:
+    """One table row: `last` is the evaluate artifact (or the sample one when nothing was scored)."""
+    wall = sum(a.manifest.timings.get("wall_s", 0.0) for a in last.lineage())
+    sample_s = samples.manifest.timings.get("wall_s", 0.0)
+    num = samples.manifest.info.get("num_samples", 0)
+    row = {"label": label, "path": str(last.path), "metrics": last.manifest.metrics, "wall_s": wall,
+           "sample_s": sample_s, "images_per_s": num / sample_s if sample_s else None,
+           "intervals": {k: v.model_dump() for k, v in last.manifest.intervals.items()}}
     if merged is not None:
-        row["merged_mb"] = merged.manifest.metrics.get("merged_mb")
+        row["merged_mb"] = row["denoiser_mb"] = merged.manifest.metrics.get("merged_mb")
         row["size_ratio"] = merged.manifest.info.get("size_ratio")
     return row
 
@@ -131,38 +152,56 @@ def with_seed_offset(recipe: Recipe, offset: int) -> Recipe:
         for section in ("calibrate", "finetune", "sample")})
 
 
+def _side_by_side(fp_grid: Path, q_grid: Path, out: Path, gap: int = 8) -> Path:
+    """The FP and quantized sample grids in one PNG, FP on the left, a white gap between them."""
+    from PIL import Image
+
+    a, b = Image.open(fp_grid).convert("RGB"), Image.open(q_grid).convert("RGB")
+    both = Image.new("RGB", (a.width + gap + b.width, max(a.height, b.height)), "white")
+    both.paste(a, (0, 0))
+    both.paste(b, (a.width + gap, 0))
+    both.save(out)
+    return out
+
+
 def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
                progress: Callable[[str, int, int], None] = lambda *_: None,
                log: Callable[[str], None] = lambda _: None, seed_offset: int = 0,
-               fp_cache: Path | None = None) -> dict[str, Any]:
+               fp_cache: Path | None = None, evaluation: RunEvaluation | None = None) -> dict[str, Any]:
     """Run FP baseline and the quantized chain; return the rows of the comparison table.
 
     `seed_offset` k > 0: the seeds moved by k (`with_seed_offset`), run folder suffixed ``-seed<k>``.
-    `fp_cache`: a folder sharing FP baselines across runs folders (None: no sharing)."""
+    `fp_cache`: a folder sharing FP baselines across runs folders (None: no sharing).
+    `evaluation`: what to score with (`RunEvaluation`); metrics it cannot compute are skipped and
+    listed with their reasons under ``skipped``; with none left, the run stops after sampling and
+    ``grids`` names the FP and quantized grids side by side."""
     recipe = with_seed_offset(recipe, seed_offset)
+    evaluation = evaluation or RunEvaluation()
     defaults = sampler_defaults(recipe.model.name)  # an unknown model fails here
-    if evaluator_of(recipe.model.name) != "digits-features":
-        raise RecipeError(f"`lowbitdm run` scores with the embedded models' digits metrics; for {recipe.model.name!r} "
-                          f"run the stages one by one so that evaluate gets its reference and weights (--ref, "
-                          f"--inception-weights, --clip-weights): see the README's paper-model commands")
     recipe = recipe.resolved(defaults)
+    digits = evaluator_of(recipe.model.name) == "digits-features"
+    wanted = evaluation.metrics or (recipe.evaluate.metrics if digits else None)
+    metrics, skipped = plan_metrics(recipe.model.name, wanted, evaluation.inception, evaluation.clip_weights,
+                                    recipe_prompts(recipe))
+    scoring = {"inception": evaluation.inception, "clip_weights": evaluation.clip_weights}
     name = Path(recipe.model.name).name  # a folder path runs under its folder's name
-    metrics = recipe.evaluate.metrics
     fp_dir = runs_dir / f"{name}-fp-{digest_of(recipe.sample.model_dump())[:8]}"
     run_dir = runs_dir / (f"{name}-{recipe.name}-{recipe.quant.bits}" + (f"-seed{seed_offset}" if seed_offset else ""))
 
     log(f"full-precision baseline → {fp_dir}")
     fp_source = open_source(recipe.model.name, prompts=recipe.model.prompts)
     entry = restored = None
-    if fp_cache is not None:
+    if fp_cache is not None and metrics:  # the cache holds evaluated baselines
         key = digest_of({"model": fp_source.ref.model_dump(), "model_section": recipe.model.model_dump(mode="json"),
                          "sample": recipe.sample.model_dump(mode="json")})
         entry = Path(fp_cache) / f"{name}-{key[:16]}"
         restored = _restore_fp(entry, fp_dir, log)
     fp_samples = sample(fp_source, recipe, fp_dir / "sample", resume=True, replace_stale=True, progress=progress)
-    fp_eval = evaluate(fp_samples, metrics, fp_dir / "evaluate", replace_stale=True)
-    if entry is not None:
-        _store_fp(entry, fp_dir, fp_eval, log)
+    fp_last = fp_samples
+    if metrics:
+        fp_last = evaluate(fp_samples, metrics, fp_dir / "evaluate", replace_stale=True, **scoring)
+        if entry is not None:
+            _store_fp(entry, fp_dir, fp_last, log)
 
     log(f"{recipe.name} at {recipe.quant.bits} → {run_dir}")
     stale = {"force": force, "replace_stale": True}
@@ -171,17 +210,27 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
     merged = merge(ft, run_dir / "merge", **stale)
     q_samples = sample(open_source(str(merged.path)), recipe, run_dir / "sample", resume=True, progress=progress,
                        **stale)
-    q_eval = evaluate(q_samples, metrics, run_dir / "evaluate", **stale)
+    q_last = evaluate(q_samples, metrics, run_dir / "evaluate", **stale, **scoring) if metrics else q_samples
     suffix = f" (seed +{seed_offset})" if seed_offset else ""
-    return {"run_dir": str(run_dir),
-            "fp_from_cache": restored is not None and restored == fp_samples.manifest_sha256,
-            "rows": [_row(f"{name} fp32{suffix}", fp_eval),
-                     _row(f"{name} {recipe.quant.bits} {recipe.name}{suffix}", q_eval, merged)]}
+    fp_bytes = merged.manifest.info.get("fp_denoiser_bytes")
+    fp_row = _row(f"{name} fp32{suffix}", fp_last, fp_samples)
+    if fp_bytes:
+        fp_row["denoiser_mb"] = round(fp_bytes / 2**20, 4)
+    result = {"run_dir": str(run_dir),
+              "fp_from_cache": restored is not None and restored == fp_samples.manifest_sha256,
+              "rows": [fp_row,
+                       _row(f"{name} {recipe.quant.bits} {recipe.name}{suffix}", q_last, q_samples, merged)],
+              "skipped": skipped}
+    grids = [a.path / "grid.png" for a in (fp_samples, q_samples)]
+    if not metrics and all(g.is_file() for g in grids):
+        result["grids"] = str(_side_by_side(*grids, run_dir / "fp_vs_quantized.png"))
+    return result
 
 
 def run_seeds(recipe: Recipe, runs_dir: Path, seeds: int, force: bool = False,
               progress: Callable[[str, int, int], None] = lambda *_: None,
-              log: Callable[[str], None] = lambda _: None, fp_cache: Path | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] = lambda _: None, fp_cache: Path | None = None,
+              evaluation: RunEvaluation | None = None) -> dict[str, Any]:
     """`run_recipe` for seed offsets 0 .. seeds − 1, then the configurations over seeds (mean and
     95 % t interval per metric, as `lowbitdm report` shows them)."""
     from lowbitdm_cli.report import collect_runs, group_runs
@@ -193,7 +242,7 @@ def run_seeds(recipe: Recipe, runs_dir: Path, seeds: int, force: bool = False,
         if seeds > 1:
             log(f"seed {k + 1} of {seeds} (seed offset {k})")
         results.append(run_recipe(recipe, runs_dir, force=force, progress=progress, log=log, seed_offset=k,
-                                  fp_cache=fp_cache))
+                                  fp_cache=fp_cache, evaluation=evaluation))
     rows = [row for r in results for row in r["rows"]]
     if seeds == 1:
         return {**results[0], "seeds": 1}
@@ -201,5 +250,6 @@ def run_seeds(recipe: Recipe, runs_dir: Path, seeds: int, force: bool = False,
     q_dirs = [r["run_dir"] for r in results]
     configs = group_runs(collect_runs(fp_dirs + q_dirs))
     return {"run_dir": q_dirs[0], "run_dirs": q_dirs, "fp_dirs": fp_dirs, "seeds": seeds, "rows": rows,
-            "fp_from_cache": [r["fp_from_cache"] for r in results],
+            "fp_from_cache": [r["fp_from_cache"] for r in results], "skipped": results[0]["skipped"],
+            **({"grids": [r["grids"] for r in results if "grids" in r]} if "grids" in results[0] else {}),
             "configurations": [c.to_dict() for c in configs]}

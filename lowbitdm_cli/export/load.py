@@ -79,7 +79,8 @@ LOADERS: dict[str, tuple[Callable[[Artifact, Runtime], DiffusionModel], Runtime]
 }
 
 
-def load_quantized(path: str | Path | Artifact, runtime: Runtime | None = None) -> DiffusionModel:
+def load_quantized(path: str | Path | Artifact, runtime: Runtime | None = None, loras: list | None = None
+                   ) -> DiffusionModel:
     """Load a calibrate, finetune or merge artifact folder as a runnable `DiffusionModel`.
 
     The artifact is validated first (manifest, sha256 of every file, an older manifest migrated),
@@ -87,6 +88,11 @@ def load_quantized(path: str | Path | Artifact, runtime: Runtime | None = None) 
     (integer kernels, merge artifacts; their default) or ``"fake"`` (fake-quantized; the default
     and only runtime of calibrate and finetune artifacts). For a merged checkpoint
     ``model.meta["runtime"]`` reports how many layers run on integer kernels.
+
+    ``loras``: LoRA adapter files (paths, ``(path, scale)`` pairs or `adapters.lora_file.Adapter`s)
+    run as float low-rank branches beside the layers they target (`adapters.branch.attach_loras`);
+    the packed weights are untouched and ``model.meta["loras"]`` records each file's sha256 and scale.
+    An adapter key that matches no layer is an `AdapterError`.
     """
     if runtime not in (None, "int", "fake"):
         raise ValueError(f"runtime must be 'int' or 'fake', got {runtime!r}")
@@ -98,5 +104,7 @@ def load_quantized(path: str | Path | Artifact, runtime: Runtime | None = None) 
     if record.format not in LOADERS:
         raise ArtifactError(f"{artifact.path}: format {record.format!r} has no loader in this lowbitdm "
                             f"({', '.join(LOADERS)})")
+    from lowbitdm_cli.adapters.branch import apply_loras
+
     loader, default = LOADERS[record.format]
-    return loader(artifact, runtime or default)
+    return apply_loras(loader(artifact, runtime or default), loras or [])

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lowbitdm_cli.adapters.branch import apply_loras
 from lowbitdm_cli.artifacts import MANIFEST, Artifact, Manifest, ModelRef, StageRun
 from lowbitdm_cli.distributed import ProcessGroup, process_group
 from lowbitdm_cli.errors import ArtifactError, RecipeError, StageOrderError
@@ -33,6 +34,7 @@ class Source:
     artifact: Artifact | None
     label: str
     runtime: str | None = None  # "int" or "fake" for a merged checkpoint, None otherwise
+    loras: list[dict] = field(default_factory=list)  # the LoRA adapters run beside its layers (path, sha256, scale)
 
 
 def sampler_settings(sample_cfg) -> SamplerSettings:  # noqa: ANN001 - a recipes.SampleSection
@@ -92,13 +94,15 @@ def load_quantized_from(artifact: Artifact, runtime: str = "fake") -> DiffusionM
     return load_quantized(artifact, runtime=runtime if artifact.manifest.stage == "merge" else "fake")
 
 
-def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | None = None) -> Source:
+def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | None = None,
+                loras: list | None = None) -> Source:
     """A registered model name or diffusers folder (full precision), or a calibrate/finetune/merge
     artifact folder.
 
     `runtime` applies to merge artifacts only: "int" runs integer kernels, "fake" dequantizes.
     `prompts` (a prompt file) is needed by a full-precision text-to-image model; artifacts use
-    the prompts they were made with."""
+    the prompts they were made with. `loras`: LoRA adapters (paths or (path, scale) pairs) run as
+    float branches beside the layers they target (`adapters.branch.attach_loras`), on any source."""
     if runtime not in ("int", "fake"):
         raise ValueError(f"runtime must be 'int' or 'fake', got {runtime!r}")
     text = str(source)
@@ -107,7 +111,10 @@ def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | 
     if (text in MODELS and not path.exists()) or model_path or is_hub_id(text):
         name = str(path.resolve()) if model_path else text
         model = load_model(name, read_prompts(prompts) if prompts else None)
-        return Source(model, model_ref(model), None, f"{Path(name).name if model_path else name} (fp)")
+        ref = model_ref(model)  # the FP weights' digest, before any adapter is attached
+        apply_loras(model, loras or [])
+        return Source(model, ref, None, f"{Path(name).name if model_path else name} (fp)",
+                      loras=model.meta.get("loras", []))
     if not path.exists():
         raise ArtifactError(f"{text!r} is neither a known model ({', '.join(sorted(MODELS))}) nor an artifact folder")
     art = Artifact.open(path)
@@ -116,9 +123,9 @@ def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | 
                               f"calibrate, finetune or merge artifact")
     merged = art.manifest.stage == "merge"
     with torch.no_grad():
-        model = load_quantized_from(art, runtime=runtime if merged else "fake")
+        model = load_quantized(art, runtime=runtime if merged else "fake", loras=loras)
     return Source(model, art.manifest.model, art, f"{art.manifest.model.name} ({art.manifest.stage})",
-                  runtime=runtime if merged else None)
+                  runtime=runtime if merged else None, loras=model.meta.get("loras", []))
 
 
 def run_on_ranks(out: Path, device: str, open_run: Callable[[], StageRun], share: Callable[[StageRun], dict],

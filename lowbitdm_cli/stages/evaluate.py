@@ -32,7 +32,8 @@ from lowbitdm_cli.evaluation.suite import intervals as inception_intervals
 from lowbitdm_cli.models.registry import MODELS, evaluator_of
 from lowbitdm_cli.npz import read_npz
 
-__all__ = ["CLIP_METRICS", "DIGITS_METRICS", "INCEPTION_METRICS", "InceptionOptions", "default_metrics", "evaluate"]
+__all__ = ["CLIP_METRICS", "DIGITS_METRICS", "INCEPTION_METRICS", "InceptionOptions", "default_metrics", "evaluate",
+           "plan_metrics"]
 
 DIGITS_METRICS = ("fid_digits", "class_accuracy")
 CLIP_METRICS = ("clip_score",)
@@ -66,6 +67,48 @@ def default_metrics(model_name: str) -> list[str]:
     if evaluator == "digits-features":
         return list(DIGITS_METRICS)
     return list(CLIP_METRICS) if evaluator == "clip" else list(PAPER_METRICS)
+
+
+def _skip_reason(metric: str, evaluator: str, inception: InceptionOptions, clip_weights: str | Path | None,
+                 prompts: list[str] | None) -> str | None:
+    """Why `metric` cannot be computed with what was given (None: it can)."""
+    import os
+
+    from lowbitdm_cli.errors import WeightsNotFoundError
+    from lowbitdm_cli.evaluation.clip_score import CLIP_ENV
+    from lowbitdm_cli.evaluation.inception import resolve_weights
+
+    if metric in DIGITS_METRICS and evaluator != "digits-features":
+        return "the digits evaluator scores the embedded models only"
+    if metric in INCEPTION_METRICS:
+        try:
+            resolve_weights(inception.backend, inception.weights)
+        except WeightsNotFoundError:
+            return "no Inception weights (--inception-weights or $LOWBITDM_INCEPTION_WEIGHTS)"
+        if metric != "is" and inception.reference is None and evaluator != "digits-features":
+            return "no reference (--ref: an image folder or reference .npz)"
+    if metric in CLIP_METRICS:
+        if not (clip_weights or os.environ.get(CLIP_ENV)):
+            return "no CLIP weights (--clip-weights or $LOWBITDM_CLIP_WEIGHTS)"
+        if not prompts:
+            return "no prompts (--prompts)"
+    return None
+
+
+def plan_metrics(model_name: str, wanted: list[str] | None, inception: InceptionOptions | None = None,
+                 clip_weights: str | Path | None = None, prompts: list[str] | None = None
+                 ) -> tuple[list[str], dict[str, str]]:
+    """(the metrics that can be computed with what was given, {metric: why it is skipped}) of `wanted`
+    (default: `default_metrics`). Unknown names are kept, for `evaluate` to refuse."""
+    evaluator = _evaluator(model_name)
+    keep, skipped = [], {}
+    for m in wanted or default_metrics(model_name):
+        reason = _skip_reason(m, evaluator, inception or InceptionOptions(), clip_weights, prompts)
+        if reason is None:
+            keep.append(m)
+        else:
+            skipped[m] = reason
+    return keep, skipped
 
 
 def evaluate(samples: Artifact, metrics: list[str], out: Path, force: bool = False, replace_stale: bool = False,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowbitdm_cli.adapters.lora_file import lora_inputs
 from lowbitdm_cli.artifacts import Artifact, StageRun
 from lowbitdm_cli.distributed import ProcessGroup, rank_device
 from lowbitdm_cli.export.int_runtime import lowering_counts
@@ -44,7 +45,8 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
     recipe = recipe.resolved(sampler_defaults(source.ref.name))
     cfg = recipe.sample
     options = {"source": source.label, **({"runtime": source.runtime} if source.runtime else {}),
-               **({"device": device} if device != "cpu" else {}), **prompt_options(recipe)}
+               **({"device": device} if device != "cpu" else {}), **prompt_options(recipe),
+               **({"loras": lora_inputs(source.loras)} if source.loras else {})}
     num_shards = math.ceil(cfg.num_samples / cfg.batch_size)
 
     def work(group: ProcessGroup, run: StageRun, shared: dict) -> Artifact | None:
@@ -114,7 +116,7 @@ def _assemble(run: StageRun, model, source: Source, cfg, settings, labels: torch
     unmatched = unmatched_timesteps(model)
     info = {"source": source.label, "runtime": source.runtime, "num_samples": cfg.num_samples,
             "sampler": settings.__dict__, "shards_done": num_shards,
-            "unmatched_timesteps": unmatched}
+            "unmatched_timesteps": unmatched, **({"loras": source.loras} if source.loras else {})}
     report = (getattr(model, "meta", None) or {}).get("runtime")
     if isinstance(report, dict):  # the integer runtime: which CPU, what its kernels compute, which lowerings ran
         info["int_runtime"] = {**{k: report[k] for k in ("cpu", "kernel_probes") if k in report},

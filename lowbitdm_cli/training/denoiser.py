@@ -38,14 +38,20 @@ def train_denoiser(
     checkpoint_every: int = 500,
     warmup: int | None = None,
     log: Callable[[str], None] = print,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    export: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Train `model` (called as ``model(x_t, timestep=t, class_labels=y).sample``) and save its EMA
     weights as ``<stem>.safetensors`` and `meta` plus the training settings as ``<stem>.json`` in
-    `out_dir`, overwritten at every checkpoint so a long run can be inspected (and sampled) midway."""
+    `out_dir`, overwritten at every checkpoint so a long run can be inspected (and sampled) midway.
+    `transform` maps the training images (all at once, [N, 1, 16, 16] in [-1, 1]) before training
+    (e.g. a style to learn); `export` maps the EMA state to the tensors saved (e.g. a LoRA's factors)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     data = load_digits_split()
     x_all, y_all = data.train_images, data.train_labels
+    if transform is not None:
+        x_all = transform(x_all)
     # train mode would let a model drop labels by itself (DiT's class_dropout_prob) with the global
     # RNG: the dropout here is the only one, drawn from the seeded generator
     model.eval()
@@ -97,7 +103,8 @@ def train_denoiser(
             rate = (step + 1) / (time.time() - start)
             log(f"step {step + 1}/{steps} loss {running:.4f} lr {lr_at(step):.2e} ({rate:.2f} it/s)")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            save_file({k: v.contiguous() for k, v in ema.items()}, str(out_dir / f"{stem}.safetensors"))
+            saved = export(ema) if export is not None else ema
+            save_file({k: v.contiguous() for k, v in saved.items()}, str(out_dir / f"{stem}.safetensors"))
             (out_dir / f"{stem}.json").write_text(json.dumps(
                 {**meta, "training": {**settings, "completed_steps": step + 1}}, indent=2) + "\n")
     return out_dir / f"{stem}.safetensors"

@@ -387,12 +387,6 @@ def test_hub_repository_from_the_cache(family_dirs: dict[str, Path], tmp_path: P
                     "hf download someone/missing", str(tmp_path / "models" / "someone--missing"))
 
 
-def test_run_points_paper_models_to_the_stages(family_dirs: dict[str, Path], tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["run", "--model", str(family_dirs["ddpm"]), "--runs-dir", str(tmp_path)])
-    _one_line_error(result, "run the stages one by one", "--ref")
-    assert not any(tmp_path.iterdir())
-
-
 def test_prompts_from_a_file(family_dirs: dict[str, Path], chains: dict[str, Path], tmp_path: Path) -> None:
     """--prompts for FP and quantized sampling (other prompts than calibration's too); a stage's inputs
     digest covers the prompts' text, and clip_score refuses a prompt file changed since sampling."""
