@@ -6,8 +6,10 @@ data: FID-digits of the held-out split against the train-split statistics.
 
     python benchmarks/digits_fp.py            # 1000 samples (the README numbers)
     python benchmarks/digits_fp.py --quick    # 200 samples, 20 steps
+    python benchmarks/digits_fp.py --model digits-dit   # the embedded transformer
 
-Writes benchmarks/results/digits_fp.json and docs/digits_grid.png (10 classes x 10 samples).
+Writes benchmarks/results/digits_fp.json and docs/digits_grid.png (10 classes x 10 samples);
+digits_fp_digits-dit.json and docs/digits_dit_grid.png with --model digits-dit.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, nargs="*", default=None,
                         help="guidance scales to compare (default: the registry's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="digits", help="digits (the UNet) or digits-dit (the transformer)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = args.num_samples or (200 if args.quick else 1000)
     steps = 20 if args.quick else 50
-    defaults = model_entry("digits").sampler
+    defaults = model_entry(args.model).sampler
     scales = args.guidance or [defaults["guidance"]]
-    model = load_model("digits")
+    model = load_model(args.model)
     ev = DigitsEvaluator()
     split = load_digits_split()
     floor = ev.evaluate(split.held_out_images, split.held_out_labels)
@@ -62,7 +65,7 @@ def main() -> None:
         if g == scales[0] and not args.quick:
             # 10 x 10 grid: row = sample round, column = class
             grid = imgs.numpy()[:100]
-            save_grid(grid, ROOT / "docs" / "digits_grid.png", nrow=10, scale=3)
+            save_grid(grid, ROOT / "docs" / f"{args.model.replace('-', '_')}_grid.png", nrow=10, scale=3)
     print(f"{'guidance':>8} {'samples':>7} {'FID-digits':>10} {'x floor':>7} {'class acc':>9} {'sampling s':>10}")
     print(f"{'real':>8} {int(floor['num_images']):>7} {floor['fid_digits']:>10.2f} {1.0:>7.2f} "
           f"{100 * floor['class_accuracy']:>8.1f}% {'-':>10}   (held-out split vs train statistics)")
@@ -71,7 +74,8 @@ def main() -> None:
               f"{100 * r['class_accuracy']:>8.1f}% {r['sampling_s']:>10.1f}")
     out = {"floor": {"fid_digits": floor["fid_digits"], "class_accuracy": floor["class_accuracy"],
                      "num_images": floor["num_images"]}, "rows": rows, "quick": args.quick}
-    name = "digits_fp_quick.json" if args.quick else "digits_fp.json"
+    stem = "digits_fp" if args.model == "digits" else f"digits_fp_{args.model}"
+    name = f"{stem}_quick.json" if args.quick else f"{stem}.json"
     (ROOT / "benchmarks" / "results" / name).write_text(json.dumps(out, indent=2) + "\n")
 
 
