@@ -6,13 +6,14 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set; `process_group` 
 is a group of one and every operation is a no-op, so the same code serves both.
 
 `calibrate` and `finetune` are data parallel on top of it: every rank holds the whole model and
-works on its share of each global batch. Block reconstruction sums the ranks' gradients by one
-all-reduce of a flat buffer per optimizer step (`sync_grads`): DDP's gradient synchronisation
-without its module wrapper (the models are called through `DiffusionModel` with hooks, and the
-trained tensors are small: LoRA factors, step sizes, AdaRound variables). `finetune` sums in a
-fixed order instead (`ordered_sum`): the batch is cut into micro-batches by global index, and
-every rank adds all micro-batches' flat gradients (`pack_grads`) one by one in index order, as
-one process does, so the result has the same bits for any number of processes.
+works on its share of each global batch. `finetune` (and block reconstruction with
+`calibrate.recon_micro_batch`) sums gradients in a fixed order (`ordered_sum`): the batch is cut
+into micro-batches by global index, and every rank adds all micro-batches' flat gradients
+(`pack_grads`) one by one in index order, as one process does, so the result has the same bits
+for any number of processes. Reconstruction without micro-batches sums the ranks' gradients by
+one all-reduce of a flat buffer per optimizer step (`sync_grads`): DDP's gradient
+synchronisation without its module wrapper (the models are called through `DiffusionModel` with
+hooks, and the trained tensors are small: LoRA factors, step sizes, AdaRound variables).
 """
 
 from __future__ import annotations

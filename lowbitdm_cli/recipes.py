@@ -12,7 +12,7 @@ import tomllib
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -38,6 +38,17 @@ RECIPE_VERSION = 1
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # keys that came after artifacts already recorded the section: left out of the dump while unset
+    # (None), so the inputs digests of those artifacts stay valid
+    _omit_unset: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key in self._omit_unset:
+            if getattr(self, key) is None:
+                data.pop(key, None)
+        return data
 
 
 class ModelSection(_Section):
@@ -45,14 +56,7 @@ class ModelSection(_Section):
     prompts: str | None = Field(None, description="text-to-image models: a text file, one prompt per line, used "
                                 "for calibration, finetuning and sampling (sample i gets prompt i mod N)")
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_prompts(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # `prompts` came after artifacts already recorded this section: leaving it out when unset keeps
-        # their inputs digests valid
-        data = handler(self)
-        if self.prompts is None:
-            data.pop("prompts", None)
-        return data
+    _omit_unset = ("prompts",)
 
 
 class CalibrateSection(_Section):
@@ -102,14 +106,7 @@ class CalibrateSection(_Section):
                              "or 'pqd', or set qdrop_prob = 0")
         return self
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_micro_batch(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # `recon_micro_batch` came after artifacts already recorded this section: leaving it out when
-        # unset keeps their inputs digests valid
-        data = handler(self)
-        if self.recon_micro_batch is None:
-            data.pop("recon_micro_batch", None)
-        return data
+    _omit_unset = ("recon_micro_batch",)
 
     @model_validator(mode="after")
     def _representative_count(self) -> CalibrateSection:
@@ -159,14 +156,7 @@ class FinetuneSection(_Section):
             raise ValueError(f"micro_batch ({self.micro_batch}) must divide batch_size ({self.batch_size})")
         return self
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_micro_batch(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # `micro_batch` came after artifacts already recorded this section: leaving it out when unset keeps
-        # their inputs digests valid (unset = one pass over the whole batch, what they ran)
-        data = handler(self)
-        if self.micro_batch is None:
-            data.pop("micro_batch", None)
-        return data
+    _omit_unset = ("micro_batch",)  # unset = one pass over the whole batch, what earlier artifacts ran
 
 
 class SampleSection(_Section):

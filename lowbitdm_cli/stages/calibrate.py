@@ -16,7 +16,8 @@ Under `torchrun` the ranks share the work and rank 0 writes the artifact: each r
 every world_size-th trajectory batch (seeded per global sample index, so the data are the same
 bytes for any process count), runs every world_size-th batch of the range pass (records merged
 across ranks: exact min/max, the same value samples as one process) and its share of each
-reconstruction mini-batch (gradients all-reduced). `--resume` works with any process count.
+reconstruction mini-batch (gradients summed in micro-batch order with `calibrate.recon_micro_batch`:
+the same bytes for any process count; all-reduced without it). `--resume` works with any process count.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def test_layer_output_error_is_measured_against_fp_weights(reconstructed: Artifa
         against_fp = layer_output_errors(model, data, 2.0, 2, {n: fp.denoiser.get_submodule(n).weight for n in layers})
         against_folded = layer_output_errors(model, data, 2.0, 2)
     recorded = reconstructed.manifest.info["layer_output_error"]
-    assert recorded == pytest.approx(against_fp, rel=1e-4)
+    assert recorded == against_fp  # the same model (reloaded), rows and batches: the same bits
     four_bit = [n for n, s in reconstructed.manifest.info["layers"].items() if s["w_bits"] == 4 and n in layers]
     assert four_bit and sum(against_fp[n] for n in four_bit) > sum(against_folded[n] for n in four_bit)
 

@@ -154,7 +154,8 @@ def test_merged_checkpoint_rebuilds_the_matmul_quantizers(chain) -> None:
                 for a, b in zip(procs[name].act_quantizers(), proc.act_quantizers(), strict=True):
                     torch.testing.assert_close(a.delta, b.delta)
             out = model.forward(x, 999, cond)
-            assert float((out - ref).abs().max() / (ref.max() - ref.min())) < 1e-4, runtime
+            # fake: the merged codes dequantize to the finetuned weights; int: int == fake bit for bit
+            assert torch.equal(out, ref), (runtime, float((out - ref).abs().max()))
     runtime_info = load_merged(merged.path, "int").meta["runtime"]
     assert runtime_info["float_attention_matmuls"] == 2 * len(config["attention_matmuls"])
 

@@ -82,8 +82,12 @@ def test_search_picks_nonzero_fraction_on_planted_outliers():
     assert (bits[:4] == 4).all()  # the planted outliers got the extra bit
     # the quantizer is left at the winning bits and re-initialised for them
     torch.testing.assert_close(layer.w_quant.bits.reshape(-1), bits)
-    err = ((layer(x) - nn.functional.linear(x, layer.weight, layer.bias)) ** 2).mean().item()
-    assert err == pytest.approx(min(errors.values()), rel=1e-4)
+    # the winner's error again, as the search sums it (the same halves, float64 sums of float32
+    # outputs): the layer's own forward gives the very same products, so the same bits
+    with torch.no_grad():
+        diffs = [layer(h) - nn.functional.linear(h, layer.weight, layer.bias) for h in (x[:128], x[128:])]
+    total = sum(float(d.double().pow(2).sum()) for d in diffs)
+    assert total / sum(d.numel() for d in diffs) == min(errors.values())
 
 
 def test_search_keeps_uniform_bits_when_nothing_helps():
@@ -131,4 +135,4 @@ def test_calibrate_omq_reload_merge_roundtrip(tmp_path: Path):
     t = art.manifest.info["timesteps"][1]
     with torch.no_grad():
         diff = (fq.eps(x, t, cond, 2.0) - model.eps(x, t, cond, 2.0)).abs().max().item()
-    assert diff < 1e-5
+    assert diff == 0.0  # the merged fake model dequantizes the same codes: the same operations, the same bits
