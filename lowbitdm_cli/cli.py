@@ -233,12 +233,20 @@ def calibrate(
 
 def _layer_table(layers: dict[str, dict]) -> Table:
     table = Table(title=f"layer policy ({len(layers)} quantized layers)")
-    for col in ("layer", "role", "w_bits", "a_bits", "temporal"):
+    for col in ("layer", "role", "w_bits", "a_bits", "temporal", "methods"):
         table.add_column(col)
     for name, s in layers.items():
         table.add_row(name, s["role"], str(s["w_bits"] or "fp"), str(s["a_bits"] or "fp"),
-                      "yes" if s["a_temporal"] else "")
+                      "yes" if s["a_temporal"] else "", _methods_cell(s))
     return table
+
+
+def _methods_cell(spec: dict) -> str:
+    """The transformer methods of one layer spec, e.g. ``per-token smooth rotate16 low-rank32``."""
+    parts = [("per-token", spec.get("a_dynamic")), ("smooth", spec.get("smooth")),
+             (f"rotate{spec.get('rotate')}", spec.get("rotate")),
+             (f"low-rank{spec.get('low_rank')}", spec.get("low_rank"))]
+    return " ".join(label for label, on in parts if on)
 
 
 def _open_parent(path: Path, stages: tuple[str, ...]):  # noqa: ANN202

@@ -11,10 +11,9 @@ Per quantized layer with base weight width b:
 The result is held in the weight quantizer's `bits` buffer ([O, 1, ...]), which fake
 quantization, `quant_state` and the packed checkpoint already handle per channel.
 
-Not implemented: MPQ-DM's optional smoothing W' = W·s, X' = X/s with
-s_j = sqrt(max|X_j| / max|W_:,j|). Doing it cleanly needs a per-input-channel divisor
-stored in the layer wrapper (before the activation quantizer) and in the merged
-checkpoint format; without it the search runs on W itself (s = 1).
+MPQ-DM's optional smoothing W' = W·s, X' = X/s with s_j = sqrt(max|X_j| / max|W_:,j|) is
+SmoothQuant's with α = 0.5: the recipe option ``quant.smooth`` (`quant.transforms`, linear
+layers) sets it before OMQ runs, which then searches on the smoothed weight and inputs.
 """
 
 from __future__ import annotations
