@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbitdm_cli.export import fused_ops
 from lowbitdm_cli.export.int_ops import _padded_int_mm
 from lowbitdm_cli.export.kernel_probe import (KernelClass, pair16_weight_limit, probe_int_mm, probe_onednn_conv,
                                               probe_onednn_linear)
@@ -277,6 +278,9 @@ class IntLayer(TimestepSlots, nn.Module):
         self._onednn_cache: tuple[str, list[Tensor], Tensor] | None = None
         self._float_weight: Tensor | None = None
         self._w_off_f32: Tensor | None = None
+        # [z, q_min, q_max, offset] per slot for the fused quantize loop (`fused_ops`)
+        self._qparams = [torch.tensor([z, self.q_min, self.q_max, self._offset], dtype=torch.float32)
+                         for z in self._z_add]
         self._tune: list[tuple[str, int | None]] | None = None
         lowering = self.choose_lowering()
         tune, self._tune = self._tune, None
@@ -417,6 +421,15 @@ class IntLayer(TimestepSlots, nn.Module):
         over the output writes the contiguous result (no separate layout copy)."""
         if self.fused(dtype):
             return out.contiguous()
+        if fused_ops.enabled() and out.device.type == "cpu":  # one pass: correction, rescale, dtype, layout
+            view = [1] * out.dim()
+            view[channel_dim] = -1
+            bias = None if self.bias is None else self.bias.reshape(view)
+            if self.direct:
+                return fused_ops.rescale_to(out, delta, self.weight_scale.reshape(view), bias, dtype)
+            main, sums = out.split([self.out_ch, 1], channel_dim)
+            return fused_ops.rescale_to(main, delta, self.weight_scale.reshape(view), bias, dtype, sums,
+                                        self._w_off_float(view))
         if self.direct:
             return rescale(out, delta, self.weight_scale, self.bias, channel_dim, contiguous=True).to(dtype)
         view = [1] * out.dim()
@@ -465,6 +478,10 @@ class IntLayer(TimestepSlots, nn.Module):
         """
         i = self._slot()
         delta = self.input_scale[i : i + 1]
+        if fused_ops.enabled() and x.device.type == "cpu" and (x.is_contiguous() or x.dim() == 4 and
+                                                                x.is_contiguous(memory_format=torch.channels_last)):
+            u = fused_ops.quantize(x, delta, self._z_add[i], self.q_min, self.q_max, self._offset, self._qparams[i])
+            return u, self._zx[i], delta
         q, u = _SCRATCH.like(x, torch.float32), _SCRATCH.like(x, torch.uint8, slot=1)
         q = torch.div(x, delta, out=q) if q is not None else torch.div(x, delta)
         q.round_().add_(self._z_add[i]).clamp_(self.q_min, self.q_max)  # in place: one float buffer

@@ -136,3 +136,24 @@ def test_auto_dtype_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         resolve_dtype("auto")
     with pytest.raises(ValueError, match="auto, fp32 or bf16"):
         resolve_dtype("fp64")
+
+
+def test_fused_loops_keep_int_equal_to_fake(merged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the fused quantize / rescale loops (`fused_ops`, LOWBITDM_FUSED=1) the integer runtime
+    still gives the fake runtime's bits, in float32 and bf16 (skipped where they do not compile)."""
+    from lowbitdm_cli.export import fused_ops
+
+    if "fallback" in merged.parent.name:
+        pytest.skip("w8a8 (shifted layers) and w4a4 (direct ones) cover the fused loops; compiling is slow")
+    monkeypatch.setenv("LOWBITDM_FUSED", "1")
+    if not fused_ops.available():
+        pytest.skip("torch.compile (inductor, C++) is not usable here")
+    calls, original = [], fused_ops.quantize
+    monkeypatch.setattr(fused_ops, "quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, cond = _batch(4, seed=5)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            mi, mf = (use_dtype(load_merged(merged, r), dtype) for r in ("int", "fake"))
+            for t in (999, 0):
+                assert torch.equal(mi.eps(x, t, cond, 2.0), mf.eps(x, t, cond, 2.0))
+    assert calls  # the fused path really ran
