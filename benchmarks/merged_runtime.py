@@ -57,6 +57,7 @@ prefer_passive_wait()  # as the CLI does, before torch loads: spinning OpenMP wa
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from lowbitdm_cli.export import fused_ops  # noqa: E402
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_tensors, load_merged  # noqa: E402
 from lowbitdm_cli.export.int_runtime import lowering_counts  # noqa: E402
 from lowbitdm_cli.models.digits import WEIGHTS_DIR  # noqa: E402
@@ -85,13 +86,15 @@ def _file_bytes(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> in
     return path.stat().st_size
 
 
-def _call(model: DiffusionModel, batch: int, autocast: bool = False) -> Callable[[], object]:
-    """One denoiser call (no CFG) on a fixed batch at t = 500; `autocast`: under torch.autocast("cpu", bf16)."""
+def _call(model: DiffusionModel, batch: int, autocast: bool = False, fused: str = "0") -> Callable[[], object]:
+    """One denoiser call (no CFG) on a fixed batch at t = 500; `autocast`: under torch.autocast("cpu", bf16);
+    `fused`: LOWBITDM_FUSED during the call (the integer runtime's fused quantize / rescale loops)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.sample_shape, generator=g)
     cond = torch.arange(batch) % model.num_classes if model.conditioning == "class" else None
 
     def run() -> object:
+        os.environ["LOWBITDM_FUSED"] = fused
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             return model.forward(x, 500, cond)
     return run
@@ -189,6 +192,7 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
     dtypes = ["fp32", "bf16"] if bf16_native() else ["fp32"]
     cells = _fp_cells(make_fp, dtypes, args.batch)
     integers: dict[str, DiffusionModel] = {}
+    fused = fused_ops.available()  # compiled loops that give the eager bits here (else no fused cells)
     for label, path in merged.items():
         for dtype in dtypes:
             for runtime in ("fake", "int"):
@@ -196,6 +200,8 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
                 cells[f"{label} {runtime} {dtype}"] = _call(model, args.batch)
                 if runtime == "int":
                     integers[f"{label} {dtype}"] = model
+                    if fused:  # the same model object: LOWBITDM_FUSED is read per call
+                        cells[f"{label} int-fused {dtype}"] = _call(model, args.batch, fused="1")
     ms = {k: v * 1e3 for k, v in _time_cells(cells, args.repeats, args.warmup).items()}
     fp_ms = {k: v for k, v in ms.items() if " " not in k}
     fastest = min(fp_ms, key=fp_ms.get)
@@ -212,6 +218,10 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
                 "int_vs_fastest_fp": ms[fastest] / t_int, "fake_vs_same_dtype_fp": t_fake / same_fp,
                 # as timed: where the first exact lowering was a split, the first forward autotuned
                 "kernels": lowering_counts(integer.denoiser)}
+            t_fused = ms.get(f"{label} int-fused {dtype}")
+            if t_fused is not None:
+                row["per_dtype"][dtype].update(int_fused_ms=t_fused, int_fused_vs_fp32=ms["fp32"] / t_fused,
+                                               int_fused_vs_fastest_fp=ms[fastest] / t_fused)
         report = integers[f"{label} fp32"].meta["runtime"]
         row.update(int_layers=report["int_layers"], fallback_layers=report["fallback_layers"])
         if args.agreement_samples and fp.name in MODELS:
@@ -243,13 +253,16 @@ def _print(result: dict, batch: int) -> None:
           f"batch {batch})")
     print("FP:  " + "   ".join(f"{k} {v:.1f} ms ({fp['fp32'] / v:.2f}x)" for k, v in fp.items())
           + f"   fastest: {result['fastest_fp']}")
-    print(f"{'':6} {'dtype':5} {'ratio':>6} {'int ms':>9} {'fake ms':>9} {'int/fp32':>9} {'int/best':>9} "
-          f"{'fake/fp':>8}  lowerings")
+    print(f"{'':6} {'dtype':5} {'ratio':>6} {'int ms':>9} {'fused ms':>9} {'fake ms':>9} {'int/fp32':>9} "
+          f"{'int/best':>9} {'fused/best':>10} {'fake/fp':>8}  lowerings")
     for r in result["rows"]:
         for dtype, c in r["per_dtype"].items():
-            print(f"{r['precision']:6} {dtype:5} {r['size_ratio']:>6.3f} {c['int_ms']:>9.1f} {c['fake_ms']:>9.1f} "
-                  f"{c['int_vs_fp32']:>8.2f}x {c['int_vs_fastest_fp']:>8.2f}x {c['fake_vs_same_dtype_fp']:>7.2f}x  "
-                  f"{c['kernels']}")
+            fused_ms, fused_best = c.get("int_fused_ms"), c.get("int_fused_vs_fastest_fp")
+            print(f"{r['precision']:6} {dtype:5} {r['size_ratio']:>6.3f} {c['int_ms']:>9.1f} "
+                  + (f"{fused_ms:>9.1f} " if fused_ms else f"{'-':>9} ")
+                  + f"{c['fake_ms']:>9.1f} {c['int_vs_fp32']:>8.2f}x {c['int_vs_fastest_fp']:>8.2f}x "
+                  + (f"{fused_best:>9.2f}x " if fused_best else f"{'-':>10} ")
+                  + f"{c['fake_vs_same_dtype_fp']:>7.2f}x  {c['kernels']}")
         if "pixel_agreement" in r:
             agree = r["pixel_agreement"]
             print(f"       pixels within 1 level (int vs fake, {agree['samples']} samples): "
@@ -267,12 +280,13 @@ def _run_class(args: argparse.Namespace, merged_dir: Path, small: str) -> dict:
     results = []
     folder = merged_dir / f"scratch-{args.one_class}"
     folder.mkdir(exist_ok=True)
+    widths = [w for w in BITS if w in args.widths.split(",")]
     if not args.skip_timing and "digits" in args.models:
-        merged = {label: merged_dir / "small" / label / "merge" for label in BITS}
+        merged = {label: merged_dir / "small" / label / "merge" for label in widths}
         results.append(_bench(small, lambda: load_model(small), merged, folder, args))
         _print(results[-1], args.batch)
     if not args.skip_timing and "large" in args.models:
-        merged = {label: merged_dir / f"large-{label}" for label in BITS}
+        merged = {label: merged_dir / f"large-{label}" for label in widths}
         results.append(_bench("unet-128-256-256 (random init, 32x32x3)", _large_fp, merged, folder, args))
         _print(results[-1], args.batch)
     if args.profile:
@@ -328,6 +342,7 @@ def main() -> None:
     parser.add_argument("--profile-top", type=int, default=12, help="operators per profile table")
     parser.add_argument("--skip-timing", action="store_true", help="with --profile: only the profiles")
     parser.add_argument("--models", default="digits,large", help="digits and/or large (the 26 M UNet)")
+    parser.add_argument("--widths", default=",".join(BITS), help=f"weight/activation widths to time ({', '.join(BITS)})")
     parser.add_argument("--merged-dir", type=Path, default=None,
                         help="keep the merged checkpoints in this folder and reuse them on the next run "
                              "(default: a temporary folder)")
@@ -375,7 +390,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one-class", cpu_class, "--merged-dir", str(folder), "--out", str(part),
                    "--batch", str(args.batch), "--threads", str(args.threads),
                    "--agreement-samples", str(args.agreement_samples), "--profile-top", str(args.profile_top),
-                   "--models", args.models]
+                   "--models", args.models, "--widths", args.widths]
             flags = [f for f, on in (("--quick", args.quick), ("--profile", args.profile),
                                      ("--skip-timing", args.skip_timing)) if on]
             subprocess.run(cmd + flags, env=env, check=True)
