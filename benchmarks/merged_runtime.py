@@ -1,4 +1,5 @@
-"""Merged checkpoints: denoiser file size and forward time, FP32 vs fake-quant vs integer runtime.
+"""Merged checkpoints: denoiser file size and forward time, the FP configurations a user would run
+instead (FP32 eager, FP32 torch.compile, bf16 autocast, bf16) vs fake-quant vs integer runtime.
 
 Two models, each at FP32, W8A8, W4A4 and W2A4 (per-channel asymmetric min-max weights,
 per-tensor activations, the ptq recipe's layer policy):
@@ -11,22 +12,29 @@ per-tensor activations, the ptq recipe's layer policy):
 
 For each: bytes of the denoiser's safetensors file (FP32 state dict vs merged `model.safetensors`)
 and the median denoiser forward time at batch 64 after warm-up, torch.set_num_threads(2), for
-FP32 eager, the fake-quant runtime and the integer runtime (`load_merged(..., "int")`; the
-`kernels` column says how many layers ran on oneDNN's int8 kernels or on torch._int_mm).
+FP32 eager, FP32 `torch.compile` (inductor), and where the CPU runs bf16 natively (AMX-BF16 /
+AVX512-BF16, `models.precision.bf16_native`) bf16 autocast and the model in bf16; then the
+fake-quant and the integer runtime (`load_merged(..., "int")`) at each width in each of those
+dtypes (`use_dtype`: everything around the quantized layers in that dtype). All cells of a model
+are timed interleaved in one process (A, B, C, A, B, C, ...; medians), so load changes on a
+shared machine hit them alike. `int/best` is the speed-up over the fastest FP configuration of
+that CPU class, `int/fp32` over FP32 eager, `fake/fp` the fake runtime against the FP model in
+the same dtype; `lowerings` counts the layers per kernel lowering.
 For the embedded model also: samples (the model's own sampler, same seeds) from the integer and
 the fake-quantized runtime, and the share of pixels on which they agree to one grey level.
 
 Each CPU class runs in its own process on the same merged checkpoints: `native` (the kernels
-this CPU has) and `avx2` (oneDNN capped with ONEDNN_MAX_CPU_ISA=AVX2, which is what an AVX2-only
-CPU runs: 16-bit pair sums, split 8-bit weights). Each class's JSON names the CPU, the ISA and
-what the kernel probes found; `kernels` counts the layers per lowering. `--profile` adds the top
-operators of the integer runtime's forward on the larger UNet.
+this CPU has), `vnni` (oneDNN capped with ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI: AVX-512 VNNI
+without bf16 or AMX) and `avx2` (oneDNN capped at AVX2 and ATEN_CPU_CAPABILITY=avx2, which is
+what an AVX2-only CPU runs: 16-bit pair sums, split 8-bit weights). Each class's JSON names the
+CPU, the ISA and what the kernel probes found. `--profile` adds the top operators of one forward
+of the FP model and the W8A8 / W4A4 integer runtime of both models, per dtype.
 
-    python benchmarks/merged_runtime.py            # 7 timed runs per cell, both classes
+    python benchmarks/merged_runtime.py            # 7 timed runs per cell, all classes
     python benchmarks/merged_runtime.py --quick    # 2 timed runs per cell, small calibration
-    python benchmarks/merged_runtime.py --classes avx2 --profile
+    python benchmarks/merged_runtime.py --classes native --profile --skip-timing
 
-Writes benchmarks/results/merged_runtime.json.
+Writes benchmarks/results/merged_runtime.json (--quick: merged_runtime_quick.json).
 """
 
 from __future__ import annotations
@@ -39,21 +47,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from lowbitdm_cli.threads import prefer_passive_wait
 
-from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_tensors, load_merged
-from lowbitdm_cli.export.int_runtime import lowering_counts
-from lowbitdm_cli.models.digits import WEIGHTS_DIR
-from lowbitdm_cli.models.registry import MODELS, load_model
-from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule
-from lowbitdm_cli.quant.init import init_quantizer
-from lowbitdm_cli.quant.layers import quant_layers
-from lowbitdm_cli.quant.model import quantize_denoiser, set_quant_enabled
-from lowbitdm_cli.quant.policy import QuantPolicy, build_layer_specs
-from lowbitdm_cli.sampling import SamplerSettings, run_sampler, to_uint8
+prefer_passive_wait()  # as the CLI does, before torch loads: spinning OpenMP waiters ruin timings on a shared CPU
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from lowbitdm_cli.export import fused_ops  # noqa: E402
+from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_tensors, load_merged  # noqa: E402
+from lowbitdm_cli.export.int_runtime import lowering_counts  # noqa: E402
+from lowbitdm_cli.models.digits import WEIGHTS_DIR  # noqa: E402
+from lowbitdm_cli.models.precision import DTYPES, bf16_native, use_dtype  # noqa: E402
+from lowbitdm_cli.models.registry import MODELS, load_model  # noqa: E402
+from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule  # noqa: E402
+from lowbitdm_cli.quant.init import init_quantizer  # noqa: E402
+from lowbitdm_cli.quant.layers import quant_layers  # noqa: E402
+from lowbitdm_cli.quant.model import quantize_denoiser, set_quant_enabled  # noqa: E402
+from lowbitdm_cli.quant.policy import QuantPolicy, build_layer_specs  # noqa: E402
+from lowbitdm_cli.sampling import SamplerSettings, run_sampler, to_uint8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BITS = {"W8A8": (8, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
@@ -71,20 +86,34 @@ def _file_bytes(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> in
     return path.stat().st_size
 
 
-@torch.no_grad()
-def _time_forward(model: DiffusionModel, batch: int, repeats: int, warmup: int) -> float:
-    """Median seconds of one denoiser call (no CFG) on a fixed batch at t = 500."""
+def _call(model: DiffusionModel, batch: int, autocast: bool = False, fused: str = "0") -> Callable[[], object]:
+    """One denoiser call (no CFG) on a fixed batch at t = 500; `autocast`: under torch.autocast("cpu", bf16);
+    `fused`: LOWBITDM_FUSED during the call (the integer runtime's fused quantize / rescale loops)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.sample_shape, generator=g)
     cond = torch.arange(batch) % model.num_classes if model.conditioning == "class" else None
-    for _ in range(warmup):
-        model.forward(x, 500, cond)
-    times = []
+
+    def run() -> object:
+        os.environ["LOWBITDM_FUSED"] = fused
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            return model.forward(x, 500, cond)
+    return run
+
+
+@torch.no_grad()
+def _time_cells(cells: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per cell; the timed repeats interleave the cells (cell A, B, C, A, B, C, ...)
+    so that a change in the machine's load hits every cell alike."""
+    for fn in cells.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in cells}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.forward(x, 500, cond)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for key, fn in cells.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _merged_small(name: str, label: str, folder: Path, quick: bool) -> Path:  # → folder/label/merge
@@ -140,25 +169,67 @@ def _merged_large(label: str, folder: Path, calib_batch: int) -> Path:
     return out
 
 
-def _bench(title: str, fp: DiffusionModel, merged: dict[str, Path], folder: Path, args: argparse.Namespace) -> dict:
+def _fp_cells(make_fp: Callable[[], DiffusionModel], dtypes: list[str], batch: int) -> dict[str, Callable]:
+    """What a user would run instead: FP32 eager, FP32 torch.compile and, where the CPU has bf16,
+    bf16 autocast and the model converted to bf16 (`models.precision`, the dtype the quantized
+    runtimes use)."""
+    cells = {"fp32": _call(make_fp(), batch)}
+    compiled = make_fp()
+    compiled.denoiser = torch.compile(compiled.denoiser)
+    cells["fp32-compile"] = _call(compiled, batch)
+    if "bf16" in dtypes:
+        cells["bf16-autocast"] = _call(make_fp(), batch, autocast=True)
+        cells["bf16"] = _call(use_dtype(make_fp(), torch.bfloat16), batch)
+    return cells
+
+
+def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, Path], folder: Path,
+           args: argparse.Namespace) -> dict:
+    """Every cell of one model, timed interleaved in one run: the FP configurations, and the fake and
+    the integer runtime at each width in each float dtype this CPU runs natively."""
+    fp = make_fp()
     fp_bytes = _file_bytes(fp.denoiser.state_dict(), folder, f"{fp.name}-fp32.safetensors")
-    t_fp = _time_forward(fp, args.batch, args.repeats, args.warmup)
-    rows = [{"precision": "FP32", "bytes": fp_bytes, "size_ratio": 1.0, "fp32_ms": t_fp * 1e3}]
+    dtypes = ["fp32", "bf16"] if bf16_native() else ["fp32"]
+    cells = _fp_cells(make_fp, dtypes, args.batch)
+    integers: dict[str, DiffusionModel] = {}
+    fused = fused_ops.available()  # compiled loops that give the eager bits here (else no fused cells)
     for label, path in merged.items():
-        fake, integer = load_merged(path, "fake"), load_merged(path, "int")
-        t_fake = _time_forward(fake, args.batch, args.repeats, args.warmup)
-        t_int = _time_forward(integer, args.batch, args.repeats, args.warmup)
+        for dtype in dtypes:
+            for runtime in ("fake", "int"):
+                model = use_dtype(load_merged(path, runtime), DTYPES[dtype])
+                cells[f"{label} {runtime} {dtype}"] = _call(model, args.batch)
+                if runtime == "int":
+                    integers[f"{label} {dtype}"] = model
+                    if fused:  # the same model object: LOWBITDM_FUSED is read per call
+                        cells[f"{label} int-fused {dtype}"] = _call(model, args.batch, fused="1")
+    ms = {k: v * 1e3 for k, v in _time_cells(cells, args.repeats, args.warmup).items()}
+    fp_ms = {k: v for k, v in ms.items() if " " not in k}
+    fastest = min(fp_ms, key=fp_ms.get)
+    rows = []
+    for label, path in merged.items():
         nbytes = (path / WEIGHTS_NAME).stat().st_size
-        report = integer.meta["runtime"]
-        rows.append({"precision": label, "bytes": nbytes, "size_ratio": nbytes / fp_bytes, "fp32_ms": t_fp * 1e3,
-                     "fake_ms": t_fake * 1e3, "int_ms": t_int * 1e3, "int_vs_fp32": t_fp / t_int,
-                     "int_vs_fake": t_fake / t_int, "int_layers": report["int_layers"],
-                     "fallback_layers": report["fallback_layers"],
-                     # as timed: where the first exact lowering was a split, the first forward autotuned
-                     "kernels": lowering_counts(integer.denoiser)})
+        row = {"precision": label, "bytes": nbytes, "size_ratio": nbytes / fp_bytes, "per_dtype": {}}
+        for dtype in dtypes:
+            integer = integers[f"{label} {dtype}"]
+            t_int, t_fake = ms[f"{label} int {dtype}"], ms[f"{label} fake {dtype}"]
+            same_fp = ms["fp32" if dtype == "fp32" else "bf16"]
+            row["per_dtype"][dtype] = {
+                "int_ms": t_int, "fake_ms": t_fake, "int_vs_fp32": ms["fp32"] / t_int,
+                "int_vs_fastest_fp": ms[fastest] / t_int, "fake_vs_same_dtype_fp": t_fake / same_fp,
+                # as timed: where the first exact lowering was a split, the first forward autotuned
+                "kernels": lowering_counts(integer.denoiser)}
+            t_fused = ms.get(f"{label} int-fused {dtype}")
+            if t_fused is not None:
+                row["per_dtype"][dtype].update(int_fused_ms=t_fused, int_fused_vs_fp32=ms["fp32"] / t_fused,
+                                               int_fused_vs_fastest_fp=ms[fastest] / t_fused)
+        report = integers[f"{label} fp32"].meta["runtime"]
+        row.update(int_layers=report["int_layers"], fallback_layers=report["fallback_layers"])
         if args.agreement_samples and fp.name in MODELS:
-            rows[-1]["pixel_agreement"] = _agreement(fp.name, fake, integer, args.agreement_samples)
-    return {"model": title, "params": sum(p.numel() for p in fp.denoiser.parameters()), "rows": rows}
+            row["pixel_agreement"] = _agreement(fp.name, load_merged(path, "fake"), load_merged(path, "int"),
+                                                args.agreement_samples)
+        rows.append(row)
+    return {"model": title, "params": sum(p.numel() for p in fp.denoiser.parameters()), "fp_bytes": fp_bytes,
+            "fp_ms": fp_ms, "fastest_fp": fastest, "rows": rows}
 
 
 @torch.no_grad()
@@ -177,21 +248,29 @@ def _agreement(name: str, fake: DiffusionModel, integer: DiffusionModel, n: int)
 
 
 def _print(result: dict, batch: int) -> None:
-    print(f"\n{result['model']}  ({result['params'] / 1e6:.2f}M params, batch {batch})")
-    print(f"{'':6} {'bytes':>11} {'ratio':>6} {'fp32 ms':>9} {'fake ms':>9} {'int ms':>9} {'int/fp32':>9} "
-          f"{'int/fake':>9} {'int layers':>11}")
+    fp = result["fp_ms"]
+    print(f"\n{result['model']}  ({result['params'] / 1e6:.2f}M params, {result['fp_bytes']:,} bytes FP32, "
+          f"batch {batch})")
+    print("FP:  " + "   ".join(f"{k} {v:.1f} ms ({fp['fp32'] / v:.2f}x)" for k, v in fp.items())
+          + f"   fastest: {result['fastest_fp']}")
+    print(f"{'':6} {'dtype':5} {'ratio':>6} {'int ms':>9} {'fused ms':>9} {'fake ms':>9} {'int/fp32':>9} "
+          f"{'int/best':>9} {'fused/best':>10} {'fake/fp':>8}  lowerings")
     for r in result["rows"]:
-        if r["precision"] == "FP32":
-            print(f"{'FP32':6} {r['bytes']:>11,} {1.0:>6.3f} {r['fp32_ms']:>9.1f}")
-            continue
-        print(f"{r['precision']:6} {r['bytes']:>11,} {r['size_ratio']:>6.3f} {r['fp32_ms']:>9.1f} "
-              f"{r['fake_ms']:>9.1f} {r['int_ms']:>9.1f} {r['int_vs_fp32']:>8.2f}x {r['int_vs_fake']:>8.2f}x "
-              f"{r['int_layers']:>5}+{r['fallback_layers']} fb  {r['kernels']}"
-              + (f"  pixels within 1 level (int vs fake, {r['pixel_agreement']['samples']} samples): "
-                 f"{100 * r['pixel_agreement']['within_one_level']:.2f} %" if "pixel_agreement" in r else ""))
+        for dtype, c in r["per_dtype"].items():
+            fused_ms, fused_best = c.get("int_fused_ms"), c.get("int_fused_vs_fastest_fp")
+            print(f"{r['precision']:6} {dtype:5} {r['size_ratio']:>6.3f} {c['int_ms']:>9.1f} "
+                  + (f"{fused_ms:>9.1f} " if fused_ms else f"{'-':>9} ")
+                  + f"{c['fake_ms']:>9.1f} {c['int_vs_fp32']:>8.2f}x {c['int_vs_fastest_fp']:>8.2f}x "
+                  + (f"{fused_best:>9.2f}x " if fused_best else f"{'-':>10} ")
+                  + f"{c['fake_vs_same_dtype_fp']:>7.2f}x  {c['kernels']}")
+        if "pixel_agreement" in r:
+            agree = r["pixel_agreement"]
+            print(f"       pixels within 1 level (int vs fake, {agree['samples']} samples): "
+                  f"{100 * agree['within_one_level']:.2f} %")
 
 
-CLASSES = {"native": None, "avx2": "AVX2"}  # ONEDNN_MAX_CPU_ISA per CPU class (None: what this CPU has)
+# per CPU class: ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY (None: what this CPU has)
+CLASSES = {"native": (None, None), "vnni": ("AVX512_CORE_VNNI", None), "avx2": ("AVX2", "avx2")}
 
 
 def _run_class(args: argparse.Namespace, merged_dir: Path, small: str) -> dict:
@@ -201,36 +280,49 @@ def _run_class(args: argparse.Namespace, merged_dir: Path, small: str) -> dict:
     results = []
     folder = merged_dir / f"scratch-{args.one_class}"
     folder.mkdir(exist_ok=True)
-    merged = {label: merged_dir / "small" / label / "merge" for label in BITS}
-    results.append(_bench(small, load_model(small), merged, folder, args))
-    _print(results[-1], args.batch)
-    merged = {label: merged_dir / f"large-{label}" for label in BITS}
-    results.append(_bench("unet-128-256-256 (random init, 32x32x3)", _large_fp(), merged, folder, args))
-    _print(results[-1], args.batch)
+    widths = [w for w in BITS if w in args.widths.split(",")]
+    if not args.skip_timing and "digits" in args.models:
+        merged = {label: merged_dir / "small" / label / "merge" for label in widths}
+        results.append(_bench(small, lambda: load_model(small), merged, folder, args))
+        _print(results[-1], args.batch)
+    if not args.skip_timing and "large" in args.models:
+        merged = {label: merged_dir / f"large-{label}" for label in widths}
+        results.append(_bench("unet-128-256-256 (random init, 32x32x3)", _large_fp, merged, folder, args))
+        _print(results[-1], args.batch)
     if args.profile:
-        results.append({"profile": _profile(merged_dir, args)})
+        results.append({"profile": _profile(merged_dir, small, args)})
     return {"cpu_class": args.one_class, **kernel_report(), "results": results}
 
 
 @torch.no_grad()
-def _profile(merged_dir: Path, args: argparse.Namespace) -> dict:
-    """Where the integer runtime's time goes: top operators of one large-UNet W4A4 and W8A8 forward."""
+def _profile(merged_dir: Path, small: str, args: argparse.Namespace) -> dict:
+    """Where the time goes: top operators (self time) of one forward of each model's W8A8 and W4A4
+    integer runtime and of its FP model, in each float dtype this CPU runs natively."""
     from torch.profiler import ProfilerActivity, profile
 
+    models = {"digits": (lambda: load_model(small), merged_dir / "small" / "{}" / "merge"),
+              "unet-128-256-256": (_large_fp, merged_dir / "large-{}")}
+    models = {k: v for k, v in models.items() if ("digits" if k == "digits" else "large") in args.models}
     out = {}
-    for label in ("W4A4", "W8A8"):
-        model = load_merged(merged_dir / f"large-{label}", "int")
-        x = torch.randn(args.batch, *model.sample_shape, generator=torch.Generator().manual_seed(0))
-        model.forward(x, 500, None)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model.forward(x, 500, None)
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-        total = sum(e.self_cpu_time_total for e in prof.key_averages())
-        out[label] = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
-                       "calls": e.count} for e in events]
-        print(f"\nprofile, large UNet {label}, int runtime ({args.one_class}): top operators by self time")
-        for e in out[label]:
-            print(f"  {e['op']:<40} {e['self_ms']:>9.1f} ms {100 * e['share']:>5.1f} %  x{e['calls']}")
+    for dtype in (["fp32", "bf16"] if bf16_native() else ["fp32"]):
+        for title, (make_fp, pattern) in models.items():
+            variants = {"FP": make_fp()} | {f"int {label}": load_merged(str(pattern).format(label), "int")
+                                           for label in ("W8A8", "W4A4")}
+            for variant, model in variants.items():
+                run = _call(use_dtype(model, DTYPES[dtype]), args.batch)
+                run()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    run()
+                averages = prof.key_averages()
+                total = sum(e.self_cpu_time_total for e in averages)
+                top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.profile_top]
+                key = f"{title} {variant} {dtype}"
+                out[key] = {"total_ms": total / 1e3, "ops": [
+                    {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+                     "calls": e.count} for e in top]}
+                print(f"\nprofile ({args.one_class}): {key}, {total / 1e3:.1f} ms self time in all; top operators")
+                for e in out[key]["ops"]:
+                    print(f"  {e['op']:<44} {e['self_ms']:>9.1f} ms {100 * e['share']:>5.1f} %  x{e['calls']}")
     return out
 
 
@@ -241,14 +333,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--agreement-samples", type=int, default=None,
                         help="samples for the int-vs-fake pixel agreement (default 100; --quick 10; 0 = skip)")
-    parser.add_argument("--classes", default="native,avx2",
-                        help="CPU classes to run, each in its own process: native (this CPU's kernels), avx2 "
-                             "(oneDNN capped with ONEDNN_MAX_CPU_ISA=AVX2: what an AVX2-only CPU runs)")
-    parser.add_argument("--profile", action="store_true", help="also print the top operators of the int runtime")
+    parser.add_argument("--classes", default="native,vnni,avx2",
+                        help="CPU classes to run, each in its own process: native (this CPU's kernels), vnni "
+                             "(oneDNN capped at AVX512_CORE_VNNI: AVX-512 VNNI without bf16 or AMX), avx2 (oneDNN "
+                             "capped at AVX2 and ATEN_CPU_CAPABILITY=avx2: what an AVX2-only CPU runs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the top operators of the FP model and the W8A8 / W4A4 integer runtime")
+    parser.add_argument("--profile-top", type=int, default=12, help="operators per profile table")
+    parser.add_argument("--skip-timing", action="store_true", help="with --profile: only the profiles")
+    parser.add_argument("--models", default="digits,large", help="digits and/or large (the 26 M UNet)")
+    parser.add_argument("--widths", default=",".join(BITS), help=f"weight/activation widths to time ({', '.join(BITS)})")
+    parser.add_argument("--merged-dir", type=Path, default=None,
+                        help="keep the merged checkpoints in this folder and reuse them on the next run "
+                             "(default: a temporary folder)")
     parser.add_argument("--one-class", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--merged-dir", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "merged_runtime.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/merged_runtime.json (--quick: merged_runtime_quick.json)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "results" / f"merged_runtime{'_quick' if args.quick else ''}.json"
     args.repeats, args.warmup = (2, 1) if args.quick else (7, 2)
     if args.agreement_samples is None:
         args.agreement_samples = 10 if args.quick else 100
@@ -267,21 +370,30 @@ def main() -> None:
         parser.error(f"unknown CPU class(es) {unknown}; choose from {sorted(CLASSES)}")
     per_class = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder = args.merged_dir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         for label in BITS:  # the same checkpoints for every class (merging does not touch int kernels)
-            _merged_small(small, label, folder / "small", args.quick)
-            _merged_large(label, folder, calib_batch=8 if args.quick else 32)
+            if not (folder / "small" / label / "merge").is_dir():
+                _merged_small(small, label, folder / "small", args.quick)
+            if not (folder / f"large-{label}").is_dir():
+                _merged_large(label, folder, calib_batch=8 if args.quick else 32)
         for cpu_class in classes:
-            env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
-            if CLASSES[cpu_class]:
-                env["ONEDNN_MAX_CPU_ISA"] = CLASSES[cpu_class]
-            print(f"\n=== CPU class {cpu_class} (ONEDNN_MAX_CPU_ISA={env.get('ONEDNN_MAX_CPU_ISA', 'unset')}) ===")
+            env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+            onednn_isa, aten_isa = CLASSES[cpu_class]
+            if onednn_isa:
+                env["ONEDNN_MAX_CPU_ISA"] = onednn_isa
+            if aten_isa:
+                env["ATEN_CPU_CAPABILITY"] = aten_isa
+            print(f"\n=== CPU class {cpu_class} (ONEDNN_MAX_CPU_ISA={onednn_isa or 'unset'}, "
+                  f"ATEN_CPU_CAPABILITY={aten_isa or 'unset'}) ===")
             part = folder / f"{cpu_class}.json"
             cmd = [sys.executable, __file__, "--one-class", cpu_class, "--merged-dir", str(folder), "--out", str(part),
                    "--batch", str(args.batch), "--threads", str(args.threads),
-                   "--agreement-samples", str(args.agreement_samples)]
-            subprocess.run(cmd + (["--quick"] if args.quick else []) + (["--profile"] if args.profile else []),
-                           env=env, check=True)
+                   "--agreement-samples", str(args.agreement_samples), "--profile-top", str(args.profile_top),
+                   "--models", args.models, "--widths", args.widths]
+            flags = [f for f, on in (("--quick", args.quick), ("--profile", args.profile),
+                                     ("--skip-timing", args.skip_timing)) if on]
+            subprocess.run(cmd + flags, env=env, check=True)
             per_class.append(json.loads(part.read_text()))
             print(f"kernels: {per_class[-1]['kernel_probes']}  cpu: {per_class[-1]['cpu']}")
     payload = {"quick": args.quick, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,

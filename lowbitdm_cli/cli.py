@@ -328,6 +328,10 @@ def sample(
     device: Annotated[str, typer.Option(
         "--device", help="Where the model runs: cpu, or cuda (under torchrun: each rank's own GPU, nccl).")] = "cpu",
     prompts: PromptsOpt = None, lora: LoraOpt = None, lora_scale: LoraScaleOpt = None,
+    dtype: Annotated[Literal["auto", "fp32", "bf16"] | None, typer.Option(
+        "--dtype", help="Float dtype around the quantized layers (the whole model for FP): auto = bf16 where the "
+                        "CPU has AMX-BF16 or AVX512-BF16, else fp32 (same as --set sample.dtype=...; default: the "
+                        "recipe's, auto). The manifest records the resolved one.")] = None,
 ) -> None:
     """Generate samples into samples.npz (ADM layout: arr_0 uint8 NHWC + labels) and grid.png.
 
@@ -351,6 +355,7 @@ def sample(
 
     src = _guard(open_source, source, runtime=runtime, prompts=prompts, loras=_adapters(lora, lora_scale))
     base = src.artifact.manifest.recipe if src.artifact else None
+    sets = [*(sets or []), *([f"sample.dtype={dtype}"] if dtype else [])]
     r = _guard(load_recipe, recipe, base=base, sets=sets, model=src.ref.name, prompts=prompts)
     name = "sample" + _lora_suffix(src.loras)
     fp_dir = Path("runs") / f"{Path(source).name}-fp" / name

@@ -11,6 +11,8 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# sample.dtype = auto resolves to fp32 here (tests that exercise bf16 ask for it): the same bits on every CPU
+os.environ.setdefault("LOWBITDM_DTYPE", "fp32")
 
 import json  # noqa: E402
 import shutil  # noqa: E402

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbitdm_cli.export import fused_ops
 from lowbitdm_cli.export.int_ops import _padded_int_mm
 from lowbitdm_cli.export.kernel_probe import (KernelClass, pair16_weight_limit, probe_int_mm, probe_onednn_conv,
                                               probe_onednn_linear)
@@ -159,13 +160,15 @@ _SCRATCH = _Scratch()
 
 
 @functools.cache
-def onednn_rescale_matches() -> bool:
-    """Whether oneDNN's float32 output of an int8 conv and linear is bit for bit
-    `rescale(acc, Δx, Δw, bias)` of the exact accumulator (with and without bias), checked
-    once per process on random codes and scales. Where it is not, the layers run oneDNN
+def onednn_rescale_matches(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's `dtype` (float32 or bfloat16) output of an int8 conv and linear is bit for bit
+    `rescale(acc, Δx, Δw, bias)` of the exact accumulator (with and without bias), then rounded to
+    `dtype`, checked once per process and dtype on random codes and scales. Where it is not, the layers run oneDNN
     with unit scales and rescale themselves. The weights stay within ±64, which every
     exact class of kernel (`kernel_probe`) sums exactly: this checks the rescale, not the sum."""
     if not onednn_available() or "inexact" in (probe_onednn_linear(), probe_onednn_conv()):
+        return False
+    if dtype != torch.float32 and not onednn_rescale_matches():  # rounding another float32 value could match
         return False
     gen = torch.Generator().manual_seed(0)
     out_ch, chans = 24, 40
@@ -184,13 +187,13 @@ def onednn_rescale_matches() -> bool:
         for bias in (torch.randn(out_ch, generator=gen), None):
             packed = torch.ops.onednn.qconv_prepack(w, w_scale, 1.0, 0, *geometry, None)
             out = torch.ops.onednn.qconv2d_pointwise(u, float(x_scale), zx, packed, w_scale, w_zero, bias,
-                                                     *geometry, 1.0, 0, torch.float32, "none", [], "")
-            if not torch.equal(out, rescale(conv_acc.clone(), x_scale, w_scale, bias, 1)):
+                                                     *geometry, 1.0, 0, dtype, "none", [], "")
+            if not torch.equal(out, rescale(conv_acc.clone(), x_scale, w_scale, bias, 1).to(dtype)):
                 return False
             packed = torch.ops.onednn.qlinear_prepack(lin_w, None)
             out = torch.ops.onednn.qlinear_pointwise(lin_u, float(x_scale), zx, packed, w_scale, w_zero, bias,
-                                                     1.0, 0, torch.float32, "none", [], "")
-            if not torch.equal(out, rescale(lin_acc.clone(), x_scale, w_scale, bias, -1)):
+                                                     1.0, 0, dtype, "none", [], "")
+            if not torch.equal(out, rescale(lin_acc.clone(), x_scale, w_scale, bias, -1).to(dtype)):
                 return False
     except RuntimeError:
         return False
@@ -275,6 +278,9 @@ class IntLayer(TimestepSlots, nn.Module):
         self._onednn_cache: tuple[str, list[Tensor], Tensor] | None = None
         self._float_weight: Tensor | None = None
         self._w_off_f32: Tensor | None = None
+        # [z, q_min, q_max, offset] per slot for the fused quantize loop (`fused_ops`)
+        self._qparams = [torch.tensor([z, self.q_min, self.q_max, self._offset], dtype=torch.float32)
+                         for z in self._z_add]
         self._tune: list[tuple[str, int | None]] | None = None
         lowering = self.choose_lowering()
         tune, self._tune = self._tune, None
@@ -395,29 +401,43 @@ class IntLayer(TimestepSlots, nn.Module):
         direct, ``w − 128`` when shifted."""
         return self.wmat[:, : self.out_ch].t().contiguous()
 
-    def _onednn_args(self, delta: Tensor) -> tuple[float, Tensor, Tensor | None]:
-        """(activation scale, weight scales, bias) for the oneDNN call: the real ones when the
-        kernel rescales (`fused_rescale`), else unit scales and no bias (exact accumulator out)."""
-        if self.fused_rescale:
-            return float(delta), self.weight_scale, self.bias
-        return 1.0, self.unit_scale, None
+    def _onednn_args(self, delta: Tensor, dtype: torch.dtype) -> tuple[float, Tensor, Tensor | None, torch.dtype]:
+        """(activation scale, weight scales, bias, output dtype) for the oneDNN call: the real ones and
+        `dtype` when the kernel rescales into `dtype` exactly (`fused`), else unit scales, no bias and
+        float32 (the exact accumulator out)."""
+        if self.fused(dtype):
+            return float(delta), self.weight_scale, self.bias, dtype
+        return 1.0, self.unit_scale, None, torch.float32
 
-    def _onednn_finish(self, out: Tensor, delta: Tensor, channel_dim: int) -> Tensor:
-        """The layer output, contiguous (NCHW for a conv, whatever oneDNN's layout), from oneDNN's:
-        as it is when fused, else the exact accumulator through `rescale`. A shifted layer's
+    def fused(self, dtype: torch.dtype = torch.float32) -> bool:
+        """Whether oneDNN rescales this layer's output itself, straight into `dtype`."""
+        return self.fused_rescale and (dtype == torch.float32 or onednn_rescale_matches(dtype))
+
+    def _onednn_finish(self, out: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype) -> Tensor:
+        """The layer output in `dtype`, contiguous (NCHW for a conv, whatever oneDNN's layout), from
+        oneDNN's: as it is when fused, else the exact accumulator through `rescale`, then `dtype`. A shifted layer's
         output has one more channel, Σ_window (u − zx) (its weights' all-ones row):
         ``acc = out[:O] + (128 − zw[o])·out[O]``, integers, so exact in float32. The first pass
         over the output writes the contiguous result (no separate layout copy)."""
-        if self.fused_rescale:
+        if self.fused(dtype):
             return out.contiguous()
+        if fused_ops.enabled() and out.device.type == "cpu":  # one pass: correction, rescale, dtype, layout
+            view = [1] * out.dim()
+            view[channel_dim] = -1
+            bias = None if self.bias is None else self.bias.reshape(view)
+            if self.direct:
+                return fused_ops.rescale_to(out, delta, self.weight_scale.reshape(view), bias, dtype)
+            main, sums = out.split([self.out_ch, 1], channel_dim)
+            return fused_ops.rescale_to(main, delta, self.weight_scale.reshape(view), bias, dtype, sums,
+                                        self._w_off_float(view))
         if self.direct:
-            return rescale(out, delta, self.weight_scale, self.bias, channel_dim, contiguous=True)
+            return rescale(out, delta, self.weight_scale, self.bias, channel_dim, contiguous=True).to(dtype)
         view = [1] * out.dim()
         view[channel_dim] = self.out_ch
         main, sums = out.split([self.out_ch, 1], channel_dim)
         acc = torch.addcmul(main, sums, self._w_off_float(view),
                             out=torch.empty(main.shape, dtype=out.dtype, device=out.device))
-        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim)
+        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim).to(dtype)
 
     def _w_off_float(self, view: list[int]) -> Tensor:
         """float32 ``128 − zw[o]`` shaped to broadcast over the output (cached per device)."""
@@ -458,6 +478,10 @@ class IntLayer(TimestepSlots, nn.Module):
         """
         i = self._slot()
         delta = self.input_scale[i : i + 1]
+        if fused_ops.enabled() and x.device.type == "cpu" and (x.is_contiguous() or x.dim() == 4 and
+                                                                x.is_contiguous(memory_format=torch.channels_last)):
+            u = fused_ops.quantize(x, delta, self._z_add[i], self.q_min, self.q_max, self._offset, self._qparams[i])
+            return u, self._zx[i], delta
         q, u = _SCRATCH.like(x, torch.float32), _SCRATCH.like(x, torch.uint8, slot=1)
         q = torch.div(x, delta, out=q) if q is not None else torch.div(x, delta)
         q.round_().add_(self._z_add[i]).clamp_(self.q_min, self.q_max)  # in place: one float buffer
@@ -497,19 +521,19 @@ class IntLinear(IntLayer):
         u, zx, delta = self.quantize_input(x)
         kernel = self.kernel
         if kernel == "onednn":
-            return self._onednn(u.reshape(-1, self.k), zx, delta).reshape(*x.shape[:-1], self.out_ch)
+            return self._onednn(u.reshape(-1, self.k), zx, delta, x.dtype).reshape(*x.shape[:-1], self.out_ch)
         if kernel == "float":
-            return self._float_exact(F.linear, u, zx, self.float_weight(), delta, -1)
+            return self._float_exact(F.linear, u, zx, self.float_weight(), delta, -1).to(x.dtype)
         acc = self.accumulate(u.reshape(-1, self.k), zx)
-        return self._finish(acc, delta).reshape(*x.shape[:-1], self.out_ch)
+        return self._finish(acc, delta).reshape(*x.shape[:-1], self.out_ch).to(x.dtype)
 
-    def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
+    def _onednn(self, u: Tensor, zx: int, delta: Tensor, dtype: torch.dtype) -> Tensor:
         packed, w_zero = self._onednn_weights(u.device, lambda w: torch.ops.onednn.qlinear_prepack(w, None))
-        x_scale, w_scale, bias = self._onednn_args(delta)
+        x_scale, w_scale, bias, out_dtype = self._onednn_args(delta, dtype)
         u = u.contiguous()
         out = self._combine([torch.ops.onednn.qlinear_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias, 1.0,
-                                                                0, torch.float32, "none", [], "") for p in packed])
-        return self._onednn_finish(out, delta, 1)
+                                                                0, out_dtype, "none", [], "") for p in packed])
+        return self._onednn_finish(out, delta, 1, dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, a_bits={self.a_bits}, "
@@ -563,7 +587,7 @@ class IntConv2d(IntLayer):
         u, zx, delta = self.quantize_input(x)
         kernel = self.kernel
         if kernel == "onednn":
-            return self._onednn(u, zx, delta)
+            return self._onednn(u, zx, delta, x.dtype)
         if kernel == "float":
             kh, kw = self.kernel_size
             weight = self.float_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
@@ -572,17 +596,17 @@ class IntConv2d(IntLayer):
                 return F.conv2d(xi.contiguous(memory_format=torch.channels_last), wi, None, self.stride,
                                 self.padding, self.dilation)
 
-            return self._float_exact(conv, u, zx, weight, delta, 1)
+            return self._float_exact(conv, u, zx, weight, delta, 1).to(x.dtype)
         cols, ho, wo = self.im2col(u, zx)
         acc = self.accumulate(cols, zx).reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
         # contiguous NCHW out, the layout every runtime hands to the float ops after a conv
         return rescale(acc.to(torch.float32, memory_format=torch.contiguous_format), delta, self.weight_scale,
-                       self.bias, 1)
+                       self.bias, 1).to(x.dtype)
 
-    def _onednn(self, u: Tensor, zx: int, delta: Tensor) -> Tensor:
+    def _onednn(self, u: Tensor, zx: int, delta: Tensor, dtype: torch.dtype) -> Tensor:
         geometry = ([*self.stride], [*self.padding], [*self.dilation], 1)
 
-        x_scale, w_scale, bias = self._onednn_args(delta)
+        x_scale, w_scale, bias, out_dtype = self._onednn_args(delta, dtype)
 
         def pack(w: Tensor) -> Tensor:
             kh, kw = self.kernel_size
@@ -591,9 +615,9 @@ class IntConv2d(IntLayer):
 
         packed, w_zero = self._onednn_weights(u.device, pack)
         out = self._combine([torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias,
-                                                                *geometry, 1.0, 0, torch.float32, "none", [], "")
+                                                                *geometry, 1.0, 0, out_dtype, "none", [], "")
                              for p in packed])
-        return self._onednn_finish(out, delta, 1)
+        return self._onednn_finish(out, delta, 1, dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -105,6 +105,7 @@ class DiffusionModel:
     conditioner: Conditioner | None = None
     autoencoder: nn.Module | None = None
     latent_scale: float = 1.0
+    dtype: torch.dtype = torch.float32  # what the denoiser computes in (`models.precision`); ε returns float32
 
     def __post_init__(self) -> None:
         if self.conditioner is None:
@@ -138,12 +139,15 @@ class DiffusionModel:
         """One raw denoiser call (no guidance); returns ε with x_t's shape, on the model's device
         (inputs elsewhere, e.g. calibration data kept on the CPU, are moved there)."""
         device = self.device
-        x_t = x_t.to(device)
+        x_t = x_t.to(device, self.dtype)
         cond = cond.to(device) if cond is not None else None
         set_timestep(self.denoiser, int(t))
         t_vec = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
         kwargs = self.conditioner.denoiser_kwargs(cond if self.conditional else None)
-        out = self.denoiser(x_t, timestep=t_vec, **kwargs).sample
+        if self.dtype != torch.float32:  # prompt embeddings and the like, in the denoiser's dtype
+            kwargs = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                      for k, v in kwargs.items()}
+        out = self.denoiser(x_t, timestep=t_vec, **kwargs).sample.float()
         channels = x_t.shape[1]
         if out.shape[1] == 2 * channels:  # learned σ (DiT, improved DDPM): the first C channels are ε
             out = out[:, :channels]

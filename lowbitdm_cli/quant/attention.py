@@ -55,7 +55,7 @@ class QuantAttnProcessor(nn.Module):
     def _q(self, which: str, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(which, x)
-        return self.quantizer(which)(x)
+        return self.quantizer(which)(x).to(x.dtype)  # float32 scales: back to the compute dtype (bf16)
 
     def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs

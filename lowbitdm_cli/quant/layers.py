@@ -201,6 +201,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:  # bf16 compute (`models.precision`): float32 inside, one rounding out
+            return self.forward(x.to(self.weight.dtype)).to(x.dtype)
         if self.integer_exact():
             # channels-last once per layer (a split weight runs the conv twice on the same input)
             return self._integer_forward(x.contiguous(memory_format=torch.channels_last), self._bias_free_conv, 1)
@@ -230,6 +232,8 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:  # bf16 compute (`models.precision`): float32 inside, one rounding out
+            return self.forward(x.to(self.weight.dtype)).to(x.dtype)
         if self.integer_exact():
             y = self._integer_forward(x, F.linear, -1)
         else:

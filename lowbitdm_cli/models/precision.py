@@ -1,0 +1,105 @@
+"""The float dtype a denoiser computes in: fp32, or bf16 on CPUs with native bf16 arithmetic.
+
+`set_compute_dtype` converts everything *around* the quantized layers (norms, activations,
+attention, embeddings, residual adds, up/down sampling) to the chosen dtype. The quantized
+layers keep their float32 tensors (weights, scales, zero points, biases), so the integer codes do
+not change; each one computes in float32 on the exact integer accumulator and returns its output
+in its input's dtype (one rounding at the end, `quant.integer.rescale` then the cast), in the fake
+and in the integer runtime alike, so the two stay equal bit for bit per dtype.
+
+``auto`` resolves to bf16 where the CPU executes bf16 natively (AMX-BF16 or AVX512-BF16, and
+neither PyTorch's nor oneDNN's ISA capped below it: ``ATEN_CPU_CAPABILITY``,
+``ONEDNN_MAX_CPU_ISA``), else fp32; ``$LOWBITDM_DTYPE`` (fp32 or bf16) replaces that guess.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["DTYPES", "DtypeName", "auto_dtype", "bf16_native", "resolve_dtype", "set_compute_dtype", "use_dtype"]
+
+DtypeName = Literal["fp32", "bf16"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.cache
+def bf16_native() -> bool:
+    """Whether this process's CPU kernels run bf16 natively (AMX-BF16 / AVX512-BF16, not capped)."""
+    try:
+        flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if not any(f in flags for f in _BF16_FLAGS):
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return not cap or cap == "ALL" or "BF16" in cap or "AMX" in cap
+
+
+def auto_dtype() -> DtypeName:
+    """``$LOWBITDM_DTYPE`` if set, else bf16 where `bf16_native`, else fp32."""
+    env = os.environ.get("LOWBITDM_DTYPE", "").strip().lower()
+    if env:
+        if env not in DTYPES:
+            raise ValueError(f"LOWBITDM_DTYPE must be one of {sorted(DTYPES)}, got {env!r}")
+        return env  # type: ignore[return-value]
+    return "bf16" if bf16_native() else "fp32"
+
+
+def resolve_dtype(name: str) -> DtypeName:
+    """fp32 / bf16 as given; ``auto`` by `auto_dtype`."""
+    if name == "auto":
+        return auto_dtype()
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, fp32 or bf16, got {name!r}")
+    return name  # type: ignore[return-value]
+
+
+def _keeps_float32(module: nn.Module) -> bool:
+    """Quantized layers and quantizers: their float tensors define the integer codes."""
+    from lowbitdm_cli.export.int_runtime import IntLayer
+    from lowbitdm_cli.quant.layers import QuantLayerMixin
+    from lowbitdm_cli.quant.quantizer import UniformQuantizer
+
+    return isinstance(module, (QuantLayerMixin, IntLayer, UniformQuantizer))
+
+
+@torch.no_grad()
+def set_compute_dtype(denoiser: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Convert `denoiser`'s float parameters and buffers to `dtype`, except those of quantized layers
+    and quantizers (whole subtrees kept float32). diffusers' ``denoiser.dtype`` (which casts the time
+    and class embeddings) then names `dtype` whether or not the first parameter is a quantized
+    layer's: the quantized layers are listed in ``_keep_in_fp32_modules``, which it skips."""
+    kept = [name for name, m in denoiser.named_modules() if name and _keeps_float32(m)]
+    inside = tuple(f"{name}." for name in kept)
+    for name, module in denoiser.named_modules():
+        if _keeps_float32(module) or (name and name.startswith(inside)):
+            continue
+        for key, p in module.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for key, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                module._buffers[key] = b.to(dtype)
+    # get_parameter_dtype skips parameters whose name contains one of these (full prefixes, dot-terminated)
+    if dtype == torch.float32:
+        denoiser.__dict__.pop("_keep_in_fp32_modules", None)
+    else:
+        denoiser._keep_in_fp32_modules = list(inside)
+    return denoiser
+
+
+def use_dtype(model, dtype: torch.dtype):  # noqa: ANN001, ANN201 - a DiffusionModel, returned
+    """`model` computing in `dtype` from now on (its denoiser converted in place by `set_compute_dtype`)."""
+    set_compute_dtype(model.denoiser, dtype)
+    model.dtype = dtype
+    return model

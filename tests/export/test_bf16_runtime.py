@@ -1,0 +1,181 @@
+"""bf16 compute (`models.precision`): the fake and the integer runtime stay equal bit for bit.
+
+Everything around the quantized layers runs in bf16; each quantized layer computes in float32 on
+the exact accumulator and rounds once to bf16 (oneDNN straight into bf16 where it rescales
+exactly that way, `onednn_rescale_matches(torch.bfloat16)`). Checked natively and under
+``ONEDNN_MAX_CPU_ISA=AVX2`` (16-bit pair-sum kernels: the probes pick split lowerings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lowbitdm_cli.export.checkpoint import load_merged
+from lowbitdm_cli.export.int_runtime import IntLayer, onednn_available, onednn_rescale_matches
+from lowbitdm_cli.models.precision import resolve_dtype, use_dtype
+from lowbitdm_cli.models.registry import load_model
+from lowbitdm_cli.models.wrapper import set_timestep
+from lowbitdm_cli.quant.layers import quant_layers
+from lowbitdm_cli.recipes import load_recipe
+
+TINY = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"]
+CONFIGS = {"w8a8": ("w8a8", []), "w4a4": ("w4a4", []),
+           "w4a4-temporal-fallback": ("w4a4", ["quant.a_temporal=true", "quant.attn_matmul=true",
+                                               'quant.overrides=[{pattern="conv_out", a_bits="fp"}]'])}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def merged(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lowbitdm_cli.stages.calibrate import calibrate
+    from lowbitdm_cli.stages.finetune import finetune
+    from lowbitdm_cli.stages.merge import merge
+
+    bits, extra = CONFIGS[request.param]
+    recipe = load_recipe("ptq", model="tiny-random", bits=bits, sets=TINY + extra)
+    root = tmp_path_factory.mktemp(request.param)
+    calibrated = calibrate(recipe, root / "calibrate")
+    return merge(finetune(calibrated, recipe, root / "finetune"), root / "merge").path
+
+
+def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 16, 16, generator=g), torch.arange(n) % 10
+
+
+def test_int_equals_fake_in_bf16(merged: Path) -> None:
+    """eps of the two runtimes in bf16: the same bits, and not the float32 model's (bf16 really ran)."""
+    mi, mf = (use_dtype(load_merged(merged, r), torch.bfloat16) for r in ("int", "fake"))
+    m32 = load_merged(merged, "fake")
+    assert mi.denoiser.dtype == mf.denoiser.dtype == torch.bfloat16
+    x, cond = _batch(6, seed=1)
+    with torch.no_grad():
+        for t in (999, 500, 0):
+            eps = mi.eps(x, t, cond, 2.0)
+            assert eps.dtype == torch.float32
+            assert torch.equal(eps, mf.eps(x, t, cond, 2.0))
+            assert not torch.equal(eps, m32.eps(x, t, cond, 2.0))
+
+
+def test_every_layer_agrees_in_bf16(merged: Path) -> None:
+    """Each int layer against its fake counterpart on the bf16 inputs the int model produces."""
+    mi, mf = (use_dtype(load_merged(merged, r), torch.bfloat16) for r in ("int", "fake"))
+    fake_layers = quant_layers(mf.denoiser)
+    differing, seen = [], []
+
+    def check(name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            seen.append((args[0].dtype, out.dtype))
+            if not torch.equal(out, fake_layers[name](args[0])):
+                differing.append(name)
+        return hook
+
+    for name, module in mi.denoiser.named_modules():
+        if isinstance(module, IntLayer):
+            module.register_forward_hook(check(name))
+    x, cond = _batch(4, seed=0)
+    with torch.no_grad():
+        for t in (999, 333):
+            set_timestep(mf.denoiser, t)
+            mi.eps(x, t, cond, 2.0)
+    assert seen and not differing, differing
+    assert {o for _, o in seen} == {torch.bfloat16}  # the time embedding's input included
+
+
+def test_fp_model_in_bf16_keeps_quantizer_free_layers_in_bf16() -> None:
+    model = use_dtype(load_model("tiny-random"), torch.bfloat16)
+    dtypes = {p.dtype for p in model.denoiser.parameters()}
+    assert dtypes == {torch.bfloat16}
+    x, cond = _batch(2, seed=3)
+    with torch.no_grad():
+        eps = model.eps(x, 500, cond, 2.0)
+        ref = load_model("tiny-random").eps(x, 500, cond, 2.0)
+    assert eps.dtype == torch.float32 and not torch.equal(eps, ref)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN int8 kernels in this PyTorch")
+def test_onednn_bf16_output_is_the_rounded_rescale() -> None:
+    """The bf16 fused output counts as exact only where the float32 one is: its bf16 output rounds that once."""
+    assert onednn_rescale_matches(torch.bfloat16) <= onednn_rescale_matches(torch.float32)
+
+
+def test_int_equals_fake_in_bf16_under_avx2(merged: Path) -> None:
+    """The same with oneDNN capped at AVX2 (pair-sum kernels, split weights), in a fresh process."""
+    script = (
+        "import json, sys, torch\n"
+        "from lowbitdm_cli.export.checkpoint import load_merged\n"
+        "from lowbitdm_cli.export.int_runtime import lowering_counts\n"
+        "from lowbitdm_cli.models.precision import use_dtype\n"
+        "mi, mf = (use_dtype(load_merged(sys.argv[1], r), torch.bfloat16) for r in ('int', 'fake'))\n"
+        "g = torch.Generator().manual_seed(2)\n"
+        "x, cond = torch.randn(4, 1, 16, 16, generator=g), torch.arange(4) % 10\n"
+        "with torch.no_grad():\n"
+        "    same = [torch.equal(mi.eps(x, t, cond, 2.0), mf.eps(x, t, cond, 2.0)) for t in (999, 0)]\n"
+        "print(json.dumps({'same': same, 'lowerings': lowering_counts(mi.denoiser),\n"
+        "                  'probe': mi.meta['runtime']['kernel_probes']}))\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", script, str(merged)], env=env, capture_output=True, text=True,
+                         check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["same"] == [True, True], result
+    assert result["probe"]["onednn_conv"] in ("pair16", "unavailable")
+
+
+def test_auto_dtype_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOWBITDM_DTYPE", "bf16")
+    assert resolve_dtype("auto") == "bf16" and resolve_dtype("fp32") == "fp32"
+    monkeypatch.setenv("LOWBITDM_DTYPE", "fp16")
+    with pytest.raises(ValueError, match="LOWBITDM_DTYPE"):
+        resolve_dtype("auto")
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        resolve_dtype("fp64")
+
+
+def test_fused_loops_keep_int_equal_to_fake(merged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the fused quantize / rescale loops (`fused_ops`, LOWBITDM_FUSED=1) the integer runtime
+    still gives the fake runtime's bits, in float32 and bf16 (skipped where they do not compile)."""
+    from lowbitdm_cli.export import fused_ops
+
+    if "fallback" in merged.parent.name:
+        pytest.skip("w8a8 (shifted layers) and w4a4 (direct ones) cover the fused loops; compiling is slow")
+    monkeypatch.setenv("LOWBITDM_FUSED", "1")
+    if not fused_ops.available():
+        pytest.skip("torch.compile (inductor, C++) is not usable here")
+    calls, original = [], fused_ops.quantize
+    monkeypatch.setattr(fused_ops, "quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, cond = _batch(4, seed=5)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            mi, mf = (use_dtype(load_merged(merged, r), dtype) for r in ("int", "fake"))
+            for t in (999, 0):
+                assert torch.equal(mi.eps(x, t, cond, 2.0), mf.eps(x, t, cond, 2.0))
+    assert calls  # the fused path really ran
+
+
+def test_sample_cli_dtype(merged: Path, tmp_path: Path, runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sample --dtype bf16` samples in bf16 and says so; auto resolves (here pinned to fp32 by the
+    test environment) and the manifest records the resolved dtype; the two never share an artifact."""
+    from lowbitdm_cli.artifacts import Artifact
+    from lowbitdm_cli.cli import app
+
+    if not merged.parent.name.startswith("w4a4-temporal"):
+        pytest.skip("one configuration is enough for the CLI wiring")
+    sets = [a for s in ("sample.num_samples=2", "sample.batch_size=2", "sample.steps=2", "sample.grid_samples=0")
+            for a in ("--set", s)]
+    manifests = {}
+    for dtype in ("bf16", None):
+        out = tmp_path / str(dtype)
+        result = runner.invoke(app, ["sample", str(merged), *sets, "--out", str(out),
+                                     *(["--dtype", dtype] if dtype else [])])
+        assert result.exit_code == 0, result.output
+        manifests[dtype] = Artifact.open(out).manifest
+    assert manifests["bf16"].info["dtype"] == "bf16" and manifests[None].info["dtype"] == "fp32"
+    assert manifests["bf16"].recipe["sample"]["dtype"] == "bf16" and "dtype" not in manifests[None].recipe["sample"]
+    assert manifests["bf16"].inputs_digest != manifests[None].inputs_digest
