@@ -74,11 +74,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="50 samples per run, 1 seed, 1 finetune epoch")
     parser.add_argument("--parts", nargs="*", default=["ablation", "recipe"], choices=["ablation", "recipe"])
     parser.add_argument("--bits", nargs="*", default=None, help="only these widths")
+    parser.add_argument("--methods", nargs="*", default=None, metavar="LABEL",
+                        help="only the cases with these labels (e.g. efficientdm-tx 'ptq + rotate')")
     add_matrix_args(parser)
     parser.set_defaults(model="digits-dit")
     args = parser.parse_args()
     runs_dir, common = matrix_setup(args, parser)
-    todo = [c for c in cases(args.parts, args.quick) if args.bits is None or c.bits in args.bits]
+    todo = [c for c in cases(args.parts, args.quick)
+            if (args.bits is None or c.bits in args.bits) and (args.methods is None or c.label in args.methods)]
+    if not todo:
+        parser.error("no case matches --parts / --bits / --methods")
     t0 = time.time()
     fp, rows = run_cases(todo, runs_dir, common, reverse=args.reverse, seeds=args.seeds, model=args.model)
     by_label = {(c.label, c.bits): c for c in todo}
