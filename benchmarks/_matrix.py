@@ -31,7 +31,7 @@ from lowbitdm_cli.report import collect_runs, group_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every comparison benchmark samples the same class-balanced set (same seeds), so they share one
-# FP baseline and a case present in two benchmarks (naive PTQ) runs once. The README's method
+# FP baseline and a case present in two benchmarks (naive PTQ) runs once. The method
 # tables: 1000 samples per run (FID-digits is biased by the sample count, so compare within a
 # table), with the embedded model's default sampler (DPM-Solver++(2M), 10 steps), 3 seeds.
 FULL_SAMPLES, QUICK_SAMPLES = 1000, 50

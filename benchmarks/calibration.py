@@ -7,7 +7,7 @@ evaluator; `calibrate s` is the calibrate stage's wall time (calibration data, i
 reconstruction). Stages already finished under --runs-dir are reused, so an interrupted run
 resumes.
 
-    python benchmarks/calibration.py            # the README table: 1000 samples per run, 3 seeds
+    python benchmarks/calibration.py            # the docs/methods.md table: 1000 samples per run, 3 seeds
     python benchmarks/calibration.py --quick    # 50 samples, 1 seed, 20 reconstruction iterations
 
 Each FID-digits and class-accuracy cell shows its 95 % interval: with N > 1 seeds the mean over N

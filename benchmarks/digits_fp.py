@@ -4,7 +4,7 @@ Samples class-balanced images with DDIM (50 steps, η = 0, the registry's guidan
 scores them with the digits-features evaluator, and compares with the floor set by real
 data: FID-digits of the held-out split against the train-split statistics.
 
-    python benchmarks/digits_fp.py            # 1000 samples (the README numbers)
+    python benchmarks/digits_fp.py            # 1000 samples (the numbers in docs/evaluation.md)
     python benchmarks/digits_fp.py --quick    # 200 samples, 20 steps
     python benchmarks/digits_fp.py --model digits-dit   # the embedded transformer
 

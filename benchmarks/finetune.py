@@ -11,7 +11,7 @@ of parameters trained, and the MAC-weighted mean weight / activation bits of the
 (`lowbitdm_cli.quant.cost`: recipes of one nominal width differ where they keep layers at 8 bits). Then the issues' targets, each with the measured numbers and whether it
 is met. Finished stages under --runs-dir are reused, so an interrupted run resumes.
 
-    python benchmarks/finetune.py              # the README table: 1000 samples per run, 3 seeds
+    python benchmarks/finetune.py              # the docs/methods.md table: 1000 samples per run, 3 seeds
     python benchmarks/finetune.py --ablations  # and the MPQ-DM ablation rows
     python benchmarks/finetune.py --quick      # 50 samples, 1 seed, 1 finetune epoch (a smoke run)
     python benchmarks/finetune.py --methods efficientdm-plus --keep-previous   # rerun some rows only

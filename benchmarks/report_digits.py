@@ -3,7 +3,7 @@
 Runs `run_recipe` (ptq recipe; the FP baseline comes with it) for each bit width, skipping
 stages already complete under --runs-dir, then `write_report` into docs/report/: the table,
 metric_vs_bits.png (all runs) and samples.png (FP, W8A8, W4A4, W2A4: the same sample indices,
-so the same initial noise and class, in every row block) for the README.
+so the same initial noise and class, in every row block) for docs/evaluation.md.
 
     python benchmarks/report_digits.py            # the recipe's 500 samples per run
     python benchmarks/report_digits.py --quick    # 100 samples per run
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # the README's report table was made with DDIM 50 (the digits default is now DPM-Solver++(2M) 20)
+    # the report table in docs/evaluation.md was made with DDIM 50 (the digits default is now DPM-Solver++(2M) 20)
     sets = (["sample.num_samples=100", "sample.batch_size=100"] if args.quick else []) + \
         ["sample.sampler=ddim", "sample.steps=50"]
 

@@ -514,7 +514,7 @@ def test_pickled_bin_weights_are_refused_in_one_line(component: str, tmp_path: P
 
 
 def test_merged_denoiser_drops_into_a_diffusers_pipeline(chains: dict[str, Path], family_dirs: dict[str, Path]) -> None:
-    """README's example: a merged checkpoint's denoiser samples with diffusers' own pipeline and scheduler."""
+    """docs/integer-runtime.md's example: a merged checkpoint's denoiser samples with diffusers' own pipeline and scheduler."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from lowbitdm_cli import load_quantized
