@@ -348,7 +348,8 @@ def main() -> None:
                         help="leave out the FP32 torch.compile cell (compiling a large UNet takes minutes)")
     parser.add_argument("--fused", action="store_true",
                         help="also time the integer runtime with LOWBITDM_FUSED=1 (compiles its loops first)")
-    parser.add_argument("--widths", default=",".join(BITS), help=f"weight/activation widths to time ({', '.join(BITS)})")
+    parser.add_argument("--widths", default=",".join(BITS),
+                        help=f"weight/activation widths to time ({', '.join(BITS)})")
     parser.add_argument("--merged-dir", type=Path, default=None,
                         help="keep the merged checkpoints in this folder and reuse them on the next run "
                              "(default: a temporary folder)")
