@@ -208,13 +208,19 @@ class Recipe(_Section):
         return data
 
     def resolved(self, sampler_defaults: dict[str, Any]) -> Recipe:
-        """Fill sampler fields left unset with the model's defaults, and ``sample.dtype = auto`` with
-        what this machine runs (`models.precision.resolve_dtype`)."""
+        """Fill sampler fields left unset with the model's defaults."""
+        sample = self.sample.model_copy(update={k: v for k, v in sampler_defaults.items()
+                                                if getattr(self.sample, k) is None})
+        return self.model_copy(update={"sample": sample})
+
+    def with_sample_dtype(self) -> Recipe:
+        """``sample.dtype = auto`` replaced by what this machine runs (`models.precision.resolve_dtype`);
+        only the sample stage (and the FP baseline's key) resolve it, so other stages' digests never
+        depend on the CPU."""
         from lowbitdm_cli.models.precision import resolve_dtype
 
-        update = {k: v for k, v in sampler_defaults.items() if getattr(self.sample, k) is None}
-        update["dtype"] = resolve_dtype(self.sample.dtype)
-        return self.model_copy(update={"sample": self.sample.model_copy(update=update)})
+        sample = self.sample.model_copy(update={"dtype": resolve_dtype(self.sample.dtype)})
+        return self.model_copy(update={"sample": sample})
 
 
 def _parse_value(text: str) -> Any:
