@@ -41,7 +41,8 @@ def main() -> None:
         cases = [Case(label=f"ptq {dtype}", recipe="ptq", bits=bits, sets=(f"sample.dtype={dtype}",),
                       run_name=f"ptq-{dtype}") for bits in args.bits]
         results[dtype] = run_cases(cases, runs_dir, [*common, f"sample.dtype={dtype}"], seeds=args.seeds)
-    headers = ["model", "dtype", "FID-digits ↓ [95 %]", "bf16 − fp32", "class acc ↑ [95 %]", "bf16 − fp32 (pts)"]
+    headers = ["model", "dtype", "FID-digits ↓ [95 %]", "bf16 − fp32", "class acc ↑ [95 %]",
+               "bf16 − fp32 (pts)"]
     table, rows = [], []
     for bits in ["fp", *args.bits]:
         pair = {}

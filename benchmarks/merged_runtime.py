@@ -169,14 +169,16 @@ def _merged_large(label: str, folder: Path, calib_batch: int) -> Path:
     return out
 
 
-def _fp_cells(make_fp: Callable[[], DiffusionModel], dtypes: list[str], batch: int) -> dict[str, Callable]:
+def _fp_cells(make_fp: Callable[[], DiffusionModel], dtypes: list[str], batch: int,
+              compile_fp: bool = True) -> dict[str, Callable]:
     """What a user would run instead: FP32 eager, FP32 torch.compile and, where the CPU has bf16,
     bf16 autocast and the model converted to bf16 (`models.precision`, the dtype the quantized
     runtimes use)."""
     cells = {"fp32": _call(make_fp(), batch)}
-    compiled = make_fp()
-    compiled.denoiser = torch.compile(compiled.denoiser)
-    cells["fp32-compile"] = _call(compiled, batch)
+    if compile_fp:
+        compiled = make_fp()
+        compiled.denoiser = torch.compile(compiled.denoiser)
+        cells["fp32-compile"] = _call(compiled, batch)
     if "bf16" in dtypes:
         cells["bf16-autocast"] = _call(make_fp(), batch, autocast=True)
         cells["bf16"] = _call(use_dtype(make_fp(), torch.bfloat16), batch)
@@ -190,9 +192,9 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
     fp = make_fp()
     fp_bytes = _file_bytes(fp.denoiser.state_dict(), folder, f"{fp.name}-fp32.safetensors")
     dtypes = ["fp32", "bf16"] if bf16_native() else ["fp32"]
-    cells = _fp_cells(make_fp, dtypes, args.batch)
+    cells = _fp_cells(make_fp, dtypes, args.batch, compile_fp=not args.no_compile)
     integers: dict[str, DiffusionModel] = {}
-    fused = fused_ops.available()  # compiled loops that give the eager bits here (else no fused cells)
+    fused = args.fused and fused_ops.available()  # compiled loops that give the eager bits here
     for label, path in merged.items():
         for dtype in dtypes:
             for runtime in ("fake", "int"):
@@ -342,7 +344,12 @@ def main() -> None:
     parser.add_argument("--profile-top", type=int, default=12, help="operators per profile table")
     parser.add_argument("--skip-timing", action="store_true", help="with --profile: only the profiles")
     parser.add_argument("--models", default="digits,large", help="digits and/or large (the 26 M UNet)")
-    parser.add_argument("--widths", default=",".join(BITS), help=f"weight/activation widths to time ({', '.join(BITS)})")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the FP32 torch.compile cell (compiling a large UNet takes minutes)")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time the integer runtime with LOWBITDM_FUSED=1 (compiles its loops first)")
+    parser.add_argument("--widths", default=",".join(BITS),
+                        help=f"weight/activation widths to time ({', '.join(BITS)})")
     parser.add_argument("--merged-dir", type=Path, default=None,
                         help="keep the merged checkpoints in this folder and reuse them on the next run "
                              "(default: a temporary folder)")
@@ -392,7 +399,8 @@ def main() -> None:
                    "--agreement-samples", str(args.agreement_samples), "--profile-top", str(args.profile_top),
                    "--models", args.models, "--widths", args.widths]
             flags = [f for f, on in (("--quick", args.quick), ("--profile", args.profile),
-                                     ("--skip-timing", args.skip_timing)) if on]
+                                     ("--skip-timing", args.skip_timing), ("--fused", args.fused),
+                                     ("--no-compile", args.no_compile)) if on]
             subprocess.run(cmd + flags, env=env, check=True)
             per_class.append(json.loads(part.read_text()))
             print(f"kernels: {per_class[-1]['kernel_probes']}  cpu: {per_class[-1]['cpu']}")

@@ -331,7 +331,7 @@ def sample(
     dtype: Annotated[Literal["auto", "fp32", "bf16"] | None, typer.Option(
         "--dtype", help="Float dtype around the quantized layers (the whole model for FP): auto = bf16 where the "
                         "CPU has AMX-BF16 or AVX512-BF16, else fp32 (same as --set sample.dtype=...; default: the "
-                        "recipe's, auto). The manifest records the resolved one.")] = None,
+                        "recipe's, fp32). The manifest records the resolved one.")] = None,
 ) -> None:
     """Generate samples into samples.npz (ADM layout: arr_0 uint8 NHWC + labels) and grid.png.
 

@@ -185,7 +185,8 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
                                     recipe_prompts(recipe))
     scoring = {"inception": evaluation.inception, "clip_weights": evaluation.clip_weights}
     name = Path(recipe.model.name).name  # a folder path runs under its folder's name
-    fp_dir = runs_dir / f"{name}-fp-{digest_of(recipe.sample.model_dump())[:8]}"
+    fp_sample = recipe.with_sample_dtype().sample  # the FP baseline's key names the dtype it samples in
+    fp_dir = runs_dir / f"{name}-fp-{digest_of(fp_sample.model_dump())[:8]}"
     run_dir = runs_dir / (f"{name}-{recipe.name}-{recipe.quant.bits}" + (f"-seed{seed_offset}" if seed_offset else ""))
 
     log(f"full-precision baseline → {fp_dir}")
@@ -193,7 +194,7 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
     entry = restored = None
     if fp_cache is not None and metrics:  # the cache holds evaluated baselines
         key = digest_of({"model": fp_source.ref.model_dump(), "model_section": recipe.model.model_dump(mode="json"),
-                         "sample": recipe.sample.model_dump(mode="json")})
+                         "sample": fp_sample.model_dump(mode="json")})
         entry = Path(fp_cache) / f"{name}-{key[:16]}"
         restored = _restore_fp(entry, fp_dir, log)
     fp_samples = sample(fp_source, recipe, fp_dir / "sample", resume=True, replace_stale=True, progress=progress)

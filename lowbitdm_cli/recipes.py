@@ -178,9 +178,10 @@ class SampleSection(_Section):
     decode_batch_size: int | None = Field(None, ge=1, description="latent models: images the autoencoder decodes at "
                                           "once (default: the whole batch_size)")
     dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="float dtype of everything around the quantized layers (and of the whole FP model): "
-                            "auto = bf16 where the CPU has AMX-BF16 or AVX512-BF16, else fp32 ($LOWBITDM_DTYPE "
-                            "overrides auto); resolved when the sample stage starts")
+        "fp32", description="float dtype of everything around the quantized layers (and of the whole FP model): "
+                            "fp32 (default, until benchmarks/dtype_quality.py has measured bf16's quality cost), "
+                            "bf16, or auto = bf16 where the CPU has AMX-BF16 or AVX512-BF16, else fp32 "
+                            "($LOWBITDM_DTYPE overrides auto); resolved when the sample stage starts")
 
     @model_serializer(mode="wrap")
     def _omit_default_labels(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -231,13 +232,19 @@ class Recipe(_Section):
         return data
 
     def resolved(self, sampler_defaults: dict[str, Any]) -> Recipe:
-        """Fill sampler fields left unset with the model's defaults, and ``sample.dtype = auto`` with
-        what this machine runs (`models.precision.resolve_dtype`)."""
+        """Fill sampler fields left unset with the model's defaults."""
+        sample = self.sample.model_copy(update={k: v for k, v in sampler_defaults.items()
+                                                if getattr(self.sample, k) is None})
+        return self.model_copy(update={"sample": sample})
+
+    def with_sample_dtype(self) -> Recipe:
+        """``sample.dtype = auto`` replaced by what this machine runs (`models.precision.resolve_dtype`);
+        only the sample stage (and the FP baseline's key) resolve it, so other stages' digests never
+        depend on the CPU."""
         from lowbitdm_cli.models.precision import resolve_dtype
 
-        update = {k: v for k, v in sampler_defaults.items() if getattr(self.sample, k) is None}
-        update["dtype"] = resolve_dtype(self.sample.dtype)
-        return self.model_copy(update={"sample": self.sample.model_copy(update=update)})
+        sample = self.sample.model_copy(update={"dtype": resolve_dtype(self.sample.dtype)})
+        return self.model_copy(update={"sample": sample})
 
 
 def _parse_value(text: str) -> Any:

@@ -43,7 +43,7 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
     `device` is where the model runs (``cuda`` = each torchrun rank's own GPU). Under
     `torchrun` every rank calls this; all of them return the committed artifact.
     """
-    recipe = recipe.resolved(sampler_defaults(source.ref.name))
+    recipe = recipe.resolved(sampler_defaults(source.ref.name)).with_sample_dtype()
     cfg = recipe.sample
     options = {"source": source.label, **({"runtime": source.runtime} if source.runtime else {}),
                **({"device": device} if device != "cpu" else {}), **prompt_options(recipe),

@@ -24,9 +24,8 @@ from lowbitdm_cli.models.precision import resolve_dtype, use_dtype
 from lowbitdm_cli.models.registry import load_model
 from lowbitdm_cli.models.wrapper import set_timestep
 from lowbitdm_cli.quant.layers import quant_layers
-from lowbitdm_cli.recipes import load_recipe
+from tiny_chain import merge_tiny
 
-TINY = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"]
 CONFIGS = {"w8a8": ("w8a8", []), "w4a4": ("w4a4", []),
            "w4a4-temporal-fallback": ("w4a4", ["quant.a_temporal=true", "quant.attn_matmul=true",
                                                'quant.overrides=[{pattern="conv_out", a_bits="fp"}]'])}
@@ -34,15 +33,8 @@ CONFIGS = {"w8a8": ("w8a8", []), "w4a4": ("w4a4", []),
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def merged(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lowbitdm_cli.stages.calibrate import calibrate
-    from lowbitdm_cli.stages.finetune import finetune
-    from lowbitdm_cli.stages.merge import merge
-
     bits, extra = CONFIGS[request.param]
-    recipe = load_recipe("ptq", model="tiny-random", bits=bits, sets=TINY + extra)
-    root = tmp_path_factory.mktemp(request.param)
-    calibrated = calibrate(recipe, root / "calibrate")
-    return merge(finetune(calibrated, recipe, root / "finetune"), root / "merge").path
+    return merge_tiny(bits, extra, tmp_path_factory.mktemp(request.param)).path
 
 
 def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

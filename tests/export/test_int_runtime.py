@@ -34,12 +34,11 @@ from lowbitdm_cli.models.wrapper import set_timestep
 from lowbitdm_cli.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear, quant_layers
 from lowbitdm_cli.quant.integer import rescale
 from lowbitdm_cli.quant.policy import LayerSpec
-from lowbitdm_cli.recipes import load_recipe
 from lowbitdm_cli.sampling import SamplerSettings, ddim_sample, to_uint8
 from lowbitdm_cli.stages.common import load_quantized_from
+from tiny_chain import merge_tiny
 
 TOL = 1e-4  # max abs difference as a fraction of the output range
-TINY = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"]
 FALLBACK_SETS = ["quant.a_temporal=true",
                  'quant.overrides=[{pattern="conv_out", a_bits="fp"}, {pattern="*.time_emb_proj", w_bits="fp"}]']
 CONFIGS = {"w8a8": ("w8a8", []), "w4a4": ("w4a4", []), "w4a4-temporal": ("w4a4", FALLBACK_SETS),
@@ -260,15 +259,8 @@ def test_zero_point_outside_the_code_range_is_refused() -> None:
 # --- merged artifacts of tiny-random -------------------------------------------------------------
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def merged(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Artifact:
-    from lowbitdm_cli.stages.calibrate import calibrate
-    from lowbitdm_cli.stages.finetune import finetune
-    from lowbitdm_cli.stages.merge import merge
-
     bits, extra = CONFIGS[request.param]
-    recipe = load_recipe("ptq", model="tiny-random", bits=bits, sets=TINY + extra)
-    root = tmp_path_factory.mktemp(request.param)
-    calibrated = calibrate(recipe, root / "calibrate")
-    return merge(finetune(calibrated, recipe, root / "finetune"), root / "merge")
+    return merge_tiny(bits, extra, tmp_path_factory.mktemp(request.param))
 
 
 def _pair(merged: Artifact):
