@@ -12,6 +12,7 @@ and where to put it. ``--model PATH`` takes any supported diffusers folder inste
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,8 +152,6 @@ def _folder_settings(name: str) -> dict:
     index = path / "model_index.json"
     if not index.is_file():
         return {}
-    import json
-
     try:
         extra = json.loads(index.read_text()).get("lowbitdm") or {}
     except (OSError, ValueError):

@@ -9,6 +9,7 @@ Same data, splits, schedule and loop as the digits UNet (`training.denoiser`); s
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -43,8 +44,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON of DiTTransformer2DModel arguments overriding the embedded DiT's "
                              "(e.g. '{\"num_layers\": 4, \"attention_head_dim\": 48}' for a validation model)")
     args = parser.parse_args(argv)
-    import json
-
     config = {**DIGITS_DIT_CONFIG, **json.loads(args.config)} if args.config else None
     path = train_digits_dit(args.out, config=config, stem=args.stem, steps=args.steps, batch_size=args.batch_size,
                             lr=args.lr, seed=args.seed)

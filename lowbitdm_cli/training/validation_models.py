@@ -66,7 +66,7 @@ def train_validation_model(name: str, out: Path, steps: int | None = None, seed:
     model.save_pretrained(folder / component, safe_serialization=True)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "DDIMScheduler", **{k: v for k, v in DIGITS_SCHEDULE.items()}}, indent=1) + "\n")
+        {"_class_name": "DDIMScheduler", **DIGITS_SCHEDULE}, indent=1) + "\n")
     index = {"_class_name": pipeline, component: ["diffusers", type(model).__name__],
              "scheduler": ["diffusers", "DDIMScheduler"],
              "lowbitdm": {"num_classes": NUM_CLASSES, "null_class": NUM_CLASSES, "evaluator": "digits-features",
