@@ -106,6 +106,13 @@ def _stage_timing(run_dir: Path, stage: str, key: str) -> float | None:
     return Artifact.open(path).manifest.timings.get(key) if path.is_dir() else None
 
 
+def _bit_budget(run_dir: Path) -> dict | None:
+    """The MAC-weighted bits that calibrate recorded for the run's layer policy (`quant.cost.bit_budget`: a
+    float low-rank branch's MACs at 32 bits, keep_8bit layers at 8), or None for an FP run."""
+    path = run_dir / "calibrate"
+    return Artifact.open(path).manifest.info.get("bit_budget") if path.is_dir() else None
+
+
 def _seeded_row(label: str, bits: str, run_dirs: list[Path]) -> Row:
     """One row from the runs of one case over seeds: mean metrics, intervals, per-seed values."""
     summaries = collect_runs(run_dirs)
@@ -122,7 +129,7 @@ def _seeded_row(label: str, bits: str, run_dirs: list[Path]) -> Row:
                peak_rss_mb=max((r.peak_rss_mb for r in summaries if r.peak_rss_mb is not None), default=None),
                trainable_fraction=first.trainable_fraction,
                extra={"intervals": config.intervals, "interval_kind": config.interval_kind, "values": config.values,
-                      "run_dirs": [str(d) for d in run_dirs]})
+                      "run_dirs": [str(d) for d in run_dirs], "bit_budget": _bit_budget(run_dirs[0])})
 
 
 def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],

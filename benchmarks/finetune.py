@@ -118,28 +118,6 @@ def _targets(fp: Row, rows: list[Row]) -> list[dict]:
     return out
 
 
-def _bit_budgets(rows: list[Row], model_name: str = "digits") -> dict[tuple[str, str], dict]:
-    """Each row's MAC-weighted bits, from its recipe's layer policy on the model."""
-    from torch import nn
-
-    from lowbitdm_cli.quant.cost import bit_budget, layer_macs
-    from lowbitdm_cli.quant.policy import build_layer_specs
-    from lowbitdm_cli.recipes import load_recipe
-    from lowbitdm_cli.stages.common import load_fp_model
-
-    cases = {label: (recipe, sets) for label, recipe, _bits, sets, _name in ABLATION_ROWS}
-    model, macs, out = None, None, {}
-    for r in rows:
-        recipe_name, sets = cases.get(r.label, (r.label, ()))
-        recipe = load_recipe(recipe_name, model=model_name, bits=r.bits, sets=list(sets))
-        if model is None:
-            model = load_fp_model(model_name, recipe)
-            macs = layer_macs(model, [n for n, m in model.denoiser.named_modules()
-                                      if isinstance(m, (nn.Conv2d, nn.Linear))])
-        out[r.label, r.bits] = bit_budget(build_layer_specs(model.denoiser, recipe.quant), macs)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="50 samples per run, 1 finetune epoch")
@@ -180,9 +158,8 @@ def main() -> None:
     headers = ["bits", "method", "FID-digits ↓ [95 %]", "vs FP", "class acc ↑ [95 %]", "calibrate s", "finetune s",
                "finetune peak MB", "trained params", "mean bits w/a"]
     table = [["fp32", "-", cell(fp, "fid_digits"), "1.00x", cell(fp, "class_accuracy"), "-", "-", "-", "-", "32/32"]]
-    budgets = _bit_budgets(rows, args.model)
     for r in rows:
-        r.extra["bit_budget"] = budgets[r.label, r.bits]
+        budget = r.extra.get("bit_budget")
         fid = r.metrics["fid_digits"]
         kept = " *" if r.extra.get("kept_from_previous") else ""
         table.append([r.bits, r.label + kept, cell(r, "fid_digits"), f"{fid / fp_fid:.2f}x",
@@ -190,7 +167,7 @@ def main() -> None:
                       fmt(r.finetune_s, ".0f") if r.label != "ptq" else "-",
                       fmt(r.finetune_peak_mb, ".0f") if r.label != "ptq" else "-",
                       fmt(100 * r.trainable_fraction, ".1f") + "%" if r.trainable_fraction else "-",
-                      f"{budgets[r.label, r.bits]['mean_w_bits']:.2f}/{budgets[r.label, r.bits]['mean_a_bits']:.2f}"])
+                      f"{budget['mean_w_bits']:.2f}/{budget['mean_a_bits']:.2f}" if budget else "-"])
     markdown = print_table(headers, table)
     if any(r.extra.get("kept_from_previous") for r in rows):
         note = ("\n\n\\* kept from the previous results file (--keep-previous): not rerun by this invocation; "

@@ -61,14 +61,6 @@ def cases(parts: list[str], quick: bool) -> list[Case]:
     return out
 
 
-def _bit_budget(row) -> dict:  # noqa: ANN001 - a _matrix.Row
-    """The MAC-weighted bits that calibrate recorded for the row's layer policy (a low-rank branch's
-    MACs at 32 bits, `quant.cost.bit_budget`)."""
-    from lowbitdm_cli.artifacts import Artifact
-
-    return Artifact.open(Path(row.run_dir) / "calibrate").manifest.info["bit_budget"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="50 samples per run, 1 seed, 1 finetune epoch")
@@ -94,7 +86,7 @@ def main() -> None:
                "mean bits w/a"]
     table = [["fp32", "-", cell(fp, "fid_digits"), "1.00x", cell(fp, "class_accuracy"), "-", "-", "32/32"]]
     for r in rows:
-        b = r.extra["bit_budget"] = _bit_budget(r)
+        b = r.extra["bit_budget"]
         table.append([r.bits, r.label, cell(r, "fid_digits"), f"{r.metrics['fid_digits'] / fp_fid:.2f}x",
                       cell(r, "class_accuracy"), fmt(r.calibrate_s, ".0f"), fmt(r.finetune_s, ".0f"),
                       f"{b['mean_w_bits']:.2f}/{b['mean_a_bits']:.2f}"])
