@@ -19,7 +19,8 @@ stage times, the MAC-weighted mean bits of the layer policy (a float low-rank br
     python benchmarks/transformer.py --quick                  # 50 samples, 1 seed, 1 finetune epoch
     python benchmarks/transformer.py --model runs/validation-models/digits-dit-val --parts recipe
 
-Writes benchmarks/results/transformer_<model>.json (``_quick`` with --quick).
+Writes benchmarks/results/transformer_<model>[_<part>].json (``_quick`` with --quick; the part's name
+when only one of --parts ran).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def main() -> None:
                       cell(r, "class_accuracy"), fmt(r.calibrate_s, ".0f"), fmt(r.finetune_s, ".0f"),
                       f"{b['mean_w_bits']:.2f}/{b['mean_a_bits']:.2f}"])
     markdown = print_table(headers, table)
-    name = f"transformer_{Path(args.model).name}"
+    parts = "" if set(args.parts) == {"ablation", "recipe"} else "_" + "-".join(sorted(set(args.parts)))
+    name = f"transformer_{Path(args.model).name}{parts}"
     write_results(name, args, common, time.time() - t0, fp, rows, markdown, model=args.model)
 
 
