@@ -33,6 +33,10 @@ of the FP model and the W8A8 / W4A4 integer runtime of both models, per dtype.
     python benchmarks/merged_runtime.py            # 7 timed runs per cell, all classes
     python benchmarks/merged_runtime.py --quick    # 2 timed runs per cell, small calibration
     python benchmarks/merged_runtime.py --classes native --profile --skip-timing
+    python benchmarks/merged_runtime.py --model digits-dit --checkpoint W4A4=runs/digits-dit-efficientdm-tx-w4a4/merge
+
+(`--checkpoint LABEL=MERGE_DIR`, repeatable: time existing merge artifacts, any recipe, against their
+model's FP configurations instead of building ptq ones.)
 
 Writes benchmarks/results/merged_runtime.json (--quick: merged_runtime_quick.json).
 """
@@ -271,6 +275,18 @@ def _print(result: dict, batch: int) -> None:
                   f"{100 * agree['within_one_level']:.2f} %")
 
 
+def _checkpoints(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> list[tuple[str, str]]:
+    """--checkpoint LABEL=MERGE_DIR pairs, checked: each a merge artifact, --model given."""
+    pairs = [tuple(c.split("=", 1)) for c in args.checkpoint]
+    if parser is not None:
+        if not args.model:
+            parser.error("--checkpoint needs --model (the model the checkpoints were merged from)")
+        for c, pair in zip(args.checkpoint, pairs):
+            if len(pair) != 2 or not (Path(pair[1]) / WEIGHTS_NAME).is_file():
+                parser.error(f"--checkpoint {c}: expected LABEL=MERGE_DIR with {WEIGHTS_NAME} in MERGE_DIR")
+    return pairs
+
+
 # per CPU class: ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY (None: what this CPU has)
 CLASSES = {"native": (None, None), "vnni": ("AVX512_CORE_VNNI", None), "avx2": ("AVX2", "avx2")}
 
@@ -284,7 +300,8 @@ def _run_class(args: argparse.Namespace, merged_dir: Path, small: str) -> dict:
     folder.mkdir(exist_ok=True)
     widths = [w for w in BITS if w in args.widths.split(",")]
     if not args.skip_timing and "digits" in args.models:
-        merged = {label: merged_dir / "small" / label / "merge" for label in widths}
+        merged = ({label: Path(path) for label, path in _checkpoints(args)} if args.checkpoint
+                  else {label: merged_dir / "small" / label / "merge" for label in widths})
         results.append(_bench(small, lambda: load_model(small), merged, folder, args))
         _print(results[-1], args.batch)
     if not args.skip_timing and "large" in args.models:
@@ -353,19 +370,31 @@ def main() -> None:
     parser.add_argument("--merged-dir", type=Path, default=None,
                         help="keep the merged checkpoints in this folder and reuse them on the next run "
                              "(default: a temporary folder)")
+    parser.add_argument("--model", default=None,
+                        help="with --checkpoint: the registered model (or diffusers folder) they were merged from")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=MERGE_DIR",
+                        help="time these merge artifacts (e.g. W4A4=runs/digits-dit-efficientdm-tx-w4a4/merge, "
+                             "repeatable) against --model's FP configurations, instead of building ptq ones; "
+                             "results go to merged_runtime_<model>.json")
     parser.add_argument("--one-class", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None,
                         help="default benchmarks/results/merged_runtime.json (--quick: merged_runtime_quick.json)")
     args = parser.parse_args()
+    if args.checkpoint:
+        _checkpoints(args, parser)
+        if args.profile:
+            parser.error("--profile profiles the built ptq checkpoints; leave out --checkpoint")
+        args.models = "digits"  # the one model the checkpoints belong to, in the `digits` slot
+    suffix = f"_{Path(args.model).name}" if args.checkpoint else ""
     if args.out is None:
-        args.out = ROOT / "benchmarks" / "results" / f"merged_runtime{'_quick' if args.quick else ''}.json"
+        args.out = ROOT / "benchmarks" / "results" / f"merged_runtime{suffix}{'_quick' if args.quick else ''}.json"
     args.repeats, args.warmup = (2, 1) if args.quick else (7, 2)
     if args.agreement_samples is None:
         args.agreement_samples = 10 if args.quick else 100
     torch.set_num_threads(args.threads)
     wf = WEIGHTS_DIR / "digits_unet.safetensors"
-    small = "digits" if wf.is_file() else "tiny-random"
-    note = None if small == "digits" else f"{wf} is absent (still training): tiny-random stands in for digits"
+    small = args.model if args.checkpoint else "digits" if wf.is_file() else "tiny-random"
+    note = None if small != "tiny-random" else f"{wf} is absent (still training): tiny-random stands in for digits"
     if args.one_class:  # a child: one CPU class on checkpoints the parent merged
         args.out.write_text(json.dumps(_run_class(args, args.merged_dir, small)) + "\n")
         return
@@ -379,7 +408,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.merged_dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        for label in BITS:  # the same checkpoints for every class (merging does not touch int kernels)
+        for label in [] if args.checkpoint else BITS:  # the same checkpoints for every class (merging does not touch int kernels)
             if not (folder / "small" / label / "merge").is_dir():
                 _merged_small(small, label, folder / "small", args.quick)
             if not (folder / f"large-{label}").is_dir():
@@ -397,7 +426,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one-class", cpu_class, "--merged-dir", str(folder), "--out", str(part),
                    "--batch", str(args.batch), "--threads", str(args.threads),
                    "--agreement-samples", str(args.agreement_samples), "--profile-top", str(args.profile_top),
-                   "--models", args.models, "--widths", args.widths]
+                   "--models", args.models, "--widths", args.widths,
+                   *(["--model", args.model] if args.model else []),
+                   *(a for c in args.checkpoint for a in ("--checkpoint", c))]
             flags = [f for f, on in (("--quick", args.quick), ("--profile", args.profile),
                                      ("--skip-timing", args.skip_timing), ("--fused", args.fused),
                                      ("--no-compile", args.no_compile)) if on]

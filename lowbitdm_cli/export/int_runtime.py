@@ -425,6 +425,10 @@ class IntLayer(TimestepSlots, nn.Module):
             view = [1] * out.dim()
             view[channel_dim] = -1
             bias = None if self.bias is None else self.bias.reshape(view)
+            if delta.numel() > 1:  # per-token Δx (`rescale`'s rule): one per output row
+                rows = list(out.shape)
+                rows[channel_dim] = 1
+                delta = delta.reshape(rows)
             if self.direct:
                 return fused_ops.rescale_to(out, delta, self.weight_scale.reshape(view), bias, dtype)
             main, sums = out.split([self.out_ch, 1], channel_dim)

@@ -75,6 +75,8 @@ class IntTransformLinear(IntLinear):
         return super().quantize_input(transform_input(x, self.smooth, self.rotate_block))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32:  # bf16 compute (`models.precision`): float32 inside, one rounding out, as
+            return self.forward(x.float()).to(x.dtype)  # the fake QuantLinear (transforms and branch in float32)
         y = super().forward(x)
         return y if self.low_rank_down is None else y + low_rank_branch(x, self.low_rank_down, self.low_rank_up)
 

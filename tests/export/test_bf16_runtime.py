@@ -26,9 +26,13 @@ from lowbitdm_cli.models.wrapper import set_timestep
 from lowbitdm_cli.quant.layers import quant_layers
 from tiny_chain import merge_tiny
 
+TX_SCOPE = '["attention", "feed_forward"]'
 CONFIGS = {"w8a8": ("w8a8", []), "w4a4": ("w4a4", []),
            "w4a4-temporal-fallback": ("w4a4", ["quant.a_temporal=true", "quant.attn_matmul=true",
-                                               'quant.overrides=[{pattern="conv_out", a_bits="fp"}]'])}
+                                               'quant.overrides=[{pattern="conv_out", a_bits="fp"}]']),
+           # the transformer options (per-token, smoothing, rotation, float low-rank branch) on the attention and MLP
+           "w4a4-transforms": ("w4a4", [f"quant.{o}={TX_SCOPE}" for o in ("a_per_token", "smooth", "rotate", "low_rank")]
+                               + ["quant.low_rank_dim=4"])}
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
