@@ -45,15 +45,15 @@ def test_validation_model_folder_loads_with_the_digits_evaluator(tmp_path: Path)
     evaluator and sampler: `--model PATH` scores it like the embedded models."""
     import torch
 
-    from lowbitdm_cli.models.registry import evaluator_of, load_model, sampler_defaults
-    from lowbitdm_cli.training.validation_models import DIGITS_SAMPLER, main
+    from lowbitdm_cli.models.registry import MODELS, evaluator_of, load_model, sampler_defaults
+    from lowbitdm_cli.training.validation_models import main
 
     main(["--models", "digits-dit-val", "--steps", "1", "--out", str(tmp_path)])
     folder = tmp_path / "digits-dit-val"
     model = load_model(str(folder))
     assert (model.num_classes, model.null_class, model.sample_shape) == (10, 10, (1, 16, 16))
     assert evaluator_of(str(folder)) == "digits-features"
-    assert sampler_defaults(str(folder)) == {**DIGITS_SAMPLER}
+    assert sampler_defaults(str(folder)) == MODELS["digits-dit"].sampler  # the DiT's own, CFG 1.35
     with torch.no_grad():
         eps = model.eps(torch.zeros(2, 1, 16, 16), 500, torch.tensor([3, 10]), 1.25)
     assert eps.shape == (2, 1, 16, 16) and torch.isfinite(eps).all()

@@ -33,28 +33,27 @@ from lowbitdm_cli.models.digits import (
     build_digits_dit,
     build_digits_unet,
 )
+from lowbitdm_cli.models.registry import MODELS
 from lowbitdm_cli.training.denoiser import train_denoiser
 
 __all__ = ["VALIDATION_MODELS", "main", "train_validation_model"]
 
-# name: (pipeline class, denoiser folder, builder, config, training steps)
+# name: (pipeline class, denoiser folder, builder, config, training steps, the embedded model whose sampler it uses)
 VALIDATION_MODELS = {
     "digits-dit-val": ("DiTPipeline", "transformer", build_digits_dit,
                        {**DIGITS_DIT_CONFIG, "num_layers": 4, "num_attention_heads": 3, "attention_head_dim": 64},
-                       3000),
+                       3000, "digits-dit"),
     "digits-unet-val": ("DDPMPipeline", "unet", build_digits_unet,
                         {**DIGITS_UNET_CONFIG, "block_out_channels": [48, 96, 96],
                          "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
                          "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]},
-                        2000),
+                        2000, "digits"),
 }
-# what the embedded digits models are sampled with (models.registry): the validation models the same
-DIGITS_SAMPLER = {"sampler": "dpmpp2m", "steps": 10, "eta": 0.0, "guidance": 1.25, "clip_x0": True}
 
 
 def train_validation_model(name: str, out: Path, steps: int | None = None, seed: int = 0) -> Path:
     """Train validation model `name` and write its pipeline folder ``out/name``."""
-    pipeline, component, build, config, default_steps = VALIDATION_MODELS[name]
+    pipeline, component, build, config, default_steps, sampled_like = VALIDATION_MODELS[name]
     torch.manual_seed(seed)
     model = build(config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +69,7 @@ def train_validation_model(name: str, out: Path, steps: int | None = None, seed:
     index = {"_class_name": pipeline, component: ["diffusers", type(model).__name__],
              "scheduler": ["diffusers", "DDIMScheduler"],
              "lowbitdm": {"num_classes": NUM_CLASSES, "null_class": NUM_CLASSES, "evaluator": "digits-features",
-                          "sampler": DIGITS_SAMPLER, "training": training}}
+                          "sampler": MODELS[sampled_like].sampler, "training": training}}
     if pipeline == "DiTPipeline":
         index["vae"] = [None, None]
     (folder / "model_index.json").write_text(json.dumps(index, indent=1) + "\n")
