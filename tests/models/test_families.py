@@ -318,8 +318,9 @@ def test_clip_score(chains: dict[str, Path], tmp_path: Path) -> None:
                     "sampled without prompts")
 
 
-@pytest.mark.parametrize("kind, recipe", [("dit", "mpqdm"), ("sd", "quest"), ("ldm-class", "qdiffusion")],
-                         ids=["dit-mpqdm", "sd-quest", "ldm-class-qdiffusion"])
+@pytest.mark.parametrize("kind, recipe", [("dit", "mpqdm"), ("sd", "quest"), ("ldm-class", "qdiffusion"),
+                                          ("dit", "efficientdm-tx")],
+                         ids=["dit-mpqdm", "sd-quest", "ldm-class-qdiffusion", "dit-efficientdm-tx"])
 def test_methods_run_on_families(kind: str, recipe: str, family_dirs: dict[str, Path], tmp_path: Path) -> None:
     """OMQ + TRD (the TRD feature: DiT's last transformer block), QuEST's selective layers
     (cross-attention and time-embedding projections), BRECQ reconstruction over transformer blocks."""
@@ -336,6 +337,18 @@ def test_methods_run_on_families(kind: str, recipe: str, family_dirs: dict[str, 
         assert info["local_layers"] > 0
     if recipe == "qdiffusion":
         assert Artifact.open(tmp_path / "c").manifest.info["reconstruction"]
+    if recipe == "efficientdm-tx":  # the transformer recipe on a latent DiT it has never seen, unchanged
+        _ok(runner.invoke(app, ["merge", str(tmp_path / "finetune"), "--out", str(tmp_path / "m")]), "merge")
+        layers = json.loads((tmp_path / "m" / "quantization_config.json").read_text())["layers"]
+        qkv = [v for k, v in layers.items() if k.endswith("attn1.to_q")]
+        assert qkv and all(v["transforms"]["smooth"] and v["transforms"]["low_rank"] == 8
+                           and v["weight_shape"][1] % v["transforms"]["rotate"] == 0
+                           and v["input_activations"]["strategy"] == "token" for v in qkv)
+        assert all(v["weights"]["num_bits"] == 8 for k, v in layers.items() if k.endswith("norm1.linear"))  # adaLN
+        fake, integer = (load_merged(tmp_path / "m", r) for r in ("fake", "int"))
+        x, cond = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3])
+        with torch.no_grad():
+            assert torch.equal(fake.eps(x, 500, cond, 1.5), integer.eps(x, 500, cond, 1.5))
 
 
 def test_compvis_conversions_plug_in(family_dirs: dict[str, Path]) -> None:
