@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from _matrix import (
     Case,
@@ -178,7 +179,7 @@ def main() -> None:
     for t in targets:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
 
-    write_results("finetune" if args.model == "digits" else f"finetune_{args.model}", args, common, time.time() - t0, fp, rows, markdown, targets=targets)
+    write_results("finetune" if args.model == "digits" else f"finetune_{Path(args.model).name}", args, common, time.time() - t0, fp, rows, markdown, targets=targets)
 
 
 if __name__ == "__main__":
