@@ -4,6 +4,8 @@ matrix, float64 products, the Eckart–Young optimum)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -37,6 +39,26 @@ def test_hadamard_is_scipys_normalised_sylvester_matrix(block: int) -> None:
     ref = scipy.linalg.hadamard(block) / np.sqrt(block)
     assert np.allclose(h, ref, rtol=0, atol=1e-15)
     assert np.allclose(h @ h.T, np.eye(block), rtol=0, atol=1e-13)  # orthogonal (and symmetric)
+
+
+def test_hadamard_butterfly_order_is_fixed() -> None:
+    """The butterfly's float operations and their order (stage h = 1, 2, 4, ...: a + b, a − b, then one
+    scaling) are part of the checkpoint format's numerics: the same bits as that sequence written out
+    plainly, for float32 inputs of several shapes (so published figures do not move)."""
+    def reference(x: torch.Tensor, block: int) -> torch.Tensor:
+        y = x.reshape(-1, block)
+        h = 1
+        while h < block:
+            pairs = y.reshape(y.shape[0], block // (2 * h), 2, h)
+            y = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), 2)
+            y = y.reshape(-1, block)
+            h *= 2
+        return (y * (1.0 / math.sqrt(block))).reshape(x.shape)
+
+    g = torch.Generator().manual_seed(0)
+    for shape, block in [((5, 64, 128), 128), ((7, 3, 192), 64), ((4, 8), 8), ((3, 6), 2), ((3, 5), 1)]:
+        x = torch.randn(shape, generator=g) * 10
+        assert torch.equal(hadamard_transform(x, block), reference(x, block))
 
 
 def test_hadamard_is_block_diagonal_for_other_widths() -> None:
