@@ -274,7 +274,10 @@ def main() -> None:
     args.repeats, args.warmup = (2, 1) if args.quick else (7, 2)
     args.rounds = args.rounds or (2 if args.quick else 3)
     torch.set_num_threads(args.threads)
-    import torchao
+    try:
+        import torchao
+    except ImportError:
+        parser.error("needs torchao (not a lowbitdm dependency): pip install --no-deps torchao==0.18.0")
 
     small = "digits" if (mr.WEIGHTS_DIR / "digits_unet.safetensors").is_file() else "tiny-random"
     sets = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"] if args.quick else []
