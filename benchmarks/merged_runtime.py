@@ -120,15 +120,17 @@ def _time_cells(cells: dict[str, Callable[[], object]], repeats: int, warmup: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _merged_small(name: str, label: str, folder: Path, quick: bool) -> Path:  # → folder/label/merge
-    """The registered model through calibrate → finetune → merge (ptq recipe)."""
+def _merged_small(name: str, label: str, folder: Path, quick: bool, bits: str | None = None,
+                  extra: tuple[str, ...] = ()) -> Path:  # → folder/label/merge
+    """The registered model through calibrate → finetune → merge (ptq recipe at `bits`, default
+    the label's; `extra`: more recipe settings, e.g. "quant.w_symmetric=true")."""
     from lowbitdm_cli.recipes import load_recipe
     from lowbitdm_cli.stages.calibrate import calibrate
     from lowbitdm_cli.stages.finetune import finetune
     from lowbitdm_cli.stages.merge import merge
 
     sets = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"] if quick else []
-    recipe = load_recipe("ptq", model=name, bits=label.lower(), sets=sets)
+    recipe = load_recipe("ptq", model=name, bits=bits or label.lower(), sets=sets + list(extra))
     calibrated = calibrate(recipe, folder / label / "calibrate")
     return merge(finetune(calibrated, recipe, folder / label / "finetune"), folder / label / "merge").path
 
