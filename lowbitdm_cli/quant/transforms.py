@@ -50,6 +50,13 @@ def hadamard_transform(x: Tensor, block: int) -> Tensor:
     lead = x.shape[:-1]
     y = x.reshape(-1, k // block, block)
     rows, blocks = y.shape[:2]
+    if torch.is_grad_enabled() and x.requires_grad:  # training: out= has no autograd; same ops, stacked
+        h = 1
+        while h < block:
+            pairs = y.reshape(rows, blocks, block // (2 * h), 2, h)
+            y = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), 3)
+            y, h = y.reshape(rows, blocks, block), h * 2
+        return (y * (1.0 / math.sqrt(block))).reshape(*lead, k)
     buffers: list[Tensor] = []
     h = 1
     while h < block:

@@ -59,6 +59,12 @@ def test_hadamard_butterfly_order_is_fixed() -> None:
     for shape, block in [((5, 64, 128), 128), ((7, 3, 192), 64), ((4, 8), 8), ((3, 6), 2), ((3, 5), 1)]:
         x = torch.randn(shape, generator=g) * 10
         assert torch.equal(hadamard_transform(x, block), reference(x, block))
+        # with autograd (finetuning through a rotated layer): the same bits, and the gradient is H·g = x·H's
+        xg = x.clone().requires_grad_(True)
+        y = hadamard_transform(xg, block)
+        assert torch.equal(y.detach(), reference(x, block))
+        y.backward(torch.ones_like(y))
+        assert torch.equal(xg.grad, hadamard_transform(torch.ones_like(x), block))
 
 
 def test_hadamard_is_block_diagonal_for_other_widths() -> None:
