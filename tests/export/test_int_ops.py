@@ -77,6 +77,14 @@ def test_linear_prepared_leading_dims_and_dtypes() -> None:
         assert torch.equal(int_linear_acc(qx.long(), torch.tensor(7), weight).double(), ref)
 
 
+def _rescale_bound(ref: torch.Tensor, bias: torch.Tensor, abs_terms: torch.Tensor, k: int) -> torch.Tensor:
+    """float32 ``acc·s + b`` against the float64 reference: the integer sum is exact in float32 (|acc| < 2**24);
+    rounding s and b to float32, the product and the sum add ≤ 4 roundings, each ≤ u32 of |acc·s| or |b|
+    (|ref| ≤ |acc·s| + |b|): ≤ 3·u32·(|acc·s| + |b|) with the second-order terms. The float64 reference
+    sums k products itself: ≤ (k + 1)·u64·Σ|products| (`abs_terms`) more."""
+    return 3 * 2.0**-24 * ((ref - bias).abs() + bias.abs()) + (k + 1) * 2.0**-53 * abs_terms
+
+
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")
 def test_linear_scaled_float(bits: int) -> None:
     g = _gen(3 + bits)
@@ -88,7 +96,8 @@ def test_linear_scaled_float(bits: int) -> None:
     bias = torch.randn(o, generator=g, dtype=torch.float64)
     ref = F.linear(dx * (qx.double() - zx), dw[:, None] * (qw.double() - zw.double()[:, None]), bias)
     out = int_linear(qx, zx, qw, zw, (dx * dw).float(), bias.float())
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    abs_terms = F.linear(dx * (qx.double() - zx).abs(), dw[:, None] * (qw.double() - zw.double()[:, None]).abs())
+    assert ((out.double() - ref).abs() <= _rescale_bound(ref, bias, abs_terms, k)).all()
 
 
 CONV_CASES = [
@@ -139,7 +148,10 @@ def test_conv2d_scaled_float() -> None:
                    bias, stride=2, padding=1)
     out = int_conv2d(qx, zx, qw, zw, (dx * dw).float(), bias.float(), stride=2, padding=1)
     assert out.dtype == torch.float32 and out.is_contiguous()
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    abs_terms = F.conv2d(dx * (qx.double() - zx).abs(),
+                         dw[:, None, None, None] * (qw.double() - zw.double()[:, None, None, None]).abs(), stride=2,
+                         padding=1)
+    assert ((out.double() - ref).abs() <= _rescale_bound(ref, bias[:, None, None], abs_terms, 4 * 9)).all()
 
 
 @pytest.mark.parametrize(

@@ -42,8 +42,9 @@ def test_embeddings_are_per_prompt_and_null_is_empty(tmp_path: Path) -> None:
     assert ctx.shape == (3, 8, 16) and torch.equal(ctx[0], ctx[2])
     with torch.no_grad():
         ids = enc.tokenizer(["a dog", ""], padding="max_length", max_length=8, return_tensors="pt").input_ids
-        alone = enc.text_encoder(ids)[0]
-    assert torch.allclose(ctx[0], alone[0], atol=1e-6) and torch.allclose(ctx[1], alone[1], atol=1e-6)
+        # one prompt per call, as the encoder runs it: the same kernels on the same shapes, so the same bits
+        alone = [enc.text_encoder(ids[i:i + 1])[0][0] for i in range(2)]
+    assert torch.equal(ctx[0], alone[0]) and torch.equal(ctx[1], alone[1])
     # a one-entry cache recomputes every time and gives the same bits
     small = _encoder(tmp_path / "b", cache_size=1)
     again = small.denoiser_kwargs(torch.tensor([1, 3, 1]))["encoder_hidden_states"]
