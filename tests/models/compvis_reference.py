@@ -286,7 +286,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(norm32(ch), nn.SiLU(), nn.Conv2d(mc, out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         hs, h = [], x
         for block in self.input_blocks:
             h = block(h, emb, context)
