@@ -37,7 +37,9 @@ U32 = 2.0**-24  # float32 unit roundoff
 def test_hadamard_is_scipys_normalised_sylvester_matrix(block: int) -> None:
     h = hadamard_transform(torch.eye(block, dtype=torch.float64), block).numpy()
     ref = scipy.linalg.hadamard(block) / np.sqrt(block)
+    # float64: butterflies of 0/1 entries are exact, then one scaling each side (≤ u64 of entries ≤ 1)
     assert np.allclose(h, ref, rtol=0, atol=1e-15)
+    # sums of ≤ 128 products of magnitude 1/block: ≤ 128·u64 ≈ 1.4e-14
     assert np.allclose(h @ h.T, np.eye(block), rtol=0, atol=1e-13)  # orthogonal (and symmetric)
 
 
@@ -81,8 +83,12 @@ def test_rotation_keeps_the_product_and_norms() -> None:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(5, 64, generator=g, dtype=torch.float64), torch.randn(7, 64, generator=g, dtype=torch.float64)
     xr, wr = hadamard_transform(x, 64), hadamard_transform(w, 64)
-    assert torch.allclose(xr @ wr.T, x @ w.T, rtol=0, atol=1e-12)
-    assert torch.allclose(xr.norm(dim=1), x.norm(dim=1), rtol=1e-14)
+    # float64: 6 butterfly stages on partial sums ≤ ‖x‖₁ (scaled by the exact 1/8), then 64-term sums:
+    # each product within 80·u64·(‖x‖₁‖w‖₁ + |x|·|w|ᵀ) of exact
+    l1 = x.abs().sum(1)[:, None] * w.abs().sum(1)[None] + x.abs() @ w.abs().T
+    assert ((xr @ wr.T - x @ w.T).abs() <= 80 * 2.0**-53 * l1).all()
+    # norms: entries of xr within 6·u64·‖x‖₂, the 64-term sum of squares and the sqrt: < 128·u64 relative
+    assert torch.allclose(xr.norm(dim=1), x.norm(dim=1), rtol=128 * 2.0**-53, atol=0)
 
 
 # --- smoothing ----------------------------------------------------------------------------------
@@ -90,9 +96,11 @@ def test_smoothing_factors_by_hand() -> None:
     act = torch.tensor([4.0, 1.0, 0.0, 9.0])
     w = torch.tensor([[1.0, -2.0, 3.0, 0.0], [-4.0, 0.5, 1.0, 0.0]])
     # s_j = max|X_j|^0.5 / max|W_j|^0.5: sqrt(4/4), sqrt(1/2); dead input and dead weight column: 1
-    assert torch.allclose(smoothing_factors(act, w, 0.5), torch.tensor([1.0, 0.5**0.5, 1.0, 1.0]))
+    # float32 pow (≤ 2 ulp each, two of them) and a division: within 8·u32 relative
+    assert torch.allclose(smoothing_factors(act, w, 0.5), torch.tensor([1.0, 0.5**0.5, 1.0, 1.0]), rtol=8 * U32, atol=0)
     # α = 0.75: 4^0.75 / 4^0.25 = 2, 1 / 2^0.25
-    assert torch.allclose(smoothing_factors(act, w, 0.75), torch.tensor([2.0, 2**-0.25, 1.0, 1.0]))
+    assert torch.allclose(smoothing_factors(act, w, 0.75), torch.tensor([2.0, 2**-0.25, 1.0, 1.0]), rtol=8 * U32,
+                          atol=0)
     with pytest.raises(ValueError, match="input channels"):
         smoothing_factors(act[:3], w, 0.5)
 
@@ -123,8 +131,12 @@ def test_low_rank_split_reconstructs_the_weight_and_is_optimal() -> None:
     err = (w.double() - approx - res.double()).abs()
     assert (err <= U32 * res.double().abs() + 1e-12 * (w.double().abs() + approx.abs())).all()  # one rounding
     sv = np.linalg.svd(w.double().numpy(), compute_uv=False)
-    # Eckart–Young: the residual's energy is that of the trailing singular values
-    assert float(res.double().pow(2).sum()) == pytest.approx(float((sv[6:] ** 2).sum()), rel=1e-5)
+    # Eckart–Young: the residual's energy is that of the trailing singular values, up to the float32
+    # factors (residual moved by δ, ‖δ‖ ≤ 2.01·u32·‖|up|·|down|‖) and its own rounding (≤ u32 each):
+    # relative ≤ 2·(‖δ‖ + u32·‖res‖)/‖res‖ to first order; 1e-12 covers the float64 SVD
+    lr = float((up.double().abs() @ down.double().abs()).norm() / res.double().norm())
+    rel = 1.01 * 2 * U32 * (2.01 * lr + 1.01) + 1e-12
+    assert float(res.double().pow(2).sum()) == pytest.approx(float((sv[6:] ** 2).sum()), rel=rel)
     assert torch.linalg.matrix_rank(approx).item() == 6
 
 
@@ -141,8 +153,11 @@ def test_branch_folded_onto_the_raw_input() -> None:
     scale = x.double().abs() @ w.double().abs().T
     assert ((out - ref).abs() <= 64 * U32 * scale).all()
     _, down, _ = low_rank_split(hadamard_transform(w.double() * s.double(), 16), 4)
-    assert torch.allclose(xt @ down.double().T, x.double() @ fold_into_down(down, s, 16).double().T,
-                          rtol=0, atol=1e-5)
+    # D = (down·H)/s is computed in float64 and rounded to float32 once (≤ u32·|D| each); both sides are
+    # float64 sums of ≤ 32 terms otherwise (≤ 64·u64 ≈ 7e-15 of their magnitudes, inside the 1e-12 term)
+    d64 = hadamard_transform(down.double(), 16) / s.double()
+    bound = 2 * U32 * (x.double().abs() @ d64.abs().T) + 1e-12 * (xt.abs() @ down.double().abs().T)
+    assert ((xt @ down.double().T - x.double() @ fold_into_down(down, s, 16).double().T).abs() <= bound).all()
 
 
 # --- per-token activations -------------------------------------------------------------------------
@@ -183,7 +198,13 @@ def test_transformed_layer_with_quantizers_off_is_the_float_layer() -> None:
     layer.w_quant.enabled = layer.a_quant.enabled = False
     x = torch.randn(3, 5, 32, generator=g)
     ref = F.linear(x.double(), w0.double(), lin.bias.double())
-    assert torch.allclose(layer(x).double(), ref, rtol=0, atol=1e-5)
+    # float32: x/s and the 32-wide Hadamard (≤ 7 roundings on partial sums ≤ Σ|x/s|/√32), the 32-term
+    # residual product, the rank-4 branch (32 + 4 terms), the bias, and W split into float32 R, D, up:
+    # fewer than 64 roundings, each on magnitudes within `scale`
+    xt_mag = ((x.double().abs() / s.double()).sum(-1, keepdim=True) / 32**0.5).expand(-1, -1, 32)
+    scale = xt_mag @ residual.double().abs().T + (x.double().abs() @ down.double().abs().T) @ up.double().abs().T \
+        + lin.bias.double().abs()
+    assert ((layer(x).double() - ref).abs() <= 64 * U32 * scale).all()
 
 
 # --- roles, parts and scopes on a DiT ----------------------------------------------------------------
