@@ -29,7 +29,7 @@ def _recipe(method, *extra):
 def test_trd_zero_for_identical_features_and_gradient_reaches_student():
     torch.manual_seed(0)
     teacher = torch.randn(2, 8, 4, 4)
-    assert relation_kl(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert relation_kl(teacher.clone(), teacher).item() == 0.0  # the same ops on the same values: log p − log q = 0
     student = (teacher + 0.3 * torch.randn_like(teacher)).requires_grad_(True)
     loss = relation_kl(student, teacher)
     loss.backward()
@@ -135,7 +135,7 @@ def test_loss_curve_recorded_per_step(calibrated, tmp_path):
     curve = art.tensors("loss_curve.safetensors")["step_loss"]
     assert curve.shape == (2 * 4,)  # epochs x teacher steps
     history = art.manifest.info["loss_history"]
-    assert history[0] == pytest.approx(curve[:4].mean().item())
+    assert history[0] == sum(curve[:4].tolist()) / 4  # the stage's own float64 arithmetic on the stored losses
 
 
 def test_calibrate_records_per_layer_output_error(calibrated):
@@ -181,9 +181,9 @@ def test_trajectory_moves_x_with_the_chosen_prediction(calibrated, trajectory):
     assert len(seen["teacher"]) == len(seen["student"]) == 4
     for k in range(3):
         x, _t, eps_t = seen["teacher"][k]
-        torch.testing.assert_close(seen["student"][k][0], x)  # both see the same x_t
+        assert torch.equal(seen["student"][k][0], x)  # both see the same x_t
         eps_move = eps_t if trajectory == "teacher" else seen["student"][k][2]
         expected = ddim_step(teacher.schedule, x, eps_move, ts[k], ts[k + 1], 0.0, None)
-        torch.testing.assert_close(seen["teacher"][k + 1][0], expected)
+        assert torch.equal(seen["teacher"][k + 1][0], expected)  # the same step on the same tensors
     student_moved = ddim_step(teacher.schedule, seen["teacher"][0][0], seen["student"][0][2], ts[0], ts[1], 0.0, None)
-    assert (trajectory == "student") == torch.allclose(seen["teacher"][1][0], student_moved)
+    assert (trajectory == "student") == torch.equal(seen["teacher"][1][0], student_moved)
