@@ -34,6 +34,9 @@ def test_normal_steps_concentrate_around_0_4_T():
     # E[clamp(X, 0, 1)] for X ~ N(0.4, 0.4²)
     mean = 0.4 * (scipy.stats.norm.cdf(z1) - scipy.stats.norm.cdf(z0)) \
         + 0.4 * (scipy.stats.norm.pdf(z0) - scipy.stats.norm.pdf(z1)) + (1 - scipy.stats.norm.cdf(z1))
+    # 3000 seeded draws (the same up to the last bits of torch's normal transform, which moves a pick only at a
+    # tie with the 1/100 grid): the standard error of the mean is 0.35/sqrt(3000) ≈ 0.0064,
+    # so ±0.02 is > 3 s.e. plus the 1/100 grid; the median's s.e. is ≈ 0.009
     assert fracs.mean().item() == pytest.approx(mean, abs=0.02)
     assert fracs.median().item() == pytest.approx(0.4, abs=0.03)
     assert 0.0 <= fracs.min() and fracs.max() <= 0.99
@@ -43,7 +46,7 @@ def test_normal_steps_selected_set_leans_to_0_4_T():
     ts = ddim_timesteps(1000, 100)
     picks = normal_steps(100, 20, seed=0, timesteps=ts, num_train_timesteps=1000)
     centre = sum(ts[p] for p in picks) / len(picks) / 1000
-    assert abs(centre - 0.4) < 0.12
+    assert abs(centre - 0.4) < 0.12  # 20 seeded picks of s.d. 0.35 (s.e. ≈ 0.08): a property of the seed, not the CPU
 
 
 def _planted(seed: int = 0) -> tuple[torch.Tensor, list[int]]:

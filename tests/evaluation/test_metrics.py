@@ -1,4 +1,11 @@
-"""FID / sFID, IS, precision/recall and KID formulas against independent references and known answers."""
+"""FID / sFID, IS, precision/recall and KID formulas against independent references and known answers.
+
+Tolerances: everything here is float64 against an independent float64 implementation (pytorch-fid's
+sqrtm, scipy's entropy, clean-fid's KID) or a closed form. The algorithms differ, so they agree to the
+problem's conditioning, not to the last bit; each bound (rel ≥ 1e-12, where the sums have ≤ 1008 terms,
+so ≤ 1008·u64 ≈ 1.1e-13 of rounding; rel 1e-9 to 1e-6 where sqrtm or eigendecompositions are involved)
+is ≥ 10x what a CPU's summation order can change (≤ K·u64 relative for K-term sums), so no bound
+depends on the CPU that runs it."""
 
 from __future__ import annotations
 
