@@ -65,6 +65,9 @@ def test_chain_on_device_matches_cpu(kind: str, device: str, tmp_path: Path) -> 
     _chain(model, prompts, tmp_path / "cpu", "cpu")
     _chain(model, prompts, tmp_path / "dev", device)
 
+    # The float tolerances in this file (1e-3, rel 0.05, 95 % of pixels, rel 0.1) compare two devices' float
+    # kernels over whole trajectories and training runs; they are not derived (issue 25 lists them as
+    # machine-measured) and stay until they can be replaced and checked on a GPU run.
     xs_cpu = Artifact.open(tmp_path / "cpu/calibrate").tensors("calib_data.safetensors")["xs"].double()
     xs_dev = Artifact.open(tmp_path / "dev/calibrate").tensors("calib_data.safetensors")["xs"].double()
     assert ((xs_dev - xs_cpu).norm() / xs_cpu.norm()).item() < 1e-3  # FP trajectories: float kernels differ only
