@@ -52,7 +52,7 @@ def _assert_layers_match(branched: torch.nn.Module, folded: torch.nn.Module, nam
         conv = lb.conv
         x = torch.randn((2, lf.in_channels, 8, 8) if conv else (4, lf.in_features), generator=g, dtype=torch.float64)
 
-        def apply(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        def apply(inp: torch.Tensor, w: torch.Tensor, lf: torch.nn.Module = lf, conv: bool = conv) -> torch.Tensor:
             return F.conv2d(inp, w, None, lf.stride, lf.padding, lf.dilation, lf.groups) if conv else F.linear(inp, w)
 
         lowrank = sum((getattr(lb, f"up_{i}").abs().reshape(lf.weight.shape[0], -1)

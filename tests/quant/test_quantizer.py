@@ -141,8 +141,8 @@ def test_per_channel_mixed_bits():
     out = q(w)
     # row 0 has 1 bit: levels {0, 1}; row 1 has 3 bits: 8 levels over [0, 1]
     assert torch.equal(out[0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
-    # k·fl(1/7) against fl(k/7): ≤ 2 float32 roundings of values ≤ 1
-    torch.testing.assert_close(out[1], torch.round(w[1] * 7) / 7, rtol=0, atol=2 * 2.0**-24)
+    # k·fl(1/7) against fl(k/7): ≤ 2 float32 roundings of values ≤ 1 on one side, 1 on the other
+    torch.testing.assert_close(out[1], torch.round(w[1] * 7) / 7, rtol=0, atol=3 * 2.0**-24)
 
 
 def test_quantizer_state_dict_round_trip():
