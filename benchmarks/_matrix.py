@@ -25,7 +25,7 @@ from typing import Any
 
 from lowbitdm_cli.artifacts import Artifact
 from lowbitdm_cli.errors import ArtifactError
-from lowbitdm_cli.pipeline import run_recipe
+from lowbitdm_cli.pipeline import run_folders, run_recipe
 from lowbitdm_cli.recipes import load_recipe
 from lowbitdm_cli.report import collect_runs, group_runs
 
@@ -59,6 +59,9 @@ def add_matrix_args(parser: argparse.ArgumentParser) -> None:
                         "folder) every case runs on")
     parser.add_argument("--reverse", action="store_true",
                         help="work through the cases from the end (a second process can share the work)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="run nothing: tabulate the seeds of each case whose run (and FP baseline) finished "
+                             "evaluating in --runs-dir, each row saying how many seeds it has")
 
 
 def matrix_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Path, list[str]]:
@@ -129,12 +132,18 @@ def _seeded_row(label: str, bits: str, run_dirs: list[Path]) -> Row:
                peak_rss_mb=max((r.peak_rss_mb for r in summaries if r.peak_rss_mb is not None), default=None),
                trainable_fraction=first.trainable_fraction,
                extra={"intervals": config.intervals, "interval_kind": config.interval_kind, "values": config.values,
-                      "run_dirs": [str(d) for d in run_dirs], "bit_budget": _bit_budget(run_dirs[0])})
+                      "run_dirs": [str(d) for d in run_dirs], "seeds": len(run_dirs), "bit_budget": _bit_budget(run_dirs[0])})
+
+
+def _evaluated(run_dir: Path) -> bool:
+    path = run_dir / "evaluate"
+    return path.is_dir() and Artifact.open(path).manifest.status == "complete"
 
 
 def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
               log: Callable[[str], None] = lambda msg: print(msg, flush=True),
-              reverse: bool = False, seeds: int = 1, model: str = "digits") -> tuple[Row, list[Row]]:
+              reverse: bool = False, seeds: int = 1, model: str = "digits",
+              finished_only: bool = False) -> tuple[Row, list[Row]]:
     """Run every case (skipping finished stages); return the FP row and one row per case.
 
     Several processes may work through the same case list (e.g. one with `reverse`): a case whose
@@ -150,6 +159,9 @@ def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
         recipe = load_recipe(case.recipe, model=model, bits=case.bits, sets=[*common_sets, *case.sets])
         if case.run_name:
             recipe = recipe.model_copy(update={"name": case.run_name})
+        if finished_only and not all(_evaluated(d) for d in run_folders(recipe, runs_dir, k)):
+            log(f"{case.bits} {case.label} seed +{k}: not finished in {runs_dir}, left out")
+            continue
         try:
             result = run_recipe(recipe, runs_dir, log=log, seed_offset=k)
         except ArtifactError as e:
@@ -168,8 +180,8 @@ def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],
         raise SystemExit("no cases")
     for case in cases:
         if case in done:
-            rows.append(_seeded_row(case.label, case.bits, [done[case][k] for k in range(seeds)]))
-    fp_row = _seeded_row("fp32", "fp", [fp_dirs[k] for k in range(seeds)])
+            rows.append(_seeded_row(case.label, case.bits, [done[case][k] for k in sorted(done[case])]))
+    fp_row = _seeded_row("fp32", "fp", [fp_dirs[k] for k in sorted(fp_dirs)])
     fp_row.calibrate_s = fp_row.finetune_s = fp_row.finetune_peak_mb = fp_row.trainable_fraction = None
     return fp_row, rows
 
@@ -243,7 +255,7 @@ def write_results(name: str, args: Any, common_sets: list[str], wall_s: float, f
 
     path = ROOT / "benchmarks" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
     payload = {"quick": args.quick, "threads": args.threads, "torch": torch.__version__, "common_sets": common_sets,
-               "seeds": getattr(args, "seeds", 1),
+               "seeds": getattr(args, "seeds", 1), "finished_only": getattr(args, "finished_only", False),
                "wall_s": round(wall_s, 1), "fp": fp.to_dict(), "runs": [r.to_dict() for r in rows], **extra,
                "markdown": markdown}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,8 @@ def main() -> None:
         cases += [Case(label=label, recipe=recipe, bits=bits, sets=(*sets, *quick_recon), run_name=name)
                   for label, recipe, bits, sets, name in ABLATIONS]
     t0 = time.time()
-    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds, model=args.model)
+    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds, model=args.model,
+                         finished_only=args.finished_only)
     headers = ["bits", "method", "FID-digits ↓ [95 %]", "vs FP", "class acc ↑ [95 %]", "calibrate s"]
     fp_fid = fp.metrics["fid_digits"]
     table = [["fp32", "-", cell(fp, "fid_digits"), "1.00x", cell(fp, "class_accuracy"), "-"]]

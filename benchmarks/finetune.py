@@ -148,7 +148,8 @@ def main() -> None:
                       for label, recipe, bits, sets, name in ABLATIONS[method]]
 
     t0 = time.time()
-    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds, model=args.model)
+    fp, rows = run_cases(cases, runs_dir, common, reverse=args.reverse, seeds=args.seeds, model=args.model,
+                         finished_only=args.finished_only)
     if args.keep_previous:
         rows = keep_previous_rows("finetune", rows, args.quick,
                                   labels={*METHODS, *(a[0] for a in ABLATION_ROWS)})

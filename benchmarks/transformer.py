@@ -78,7 +78,8 @@ def main() -> None:
     if not todo:
         parser.error("no case matches --parts / --bits / --methods")
     t0 = time.time()
-    fp, rows = run_cases(todo, runs_dir, common, reverse=args.reverse, seeds=args.seeds, model=args.model)
+    fp, rows = run_cases(todo, runs_dir, common, reverse=args.reverse, seeds=args.seeds, model=args.model,
+                         finished_only=args.finished_only)
     by_label = {(c.label, c.bits): c for c in todo}
     for r in rows:
         r.extra["sets"] = list(by_label[r.label, r.bits].sets)

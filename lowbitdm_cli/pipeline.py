@@ -47,7 +47,7 @@ from lowbitdm_cli.stages.finetune import finetune
 from lowbitdm_cli.stages.merge import merge
 from lowbitdm_cli.stages.sample import sample
 
-__all__ = ["RunEvaluation", "default_fp_cache", "run_recipe", "run_seeds", "with_seed_offset"]
+__all__ = ["RunEvaluation", "default_fp_cache", "run_folders", "run_recipe", "run_seeds", "with_seed_offset"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,20 @@ def _side_by_side(fp_grid: Path, q_grid: Path, out: Path, gap: int = 8) -> Path:
     return out
 
 
+def _run_folders(recipe: Recipe, runs_dir: Path, seed_offset: int) -> tuple[Path, Path]:
+    """(FP baseline folder, quantized run folder) of a seed-offset, resolved recipe."""
+    name = Path(recipe.model.name).name  # a folder path runs under its folder's name
+    fp_sample = recipe.with_sample_dtype().sample  # the FP baseline's key names the dtype it samples in
+    return (runs_dir / f"{name}-fp-{digest_of(fp_sample.model_dump())[:8]}",
+            runs_dir / (f"{name}-{recipe.name}-{recipe.quant.bits}" + (f"-seed{seed_offset}" if seed_offset else "")))
+
+
+def run_folders(recipe: Recipe, runs_dir: Path, seed_offset: int = 0) -> tuple[Path, Path]:
+    """Where `run_recipe(recipe, runs_dir, seed_offset=...)` writes: (FP baseline folder, run folder)."""
+    recipe = with_seed_offset(recipe, seed_offset).resolved(sampler_defaults(recipe.model.name))
+    return _run_folders(recipe, runs_dir, seed_offset)
+
+
 def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
                progress: Callable[[str, int, int], None] = lambda *_: None,
                log: Callable[[str], None] = lambda _: None, seed_offset: int = 0,
@@ -179,6 +193,7 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
     evaluation = evaluation or RunEvaluation()
     defaults = sampler_defaults(recipe.model.name)  # an unknown model fails here
     recipe = recipe.resolved(defaults)
+    fp_dir, run_dir = _run_folders(recipe, runs_dir, seed_offset)
     digits = evaluator_of(recipe.model.name) == "digits-features"
     wanted = evaluation.metrics or (recipe.evaluate.metrics if digits else None)
     metrics, skipped = plan_metrics(recipe.model.name, wanted, evaluation.inception, evaluation.clip_weights,
@@ -186,8 +201,6 @@ def run_recipe(recipe: Recipe, runs_dir: Path, force: bool = False,
     scoring = {"inception": evaluation.inception, "clip_weights": evaluation.clip_weights}
     name = Path(recipe.model.name).name  # a folder path runs under its folder's name
     fp_sample = recipe.with_sample_dtype().sample  # the FP baseline's key names the dtype it samples in
-    fp_dir = runs_dir / f"{name}-fp-{digest_of(fp_sample.model_dump())[:8]}"
-    run_dir = runs_dir / (f"{name}-{recipe.name}-{recipe.quant.bits}" + (f"-seed{seed_offset}" if seed_offset else ""))
 
     log(f"full-precision baseline → {fp_dir}")
     fp_source = open_source(recipe.model.name, prompts=recipe.model.prompts)
