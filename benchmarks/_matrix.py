@@ -136,8 +136,7 @@ def _seeded_row(label: str, bits: str, run_dirs: list[Path]) -> Row:
 
 
 def _evaluated(run_dir: Path) -> bool:
-    path = run_dir / "evaluate"
-    return path.is_dir() and Artifact.open(path).manifest.status == "complete"
+    return (run_dir / "evaluate").is_dir()  # a stage's folder gets its name only when it completes (``.partial`` before)
 
 
 def run_cases(cases: list[Case], runs_dir: Path, common_sets: list[str],

@@ -67,7 +67,7 @@ from lowbitdm_cli.export import fused_ops
 from lowbitdm_cli.export.int_ops import _padded_int_mm
 from lowbitdm_cli.export.kernel_probe import (KernelClass, pair16_weight_limit, probe_int_mm, probe_onednn_conv,
                                               probe_onednn_linear)
-from lowbitdm_cli.quant.integer import EXACT_F32, accumulate, rescale, split_plan, split_weight
+from lowbitdm_cli.quant.integer import EXACT_F32, accumulate, per_row, rescale, split_plan, split_weight
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
 __all__ = ["IntConv2d", "IntLayer", "IntLinear", "choose_split", "lowering_counts", "onednn_available",
@@ -425,10 +425,8 @@ class IntLayer(TimestepSlots, nn.Module):
             view = [1] * out.dim()
             view[channel_dim] = -1
             bias = None if self.bias is None else self.bias.reshape(view)
-            if delta.numel() > 1:  # per-token Δx (`rescale`'s rule): one per output row
-                rows = list(out.shape)
-                rows[channel_dim] = 1
-                delta = delta.reshape(rows)
+            if delta.numel() > 1:  # per-token Δx: one per output row, as `rescale` takes it
+                delta = per_row(delta, out.shape, channel_dim)
             if self.direct:
                 return fused_ops.rescale_to(out, delta, self.weight_scale.reshape(view), bias, dtype)
             main, sums = out.split([self.out_ch, 1], channel_dim)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["EXACT_F32", "accumulate", "rescale", "split_plan", "split_weight"]
+__all__ = ["EXACT_F32", "accumulate", "per_row", "rescale", "split_plan", "split_weight"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
@@ -68,6 +68,14 @@ def accumulate(op: Callable[[Tensor, Tensor], Tensor], x_int: Tensor, w_int: Ten
     return op(x_int, hi) * float(2**plan) + op(x_int, lo)  # ×2^s is exact: one rounding, in the add
 
 
+def per_row(x_scale: Tensor, shape: torch.Size | list[int], channel_dim: int) -> Tensor:
+    """Per-token activation scales (one per output row, in row order) shaped to broadcast over an
+    output of `shape`: the output channel dim gets 1, the others are the rows."""
+    rows = list(shape)
+    rows[channel_dim] = 1
+    return x_scale.reshape(rows)
+
+
 def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int,
             contiguous: bool = False) -> Tensor:
     """float32 ``((acc · Δx) · Δw[o]) + b[o]`` with the output channel o on `channel_dim`, computed
@@ -84,11 +92,6 @@ def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, 
     view[channel_dim] = -1
     dest = acc if not contiguous or acc.is_contiguous() else torch.empty(acc.shape, dtype=acc.dtype,
                                                                           device=acc.device)
-    if x_scale.numel() == 1:
-        x_scale = x_scale.reshape(())
-    else:  # per token: the output channel dim gets 1, the others are the rows
-        rows = list(acc.shape)
-        rows[channel_dim] = 1
-        x_scale = x_scale.reshape(rows)
+    x_scale = x_scale.reshape(()) if x_scale.numel() == 1 else per_row(x_scale, acc.shape, channel_dim)
     out = torch.mul(acc, x_scale, out=dest).mul_(w_scale.reshape(view))
     return out if bias is None else out.add_(bias.reshape(view))

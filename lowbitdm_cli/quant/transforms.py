@@ -50,26 +50,24 @@ def hadamard_transform(x: Tensor, block: int) -> Tensor:
     lead = x.shape[:-1]
     y = x.reshape(-1, k // block, block)
     rows, blocks = y.shape[:2]
-    if torch.is_grad_enabled() and x.requires_grad:  # training: out= has no autograd; same ops, stacked
-        h = 1
-        while h < block:
-            pairs = y.reshape(rows, blocks, block // (2 * h), 2, h)
-            y = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), 3)
-            y, h = y.reshape(rows, blocks, block), h * 2
-        return (y * (1.0 / math.sqrt(block))).reshape(*lead, k)
-    buffers: list[Tensor] = []
+    training = torch.is_grad_enabled() and x.requires_grad  # out= has no autograd: stack the same ops instead
+    spare: Tensor | None = None  # the buffer the previous stage read, free for the next one to write
     h = 1
     while h < block:
-        if len(buffers) < 2:
-            buffers.append(torch.empty(y.shape, dtype=y.dtype, device=y.device))
-        out = buffers[0] if y is not buffers[0] else buffers[1]
         pairs = y.reshape(rows, blocks, block // (2 * h), 2, h)
-        dest = out.view(rows, blocks, block // (2 * h), 2, h)
-        torch.add(pairs[..., 0, :], pairs[..., 1, :], out=dest[..., 0, :])
-        torch.sub(pairs[..., 0, :], pairs[..., 1, :], out=dest[..., 1, :])
-        y, h = out, h * 2
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        if training:
+            y = torch.stack((a + b, a - b), 3).reshape(rows, blocks, block)
+        else:
+            out = spare if spare is not None else torch.empty(y.shape, dtype=y.dtype, device=y.device)
+            dest = out.view(rows, blocks, block // (2 * h), 2, h)
+            torch.add(a, b, out=dest[..., 0, :])
+            torch.sub(a, b, out=dest[..., 1, :])
+            spare = y if h > 1 else None  # never write into the caller's x
+            y = out
+        h *= 2
     scale = 1.0 / math.sqrt(block)
-    return (y.mul_(scale) if buffers else y * scale).reshape(*lead, k)
+    return (y * scale if training or block == 1 else y.mul_(scale)).reshape(*lead, k)
 
 
 def smoothing_factors(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tensor:
