@@ -317,7 +317,7 @@ class Configuration:
         return _finite(asdict(self))
 
 
-def _t_interval(values: list[float], level: float = 0.95) -> list[float]:
+def t_interval(values: list[float], level: float = 0.95) -> list[float]:
     from scipy.stats import t
 
     v = np.asarray(values, dtype=np.float64)
@@ -342,7 +342,7 @@ def group_runs(runs: list[RunSummary]) -> list[Configuration]:
             c.values[key] = vals
             c.metrics[key] = float(np.mean(vals))
             if len(vals) >= 2:
-                c.intervals[key], c.interval_kind[key] = _t_interval(vals), f"t over {len(vals)} seeds"
+                c.intervals[key], c.interval_kind[key] = t_interval(vals), f"t over {len(vals)} seeds"
             elif key in first.intervals:
                 c.intervals[key], c.interval_kind[key] = list(first.intervals[key]), "evaluate (one run)"
         configs.append(c)
