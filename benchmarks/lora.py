@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _matrix import FULL_SAMPLES, FULL_SEEDS, QUICK_SAMPLES, ROOT, print_table
 
-from _matrix import FULL_SEEDS, QUICK_SAMPLES, FULL_SAMPLES, ROOT, print_table
 from lowbitdm_cli.adapters.lora_file import Adapter
 from lowbitdm_cli.artifacts import Artifact
 from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
@@ -149,7 +149,7 @@ def main() -> None:
         rows: dict[str, dict] = {}
         per_seed.append(rows)
 
-        def score(label: str, art: Artifact) -> None:
+        def score(label: str, art: Artifact, rows: dict = rows, k: int = k) -> None:
             rows[label] = _scores(art, ev, dilated)
             r = rows[label]
             print(f"[{time.time() - t0:.0f} s] seed +{k} {label}: ink {r['ink']:.4f}, FID-dilated "

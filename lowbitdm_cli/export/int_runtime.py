@@ -28,8 +28,11 @@ weight zero point, without im2col. The weights are packed once, on the first cal
 packing does not depend on the activation scale, so one packed weight serves every timestep
 slot). A "shifted" layer's packed weights keep the all-ones row as one more output channel, so
 the same call also returns ``Σ_window(u − zx)`` for its correction. A "direct" layer takes its
-float32 output ``((acc·Δx)·Δw[o]) + bias[o]`` straight from the kernel when the kernel's rescale
-is bit for bit `quant.integer.rescale` (checked once per process, `onednn_rescale_matches`);
+float32 output ``Δx·Δw[o]·acc + bias[o]`` straight from the kernel (rounded to the compute dtype
+in the pass that makes it contiguous) when the kernel's rescale is bit for bit
+`quant.integer.rescale`, whose float order is the one this CPU's kernels use
+(`quant.integer.rescale_order`; checked once per process, `onednn_rescale_matches`, and once per
+layer and input shape, `IntLayer._run_onednn`);
 otherwise, and for "shifted" layers, the kernel runs with unit scales and no bias, giving the
 exact accumulator as float32, the shifted correction ``(128 − zw[o])·Σ_window(u − zx)`` is added
 as integers (exact while the sums stay below 2^24), and `rescale` follows. Every conv returns a
@@ -53,7 +56,6 @@ same bits (while the accumulators stay below 2^24, where float32 holds them exac
 
 from __future__ import annotations
 
-import functools
 import statistics
 import threading
 import time
@@ -65,9 +67,15 @@ from torch import Tensor, nn
 
 from lowbitdm_cli.export import fused_ops
 from lowbitdm_cli.export.int_ops import _padded_int_mm
-from lowbitdm_cli.export.kernel_probe import (KernelClass, pair16_weight_limit, probe_int_mm, probe_onednn_conv,
-                                              probe_onednn_linear)
-from lowbitdm_cli.quant.integer import EXACT_F32, accumulate, per_row, rescale, split_plan, split_weight
+from lowbitdm_cli.export.kernel_probe import (
+    KernelClass,
+    pair16_weight_limit,
+    probe_int_mm,
+    probe_onednn_conv,
+    probe_onednn_linear,
+    probe_rescale_order,
+)
+from lowbitdm_cli.quant.integer import EXACT_F32, accumulate, per_row, rescale, rescale_order, split_plan, split_weight
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
 __all__ = ["IntConv2d", "IntLayer", "IntLinear", "choose_split", "lowering_counts", "onednn_available",
@@ -157,47 +165,22 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+_ONE = torch.ones(1)
+_CHECK_MIN_OUTPUTS = 64
+"""The fewest outputs on which `IntLayer._run_onednn` trusts a bit-for-bit agreement of the kernel's
+rescale with `rescale` (the two float orders differ on about a third of random outputs)."""
 
 
-@functools.cache
-def onednn_rescale_matches(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether oneDNN's `dtype` (float32 or bfloat16) output of an int8 conv and linear is bit for bit
-    `rescale(acc, Δx, Δw, bias)` of the exact accumulator (with and without bias), then rounded to
-    `dtype`, checked once per process and dtype on random codes and scales. Where it is not, the layers run oneDNN
-    with unit scales and rescale themselves. The weights stay within ±64, which every
-    exact class of kernel (`kernel_probe`) sums exactly: this checks the rescale, not the sum."""
-    if not onednn_available() or "inexact" in (probe_onednn_linear(), probe_onednn_conv()):
-        return False
-    if dtype != torch.float32 and not onednn_rescale_matches():  # rounding another float32 value could match
-        return False
-    gen = torch.Generator().manual_seed(0)
-    out_ch, chans = 24, 40
-    limit = pair16_weight_limit(255)
-    u = torch.randint(0, 256, (2, chans, 6, 6), generator=gen).to(torch.uint8)
-    w = torch.randint(-limit, limit + 1, (out_ch, chans, 3, 3), generator=gen).to(torch.int8)
-    zx = 37
-    x_scale = torch.rand(1, generator=gen) * 0.1 + 1e-3
-    w_scale = torch.rand(out_ch, generator=gen) * 0.05 + 1e-4
-    w_zero = torch.zeros(out_ch, dtype=torch.long)
-    geometry = ([1, 1], [1, 1], [1, 1], 1)
-    conv_acc = F.conv2d(u.double() - zx, w.double(), None, 1, 1).float()
-    lin_u, lin_w = u.flatten(1)[:, : chans * 9].contiguous(), w.flatten(1).contiguous()
-    lin_acc = ((lin_u.double() - zx) @ lin_w.double().t()).float()
-    try:
-        for bias in (torch.randn(out_ch, generator=gen), None):
-            packed = torch.ops.onednn.qconv_prepack(w, w_scale, 1.0, 0, *geometry, None)
-            out = torch.ops.onednn.qconv2d_pointwise(u, float(x_scale), zx, packed, w_scale, w_zero, bias,
-                                                     *geometry, 1.0, 0, dtype, "none", [], "")
-            if not torch.equal(out, rescale(conv_acc.clone(), x_scale, w_scale, bias, 1).to(dtype)):
-                return False
-            packed = torch.ops.onednn.qlinear_prepack(lin_w, None)
-            out = torch.ops.onednn.qlinear_pointwise(lin_u, float(x_scale), zx, packed, w_scale, w_zero, bias,
-                                                     1.0, 0, dtype, "none", [], "")
-            if not torch.equal(out, rescale(lin_acc.clone(), x_scale, w_scale, bias, -1).to(dtype)):
-                return False
-    except RuntimeError:
-        return False
-    return True
+def onednn_rescale_matches(kernel: str) -> bool:
+    """Whether oneDNN's float32 output of an int8 `kernel` ("conv" or "linear") is `rescale` of the
+    exact accumulator bit for bit, i.e. whether its float order (`probe_rescale_order`, one typical
+    shape, once per process) is this process's `rescale_order`. Where it is not, the layers run
+    oneDNN with unit scales and rescale themselves; where it is, each layer still checks its own
+    shapes once (`IntLayer._run_onednn`). (oneDNN's bf16 output is not used: on AVX2 it differs from
+    the float32 output rounded to bf16 in a few outputs in 10^4; the runtime rounds the float32
+    output itself.)"""
+    order = probe_rescale_order(kernel)
+    return order is not None and order == rescale_order(kernel)
 
 
 class IntLayer(TimestepSlots, nn.Module):
@@ -289,6 +272,7 @@ class IntLayer(TimestepSlots, nn.Module):
 
     # --- lowering: which kernel runs the product, and how ------------------------------------------
     _probe_onednn: Callable[[], KernelClass] = staticmethod(probe_onednn_linear)
+    rescale_kernel = "linear"  # whose float order `rescale` follows (`quant.integer.rescale_order`)
 
     def exact_lowerings(self) -> list[tuple[str, int | None]]:
         """Every (kernel, weight split) that computes this layer exactly with this process's kernels
@@ -363,7 +347,9 @@ class IntLayer(TimestepSlots, nn.Module):
         self.register_buffer("wmat_hi", None if hi is None else hi.to(torch.int8).contiguous(), persistent=False)
         self.register_buffer("wmat_lo", None if lo is None else lo.to(torch.int8).contiguous(), persistent=False)
         # oneDNN rescales itself (float32 output of one kernel call) only where that is `rescale` exactly
-        self.fused_rescale = self.use_onednn and self.direct and split is None and onednn_rescale_matches()
+        self.fused_rescale = self.use_onednn and self.direct and split is None and onednn_rescale_matches(
+            self.rescale_kernel)
+        self._fused_checked: set[tuple] = set()
 
     @property
     def kernel(self) -> str:
@@ -401,45 +387,61 @@ class IntLayer(TimestepSlots, nn.Module):
         direct, ``w − 128`` when shifted."""
         return self.wmat[:, : self.out_ch].t().contiguous()
 
-    def _onednn_args(self, delta: Tensor, dtype: torch.dtype) -> tuple[float, Tensor, Tensor | None, torch.dtype]:
-        """(activation scale, weight scales, bias, output dtype) for the oneDNN call: the real ones and
-        `dtype` when the kernel rescales into `dtype` exactly (`fused`), else unit scales, no bias and
-        float32 (the exact accumulator out)."""
-        if self.fused(dtype):
-            return float(delta), self.weight_scale, self.bias, dtype
-        return 1.0, self.unit_scale, None, torch.float32
+    def _run_onednn(self, call: Callable[[float, Tensor, Tensor | None, torch.dtype], Tensor], delta: Tensor,
+                    channel_dim: int, dtype: torch.dtype, shape: tuple) -> Tensor:
+        """The layer output in `dtype` from ``call(x_scale, w_scale, bias, out_dtype)`` (one oneDNN call,
+        or the two of a split weight combined): rescaled by the kernel when `fused`, else the exact
+        accumulator (unit scales) through `_onednn_finish`.
 
-    def fused(self, dtype: torch.dtype = torch.float32) -> bool:
-        """Whether oneDNN rescales this layer's output itself, straight into `dtype`."""
-        return self.fused_rescale and (dtype == torch.float32 or onednn_rescale_matches(dtype))
+        oneDNN picks its implementation per shape (and thread count), and implementations differ in
+        the float order of their rescale (on AMX a linear with one or two rows rescales as
+        ``(acc·Δx)·Δw``, with more as ``acc·(Δx·Δw)``). So the first call per input `shape` also runs
+        the unit-scale route and keeps the kernel's rescale only where its float32 output agrees bit
+        for bit (a wrong order differs on about a third of the outputs); where it does not, the layer
+        rescales itself from then on. The kernel's float32 output is rounded to `dtype` here, in the
+        pass that makes it contiguous."""
+        if not self.fused_rescale:
+            return self._onednn_finish(call(1.0, self.unit_scale, None, torch.float32), delta, channel_dim, dtype)
+        key = (shape, torch.get_num_threads())
+        if key in self._fused_checked:
+            return call(float(delta), self.weight_scale, self.bias, torch.float32).to(
+                dtype, memory_format=torch.contiguous_format)
+        own = call(float(delta), self.weight_scale, self.bias, torch.float32)
+        ref = self._onednn_finish(call(1.0, self.unit_scale, None, torch.float32), delta, channel_dim, torch.float32)
+        if own.numel() >= _CHECK_MIN_OUTPUTS and torch.equal(own, ref):
+            self._fused_checked.add(key)
+        else:  # another implementation, another order (or too few outputs to tell): rescale here from now on
+            self.fused_rescale = False
+        return ref.to(dtype)
 
     def _onednn_finish(self, out: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype) -> Tensor:
         """The layer output in `dtype`, contiguous (NCHW for a conv, whatever oneDNN's layout), from
-        oneDNN's: as it is when fused, else the exact accumulator through `rescale`, then `dtype`. A shifted layer's
+        oneDNN's exact accumulator (unit scales): through `rescale`, then `dtype`. A shifted layer's
         output has one more channel, Σ_window (u − zx) (its weights' all-ones row):
         ``acc = out[:O] + (128 − zw[o])·out[O]``, integers, so exact in float32. The first pass
         over the output writes the contiguous result (no separate layout copy)."""
-        if self.fused(dtype):
-            return out.contiguous()
         if fused_ops.enabled() and out.device.type == "cpu":  # one pass: correction, rescale, dtype, layout
             view = [1] * out.dim()
             view[channel_dim] = -1
             bias = None if self.bias is None else self.bias.reshape(view)
             if delta.numel() > 1:  # per-token Δx: one per output row, as `rescale` takes it
                 delta = per_row(delta, out.shape, channel_dim)
+            w_scale = self.weight_scale.reshape(view)
+            if rescale_order(self.rescale_kernel) == "combined":  # (acc·1)·(Δx·Δw) = acc·(Δx·Δw), bit for bit
+                delta, w_scale = _ONE, delta * w_scale
             if self.direct:
-                return fused_ops.rescale_to(out, delta, self.weight_scale.reshape(view), bias, dtype)
+                return fused_ops.rescale_to(out, delta, w_scale, bias, dtype)
             main, sums = out.split([self.out_ch, 1], channel_dim)
-            return fused_ops.rescale_to(main, delta, self.weight_scale.reshape(view), bias, dtype, sums,
-                                        self._w_off_float(view))
+            return fused_ops.rescale_to(main, delta, w_scale, bias, dtype, sums, self._w_off_float(view))
         if self.direct:
-            return rescale(out, delta, self.weight_scale, self.bias, channel_dim, contiguous=True).to(dtype)
+            return rescale(out, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel,
+                           contiguous=True).to(dtype)
         view = [1] * out.dim()
         view[channel_dim] = self.out_ch
         main, sums = out.split([self.out_ch, 1], channel_dim)
         acc = torch.addcmul(main, sums, self._w_off_float(view),
                             out=torch.empty(main.shape, dtype=out.dtype, device=out.device))
-        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim).to(dtype)
+        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel).to(dtype)
 
     def _w_off_float(self, view: list[int]) -> Tensor:
         """float32 ``128 − zw[o]`` shaped to broadcast over the output (cached per device)."""
@@ -462,7 +464,7 @@ class IntLayer(TimestepSlots, nn.Module):
                           self.k)
         acc = accumulate(op, u.to(torch.float32) - zx, weight, plan)
         # contiguous out (NCHW for a conv), written by the rescale's first pass
-        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, contiguous=True)
+        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, contiguous=True)
 
     def _slot(self) -> int:
         if not self.temporal:
@@ -506,8 +508,8 @@ class IntLayer(TimestepSlots, nn.Module):
         return acc.sub_((zx * self.w_col).to(acc.dtype))
 
     def _finish(self, acc: Tensor, delta: Tensor) -> Tensor:
-        """float32 ``((acc·Δx)·Δw[o]) + bias[o]`` on [M, O] (`quant.integer.rescale`)."""
-        return rescale(acc.to(torch.float32), delta, self.weight_scale, self.bias, -1)
+        """float32 ``Δx·Δw[o]·acc + bias[o]`` on [M, O] (`quant.integer.rescale`)."""
+        return rescale(acc.to(torch.float32), delta, self.weight_scale, self.bias, -1, self.rescale_kernel)
 
 
 class IntLinear(IntLayer):
@@ -531,11 +533,13 @@ class IntLinear(IntLayer):
 
     def _onednn(self, u: Tensor, zx: int, delta: Tensor, dtype: torch.dtype) -> Tensor:
         packed, w_zero = self._onednn_weights(u.device, lambda w: torch.ops.onednn.qlinear_prepack(w, None))
-        x_scale, w_scale, bias, out_dtype = self._onednn_args(delta, dtype)
         u = u.contiguous()
-        out = self._combine([torch.ops.onednn.qlinear_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias, 1.0,
-                                                                0, out_dtype, "none", [], "") for p in packed])
-        return self._onednn_finish(out, delta, 1, dtype)
+
+        def call(x_scale: float, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+            return self._combine([torch.ops.onednn.qlinear_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias,
+                                                                     1.0, 0, out_dtype, "none", [], "")
+                                  for p in packed])
+        return self._run_onednn(call, delta, 1, dtype, tuple(u.shape))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, a_bits={self.a_bits}, "
@@ -551,6 +555,7 @@ class IntConv2d(IntLayer):
     """Conv2d (groups = 1, zero padding) on integer codes; NCHW float in, NCHW float32 out."""
 
     _probe_onednn = staticmethod(probe_onednn_conv)
+    rescale_kernel = "conv"
 
     def __init__(self, weight_codes: Tensor, *args, stride: int | tuple[int, int] = 1,
                  padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
@@ -603,23 +608,23 @@ class IntConv2d(IntLayer):
         acc = self.accumulate(cols, zx).reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
         # contiguous NCHW out, the layout every runtime hands to the float ops after a conv
         return rescale(acc.to(torch.float32, memory_format=torch.contiguous_format), delta, self.weight_scale,
-                       self.bias, 1).to(x.dtype)
+                       self.bias, 1, self.rescale_kernel).to(x.dtype)
 
     def _onednn(self, u: Tensor, zx: int, delta: Tensor, dtype: torch.dtype) -> Tensor:
         geometry = ([*self.stride], [*self.padding], [*self.dilation], 1)
 
-        x_scale, w_scale, bias, out_dtype = self._onednn_args(delta, dtype)
-
         def pack(w: Tensor) -> Tensor:
             kh, kw = self.kernel_size
             w = w.reshape(w.shape[0], kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
-            return torch.ops.onednn.qconv_prepack(w, w_scale, 1.0, 0, *geometry, None)
+            return torch.ops.onednn.qconv_prepack(w, self.unit_scale, 1.0, 0, *geometry, None)
 
         packed, w_zero = self._onednn_weights(u.device, pack)
-        out = self._combine([torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias,
-                                                                *geometry, 1.0, 0, out_dtype, "none", [], "")
-                             for p in packed])
-        return self._onednn_finish(out, delta, 1, dtype)
+
+        def call(x_scale: float, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+            return self._combine([torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias,
+                                                                     *geometry, 1.0, 0, out_dtype, "none", [], "")
+                                  for p in packed])
+        return self._run_onednn(call, delta, 1, dtype, tuple(u.shape))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lowbitdm_cli.quant.integer import rescale_order
+
 __all__ = ["PAIR16_LIMIT", "KernelClass", "cpu_description", "kernel_report", "pair16_weight_limit",
-           "probe_int_mm", "probe_onednn_conv", "probe_onednn_linear"]
+           "probe_int_mm", "probe_onednn_conv", "probe_onednn_linear", "probe_rescale_order"]
 
 KernelClass = Literal["int32", "pair16", "inexact", "unavailable"]
 
@@ -158,6 +160,60 @@ def probe_int_mm(device: str = "cpu") -> KernelClass:
 
 
 @functools.cache
+def probe_rescale_order(kernel: str) -> str | None:
+    """The float order in which oneDNN's int8 `kernel` ("conv" or "linear") rescales its exact
+    accumulator into float32 here: "sequential" ``((acc·Δx)·Δw[o]) + b[o]`` or "combined"
+    ``(acc·(Δx·Δw[o])) + b[o]``; None where there is no such kernel, it is inexact, or its order is
+    neither. Measured (torch 2.14): sequential on AVX-512 / VNNI, combined on AVX2 and AMX (where a
+    linear of one or two rows runs another kernel, sequential). Checked on one typical shape per
+    kind (the integer runtime checks each layer's own shapes once, `IntLayer._run_onednn`) with
+    random codes within the pair-safe bound (so the sums are exact on every class), random
+    scales, with and without a bias."""
+    probe = {"conv": probe_onednn_conv, "linear": probe_onednn_linear}[kernel]
+    if probe() in ("unavailable", "inexact"):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    out_ch, chans = 24, 40
+    limit = pair16_weight_limit(255)
+    u = torch.randint(0, 256, (2, chans, 6, 6), generator=gen).to(torch.uint8)
+    w = torch.randint(-limit, limit + 1, (out_ch, chans, 3, 3), generator=gen).to(torch.int8)
+    zx = 37
+    x_scale = float(torch.rand(1, generator=gen) * 0.1 + 1e-3)
+    w_scale = torch.rand(out_ch, generator=gen) * 0.05 + 1e-4
+    zeros = torch.zeros(out_ch, dtype=torch.long)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    if kernel == "conv":
+        acc, view = F.conv2d(u.double() - zx, w.double(), None, 1, 1).float(), [1, -1, 1, 1]
+        packed = torch.ops.onednn.qconv_prepack(w, w_scale, 1.0, 0, *geometry, None)
+
+        def run(bias: Tensor | None) -> Tensor:
+            return torch.ops.onednn.qconv2d_pointwise(u, x_scale, zx, packed, w_scale, zeros, bias, *geometry, 1.0,
+                                                      0, torch.float32, "none", [], "")
+    else:
+        # 64 rows: on AMX a linear with one or two rows runs another kernel, with the other order
+        lin_u = torch.randint(0, 256, (64, chans * 9), generator=gen).to(torch.uint8)
+        lin_w = w.flatten(1).contiguous()
+        acc, view = ((lin_u.double() - zx) @ lin_w.double().t()).float(), [1, -1]
+        packed = torch.ops.onednn.qlinear_prepack(lin_w, None)
+
+        def run(bias: Tensor | None) -> Tensor:
+            return torch.ops.onednn.qlinear_pointwise(lin_u, x_scale, zx, packed, w_scale, zeros, bias, 1.0, 0,
+                                                      torch.float32, "none", [], "")
+    xs, ws = torch.tensor(x_scale, dtype=torch.float32), w_scale.reshape(view)
+    matches = {"sequential": True, "combined": True}
+    try:
+        for bias in (torch.randn(out_ch, generator=gen), None):
+            out = run(bias)
+            b = 0.0 if bias is None else bias.reshape(view)
+            matches["sequential"] &= torch.equal(out, (acc * xs) * ws + b)
+            matches["combined"] &= torch.equal(out, acc * (xs * ws) + b)
+    except RuntimeError:
+        return None
+    found = [k for k, v in matches.items() if v]
+    return found[0] if len(found) == 1 else None
+
+
+@functools.cache
 def cpu_description() -> dict[str, str]:
     """The CPU's model name, the vector ISA PyTorch dispatches to, and oneDNN's cap if one is set."""
     try:
@@ -177,4 +233,5 @@ def kernel_report() -> dict[str, object]:
     """What a manifest records about the integer kernels: the CPU and each path's probed class."""
     return {"cpu": cpu_description(),
             "kernel_probes": {"onednn_linear": probe_onednn_linear(), "onednn_conv": probe_onednn_conv(),
-                        "int_mm": probe_int_mm("cpu")}}
+                              "int_mm": probe_int_mm("cpu")},
+            "rescale_order": {k: rescale_order(k) for k in ("conv", "linear")}}

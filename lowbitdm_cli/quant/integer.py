@@ -13,23 +13,52 @@ drifting apart wherever an activation sits within float rounding of a rounding t
   products are exact in float32, and ``hi_acc·2^s + lo_acc`` rounds once; float64 only when no
   split works. The float32 result is the round-to-nearest-even of the exact integer, as the
   int32 → float32 conversion of the integer kernels gives.
-- `rescale`: ``((acc · Δx) · Δw[o]) + b[o]``, three float32 roundings in this order: the
-  order oneDNN's int8 kernels use for their float32 output on the CPUs we checked
-  (`tests/export/test_int_runtime.py` verifies it, and the integer runtime falls back to
-  unit kernel scales plus this function wherever it does not hold).
+- `rescale`: ``Δx·Δw[o]·acc + b[o]`` in float32, in the order of this machine's int8 kernel of
+  the layer's kind (`rescale_order`): ``((acc · Δx) · Δw[o]) + b[o]`` ("sequential", three
+  roundings: oneDNN on AVX-512 / VNNI CPUs) or ``(acc · (Δx · Δw[o])) + b[o]`` ("combined", the
+  scales multiplied first: oneDNN on AVX2 and AMX CPUs). Both runtimes use the order the process
+  found, so the kernel can rescale (and round to bf16) itself where its order is that one
+  (the integer runtime checks each layer's shapes once), and int == fake holds bit for bit on
+  every class (`tests/export/test_int_runtime.py`); where oneDNN is absent or matches neither
+  order, "sequential", and the runtime rescales the kernel's exact accumulator itself.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["EXACT_F32", "accumulate", "per_row", "rescale", "split_plan", "split_weight"]
+__all__ = ["EXACT_F32", "KERNELS", "RESCALE_ORDERS", "accumulate", "per_row", "rescale", "rescale_order", "split_plan",
+           "split_weight"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
+
+RESCALE_ORDERS = ("sequential", "combined")
+KERNELS = ("conv", "linear")
+_ORDER_ENV = "LOWBITDM_RESCALE_ORDER"
+
+
+def rescale_order(kernel: str) -> str:
+    """The float order of `rescale` for a `kernel` ("conv" or "linear") layer in this process:
+    ``$LOWBITDM_RESCALE_ORDER`` (sequential | combined | auto) or, by default (auto), the order of
+    this CPU's oneDNN int8 kernel of that kind (`export.kernel_probe.probe_rescale_order`, run once
+    per process), "sequential" where there is none or it matches neither. A fake-quantized model's
+    samples therefore differ in the last bit of some rescales between CPU classes (as its float
+    kernels' summation orders already make them differ); set the variable to get one order everywhere."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    order = os.environ.get(_ORDER_ENV, "auto")
+    if order == "auto":
+        from lowbitdm_cli.export.kernel_probe import probe_rescale_order
+
+        return probe_rescale_order(kernel) or "sequential"
+    if order not in RESCALE_ORDERS:
+        raise ValueError(f"${_ORDER_ENV} must be auto, sequential or combined, got {order!r}")
+    return order
 
 
 def split_plan(x_max: float, w_abs_row_sum_max: float, k: int) -> int | None:
@@ -76,9 +105,11 @@ def per_row(x_scale: Tensor, shape: torch.Size | list[int], channel_dim: int) ->
     return x_scale.reshape(rows)
 
 
-def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int,
-            contiguous: bool = False) -> Tensor:
-    """float32 ``((acc · Δx) · Δw[o]) + b[o]`` with the output channel o on `channel_dim`, computed
+def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int, kernel: str,
+            contiguous: bool = False, order: str | None = None) -> Tensor:
+    """float32 ``((acc · Δx) · Δw[o]) + b[o]`` (`order` "sequential") or ``(acc · (Δx · Δw[o])) + b[o]``
+    ("combined"; None: `rescale_order(kernel)`, `kernel` "conv" or "linear" being the layer's kind)
+    with the output channel o on `channel_dim`, computed
     in place in `acc` (a float32 temporary of the caller's: no new buffers on the hot path). With
     `contiguous` the result is contiguous (NCHW for a conv) whatever the layout of `acc`: where
     `acc` is not, the first pass writes a new contiguous tensor, so the layout change costs no
@@ -93,5 +124,9 @@ def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, 
     dest = acc if not contiguous or acc.is_contiguous() else torch.empty(acc.shape, dtype=acc.dtype,
                                                                           device=acc.device)
     x_scale = x_scale.reshape(()) if x_scale.numel() == 1 else per_row(x_scale, acc.shape, channel_dim)
-    out = torch.mul(acc, x_scale, out=dest).mul_(w_scale.reshape(view))
+    if (order or rescale_order(kernel)) == "combined":
+        out = torch.mul(acc, x_scale * w_scale.reshape(view), out=dest)
+    else:
+        out = torch.mul(acc, x_scale, out=dest).mul_(w_scale.reshape(view))
     return out if bias is None else out.add_(bias.reshape(view))
+

@@ -167,7 +167,7 @@ class QuantLayerMixin:
         acc = accumulate(op, x_int, w_int, plan, split)
         # contiguous out (NCHW for a conv, whatever layout `op` computed in): the first pass of
         # the rescale writes it, so the layout change costs no extra pass
-        return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim, contiguous=True)
+        return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, contiguous=True)
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
         """The (transformed) input, observed during calibration, fake-quantized."""
@@ -188,6 +188,8 @@ class QuantLayerMixin:
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """Conv2d with fake-quantized weight and input."""
+
+    rescale_kernel = "conv"  # whose float order `rescale` follows (`quant.integer.rescale_order`)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, spec: LayerSpec, timesteps: list[int] | None = None) -> QuantConv2d:
@@ -220,6 +222,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
     """Linear with fake-quantized weight and input."""
+
+    rescale_kernel = "linear"
 
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: LayerSpec, timesteps: list[int] | None = None) -> QuantLinear:

@@ -1,8 +1,8 @@
 """bf16 compute (`models.precision`): the fake and the integer runtime stay equal bit for bit.
 
 Everything around the quantized layers runs in bf16; each quantized layer computes in float32 on
-the exact accumulator and rounds once to bf16 (oneDNN straight into bf16 where it rescales
-exactly that way, `onednn_rescale_matches(torch.bfloat16)`). Checked natively and under
+the exact accumulator and rounds once to bf16 (where oneDNN rescales itself, its float32 output is
+rounded: its own bf16 output is not always that). Checked natively and under
 ``ONEDNN_MAX_CPU_ISA=AVX2`` (16-bit pair-sum kernels: the probes pick split lowerings).
 """
 
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_chain import merge_tiny
 from torch import nn
 
 from lowbitdm_cli.export.checkpoint import load_merged
-from lowbitdm_cli.export.int_runtime import IntLayer, onednn_available, onednn_rescale_matches
+from lowbitdm_cli.export.int_runtime import IntLayer
 from lowbitdm_cli.models.precision import resolve_dtype, use_dtype
 from lowbitdm_cli.models.registry import load_model
 from lowbitdm_cli.models.wrapper import set_timestep
 from lowbitdm_cli.quant.layers import quant_layers
-from tiny_chain import merge_tiny
 
 TX_SCOPE = '["attention", "feed_forward"]'
 CONFIGS = {"w8a8": ("w8a8", []), "w4a4": ("w4a4", []),
@@ -94,12 +94,6 @@ def test_fp_model_in_bf16_keeps_quantizer_free_layers_in_bf16() -> None:
         eps = model.eps(x, 500, cond, 2.0)
         ref = load_model("tiny-random").eps(x, 500, cond, 2.0)
     assert eps.dtype == torch.float32 and not torch.equal(eps, ref)
-
-
-@pytest.mark.skipif(not onednn_available(), reason="no oneDNN int8 kernels in this PyTorch")
-def test_onednn_bf16_output_is_the_rounded_rescale() -> None:
-    """The bf16 fused output counts as exact only where the float32 one is: its bf16 output rounds that once."""
-    assert onednn_rescale_matches(torch.bfloat16) <= onednn_rescale_matches(torch.float32)
 
 
 def test_int_equals_fake_in_bf16_under_avx2(merged: Path) -> None:

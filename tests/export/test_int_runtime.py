@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tiny_chain import merge_tiny
 from torch import nn
 
 from lowbitdm_cli import load_quantized
@@ -31,12 +32,11 @@ from lowbitdm_cli.export.int_ops import int_conv2d_acc, int_linear_acc
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear, onednn_available
 from lowbitdm_cli.export.kernel_probe import probe_int_mm, probe_onednn_conv, probe_onednn_linear
 from lowbitdm_cli.models.wrapper import set_timestep
-from lowbitdm_cli.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear, quant_layers
 from lowbitdm_cli.quant.integer import rescale
+from lowbitdm_cli.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear, quant_layers
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.sampling import SamplerSettings, ddim_sample, to_uint8
 from lowbitdm_cli.stages.common import load_quantized_from
-from tiny_chain import merge_tiny
 
 TOL = 1e-4  # max abs difference as a fraction of the output range
 FALLBACK_SETS = ["quant.a_temporal=true",
@@ -131,6 +131,37 @@ def _exact_fake(fake: QuantLayerMixin, w_bits: int, codes: torch.Tensor, zw: tor
     return layer.eval()
 
 
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN int8 kernels in this PyTorch")
+@pytest.mark.parametrize("kind", ["linear", "1x1"])
+def test_kernel_rescale_is_checked_per_shape(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A direct layer lets oneDNN rescale only once the kernel's float32 output has matched the
+    unit-scale route bit for bit on that input shape. oneDNN picks its implementation per shape (on
+    AMX this 10 → 12 channel layer rescales in the other order than the probe's wider one), so the
+    process's order is set to each of the two in turn (the global probe bypassed): for exactly one
+    of them the kernel keeps rescaling, for the other the first call finds the difference and the
+    layer rescales itself. Every output equals the fake layer's either way."""
+    from lowbitdm_cli.export import int_runtime
+    from lowbitdm_cli.quant.integer import RESCALE_ORDERS
+
+    conv = CONVS.get(kind)
+    monkeypatch.setattr(int_runtime, "onednn_rescale_matches", lambda *_: True)
+    kept = []
+    for order in RESCALE_ORDERS:
+        monkeypatch.setenv("LOWBITDM_RESCALE_ORDER", order)
+        layer, fake, codes, zw = _random_layer("conv" if conv else "linear", 4, 8, False, seed=5, conv=conv)
+        _force(layer, "onednn")
+        assert layer.fused_rescale
+        exact = _exact_fake(fake, 4, codes, zw, layer.weight_scale)
+        shape = (64, 10) if kind == "linear" else (4, 10, 8, 8)
+        for seed in range(3):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2.0
+            with torch.no_grad():
+                assert torch.equal(layer(x), exact(x))
+        assert layer.lowering == ("onednn-fused" if layer.fused_rescale else "onednn")
+        kept.append(layer.fused_rescale)
+    assert sum(kept) == 1, kept  # the kernel rescales in one of the two orders on every class measured
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("a_symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("a_bits", [8, 4], ids=lambda b: f"a{b}")
@@ -188,7 +219,7 @@ def test_saturating_codes_are_exact(kind: str, w_code: int, zw: int) -> None:
     w = codes.double() - zw
     u = torch.full_like(x, 255.0, dtype=torch.float64)  # every input clamps to the top code
     acc = F.linear(u, w) if kind == "linear" else F.conv2d(u, w, None, 1, layer.padding)
-    expected = rescale(acc.float(), torch.tensor([0.5]), scale, bias, -1 if kind == "linear" else 1)
+    expected = rescale(acc.float(), torch.tensor([0.5]), scale, bias, -1 if kind == "linear" else 1, layer.rescale_kernel)
     assert int(layer.int8_weight().to(torch.int16).abs().min()) >= 127  # the kernels see |w| ≥ 127: pairs beyond 16 bits
     assert layer.direct == (zw == 128)
     with torch.no_grad():

@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbitdm_cli.quant.init import init_quantizer
-from lowbitdm_cli.quant.integer import EXACT_F32, accumulate, rescale, split_plan, split_weight
+from lowbitdm_cli.quant.integer import (
+    EXACT_F32,
+    KERNELS,
+    RESCALE_ORDERS,
+    accumulate,
+    rescale,
+    rescale_order,
+    split_plan,
+    split_weight,
+)
 from lowbitdm_cli.quant.layers import QuantConv2d, QuantLinear
 from lowbitdm_cli.quant.policy import LayerSpec
 
@@ -54,12 +63,33 @@ def test_accumulate_is_exact_where_float32_is_not() -> None:
 
 def test_rescale_op_order() -> None:
     acc = torch.tensor([[3.0, -7.0], [1e6 + 1, 5.0]])
-    xs, ws, b = torch.tensor([0.1]), torch.tensor([0.3, 0.7]), torch.tensor([1.0, -2.0])
-    expected = (acc * xs.reshape(())) * ws + b  # ((acc·Δx)·Δw) + b, one rounding each
-    assert torch.equal(rescale(acc.clone(), xs, ws, b, -1), expected)
-    assert torch.equal(rescale(acc.clone(), xs, ws, None, -1), (acc * xs.reshape(())) * ws)
-    buffer = acc.clone()
-    assert rescale(buffer, xs, ws, b, -1).data_ptr() == buffer.data_ptr()  # in place: no new buffer
+    xs, ws, b = torch.tensor([0.1]), torch.tensor([0.3, 0.7]), torch.tensor([1.0, 0.0])
+    sequential = (acc * xs.reshape(())) * ws + b  # ((acc·Δx)·Δw) + b, one rounding each
+    combined = acc * (xs.reshape(()) * ws) + b  # (acc·(Δx·Δw)) + b
+    # the two orders round differently: (−7·0.1)·0.7 and −7·(0.1·0.7) are one float32 ulp apart
+    assert sequential[0, 1] != combined[0, 1]
+    for kernel in KERNELS:
+        assert torch.equal(rescale(acc.clone(), xs, ws, b, -1, kernel, order="sequential"), sequential)
+        assert torch.equal(rescale(acc.clone(), xs, ws, b, -1, kernel, order="combined"), combined)
+        assert torch.equal(rescale(acc.clone(), xs, ws, None, -1, kernel, order="sequential"),
+                           (acc * xs.reshape(())) * ws)
+        assert torch.equal(rescale(acc.clone(), xs, ws, None, -1, kernel, order="combined"), acc * (xs * ws))
+        default = sequential if rescale_order(kernel) == "sequential" else combined
+        assert torch.equal(rescale(acc.clone(), xs, ws, b, -1, kernel), default)
+        for order in RESCALE_ORDERS:
+            buffer = acc.clone()
+            assert rescale(buffer, xs, ws, b, -1, kernel, order=order).data_ptr() == buffer.data_ptr()  # in place
+
+
+def test_rescale_order_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for order in RESCALE_ORDERS:
+        monkeypatch.setenv("LOWBITDM_RESCALE_ORDER", order)
+        assert [rescale_order(k) for k in KERNELS] == [order, order]
+    monkeypatch.setenv("LOWBITDM_RESCALE_ORDER", "fastest")
+    with pytest.raises(ValueError, match="LOWBITDM_RESCALE_ORDER"):
+        rescale_order("conv")
+    with pytest.raises(ValueError, match="kernel"):
+        rescale_order("matmul")
 
 
 @pytest.mark.parametrize("kind", ["linear", "wide-linear", "conv"])
@@ -87,7 +117,8 @@ def test_fake_layer_inference_is_integer_exact(kind: str, bits: int) -> None:
     else:
         cols = F.unfold(x_int, 3, padding=1).transpose(1, 2).reshape(-1, 64 * 9)  # [N·H·W, K]
         acc = _exact(cols, w_int.reshape(24, -1)).reshape(2, 36, 24).transpose(1, 2).reshape(2, 24, 6, 6)
-    ref = rescale(acc, x_scale.detach(), w_scale, layer.bias.detach(), -1 if kind == "linear" else 1)
+    ref = rescale(acc, x_scale.detach(), w_scale, layer.bias.detach(), -1 if kind == "linear" else 1,
+                  "linear" if kind == "linear" else "conv")
     assert torch.equal(out, ref)
     if width > 600 and bits == 8:
         assert split_plan(255, float(w_int.abs().sum(1).max()), width) not in (0, None)
