@@ -90,15 +90,18 @@ def _file_bytes(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> in
     return path.stat().st_size
 
 
-def _call(model: DiffusionModel, batch: int, autocast: bool = False, fused: str = "0") -> Callable[[], object]:
+def _call(model: DiffusionModel, batch: int, autocast: bool = False, fused: str = "0",
+          order: str | None = None) -> Callable[[], object]:
     """One denoiser call (no CFG) on a fixed batch at t = 500; `autocast`: under torch.autocast("cpu", bf16);
-    `fused`: LOWBITDM_FUSED during the call (the integer runtime's fused quantize / rescale loops)."""
+    `fused`: LOWBITDM_FUSED during the call (the integer runtime's fused quantize / rescale loops);
+    `order`: LOWBITDM_RESCALE_ORDER during the call (None: unset, the kernels' own order)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.sample_shape, generator=g)
     cond = torch.arange(batch) % model.num_classes if model.conditioning == "class" else None
 
     def run() -> object:
         os.environ["LOWBITDM_FUSED"] = fused
+        _set_order(order)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             return model.forward(x, 500, cond)
     return run
@@ -175,6 +178,23 @@ def _merged_large(label: str, folder: Path, calib_batch: int) -> Path:
     return out
 
 
+def _set_order(order: str | None) -> None:
+    if order is None:
+        os.environ.pop("LOWBITDM_RESCALE_ORDER", None)
+    else:
+        os.environ["LOWBITDM_RESCALE_ORDER"] = order
+
+
+def _other_order() -> str | None:
+    """The rescale order oneDNN's conv does not use here (None: it uses neither): with it, every layer
+    rescales the kernel's exact accumulator itself, as the runtime did on AMX and AVX2 CPUs before
+    it followed the kernels' order."""
+    from lowbitdm_cli.export.kernel_probe import probe_rescale_order
+
+    own = probe_rescale_order("conv")
+    return None if own is None else {"sequential": "combined", "combined": "sequential"}[own]
+
+
 def _fp_cells(make_fp: Callable[[], DiffusionModel], dtypes: list[str], batch: int,
               compile_fp: bool = True) -> dict[str, Callable]:
     """What a user would run instead: FP32 eager, FP32 torch.compile and, where the CPU has bf16,
@@ -210,6 +230,11 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
                     integers[f"{label} {dtype}"] = model
                     if fused:  # the same model object: LOWBITDM_FUSED is read per call
                         cells[f"{label} int-fused {dtype}"] = _call(model, args.batch, fused="1")
+                    if args.self_rescale and _other_order():  # loaded and run in the other order
+                        _set_order(_other_order())
+                        self_model = use_dtype(load_merged(path, "int"), DTYPES[dtype])
+                        _set_order(None)
+                        cells[f"{label} int-self {dtype}"] = _call(self_model, args.batch, order=_other_order())
     ms = {k: v * 1e3 for k, v in _time_cells(cells, args.repeats, args.warmup).items()}
     fp_ms = {k: v for k, v in ms.items() if " " not in k}
     fastest = min(fp_ms, key=fp_ms.get)
@@ -226,6 +251,9 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
                 "int_vs_fastest_fp": ms[fastest] / t_int, "fake_vs_same_dtype_fp": t_fake / same_fp,
                 # as timed: where the first exact lowering was a split, the first forward autotuned
                 "kernels": lowering_counts(integer.denoiser)}
+            t_self = ms.get(f"{label} int-self {dtype}")
+            if t_self is not None:
+                row["per_dtype"][dtype].update(int_self_rescale_ms=t_self, kernel_rescale_speedup=t_self / t_int)
             t_fused = ms.get(f"{label} int-fused {dtype}")
             if t_fused is not None:
                 row["per_dtype"][dtype].update(int_fused_ms=t_fused, int_fused_vs_fp32=ms["fp32"] / t_fused,
@@ -270,7 +298,9 @@ def _print(result: dict, batch: int) -> None:
                   + (f"{fused_ms:>9.1f} " if fused_ms else f"{'-':>9} ")
                   + f"{c['fake_ms']:>9.1f} {c['int_vs_fp32']:>8.2f}x {c['int_vs_fastest_fp']:>8.2f}x "
                   + (f"{fused_best:>9.2f}x " if fused_best else f"{'-':>10} ")
-                  + f"{c['fake_vs_same_dtype_fp']:>7.2f}x  {c['kernels']}")
+                  + f"{c['fake_vs_same_dtype_fp']:>7.2f}x  {c['kernels']}"
+                  + (f"  (layers rescaling themselves: {c['int_self_rescale_ms']:.1f} ms, "
+                     f"{c['kernel_rescale_speedup']:.2f}x slower)" if "int_self_rescale_ms" in c else ""))
         if "pixel_agreement" in r:
             agree = r["pixel_agreement"]
             print(f"       pixels within 1 level (int vs fake, {agree['samples']} samples): "
@@ -365,6 +395,10 @@ def main() -> None:
     parser.add_argument("--models", default="digits,large", help="digits and/or large (the 26 M UNet)")
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out the FP32 torch.compile cell (compiling a large UNet takes minutes)")
+    parser.add_argument("--self-rescale", action="store_true",
+                        help="also time each integer cell with every layer rescaling the kernel's accumulator itself "
+                             "(LOWBITDM_RESCALE_ORDER set to the order the kernels do not use): what the runtime did "
+                             "on AMX and AVX2 CPUs before it followed the kernels' order")
     parser.add_argument("--fused", action="store_true",
                         help="also time the integer runtime with LOWBITDM_FUSED=1 (compiles its loops first)")
     parser.add_argument("--widths", default=",".join(BITS),
@@ -433,6 +467,7 @@ def main() -> None:
                    *(a for c in args.checkpoint for a in ("--checkpoint", c))]
             flags = [f for f, on in (("--quick", args.quick), ("--profile", args.profile),
                                      ("--skip-timing", args.skip_timing), ("--fused", args.fused),
+                                     ("--self-rescale", args.self_rescale),
                                      ("--no-compile", args.no_compile)) if on]
             subprocess.run(cmd + flags, env=env, check=True)
             per_class.append(json.loads(part.read_text()))
