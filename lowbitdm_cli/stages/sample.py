@@ -24,6 +24,7 @@ from lowbitdm_cli.export.int_runtime import lowering_counts
 from lowbitdm_cli.models.precision import DTYPES, use_dtype
 from lowbitdm_cli.models.registry import sampler_defaults
 from lowbitdm_cli.models.text import prompts_digest
+from lowbitdm_cli.quant.integer import KERNELS, rescale_order
 from lowbitdm_cli.npz import ChunkedArray, write_npz
 from lowbitdm_cli.recipes import Recipe
 from lowbitdm_cli.sampling import balanced_labels, random_labels, run_sampler, save_grid, to_uint8
@@ -120,8 +121,10 @@ def _assemble(run: StageRun, model, source: Source, cfg, settings, labels: torch
             "unmatched_timesteps": unmatched, **({"loras": source.loras} if source.loras else {})}
     report = (getattr(model, "meta", None) or {}).get("runtime")
     if isinstance(report, dict):  # the integer runtime: which CPU, what its kernels compute, which lowerings ran
-        info["int_runtime"] = {**{k: report[k] for k in ("cpu", "kernel_probes") if k in report},
+        info["int_runtime"] = {**{k: report[k] for k in ("cpu", "kernel_probes", "rescale_order") if k in report},
                                "lowerings": lowering_counts(model.denoiser)}  # as sampled (after autotuning)
+    if source.artifact is not None:  # a quantized model: both runtimes rescale in this order (last bits, per CPU)
+        info["rescale_order"] = {k: rescale_order(k) for k in KERNELS}
     prompts = getattr(model.conditioner, "prompts", None)
     if prompts is not None:  # labels are indices into these prompts (clip_score pairs them again)
         info["prompts_sha256"] = prompts_digest(prompts)

@@ -32,7 +32,7 @@ from lowbitdm_cli.export.int_ops import int_conv2d_acc, int_linear_acc
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear, onednn_available
 from lowbitdm_cli.export.kernel_probe import probe_int_mm, probe_onednn_conv, probe_onednn_linear
 from lowbitdm_cli.models.wrapper import set_timestep
-from lowbitdm_cli.quant.integer import rescale
+from lowbitdm_cli.quant.integer import rescale, rescale_order
 from lowbitdm_cli.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear, quant_layers
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.sampling import SamplerSettings, ddim_sample, to_uint8
@@ -422,10 +422,13 @@ def test_sample_cli_records_the_runtime(merged: Artifact, tmp_path: Path, runner
         assert result.exit_code == 0, result.output
         manifest = Artifact.open(tmp_path / runtime).manifest
         assert manifest.info["runtime"] == runtime
+        # both runtimes rescale in the process's order, so it is in the record of either
+        assert manifest.info["rescale_order"] == {k: rescale_order(k) for k in ("conv", "linear")}
         if runtime == "int":  # which CPU, what its kernels compute, which lowering each layer ran
             record = manifest.info["int_runtime"]
             assert set(record["kernel_probes"]) == {"onednn_linear", "onednn_conv", "int_mm"}
             assert record["cpu"]["torch_isa"] and sum(record["lowerings"].values()) > 0
+            assert record["rescale_order"] == {k: rescale_order(k) for k in ("conv", "linear")}
         else:
             assert "int_runtime" not in manifest.info
         digests[runtime] = manifest.inputs_digest
