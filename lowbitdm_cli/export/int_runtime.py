@@ -390,7 +390,7 @@ class IntLayer(TimestepSlots, nn.Module):
     def _run_onednn(self, call: Callable[[float, Tensor, Tensor | None, torch.dtype], Tensor], delta: Tensor,
                     channel_dim: int, dtype: torch.dtype, shape: tuple) -> Tensor:
         """The layer output in `dtype` from ``call(x_scale, w_scale, bias, out_dtype)`` (one oneDNN call,
-        or the two of a split weight combined): rescaled by the kernel when `fused`, else the exact
+        or the two of a split weight combined): rescaled by the kernel when `fused_rescale`, else the exact
         accumulator (unit scales) through `_onednn_finish`.
 
         oneDNN picks its implementation per shape (and thread count), and implementations differ in
