@@ -221,6 +221,7 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
     cells = _fp_cells(make_fp, dtypes, args.batch, compile_fp=not args.no_compile)
     integers: dict[str, DiffusionModel] = {}
     fused = args.fused and fused_ops.available()  # compiled loops that give the eager bits here
+    other_order = _other_order() if args.self_rescale else None  # None: no int-self cells
     for label, path in merged.items():
         for dtype in dtypes:
             for runtime in ("fake", "int"):
@@ -230,11 +231,11 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
                     integers[f"{label} {dtype}"] = model
                     if fused:  # the same model object: LOWBITDM_FUSED is read per call
                         cells[f"{label} int-fused {dtype}"] = _call(model, args.batch, fused="1")
-                    if args.self_rescale and _other_order():  # loaded and run in the other order
-                        _set_order(_other_order())
+                    if other_order:  # loaded and run in the other order
+                        _set_order(other_order)
                         self_model = use_dtype(load_merged(path, "int"), DTYPES[dtype])
                         _set_order(None)
-                        cells[f"{label} int-self {dtype}"] = _call(self_model, args.batch, order=_other_order())
+                        cells[f"{label} int-self {dtype}"] = _call(self_model, args.batch, order=other_order)
     ms = {k: v * 1e3 for k, v in _time_cells(cells, args.repeats, args.warmup).items()}
     fp_ms = {k: v for k, v in ms.items() if " " not in k}
     fastest = min(fp_ms, key=fp_ms.get)

@@ -177,8 +177,7 @@ def onednn_rescale_matches(kernel: str) -> bool:
     shape, once per process) is this process's `rescale_order`. Where it is not, the layers run
     oneDNN with unit scales and rescale themselves; where it is, each layer still checks its own
     shapes once (`IntLayer._run_onednn`). (oneDNN's bf16 output is not used: on AVX2 it differs from
-    the float32 output rounded to bf16 in a few outputs in 10^4; the runtime rounds the float32
-    output itself.)"""
+    the float32 output rounded to bf16 in rare outputs; the runtime rounds the float32 output itself.)"""
     order = probe_rescale_order(kernel)
     return order is not None and order == rescale_order(kernel)
 
