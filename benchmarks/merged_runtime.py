@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lowbitdm_cli.memory import keep_freed_memory
 from lowbitdm_cli.threads import prefer_passive_wait
 
 prefer_passive_wait()  # as the CLI does, before torch loads: spinning OpenMP waiters ruin timings on a shared CPU
@@ -65,7 +66,7 @@ from lowbitdm_cli.export import fused_ops  # noqa: E402
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_tensors, load_merged  # noqa: E402
 from lowbitdm_cli.export.int_runtime import lowering_counts  # noqa: E402
 from lowbitdm_cli.models.digits import WEIGHTS_DIR  # noqa: E402
-from lowbitdm_cli.models.precision import DTYPES, bf16_native, use_dtype  # noqa: E402
+from lowbitdm_cli.models.precision import DTYPES, bf16_native, use_dtype, use_layout  # noqa: E402
 from lowbitdm_cli.models.registry import MODELS, load_model  # noqa: E402
 from lowbitdm_cli.models.wrapper import DiffusionModel, NoiseSchedule  # noqa: E402
 from lowbitdm_cli.quant.init import init_quantizer  # noqa: E402
@@ -195,19 +196,25 @@ def _other_order() -> str | None:
     return None if own is None else {"sequential": "combined", "combined": "sequential"}[own]
 
 
-def _fp_cells(make_fp: Callable[[], DiffusionModel], dtypes: list[str], batch: int,
+LAYOUT_SUFFIX = {"nchw": "", "channels_last": "-cl"}
+
+
+def _fp_cells(make_fp: Callable[[], DiffusionModel], dtypes: list[str], layouts: list[str], batch: int,
               compile_fp: bool = True) -> dict[str, Callable]:
     """What a user would run instead: FP32 eager, FP32 torch.compile and, where the CPU has bf16,
     bf16 autocast and the model converted to bf16 (`models.precision`, the dtype the quantized
-    runtimes use)."""
-    cells = {"fp32": _call(make_fp(), batch)}
-    if compile_fp:
-        compiled = make_fp()
-        compiled.denoiser = torch.compile(compiled.denoiser)
-        cells["fp32-compile"] = _call(compiled, batch)
-    if "bf16" in dtypes:
-        cells["bf16-autocast"] = _call(make_fp(), batch, autocast=True)
-        cells["bf16"] = _call(use_dtype(make_fp(), torch.bfloat16), batch)
+    runtimes use), each in every memory layout asked for (`-cl`: channels-last, `use_layout`)."""
+    cells = {}
+    for layout in layouts:
+        sfx = LAYOUT_SUFFIX[layout]
+        cells[f"fp32{sfx}"] = _call(use_layout(make_fp(), layout), batch)
+        if compile_fp:
+            compiled = use_layout(make_fp(), layout)
+            compiled.denoiser = torch.compile(compiled.denoiser)
+            cells[f"fp32-compile{sfx}"] = _call(compiled, batch)
+        if "bf16" in dtypes:
+            cells[f"bf16-autocast{sfx}"] = _call(use_layout(make_fp(), layout), batch, autocast=True)
+            cells[f"bf16{sfx}"] = _call(use_layout(use_dtype(make_fp(), torch.bfloat16), layout), batch)
     return cells
 
 
@@ -218,24 +225,26 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
     fp = make_fp()
     fp_bytes = _file_bytes(fp.denoiser.state_dict(), folder, f"{fp.name}-fp32.safetensors")
     dtypes = ["fp32", "bf16"] if bf16_native() else ["fp32"]
-    cells = _fp_cells(make_fp, dtypes, args.batch, compile_fp=not args.no_compile)
+    layouts = args.layouts.split(",")
+    cells = _fp_cells(make_fp, dtypes, layouts, args.batch, compile_fp=not args.no_compile)
     integers: dict[str, DiffusionModel] = {}
     fused = args.fused and fused_ops.available()  # compiled loops that give the eager bits here
     other_order = _other_order() if args.self_rescale else None  # None: no int-self cells
+    variants = [(dtype, layout, dtype + LAYOUT_SUFFIX[layout]) for layout in layouts for dtype in dtypes]
     for label, path in merged.items():
-        for dtype in dtypes:
+        for dtype, layout, variant in variants:
             for runtime in ("fake", "int"):
-                model = use_dtype(load_merged(path, runtime), DTYPES[dtype])
-                cells[f"{label} {runtime} {dtype}"] = _call(model, args.batch)
+                model = use_layout(use_dtype(load_merged(path, runtime), DTYPES[dtype]), layout)
+                cells[f"{label} {runtime} {variant}"] = _call(model, args.batch)
                 if runtime == "int":
-                    integers[f"{label} {dtype}"] = model
+                    integers[f"{label} {variant}"] = model
                     if fused:  # the same model object: LOWBITDM_FUSED is read per call
-                        cells[f"{label} int-fused {dtype}"] = _call(model, args.batch, fused="1")
+                        cells[f"{label} int-fused {variant}"] = _call(model, args.batch, fused="1")
                     if other_order:  # loaded and run in the other order
                         _set_order(other_order)
-                        self_model = use_dtype(load_merged(path, "int"), DTYPES[dtype])
+                        self_model = use_layout(use_dtype(load_merged(path, "int"), DTYPES[dtype]), layout)
                         _set_order(None)
-                        cells[f"{label} int-self {dtype}"] = _call(self_model, args.batch, order=other_order)
+                        cells[f"{label} int-self {variant}"] = _call(self_model, args.batch, order=other_order)
     ms = {k: v * 1e3 for k, v in _time_cells(cells, args.repeats, args.warmup).items()}
     fp_ms = {k: v for k, v in ms.items() if " " not in k}
     fastest = min(fp_ms, key=fp_ms.get)
@@ -243,10 +252,10 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
     for label, path in merged.items():
         nbytes = (path / WEIGHTS_NAME).stat().st_size
         row = {"precision": label, "bytes": nbytes, "size_ratio": nbytes / fp_bytes, "per_dtype": {}}
-        for dtype in dtypes:
+        for _dtype, _layout, dtype in variants:  # dtype: the variant's key (fp32, bf16, fp32-cl, bf16-cl)
             integer = integers[f"{label} {dtype}"]
             t_int, t_fake = ms[f"{label} int {dtype}"], ms[f"{label} fake {dtype}"]
-            same_fp = ms["fp32" if dtype == "fp32" else "bf16"]
+            same_fp = ms[dtype]  # the FP model in the same dtype and layout
             row["per_dtype"][dtype] = {
                 "int_ms": t_int, "fake_ms": t_fake, "int_vs_fp32": ms["fp32"] / t_int,
                 "int_vs_fastest_fp": ms[fastest] / t_int, "fake_vs_same_dtype_fp": t_fake / same_fp,
@@ -259,7 +268,7 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
             if t_fused is not None:
                 row["per_dtype"][dtype].update(int_fused_ms=t_fused, int_fused_vs_fp32=ms["fp32"] / t_fused,
                                                int_fused_vs_fastest_fp=ms[fastest] / t_fused)
-        report = integers[f"{label} fp32"].meta["runtime"]
+        report = integers[f"{label} {variants[0][2]}"].meta["runtime"]
         row.update(int_layers=report["int_layers"], fallback_layers=report["fallback_layers"])
         if args.agreement_samples and fp.name in MODELS:
             row["pixel_agreement"] = _agreement(fp.name, load_merged(path, "fake"), load_merged(path, "int"),
@@ -343,7 +352,7 @@ def _run_class(args: argparse.Namespace, merged_dir: Path, small: str) -> dict:
         _print(results[-1], args.batch)
     if args.profile:
         results.append({"profile": _profile(merged_dir, small, args)})
-    return {"cpu_class": args.one_class, **kernel_report(), "results": results}
+    return {"cpu_class": args.one_class, "malloc": args.malloc, **kernel_report(), "results": results}
 
 
 @torch.no_grad()
@@ -356,19 +365,20 @@ def _profile(merged_dir: Path, small: str, args: argparse.Namespace) -> dict:
               "unet-128-256-256": (_large_fp, merged_dir / "large-{}")}
     models = {k: v for k, v in models.items() if ("digits" if k == "digits" else "large") in args.models}
     out = {}
-    for dtype in (["fp32", "bf16"] if bf16_native() else ["fp32"]):
+    for layout, dtype in [(lay, d) for lay in args.layouts.split(",")
+                          for d in (["fp32", "bf16"] if bf16_native() else ["fp32"])]:
         for title, (make_fp, pattern) in models.items():
             variants = {"FP": make_fp()} | {f"int {label}": load_merged(str(pattern).format(label), "int")
                                            for label in ("W8A8", "W4A4")}
             for variant, model in variants.items():
-                run = _call(use_dtype(model, DTYPES[dtype]), args.batch)
+                run = _call(use_layout(use_dtype(model, DTYPES[dtype]), layout), args.batch)
                 run()
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     run()
                 averages = prof.key_averages()
                 total = sum(e.self_cpu_time_total for e in averages)
                 top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.profile_top]
-                key = f"{title} {variant} {dtype}"
+                key = f"{title} {variant} {dtype}{LAYOUT_SUFFIX[layout]}"
                 out[key] = {"total_ms": total / 1e3, "ops": [
                     {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
                      "calls": e.count} for e in top]}
@@ -404,6 +414,12 @@ def main() -> None:
                         help="also time the integer runtime with LOWBITDM_FUSED=1 (compiles its loops first)")
     parser.add_argument("--widths", default=",".join(BITS),
                         help=f"weight/activation widths to time ({', '.join(BITS)})")
+    parser.add_argument("--layouts", default="nchw,channels_last",
+                        help="memory layouts to time every FP and quantized cell in (nchw, channels_last: "
+                             "`sample --layout`); `-cl` marks channels-last cells")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc settings as they are (LOWBITDM_MALLOC=default) instead of keeping "
+                             "freed memory for reuse as the CLI does (`lowbitdm_cli.memory`); applies to every cell")
     parser.add_argument("--merged-dir", type=Path, default=None,
                         help="keep the merged checkpoints in this folder and reuse them on the next run "
                              "(default: a temporary folder)")
@@ -429,6 +445,12 @@ def main() -> None:
     if args.agreement_samples is None:
         args.agreement_samples = 10 if args.quick else 100
     torch.set_num_threads(args.threads)
+    unknown_layouts = set(args.layouts.split(",")) - set(LAYOUT_SUFFIX)
+    if unknown_layouts:
+        parser.error(f"unknown layout(s) {sorted(unknown_layouts)}; choose from {sorted(LAYOUT_SUFFIX)}")
+    if args.default_malloc:
+        os.environ["LOWBITDM_MALLOC"] = "default"
+    args.malloc = "keep" if keep_freed_memory() else "default"  # every cell of this process alike
     wf = WEIGHTS_DIR / "digits_unet.safetensors"
     small = args.model if args.checkpoint else "digits" if wf.is_file() else "tiny-random"
     note = None if small != "tiny-random" else f"{wf} is absent (still training): tiny-random stands in for digits"
@@ -463,17 +485,18 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one-class", cpu_class, "--merged-dir", str(folder), "--out", str(part),
                    "--batch", str(args.batch), "--threads", str(args.threads),
                    "--agreement-samples", str(args.agreement_samples), "--profile-top", str(args.profile_top),
-                   "--models", args.models, "--widths", args.widths,
+                   "--models", args.models, "--widths", args.widths, "--layouts", args.layouts,
                    *(["--model", args.model] if args.model else []),
                    *(a for c in args.checkpoint for a in ("--checkpoint", c))]
             flags = [f for f, on in (("--quick", args.quick), ("--profile", args.profile),
                                      ("--skip-timing", args.skip_timing), ("--fused", args.fused),
-                                     ("--self-rescale", args.self_rescale),
+                                     ("--self-rescale", args.self_rescale), ("--default-malloc", args.default_malloc),
                                      ("--no-compile", args.no_compile)) if on]
             subprocess.run(cmd + flags, env=env, check=True)
             per_class.append(json.loads(part.read_text()))
             print(f"kernels: {per_class[-1]['kernel_probes']}  cpu: {per_class[-1]['cpu']}")
     payload = {"quick": args.quick, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+               "malloc": args.malloc, "layouts": args.layouts.split(","),
                "warmup": args.warmup, "torch": torch.__version__, "note": note, "classes": per_class}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1) + "\n")

@@ -98,9 +98,14 @@ def main(
                                                      "work on the cores does not stall them.")] = None,
 ) -> None:
     _state["json"] = json_output
+    from lowbitdm_cli.memory import keep_freed_memory
     from lowbitdm_cli.threads import configure_threads
 
     configure_threads(threads)
+    try:  # large tensors reuse freed heap memory instead of a fresh mmap each (see `memory`)
+        keep_freed_memory()
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 class _Bars:
@@ -332,6 +337,11 @@ def sample(
         "--dtype", help="Float dtype around the quantized layers (the whole model for FP): auto = bf16 where the "
                         "CPU has AMX-BF16 or AVX512-BF16, else fp32 (same as --set sample.dtype=...; default: the "
                         "recipe's, fp32). The manifest records the resolved one.")] = None,
+    layout: Annotated[Literal["nchw", "channels_last"] | None, typer.Option(
+        "--layout", help="Memory layout of a conv denoiser's activations: channels_last runs every conv (float, "
+                         "bf16, int8) without reordering its input and output (faster on x86 CPUs); same as --set "
+                         "sample.layout=...; default: the recipe's, nchw. Integer and fake runtimes stay equal bit "
+                         "for bit in either.")] = None,
 ) -> None:
     """Generate samples into samples.npz (ADM layout: arr_0 uint8 NHWC + labels) and grid.png.
 
@@ -355,7 +365,7 @@ def sample(
 
     src = _guard(open_source, source, runtime=runtime, prompts=prompts, loras=_adapters(lora, lora_scale))
     base = src.artifact.manifest.recipe if src.artifact else None
-    sets = [*(sets or []), *([f"sample.dtype={dtype}"] if dtype else [])]
+    sets = [*(sets or []), *([f"sample.dtype={dtype}"] if dtype else []), *([f"sample.layout={layout}"] if layout else [])]
     r = _guard(load_recipe, recipe, base=base, sets=sets, model=src.ref.name, prompts=prompts)
     name = "sample" + _lora_suffix(src.loras)
     fp_dir = Path("runs") / f"{Path(source).name}-fp" / name

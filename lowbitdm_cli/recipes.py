@@ -182,6 +182,11 @@ class SampleSection(_Section):
                             "fp32 (default, until benchmarks/dtype_quality.py has measured bf16's quality cost), "
                             "bf16, or auto = bf16 where the CPU has AMX-BF16 or AVX512-BF16, else fp32 "
                             "($LOWBITDM_DTYPE overrides auto); resolved when the sample stage starts")
+    layout: Literal["nchw", "channels_last"] = Field(
+        "nchw", description="memory layout of a conv denoiser's activations (FP, fake and integer alike): nchw "
+                            "(default), or channels_last, the layout oneDNN's convs compute in: no reorder of "
+                            "input and output per conv (faster, see docs/integer-runtime.md); an FP model's "
+                            "samples may differ in the last bits between layouts")
 
     @model_serializer(mode="wrap")
     def _omit_default_labels(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -196,6 +201,8 @@ class SampleSection(_Section):
             data.pop("sampler", None)
         if self.dtype in ("auto", "fp32"):  # fp32 was the only dtype before: those digests stay valid
             data.pop("dtype", None)
+        if self.layout == "nchw":  # likewise the only layout before
+            data.pop("layout", None)
         return data
 
 

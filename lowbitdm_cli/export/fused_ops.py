@@ -57,9 +57,19 @@ _FUNCTIONS = {f.__name__[1:]: f for f in (_quantize, _rescale, _rescale_bias, _r
                                           _rescale_shifted_bias)}
 
 
+_RECOMPILE_LIMIT = 64
+"""Graphs per function: one per dtype, rank and stride pattern (NCHW or channels-last outputs, split
+views of shifted layers, linear rows); dynamo's default of 8 would send the rest to eager code."""
+
+
 @functools.cache
 def _compiled(name: str):  # noqa: ANN202 - one compiled function (own code object, own recompile budget)
-    return torch.compile(_FUNCTIONS[name], dynamic=True)
+    compiled = torch.compile(_FUNCTIONS[name], dynamic=True)
+
+    def call(*args):  # noqa: ANN002, ANN202
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return compiled(*args)
+    return call
 
 
 def _eager_quantize(x: Tensor, delta: Tensor, z: float, q_min: float, q_max: float, offset: float) -> Tensor:
@@ -81,8 +91,9 @@ def _self_check() -> bool:
     x = torch.where(torch.rand(ties.shape, generator=gen) < 0.5, ties, torch.randn(ties.shape, generator=gen) * 3)
     acc = torch.randint(-2**20, 2**20, (2, 24, 5, 7), generator=gen).float()
     sums = torch.randint(-2**12, 2**12, (2, 1, 5, 7), generator=gen).float()
-    w_off = torch.randint(-127, 128, (24, 1, 1), generator=gen).float()
-    ws, bias = torch.rand(24, 1, 1, generator=gen) * 1e-3, torch.randn(24, 1, 1, generator=gen)
+    # per-channel tensors shaped as the integer layers pass them (`IntLayer._onednn_finish`)
+    w_off = torch.randint(-127, 128, (1, 24, 1, 1), generator=gen).float()
+    ws, bias = torch.rand(1, 24, 1, 1, generator=gen) * 1e-3, torch.randn(1, 24, 1, 1, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         for args in ((37.0, 0.0, 255.0, 0.0), (0.0, -8.0, 7.0, 8.0)):
             if not torch.equal(quantize(x.to(dtype), delta, *args), _eager_quantize(x.to(dtype), delta, *args)):
@@ -91,10 +102,12 @@ def _self_check() -> bool:
             ai, si = acc.contiguous(memory_format=layout), sums.contiguous(memory_format=layout)
             for b in (bias, None):
                 for extra in ({}, {"sums": si, "w_off": w_off}):
-                    out = rescale_to(ai, delta, ws, b, dtype, **extra)
-                    shifted = ai + si * w_off if extra else ai
-                    if not (out.is_contiguous() and torch.equal(out, _eager_rescale(shifted, delta, ws, b, dtype))):
-                        return False
+                    for out_layout in (torch.contiguous_format, torch.channels_last):
+                        out = rescale_to(ai, delta, ws, b, dtype, **extra, layout=out_layout)
+                        shifted = ai + si * w_off if extra else ai
+                        if not (out.is_contiguous(memory_format=out_layout)
+                                and torch.equal(out, _eager_rescale(shifted, delta, ws, b, dtype))):
+                            return False
     return True
 
 
@@ -130,9 +143,24 @@ def quantize(x: Tensor, delta: Tensor, z: float, q_min: float, q_max: float, off
 
 
 def rescale_to(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, dtype: torch.dtype,
-               sums: Tensor | None = None, w_off: Tensor | None = None) -> Tensor:
-    """Contiguous `dtype` ``((acc'·Δx)·Δw) + b`` with ``acc' = acc + sums·w_off`` for a shifted layer
-    (`sums` None: acc' = acc). `w_scale`, `bias`, `w_off` are shaped to broadcast over `acc`."""
+               sums: Tensor | None = None, w_off: Tensor | None = None,
+               layout: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """`dtype` ``((acc'·Δx)·Δw) + b`` in memory `layout` with ``acc' = acc + sums·w_off`` for a shifted
+    layer (`sums` None: acc' = acc). `w_scale`, `bias`, `w_off` are shaped to broadcast over `acc`.
+    Channels-last runs on the [N·H·W, C] views, as a linear layer's output does (the same compiled
+    loops; the per-channel tensors then broadcast over the last dim), and returns the NCHW view of
+    the result."""
+    if layout == torch.channels_last and acc.dim() == 4:
+        n, c, h, w = acc.shape
+
+        def rows(t: Tensor) -> Tensor:  # NCHW view of channels-last memory → [N·H·W, C] view
+            return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+        def per_channel(t: Tensor | None) -> Tensor | None:  # [1, C] (or [1, 1]), as a linear layer's
+            return None if t is None else t.reshape(1, -1)
+        out = rescale_to(rows(acc), x_scale, per_channel(w_scale), per_channel(bias), dtype,
+                         None if sums is None else rows(sums), per_channel(w_off))
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)
     if sums is None:
         if bias is None:
             return _compiled("rescale")(acc, x_scale, w_scale, dtype)

@@ -35,10 +35,12 @@ in the pass that makes it contiguous) when the kernel's rescale is bit for bit
 layer and input shape, `IntLayer._run_onednn`);
 otherwise, and for "shifted" layers, the kernel runs with unit scales and no bias, giving the
 exact accumulator as float32, the shifted correction ``(128 − zw[o])·Σ_window(u − zx)`` is added
-as integers (exact while the sums stay below 2^24), and `rescale` follows. Every conv returns a
-contiguous NCHW tensor, the layout of the FP model's tensors: a channels-last output made every
-following concat, upsample and GroupNorm copy or run a slower kernel. `kernel` says which path a
-layer takes.
+as integers (exact while the sums stay below 2^24), and `rescale` follows. Every conv returns its
+input's memory layout (`quant.integer.layout_of`), as the fake layer does: NCHW in an NCHW model
+(a channels-last output there made every following concat, upsample and GroupNorm copy or run a
+slower kernel), channels-last in a channels-last one (`models.precision.use_layout`), where
+oneDNN's channels-last output then needs no layout pass at all. `kernel` says which path a layer
+takes.
 
 Which kernel is exact depends on the CPU, so each layer picks its *lowering* from what the
 kernels were found to compute in this process (`kernel_probe`, once per process at worst-case
@@ -73,9 +75,11 @@ from lowbitdm_cli.export.kernel_probe import (
     probe_int_mm,
     probe_onednn_conv,
     probe_onednn_linear,
+    probe_bf16_output,
     probe_rescale_order,
 )
-from lowbitdm_cli.quant.integer import EXACT_F32, accumulate, per_row, rescale, rescale_order, split_plan, split_weight
+from lowbitdm_cli.quant.integer import (EXACT_F32, accumulate, layout_of, per_row, rescale, rescale_order, split_plan,
+                                        split_weight)
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
 __all__ = ["IntConv2d", "IntLayer", "IntLinear", "choose_split", "lowering_counts", "onednn_available",
@@ -349,6 +353,7 @@ class IntLayer(TimestepSlots, nn.Module):
         self.fused_rescale = self.use_onednn and self.direct and split is None and onednn_rescale_matches(
             self.rescale_kernel)
         self._fused_checked: set[tuple] = set()
+        self._bf16_checked: set[tuple] = set()  # of those, where the kernel's own bf16 output is used
 
     @property
     def kernel(self) -> str:
@@ -387,7 +392,8 @@ class IntLayer(TimestepSlots, nn.Module):
         return self.wmat[:, : self.out_ch].t().contiguous()
 
     def _run_onednn(self, call: Callable[[float, Tensor, Tensor | None, torch.dtype], Tensor], delta: Tensor,
-                    channel_dim: int, dtype: torch.dtype, shape: tuple) -> Tensor:
+                    channel_dim: int, dtype: torch.dtype, shape: tuple,
+                    layout: torch.memory_format = torch.contiguous_format) -> Tensor:
         """The layer output in `dtype` from ``call(x_scale, w_scale, bias, out_dtype)`` (one oneDNN call,
         or the two of a split weight combined): rescaled by the kernel when `fused_rescale`, else the exact
         accumulator (unit scales) through `_onednn_finish`.
@@ -398,27 +404,36 @@ class IntLayer(TimestepSlots, nn.Module):
         the unit-scale route and keeps the kernel's rescale only where its float32 output agrees bit
         for bit (a wrong order differs on about a third of the outputs); where it does not, the layer
         rescales itself from then on. The kernel's float32 output is rounded to `dtype` here, in the
-        pass that makes it contiguous."""
+        pass that gives it memory `layout` (no pass where it has both already: float32, channels-last),
+        or, for bf16 where the kernel rounds as PyTorch does (`kernel_probe.probe_bf16_output`, and
+        this layer's first bf16 output per shape equal to its float32 output rounded), by the kernel."""
         if not self.fused_rescale:
-            return self._onednn_finish(call(1.0, self.unit_scale, None, torch.float32), delta, channel_dim, dtype)
-        key = (shape, torch.get_num_threads())
+            return self._onednn_finish(call(1.0, self.unit_scale, None, torch.float32), delta, channel_dim, dtype,
+                                       layout)
+        key = (shape, torch.get_num_threads(), dtype)
         if key in self._fused_checked:
-            return call(float(delta), self.weight_scale, self.bias, torch.float32).to(
-                dtype, memory_format=torch.contiguous_format)
+            if key in self._bf16_checked:  # the kernel's own bf16 output
+                return call(float(delta), self.weight_scale, self.bias, dtype).to(memory_format=layout)
+            return call(float(delta), self.weight_scale, self.bias, torch.float32).to(dtype, memory_format=layout)
         own = call(float(delta), self.weight_scale, self.bias, torch.float32)
-        ref = self._onednn_finish(call(1.0, self.unit_scale, None, torch.float32), delta, channel_dim, torch.float32)
+        ref = self._onednn_finish(call(1.0, self.unit_scale, None, torch.float32), delta, channel_dim, torch.float32,
+                                  layout)
         if own.numel() >= _CHECK_MIN_OUTPUTS and torch.equal(own, ref):
             self._fused_checked.add(key)
+            if dtype == torch.bfloat16 and probe_bf16_output(self.rescale_kernel) and torch.equal(
+                    call(float(delta), self.weight_scale, self.bias, dtype), own.to(dtype)):
+                self._bf16_checked.add(key)
         else:  # another implementation, another order (or too few outputs to tell): rescale here from now on
             self.fused_rescale = False
-        return ref.to(dtype)
+        return ref.to(dtype, memory_format=layout)
 
-    def _onednn_finish(self, out: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype) -> Tensor:
-        """The layer output in `dtype`, contiguous (NCHW for a conv, whatever oneDNN's layout), from
+    def _onednn_finish(self, out: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype,
+                       layout: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """The layer output in `dtype` and memory `layout` (whatever oneDNN's layout), from
         oneDNN's exact accumulator (unit scales): through `rescale`, then `dtype`. A shifted layer's
         output has one more channel, Σ_window (u − zx) (its weights' all-ones row):
         ``acc = out[:O] + (128 − zw[o])·out[O]``, integers, so exact in float32. The first pass
-        over the output writes the contiguous result (no separate layout copy)."""
+        over the output writes the result in `layout` (no separate layout copy)."""
         if fused_ops.enabled() and out.device.type == "cpu":  # one pass: correction, rescale, dtype, layout
             view = [1] * out.dim()
             view[channel_dim] = -1
@@ -429,17 +444,17 @@ class IntLayer(TimestepSlots, nn.Module):
             if rescale_order(self.rescale_kernel) == "combined":  # (acc·1)·(Δx·Δw) = acc·(Δx·Δw), bit for bit
                 delta, w_scale = _ONE, delta * w_scale
             if self.direct:
-                return fused_ops.rescale_to(out, delta, w_scale, bias, dtype)
+                return fused_ops.rescale_to(out, delta, w_scale, bias, dtype, layout=layout)
             main, sums = out.split([self.out_ch, 1], channel_dim)
-            return fused_ops.rescale_to(main, delta, w_scale, bias, dtype, sums, self._w_off_float(view))
+            return fused_ops.rescale_to(main, delta, w_scale, bias, dtype, sums, self._w_off_float(view), layout)
         if self.direct:
             return rescale(out, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel,
-                           contiguous=True).to(dtype)
+                           layout).to(dtype)
         view = [1] * out.dim()
         view[channel_dim] = self.out_ch
         main, sums = out.split([self.out_ch, 1], channel_dim)
         acc = torch.addcmul(main, sums, self._w_off_float(view),
-                            out=torch.empty(main.shape, dtype=out.dtype, device=out.device))
+                            out=torch.empty(main.shape, dtype=out.dtype, device=out.device, memory_format=layout))
         return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel).to(dtype)
 
     def _w_off_float(self, view: list[int]) -> Tensor:
@@ -457,13 +472,13 @@ class IntLayer(TimestepSlots, nn.Module):
         return self._float_weight
 
     def _float_exact(self, op: Callable[[Tensor, Tensor], Tensor], u: Tensor, zx: int, weight: Tensor,
-                     delta: Tensor, channel_dim: int) -> Tensor:
+                     delta: Tensor, channel_dim: int, layout: torch.memory_format = torch.contiguous_format) -> Tensor:
         """`rescale` of the exact accumulator from float products of the integer values (`quant.integer`)."""
         plan = split_plan(float(self.u_max), float(weight.abs().flatten(1).sum(1).max()) if weight.numel() else 0.0,
                           self.k)
         acc = accumulate(op, u.to(torch.float32) - zx, weight, plan)
-        # contiguous out (NCHW for a conv), written by the rescale's first pass
-        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, contiguous=True)
+        # out in `layout`, written by the rescale's first pass
+        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, layout)
 
     def _slot(self) -> int:
         if not self.temporal:
@@ -590,10 +605,11 @@ class IntConv2d(IntLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self._tune:
             self.autotune(x)
+        layout = layout_of(x)  # the output keeps it, as the fake layer's does
         u, zx, delta = self.quantize_input(x)
         kernel = self.kernel
         if kernel == "onednn":
-            return self._onednn(u, zx, delta, x.dtype)
+            return self._onednn(u, zx, delta, x.dtype, layout)
         if kernel == "float":
             kh, kw = self.kernel_size
             weight = self.float_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
@@ -602,14 +618,15 @@ class IntConv2d(IntLayer):
                 return F.conv2d(xi.contiguous(memory_format=torch.channels_last), wi, None, self.stride,
                                 self.padding, self.dilation)
 
-            return self._float_exact(conv, u, zx, weight, delta, 1).to(x.dtype)
+            return self._float_exact(conv, u, zx, weight, delta, 1, layout).to(x.dtype)
         cols, ho, wo = self.im2col(u, zx)
         acc = self.accumulate(cols, zx).reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
-        # contiguous NCHW out, the layout every runtime hands to the float ops after a conv
-        return rescale(acc.to(torch.float32, memory_format=torch.contiguous_format), delta, self.weight_scale,
+        # out in the input's layout, the layout every runtime hands to the float ops after a conv
+        return rescale(acc.to(torch.float32, memory_format=layout), delta, self.weight_scale,
                        self.bias, 1, self.rescale_kernel).to(x.dtype)
 
-    def _onednn(self, u: Tensor, zx: int, delta: Tensor, dtype: torch.dtype) -> Tensor:
+    def _onednn(self, u: Tensor, zx: int, delta: Tensor, dtype: torch.dtype,
+                layout: torch.memory_format = torch.contiguous_format) -> Tensor:
         geometry = ([*self.stride], [*self.padding], [*self.dilation], 1)
 
         def pack(w: Tensor) -> Tensor:
@@ -623,7 +640,7 @@ class IntConv2d(IntLayer):
             return self._combine([torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias,
                                                                      *geometry, 1.0, 0, out_dtype, "none", [], "")
                                   for p in packed])
-        return self._run_onednn(call, delta, 1, dtype, tuple(u.shape))
+        return self._run_onednn(call, delta, 1, dtype, tuple(u.shape), layout)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -22,10 +22,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["DTYPES", "DtypeName", "auto_dtype", "bf16_native", "resolve_dtype", "set_compute_dtype", "use_dtype"]
+__all__ = ["DTYPES", "LAYOUTS", "DtypeName", "LayoutName", "auto_dtype", "bf16_native", "resolve_dtype",
+           "set_compute_dtype", "use_dtype", "use_layout"]
 
 DtypeName = Literal["fp32", "bf16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LayoutName = Literal["nchw", "channels_last"]
+LAYOUTS: dict[str, torch.memory_format] = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -102,4 +105,23 @@ def use_dtype(model, dtype: torch.dtype):  # noqa: ANN001, ANN201 - a DiffusionM
     """`model` computing in `dtype` from now on (its denoiser converted in place by `set_compute_dtype`)."""
     set_compute_dtype(model.denoiser, dtype)
     model.dtype = dtype
+    return model
+
+
+@torch.no_grad()
+def use_layout(model, layout: str):  # noqa: ANN001, ANN201 - a DiffusionModel, returned
+    """`model`'s 4-D activations in memory `layout` ("nchw" or "channels_last") from now on: its input
+    goes to the denoiser in that layout and its float Conv2d weights are stored so, so that every conv
+    (oneDNN's float, bf16 and int8 kernels alike compute in channels-last) runs without reordering its
+    input and output per call; norms, activations, adds and concats keep the layout. Quantized convs
+    return their input's layout in both runtimes (`quant.integer.layout_of`), so fake and integer
+    stay equal bit for bit per layout; an FP model's output may differ in the last bits between
+    layouts (its float kernels sum in another order). ε comes back NCHW either way."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    fmt = LAYOUTS[layout]
+    for module in model.denoiser.modules():
+        if isinstance(module, nn.Conv2d) and not _keeps_float32(module) and module.weight.dim() == 4:
+            module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+    model.memory_format = fmt
     return model

@@ -106,6 +106,8 @@ class DiffusionModel:
     autoencoder: nn.Module | None = None
     latent_scale: float = 1.0
     dtype: torch.dtype = torch.float32  # what the denoiser computes in (`models.precision`); ε returns float32
+    # the memory layout of the denoiser's 4-D activations (`models.precision.use_layout`); ε returns NCHW
+    memory_format: torch.memory_format = torch.contiguous_format
 
     def __post_init__(self) -> None:
         if self.conditioner is None:
@@ -140,6 +142,8 @@ class DiffusionModel:
         (inputs elsewhere, e.g. calibration data kept on the CPU, are moved there)."""
         device = self.device
         x_t = x_t.to(device, self.dtype)
+        if x_t.dim() == 4:
+            x_t = x_t.contiguous(memory_format=self.memory_format)
         cond = cond.to(device) if cond is not None else None
         set_timestep(self.denoiser, int(t))
         t_vec = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
@@ -147,7 +151,7 @@ class DiffusionModel:
         if self.dtype != torch.float32:  # prompt embeddings and the like, in the denoiser's dtype
             kwargs = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
                       for k, v in kwargs.items()}
-        out = self.denoiser(x_t, timestep=t_vec, **kwargs).sample.float()
+        out = self.denoiser(x_t, timestep=t_vec, **kwargs).sample.float().contiguous()
         channels = x_t.shape[1]
         if out.shape[1] == 2 * channels:  # learned σ (DiT, improved DDPM): the first C channels are ε
             out = out[:, :channels]

@@ -31,8 +31,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["EXACT_F32", "KERNELS", "RESCALE_ORDERS", "accumulate", "per_row", "rescale", "rescale_order", "split_plan",
-           "split_weight"]
+__all__ = ["EXACT_F32", "KERNELS", "RESCALE_ORDERS", "accumulate", "layout_of", "per_row", "rescale", "rescale_order",
+           "split_plan", "split_weight"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
@@ -105,15 +105,25 @@ def per_row(x_scale: Tensor, shape: torch.Size | list[int], channel_dim: int) ->
     return x_scale.reshape(rows)
 
 
+def layout_of(x: Tensor) -> torch.memory_format:
+    """The memory layout a conv layer's output keeps: channels-last where its 4-D input is (and is
+    not also plain contiguous, as tensors with a size-1 channel or spatial extent can be), else
+    contiguous. Fake and integer runtimes alike, so the float ops after the layer (norms, adds,
+    concats) see the same layout, and so round alike, in both."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int, kernel: str,
-            contiguous: bool = False, order: str | None = None) -> Tensor:
+            layout: torch.memory_format | None = None, order: str | None = None) -> Tensor:
     """float32 ``((acc · Δx) · Δw[o]) + b[o]`` (`order` "sequential") or ``(acc · (Δx · Δw[o])) + b[o]``
     ("combined"; None: `rescale_order(kernel)`, `kernel` "conv" or "linear" being the layer's kind)
     with the output channel o on `channel_dim`, computed
-    in place in `acc` (a float32 temporary of the caller's: no new buffers on the hot path). With
-    `contiguous` the result is contiguous (NCHW for a conv) whatever the layout of `acc`: where
-    `acc` is not, the first pass writes a new contiguous tensor, so the layout change costs no
-    extra pass.
+    in place in `acc` (a float32 temporary of the caller's: no new buffers on the hot path). With a
+    `layout` (``torch.contiguous_format`` or, for 4-D, ``torch.channels_last``) the result has that
+    memory layout whatever the layout of `acc`: where `acc` has another, the first pass writes a new
+    tensor in `layout`, so the layout change costs no extra pass.
 
     `x_scale` is a one-element tensor, or one entry per output position (per-token dynamic
     activations: one per row of a linear's output, in row order); `w_scale` and `bias` have one
@@ -121,8 +131,8 @@ def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, 
     """
     view = [1] * acc.dim()
     view[channel_dim] = -1
-    dest = acc if not contiguous or acc.is_contiguous() else torch.empty(acc.shape, dtype=acc.dtype,
-                                                                          device=acc.device)
+    dest = acc if layout is None or acc.is_contiguous(memory_format=layout) else \
+        torch.empty(acc.shape, dtype=acc.dtype, device=acc.device, memory_format=layout)
     x_scale = x_scale.reshape(()) if x_scale.numel() == 1 else per_row(x_scale, acc.shape, channel_dim)
     if (order or rescale_order(kernel)) == "combined":
         out = torch.mul(acc, x_scale * w_scale.reshape(view), out=dest)

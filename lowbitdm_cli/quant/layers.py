@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbitdm_cli.quant.integer import accumulate, rescale, split_plan, split_weight
+from lowbitdm_cli.quant.integer import accumulate, layout_of, rescale, split_plan, split_weight
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
 from lowbitdm_cli.quant.transforms import low_rank_branch, transform_input
@@ -153,8 +153,9 @@ class QuantLayerMixin:
         return self._cached("_integer_weight_cache", compute)
 
     def _integer_forward(self, x: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                         channel_dim: int) -> torch.Tensor:
-        """``Δx·Δw[o]·Σ_k (qx − zx)(qw − zw) + b`` with the sum exact and the rescale of `rescale`."""
+                         channel_dim: int, layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """``Δx·Δw[o]·Σ_k (qx − zx)(qw − zw) + b`` with the sum exact and the rescale of `rescale`,
+        in memory `layout`."""
         x_int, x_scale, x_max = self._input_integers(x)
         w_int, w_scale, w_sum, pieces = self.integer_weight()
         plan = split_plan(x_max, w_sum, w_int[0].numel() if w_int.numel() else 0)
@@ -165,9 +166,9 @@ class QuantLayerMixin:
             return pieces[s]
 
         acc = accumulate(op, x_int, w_int, plan, split)
-        # contiguous out (NCHW for a conv, whatever layout `op` computed in): the first pass of
-        # the rescale writes it, so the layout change costs no extra pass
-        return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, contiguous=True)
+        # out in `layout` (whatever layout `op` computed in): the first pass of the rescale writes it,
+        # so the layout change costs no extra pass
+        return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, layout)
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
         """The (transformed) input, observed during calibration, fake-quantized."""
@@ -206,17 +207,19 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         if x.dtype != self.weight.dtype:  # bf16 compute (`models.precision`): float32 inside, one rounding out
             return self.forward(x.to(self.weight.dtype)).to(x.dtype)
         if self.integer_exact():
-            # channels-last once per layer (a split weight runs the conv twice on the same input)
-            return self._integer_forward(x.contiguous(memory_format=torch.channels_last), self._bias_free_conv, 1)
+            # channels-last once per layer (a split weight runs the conv twice on the same input);
+            # the output keeps the input's layout (`quant.integer.layout_of`), as the integer runtime's
+            return self._integer_forward(x.contiguous(memory_format=torch.channels_last), self._bias_free_conv, 1,
+                                         layout_of(x))
         return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
 
     def _bias_free_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The bias-free conv; `forward` hands it channels-last input, on which oneDNN's float conv
         runs without reordering input and output per call. `_integer_forward` rescales its (exact)
-        output into a contiguous NCHW tensor, the layout of the integer kernels' output and of the
-        FP model's tensors, so the float ops after this layer (norms, adds) see the same memory
-        layout and round alike in both runtimes (mixed layouts cost a copy at every concat,
-        upsample and norm)."""
+        output into the layout of the layer's input (NCHW, or channels-last in a channels-last model,
+        `models.precision.use_layout`), as the integer runtime does, so the float ops after this layer
+        (norms, adds) see the same memory layout and round alike in both runtimes (mixed layouts cost
+        a copy at every concat, upsample and norm)."""
         return self._conv_forward(x, w, None)
 
 

@@ -21,7 +21,7 @@ from lowbitdm_cli.adapters.lora_file import lora_inputs
 from lowbitdm_cli.artifacts import Artifact, StageRun
 from lowbitdm_cli.distributed import ProcessGroup, rank_device
 from lowbitdm_cli.export.int_runtime import lowering_counts
-from lowbitdm_cli.models.precision import DTYPES, use_dtype
+from lowbitdm_cli.models.precision import DTYPES, use_dtype, use_layout
 from lowbitdm_cli.models.registry import sampler_defaults
 from lowbitdm_cli.models.text import prompts_digest
 from lowbitdm_cli.quant.integer import KERNELS, rescale_order
@@ -53,7 +53,7 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
 
     def work(group: ProcessGroup, run: StageRun, shared: dict) -> Artifact | None:
         # the other ranks only write shards into rank 0's partial folder; they never touch its manifest
-        model = use_dtype(source.model, DTYPES[cfg.dtype])  # everything around the quantized layers
+        model = use_layout(use_dtype(source.model, DTYPES[cfg.dtype]), cfg.layout)  # around the quantized layers
         if model.conditioning == "text":  # the recipe's prompts, also for an artifact calibrated on others
             model = model.with_conditioner(model.conditioner.with_prompts(text_prompts(recipe)))
         work_device = rank_device(device, group)
@@ -117,7 +117,7 @@ def _assemble(run: StageRun, model, source: Source, cfg, settings, labels: torch
         files.append("grid.png")
     unmatched = unmatched_timesteps(model)
     info = {"source": source.label, "runtime": source.runtime, "num_samples": cfg.num_samples,
-            "sampler": settings.__dict__, "dtype": cfg.dtype, "shards_done": num_shards,
+            "sampler": settings.__dict__, "dtype": cfg.dtype, "layout": cfg.layout, "shards_done": num_shards,
             "unmatched_timesteps": unmatched, **({"loras": source.loras} if source.loras else {})}
     report = (getattr(model, "meta", None) or {}).get("runtime")
     if isinstance(report, dict):  # the integer runtime: which CPU, what its kernels compute, which lowerings ran
