@@ -570,6 +570,7 @@ class IntConv2d(IntLayer):
 
     _probe_onednn = staticmethod(probe_onednn_conv)
     rescale_kernel = "conv"
+    preferred_layout = torch.contiguous_format  # the output layout for an input that is both (`use_layout` sets it)
 
     def __init__(self, weight_codes: Tensor, *args, stride: int | tuple[int, int] = 1,
                  padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
@@ -605,7 +606,7 @@ class IntConv2d(IntLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self._tune:
             self.autotune(x)
-        layout = layout_of(x)  # the output keeps it, as the fake layer's does
+        layout = layout_of(x, self.preferred_layout)  # the output keeps it, as the fake layer's does
         u, zx, delta = self.quantize_input(x)
         kernel = self.kernel
         if kernel == "onednn":

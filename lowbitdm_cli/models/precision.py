@@ -115,13 +115,19 @@ def use_layout(model, layout: str):  # noqa: ANN001, ANN201 - a DiffusionModel, 
     (oneDNN's float, bf16 and int8 kernels alike compute in channels-last) runs without reordering its
     input and output per call; norms, activations, adds and concats keep the layout. Quantized convs
     return their input's layout in both runtimes (`quant.integer.layout_of`), so fake and integer
-    stay equal bit for bit per layout; an FP model's output may differ in the last bits between
-    layouts (its float kernels sum in another order). ε comes back NCHW either way."""
+    stay equal bit for bit per layout (a one-channel input, both layouts at once, gives the layout
+    asked for here); an FP model's output may differ in the last bits between layouts (its float
+    kernels sum in another order). ε comes back NCHW either way."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    from lowbitdm_cli.export.int_runtime import IntConv2d
+    from lowbitdm_cli.quant.layers import QuantConv2d
+
     fmt = LAYOUTS[layout]
     for module in model.denoiser.modules():
-        if isinstance(module, nn.Conv2d) and not _keeps_float32(module) and module.weight.dim() == 4:
+        if isinstance(module, (QuantConv2d, IntConv2d)):  # its output layout where the input's is ambiguous
+            module.preferred_layout = fmt
+        elif isinstance(module, nn.Conv2d) and not _keeps_float32(module) and module.weight.dim() == 4:
             module.weight.data = module.weight.data.contiguous(memory_format=fmt)
     model.memory_format = fmt
     return model

@@ -105,14 +105,17 @@ def per_row(x_scale: Tensor, shape: torch.Size | list[int], channel_dim: int) ->
     return x_scale.reshape(rows)
 
 
-def layout_of(x: Tensor) -> torch.memory_format:
-    """The memory layout a conv layer's output keeps: channels-last where its 4-D input is (and is
-    not also plain contiguous, as tensors with a size-1 channel or spatial extent can be), else
-    contiguous. Fake and integer runtimes alike, so the float ops after the layer (norms, adds,
-    concats) see the same layout, and so round alike, in both."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+def layout_of(x: Tensor, ambiguous: torch.memory_format = torch.contiguous_format) -> torch.memory_format:
+    """The memory layout a conv layer's output keeps: its 4-D input's, channels-last or contiguous;
+    `ambiguous` where the input is both (a single channel, or 1x1 spatial: a one-channel image
+    entering a channels-last model), else contiguous. Fake and integer runtimes alike, so the float
+    ops after the layer (norms, adds, concats) see the same layout, and so round alike, in both."""
+    if x.dim() != 4:
+        return torch.contiguous_format
+    channels_last, contiguous = x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()
+    if channels_last and contiguous:
+        return ambiguous
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int, kernel: str,

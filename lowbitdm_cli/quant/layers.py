@@ -191,6 +191,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """Conv2d with fake-quantized weight and input."""
 
     rescale_kernel = "conv"  # whose float order `rescale` follows (`quant.integer.rescale_order`)
+    preferred_layout = torch.contiguous_format  # the output layout for an input that is both (`use_layout` sets it)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, spec: LayerSpec, timesteps: list[int] | None = None) -> QuantConv2d:
@@ -210,7 +211,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
             # channels-last once per layer (a split weight runs the conv twice on the same input);
             # the output keeps the input's layout (`quant.integer.layout_of`), as the integer runtime's
             return self._integer_forward(x.contiguous(memory_format=torch.channels_last), self._bias_free_conv, 1,
-                                         layout_of(x))
+                                         layout_of(x, self.preferred_layout))
         return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
 
     def _bias_free_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
