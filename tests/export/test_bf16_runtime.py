@@ -2,8 +2,9 @@
 
 Everything around the quantized layers runs in bf16; each quantized layer computes in float32 on
 the exact accumulator and rounds once to bf16 (where oneDNN rescales itself, its float32 output is
-rounded: its own bf16 output is not always that). Checked natively and under
-``ONEDNN_MAX_CPU_ISA=AVX2`` (16-bit pair-sum kernels: the probes pick split lowerings).
+rounded, or, on CPUs that convert in hardware, its own bf16 output where `probe_bf16_output` and the
+layer's first call per shape found it equal to that; under AVX2 it is not always). Checked natively
+and under ``ONEDNN_MAX_CPU_ISA=AVX2`` (16-bit pair-sum kernels: the probes pick split lowerings).
 """
 
 from __future__ import annotations
