@@ -266,7 +266,11 @@ def _unlock(out: Path, handle) -> None:  # noqa: ANN001
 def _reset_peak_rss() -> bool:
     """Reset this process's peak-RSS counter (Linux ``/proc/self/clear_refs``), so the peak a
     stage records is its own, not that of an earlier stage run in the same process (`lowbitdm run`).
-    False where the platform cannot (the peak is then the process's since it started)."""
+    False where the platform cannot (the peak is then the process's since it started). Free heap
+    memory an earlier stage left with the process (`memory.keep_freed_memory`) goes back first."""
+    from lowbitdm_cli.memory import release_freed_memory
+
+    release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True

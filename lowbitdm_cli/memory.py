@@ -13,7 +13,9 @@ module gets the same effect from glibc itself with two `mallopt` calls: blocks u
 from the heap (``M_MMAP_THRESHOLD``), and freed heap memory stays with the process
 (``M_TRIM_THRESHOLD``) for the next allocation instead of going back to the OS.
 
-The cost: the process keeps its peak heap until it exits (a CLI process that samples and exits).
+The cost: the process keeps its peak heap until it exits (a CLI process that samples and exits), or
+until `release_freed_memory` hands the free part back (each stage does at its start, so the peak
+memory its manifest records is its own, not an earlier stage's in the same ``lowbitdm run``).
 The CLI applies it at start-up and the benchmarks apply it to every configuration they time,
 FP ones included; ``LOWBITDM_MALLOC=default`` leaves glibc's defaults. No effect on other C
 libraries (musl, macOS, Windows): `keep_freed_memory` then returns False.
@@ -26,12 +28,33 @@ import functools
 import os
 import sys
 
-__all__ = ["ENV", "keep_freed_memory"]
+__all__ = ["ENV", "keep_freed_memory", "release_freed_memory"]
 
 ENV = "LOWBITDM_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 _MMAP_THRESHOLD = 1 << 30
 _TRIM_THRESHOLD = (1 << 31) - 1  # an int parameter: the largest it takes
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt ignores its arguments  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free memory to the OS now (glibc's ``malloc_trim``; nothing elsewhere)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @functools.cache
@@ -41,13 +64,7 @@ def keep_freed_memory() -> bool:
     setting = os.environ.get(ENV, "keep")
     if setting not in ("keep", "default"):
         raise ValueError(f"${ENV} must be keep or default, got {setting!r}")
-    if setting == "default" or not sys.platform.startswith("linux"):
+    libc = None if setting == "default" else _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # glibc only: musl's mallopt ignores its arguments  # noqa: B018
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    return libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1

@@ -45,3 +45,26 @@ def test_cli_reports_a_bad_setting(runner, monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         memory.keep_freed_memory.cache_clear()
     assert result.exit_code == 2 and "LOWBITDM_MALLOC" in result.output
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_memory_stays_until_released() -> None:
+    """With reuse on, a freed 512 MiB tensor stays resident (the next one reuses it) until
+    `release_freed_memory`, which each stage calls before it resets its peak-memory counter."""
+    script = (
+        "import torch\n"
+        "from pathlib import Path\n"
+        "from lowbitdm_cli.memory import keep_freed_memory, release_freed_memory\n"
+        "def rss():\n"
+        "    line = next(x for x in Path('/proc/self/status').read_text().splitlines() if x.startswith('VmRSS:'))\n"
+        "    return int(line.split()[1]) / 1024\n"
+        "assert keep_freed_memory()\n"
+        "base = rss()\n"
+        "big = torch.ones(512 * 2**20 // 4)\n"
+        "del big\n"
+        "kept = rss() - base\n"
+        "release_freed_memory()\n"
+        "print(kept, rss() - base)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    kept, after = map(float, out.stdout.split())
+    assert kept > 450 and after < 100, (kept, after)
