@@ -30,9 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from lowbitdm_cli.threads import prefer_passive_wait
+from lowbitdm_cli.threads import limit_spin_wait
 
-prefer_passive_wait()
+limit_spin_wait()  # as the CLI does
 
 import torch  # noqa: E402
 

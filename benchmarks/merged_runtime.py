@@ -55,9 +55,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lowbitdm_cli.memory import keep_freed_memory
-from lowbitdm_cli.threads import prefer_passive_wait
+from lowbitdm_cli.threads import limit_spin_wait
 
-prefer_passive_wait()  # as the CLI does, before torch loads: spinning OpenMP waiters ruin timings on a shared CPU
+limit_spin_wait()  # as the CLI does, before torch loads: long-spinning OpenMP waiters ruin timings on a shared CPU
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from lowbitdm_cli.threads import prefer_passive_wait
+from lowbitdm_cli.threads import limit_spin_wait
 
-prefer_passive_wait()  # before anything imports torch: OpenMP reads OMP_WAIT_POLICY when it loads
+limit_spin_wait()  # before anything imports torch: OpenMP reads GOMP_SPINCOUNT when it loads
 
 import typer  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
@@ -93,9 +93,10 @@ def main(
                                           help="Print the version and exit.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", min=1, envvar="LOWBITDM_THREADS",
                                                 help="CPU threads for torch (default: one per core, or "
-                                                     "$OMP_NUM_THREADS). Waiting threads sleep instead of "
-                                                     "spinning (OMP_WAIT_POLICY=PASSIVE unless set), so other "
-                                                     "work on the cores does not stall them.")] = None,
+                                                     "$OMP_NUM_THREADS). Waiting threads spin briefly, then "
+                                                     "sleep (GOMP_SPINCOUNT=10000 unless it or OMP_WAIT_POLICY "
+                                                     "is set), so other work on the cores does not stall them.")
+                                   ] = None,
 ) -> None:
     _state["json"] = json_output
     from lowbitdm_cli.memory import keep_freed_memory

@@ -13,18 +13,19 @@ from lowbitdm_cli.cli import app
 from lowbitdm_cli.threads import configure_threads
 
 
-def _policy(env_policy: str | None) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if env_policy:
-        env["OMP_WAIT_POLICY"] = env_policy
-    code = "import os, lowbitdm_cli.cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+def _wait(env_set: dict[str, str]) -> str:
+    """OMP_WAIT_POLICY / GOMP_SPINCOUNT after importing the CLI (then torch) with `env_set`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | env_set
+    code = ("import os, lowbitdm_cli.cli, torch\n"
+            "print(os.environ.get('OMP_WAIT_POLICY', '-'), os.environ.get('GOMP_SPINCOUNT', '-'))")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout.strip()
 
 
-def test_cli_makes_waiting_threads_sleep_unless_told_otherwise() -> None:
-    assert _policy(None) == "PASSIVE"
-    assert _policy("ACTIVE") == "ACTIVE"
+def test_cli_limits_spinning_unless_told_otherwise() -> None:
+    assert _wait({}) == "- 10000"
+    assert _wait({"OMP_WAIT_POLICY": "PASSIVE"}) == "PASSIVE -"  # the user's policy, no spin count of ours
+    assert _wait({"GOMP_SPINCOUNT": "300000"}) == "- 300000"
 
 
 def test_threads_option() -> None:
