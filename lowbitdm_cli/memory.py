@@ -4,10 +4,10 @@ PyTorch's CPU tensors come from the C library's malloc, and glibc serves every b
 mmap threshold (at most 32 MiB by default) with a fresh ``mmap`` and returns it with ``munmap`` on
 free. A denoiser forward at batch 64 allocates and frees such blocks at every layer (a
 [64, 128, 32, 32] float32 activation is 32 MiB), so each one costs page faults on first touch:
-on the 2-core Xeon of `benchmarks/merged_runtime.py` an elementwise op on a 64 MiB tensor took
-2.4x as long as with the block reused, and an int8 conv with a float32 output 3-4x as long (the
-integer runtime's outputs, float32 before the cast to the compute dtype, are twice the bf16
-model's, so it crosses the threshold where the bf16 model does not). The usual remedy in
+on a 2-core Xeon (Sapphire Rapids class) an int8 conv with a float32 output of that shape took
+2.6x as long as with its block reused (`benchmarks/conv_kernels.py`; the integer runtime's
+outputs, float32 before the cast to the compute dtype, are twice the bf16 model's, so they cross
+the threshold where the bf16 model's do not). The usual remedy in
 PyTorch CPU deployments is another allocator (jemalloc / tcmalloc through ``LD_PRELOAD``); this
 module gets the same effect from glibc itself with two `mallopt` calls: blocks up to 1 GiB come
 from the heap (``M_MMAP_THRESHOLD``), and freed heap memory stays with the process

@@ -29,7 +29,9 @@ packing does not depend on the activation scale, so one packed weight serves eve
 slot). A "shifted" layer's packed weights keep the all-ones row as one more output channel, so
 the same call also returns ``Σ_window(u − zx)`` for its correction. A "direct" layer takes its
 float32 output ``Δx·Δw[o]·acc + bias[o]`` straight from the kernel (rounded to the compute dtype
-in the pass that makes it contiguous) when the kernel's rescale is bit for bit
+in the pass that gives it the input's layout; in bf16, on CPUs that convert in hardware, the
+kernel's own bf16 output where it is that rounding, `kernel_probe.probe_bf16_output`) when the
+kernel's rescale is bit for bit
 `quant.integer.rescale`, whose float order is the one this CPU's kernels use
 (`quant.integer.rescale_order`; checked once per process, `onednn_rescale_matches`, and once per
 layer and input shape, `IntLayer._run_onednn`);
