@@ -340,7 +340,8 @@ def sample(
                         "recipe's, fp32). The manifest records the resolved one.")] = None,
     layout: Annotated[Literal["nchw", "channels_last"] | None, typer.Option(
         "--layout", help="Memory layout of a conv denoiser's activations: channels_last runs every conv (float, "
-                         "bf16, int8) without reordering its input and output (faster on x86 CPUs); same as --set "
+                         "bf16, int8) without reordering its input and output (faster on larger conv models, e.g. "
+                         "1.0-1.2x on a 26 M UNet; not on the small digits UNet); same as --set "
                          "sample.layout=...; default: the recipe's, nchw. Integer and fake runtimes stay equal bit "
                          "for bit in either.")] = None,
 ) -> None:
