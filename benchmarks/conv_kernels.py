@@ -24,16 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from lowbitdm_cli.threads import limit_spin_wait
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-limit_spin_wait()  # as the CLI does
-
+import merged_runtime as mr  # noqa: E402 - sets the CLI's thread wait before torch loads
 import torch  # noqa: E402
 
 from lowbitdm_cli.export.kernel_probe import cpu_description, probe_onednn_conv  # noqa: E402
@@ -46,19 +43,6 @@ SHAPES = [("unet-128-256-256", 64, 128, 32, 128), ("unet-128-256-256", 64, 256, 
           ("unet-128-256-256", 64, 256, 8, 256), ("unet-128-256-256", 64, 512, 16, 256),
           ("digits", 64, 32, 16, 32), ("digits", 64, 64, 8, 64), ("digits", 64, 128, 4, 128)]
 CL = torch.channels_last
-
-
-def _median_ms(fns: dict[str, callable], repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 @torch.no_grad()
@@ -82,7 +66,7 @@ def _cells(n: int, c: int, h: int, o: int, repeats: int) -> dict[str, float]:
             out_scale = 0.05 if dtype == torch.uint8 else 1.0
             fns[key] = (lambda dtype=dtype, out_scale=out_scale: torch.ops.onednn.qconv2d_pointwise(
                 u, 0.02, 8, packed, scales, zeros, None, *geometry, out_scale, 0, dtype, "none", [], ""))
-    return _median_ms(fns, repeats)
+    return {k: v * 1e3 for k, v in mr._time_cells(fns, repeats, warmup=2).items()}  # interleaved medians
 
 
 def _child(args: argparse.Namespace) -> dict:

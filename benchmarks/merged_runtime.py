@@ -252,21 +252,21 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
     for label, path in merged.items():
         nbytes = (path / WEIGHTS_NAME).stat().st_size
         row = {"precision": label, "bytes": nbytes, "size_ratio": nbytes / fp_bytes, "per_dtype": {}}
-        for _dtype, _layout, dtype in variants:  # dtype: the variant's key (fp32, bf16, fp32-cl, bf16-cl)
-            integer = integers[f"{label} {dtype}"]
-            t_int, t_fake = ms[f"{label} int {dtype}"], ms[f"{label} fake {dtype}"]
-            same_fp = ms[dtype]  # the FP model in the same dtype and layout
-            row["per_dtype"][dtype] = {
+        for *_, variant in variants:  # fp32, bf16, fp32-cl, bf16-cl (the JSON keeps the name per_dtype)
+            integer = integers[f"{label} {variant}"]
+            t_int, t_fake = ms[f"{label} int {variant}"], ms[f"{label} fake {variant}"]
+            same_fp = ms[variant]  # the FP model in the same dtype and layout
+            row["per_dtype"][variant] = {
                 "int_ms": t_int, "fake_ms": t_fake, "int_vs_fp32": ms["fp32"] / t_int,
                 "int_vs_fastest_fp": ms[fastest] / t_int, "fake_vs_same_dtype_fp": t_fake / same_fp,
                 # as timed: where the first exact lowering was a split, the first forward autotuned
                 "kernels": lowering_counts(integer.denoiser)}
-            t_self = ms.get(f"{label} int-self {dtype}")
+            t_self = ms.get(f"{label} int-self {variant}")
             if t_self is not None:
-                row["per_dtype"][dtype].update(int_self_rescale_ms=t_self, kernel_rescale_speedup=t_self / t_int)
-            t_fused = ms.get(f"{label} int-fused {dtype}")
+                row["per_dtype"][variant].update(int_self_rescale_ms=t_self, kernel_rescale_speedup=t_self / t_int)
+            t_fused = ms.get(f"{label} int-fused {variant}")
             if t_fused is not None:
-                row["per_dtype"][dtype].update(int_fused_ms=t_fused, int_fused_vs_fp32=ms["fp32"] / t_fused,
+                row["per_dtype"][variant].update(int_fused_ms=t_fused, int_fused_vs_fp32=ms["fp32"] / t_fused,
                                                int_fused_vs_fastest_fp=ms[fastest] / t_fused)
         report = integers[f"{label} {variants[0][2]}"].meta["runtime"]
         row.update(int_layers=report["int_layers"], fallback_layers=report["fallback_layers"])

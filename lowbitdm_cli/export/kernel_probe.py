@@ -108,21 +108,25 @@ def _onednn_ops() -> bool:
         return False
 
 
-def _onednn_linear(u: Tensor, zx: int, w: Tensor) -> Tensor:
-    out_ch = w.shape[0]
-    packed = torch.ops.onednn.qlinear_prepack(w, None)
-    return torch.ops.onednn.qlinear_pointwise(u, 1.0, zx, packed, torch.ones(out_ch), torch.zeros(out_ch,
-                                              dtype=torch.long), None, 1.0, 0, torch.float32, "none", [],
-                                              "").double()
-
-
-def _onednn_conv(u: Tensor, zx: int, w: Tensor) -> Tensor:
-    out_ch, pad = w.shape[0], w.shape[2] // 2
+def _onednn_op(u: Tensor, zx: int, w: Tensor) -> Callable[[float, Tensor, Tensor | None, torch.dtype], Tensor]:
+    """oneDNN's int8 linear (codes [M, K], weights [O, K]) or conv (codes [N, C, H, W], weights
+    [O, C, k, k]: stride 1, padding k // 2) on these operands, weights packed once, as
+    ``run(x_scale, w_scale, bias, out_dtype)``."""
+    zeros = torch.zeros(w.shape[0], dtype=torch.long)
+    if w.dim() == 2:
+        packed = torch.ops.onednn.qlinear_prepack(w, None)
+        return lambda x_scale, w_scale, bias, dtype: torch.ops.onednn.qlinear_pointwise(
+            u, x_scale, zx, packed, w_scale, zeros, bias, 1.0, 0, dtype, "none", [], "")
+    pad = w.shape[2] // 2
     geometry = ([1, 1], [pad, pad], [1, 1], 1)
-    ones, zeros = torch.ones(out_ch), torch.zeros(out_ch, dtype=torch.long)
-    packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, 0, *geometry, None)
-    return torch.ops.onednn.qconv2d_pointwise(u, 1.0, zx, packed, ones, zeros, None, *geometry, 1.0, 0,
-                                              torch.float32, "none", [], "").double()
+    packed = torch.ops.onednn.qconv_prepack(w, torch.ones(w.shape[0]), 1.0, 0, *geometry, None)
+    return lambda x_scale, w_scale, bias, dtype: torch.ops.onednn.qconv2d_pointwise(
+        u, x_scale, zx, packed, w_scale, zeros, bias, *geometry, 1.0, 0, dtype, "none", [], "")
+
+
+def _onednn_unit(u: Tensor, zx: int, w: Tensor) -> Tensor:
+    """The exact accumulator as oneDNN returns it with unit scales (float32 out), in float64."""
+    return _onednn_op(u, zx, w)(1.0, torch.ones(w.shape[0]), None, torch.float32).double()
 
 
 def _int_mm_kernel(device: str) -> _Kernel:
@@ -142,13 +146,13 @@ def _int_mm_kernel(device: str) -> _Kernel:
 @functools.cache
 def probe_onednn_linear() -> KernelClass:
     """The class of oneDNN's ``qlinear_pointwise`` in this process."""
-    return _classify(("linear",), _onednn_linear) if _onednn_ops() else "unavailable"
+    return _classify(("linear",), _onednn_unit) if _onednn_ops() else "unavailable"
 
 
 @functools.cache
 def probe_onednn_conv() -> KernelClass:
     """The class of oneDNN's ``qconv2d_pointwise`` (3×3 and 1×1) in this process."""
-    return _classify(("conv3x3", "conv1x1"), _onednn_conv) if _onednn_ops() else "unavailable"
+    return _classify(("conv3x3", "conv1x1"), _onednn_unit) if _onednn_ops() else "unavailable"
 
 
 @functools.cache
@@ -180,30 +184,19 @@ def probe_rescale_order(kernel: str) -> str | None:
     zx = 37
     x_scale = float(torch.rand(1, generator=gen) * 0.1 + 1e-3)
     w_scale = torch.rand(out_ch, generator=gen) * 0.05 + 1e-4
-    zeros = torch.zeros(out_ch, dtype=torch.long)
-    geometry = ([1, 1], [1, 1], [1, 1], 1)
     if kernel == "conv":
         acc, view = F.conv2d(u.double() - zx, w.double(), None, 1, 1).float(), [1, -1, 1, 1]
-        packed = torch.ops.onednn.qconv_prepack(w, w_scale, 1.0, 0, *geometry, None)
-
-        def run(bias: Tensor | None) -> Tensor:
-            return torch.ops.onednn.qconv2d_pointwise(u, x_scale, zx, packed, w_scale, zeros, bias, *geometry, 1.0,
-                                                      0, torch.float32, "none", [], "")
     else:
         # 64 rows: on AMX a linear with one or two rows runs another kernel, with the other order
-        lin_u = torch.randint(0, 256, (64, chans * 9), generator=gen).to(torch.uint8)
-        lin_w = w.flatten(1).contiguous()
-        acc, view = ((lin_u.double() - zx) @ lin_w.double().t()).float(), [1, -1]
-        packed = torch.ops.onednn.qlinear_prepack(lin_w, None)
-
-        def run(bias: Tensor | None) -> Tensor:
-            return torch.ops.onednn.qlinear_pointwise(lin_u, x_scale, zx, packed, w_scale, zeros, bias, 1.0, 0,
-                                                      torch.float32, "none", [], "")
+        u = torch.randint(0, 256, (64, chans * 9), generator=gen).to(torch.uint8)
+        w = w.flatten(1).contiguous()
+        acc, view = ((u.double() - zx) @ w.double().t()).float(), [1, -1]
     xs, ws = torch.tensor(x_scale, dtype=torch.float32), w_scale.reshape(view)
     matches = {"sequential": True, "combined": True}
     try:
+        run = _onednn_op(u, zx, w)
         for bias in (torch.randn(out_ch, generator=gen), None):
-            out = run(bias)
+            out = run(x_scale, w_scale, bias, torch.float32)
             b = 0.0 if bias is None else bias.reshape(view)
             matches["sequential"] &= torch.equal(out, (acc * xs) * ws + b)
             matches["combined"] &= torch.equal(out, acc * (xs * ws) + b)
@@ -233,24 +226,11 @@ def probe_bf16_output(kernel: str) -> bool:
     out_ch = 24
     u = torch.randint(0, 256, (64, 4, 4, 4) if kernel == "conv" else (64, 36), generator=gen).to(torch.uint8)
     w = torch.randint(0, 2, (out_ch, 4, 3, 3) if kernel == "conv" else (out_ch, 36), generator=gen).to(torch.int8)
-    zeros = torch.zeros(out_ch, dtype=torch.long)
-    geometry = ([1, 1], [1, 1], [1, 1], 1)
-    if kernel == "conv":
-        packed = torch.ops.onednn.qconv_prepack(w, torch.ones(out_ch), 1.0, 0, *geometry, None)
-
-        def run(x_scale: float, w_scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-            return torch.ops.onednn.qconv2d_pointwise(u, x_scale, 0, packed, w_scale, zeros, bias, *geometry, 1.0,
-                                                      0, dtype, "none", [], "")
-    else:
-        packed = torch.ops.onednn.qlinear_prepack(w, None)
-
-        def run(x_scale: float, w_scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-            return torch.ops.onednn.qlinear_pointwise(u, x_scale, 0, packed, w_scale, zeros, bias, 1.0, 0, dtype,
-                                                      "none", [], "")
     cases = [(1.0, torch.ones(out_ch), None),
              (float(torch.rand(1, generator=gen)) * 0.1 + 1e-3, torch.rand(out_ch, generator=gen) * 0.05 + 1e-4,
               torch.randn(out_ch, generator=gen))]
     try:
+        run = _onednn_op(u, 0, w)
         for x_scale, w_scale, bias in cases:
             full = run(x_scale, w_scale, bias, torch.float32)
             if not torch.equal(run(x_scale, w_scale, bias, torch.bfloat16), full.to(torch.bfloat16)):

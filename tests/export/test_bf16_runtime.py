@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_chain import merge_tiny
+from tiny_chain import merge_tiny, sample_tiny
 from torch import nn
 
 from lowbitdm_cli.export.checkpoint import load_merged
@@ -153,20 +153,10 @@ def test_fused_loops_keep_int_equal_to_fake(merged: Path, monkeypatch: pytest.Mo
 def test_sample_cli_dtype(merged: Path, tmp_path: Path, runner, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sample --dtype bf16` samples in bf16 and says so; auto resolves (here pinned to fp32 by the
     test environment) and the manifest records the resolved dtype; the two never share an artifact."""
-    from lowbitdm_cli.artifacts import Artifact
-    from lowbitdm_cli.cli import app
-
     if not merged.parent.name.startswith("w4a4-temporal"):
         pytest.skip("one configuration is enough for the CLI wiring")
-    sets = [a for s in ("sample.num_samples=2", "sample.batch_size=2", "sample.steps=2", "sample.grid_samples=0")
-            for a in ("--set", s)]
-    manifests = {}
-    for dtype in ("bf16", None):
-        out = tmp_path / str(dtype)
-        result = runner.invoke(app, ["sample", str(merged), *sets, "--out", str(out),
-                                     *(["--dtype", dtype] if dtype else [])])
-        assert result.exit_code == 0, result.output
-        manifests[dtype] = Artifact.open(out).manifest
+    manifests = {dtype: sample_tiny(runner, merged, tmp_path / str(dtype), *(["--dtype", dtype] if dtype else []))
+                 for dtype in ("bf16", None)}
     assert manifests["bf16"].info["dtype"] == "bf16" and manifests[None].info["dtype"] == "fp32"
     assert manifests["bf16"].recipe["sample"]["dtype"] == "bf16" and "dtype" not in manifests[None].recipe["sample"]
     assert manifests["bf16"].inputs_digest != manifests[None].inputs_digest

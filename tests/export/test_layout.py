@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_chain import merge_tiny
+from tiny_chain import merge_tiny, sample_tiny
 from torch import nn
 
 from lowbitdm_cli.export.checkpoint import load_merged
@@ -141,20 +141,10 @@ def test_sample_cli_layout(merged: Path, tmp_path: Path, runner) -> None:
     """`sample --layout channels_last` records the layout in the manifest and the recipe; nchw (the
     default) stays out of the recipe dump, so digests of earlier artifacts hold; the two never share
     an artifact."""
-    from lowbitdm_cli.artifacts import Artifact
-    from lowbitdm_cli.cli import app
-
     if "w4a4" not in merged.parent.name:
         pytest.skip("one configuration is enough for the CLI wiring")
-    sets = [a for s in ("sample.num_samples=2", "sample.batch_size=2", "sample.steps=2", "sample.grid_samples=0")
-            for a in ("--set", s)]
-    manifests = {}
-    for layout in ("channels_last", None):
-        out = tmp_path / str(layout)
-        result = runner.invoke(app, ["sample", str(merged), *sets, "--out", str(out),
-                                     *(["--layout", layout] if layout else [])])
-        assert result.exit_code == 0, result.output
-        manifests[layout] = Artifact.open(out).manifest
+    manifests = {layout: sample_tiny(runner, merged, tmp_path / str(layout), *(["--layout", layout] if layout else []))
+                 for layout in ("channels_last", None)}
     assert manifests["channels_last"].info["layout"] == "channels_last" and manifests[None].info["layout"] == "nchw"
     assert manifests["channels_last"].recipe["sample"]["layout"] == "channels_last"
     assert "layout" not in manifests[None].recipe["sample"]

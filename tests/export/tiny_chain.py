@@ -1,10 +1,13 @@
-"""The merged checkpoint of tiny-random the runtime tests build: calibrate (ptq) → finetune → merge."""
+"""The merged checkpoint of tiny-random the runtime tests build: calibrate (ptq) → finetune → merge,
+and a tiny `lowbitdm sample` of it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lowbitdm_cli.artifacts import Artifact
+from typer.testing import CliRunner
+
+from lowbitdm_cli.artifacts import Artifact, Manifest
 from lowbitdm_cli.recipes import load_recipe
 
 TINY = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"]
@@ -19,3 +22,16 @@ def merge_tiny(bits: str, sets: list[str], root: Path) -> Artifact:
     recipe = load_recipe("ptq", model="tiny-random", bits=bits, sets=TINY + sets)
     calibrated = calibrate(recipe, root / "calibrate")
     return merge(finetune(calibrated, recipe, root / "finetune"), root / "merge")
+
+
+QUICK_SAMPLE = [a for s in ("sample.num_samples=2", "sample.batch_size=2", "sample.steps=2", "sample.grid_samples=0")
+                for a in ("--set", s)]
+
+
+def sample_tiny(runner: CliRunner, merged: Path, out: Path, *options: str) -> Manifest:
+    """`lowbitdm sample merged` (two samples, two steps) with `options` into `out`; its manifest."""
+    from lowbitdm_cli.cli import app
+
+    result = runner.invoke(app, ["sample", str(merged), *QUICK_SAMPLE, "--out", str(out), *options])
+    assert result.exit_code == 0, result.output
+    return Artifact.open(out).manifest
