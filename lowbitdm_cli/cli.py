@@ -16,6 +16,7 @@ import typer  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -133,7 +134,8 @@ class _Bars:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets (pip extras, paths, shapes) that rich would read as markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -328,9 +330,13 @@ def sample(
                                                "artifact folder.")],
     recipe: RecipeOpt = None, sets: SetOpt = None, out_dir: OutOpt = None, resume: ResumeOpt = False,
     force: ForceOpt = False,
-    runtime: Annotated[Literal["int", "fake"], typer.Option(
-        "--runtime", help="How a merge artifact runs: integer kernels by default; `fake` dequantizes to float "
-                          "for comparison.")] = "int",
+    runtime: Annotated[Literal["int", "fake", "compiled"], typer.Option(
+        "--runtime", help="How a merge artifact runs: integer kernels by default (equal to `fake` bit for bit); "
+                          "`fake` dequantizes to float for comparison; `compiled` hands the same integer layers "
+                          "to PyTorch's x86 int8 lowering and compiles the whole denoiser with Inductor (needs "
+                          "torchao: pip install 'lowbitdm\\[compiled]'; the first call per input shape "
+                          "compiles; faster on CPUs, samples not bit-equal to fake; docs/integer-runtime.md)."
+                          )] = "int",
     device: Annotated[str, typer.Option(
         "--device", help="Where the model runs: cpu, or cuda (under torchrun: each rank's own GPU, nccl).")] = "cpu",
     prompts: PromptsOpt = None, lora: LoraOpt = None, lora_scale: LoraScaleOpt = None,

@@ -13,6 +13,7 @@ __all__ = [
     "ModelNotFoundError",
     "NonFiniteError",
     "RecipeError",
+    "RuntimeUnavailableError",
     "StageOrderError",
     "WeightsNotFoundError",
 ]
@@ -64,3 +65,7 @@ class WeightsNotFoundError(EvaluationError):
 
 class AdapterError(LowbitError):
     """A LoRA adapter file is unreadable or does not fit the model (keys that match no layer, shapes)."""
+
+
+class RuntimeUnavailableError(LowbitError):
+    """A runtime cannot run this model here (a missing package, kernels this CPU lacks, layers it cannot express)."""

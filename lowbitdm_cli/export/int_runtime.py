@@ -140,10 +140,13 @@ def choose_split(w: Tensor, limit: int, u_max: int, float_exact: bool) -> int | 
 
 
 def lowering_counts(module: nn.Module) -> dict[str, int]:
-    """How many integer layers of `module` run on each lowering now (after any autotuning)."""
+    """How many integer layers of `module` run on each lowering now (after any autotuning; the compiled
+    runtime's layers report theirs too)."""
+    from lowbitdm_cli.export.compiled_runtime import RefLayer
+
     counts: dict[str, int] = {}
     for m in module.modules():
-        if isinstance(m, IntLayer):
+        if isinstance(m, (IntLayer, RefLayer)):
             counts[m.lowering] = counts.get(m.lowering, 0) + 1
     return dict(sorted(counts.items()))
 

@@ -25,7 +25,7 @@ from lowbitdm_cli.quant.config import LayerSpec
 
 __all__ = ["LOADERS", "load_quantized", "recipe_prompts", "same_model"]
 
-Runtime = Literal["int", "fake"]
+Runtime = Literal["int", "fake", "compiled"]
 
 
 def recipe_prompts(recipe) -> list[str] | None:
@@ -85,8 +85,10 @@ def load_quantized(path: str | Path | Artifact, runtime: Runtime | None = None, 
 
     The artifact is validated first (manifest, sha256 of every file, an older manifest migrated),
     so a changed file is an `IntegrityError`; nothing is unpickled. ``runtime``: ``"int"``
-    (integer kernels, merge artifacts; their default) or ``"fake"`` (fake-quantized; the default
-    and only runtime of calibrate and finetune artifacts). For a merged checkpoint
+    (integer kernels, merge artifacts; their default), ``"fake"`` (fake-quantized; the default
+    and only runtime of calibrate and finetune artifacts) or ``"compiled"`` (merge artifacts: the
+    integer layers compiled with the whole denoiser by Inductor, `export.compiled_runtime`, in float32
+    around them; for bf16: ``compile_runtime(use_dtype(load_quantized(path), torch.bfloat16))``). For a merged checkpoint
     ``model.meta["runtime"]`` reports how many layers run on integer kernels.
 
     ``loras``: LoRA adapter files (paths, ``(path, scale)`` pairs or `adapters.lora_file.Adapter`s)
@@ -94,8 +96,8 @@ def load_quantized(path: str | Path | Artifact, runtime: Runtime | None = None, 
     the packed weights are untouched and ``model.meta["loras"]`` records each file's sha256 and scale.
     An adapter key that matches no layer is an `AdapterError`.
     """
-    if runtime not in (None, "int", "fake"):
-        raise ValueError(f"runtime must be 'int' or 'fake', got {runtime!r}")
+    if runtime not in (None, "int", "fake", "compiled"):
+        raise ValueError(f"runtime must be 'int', 'fake' or 'compiled', got {runtime!r}")
     artifact = path if isinstance(path, Artifact) else Artifact.open(path)
     record = artifact.manifest.quantization
     if record is None:
@@ -107,4 +109,11 @@ def load_quantized(path: str | Path | Artifact, runtime: Runtime | None = None, 
     from lowbitdm_cli.adapters.branch import apply_loras
 
     loader, default = LOADERS[record.format]
+    if runtime == "compiled":  # the integer runtime's layers, compiled (`export.compiled_runtime`)
+        from lowbitdm_cli.export.compiled_runtime import compile_runtime
+
+        if default != "int":
+            raise StageOrderError(f"{artifact.path} is a {artifact.manifest.stage} artifact: runtime='compiled' "
+                                  f"runs merged checkpoints (lowbitdm merge)")
+        return compile_runtime(apply_loras(loader(artifact, "int"), loras or []))
     return apply_loras(loader(artifact, runtime or default), loras or [])

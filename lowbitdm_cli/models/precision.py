@@ -69,11 +69,12 @@ def resolve_dtype(name: str) -> DtypeName:
 
 def _keeps_float32(module: nn.Module) -> bool:
     """Quantized layers and quantizers: their float tensors define the integer codes."""
+    from lowbitdm_cli.export.compiled_runtime import RefLayer
     from lowbitdm_cli.export.int_runtime import IntLayer
     from lowbitdm_cli.quant.layers import QuantLayerMixin
     from lowbitdm_cli.quant.quantizer import UniformQuantizer
 
-    return isinstance(module, (QuantLayerMixin, IntLayer, UniformQuantizer))
+    return isinstance(module, (QuantLayerMixin, IntLayer, RefLayer, UniformQuantizer))
 
 
 @torch.no_grad()
@@ -102,7 +103,15 @@ def set_compute_dtype(denoiser: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def use_dtype(model, dtype: torch.dtype):  # noqa: ANN001, ANN201 - a DiffusionModel, returned
-    """`model` computing in `dtype` from now on (its denoiser converted in place by `set_compute_dtype`)."""
+    """`model` computing in `dtype` from now on (its denoiser converted in place by `set_compute_dtype`).
+    A compiled runtime's model keeps the dtype it was compiled in (`export.compiled_runtime`)."""
+    from lowbitdm_cli.export.compiled_runtime import CompiledDenoiser
+
+    if isinstance(model.denoiser, CompiledDenoiser):
+        if dtype != model.dtype:
+            raise ValueError(f"this model was compiled in {model.dtype}: set the dtype (use_dtype) before "
+                             f"compile_runtime / load_quantized(runtime='compiled')")
+        return model
     set_compute_dtype(model.denoiser, dtype)
     model.dtype = dtype
     return model

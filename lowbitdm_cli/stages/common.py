@@ -33,7 +33,7 @@ class Source:
     ref: ModelRef
     artifact: Artifact | None
     label: str
-    runtime: str | None = None  # "int" or "fake" for a merged checkpoint, None otherwise
+    runtime: str | None = None  # "int", "fake" or "compiled" for a merged checkpoint, None otherwise
     loras: list[dict] = field(default_factory=list)  # the LoRA adapters run beside its layers (path, sha256, scale)
 
 
@@ -99,12 +99,14 @@ def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | 
     """A registered model name or diffusers folder (full precision), or a calibrate/finetune/merge
     artifact folder.
 
-    `runtime` applies to merge artifacts only: "int" runs integer kernels, "fake" dequantizes.
+    `runtime` applies to merge artifacts only: "int" runs integer kernels, "fake" dequantizes,
+    "compiled" loads the integer runtime, checks that `export.compiled_runtime` can express every
+    layer, and leaves the compiling to the sample stage (after it sets the float dtype).
     `prompts` (a prompt file) is needed by a full-precision text-to-image model; artifacts use
     the prompts they were made with. `loras`: LoRA adapters (paths or (path, scale) pairs) run as
     float branches beside the layers they target (`adapters.branch.attach_loras`), on any source."""
-    if runtime not in ("int", "fake"):
-        raise ValueError(f"runtime must be 'int' or 'fake', got {runtime!r}")
+    if runtime not in ("int", "fake", "compiled"):
+        raise ValueError(f"runtime must be 'int', 'fake' or 'compiled', got {runtime!r}")
     text = str(source)
     path = Path(text)
     model_path = path.exists() and not (path / MANIFEST).exists() and text not in MODELS  # a model folder / file
@@ -122,8 +124,16 @@ def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | 
         raise StageOrderError(f"{path} is a {art.manifest.stage} artifact; sample from a model name or a "
                               f"calibrate, finetune or merge artifact")
     merged = art.manifest.stage == "merge"
+    if runtime == "compiled" and not merged:
+        raise StageOrderError(f"{path} is a {art.manifest.stage} artifact: --runtime compiled runs merged "
+                              f"checkpoints (lowbitdm merge)")
     with torch.no_grad():
-        model = load_quantized(art, runtime=runtime if merged else "fake", loras=loras)
+        model = load_quantized(art, runtime={"fake": "fake", "int": "int", "compiled": "int"}[runtime] if merged
+                               else "fake", loras=loras)
+    if runtime == "compiled":
+        from lowbitdm_cli.export.compiled_runtime import check_compilable
+
+        check_compilable(model.denoiser)
     return Source(model, art.manifest.model, art, f"{art.manifest.model.name} ({art.manifest.stage})",
                   runtime=runtime if merged else None, loras=model.meta.get("loras", []))
 

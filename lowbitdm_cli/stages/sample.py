@@ -54,6 +54,10 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
     def work(group: ProcessGroup, run: StageRun, shared: dict) -> Artifact | None:
         # the other ranks only write shards into rank 0's partial folder; they never touch its manifest
         model = use_layout(use_dtype(source.model, DTYPES[cfg.dtype]), cfg.layout)  # around the quantized layers
+        if source.runtime == "compiled":  # after the dtype: Inductor compiles the model as it will run
+            from lowbitdm_cli.export.compiled_runtime import compile_runtime
+
+            model = compile_runtime(model)
         if model.conditioning == "text":  # the recipe's prompts, also for an artifact calibrated on others
             model = model.with_conditioner(model.conditioner.with_prompts(text_prompts(recipe)))
         work_device = rank_device(device, group)

@@ -33,5 +33,5 @@ def sample_tiny(runner: CliRunner, merged: Path, out: Path, *options: str) -> Ma
     from lowbitdm_cli.cli import app
 
     result = runner.invoke(app, ["sample", str(merged), *QUICK_SAMPLE, "--out", str(out), *options])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, (result.output, result.exception)
     return Artifact.open(out).manifest

@@ -1,0 +1,239 @@
+"""The compiled runtime (`sample --runtime compiled`) against what a user would run instead and
+against lowbitdm's eager integer runtime, per CPU class; and what it does to the samples.
+
+Cells, per model, timed interleaved in one process (A, B, C, A, B, C, ...; medians after a warm-up
+that also compiles), batch 64, torch.set_num_threads(2):
+
+  FP        fp32 (eager), fp32-compile (Inductor with freezing) and, where the CPU runs bf16 natively,
+            bf16-autocast-cl (eager bf16 autocast, channels-last: the fastest eager FP here) and
+            bf16-compile (bf16 autocast + Inductor with freezing: the fastest FP configuration);
+  per width int (the eager integer runtime, everything around the int8 kernels in fp32, or bf16)
+            and compiled (`export.compiled_runtime`, in fp32 and bf16).
+
+Models: the embedded `digits` UNet merged through the chain (`--recipe`, default ptq; calibrate →
+finetune → merge) and merged_runtime.py's 26 M UNet (random init, min-max ptq at the same widths).
+`best` is the speed-up over the fastest FP cell of that CPU class.
+
+Quality (digits, native class only, `--samples`, default 500): samples of the fake, integer and
+compiled runtimes with the model's own sampler and the same seeds and classes: FID-digits and
+class accuracy from the embedded evaluator, and the share of pixels on which int and compiled agree
+with fake (identical, within one grey level).
+
+CPU classes as in merged_runtime.py, each its own process: native, vnni (ONEDNN_MAX_CPU_ISA=
+AVX512_CORE_VNNI) and avx2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2).
+
+    python benchmarks/compiled_runtime.py                  # all classes, 5 timed runs per cell
+    python benchmarks/compiled_runtime.py --quick          # native, digits only, 2 runs, 50 samples
+    python benchmarks/compiled_runtime.py --classes native --models large
+
+Writes benchmarks/results/compiled_runtime.json (--quick: compiled_runtime_quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import merged_runtime as mr  # sets the CLI's OpenMP wait policy before torch loads
+import torch
+from torch._inductor import config as inductor_config
+
+from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
+from lowbitdm_cli.export.checkpoint import load_merged
+from lowbitdm_cli.export.compiled_runtime import available, compile_runtime
+from lowbitdm_cli.export.kernel_probe import kernel_report
+from lowbitdm_cli.memory import keep_freed_memory
+from lowbitdm_cli.models.precision import DTYPES, bf16_native, use_dtype, use_layout
+from lowbitdm_cli.models.registry import MODELS, load_model
+from lowbitdm_cli.models.wrapper import DiffusionModel
+from lowbitdm_cli.recipes import load_recipe
+from lowbitdm_cli.sampling import SamplerSettings, run_sampler, to_uint8
+
+ROOT = Path(__file__).resolve().parent.parent
+WIDTHS = ("W8A8", "W4A4")
+
+
+def _merged_digits(recipe: str, label: str, folder: Path, quick: bool) -> Path:
+    from lowbitdm_cli.stages.calibrate import calibrate
+    from lowbitdm_cli.stages.finetune import finetune
+    from lowbitdm_cli.stages.merge import merge
+
+    sets = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"] if quick else []
+    r = load_recipe(recipe, model="digits", bits=label.lower(), sets=sets)
+    calibrated = calibrate(r, folder / label / "calibrate")
+    return merge(finetune(calibrated, r, folder / label / "finetune"), folder / label / "merge").path
+
+
+def _fp_cells(make_fp: Callable[[], DiffusionModel], batch: int) -> dict[str, Callable]:
+    cells = {"fp32": mr._call(make_fp(), batch)}
+    compiled = make_fp()
+    compiled.denoiser = torch.compile(compiled.denoiser, dynamic=False)
+    cells["fp32-compile"] = mr._call(compiled, batch)
+    if bf16_native():
+        cells["bf16-autocast-cl"] = mr._call(use_layout(make_fp(), "channels_last"), batch, autocast=True)
+        compiled = make_fp()
+        compiled.denoiser = torch.compile(compiled.denoiser, dynamic=False)
+        cells["bf16-compile"] = mr._call(compiled, batch, autocast=True)
+    return cells
+
+
+def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, Path], args: argparse.Namespace
+           ) -> dict:
+    cells = _fp_cells(make_fp, args.batch)
+    dtypes = ["fp32", "bf16"] if bf16_native() else ["fp32"]
+    for label, path in merged.items():
+        for dtype in dtypes:
+            cells[f"{label} int {dtype}"] = mr._call(use_dtype(load_merged(path, "int"), DTYPES[dtype]), args.batch)
+            cells[f"{label} compiled {dtype}"] = mr._call(
+                compile_runtime(use_dtype(load_merged(path, "int"), DTYPES[dtype])), args.batch)
+    ms = {k: v * 1e3 for k, v in mr._time_cells(cells, args.repeats, args.warmup).items()}
+    fp = {k: v for k, v in ms.items() if " " not in k}
+    fastest = min(fp, key=fp.get)
+    rows = [{"precision": label, "runtime": runtime, "dtype": dtype, "ms": ms[f"{label} {runtime} {dtype}"],
+             "vs_fp32": ms["fp32"] / ms[f"{label} {runtime} {dtype}"],
+             "vs_fastest_fp": ms[fastest] / ms[f"{label} {runtime} {dtype}"]}
+            for label in merged for dtype in dtypes for runtime in ("int", "compiled")]
+    return {"model": title, "fp_ms": fp, "fastest_fp": fastest, "rows": rows}
+
+
+@torch.no_grad()
+def _quality(merged: dict[str, Path], n: int) -> list[dict]:
+    """FID-digits / accuracy per runtime (fp32 around the int8 kernels), and the share of pixels on which
+    int and compiled agree with fake; for scale, the same for the FP model eager vs compiled."""
+    sampler = MODELS["digits"].sampler
+    settings = SamplerSettings(steps=sampler["steps"], eta=sampler["eta"], guidance=sampler["guidance"],
+                               clip_x0=sampler["clip_x0"], sampler=sampler.get("sampler", "ddim"))
+    evaluator = DigitsEvaluator()
+    cond = torch.arange(n) % 10
+
+    def images(model: DiffusionModel) -> torch.Tensor:  # uint8, as `sample` stores them
+        chunks = [run_sampler(model, cond[i:i + 100], list(range(i, min(i + 100, n))), 0, settings)
+                  for i in range(0, n, 100)]
+        return torch.from_numpy(to_uint8(torch.cat(chunks))).int()
+
+    def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+        diff = (a - b).abs()
+        return {"identical": float((diff == 0).float().mean()), "within_one_level": float((diff <= 1).float().mean())}
+
+    def metrics(x: torch.Tensor) -> dict:
+        return {k: float(v) for k, v in evaluator.evaluate(x.to(torch.uint8), cond).items()}
+
+    fp_compiled = load_model("digits")
+    fp_compiled.denoiser = torch.compile(fp_compiled.denoiser, dynamic=False)
+    fp = {"eager": images(load_model("digits")), "compiled": images(fp_compiled)}
+    out = [{"precision": "FP32", "samples": n, "sampler": f"{settings.sampler} {settings.steps}",
+            "eager": metrics(fp["eager"]), "compiled": metrics(fp["compiled"]),
+            "compiled_vs_eager": agreement(fp["compiled"], fp["eager"])}]
+    for label, path in merged.items():
+        runs = {"fake": load_merged(path, "fake"), "int": load_merged(path, "int"),
+                "compiled": compile_runtime(load_merged(path, "int"))}
+        x = {runtime: images(model) for runtime, model in runs.items()}
+        row = {"precision": label, "samples": n, "sampler": f"{settings.sampler} {settings.steps}",
+               **{runtime: metrics(v) for runtime, v in x.items()}}
+        row.update({f"{runtime}_vs_fake": agreement(x[runtime], x["fake"]) for runtime in ("int", "compiled")})
+        out.append(row)
+    return out
+
+
+def _print(result: dict) -> None:
+    fp = result["fp_ms"]
+    print(f"\n{result['model']}   FP: " + "   ".join(f"{k} {v:.0f} ms ({fp['fp32'] / v:.2f}x)" for k, v in fp.items())
+          + f"   fastest: {result['fastest_fp']}")
+    print(f"{'':6} {'runtime':9} {'dtype':5} {'ms':>8} {'x fp32':>7} {'x best':>7}")
+    for r in result["rows"]:
+        print(f"{r['precision']:6} {r['runtime']:9} {r['dtype']:5} {r['ms']:>8.1f} {r['vs_fp32']:>6.2f}x "
+              f"{r['vs_fastest_fp']:>6.2f}x")
+
+
+def _run_class(args: argparse.Namespace, folder: Path) -> dict:
+    widths = [w for w in WIDTHS if w in args.widths.split(",")]
+    results = []
+    if "digits" in args.models:
+        merged = {w: folder / "digits" / w / "merge" for w in widths}
+        results.append(_bench("digits", lambda: load_model("digits"), merged, args))
+        _print(results[-1])
+    if "large" in args.models:
+        merged = {w: folder / f"large-{w}" for w in widths}
+        results.append(_bench("unet-128-256-256 (random init, 32x32x3)", mr._large_fp, merged, args))
+        _print(results[-1])
+    quality = None
+    if args.one_class == "native" and args.samples and "digits" in args.models:
+        quality = _quality({w: folder / "digits" / w / "merge" for w in widths}, args.samples)
+        for q in quality:
+            runtimes = ("eager", "compiled") if q["precision"] == "FP32" else ("fake", "int", "compiled")
+            pairs = {k: v for k, v in q.items() if k.endswith(("_vs_fake", "_vs_eager"))}
+            print(f"{q['precision']} ({q['samples']} samples, {q['sampler']}): " + "   ".join(
+                f"{rt} FID {q[rt]['fid_digits']:.2f} acc {q[rt]['class_accuracy']:.3f}" for rt in runtimes)
+                + "   identical pixels: " + ", ".join(f"{k} {v['identical']:.1%} (within one level "
+                                                     f"{v['within_one_level']:.1%})" for k, v in pairs.items()))
+    return {"cpu_class": args.one_class, **kernel_report(), "results": results, "quality": quality}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="native class, digits, 2 timed runs, 50 samples")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--classes", default="native,vnni,avx2", help=f"CPU classes ({', '.join(mr.CLASSES)})")
+    parser.add_argument("--models", default="digits,large", help="digits and/or large (the 26 M UNet)")
+    parser.add_argument("--widths", default=",".join(WIDTHS))
+    parser.add_argument("--recipe", default="ptq", help="the recipe that makes the digits checkpoints")
+    parser.add_argument("--samples", type=int, default=None, help="quality samples per runtime (0: skip)")
+    parser.add_argument("--merged-dir", type=Path, default=None, help="keep / reuse the merged checkpoints here")
+    parser.add_argument("--one-class", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if available():
+        parser.error(available())
+    if args.quick:
+        args.classes, args.models = "native", "digits"
+    args.repeats, args.warmup = (2, 1) if args.quick else (5, 1)
+    args.samples = args.samples if args.samples is not None else (50 if args.quick else 500)
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"compiled_runtime{'_quick' if args.quick else ''}.json"
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    inductor_config.freezing = True  # every compiled cell, FP ones too: weights folded as constants
+    # every compiled model of one diffusers class shares a code object and dynamo's recompile limit (8):
+    # room for all cells, and an error rather than a silent eager fallback past it
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    if args.one_class:
+        args.out.write_text(json.dumps(_run_class(args, args.merged_dir)) + "\n")
+        return
+    per_class = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.merged_dir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for w in args.widths.split(","):
+            if "digits" in args.models and not (folder / "digits" / w / "merge").is_dir():
+                _merged_digits(args.recipe, w, folder / "digits", args.quick)
+            if "large" in args.models and not (folder / f"large-{w}").is_dir():
+                mr._merged_large(w, folder, calib_batch=32)
+        for cpu_class in args.classes.split(","):
+            env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+            onednn_isa, aten_isa = mr.CLASSES[cpu_class]
+            env.update({k: v for k, v in (("ONEDNN_MAX_CPU_ISA", onednn_isa), ("ATEN_CPU_CAPABILITY", aten_isa)) if v})
+            print(f"\n=== CPU class {cpu_class} (ONEDNN_MAX_CPU_ISA={onednn_isa or 'unset'}, "
+                  f"ATEN_CPU_CAPABILITY={aten_isa or 'unset'}) ===", flush=True)
+            part = folder / f"compiled-{cpu_class}.json"
+            cmd = [sys.executable, __file__, "--one-class", cpu_class, "--merged-dir", str(folder), "--out", str(part),
+                   "--batch", str(args.batch), "--threads", str(args.threads), "--models", args.models,
+                   "--widths", args.widths, "--samples", str(args.samples), *(["--quick"] if args.quick else [])]
+            subprocess.run(cmd, env=env, check=True)
+            per_class.append(json.loads(part.read_text()))
+            print(f"kernels: {per_class[-1]['kernel_probes']}  cpu: {per_class[-1]['cpu']}")
+    payload = {"quick": args.quick, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+               "recipe": args.recipe, "torch": torch.__version__, "classes": per_class}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The merged checkpoint through PyTorch's own x86 int8 lowering: ``--runtime compiled``.
+
+The integer runtime (`int_runtime`) swaps each quantized layer for a oneDNN int8 call and leaves
+every float op around it (GroupNorm, SiLU, attention, residual adds, the quantize and rescale passes)
+to eager PyTorch, one pass per op; that is what keeps it equal to the fake-quantized model bit for
+bit, and what makes it slower than the float model in bf16 on a CPU with AMX
+(`benchmarks/merged_runtime.py`). Here the same integer layers are written as the reference pattern PyTorch's
+x86 int8 lowering recognises (``dequantize_per_tensor`` → conv/linear ← ``dequantize_per_channel``,
+the pattern PT2E's `X86InductorQuantizer` produces; `torchao.quantization.pt2e.inductor_passes.x86`
+registers the rewrite) and the whole denoiser is compiled by Inductor with freezing: each layer becomes
+one prepacked oneDNN int8 call, and the float ops between them fused C++ loops.
+
+What it keeps from the checkpoint, unchanged: the integer weights w − zw (int8, per output channel
+Δw), every activation step Δx and zero point, per timestep slot; codes are the fake quantizer's
+``clamp(round(x/Δx) + z) (+ 2^(b−1) when symmetric)``. Timestep slots do not cost a graph each: the
+kernel runs with unit activation scale (and the zero point of the layer when it is the same in every
+slot, else zero, the zero point then subtracted as ``z·conv(1, w)``), and the slot's Δx multiplies
+its output inside the compiled graph, the slot chosen from the timestep as `TimestepSlots` does.
+
+Run eagerly, the pattern is the fake model op for op (the rescale in the order of `quant.integer.rescale`,
+equal bit for bit: tested). What compiling gives up is that equality: Inductor fuses and reorders the
+float ops (GroupNorm's reductions among them), so a value before a quantizer can differ in its last
+bit and move a code by one step, which a sampler carries through its steps; the integer sums stay
+exact where the kernels are exact (`IntLayer.exact_lowerings`: on CPUs whose int8 kernels saturate
+pairs of products (AVX2, AVX-512 without VNNI) a layer whose weights could saturate runs as two
+pair-safe halves, as in the integer runtime). `benchmarks/compiled_runtime.py` measures the speed
+per CPU class and how far the samples move (FID-digits, accuracy, pixels equal to the fake runtime's).
+
+Needs torchao (``pip install 'lowbitdm[compiled]'``: its x86 lowering passes) and a C++ compiler for
+Inductor. The first call per input shape and dtype compiles the whole denoiser, which costs many
+forwards' worth of time: it pays off on long sampling runs. Layers it cannot express (per-token
+activation scales, smoothing, rotation, low-rank branches, temporal attention-matmul quantizers) are
+reported by `unsupported` and refused with one line naming them.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbitdm_cli.errors import RuntimeUnavailableError
+from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear
+from lowbitdm_cli.models.wrapper import DiffusionModel
+from lowbitdm_cli.quant.integer import rescale, rescale_order, split_weight
+from lowbitdm_cli.quant.quantizer import TimestepSlots
+
+__all__ = ["CompiledDenoiser", "RefLayer", "available", "check_compilable", "compile_runtime", "unsupported"]
+
+
+@functools.cache
+def available() -> str | None:
+    """None when the compiled runtime can run here, else why not (one line)."""
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers the passes)
+    except ImportError:
+        return "the compiled runtime needs torchao (pip install 'lowbitdm[compiled]')"
+    if not hasattr(torch.ops, "onednn") or not hasattr(torch.ops.onednn, "qconv_pointwise"):
+        return "this PyTorch has no oneDNN int8 kernels (x86 CPU builds have them)"
+    return None
+
+
+class _Step(threading.local):
+    """The timestep of the denoiser call in progress, as a tensor: the compiled graph takes it as an
+    input (a module buffer would be frozen into a constant)."""
+
+    t: Tensor | None = None
+
+
+_STEP = _Step()
+_RECOMPILE_LIMIT = 64
+
+
+def _constant(t: Tensor) -> nn.Parameter:
+    """A parameter that Inductor's freezing folds into the graph (buffers stay graph inputs: the
+    weight prepack then has nothing constant to pack)."""
+    return nn.Parameter(t, requires_grad=False)
+
+
+class RefLayer(TimestepSlots, nn.Module):
+    """One `IntConv2d` / `IntLinear` as quantize → dequantize → float op ← dequantized int8 weight,
+    the pattern Inductor's x86 passes lower to one oneDNN int8 call (unit activation scale), followed
+    by the slot's Δx, the zero-point correction and the bias. The slot is picked inside the graph
+    (`_slot`); `set_timestep` only records timesteps no slot was calibrated for, as the layer it
+    replaces does (the sample manifest lists them)."""
+
+    def __init__(self, layer: IntLayer) -> None:
+        super().__init__()
+        self.conv = isinstance(layer, IntConv2d)
+        self.kind = "conv" if self.conv else "linear"
+        self.order = rescale_order(self.kind)
+        out_ch, k = layer.out_ch, layer.k
+        if self.conv:
+            kh, kw = layer.kernel_size
+            self.geometry = (layer.stride, layer.padding, layer.dilation)
+            as_weight = lambda w: w.reshape(w.shape[0], kh, kw, -1).permute(0, 3, 1, 2).contiguous()
+        else:
+            as_weight = lambda w: w.reshape(w.shape[0], k).contiguous()
+        # the weight matrix the integer runtime multiplies (its K order), and the pair-safe split it uses
+        wmat = layer.wmat.t().to(torch.int16)  # [O(+1), K]: a shifted layer's last row is all ones
+        lowerings = layer.exact_lowerings()
+        split = next((s for kernel, s in lowerings if kernel == "onednn"), None)
+        if not any(kernel == "onednn" for kernel, _ in lowerings):
+            raise ValueError("oneDNN's int8 kernels cannot compute this layer exactly here")
+        parts = [wmat] if split is None else list(split_weight(wmat.float(), split))
+        self.split = split
+        self.part_scale = [1.0] if split is None else [float(1 << split), 1.0]
+        for i, part in enumerate(parts):
+            self.register_parameter(f"w{i}", _constant(as_weight(part.to(torch.int8))))
+        self.parts = len(parts)
+        rows = wmat.shape[0]
+        self.w_scale = _constant(torch.ones(rows))  # unit: the rescale below is the layer's own
+        self.w_zero = _constant(torch.zeros(rows, dtype=torch.long))
+        self.out_ch, self.direct = out_ch, layer.direct
+        self.register_buffer("w_off", layer.w_off.float())  # shifted: 128 − zw per channel
+        self.register_buffer("weight_scale", layer.weight_scale.float())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.float())
+        # activation codes per slot: u = clamp(round(x/Δx) + z_add, q_min, q_max) + offset, kernel zero point zx
+        self.register_buffer("input_scale", layer.input_scale.float().clone())
+        self.register_buffer("z_add", torch.tensor(layer._z_add, dtype=torch.float32))
+        self.register_buffer("zx", torch.tensor(layer._zx, dtype=torch.float32))
+        self.register_buffer("timesteps", layer.timesteps.clone())
+        self._index, self.unmatched_timesteps = None, set(layer.unmatched_timesteps)
+        self.q_min, self.q_max, self.offset = layer.q_min, layer.q_max, layer._offset
+        self.fixed_zx = int(layer._zx[0]) if len(set(layer._zx)) == 1 else None  # else subtracted after
+
+    @property
+    def lowering(self) -> str:
+        """What the sample manifest records (`int_runtime.lowering_counts`)."""
+        return "inductor-onednn" + (f"-split{self.split}" if self.split is not None else "")
+
+    def _slot(self) -> Tensor:
+        """[1] index of the timestep slot (`TimestepSlots`: the nearest calibrated timestep), a tensor op
+        on the call's timestep, so one graph serves every slot."""
+        if self.timesteps.numel() == 0:
+            return self.timesteps.new_zeros(1)
+        if _STEP.t is None:
+            raise RuntimeError("temporal layer called outside CompiledDenoiser")
+        return (self.timesteps - _STEP.t).abs().argmin().reshape(1)
+
+    def _product(self, u: Tensor, zx: int) -> Tensor:
+        """Σ (u − zx)·w per output (rows of a shifted layer's weights include the window sums), float32."""
+        qd = torch.ops.quantized_decomposed
+        xd = qd.dequantize_per_tensor.default(u, 1.0, zx, 0, 255, torch.uint8)
+        out = None
+        for i in range(self.parts):
+            w = qd.dequantize_per_channel.default(getattr(self, f"w{i}"), self.w_scale, self.w_zero, 0, -128, 127,
+                                                  torch.int8)
+            y = F.conv2d(xd, w, None, *self.geometry) if self.conv else F.linear(xd, w)
+            out = y * self.part_scale[i] if out is None else out + y * self.part_scale[i]
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        i = self._slot()
+        delta, z = self.input_scale.index_select(0, i), self.z_add.index_select(0, i)
+        u = (torch.clamp(torch.round(x.float() / delta) + z, self.q_min, self.q_max) + self.offset).to(torch.uint8)
+        acc = self._product(u, self.fixed_zx or 0)
+        if self.fixed_zx is None:  # Σ(u − zx)w = Σu·w − zx·Σw over the window (zero padding: code 0 here)
+            ones = torch.ones((1, *x.shape[1:]), device=x.device)  # a constant: freezing folds the window sums
+            w_sum = sum(getattr(self, f"w{p}").float() * s for p, s in enumerate(self.part_scale))
+            window = F.conv2d(ones, w_sum, None, *self.geometry) if self.conv else F.linear(ones, w_sum)
+            acc = acc - self.zx.index_select(0, i) * window
+        dim = 1 if self.conv else -1
+        if not self.direct:  # Σ(u−zx)(w−zw) = Σ(u−zx)(w−128) + (128−zw)·Σ(u−zx): the last row holds Σ(u−zx)
+            main, sums = acc.narrow(dim, 0, self.out_ch), acc.narrow(dim, self.out_ch, 1)
+            acc = main + sums * self.w_off.reshape([-1, 1, 1] if self.conv else [-1])
+        # the fake runtime's rescale, in its float order (the one this CPU's oneDNN kernel uses)
+        return rescale(acc, delta, self.weight_scale, self.bias, dim, self.kind, order=self.order).to(x.dtype)
+
+
+def unsupported(denoiser: nn.Module) -> list[str]:
+    """Names of the modules the compiled runtime cannot express (empty: it runs the whole denoiser)."""
+    out = []
+    for name, m in denoiser.named_modules():
+        if isinstance(m, IntLayer):
+            if type(m) not in (IntConv2d, IntLinear):
+                out.append(f"{name} ({type(m).__name__}: per-token scales or input transforms)")
+            elif not any(kernel == "onednn" for kernel, _ in m.exact_lowerings()):
+                out.append(f"{name} (no exact oneDNN int8 lowering on this CPU)")
+        elif isinstance(m, TimestepSlots) and m.temporal and not isinstance(m, RefLayer):
+            out.append(f"{name} ({type(m).__name__}: a temporal quantizer outside the integer layers)")
+    return out
+
+
+def check_compilable(denoiser: nn.Module) -> None:
+    """`RuntimeUnavailableError` (one line) unless the compiled runtime can run `denoiser` here."""
+    why = available()
+    if why:
+        raise RuntimeUnavailableError(why)
+    bad = unsupported(denoiser)
+    if bad:
+        raise RuntimeUnavailableError("the compiled runtime cannot run " + ", ".join(bad[:3])
+                                      + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") + ": use --runtime int")
+
+
+class CompiledDenoiser(nn.Module):
+    """The denoiser with its integer layers as `RefLayer`s, compiled by Inductor with freezing; called
+    like the original (``denoiser(x, timestep=t, **kwargs).sample``)."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__()
+        check_compilable(denoiser)
+        for name, m in list(denoiser.named_modules()):
+            for child_name, child in list(m.named_children()):
+                if isinstance(child, IntLayer):
+                    setattr(m, child_name, RefLayer(child))
+        self.inner = denoiser.eval()
+        self._compiled = torch.compile(self.inner, dynamic=False)  # static shapes: one graph per input shape
+
+    def forward(self, x: Tensor, timestep: Tensor, **kwargs) -> _Output:
+        _STEP.t = timestep.reshape(-1)[:1].to(torch.long)
+        try:
+            from torch._dynamo import config as dynamo_config
+            from torch._inductor import config as inductor_config
+
+            with torch.no_grad(), inductor_config.patch(freezing=True), dynamo_config.patch(
+                    recompile_limit=max(_RECOMPILE_LIMIT, dynamo_config.recompile_limit),
+                    fail_on_recompile_limit_hit=True), warnings.catch_warnings():
+                # freezing: the weights fold into prepacked constants. Every compiled model of a diffusers
+                # class shares its forward's code object and so dynamo's recompile limit (8 graphs, other
+                # models and input shapes included), past which it would run the rest eagerly and
+                # silently several times slower: room for 64, then an error. Compiling diffusers' code
+                # makes dynamo and inductor warn about their own internals, which say nothing to a user.
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._(dynamo|inductor)")
+                return _Output(self._compiled(x, timestep=timestep, **kwargs).sample)
+        finally:
+            _STEP.t = None
+
+
+class _Output:
+    def __init__(self, sample: Tensor) -> None:
+        self.sample = sample
+
+
+def compile_runtime(model: DiffusionModel) -> DiffusionModel:
+    """`model` (loaded with the integer runtime) with its denoiser compiled (`CompiledDenoiser`); the
+    first call per input shape compiles."""
+    if not isinstance(model.denoiser, CompiledDenoiser):
+        model.denoiser = CompiledDenoiser(model.denoiser)
+    return model

@@ -1,0 +1,215 @@
+"""The compiled runtime (`export.compiled_runtime`, `sample --runtime compiled`): each integer layer as
+the reference pattern PyTorch's x86 int8 lowering turns into one oneDNN call, inside a denoiser that
+Inductor compiles.
+
+It does not promise the fake runtime's bits (Inductor reorders the float ops), so the layer tests
+bound it against an independent reference: the exact integer sum in float64, rescaled in float64.
+Both the integer layer and its compiled form compute the same exact integer sum (the inputs lie a
+quarter step or more from every rounding boundary, so any correctly rounded quantization gives the
+same codes) and then at most three float32 roundings (×Δx, ×Δw, +b) of magnitude at most
+|acc·Δx·Δw| + |b| each, so each lies within 4·2⁻²⁴·(|acc·Δx·Δw| + |b|) of the float64 value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_chain import merge_tiny, sample_tiny
+
+from lowbitdm_cli.errors import RuntimeUnavailableError
+from lowbitdm_cli.export import compiled_runtime
+from lowbitdm_cli.export.compiled_runtime import RefLayer, check_compilable, unsupported
+from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear
+
+needs_compiled = pytest.mark.skipif(compiled_runtime.available() is not None,
+                                    reason=str(compiled_runtime.available()))
+U = 2.0**-24
+
+
+def _layer(kind: str, shifted: bool, zero_points: list[int], seed: int = 0) -> IntLayer:
+    g = torch.Generator().manual_seed(seed)
+    shape = (24, 16, 3, 3) if kind == "conv" else (24, 40)
+    if shifted:  # codes over the whole byte, zero points anywhere: w − zw leaves int8
+        codes, zw = torch.randint(0, 256, shape, generator=g), torch.randint(0, 256, (24,), generator=g)
+    else:
+        codes, zw = torch.randint(90, 166, shape, generator=g), torch.full((24,), 128)
+    slots = len(zero_points)
+    args = (codes, zw, torch.rand(24, generator=g) * 0.01 + 1e-3, torch.randn(24, generator=g),
+            torch.tensor([0.05, 0.03, 0.08][:slots]), torch.tensor(zero_points), 8)
+    timesteps = [999, 500, 0][:slots] if slots > 1 else None
+    if kind == "conv":
+        return IntConv2d(*args, timesteps=timesteps, padding=1)
+    return IntLinear(*args, timesteps=timesteps)
+
+
+def _input(layer: IntLayer, slot: int, seed: int) -> torch.Tensor:
+    """Float inputs a quarter step or more from every rounding boundary of `slot`'s quantizer (some
+    beyond the clamp range)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, layer.in_channels, 8, 8) if isinstance(layer, IntConv2d) else (3, 5, layer.k)
+    codes = torch.randint(-20, 276, shape, generator=g).float()
+    jitter = (torch.rand(shape, generator=g) - 0.5) * 0.5
+    return (codes - layer._z_add[slot] + jitter) * float(layer.input_scale[slot])
+
+
+def _exact(layer: IntLayer, x: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 output, its bound's scale |acc·Δx·Δw| + |b|) from the exact integer sum."""
+    delta = float(layer.input_scale[slot])
+    u = torch.clamp(torch.round(x.double() / delta) + layer._z_add[slot], layer.q_min, layer.q_max) + layer._offset
+    w = layer.wmat[:, : layer.out_ch].t().double()  # w − zw (direct) or w − 128 (shifted), K in the layer's order
+    if not layer.direct:
+        w = w + layer.w_off.double()[:, None]  # back to w − zw
+    dw, b = layer.weight_scale.double(), layer.bias.double()
+    if isinstance(layer, IntConv2d):
+        kh, kw = layer.kernel_size
+        weight = w.reshape(layer.out_ch, kh, kw, -1).permute(0, 3, 1, 2)
+        acc = F.conv2d(u - layer._zx[slot], weight, None, layer.stride, layer.padding)  # zero padding = code zx
+        shape = (-1, 1, 1)
+    else:
+        acc, shape = (u - layer._zx[slot]) @ w.t(), (-1,)
+    main = acc * delta * dw.reshape(shape)
+    return main + b.reshape(shape), main.abs() + b.abs().reshape(shape)
+
+
+def _assert_within(y: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor) -> None:
+    excess = (y.double() - exact).abs() - 4 * U * scale
+    assert float(excess.max()) <= 0, f"beyond the derived bound by {float(excess.max())}"
+
+
+CASES = [("conv", False, [3]), ("conv", True, [3]), ("conv", False, [3, 7, 0]), ("conv", True, [200, 7]),
+         ("linear", False, [3]), ("linear", True, [5, 9])]
+
+
+@pytest.mark.parametrize("kind,shifted,zero_points", CASES)
+def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_points: list[int]) -> None:
+    """Eager `RefLayer` and the integer layer it replaces, in every timestep slot, against float64."""
+    layer = _layer(kind, shifted, zero_points)
+    ref = RefLayer(layer).eval()
+    for slot, t in enumerate(layer.timesteps.tolist() or [None]):
+        x = _input(layer, slot, seed=slot)
+        layer.set_timestep(t)
+        compiled_runtime._STEP.t = None if t is None else torch.tensor([t])
+        with torch.no_grad():
+            exact, scale = _exact(layer, x, slot)
+            _assert_within(layer(x), exact, scale)
+            _assert_within(ref(x), exact, scale)
+    compiled_runtime._STEP.t = None
+
+
+@needs_compiled
+@pytest.mark.parametrize("kind,shifted,zero_points", [CASES[3], CASES[5]])
+def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: bool, zero_points: list[int],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled with freezing, the pattern becomes prepacked oneDNN int8 calls (the x86 passes' counters),
+    the timestep slot is an input of one graph (no recompile per slot), and the output stays within the
+    bound in every slot."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    layer = _layer(kind, shifted, zero_points, seed=1)
+    ref = RefLayer(layer).eval()
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # the counters count a real compile
+    compiled = torch.compile(ref, fullgraph=True)  # the slot lookup included: no graph break
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        for slot, t in enumerate(layer.timesteps.tolist()):
+            x = _input(layer, slot, seed=10)  # one shape: the slot alone changes
+            compiled_runtime._STEP.t = torch.tensor([t])
+            with torch._dynamo.config.patch(error_on_recompile=slot > 0):
+                y = compiled(x)
+            exact, scale = _exact(layer, x, slot)
+            _assert_within(y, exact, scale)
+    compiled_runtime._STEP.t = None
+    prepacked = counters["inductor"]["qconv_weight_prepack_matcher_count" if kind == "conv"
+                                      else "qlinear_weight_prepack_matcher_count"]
+    assert prepacked >= 1
+
+
+def test_unsupported_layers_are_named() -> None:
+    from lowbitdm_cli.export.int_transforms import IntTransformLinear
+    from lowbitdm_cli.quant.quantizer import UniformQuantizer
+
+    codes = torch.randint(0, 256, (4, 8))
+    args = (codes, torch.full((4,), 128), torch.ones(4), None, torch.ones(1), torch.zeros(1), 8)
+    model = torch.nn.Module()
+    model.ok = IntLinear(*args)
+    model.per_token = IntTransformLinear(*args, dynamic=True)
+    model.attn_q = UniformQuantizer(8, "asymmetric", timesteps=[999, 0])
+    assert [n.split(" ")[0] for n in unsupported(model)] == ["per_token", "attn_q"]
+    if compiled_runtime.available() is None:
+        with pytest.raises(RuntimeUnavailableError, match="per_token .*attn_q .*use --runtime int"):
+            check_compilable(model)
+
+
+def test_missing_torchao_is_one_line(merged: Path, runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without torchao: one line naming the extra (brackets intact: the CLI escapes rich markup)."""
+    from lowbitdm_cli.cli import app
+
+    why = "the compiled runtime needs torchao (pip install 'lowbitdm[compiled]')"
+    monkeypatch.setattr(compiled_runtime, "available", lambda: why)
+    with pytest.raises(RuntimeUnavailableError, match="needs torchao"):
+        check_compilable(torch.nn.Linear(2, 2))
+    result = runner.invoke(app, ["sample", str(merged), "--runtime", "compiled", "--out", str(merged.parent / "y")])
+    assert result.exit_code == 2 and why in " ".join(result.output.split()), result.output
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return merge_tiny("w4a4", ["quant.a_temporal=true"], tmp_path_factory.mktemp("compiled")).path
+
+
+def test_reference_pattern_is_the_fake_model_op_for_op(merged: Path) -> None:
+    """Run eagerly (no Inductor), the denoiser with every integer layer as its `RefLayer` equals the
+    fake-quantized model bit for bit, at every timestep slot: the pattern handed to Inductor is the
+    fake model's arithmetic, so whatever the compiled runtime changes, Inductor's rewriting changes."""
+    from lowbitdm_cli.export.checkpoint import load_merged
+
+    fake, ref = load_merged(merged, "fake"), load_merged(merged, "int")
+    for module in list(ref.denoiser.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, IntLayer):
+                setattr(module, name, RefLayer(child))
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(4, *fake.sample_shape, generator=g), torch.arange(4) % fake.num_classes
+    timesteps = sorted({int(t) for m in fake.denoiser.modules() if hasattr(m, "timesteps") for t in m.timesteps})
+    assert len(timesteps) > 1  # a temporal checkpoint
+    with torch.no_grad():
+        for t in timesteps[:: max(1, len(timesteps) // 3)]:
+            compiled_runtime._STEP.t = torch.tensor([t])
+            assert torch.equal(ref.forward(x, t, cond), fake.forward(x, t, cond)), t
+    compiled_runtime._STEP.t = None
+
+
+@needs_compiled
+def test_sample_cli_compiled(merged: Path, tmp_path: Path, runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sample --runtime compiled` on a merged checkpoint with temporal activation steps: every integer
+    layer runs as a compiled oneDNN call, the manifest says so, and the artifact is another one than
+    the integer runtime's."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    counters.clear()
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # the counters count a real compile
+    compiled = sample_tiny(runner, merged, tmp_path / "compiled", "--runtime", "compiled")
+    prepacked = sum(counters["inductor"][f"q{op}_weight_prepack_matcher_count"] for op in ("conv", "linear"))
+    integer = sample_tiny(runner, merged, tmp_path / "int")
+    assert compiled.info["runtime"] == "compiled" and integer.info["runtime"] == "int"
+    lowered = compiled.info["int_runtime"]["lowerings"]
+    assert set(lowered) <= {"inductor-onednn", *(f"inductor-onednn-split{s}" for s in range(1, 8))}
+    assert sum(lowered.values()) == sum(integer.info["int_runtime"]["lowerings"].values()) > 0
+    assert prepacked >= sum(lowered.values())  # each one a prepacked oneDNN call (none left to eager by a break)
+    assert compiled.inputs_digest != integer.inputs_digest
+    # timesteps without a calibrated slot (2 sampling steps, 4 calibrated) are reported alike
+    assert compiled.info["unmatched_timesteps"] == integer.info["unmatched_timesteps"]
+
+
+def test_compiled_runtime_needs_a_merged_checkpoint(merged: Path, runner) -> None:
+    from lowbitdm_cli.cli import app
+
+    finetuned = merged.parent / "finetune"
+    result = runner.invoke(app, ["sample", str(finetuned), "--runtime", "compiled", "--out", str(merged.parent / "x")])
+    assert result.exit_code == 2 and "merged checkpoints" in result.output
