@@ -20,6 +20,7 @@ import torch
 from lowbitdm_cli.adapters.lora_file import lora_inputs
 from lowbitdm_cli.artifacts import Artifact, StageRun
 from lowbitdm_cli.distributed import ProcessGroup, rank_device
+from lowbitdm_cli.errors import RuntimeUnavailableError
 from lowbitdm_cli.export.int_runtime import lowering_counts
 from lowbitdm_cli.models.precision import DTYPES, use_dtype, use_layout
 from lowbitdm_cli.models.registry import sampler_defaults
@@ -44,6 +45,9 @@ def sample(source: Source, recipe: Recipe, out: Path, resume: bool = False, forc
     `device` is where the model runs (``cuda`` = each torchrun rank's own GPU). Under
     `torchrun` every rank calls this; all of them return the committed artifact.
     """
+    if source.runtime == "compiled" and device != "cpu":
+        raise RuntimeUnavailableError("the compiled runtime lowers to x86 CPU int8 kernels (oneDNN): sample it "
+                                      "with --device cpu, or use --runtime int / fake on a GPU")
     recipe = recipe.resolved(sampler_defaults(source.ref.name)).with_sample_dtype()
     cfg = recipe.sample
     options = {"source": source.label, **({"runtime": source.runtime} if source.runtime else {}),

@@ -213,3 +213,16 @@ def test_compiled_runtime_needs_a_merged_checkpoint(merged: Path, runner) -> Non
     finetuned = merged.parent / "finetune"
     result = runner.invoke(app, ["sample", str(finetuned), "--runtime", "compiled", "--out", str(merged.parent / "x")])
     assert result.exit_code == 2 and "merged checkpoints" in result.output
+
+
+def test_compiled_runtime_is_cpu_only(merged: Path, tmp_path: Path) -> None:
+    """Its lowering is oneDNN's x86 int8 kernels: another device is one line, before anything runs."""
+    from lowbitdm_cli.recipes import load_recipe
+    from lowbitdm_cli.stages.common import Source, open_source
+    from lowbitdm_cli.stages.sample import sample
+
+    source = open_source(str(merged), runtime="int")
+    compiled = Source(source.model, source.ref, source.artifact, source.label, runtime="compiled")
+    with pytest.raises(RuntimeUnavailableError, match="--device cpu"):
+        sample(compiled, load_recipe("ptq", model="tiny-random", bits="w4a4"), tmp_path / "s", device="cuda")
+    assert not (tmp_path / "s").exists()
