@@ -185,7 +185,8 @@ def test_reference_pattern_is_the_fake_model_op_for_op(merged: Path) -> None:
 
 
 @needs_compiled
-def test_sample_cli_compiled(merged: Path, tmp_path: Path, runner, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sample_cli_compiled(merged: Path, tmp_path: Path, runner, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
     """`sample --runtime compiled` on a merged checkpoint with temporal activation steps: every integer
     layer runs as a compiled oneDNN call, the manifest says so, and the artifact is another one than
     the integer runtime's."""
@@ -194,10 +195,11 @@ def test_sample_cli_compiled(merged: Path, tmp_path: Path, runner, monkeypatch: 
 
     counters.clear()
     monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # the counters count a real compile
-    compiled = sample_tiny(runner, merged, tmp_path / "compiled", "--runtime", "compiled")
+    compiled = sample_tiny(runner, merged, tmp_path / "compiled", "--runtime", "compiled", "--dtype", dtype)
     prepacked = sum(counters["inductor"][f"q{op}_weight_prepack_matcher_count"] for op in ("conv", "linear"))
-    integer = sample_tiny(runner, merged, tmp_path / "int")
+    integer = sample_tiny(runner, merged, tmp_path / "int", "--dtype", dtype)
     assert compiled.info["runtime"] == "compiled" and integer.info["runtime"] == "int"
+    assert compiled.info["dtype"] == integer.info["dtype"] == dtype
     lowered = compiled.info["int_runtime"]["lowerings"]
     assert set(lowered) <= {"inductor-onednn", *(f"inductor-onednn-split{s}" for s in range(1, 8))}
     assert sum(lowered.values()) == sum(integer.info["int_runtime"]["lowerings"].values()) > 0
