@@ -97,6 +97,8 @@ class RefLayer(TimestepSlots, nn.Module):
         if self.conv:
             kh, kw = layer.kernel_size
             self.geometry = (layer.stride, layer.padding, layer.dilation)
+            # what a LoRA branch around the layer reads (`adapters.branch.LoRABranch`)
+            self.kernel_size, self.stride, self.padding, self.dilation = (layer.kernel_size, *self.geometry)
             as_weight = lambda w: w.reshape(w.shape[0], kh, kw, -1).permute(0, 3, 1, 2).contiguous()
         else:
             as_weight = lambda w: w.reshape(w.shape[0], k).contiguous()

@@ -228,3 +228,21 @@ def test_compiled_runtime_is_cpu_only(merged: Path, tmp_path: Path) -> None:
     with pytest.raises(RuntimeUnavailableError, match="--device cpu"):
         sample(compiled, load_recipe("ptq", model="tiny-random", bits="w4a4"), tmp_path / "s", device="cuda")
     assert not (tmp_path / "s").exists()
+
+
+def test_lora_branch_around_a_reference_layer() -> None:
+    """A LoRA branch (`adapters.branch.LoRABranch`, which reads the conv's geometry) wraps a `RefLayer`
+    as it wraps the integer layer it replaces: eagerly the two give the same bits."""
+    from lowbitdm_cli.adapters.branch import LoRABranch
+    from lowbitdm_cli.adapters.lora_file import LoraPair
+
+    layer = _layer("conv", False, [3])
+    g = torch.Generator().manual_seed(3)
+    pair = LoraPair(torch.randn(4, 16, 3, 3, generator=g) * 0.1, torch.randn(24, 4, 1, 1, generator=g) * 0.1, None)
+    wrapped = {}
+    for name, base in (("int", layer), ("ref", RefLayer(layer))):
+        wrapped[name] = LoRABranch(base)
+        wrapped[name].add(pair, 1.0)
+    x = _input(layer, 0, seed=4)
+    with torch.no_grad():
+        assert torch.equal(wrapped["ref"](x), wrapped["int"](x))
