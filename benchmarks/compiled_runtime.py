@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -50,24 +49,12 @@ from lowbitdm_cli.export.compiled_runtime import available, compile_runtime
 from lowbitdm_cli.export.kernel_probe import kernel_report
 from lowbitdm_cli.memory import keep_freed_memory
 from lowbitdm_cli.models.precision import DTYPES, bf16_native, use_dtype, use_layout
-from lowbitdm_cli.models.registry import MODELS, load_model
+from lowbitdm_cli.models.registry import load_model
 from lowbitdm_cli.models.wrapper import DiffusionModel
-from lowbitdm_cli.recipes import load_recipe
-from lowbitdm_cli.sampling import SamplerSettings, run_sampler, to_uint8
+from lowbitdm_cli.sampling import run_sampler, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTHS = ("W8A8", "W4A4")
-
-
-def _merged_digits(recipe: str, label: str, folder: Path, quick: bool) -> Path:
-    from lowbitdm_cli.stages.calibrate import calibrate
-    from lowbitdm_cli.stages.finetune import finetune
-    from lowbitdm_cli.stages.merge import merge
-
-    sets = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"] if quick else []
-    r = load_recipe(recipe, model="digits", bits=label.lower(), sets=sets)
-    calibrated = calibrate(r, folder / label / "calibrate")
-    return merge(finetune(calibrated, r, folder / label / "finetune"), folder / label / "merge").path
 
 
 def _fp_cells(make_fp: Callable[[], DiffusionModel], batch: int) -> dict[str, Callable]:
@@ -106,9 +93,7 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
 def _quality(merged: dict[str, Path], n: int) -> list[dict]:
     """FID-digits / accuracy per runtime (fp32 around the int8 kernels), and the share of pixels on which
     int and compiled agree with fake; for scale, the same for the FP model eager vs compiled."""
-    sampler = MODELS["digits"].sampler
-    settings = SamplerSettings(steps=sampler["steps"], eta=sampler["eta"], guidance=sampler["guidance"],
-                               clip_x0=sampler["clip_x0"], sampler=sampler.get("sampler", "ddim"))
+    settings = mr._model_sampler("digits")
     evaluator = DigitsEvaluator()
     cond = torch.arange(n) % 10
 
@@ -212,13 +197,11 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for w in args.widths.split(","):
             if "digits" in args.models and not (folder / "digits" / w / "merge").is_dir():
-                _merged_digits(args.recipe, w, folder / "digits", args.quick)
+                mr._merged_small("digits", w, folder / "digits", args.quick, recipe=args.recipe)
             if "large" in args.models and not (folder / f"large-{w}").is_dir():
                 mr._merged_large(w, folder, calib_batch=32)
         for cpu_class in args.classes.split(","):
-            env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
-            onednn_isa, aten_isa = mr.CLASSES[cpu_class]
-            env.update({k: v for k, v in (("ONEDNN_MAX_CPU_ISA", onednn_isa), ("ATEN_CPU_CAPABILITY", aten_isa)) if v})
+            env, (onednn_isa, aten_isa) = mr.class_env(cpu_class), mr.CLASSES[cpu_class]
             print(f"\n=== CPU class {cpu_class} (ONEDNN_MAX_CPU_ISA={onednn_isa or 'unset'}, "
                   f"ATEN_CPU_CAPABILITY={aten_isa or 'unset'}) ===", flush=True)
             part = folder / f"compiled-{cpu_class}.json"

@@ -125,18 +125,18 @@ def _time_cells(cells: dict[str, Callable[[], object]], repeats: int, warmup: in
 
 
 def _merged_small(name: str, label: str, folder: Path, quick: bool, bits: str | None = None,
-                  extra: tuple[str, ...] = ()) -> Path:  # → folder/label/merge
-    """The registered model through calibrate → finetune → merge (ptq recipe at `bits`, default
-    the label's; `extra`: more recipe settings, e.g. "quant.w_symmetric=true")."""
+                  extra: tuple[str, ...] = (), recipe: str = "ptq") -> Path:  # → folder/label/merge
+    """The registered model through calibrate → finetune → merge (`recipe` at `bits`, default the
+    label's; `extra`: more recipe settings, e.g. "quant.w_symmetric=true")."""
     from lowbitdm_cli.recipes import load_recipe
     from lowbitdm_cli.stages.calibrate import calibrate
     from lowbitdm_cli.stages.finetune import finetune
     from lowbitdm_cli.stages.merge import merge
 
     sets = ["calibrate.num_samples=4", "calibrate.batch_size=2", "sample.steps=4"] if quick else []
-    recipe = load_recipe("ptq", model=name, bits=bits or label.lower(), sets=sets + list(extra))
-    calibrated = calibrate(recipe, folder / label / "calibrate")
-    return merge(finetune(calibrated, recipe, folder / label / "finetune"), folder / label / "merge").path
+    r = load_recipe(recipe, model=name, bits=bits or label.lower(), sets=sets + list(extra))
+    calibrated = calibrate(r, folder / label / "calibrate")
+    return merge(finetune(calibrated, r, folder / label / "finetune"), folder / label / "merge").path
 
 
 @torch.no_grad()
@@ -278,12 +278,17 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
             "fp_ms": fp_ms, "fastest_fp": fastest, "rows": rows}
 
 
+def _model_sampler(name: str) -> SamplerSettings:
+    """The registered model's own sampler settings."""
+    sampler = MODELS[name].sampler
+    return SamplerSettings(steps=sampler["steps"], eta=sampler["eta"], guidance=sampler["guidance"],
+                           clip_x0=sampler["clip_x0"], sampler=sampler.get("sampler", "ddim"))
+
+
 @torch.no_grad()
 def _agreement(name: str, fake: DiffusionModel, integer: DiffusionModel, n: int) -> dict:
     """Share of pixels within one grey level between int and fake samples (same seeds and classes)."""
-    sampler = MODELS[name].sampler
-    settings = SamplerSettings(steps=sampler["steps"], eta=sampler["eta"], guidance=sampler["guidance"],
-                               clip_x0=sampler["clip_x0"], sampler=sampler.get("sampler", "ddim"))
+    settings = _model_sampler(name)
     idx = list(range(n))
     cond = torch.arange(n) % fake.num_classes if fake.conditioning == "class" else None
     ui = to_uint8(run_sampler(integer, cond, idx, 0, settings)).astype(int)
@@ -331,6 +336,14 @@ def _checkpoints(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
 
 # per CPU class: ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY (None: what this CPU has)
 CLASSES = {"native": (None, None), "vnni": ("AVX512_CORE_VNNI", None), "avx2": ("AVX2", "avx2")}
+
+
+def class_env(cpu_class: str) -> dict[str, str]:
+    """This process's environment with oneDNN and ATen capped as `cpu_class` runs (`CLASSES`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    onednn_isa, aten_isa = CLASSES[cpu_class]
+    env.update({k: v for k, v in (("ONEDNN_MAX_CPU_ISA", onednn_isa), ("ATEN_CPU_CAPABILITY", aten_isa)) if v})
+    return env
 
 
 def _run_class(args: argparse.Namespace, merged_dir: Path, small: str) -> dict:
@@ -473,12 +486,7 @@ def main() -> None:
             if not (folder / f"large-{label}").is_dir():
                 _merged_large(label, folder, calib_batch=8 if args.quick else 32)
         for cpu_class in classes:
-            env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
-            onednn_isa, aten_isa = CLASSES[cpu_class]
-            if onednn_isa:
-                env["ONEDNN_MAX_CPU_ISA"] = onednn_isa
-            if aten_isa:
-                env["ATEN_CPU_CAPABILITY"] = aten_isa
+            env, (onednn_isa, aten_isa) = class_env(cpu_class), CLASSES[cpu_class]
             print(f"\n=== CPU class {cpu_class} (ONEDNN_MAX_CPU_ISA={onednn_isa or 'unset'}, "
                   f"ATEN_CPU_CAPABILITY={aten_isa or 'unset'}) ===")
             part = folder / f"{cpu_class}.json"

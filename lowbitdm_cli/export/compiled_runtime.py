@@ -49,7 +49,8 @@ from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.integer import rescale, rescale_order, split_weight
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
-__all__ = ["CompiledDenoiser", "RefLayer", "available", "check_compilable", "compile_runtime", "unsupported"]
+__all__ = ["CompiledDenoiser", "RefLayer", "available", "check_compilable", "compile_runtime", "reference_layers",
+           "unsupported"]
 
 
 @functools.cache
@@ -199,6 +200,15 @@ def check_compilable(denoiser: nn.Module) -> None:
                                       + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") + ": use --runtime int")
 
 
+def reference_layers(denoiser: nn.Module) -> nn.Module:
+    """`denoiser` with every integer layer replaced by its `RefLayer` (in place; returned)."""
+    for module in list(denoiser.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, IntLayer):
+                setattr(module, name, RefLayer(child))
+    return denoiser
+
+
 class CompiledDenoiser(nn.Module):
     """The denoiser with its integer layers as `RefLayer`s, compiled by Inductor with freezing; called
     like the original (``denoiser(x, timestep=t, **kwargs).sample``)."""
@@ -206,11 +216,7 @@ class CompiledDenoiser(nn.Module):
     def __init__(self, denoiser: nn.Module) -> None:
         super().__init__()
         check_compilable(denoiser)
-        for name, m in list(denoiser.named_modules()):
-            for child_name, child in list(m.named_children()):
-                if isinstance(child, IntLayer):
-                    setattr(m, child_name, RefLayer(child))
-        self.inner = denoiser.eval()
+        self.inner = reference_layers(denoiser).eval()
         self._compiled = torch.compile(self.inner, dynamic=False)  # static shapes: one graph per input shape
 
     def forward(self, x: Tensor, timestep: Tensor, **kwargs) -> _Output:

@@ -128,8 +128,9 @@ def open_source(source: str | Path, runtime: str = "int", prompts: str | Path | 
         raise StageOrderError(f"{path} is a {art.manifest.stage} artifact: --runtime compiled runs merged "
                               f"checkpoints (lowbitdm merge)")
     with torch.no_grad():
-        model = load_quantized(art, runtime={"fake": "fake", "int": "int", "compiled": "int"}[runtime] if merged
-                               else "fake", loras=loras)
+        # compiled: the integer runtime now; the sample stage compiles it once it has set the dtype
+        model = load_quantized(art, runtime=("int" if runtime == "compiled" else runtime) if merged else "fake",
+                               loras=loras)
     if runtime == "compiled":
         from lowbitdm_cli.export.compiled_runtime import check_compilable
 

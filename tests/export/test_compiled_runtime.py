@@ -21,7 +21,7 @@ from tiny_chain import merge_tiny, sample_tiny
 
 from lowbitdm_cli.errors import RuntimeUnavailableError
 from lowbitdm_cli.export import compiled_runtime
-from lowbitdm_cli.export.compiled_runtime import RefLayer, check_compilable, unsupported
+from lowbitdm_cli.export.compiled_runtime import RefLayer, check_compilable, reference_layers, unsupported
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear
 
 needs_compiled = pytest.mark.skipif(compiled_runtime.available() is not None,
@@ -169,10 +169,7 @@ def test_reference_pattern_is_the_fake_model_op_for_op(merged: Path) -> None:
     from lowbitdm_cli.export.checkpoint import load_merged
 
     fake, ref = load_merged(merged, "fake"), load_merged(merged, "int")
-    for module in list(ref.denoiser.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, IntLayer):
-                setattr(module, name, RefLayer(child))
+    reference_layers(ref.denoiser)
     g = torch.Generator().manual_seed(0)
     x, cond = torch.randn(4, *fake.sample_shape, generator=g), torch.arange(4) % fake.num_classes
     timesteps = sorted({int(t) for m in fake.denoiser.modules() if hasattr(m, "timesteps") for t in m.timesteps})
