@@ -101,8 +101,7 @@ def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_po
 
 @needs_compiled
 @pytest.mark.parametrize("kind,shifted,zero_points", [CASES[3], CASES[5]])
-def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: bool, zero_points: list[int],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: bool, zero_points: list[int]) -> None:
     """Compiled with freezing, the pattern becomes prepacked oneDNN int8 calls (the x86 passes' counters),
     the timestep slot is an input of one graph (no recompile per slot), and the output stays within the
     bound in every slot."""
@@ -113,9 +112,10 @@ def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: b
     ref = RefLayer(layer).eval()
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # the counters count a real compile
     compiled = torch.compile(ref, fullgraph=True)  # the slot lookup included: no graph break
-    with torch.no_grad(), inductor_config.patch(freezing=True):
+    # no FX graph cache: the counters count a real compile (the config's own patch: monkeypatch's undo
+    # deletes a config attribute under some pytest versions)
+    with torch.no_grad(), inductor_config.patch(freezing=True, fx_graph_cache=False):
         for slot, t in enumerate(layer.timesteps.tolist()):
             x = _input(layer, slot, seed=10)  # one shape: the slot alone changes
             compiled_runtime._STEP.t = torch.tensor([t])
@@ -183,7 +183,7 @@ def test_reference_pattern_is_the_fake_model_op_for_op(merged: Path) -> None:
 
 @needs_compiled
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_sample_cli_compiled(merged: Path, tmp_path: Path, runner, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+def test_sample_cli_compiled(merged: Path, tmp_path: Path, runner, dtype: str) -> None:
     """`sample --runtime compiled` on a merged checkpoint with temporal activation steps: every integer
     layer runs as a compiled oneDNN call, the manifest says so, and the artifact is another one than
     the integer runtime's."""
@@ -191,8 +191,8 @@ def test_sample_cli_compiled(merged: Path, tmp_path: Path, runner, monkeypatch: 
     from torch._inductor import config as inductor_config
 
     counters.clear()
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # the counters count a real compile
-    compiled = sample_tiny(runner, merged, tmp_path / "compiled", "--runtime", "compiled", "--dtype", dtype)
+    with inductor_config.patch(fx_graph_cache=False):  # the counters count a real compile
+        compiled = sample_tiny(runner, merged, tmp_path / "compiled", "--runtime", "compiled", "--dtype", dtype)
     prepacked = sum(counters["inductor"][f"q{op}_weight_prepack_matcher_count"] for op in ("conv", "linear"))
     integer = sample_tiny(runner, merged, tmp_path / "int", "--dtype", dtype)
     assert compiled.info["runtime"] == "compiled" and integer.info["runtime"] == "int"
