@@ -22,9 +22,17 @@ with fake (identical, within one grey level).
 CPU classes as in merged_runtime.py, each its own process: native, vnni (ONEDNN_MAX_CPU_ISA=
 AVX512_CORE_VNNI) and avx2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2).
 
+--profile (native class only, instead of the timings): where one forward's time goes, per model, for
+the fastest FP cell and the W4A4 compiled runtime in bf16 (fp32 where the CPU has no bf16), with and
+without folding the rescale into the kernels (`compile_runtime(fold=False)`: every rescale after the
+kernel): torch.profiler's self time per forward, grouped into int8 kernels, float conv / matmul,
+attention, Inductor's generated loops (named per kernel), copies and the rest, beside the wall time
+of an unprofiled forward. Writes compiled_runtime_profile.json.
+
     python benchmarks/compiled_runtime.py                  # all classes, 5 timed runs per cell
     python benchmarks/compiled_runtime.py --quick          # native, digits only, 2 runs, 50 samples
     python benchmarks/compiled_runtime.py --classes native --models large
+    python benchmarks/compiled_runtime.py --profile --merged-dir /tmp/ck   # reuses the checkpoints there
 
 Writes benchmarks/results/compiled_runtime.json (--quick: compiled_runtime_quick.json).
 """
@@ -126,6 +134,64 @@ def _quality(merged: dict[str, Path], n: int) -> list[dict]:
     return out
 
 
+PROFILE_GROUPS = {  # profiler event → group, by prefix of its name (Inductor's kernels: "graph_")
+    "int8 kernels": ("onednn::q",),
+    "float conv / matmul": ("aten::mkldnn_convolution", "mkldnn::_convolution", "aten::bmm", "aten::addmm",
+                            "aten::mm", "mkl::", "aten::_int_mm", "aten::convolution_overrideable"),
+    "attention": ("aten::_scaled_dot_product",),
+    "Inductor loops": ("graph_",),
+    "copies": ("aten::copy_", "aten::_to_copy", "aten::clone"),
+}
+
+
+def _profile(cells: dict[str, Callable], forwards: int) -> dict:
+    """Self time per forward (ms) of each cell, grouped (`PROFILE_GROUPS`), and its wall time unprofiled."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for key, fn in cells.items():
+        fn()
+        wall = mr._time_cells({key: fn}, forwards, 0)[key] * 1e3
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(forwards):
+                fn()
+        groups = dict.fromkeys([*PROFILE_GROUPS, "other"], 0.0)
+        loops = []
+        for event in prof.key_averages():
+            ms = event.self_cpu_time_total / 1e3 / forwards
+            group = next((g for g, prefixes in PROFILE_GROUPS.items() if event.key.startswith(prefixes)), "other")
+            groups[group] += ms
+            if group == "Inductor loops":
+                loops.append((ms, event.key.removeprefix("graph_0_").removeprefix("graph_1_")))
+        out[key] = {"wall_ms": wall, "profiled_ms": sum(groups.values()), "groups_ms": groups,
+                    "top_loops_ms": [{"ms": ms, "kernel": name} for ms, name in sorted(loops, reverse=True)[:5]]}
+    return out
+
+
+def _profile_class(args: argparse.Namespace, folder: Path) -> dict:
+    """--profile: the fastest FP cell and the W4A4 compiled runtime (folded or not) per model."""
+    dtype_name = "bf16" if bf16_native() else "fp32"
+    models = {"digits": (lambda: load_model("digits"), folder / "digits" / "W4A4" / "merge"),
+              "large": (mr._large_fp, folder / "large-W4A4")}
+    results = []
+    for name in args.models.split(","):
+        make_fp, path = models[name]
+        fp = _fp_cells(make_fp, args.batch)
+        fastest = min(mr._time_cells(fp, 2, 1).items(), key=lambda kv: kv[1])[0]
+        cells = {f"FP {fastest}": fp[fastest]}
+        for fold in (False, True):
+            model = compile_runtime(use_dtype(load_merged(path, "int"), DTYPES[dtype_name]), fold=fold)
+            cells[f"W4A4 compiled {dtype_name} {'folded' if fold else 'unfolded'}"] = mr._call(model, args.batch)
+        results.append({"model": name, "cells": _profile(cells, args.repeats)})
+        print(f"\n{name} (ms per forward; profiled self time by group, wall time unprofiled)")
+        print(f"{'cell':40} {'wall':>7} " + " ".join(f"{g[:14]:>14}" for g in [*PROFILE_GROUPS, 'other']))
+        for key, r in results[-1]["cells"].items():
+            print(f"{key:40} {r['wall_ms']:>7.1f} " + " ".join(f"{v:>14.1f}" for v in r["groups_ms"].values()))
+            for loop in r["top_loops_ms"][:3]:
+                print(f"{'':42}{loop['ms']:>6.1f}  {loop['kernel'][:100]}")
+    return {"cpu_class": "native", **kernel_report(), "profile": results}
+
+
 def _print(result: dict) -> None:
     fp = result["fp_ms"]
     print(f"\n{result['model']}   FP: " + "   ".join(f"{k} {v:.0f} ms ({fp['fp32'] / v:.2f}x)" for k, v in fp.items())
@@ -171,6 +237,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="ptq", help="the recipe that makes the digits checkpoints")
     parser.add_argument("--samples", type=int, default=None, help="quality samples per runtime (0: skip)")
     parser.add_argument("--merged-dir", type=Path, default=None, help="keep / reuse the merged checkpoints here")
+    parser.add_argument("--profile", action="store_true", help="where the time goes (native class), no table")
     parser.add_argument("--one-class", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -180,7 +247,11 @@ def main() -> None:
         args.classes, args.models = "native", "digits"
     args.repeats, args.warmup = (2, 1) if args.quick else (5, 1)
     args.samples = args.samples if args.samples is not None else (50 if args.quick else 500)
-    args.out = args.out or ROOT / "benchmarks" / "results" / f"compiled_runtime{'_quick' if args.quick else ''}.json"
+    suffix = "_profile" if args.profile else "_quick" if args.quick else ""
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"compiled_runtime{suffix}.json"
+    if args.profile:
+        args.classes = "native"
+        inductor_config.cpp.enable_kernel_profile = True  # names each generated loop in the profile
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     inductor_config.freezing = True  # every compiled cell, FP ones too: weights folded as constants
@@ -189,7 +260,8 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     if args.one_class:
-        args.out.write_text(json.dumps(_run_class(args, args.merged_dir)) + "\n")
+        run = _profile_class if args.profile else _run_class
+        args.out.write_text(json.dumps(run(args, args.merged_dir)) + "\n")
         return
     per_class = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,7 +279,8 @@ def main() -> None:
             part = folder / f"compiled-{cpu_class}.json"
             cmd = [sys.executable, __file__, "--one-class", cpu_class, "--merged-dir", str(folder), "--out", str(part),
                    "--batch", str(args.batch), "--threads", str(args.threads), "--models", args.models,
-                   "--widths", args.widths, "--samples", str(args.samples), *(["--quick"] if args.quick else [])]
+                   "--widths", args.widths, "--samples", str(args.samples), *(["--quick"] if args.quick else []),
+                   *(["--profile"] if args.profile else [])]
             subprocess.run(cmd, env=env, check=True)
             per_class.append(json.loads(part.read_text()))
             print(f"kernels: {per_class[-1]['kernel_probes']}  cpu: {per_class[-1]['cpu']}")

@@ -12,13 +12,22 @@ one prepacked oneDNN int8 call, and the float ops between them fused C++ loops.
 
 What it keeps from the checkpoint, unchanged: the integer weights w − zw (int8, per output channel
 Δw), every activation step Δx and zero point, per timestep slot; codes are the fake quantizer's
-``clamp(round(x/Δx) + z) (+ 2^(b−1) when symmetric)``. Timestep slots do not cost a graph each: the
-kernel runs with unit activation scale (and the zero point of the layer when it is the same in every
-slot, else zero, the zero point then subtracted as ``z·conv(1, w)``), and the slot's Δx multiplies
-its output inside the compiled graph, the slot chosen from the timestep as `TimestepSlots` does.
+``clamp(round(x/Δx) + z) (+ 2^(b−1) when symmetric)``.
 
-Run eagerly, the pattern is the fake model op for op (the rescale in the order of `quant.integer.rescale`,
-equal bit for bit: tested). What compiling gives up is that equality: Inductor fuses and reorders the
+- A layer with one activation step and direct weights (every layer of a non-temporal checkpoint but
+  the shifted 8-bit ones) is *folded*: the pattern carries Δx, zx, Δw and the bias, so the kernel
+  itself rescales and returns the model's dtype (bf16 straight out of oneDNN under `--dtype bf16`):
+  no float32 accumulator is written and read back.
+- Timestep slots do not cost a graph each: the kernel runs with unit activation scale and one zero
+  point (the layer's, when every slot has the same; else the codes are re-centred, u − zx + Z, when
+  every slot's u − zx fits 7 bits, which also keeps AVX2's pairs from saturating; else, 8-bit codes,
+  zero and ``zx·conv(1, w)`` subtracted after), and the slot's Δx multiplies its output inside the
+  compiled graph, the slot chosen from the timestep as `TimestepSlots` does. Shifted 8-bit weights
+  and pair-safe splits are rescaled after the kernel the same way.
+
+Run eagerly and unfolded (`reference_layers(fold=False)`), the pattern is the fake model op for op
+(the rescale in the order of `quant.integer.rescale`, equal bit for bit: tested); folded, the kernel
+rescales in its own float order. What compiling gives up is that equality: Inductor fuses and reorders the
 float ops (GroupNorm's reductions among them), so a value before a quantizer can differ in its last
 bit and move a code by one step, which a sampler carries through its steps; the integer sums stay
 exact where the kernels are exact (`IntLayer.exact_lowerings`: on CPUs whose int8 kernels saturate
@@ -89,7 +98,7 @@ class RefLayer(TimestepSlots, nn.Module):
     (`_slot`); `set_timestep` only records timesteps no slot was calibrated for, as the layer it
     replaces does (the sample manifest lists them)."""
 
-    def __init__(self, layer: IntLayer) -> None:
+    def __init__(self, layer: IntLayer, fold: bool = True) -> None:
         super().__init__()
         self.conv = isinstance(layer, IntConv2d)
         self.kind = "conv" if self.conv else "linear"
@@ -116,7 +125,7 @@ class RefLayer(TimestepSlots, nn.Module):
             self.register_parameter(f"w{i}", _constant(as_weight(part.to(torch.int8))))
         self.parts = len(parts)
         rows = wmat.shape[0]
-        self.w_scale = _constant(torch.ones(rows))  # unit: the rescale below is the layer's own
+        self.w_unit = _constant(torch.ones(rows))  # unit: the rescale in `forward` is the layer's own
         self.w_zero = _constant(torch.zeros(rows, dtype=torch.long))
         self.out_ch, self.direct = out_ch, layer.direct
         self.register_buffer("w_off", layer.w_off.float())  # shifted: 128 − zw per channel
@@ -129,7 +138,25 @@ class RefLayer(TimestepSlots, nn.Module):
         self.register_buffer("timesteps", layer.timesteps.clone())
         self._index, self.unmatched_timesteps = None, set(layer.unmatched_timesteps)
         self.q_min, self.q_max, self.offset = layer.q_min, layer.q_max, layer._offset
-        self.fixed_zx = int(layer._zx[0]) if len(set(layer._zx)) == 1 else None  # else subtracted after
+        self.fixed_zx = int(layer._zx[0]) if len(set(layer._zx)) == 1 else None
+        # The kernel takes one zero point. Where the slots' differ, the codes are re-centred when every
+        # slot's u − zx fits 7 bits: u' = u − zx + Z with one kernel zero point Z, the same exact sum
+        # Σ(u' − Z)w, and never a saturating pair (2·127·128 < 2¹⁵). Else (8-bit codes) zx·Σw over the
+        # window is subtracted after the kernel.
+        lo = int(self.q_min + self.offset) - max(layer._zx)
+        hi = int(self.q_max + self.offset) - min(layer._zx)
+        centre = max(0, -lo)
+        self.recentred = self.fixed_zx is None and hi + centre <= 127
+        self.kernel_zero = centre if self.recentred else (self.fixed_zx or 0)
+        shift = [self.offset - zx + centre for zx in layer._zx] if self.recentred else [self.offset] * len(layer._zx)
+        self.register_buffer("code_shift", torch.tensor(shift, dtype=torch.float32))  # per slot, added to codes
+        # one activation step, direct weights, one kernel call: the kernel itself rescales (Δx·Δw per output
+        # channel, + b) and returns the model's dtype, so no float32 accumulator leaves it
+        self.folded = fold and layer.direct and split is None and layer.timesteps.numel() <= 1
+        if self.folded:
+            self.x_scale, self.x_zero = float(layer.input_scale[0]), self.fixed_zx
+            self.w_scale = _constant(layer.weight_scale.float().clone())
+            self.folded_bias = None if layer.bias is None else _constant(layer.bias.float().clone())
 
     @property
     def lowering(self) -> str:
@@ -145,34 +172,58 @@ class RefLayer(TimestepSlots, nn.Module):
             raise RuntimeError("temporal layer called outside CompiledDenoiser")
         return (self.timesteps - _STEP.t).abs().argmin().reshape(1)
 
+    def _op(self, xd: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        """The float conv / linear on dequantized codes and weights."""
+        return F.conv2d(xd, w, bias, *self.geometry) if self.conv else F.linear(xd, w, bias)
+
     def _product(self, u: Tensor, zx: int) -> Tensor:
         """Σ (u − zx)·w per output (rows of a shifted layer's weights include the window sums), float32."""
         qd = torch.ops.quantized_decomposed
         xd = qd.dequantize_per_tensor.default(u, 1.0, zx, 0, 255, torch.uint8)
         out = None
         for i in range(self.parts):
-            w = qd.dequantize_per_channel.default(getattr(self, f"w{i}"), self.w_scale, self.w_zero, 0, -128, 127,
+            w = qd.dequantize_per_channel.default(getattr(self, f"w{i}"), self.w_unit, self.w_zero, 0, -128, 127,
                                                   torch.int8)
-            y = F.conv2d(xd, w, None, *self.geometry) if self.conv else F.linear(xd, w)
+            y = self._op(xd, w, None)
             out = y * self.part_scale[i] if out is None else out + y * self.part_scale[i]
         return out
+
+    def _folded(self, u: Tensor, dtype: torch.dtype) -> Tensor:
+        """(u − zx)·Δx ⋅ (w − zw)·Δw + b, the dequantize pattern with the layer's own scales: the lowering
+        moves them into the kernel, whose output is `dtype` (bf16: the pattern autocast produces)."""
+        qd = torch.ops.quantized_decomposed
+        xd = qd.dequantize_per_tensor.default(u, self.x_scale, self.x_zero, 0, 255, torch.uint8)
+        w = qd.dequantize_per_channel.default(self.w0, self.w_scale, self.w_zero, 0, -128, 127, torch.int8)
+        bias = self.folded_bias
+        if dtype == torch.bfloat16:
+            xd, w, bias = xd.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
+        return self._op(xd, w, bias).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         i = self._slot()
         delta, z = self.input_scale.index_select(0, i), self.z_add.index_select(0, i)
-        u = (torch.clamp(torch.round(x.float() / delta) + z, self.q_min, self.q_max) + self.offset).to(torch.uint8)
-        acc = self._product(u, self.fixed_zx or 0)
-        if self.fixed_zx is None:  # Σ(u − zx)w = Σu·w − zx·Σw over the window (zero padding: code 0 here)
-            ones = torch.ones((1, *x.shape[1:]), device=x.device)  # a constant: freezing folds the window sums
+        shift = self.code_shift.index_select(0, i) if self.recentred else self.offset
+        u = (torch.clamp(torch.round(x.float() / delta) + z, self.q_min, self.q_max) + shift).to(torch.uint8)
+        if not self.conv:  # the codes as one contiguous matrix: the lowering matches only a 2-D input
+            u = u.reshape(-1, u.shape[-1])
+        y = self._folded(u, x.dtype) if self.folded else self._rescaled(u, i, delta).to(x.dtype)
+        return y if self.conv else y.reshape(*x.shape[:-1], self.out_ch)
+
+    def _rescaled(self, u: Tensor, i: Tensor, delta: Tensor) -> Tensor:
+        """The exact sum Σ(u − zx)(w − zw) from the kernel, then the slot's rescale in float32."""
+        acc = self._product(u, self.kernel_zero)
+        if self.fixed_zx is None and not self.recentred:  # Σ(u − zx)w = Σu·w − zx·Σw over the window (zero
+            # padding: code 0 here)
+            ones = torch.ones((1, *u.shape[1:]), device=u.device)  # a constant: freezing folds the window sums
             w_sum = sum(getattr(self, f"w{p}").float() * s for p, s in enumerate(self.part_scale))
-            window = F.conv2d(ones, w_sum, None, *self.geometry) if self.conv else F.linear(ones, w_sum)
+            window = self._op(ones, w_sum, None)
             acc = acc - self.zx.index_select(0, i) * window
         dim = 1 if self.conv else -1
         if not self.direct:  # Σ(u−zx)(w−zw) = Σ(u−zx)(w−128) + (128−zw)·Σ(u−zx): the last row holds Σ(u−zx)
             main, sums = acc.narrow(dim, 0, self.out_ch), acc.narrow(dim, self.out_ch, 1)
             acc = main + sums * self.w_off.reshape([-1, 1, 1] if self.conv else [-1])
         # the fake runtime's rescale, in its float order (the one this CPU's oneDNN kernel uses)
-        return rescale(acc, delta, self.weight_scale, self.bias, dim, self.kind, order=self.order).to(x.dtype)
+        return rescale(acc, delta, self.weight_scale, self.bias, dim, self.kind, order=self.order)
 
 
 def unsupported(denoiser: nn.Module) -> list[str]:
@@ -200,12 +251,13 @@ def check_compilable(denoiser: nn.Module) -> None:
                                       + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") + ": use --runtime int")
 
 
-def reference_layers(denoiser: nn.Module) -> nn.Module:
-    """`denoiser` with every integer layer replaced by its `RefLayer` (in place; returned)."""
+def reference_layers(denoiser: nn.Module, fold: bool = True) -> nn.Module:
+    """`denoiser` with every integer layer replaced by its `RefLayer` (in place; returned); `fold=False`
+    keeps every rescale in the fake runtime's float order (the op-for-op form)."""
     for module in list(denoiser.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, IntLayer):
-                setattr(module, name, RefLayer(child))
+                setattr(module, name, RefLayer(child, fold=fold))
     return denoiser
 
 
@@ -213,10 +265,10 @@ class CompiledDenoiser(nn.Module):
     """The denoiser with its integer layers as `RefLayer`s, compiled by Inductor with freezing; called
     like the original (``denoiser(x, timestep=t, **kwargs).sample``)."""
 
-    def __init__(self, denoiser: nn.Module) -> None:
+    def __init__(self, denoiser: nn.Module, fold: bool = True) -> None:
         super().__init__()
         check_compilable(denoiser)
-        self.inner = reference_layers(denoiser).eval()
+        self.inner = reference_layers(denoiser, fold=fold).eval()
         self._compiled = torch.compile(self.inner, dynamic=False)  # static shapes: one graph per input shape
 
     def forward(self, x: Tensor, timestep: Tensor, **kwargs) -> _Output:
@@ -244,9 +296,10 @@ class _Output:
         self.sample = sample
 
 
-def compile_runtime(model: DiffusionModel) -> DiffusionModel:
+def compile_runtime(model: DiffusionModel, fold: bool = True) -> DiffusionModel:
     """`model` (loaded with the integer runtime) with its denoiser compiled (`CompiledDenoiser`); the
-    first call per input shape compiles."""
+    first call per input shape compiles. `fold=False` keeps every rescale outside the kernels (what
+    `benchmarks/compiled_runtime.py --profile` compares against)."""
     if not isinstance(model.denoiser, CompiledDenoiser):
-        model.denoiser = CompiledDenoiser(model.denoiser)
+        model.denoiser = CompiledDenoiser(model.denoiser, fold=fold)
     return model

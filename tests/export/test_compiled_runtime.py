@@ -6,8 +6,12 @@ It does not promise the fake runtime's bits (Inductor reorders the float ops), s
 bound it against an independent reference: the exact integer sum in float64, rescaled in float64.
 Both the integer layer and its compiled form compute the same exact integer sum (the inputs lie a
 quarter step or more from every rounding boundary, so any correctly rounded quantization gives the
-same codes) and then at most three float32 roundings (×Δx, ×Δw, +b) of magnitude at most
-|acc·Δx·Δw| + |b| each, so each lies within 4·2⁻²⁴·(|acc·Δx·Δw| + |b|) of the float64 value.
+same codes) and then at most three float32 roundings (×Δx, ×Δw, +b; the kernel's own rescale where
+the scales are folded into it) of magnitude at most |acc·Δx·Δw| + |b| each, so each lies within
+4·2⁻²⁴·(|acc·Δx·Δw| + |b|) of the float64 value. A bf16 output adds its own rounding (2⁻⁸ relative)
+and, folded, the bias's in bf16 (2⁻⁸·|b|): within (2⁻⁷ + 2⁻¹⁵)·(|acc·Δx·Δw| + |b|). Run eagerly, a
+folded layer is a float32 conv on dequantized values, K products summed in float32: within
+γ(K+3)·Σ(|terms| + |b|), γ(n) = n·2⁻²⁴ / (1 − n·2⁻²⁴), the standard bound for any summation order.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ needs_compiled = pytest.mark.skipif(compiled_runtime.available() is not None,
 U = 2.0**-24
 
 
-def _layer(kind: str, shifted: bool, zero_points: list[int], seed: int = 0) -> IntLayer:
+def _layer(kind: str, shifted: bool, zero_points: list[int], seed: int = 0, a_bits: int = 8) -> IntLayer:
     g = torch.Generator().manual_seed(seed)
     shape = (24, 16, 3, 3) if kind == "conv" else (24, 40)
     if shifted:  # codes over the whole byte, zero points anywhere: w − zw leaves int8
@@ -38,7 +42,7 @@ def _layer(kind: str, shifted: bool, zero_points: list[int], seed: int = 0) -> I
         codes, zw = torch.randint(90, 166, shape, generator=g), torch.full((24,), 128)
     slots = len(zero_points)
     args = (codes, zw, torch.rand(24, generator=g) * 0.01 + 1e-3, torch.randn(24, generator=g),
-            torch.tensor([0.05, 0.03, 0.08][:slots]), torch.tensor(zero_points), 8)
+            torch.tensor([0.05, 0.03, 0.08][:slots]), torch.tensor(zero_points), a_bits)
     timesteps = [999, 500, 0][:slots] if slots > 1 else None
     if kind == "conv":
         return IntConv2d(*args, timesteps=timesteps, padding=1)
@@ -50,9 +54,33 @@ def _input(layer: IntLayer, slot: int, seed: int) -> torch.Tensor:
     beyond the clamp range)."""
     g = torch.Generator().manual_seed(seed)
     shape = (3, layer.in_channels, 8, 8) if isinstance(layer, IntConv2d) else (3, 5, layer.k)
-    codes = torch.randint(-20, 276, shape, generator=g).float()
+    codes = torch.randint(int(layer.q_min) - 20, int(layer.q_max) + 21, shape, generator=g).float()
     jitter = (torch.rand(shape, generator=g) - 0.5) * 0.5
     return (codes - layer._z_add[slot] + jitter) * float(layer.input_scale[slot])
+
+
+def _bf16_input(layer: IntLayer, slot: int, seed: int) -> torch.Tensor:
+    """`_input` rounded to bf16, with the values that rounding brought near a rounding boundary (within a
+    twentieth of a step) set to zero, a code no rounding moves."""
+    x = _input(layer, slot, seed).bfloat16()
+    r = x.double() / float(layer.input_scale[slot])
+    return torch.where((r - r.floor() - 0.5).abs() < 0.05, torch.zeros_like(x), x)
+
+
+def _abs_terms(layer: IntLayer, x: torch.Tensor, slot: int) -> torch.Tensor:
+    """Σ|u − zx|·|w − zw|·Δx·Δw + |b| per output, in float64 (the float32 summation bound's scale)."""
+    delta = float(layer.input_scale[slot])
+    u = torch.clamp(torch.round(x.double() / delta) + layer._z_add[slot], layer.q_min, layer.q_max) + layer._offset
+    w = layer.wmat[:, : layer.out_ch].t().double()
+    if not layer.direct:
+        w = w + layer.w_off.double()[:, None]
+    dw, b = layer.weight_scale.double(), layer.bias.double()
+    if isinstance(layer, IntConv2d):
+        kh, kw = layer.kernel_size
+        weight = w.reshape(layer.out_ch, kh, kw, -1).permute(0, 3, 1, 2).abs()
+        return (F.conv2d((u - layer._zx[slot]).abs(), weight, None, layer.stride, layer.padding) * delta
+                * dw.reshape(-1, 1, 1) + b.abs().reshape(-1, 1, 1))
+    return (u - layer._zx[slot]).abs() @ w.abs().t() * delta * dw + b.abs()
 
 
 def _exact(layer: IntLayer, x: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,20 +102,27 @@ def _exact(layer: IntLayer, x: torch.Tensor, slot: int) -> tuple[torch.Tensor, t
     return main + b.reshape(shape), main.abs() + b.abs().reshape(shape)
 
 
-def _assert_within(y: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor) -> None:
-    excess = (y.double() - exact).abs() - 4 * U * scale
+def _assert_within(y: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor, unit: float = 4 * U) -> None:
+    excess = (y.double() - exact).abs() - unit * scale
     assert float(excess.max()) <= 0, f"beyond the derived bound by {float(excess.max())}"
 
 
-CASES = [("conv", False, [3]), ("conv", True, [3]), ("conv", False, [3, 7, 0]), ("conv", True, [200, 7]),
-         ("linear", False, [3]), ("linear", True, [5, 9])]
+# (kind, shifted weights, zero point per timestep slot, activation bits): 8-bit codes whose zero points
+# differ per slot are corrected after the kernel, 4-bit ones re-centred
+CASES = [("conv", False, [3], 8), ("conv", True, [3], 8), ("conv", False, [3, 7, 0], 8), ("conv", True, [200, 7], 8),
+         ("linear", False, [3], 8), ("linear", True, [5, 9], 8), ("conv", False, [3, 15, 0], 4),
+         ("linear", True, [1, 9], 4)]
 
 
-@pytest.mark.parametrize("kind,shifted,zero_points", CASES)
-def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_points: list[int]) -> None:
-    """Eager `RefLayer` and the integer layer it replaces, in every timestep slot, against float64."""
-    layer = _layer(kind, shifted, zero_points)
-    ref = RefLayer(layer).eval()
+@pytest.mark.parametrize("kind,shifted,zero_points,a_bits", CASES)
+def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_points: list[int], a_bits: int) -> None:
+    """Eager `RefLayer` (unfolded and, where it folds, folded) and the integer layer it replaces, in
+    every timestep slot, against float64."""
+    layer = _layer(kind, shifted, zero_points, a_bits=a_bits)
+    ref, folded = RefLayer(layer, fold=False).eval(), RefLayer(layer).eval()
+    assert not ref.folded and folded.folded == (not shifted and len(zero_points) == 1)
+    assert ref.recentred == (len(set(zero_points)) > 1 and a_bits == 4)
+    gamma = (layer.k + 3) * U / (1 - (layer.k + 3) * U)
     for slot, t in enumerate(layer.timesteps.tolist() or [None]):
         x = _input(layer, slot, seed=slot)
         layer.set_timestep(t)
@@ -96,33 +131,43 @@ def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_po
             exact, scale = _exact(layer, x, slot)
             _assert_within(layer(x), exact, scale)
             _assert_within(ref(x), exact, scale)
+            if folded.folded:
+                _assert_within(folded(x), exact, _abs_terms(layer, x, slot), unit=gamma)
+            else:
+                assert torch.equal(folded(x), ref(x))
     compiled_runtime._STEP.t = None
 
 
 @needs_compiled
-@pytest.mark.parametrize("kind,shifted,zero_points", [CASES[3], CASES[5]])
-def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: bool, zero_points: list[int]) -> None:
+@pytest.mark.parametrize("kind,shifted,zero_points,a_bits,dtype", [
+    (*CASES[3], "fp32"), (*CASES[5], "fp32"), (*CASES[0], "fp32"), (*CASES[4], "fp32"), (*CASES[6], "fp32"),
+    (*CASES[0], "bf16"), (*CASES[4], "bf16"), (*CASES[2], "bf16"), (*CASES[7], "bf16")])
+def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: bool, zero_points: list[int],
+                                                           a_bits: int, dtype: str) -> None:
     """Compiled with freezing, the pattern becomes prepacked oneDNN int8 calls (the x86 passes' counters),
     the timestep slot is an input of one graph (no recompile per slot), and the output stays within the
-    bound in every slot."""
+    bound in every slot: temporal and shifted layers rescaled after the kernel, one-slot direct layers
+    (folded) by the kernel itself, in float32 and with bf16 in and out."""
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
 
-    layer = _layer(kind, shifted, zero_points, seed=1)
+    layer = _layer(kind, shifted, zero_points, seed=1, a_bits=a_bits)
     ref = RefLayer(layer).eval()
+    assert ref.folded == (not shifted and len(zero_points) == 1)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(ref, fullgraph=True)  # the slot lookup included: no graph break
     # no FX graph cache: the counters count a real compile (the config's own patch: monkeypatch's undo
     # deletes a config attribute under some pytest versions)
     with torch.no_grad(), inductor_config.patch(freezing=True, fx_graph_cache=False):
-        for slot, t in enumerate(layer.timesteps.tolist()):
-            x = _input(layer, slot, seed=10)  # one shape: the slot alone changes
-            compiled_runtime._STEP.t = torch.tensor([t])
-            with torch._dynamo.config.patch(error_on_recompile=slot > 0):
+        for slot, t in enumerate(layer.timesteps.tolist() or [None]):
+            x = _input(layer, slot, seed=10) if dtype == "fp32" else _bf16_input(layer, slot, seed=10)
+            compiled_runtime._STEP.t = None if t is None else torch.tensor([t])
+            with torch._dynamo.config.patch(error_on_recompile=slot > 0):  # one shape: the slot alone changes
                 y = compiled(x)
-            exact, scale = _exact(layer, x, slot)
-            _assert_within(y, exact, scale)
+            assert y.dtype == x.dtype
+            exact, scale = _exact(layer, x.float(), slot)
+            _assert_within(y, exact, scale, unit=4 * U if dtype == "fp32" else 2.0**-7 + 2.0**-15)
     compiled_runtime._STEP.t = None
     prepacked = counters["inductor"]["qconv_weight_prepack_matcher_count" if kind == "conv"
                                       else "qlinear_weight_prepack_matcher_count"]
@@ -169,7 +214,7 @@ def test_reference_pattern_is_the_fake_model_op_for_op(merged: Path) -> None:
     from lowbitdm_cli.export.checkpoint import load_merged
 
     fake, ref = load_merged(merged, "fake"), load_merged(merged, "int")
-    reference_layers(ref.denoiser)
+    reference_layers(ref.denoiser, fold=False)
     g = torch.Generator().manual_seed(0)
     x, cond = torch.randn(4, *fake.sample_shape, generator=g), torch.arange(4) % fake.num_classes
     timesteps = sorted({int(t) for m in fake.denoiser.modules() if hasattr(m, "timesteps") for t in m.timesteps})
@@ -233,11 +278,11 @@ def test_lora_branch_around_a_reference_layer() -> None:
     from lowbitdm_cli.adapters.branch import LoRABranch
     from lowbitdm_cli.adapters.lora_file import LoraPair
 
-    layer = _layer("conv", False, [3])
+    layer = _layer("conv", False, [3], 8)
     g = torch.Generator().manual_seed(3)
     pair = LoraPair(torch.randn(4, 16, 3, 3, generator=g) * 0.1, torch.randn(24, 4, 1, 1, generator=g) * 0.1, None)
     wrapped = {}
-    for name, base in (("int", layer), ("ref", RefLayer(layer))):
+    for name, base in (("int", layer), ("ref", RefLayer(layer, fold=False))):
         wrapped[name] = LoRABranch(base)
         wrapped[name].add(pair, 1.0)
     x = _input(layer, 0, seed=4)
