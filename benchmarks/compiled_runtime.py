@@ -23,9 +23,9 @@ CPU classes as in merged_runtime.py, each its own process: native, vnni (ONEDNN_
 AVX512_CORE_VNNI) and avx2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2).
 
 --profile (native class only, instead of the timings): where one forward's time goes, per model, for
-the fastest FP cell and the W4A4 compiled runtime in bf16 (fp32 where the CPU has no bf16), with and
-without folding the rescale into the kernels (`compile_runtime(fold=False)`: every rescale after the
-kernel): torch.profiler's self time per forward, grouped into int8 kernels, float conv / matmul,
+the fastest FP cell and the W4A4 compiled runtime in bf16 (fp32 where the CPU has no bf16), without
+and (where any layer folds) with the rescale folded into the kernels (`compile_runtime(fold=False)`:
+every rescale after the kernel): torch.profiler's self time per forward, grouped into int8 kernels, float conv / matmul,
 attention, Inductor's generated loops (named per kernel), copies and the rest, beside the wall time
 of an unprofiled forward. Writes compiled_runtime_profile.json.
 
@@ -53,7 +53,7 @@ from torch._inductor import config as inductor_config
 
 from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
 from lowbitdm_cli.export.checkpoint import load_merged
-from lowbitdm_cli.export.compiled_runtime import available, compile_runtime
+from lowbitdm_cli.export.compiled_runtime import RefLayer, available, compile_runtime
 from lowbitdm_cli.export.kernel_probe import kernel_report
 from lowbitdm_cli.memory import keep_freed_memory
 from lowbitdm_cli.models.precision import DTYPES, bf16_native, use_dtype, use_layout
@@ -99,7 +99,8 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
 
 @torch.no_grad()
 def _quality(merged: dict[str, Path], n: int) -> list[dict]:
-    """FID-digits / accuracy per runtime (fp32 around the int8 kernels), and the share of pixels on which
+    """FID-digits / accuracy per runtime (fp32 around the int8 kernels; and the compiled runtime in bf16
+    where the CPU has it), and the share of pixels on which
     int and compiled agree with fake; for scale, the same for the FP model eager vs compiled."""
     settings = mr._model_sampler("digits")
     evaluator = DigitsEvaluator()
@@ -126,10 +127,12 @@ def _quality(merged: dict[str, Path], n: int) -> list[dict]:
     for label, path in merged.items():
         runs = {"fake": load_merged(path, "fake"), "int": load_merged(path, "int"),
                 "compiled": compile_runtime(load_merged(path, "int"))}
+        if bf16_native():  # the bf16 model, folded layers writing bf16 from the kernel
+            runs["compiled-bf16"] = compile_runtime(use_dtype(load_merged(path, "int"), torch.bfloat16))
         x = {runtime: images(model) for runtime, model in runs.items()}
         row = {"precision": label, "samples": n, "sampler": f"{settings.sampler} {settings.steps}",
                **{runtime: metrics(v) for runtime, v in x.items()}}
-        row.update({f"{runtime}_vs_fake": agreement(x[runtime], x["fake"]) for runtime in ("int", "compiled")})
+        row.update({f"{runtime}_vs_fake": agreement(x[runtime], x["fake"]) for runtime in x if runtime != "fake"})
         out.append(row)
     return out
 
@@ -149,9 +152,11 @@ def _profile(cells: dict[str, Callable], forwards: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
+    walls = mr._time_cells(cells, forwards, 1)  # interleaved, as in the timing table
     for key, fn in cells.items():
-        fn()
-        wall = mr._time_cells({key: fn}, forwards, 0)[key] * 1e3
+        wall = walls[key] * 1e3
+        with profile(activities=[ProfilerActivity.CPU]):  # a compiled FP cell recompiles once under the
+            fn()  # profiler: not in the measured run
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(forwards):
                 fn()
@@ -181,14 +186,20 @@ def _profile_class(args: argparse.Namespace, folder: Path) -> dict:
         cells = {f"FP {fastest}": fp[fastest]}
         for fold in (False, True):
             model = compile_runtime(use_dtype(load_merged(path, "int"), DTYPES[dtype_name]), fold=fold)
-            cells[f"W4A4 compiled {dtype_name} {'folded' if fold else 'unfolded'}"] = mr._call(model, args.batch)
+            layers = [m for m in model.denoiser.inner.modules() if isinstance(m, RefLayer)]
+            folded = sum(m.folded for m in layers)
+            if fold and not folded:
+                print(f"{name}: no layer folds (temporal activation steps or shifted weights everywhere)")
+                break
+            cells[f"W4A4 compiled {dtype_name}" + (f" folded {folded}/{len(layers)}" if fold else "")] = mr._call(
+                model, args.batch)
         results.append({"model": name, "cells": _profile(cells, args.repeats)})
         print(f"\n{name} (ms per forward; profiled self time by group, wall time unprofiled)")
-        print(f"{'cell':40} {'wall':>7} " + " ".join(f"{g[:14]:>14}" for g in [*PROFILE_GROUPS, 'other']))
+        print(f"{'cell':44} {'wall':>7} " + " ".join(f"{g[:14]:>14}" for g in [*PROFILE_GROUPS, 'other']))
         for key, r in results[-1]["cells"].items():
-            print(f"{key:40} {r['wall_ms']:>7.1f} " + " ".join(f"{v:>14.1f}" for v in r["groups_ms"].values()))
+            print(f"{key:44} {r['wall_ms']:>7.1f} " + " ".join(f"{v:>14.1f}" for v in r["groups_ms"].values()))
             for loop in r["top_loops_ms"][:3]:
-                print(f"{'':42}{loop['ms']:>6.1f}  {loop['kernel'][:100]}")
+                print(f"{'':46}{loop['ms']:>6.1f}  {loop['kernel'][:100]}")
     return {"cpu_class": "native", **kernel_report(), "profile": results}
 
 
@@ -217,7 +228,8 @@ def _run_class(args: argparse.Namespace, folder: Path) -> dict:
     if args.one_class == "native" and args.samples and "digits" in args.models:
         quality = _quality({w: folder / "digits" / w / "merge" for w in widths}, args.samples)
         for q in quality:
-            runtimes = ("eager", "compiled") if q["precision"] == "FP32" else ("fake", "int", "compiled")
+            runtimes = ("eager", "compiled") if q["precision"] == "FP32" else [
+                k for k in ("fake", "int", "compiled", "compiled-bf16") if k in q]
             pairs = {k: v for k, v in q.items() if k.endswith(("_vs_fake", "_vs_eager"))}
             print(f"{q['precision']} ({q['samples']} samples, {q['sampler']}): " + "   ".join(
                 f"{rt} FID {q[rt]['fid_digits']:.2f} acc {q[rt]['class_accuracy']:.3f}" for rt in runtimes)
