@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -167,7 +168,7 @@ def _profile(cells: dict[str, Callable], forwards: int) -> dict:
             group = next((g for g, prefixes in PROFILE_GROUPS.items() if event.key.startswith(prefixes)), "other")
             groups[group] += ms
             if group == "Inductor loops":
-                loops.append((ms, event.key.removeprefix("graph_0_").removeprefix("graph_1_")))
+                loops.append((ms, re.sub(r"^graph_\d+_", "", event.key)))
         out[key] = {"wall_ms": wall, "profiled_ms": sum(groups.values()), "groups_ms": groups,
                     "top_loops_ms": [{"ms": ms, "kernel": name} for ms, name in sorted(loops, reverse=True)[:5]]}
     return out

@@ -93,10 +93,11 @@ def _constant(t: Tensor) -> nn.Parameter:
 
 class RefLayer(TimestepSlots, nn.Module):
     """One `IntConv2d` / `IntLinear` as quantize → dequantize → float op ← dequantized int8 weight,
-    the pattern Inductor's x86 passes lower to one oneDNN int8 call (unit activation scale), followed
-    by the slot's Δx, the zero-point correction and the bias. The slot is picked inside the graph
-    (`_slot`); `set_timestep` only records timesteps no slot was calibrated for, as the layer it
-    replaces does (the sample manifest lists them)."""
+    the pattern Inductor's x86 passes lower to one oneDNN int8 call: folded (one activation step,
+    direct weights), the call rescales and adds the bias itself; else it runs at unit activation scale
+    and the slot's Δx, any zero-point or shifted-weight correction and the bias follow it. The slot
+    is picked inside the graph (`_slot`); `set_timestep` only records timesteps no slot was calibrated
+    for, as the layer it replaces does (the sample manifest lists them)."""
 
     def __init__(self, layer: IntLayer, fold: bool = True) -> None:
         super().__init__()
@@ -129,8 +130,9 @@ class RefLayer(TimestepSlots, nn.Module):
         self.w_zero = _constant(torch.zeros(rows, dtype=torch.long))
         self.out_ch, self.direct = out_ch, layer.direct
         self.register_buffer("w_off", layer.w_off.float())  # shifted: 128 − zw per channel
-        self.register_buffer("weight_scale", layer.weight_scale.float())
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.float())
+        # constants: a folded layer's kernel takes them at prepack, an unfolded layer's rescale reads them
+        self.weight_scale = _constant(layer.weight_scale.float().clone())
+        self.bias = None if layer.bias is None else _constant(layer.bias.float().clone())
         # activation codes per slot: u = clamp(round(x/Δx) + z_add, q_min, q_max) + offset, kernel zero point zx
         self.register_buffer("input_scale", layer.input_scale.float().clone())
         self.register_buffer("z_add", torch.tensor(layer._z_add, dtype=torch.float32))
@@ -153,10 +155,7 @@ class RefLayer(TimestepSlots, nn.Module):
         # one activation step, direct weights, one kernel call: the kernel itself rescales (Δx·Δw per output
         # channel, + b) and returns the model's dtype, so no float32 accumulator leaves it
         self.folded = fold and layer.direct and split is None and layer.timesteps.numel() <= 1
-        if self.folded:
-            self.x_scale, self.x_zero = float(layer.input_scale[0]), self.fixed_zx
-            self.w_scale = _constant(layer.weight_scale.float().clone())
-            self.folded_bias = None if layer.bias is None else _constant(layer.bias.float().clone())
+        self.x_scale = float(layer.input_scale[0]) if self.folded else None
 
     @property
     def lowering(self) -> str:
@@ -192,9 +191,9 @@ class RefLayer(TimestepSlots, nn.Module):
         """(u − zx)·Δx ⋅ (w − zw)·Δw + b, the dequantize pattern with the layer's own scales: the lowering
         moves them into the kernel, whose output is `dtype` (bf16: the pattern autocast produces)."""
         qd = torch.ops.quantized_decomposed
-        xd = qd.dequantize_per_tensor.default(u, self.x_scale, self.x_zero, 0, 255, torch.uint8)
-        w = qd.dequantize_per_channel.default(self.w0, self.w_scale, self.w_zero, 0, -128, 127, torch.int8)
-        bias = self.folded_bias
+        xd = qd.dequantize_per_tensor.default(u, self.x_scale, self.kernel_zero, 0, 255, torch.uint8)
+        w = qd.dequantize_per_channel.default(self.w0, self.weight_scale, self.w_zero, 0, -128, 127, torch.int8)
+        bias = self.bias
         if dtype == torch.bfloat16:
             xd, w, bias = xd.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
         return self._op(xd, w, bias).to(dtype)
@@ -212,8 +211,8 @@ class RefLayer(TimestepSlots, nn.Module):
     def _rescaled(self, u: Tensor, i: Tensor, delta: Tensor) -> Tensor:
         """The exact sum Σ(u − zx)(w − zw) from the kernel, then the slot's rescale in float32."""
         acc = self._product(u, self.kernel_zero)
-        if self.fixed_zx is None and not self.recentred:  # Σ(u − zx)w = Σu·w − zx·Σw over the window (zero
-            # padding: code 0 here)
+        if self.fixed_zx is None and not self.recentred:
+            # Σ(u − zx)w = Σu·w − zx·Σw over the window (zero padding: code 0 here)
             ones = torch.ones((1, *u.shape[1:]), device=u.device)  # a constant: freezing folds the window sums
             w_sum = sum(getattr(self, f"w{p}").float() * s for p, s in enumerate(self.part_scale))
             window = self._op(ones, w_sum, None)

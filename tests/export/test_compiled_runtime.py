@@ -67,39 +67,40 @@ def _bf16_input(layer: IntLayer, slot: int, seed: int) -> torch.Tensor:
     return torch.where((r - r.floor() - 0.5).abs() < 0.05, torch.zeros_like(x), x)
 
 
-def _abs_terms(layer: IntLayer, x: torch.Tensor, slot: int) -> torch.Tensor:
-    """Σ|u − zx|·|w − zw|·Δx·Δw + |b| per output, in float64 (the float32 summation bound's scale)."""
+def _terms(layer: IntLayer, x: torch.Tensor, slot: int, magnitude: bool = False) -> torch.Tensor:
+    """Σ(u − zx)·(w − zw) per output, the exact integer sum in float64 (zero padding = code zx); with
+    `magnitude`, Σ|u − zx|·|w − zw| instead."""
     delta = float(layer.input_scale[slot])
     u = torch.clamp(torch.round(x.double() / delta) + layer._z_add[slot], layer.q_min, layer.q_max) + layer._offset
-    w = layer.wmat[:, : layer.out_ch].t().double()
+    v = u - layer._zx[slot]
+    w = layer.wmat[:, : layer.out_ch].t().double()  # w − zw (direct) or w − 128 (shifted), K in the layer's order
     if not layer.direct:
-        w = w + layer.w_off.double()[:, None]
-    dw, b = layer.weight_scale.double(), layer.bias.double()
+        w = w + layer.w_off.double()[:, None]  # back to w − zw
+    if magnitude:
+        v, w = v.abs(), w.abs()
     if isinstance(layer, IntConv2d):
         kh, kw = layer.kernel_size
-        weight = w.reshape(layer.out_ch, kh, kw, -1).permute(0, 3, 1, 2).abs()
-        return (F.conv2d((u - layer._zx[slot]).abs(), weight, None, layer.stride, layer.padding) * delta
-                * dw.reshape(-1, 1, 1) + b.abs().reshape(-1, 1, 1))
-    return (u - layer._zx[slot]).abs() @ w.abs().t() * delta * dw + b.abs()
+        return F.conv2d(v, w.reshape(layer.out_ch, kh, kw, -1).permute(0, 3, 1, 2), None, layer.stride, layer.padding)
+    return v @ w.t()
+
+
+def _rescale64(layer: IntLayer, acc: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(acc·Δx·Δw, b) in float64, shaped to broadcast over `acc`'s outputs."""
+    shape = (-1, 1, 1) if isinstance(layer, IntConv2d) else (-1,)
+    return acc * float(layer.input_scale[slot]) * layer.weight_scale.double().reshape(shape), \
+        layer.bias.double().reshape(shape)
+
+
+def _abs_terms(layer: IntLayer, x: torch.Tensor, slot: int) -> torch.Tensor:
+    """Σ|u − zx|·|w − zw|·Δx·Δw + |b| per output, in float64 (the float32 summation bound's scale)."""
+    main, b = _rescale64(layer, _terms(layer, x, slot, magnitude=True), slot)
+    return main + b.abs()
 
 
 def _exact(layer: IntLayer, x: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(float64 output, its bound's scale |acc·Δx·Δw| + |b|) from the exact integer sum."""
-    delta = float(layer.input_scale[slot])
-    u = torch.clamp(torch.round(x.double() / delta) + layer._z_add[slot], layer.q_min, layer.q_max) + layer._offset
-    w = layer.wmat[:, : layer.out_ch].t().double()  # w − zw (direct) or w − 128 (shifted), K in the layer's order
-    if not layer.direct:
-        w = w + layer.w_off.double()[:, None]  # back to w − zw
-    dw, b = layer.weight_scale.double(), layer.bias.double()
-    if isinstance(layer, IntConv2d):
-        kh, kw = layer.kernel_size
-        weight = w.reshape(layer.out_ch, kh, kw, -1).permute(0, 3, 1, 2)
-        acc = F.conv2d(u - layer._zx[slot], weight, None, layer.stride, layer.padding)  # zero padding = code zx
-        shape = (-1, 1, 1)
-    else:
-        acc, shape = (u - layer._zx[slot]) @ w.t(), (-1,)
-    main = acc * delta * dw.reshape(shape)
-    return main + b.reshape(shape), main.abs() + b.abs().reshape(shape)
+    main, b = _rescale64(layer, _terms(layer, x, slot), slot)
+    return main + b, main.abs() + b.abs()
 
 
 def _assert_within(y: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor, unit: float = 4 * U) -> None:
