@@ -14,16 +14,18 @@ What it keeps from the checkpoint, unchanged: the integer weights w − zw (int8
 Δw), every activation step Δx and zero point, per timestep slot; codes are the fake quantizer's
 ``clamp(round(x/Δx) + z) (+ 2^(b−1) when symmetric)``.
 
-- A layer with one activation step and direct weights (every layer of a non-temporal checkpoint but
-  the shifted 8-bit ones) is *folded*: the pattern carries Δx, zx, Δw and the bias, so the kernel
+- A layer with one activation step and one kernel call (every layer of a non-temporal checkpoint where
+  the CPU's int8 sums are exact) is *folded*: the pattern carries Δx, zx, Δw and the bias, so the kernel
   itself rescales and returns the model's dtype (bf16 straight out of oneDNN under `--dtype bf16`):
-  no float32 accumulator is written and read back.
+  no float32 accumulator is written and read back. Shifted 8-bit weights (w − zw outside int8: every
+  asymmetric W8 layer) fold too: the kernel multiplies w − 128 plus an all-ones row, which comes out
+  as Δx·Σ(u − zx), and (128 − zw)·Δw times it is added to each output channel.
 - Timestep slots do not cost a graph each: the kernel runs with unit activation scale and one zero
   point (the layer's, when every slot has the same; else the codes are re-centred, u − zx + Z, when
   every slot's u − zx fits 7 bits, which also keeps AVX2's pairs from saturating; else, 8-bit codes,
   zero and ``zx·conv(1, w)`` subtracted after), and the slot's Δx multiplies its output inside the
-  compiled graph, the slot chosen from the timestep as `TimestepSlots` does. Shifted 8-bit weights
-  and pair-safe splits are rescaled after the kernel the same way.
+  compiled graph, the slot chosen from the timestep as `TimestepSlots` does. Pair-safe splits are
+  rescaled after the kernel the same way.
 
 Run eagerly and unfolded (`reference_layers(fold=False)`), the pattern is the fake model op for op
 (the rescale in the order of `quant.integer.rescale`, equal bit for bit: tested); folded, the kernel
@@ -119,6 +121,12 @@ class RefLayer(TimestepSlots, nn.Module):
         split = next((s for kernel, s in lowerings if kernel == "onednn"), None)
         if not any(kernel == "onednn" for kernel, _ in lowerings):
             raise ValueError("oneDNN's int8 kernels cannot compute this layer exactly here")
+        # one activation step, one kernel call: the kernel itself rescales (Δx·Δw per output channel, + b) and
+        # returns the model's dtype, so no float32 accumulator leaves it (a shifted layer's all-ones row comes
+        # out as Δx·Σ(u − zx), see `_folded`)
+        self.folded = fold and split is None and layer.timesteps.numel() <= 1
+        if self.folded and not layer.direct:  # rows to a multiple of 16 (zero rows): aligned outputs
+            wmat = torch.cat([wmat, wmat.new_zeros(-wmat.shape[0] % 16, wmat.shape[1])])
         parts = [wmat] if split is None else list(split_weight(wmat.float(), split))
         self.split = split
         self.part_scale = [1.0] if split is None else [float(1 << split), 1.0]
@@ -152,10 +160,15 @@ class RefLayer(TimestepSlots, nn.Module):
         self.kernel_zero = centre if self.recentred else (self.fixed_zx or 0)
         shift = [self.offset - zx + centre for zx in layer._zx] if self.recentred else [self.offset] * len(layer._zx)
         self.register_buffer("code_shift", torch.tensor(shift, dtype=torch.float32))  # per slot, added to codes
-        # one activation step, direct weights, one kernel call: the kernel itself rescales (Δx·Δw per output
-        # channel, + b) and returns the model's dtype, so no float32 accumulator leaves it
-        self.folded = fold and layer.direct and split is None and layer.timesteps.numel() <= 1
         self.x_scale = float(layer.input_scale[0]) if self.folded else None
+        if self.folded and not self.direct:
+            # the kernel's last output is the all-ones row's (Δw 1, no bias): Δx·Σ(u − zx); (128 − zw)·Δw per
+            # output channel multiplies it
+            self.sum_scale = _constant((self.weight_scale.detach() * self.w_off).reshape([-1, 1, 1] if self.conv else [-1]))
+            pad = self.w0.shape[0] - out_ch
+            self.weight_scale = _constant(torch.cat([self.weight_scale.detach(), torch.ones(pad)]))
+            if self.bias is not None:
+                self.bias = _constant(torch.cat([self.bias.detach(), torch.zeros(pad)]))
 
     @property
     def lowering(self) -> str:
@@ -196,7 +209,13 @@ class RefLayer(TimestepSlots, nn.Module):
         bias = self.bias
         if dtype == torch.bfloat16:
             xd, w, bias = xd.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
-        return self._op(xd, w, bias).to(dtype)
+        y = self._op(xd, w, bias).to(dtype)
+        if self.direct:
+            return y
+        # Σ(u − zx)(w − zw) = Σ(u − zx)(w − 128) + (128 − zw)·Σ(u − zx), both rescaled by the kernel
+        dim = 1 if self.conv else -1
+        main, sums = y.narrow(dim, 0, self.out_ch), y.narrow(dim, self.out_ch, 1)
+        return (main.float() + sums.float() * self.sum_scale).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         i = self._slot()
