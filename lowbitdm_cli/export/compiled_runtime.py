@@ -14,18 +14,18 @@ What it keeps from the checkpoint, unchanged: the integer weights w − zw (int8
 Δw), every activation step Δx and zero point, per timestep slot; codes are the fake quantizer's
 ``clamp(round(x/Δx) + z) (+ 2^(b−1) when symmetric)``.
 
-- A layer with one activation step and one kernel call (every layer of a non-temporal checkpoint where
-  the CPU's int8 sums are exact) is *folded*: the pattern carries Δx, zx, Δw and the bias, so the kernel
-  itself rescales and returns the model's dtype (bf16 straight out of oneDNN under `--dtype bf16`):
-  no float32 accumulator is written and read back. Shifted 8-bit weights (w − zw outside int8: every
-  asymmetric W8 layer) fold too: the kernel multiplies w − 128 plus an all-ones row, which comes out
-  as Δx·Σ(u − zx), and (128 − zw)·Δw times it is added to each output channel.
+- A layer with one kernel call and one kernel zero point is *folded*: the pattern carries Δw (and, with
+  one activation step, Δx, zx and the bias), so the kernel itself rescales and returns the model's
+  dtype (bf16 straight out of oneDNN under `--dtype bf16`): no float32 accumulator is written and read
+  back. Shifted 8-bit weights (w − zw outside int8: every asymmetric W8 layer) fold too: the kernel
+  multiplies w − 128 plus an all-ones row, which comes out as (Δx·)Σ(u − zx), and (128 − zw)·Δw times
+  it is added to each output channel.
 - Timestep slots do not cost a graph each: the kernel runs with unit activation scale and one zero
   point (the layer's, when every slot has the same; else the codes are re-centred, u − zx + Z, when
-  every slot's u − zx fits 7 bits, which also keeps AVX2's pairs from saturating; else, 8-bit codes,
-  zero and ``zx·conv(1, w)`` subtracted after), and the slot's Δx multiplies its output inside the
-  compiled graph, the slot chosen from the timestep as `TimestepSlots` does. Pair-safe splits are
-  rescaled after the kernel the same way.
+  every slot's u − zx fits 7 bits, which also keeps AVX2's pairs from saturating), and the slot's Δx
+  and the bias follow it inside the compiled graph, the slot chosen from the timestep as
+  `TimestepSlots` does. 8-bit codes whose zero points differ per slot, and pair-safe splits, leave the
+  kernel as float32 sums (zero point 0, ``zx·conv(1, w)`` subtracted) and are rescaled after it.
 
 Run eagerly and unfolded (`reference_layers(fold=False)`), the pattern is the fake model op for op
 (the rescale in the order of `quant.integer.rescale`, equal bit for bit: tested); folded, the kernel
@@ -95,9 +95,10 @@ def _constant(t: Tensor) -> nn.Parameter:
 
 class RefLayer(TimestepSlots, nn.Module):
     """One `IntConv2d` / `IntLinear` as quantize → dequantize → float op ← dequantized int8 weight,
-    the pattern Inductor's x86 passes lower to one oneDNN int8 call: folded (one activation step,
-    direct weights), the call rescales and adds the bias itself; else it runs at unit activation scale
-    and the slot's Δx, any zero-point or shifted-weight correction and the bias follow it. The slot
+    the pattern Inductor's x86 passes lower to one oneDNN int8 call: folded (one kernel call, one zero
+    point), the call rescales by Δw (one activation step: by Δx too, and adds the bias) and returns the
+    model's dtype; else it returns float32 sums at unit scales. The slot's Δx, any zero-point or
+    shifted-weight correction and the bias the call did not apply follow it. The slot
     is picked inside the graph (`_slot`); `set_timestep` only records timesteps no slot was calibrated
     for, as the layer it replaces does (the sample manifest lists them)."""
 
@@ -115,32 +116,6 @@ class RefLayer(TimestepSlots, nn.Module):
             as_weight = lambda w: w.reshape(w.shape[0], kh, kw, -1).permute(0, 3, 1, 2).contiguous()
         else:
             as_weight = lambda w: w.reshape(w.shape[0], k).contiguous()
-        # the weight matrix the integer runtime multiplies (its K order), and the pair-safe split it uses
-        wmat = layer.wmat.t().to(torch.int16)  # [O(+1), K]: a shifted layer's last row is all ones
-        lowerings = layer.exact_lowerings()
-        split = next((s for kernel, s in lowerings if kernel == "onednn"), None)
-        if not any(kernel == "onednn" for kernel, _ in lowerings):
-            raise ValueError("oneDNN's int8 kernels cannot compute this layer exactly here")
-        # one activation step, one kernel call: the kernel itself rescales (Δx·Δw per output channel, + b) and
-        # returns the model's dtype, so no float32 accumulator leaves it (a shifted layer's all-ones row comes
-        # out as Δx·Σ(u − zx), see `_folded`)
-        self.folded = fold and split is None and layer.timesteps.numel() <= 1
-        if self.folded and not layer.direct:  # rows to a multiple of 16 (zero rows): aligned outputs
-            wmat = torch.cat([wmat, wmat.new_zeros(-wmat.shape[0] % 16, wmat.shape[1])])
-        parts = [wmat] if split is None else list(split_weight(wmat.float(), split))
-        self.split = split
-        self.part_scale = [1.0] if split is None else [float(1 << split), 1.0]
-        for i, part in enumerate(parts):
-            self.register_parameter(f"w{i}", _constant(as_weight(part.to(torch.int8))))
-        self.parts = len(parts)
-        rows = wmat.shape[0]
-        self.w_unit = _constant(torch.ones(rows))  # unit: the rescale in `forward` is the layer's own
-        self.w_zero = _constant(torch.zeros(rows, dtype=torch.long))
-        self.out_ch, self.direct = out_ch, layer.direct
-        self.register_buffer("w_off", layer.w_off.float())  # shifted: 128 − zw per channel
-        # constants: a folded layer's kernel takes them at prepack, an unfolded layer's rescale reads them
-        self.weight_scale = _constant(layer.weight_scale.float().clone())
-        self.bias = None if layer.bias is None else _constant(layer.bias.float().clone())
         # activation codes per slot: u = clamp(round(x/Δx) + z_add, q_min, q_max) + offset, kernel zero point zx
         self.register_buffer("input_scale", layer.input_scale.float().clone())
         self.register_buffer("z_add", torch.tensor(layer._z_add, dtype=torch.float32))
@@ -160,15 +135,47 @@ class RefLayer(TimestepSlots, nn.Module):
         self.kernel_zero = centre if self.recentred else (self.fixed_zx or 0)
         shift = [self.offset - zx + centre for zx in layer._zx] if self.recentred else [self.offset] * len(layer._zx)
         self.register_buffer("code_shift", torch.tensor(shift, dtype=torch.float32))  # per slot, added to codes
-        self.x_scale = float(layer.input_scale[0]) if self.folded else None
-        if self.folded and not self.direct:
-            # the kernel's last output is the all-ones row's (Δw 1, no bias): Δx·Σ(u − zx); (128 − zw)·Δw per
-            # output channel multiplies it
-            self.sum_scale = _constant((self.weight_scale.detach() * self.w_off).reshape([-1, 1, 1] if self.conv else [-1]))
-            pad = self.w0.shape[0] - out_ch
-            self.weight_scale = _constant(torch.cat([self.weight_scale.detach(), torch.ones(pad)]))
-            if self.bias is not None:
-                self.bias = _constant(torch.cat([self.bias.detach(), torch.zeros(pad)]))
+
+        # the weight matrix the integer runtime multiplies (its K order), and the pair-safe split it uses
+        wmat = layer.wmat.t().to(torch.int16)  # [O(+1), K]: a shifted layer's last row is all ones
+        lowerings = layer.exact_lowerings()
+        split = next((s for kernel, s in lowerings if kernel == "onednn"), None)
+        if not any(kernel == "onednn" for kernel, _ in lowerings):
+            raise ValueError("oneDNN's int8 kernels cannot compute this layer exactly here")
+        # Folded: one kernel call with one zero point rescales by Δw itself (and by Δx and + b where the layer
+        # has one activation step) and returns the model's dtype, so no float32 accumulator leaves it; a
+        # shifted layer's all-ones row comes out as (Δx·)Σ(u − zx), see `_folded`
+        self.folded = fold and split is None and (self.fixed_zx is not None or self.recentred)
+        self.x_scale = float(layer.input_scale[0]) if self.folded and layer.timesteps.numel() <= 1 else None
+        if self.folded and not layer.direct:  # rows to a multiple of 16 (zero rows): aligned outputs
+            wmat = torch.cat([wmat, wmat.new_zeros(-wmat.shape[0] % 16, wmat.shape[1])])
+        parts = [wmat] if split is None else list(split_weight(wmat.float(), split))
+        self.split = split
+        self.part_scale = [1.0] if split is None else [float(1 << split), 1.0]
+        for i, part in enumerate(parts):
+            self.register_parameter(f"w{i}", _constant(as_weight(part.to(torch.int8))))
+        self.parts = len(parts)
+        rows = wmat.shape[0]
+        self.w_unit = _constant(torch.ones(rows))  # unit: the rescale in `forward` is the layer's own
+        self.w_zero = _constant(torch.zeros(rows, dtype=torch.long))
+        self.out_ch, self.direct = out_ch, layer.direct
+        self.register_buffer("w_off", layer.w_off.float())  # shifted: 128 − zw per channel
+        # constants: a folded layer's kernel takes them at prepack (padded rows: Δw 1, no bias), a rescale
+        # after the kernel reads them
+        self.weight_scale = _constant(layer.weight_scale.float().clone())
+        self.bias = None if layer.bias is None else _constant(layer.bias.float().clone())
+        if self.folded:
+            pad = rows - out_ch
+            self.kernel_scale = _constant(torch.cat([self.weight_scale.detach(), torch.ones(pad)]))
+            self.kernel_bias = None if self.bias is None or self.x_scale is None else _constant(
+                torch.cat([self.bias.detach(), torch.zeros(pad)]))
+        if self.folded and not self.direct:  # (128 − zw)·Δw per output channel multiplies the all-ones row's output
+            self.sum_scale = _constant((self.weight_scale.detach() * self.w_off).reshape(self._view))
+
+    @property
+    def _view(self) -> list[int]:
+        """Per-output-channel values shaped to broadcast over an output."""
+        return [-1, 1, 1] if self.conv else [-1]
 
     @property
     def lowering(self) -> str:
@@ -200,22 +207,29 @@ class RefLayer(TimestepSlots, nn.Module):
             out = y * self.part_scale[i] if out is None else out + y * self.part_scale[i]
         return out
 
-    def _folded(self, u: Tensor, dtype: torch.dtype) -> Tensor:
+    def _folded(self, u: Tensor, delta: Tensor, dtype: torch.dtype) -> Tensor:
         """(u − zx)·Δx ⋅ (w − zw)·Δw + b, the dequantize pattern with the layer's own scales: the lowering
-        moves them into the kernel, whose output is `dtype` (bf16: the pattern autocast produces)."""
+        moves them into the kernel, whose output is `dtype` (bf16: the pattern autocast produces). With
+        timestep slots the kernel runs at unit Δx, and the slot's Δx and the bias follow it."""
         qd = torch.ops.quantized_decomposed
-        xd = qd.dequantize_per_tensor.default(u, self.x_scale, self.kernel_zero, 0, 255, torch.uint8)
-        w = qd.dequantize_per_channel.default(self.w0, self.weight_scale, self.w_zero, 0, -128, 127, torch.int8)
-        bias = self.bias
+        x_scale = 1.0 if self.x_scale is None else self.x_scale
+        xd = qd.dequantize_per_tensor.default(u, x_scale, self.kernel_zero, 0, 255, torch.uint8)
+        w = qd.dequantize_per_channel.default(self.w0, self.kernel_scale, self.w_zero, 0, -128, 127, torch.int8)
+        bias = self.kernel_bias
         if dtype == torch.bfloat16:
             xd, w, bias = xd.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
         y = self._op(xd, w, bias).to(dtype)
-        if self.direct:
+        if self.direct and self.x_scale is not None:
             return y
-        # Σ(u − zx)(w − zw) = Σ(u − zx)(w − 128) + (128 − zw)·Σ(u − zx), both rescaled by the kernel
         dim = 1 if self.conv else -1
-        main, sums = y.narrow(dim, 0, self.out_ch), y.narrow(dim, self.out_ch, 1)
-        return (main.float() + sums.float() * self.sum_scale).to(dtype)
+        if self.direct:
+            y = y.float()
+        else:  # Σ(u − zx)(w − zw) = Σ(u − zx)(w − 128) + (128 − zw)·Σ(u − zx), both rescaled by the kernel
+            main, sums = y.narrow(dim, 0, self.out_ch), y.narrow(dim, self.out_ch, 1)
+            y = main.float() + sums.float() * self.sum_scale
+        if self.x_scale is None:
+            y = y * delta if self.bias is None else y * delta + self.bias.reshape(self._view)
+        return y.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         i = self._slot()
@@ -224,7 +238,7 @@ class RefLayer(TimestepSlots, nn.Module):
         u = (torch.clamp(torch.round(x.float() / delta) + z, self.q_min, self.q_max) + shift).to(torch.uint8)
         if not self.conv:  # the codes as one contiguous matrix: the lowering matches only a 2-D input
             u = u.reshape(-1, u.shape[-1])
-        y = self._folded(u, x.dtype) if self.folded else self._rescaled(u, i, delta).to(x.dtype)
+        y = self._folded(u, delta, x.dtype) if self.folded else self._rescaled(u, i, delta).to(x.dtype)
         return y if self.conv else y.reshape(*x.shape[:-1], self.out_ch)
 
     def _rescaled(self, u: Tensor, i: Tensor, delta: Tensor) -> Tensor:
@@ -239,7 +253,7 @@ class RefLayer(TimestepSlots, nn.Module):
         dim = 1 if self.conv else -1
         if not self.direct:  # Σ(u−zx)(w−zw) = Σ(u−zx)(w−128) + (128−zw)·Σ(u−zx): the last row holds Σ(u−zx)
             main, sums = acc.narrow(dim, 0, self.out_ch), acc.narrow(dim, self.out_ch, 1)
-            acc = main + sums * self.w_off.reshape([-1, 1, 1] if self.conv else [-1])
+            acc = main + sums * self.w_off.reshape(self._view)
         # the fake runtime's rescale, in its float order (the one this CPU's oneDNN kernel uses)
         return rescale(acc, delta, self.weight_scale, self.bias, dim, self.kind, order=self.order)
 

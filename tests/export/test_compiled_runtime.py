@@ -16,7 +16,9 @@ A folded shifted layer adds to each kernel output its all-ones row's Δx·Σ(u �
 too) times (128 − zw)·Δw: two float32 roundings of that product and one of the sum more, so
 compiled in float32 within 6·2⁻²⁴ and in bf16 (the row's output rounded to bf16 as well, then the
 sum) within (2⁻⁷ + 2⁻⁸ + 2⁻¹⁴) of |Δx·Δw·Σ(u − zx)(w − 128)| + |b| + |Δx·Δw·(128 − zw)·Σ(u − zx)|;
-eagerly within (γ(K+3) + 3·2⁻²⁴)·Σ|u − zx|·(|w − 128| + |128 − zw|)·Δx·Δw + |b|.
+eagerly within (γ(K+3) + 3·2⁻²⁴)·Σ|u − zx|·(|w − 128| + |128 − zw|)·Δx·Δw + |b|. A folded layer with
+timestep slots has its kernel rescale by Δw alone, then ×Δx and + b: the same number of roundings
+(float32: ×Δw, ×Δx, +b; bf16: the kernel's output and the final one), so the same bounds.
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_po
     every timestep slot, against float64."""
     layer = _layer(kind, shifted, zero_points, a_bits=a_bits)
     ref, folded = RefLayer(layer, fold=False).eval(), RefLayer(layer).eval()
-    assert not ref.folded and folded.folded == (len(zero_points) == 1)
+    # folded: one kernel call (on a saturating CPU, 8-bit shifted weights need two) with one zero point
+    assert not ref.folded and folded.folded == (folded.split is None and (len(set(zero_points)) == 1 or a_bits == 4))
     assert ref.recentred == (len(set(zero_points)) > 1 and a_bits == 4)
     gamma = (layer.k + 3) * U / (1 - (layer.k + 3) * U)
     for slot, t in enumerate(layer.timesteps.tolist() or [None]):
@@ -150,7 +153,8 @@ def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_po
             _assert_within(layer(x), exact, scale)
             _assert_within(ref(x), exact, scale)
             if folded.folded:  # shifted: γ(K+3) on the kernel's sum, then its window sums' (exact) correction
-                _assert_within(folded(x), exact, _abs_terms(layer, x, slot), unit=gamma if layer.direct else gamma + 3 * U)
+                one_step = layer.direct and len(zero_points) == 1  # else Δx, the bias or a correction after it
+                _assert_within(folded(x), exact, _abs_terms(layer, x, slot), unit=gamma if one_step else gamma + 3 * U)
             else:
                 assert torch.equal(folded(x), ref(x))
     compiled_runtime._STEP.t = None
@@ -172,7 +176,7 @@ def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: b
 
     layer = _layer(kind, shifted, zero_points, seed=1, a_bits=a_bits)
     ref = RefLayer(layer).eval()
-    assert ref.folded == (len(zero_points) == 1)
+    assert ref.folded == (ref.split is None and (len(set(zero_points)) == 1 or a_bits == 4))
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(ref, fullgraph=True)  # the slot lookup included: no graph break
