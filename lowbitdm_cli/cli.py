@@ -335,7 +335,8 @@ def sample(
                           "`fake` dequantizes to float for comparison; `compiled` hands the same integer layers "
                           "to PyTorch's x86 int8 lowering and compiles the whole denoiser with Inductor (needs "
                           "torchao: pip install 'lowbitdm\\[compiled]'; the first call per input shape "
-                          "compiles; faster on CPUs, samples not bit-equal to fake; docs/integer-runtime.md)."
+                          "compiles, some 30-50 s on a 2-core Xeon; faster on CPUs, samples not bit-equal to fake; "
+                          "docs/integer-runtime.md)."
                           )] = "int",
     device: Annotated[str, typer.Option(
         "--device", help="Where the model runs: cpu, or cuda (under torchrun: each rank's own GPU, nccl).")] = "cpu",
