@@ -221,12 +221,7 @@ class RefLayer(TimestepSlots, nn.Module):
         y = self._op(xd, w, bias).to(dtype)
         if self.direct and self.x_scale is not None:
             return y
-        dim = 1 if self.conv else -1
-        if self.direct:
-            y = y.float()
-        else:  # Σ(u − zx)(w − zw) = Σ(u − zx)(w − 128) + (128 − zw)·Σ(u − zx), both rescaled by the kernel
-            main, sums = y.narrow(dim, 0, self.out_ch), y.narrow(dim, self.out_ch, 1)
-            y = main.float() + sums.float() * self.sum_scale
+        y = y.float() if self.direct else self._add_window_sums(y, self.sum_scale)  # both rows rescaled by the kernel
         if self.x_scale is None:
             y = y * delta if self.bias is None else y * delta + self.bias.reshape(self._view)
         return y.to(dtype)
@@ -250,12 +245,16 @@ class RefLayer(TimestepSlots, nn.Module):
             w_sum = sum(getattr(self, f"w{p}").float() * s for p, s in enumerate(self.part_scale))
             window = self._op(ones, w_sum, None)
             acc = acc - self.zx.index_select(0, i) * window
-        dim = 1 if self.conv else -1
-        if not self.direct:  # Σ(u−zx)(w−zw) = Σ(u−zx)(w−128) + (128−zw)·Σ(u−zx): the last row holds Σ(u−zx)
-            main, sums = acc.narrow(dim, 0, self.out_ch), acc.narrow(dim, self.out_ch, 1)
-            acc = main + sums * self.w_off.reshape(self._view)
+        if not self.direct:
+            acc = self._add_window_sums(acc, self.w_off.reshape(self._view))
         # the fake runtime's rescale, in its float order (the one this CPU's oneDNN kernel uses)
-        return rescale(acc, delta, self.weight_scale, self.bias, dim, self.kind, order=self.order)
+        return rescale(acc, delta, self.weight_scale, self.bias, 1 if self.conv else -1, self.kind, order=self.order)
+
+    def _add_window_sums(self, y: Tensor, coefficient: Tensor) -> Tensor:
+        """A shifted layer's outputs: Σ(u − zx)(w − zw) = Σ(u − zx)(w − 128) + (128 − zw)·Σ(u − zx), the
+        kernel's first `out_ch` rows plus `coefficient` times its all-ones row (row `out_ch`), in float32."""
+        dim = 1 if self.conv else -1
+        return y.narrow(dim, 0, self.out_ch).float() + y.narrow(dim, self.out_ch, 1).float() * coefficient
 
 
 def unsupported(denoiser: nn.Module) -> list[str]:

@@ -122,6 +122,12 @@ def _folded_shifted_scale(layer: IntLayer, x: torch.Tensor, slot: int) -> torch.
     return kernel.abs() + b.abs() + window.abs()
 
 
+def _folds(ref: RefLayer, zero_points: list[int], a_bits: int) -> bool:
+    """Whether a `RefLayer` (fold=True) should fold: one kernel call (on a saturating CPU, 8-bit shifted
+    weights need two) with one zero point (the same in every slot, or re-centred 4-bit codes)."""
+    return ref.split is None and (len(set(zero_points)) == 1 or a_bits == 4)
+
+
 def _assert_within(y: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor, unit: float = 4 * U) -> None:
     excess = (y.double() - exact).abs() - unit * scale
     assert float(excess.max()) <= 0, f"beyond the derived bound by {float(excess.max())}"
@@ -140,8 +146,7 @@ def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_po
     every timestep slot, against float64."""
     layer = _layer(kind, shifted, zero_points, a_bits=a_bits)
     ref, folded = RefLayer(layer, fold=False).eval(), RefLayer(layer).eval()
-    # folded: one kernel call (on a saturating CPU, 8-bit shifted weights need two) with one zero point
-    assert not ref.folded and folded.folded == (folded.split is None and (len(set(zero_points)) == 1 or a_bits == 4))
+    assert not ref.folded and folded.folded == _folds(folded, zero_points, a_bits)
     assert ref.recentred == (len(set(zero_points)) > 1 and a_bits == 4)
     gamma = (layer.k + 3) * U / (1 - (layer.k + 3) * U)
     for slot, t in enumerate(layer.timesteps.tolist() or [None]):
@@ -152,7 +157,7 @@ def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_po
             exact, scale = _exact(layer, x, slot)
             _assert_within(layer(x), exact, scale)
             _assert_within(ref(x), exact, scale)
-            if folded.folded:  # shifted: γ(K+3) on the kernel's sum, then its window sums' (exact) correction
+            if folded.folded:  # γ(K+3) on the kernel's sums (a shifted layer's all-ones row too), then what follows
                 one_step = layer.direct and len(zero_points) == 1  # else Δx, the bias or a correction after it
                 _assert_within(folded(x), exact, _abs_terms(layer, x, slot), unit=gamma if one_step else gamma + 3 * U)
             else:
@@ -176,7 +181,7 @@ def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: b
 
     layer = _layer(kind, shifted, zero_points, seed=1, a_bits=a_bits)
     ref = RefLayer(layer).eval()
-    assert ref.folded == (ref.split is None and (len(set(zero_points)) == 1 or a_bits == 4))
+    assert ref.folded == _folds(ref, zero_points, a_bits)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(ref, fullgraph=True)  # the slot lookup included: no graph break
