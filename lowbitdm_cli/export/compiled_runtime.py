@@ -14,22 +14,27 @@ What it keeps from the checkpoint, unchanged: the integer weights w − zw (int8
 Δw), every activation step Δx and zero point, per timestep slot; codes are the fake quantizer's
 ``clamp(round(x/Δx) + z) (+ 2^(b−1) when symmetric)``.
 
-- A layer with one kernel call and one kernel zero point is *folded*: the pattern carries Δw (and, with
-  one activation step, Δx, zx and the bias), so the kernel itself rescales and returns the model's
-  dtype (bf16 straight out of oneDNN under `--dtype bf16`): no float32 accumulator is written and read
-  back. Shifted 8-bit weights (w − zw outside int8: every asymmetric W8 layer) fold too: the kernel
-  multiplies w − 128 plus an all-ones row, which comes out as (Δx·)Σ(u − zx), and (128 − zw)·Δw times
-  it is added to each output channel.
-- Timestep slots do not cost a graph each: the kernel runs with unit activation scale and one zero
-  point (the layer's, when every slot has the same; else the codes are re-centred, u − zx + Z, when
-  every slot's u − zx fits 7 bits, which also keeps AVX2's pairs from saturating), and the slot's Δx
-  and the bias follow it inside the compiled graph, the slot chosen from the timestep as
-  `TimestepSlots` does. 8-bit codes whose zero points differ per slot, and pair-safe splits, leave the
-  kernel as float32 sums (zero point 0, ``zx·conv(1, w)`` subtracted) and are rescaled after it.
+- A layer with one kernel call is *folded*: it makes the calls the x86 passes make of the pattern
+  itself (the int8 weight through ``qconv_prepack`` / ``qlinear_prepack``, which freezing runs once and
+  folds into a constant, then ``qconv_pointwise`` / ``qlinear_pointwise``), with the timestep slot's
+  Δx and zero point as tensors the kernel reads at run time. So the kernel rescales by Δx and Δw,
+  adds the bias and returns the model's dtype (bf16 straight out of oneDNN under `--dtype bf16`) in
+  every slot: no float32 accumulator is written and read back, and one prepacked weight serves every
+  slot. (The passes lower the int8 pattern only with a constant activation step and zero point: with
+  the pattern, a layer with timestep slots had to leave Δx and the bias to a pass after the kernel,
+  and one whose 8-bit zero points differ per slot could not fold at all.) Shifted 8-bit weights
+  (w − zw outside int8: every asymmetric W8 layer) fold too: the kernel multiplies w − 128 plus an
+  all-ones row, which comes out as Δx·Σ(u − zx), and (128 − zw)·Δw times it is added to each output
+  channel.
+- Timestep slots do not cost a graph each: the slot is chosen from the timestep inside the compiled
+  graph, as `TimestepSlots` does. Unfolded layers (pair-safe splits on CPUs whose kernels saturate,
+  and ``fold=False``) are the pattern at unit scales with one kernel zero point (the layer's, when
+  every slot has the same; else the codes are re-centred, u − zx + Z, when every slot's u − zx fits 7
+  bits; else zero point 0 and ``zx·conv(1, w)`` subtracted), rescaled after the kernel.
 
 Run eagerly and unfolded (`reference_layers(fold=False)`), the pattern is the fake model op for op
 (the rescale in the order of `quant.integer.rescale`, equal bit for bit: tested); folded, the kernel
-rescales in its own float order. What compiling gives up is that equality: Inductor fuses and reorders the
+rescales in its own float order, eagerly as compiled. What compiling gives up is that equality: Inductor fuses and reorders the
 float ops (GroupNorm's reductions among them), so a value before a quantizer can differ in its last
 bit and move a code by one step, which a sampler carries through its steps; the integer sums stay
 exact where the kernels are exact (`IntLayer.exact_lowerings`: on CPUs whose int8 kernels saturate
@@ -94,11 +99,12 @@ def _constant(t: Tensor) -> nn.Parameter:
 
 
 class RefLayer(TimestepSlots, nn.Module):
-    """One `IntConv2d` / `IntLinear` as quantize → dequantize → float op ← dequantized int8 weight,
-    the pattern Inductor's x86 passes lower to one oneDNN int8 call: folded (one kernel call, one zero
-    point), the call rescales by Δw (one activation step: by Δx too, and adds the bias) and returns the
-    model's dtype; else it returns float32 sums at unit scales. The slot's Δx, any zero-point or
-    shifted-weight correction and the bias the call did not apply follow it. The slot
+    """One `IntConv2d` / `IntLinear` as one oneDNN int8 call inside a compiled graph: folded (one kernel
+    call), the prepacked kernel itself with the slot's Δx and zero point, which rescales, adds the bias
+    and returns the model's dtype (a shifted layer's window sums are added after it); else quantize →
+    dequantize → float op ← dequantized int8 weight, the pattern Inductor's x86 passes lower to a call
+    that returns float32 sums at unit scales, with the slot's Δx, any zero-point correction and the
+    bias after it. The slot
     is picked inside the graph (`_slot`); `set_timestep` only records timesteps no slot was calibrated
     for, as the layer it replaces does (the sample manifest lists them)."""
 
@@ -124,17 +130,6 @@ class RefLayer(TimestepSlots, nn.Module):
         self._index, self.unmatched_timesteps = None, set(layer.unmatched_timesteps)
         self.q_min, self.q_max, self.offset = layer.q_min, layer.q_max, layer._offset
         self.fixed_zx = int(layer._zx[0]) if len(set(layer._zx)) == 1 else None
-        # The kernel takes one zero point. Where the slots' differ, the codes are re-centred when every
-        # slot's u − zx fits 7 bits: u' = u − zx + Z with one kernel zero point Z, the same exact sum
-        # Σ(u' − Z)w, and never a saturating pair (2·127·128 < 2¹⁵). Else (8-bit codes) zx·Σw over the
-        # window is subtracted after the kernel.
-        lo = int(self.q_min + self.offset) - max(layer._zx)
-        hi = int(self.q_max + self.offset) - min(layer._zx)
-        centre = max(0, -lo)
-        self.recentred = self.fixed_zx is None and hi + centre <= 127
-        self.kernel_zero = centre if self.recentred else (self.fixed_zx or 0)
-        shift = [self.offset - zx + centre for zx in layer._zx] if self.recentred else [self.offset] * len(layer._zx)
-        self.register_buffer("code_shift", torch.tensor(shift, dtype=torch.float32))  # per slot, added to codes
 
         # the weight matrix the integer runtime multiplies (its K order), and the pair-safe split it uses
         wmat = layer.wmat.t().to(torch.int16)  # [O(+1), K]: a shifted layer's last row is all ones
@@ -142,11 +137,25 @@ class RefLayer(TimestepSlots, nn.Module):
         split = next((s for kernel, s in lowerings if kernel == "onednn"), None)
         if not any(kernel == "onednn" for kernel, _ in lowerings):
             raise ValueError("oneDNN's int8 kernels cannot compute this layer exactly here")
-        # Folded: one kernel call with one zero point rescales by Δw itself (and by Δx and + b where the layer
-        # has one activation step) and returns the model's dtype, so no float32 accumulator leaves it; a
-        # shifted layer's all-ones row comes out as (Δx·)Σ(u − zx), see `_folded`
-        self.folded = fold and split is None and (self.fixed_zx is not None or self.recentred)
-        self.x_scale = float(layer.input_scale[0]) if self.folded and layer.timesteps.numel() <= 1 else None
+        # Folded: one kernel call that takes the slot's Δx and zero point at run time, rescales by Δw, adds
+        # the bias and returns the model's dtype, so no float32 accumulator leaves it; a shifted layer's
+        # all-ones row comes out as Δx·Σ(u − zx), see `_folded`
+        self.folded = fold and split is None
+        # the kernel's Δx and zero point: constants with one activation step, else picked per slot
+        self.static = (float(layer.input_scale[0]), int(layer._zx[0])) if layer.input_scale.numel() == 1 else None
+        self.register_buffer("zx_code", torch.tensor(layer._zx, dtype=torch.long))
+        self.packed_zero = max(layer._zx)  # the prepacked format: for a kernel with a zero point where any slot has one
+        # Unfolded, the kernel takes one zero point. Where the slots' differ, the codes are re-centred when
+        # every slot's u − zx fits 7 bits: u' = u − zx + Z with one kernel zero point Z, the same exact sum
+        # Σ(u' − Z)w, and never a saturating pair (2·127·128 < 2¹⁵). Else (8-bit codes) zx·Σw over the
+        # window is subtracted after the kernel.
+        lo = int(self.q_min + self.offset) - max(layer._zx)
+        hi = int(self.q_max + self.offset) - min(layer._zx)
+        centre = max(0, -lo)
+        self.recentred = not self.folded and self.fixed_zx is None and hi + centre <= 127
+        self.kernel_zero = centre if self.recentred else (self.fixed_zx or 0)
+        shift = [self.offset - zx + centre for zx in layer._zx] if self.recentred else [self.offset] * len(layer._zx)
+        self.register_buffer("code_shift", torch.tensor(shift, dtype=torch.float32))  # per slot, added to codes
         if self.folded and not layer.direct:  # rows to a multiple of 16 (zero rows): aligned outputs
             wmat = torch.cat([wmat, wmat.new_zeros(-wmat.shape[0] % 16, wmat.shape[1])])
         parts = [wmat] if split is None else list(split_weight(wmat.float(), split))
@@ -165,10 +174,10 @@ class RefLayer(TimestepSlots, nn.Module):
         self.weight_scale = _constant(layer.weight_scale.float().clone())
         self.bias = None if layer.bias is None else _constant(layer.bias.float().clone())
         if self.folded:
+            _register_prepack_fakes()
             pad = rows - out_ch
             self.kernel_scale = _constant(torch.cat([self.weight_scale.detach(), torch.ones(pad)]))
-            self.kernel_bias = None if self.bias is None or self.x_scale is None else _constant(
-                torch.cat([self.bias.detach(), torch.zeros(pad)]))
+            self.kernel_bias = None if self.bias is None else _constant(torch.cat([self.bias.detach(), torch.zeros(pad)]))
         if self.folded and not self.direct:  # (128 − zw)·Δw per output channel multiplies the all-ones row's output
             self.sum_scale = _constant((self.weight_scale.detach() * self.w_off).reshape(self._view))
 
@@ -207,33 +216,40 @@ class RefLayer(TimestepSlots, nn.Module):
             out = y * self.part_scale[i] if out is None else out + y * self.part_scale[i]
         return out
 
-    def _folded(self, u: Tensor, delta: Tensor, dtype: torch.dtype) -> Tensor:
-        """(u − zx)·Δx ⋅ (w − zw)·Δw + b, the dequantize pattern with the layer's own scales: the lowering
-        moves them into the kernel, whose output is `dtype` (bf16: the pattern autocast produces). With
-        timestep slots the kernel runs at unit Δx, and the slot's Δx and the bias follow it."""
-        qd = torch.ops.quantized_decomposed
-        x_scale = 1.0 if self.x_scale is None else self.x_scale
-        xd = qd.dequantize_per_tensor.default(u, x_scale, self.kernel_zero, 0, 255, torch.uint8)
-        w = qd.dequantize_per_channel.default(self.w0, self.kernel_scale, self.w_zero, 0, -128, 127, torch.int8)
-        bias = self.kernel_bias
-        if dtype == torch.bfloat16:
-            xd, w, bias = xd.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
-        y = self._op(xd, w, bias).to(dtype)
-        if self.direct and self.x_scale is not None:
+    def _folded(self, u: Tensor, i: Tensor, dtype: torch.dtype) -> Tensor:
+        """(u − zx)·Δx ⋅ (w − zw)·Δw + b in one oneDNN int8 call, written as the calls Inductor's x86 passes
+        make of the dequantize pattern (weights prepacked, then ``qconv_pointwise`` / ``qlinear_pointwise``)
+        but with the slot's Δx and zero point as tensors: the kernel takes them at run time, so one
+        prepacked weight serves every timestep slot. Under freezing the prepack folds into a constant;
+        the output is `dtype` (bf16 straight out of the kernel)."""
+        onednn, static, zp = torch.ops.onednn, self.static is not None, self.packed_zero
+        if static:
+            x_scale, x_zp = self.static
+        else:
+            x_scale, x_zp = self.input_scale.index_select(0, i).reshape(()), self.zx_code.index_select(0, i).reshape(())
+        scalars = (1.0, 0, dtype)  # output scale and zero point (none), output dtype
+        if self.conv:
+            stride, padding, dilation = ([int(v) for v in g] for g in self.geometry)
+            packed = onednn.qconv_prepack(self.w0, self.kernel_scale, 1.0, zp, stride, padding, dilation, 1, None)
+            call = onednn.qconv_pointwise.default if static else onednn.qconv_pointwise.tensor
+            y = call(u, x_scale, x_zp, packed, self.kernel_scale, self.w_zero, self.kernel_bias, stride, padding,
+                     dilation, 1, *scalars, "none", [], "")
+        else:
+            packed = onednn.qlinear_prepack(self.w0, None)
+            call = onednn.qlinear_pointwise.default if static else onednn.qlinear_pointwise.tensor
+            y = call(u, x_scale, x_zp, packed, self.kernel_scale, self.w_zero, self.kernel_bias, *scalars, "none", [], "")
+        if self.direct:
             return y
-        y = y.float() if self.direct else self._add_window_sums(y, self.sum_scale)  # both rows rescaled by the kernel
-        if self.x_scale is None:
-            y = y * delta if self.bias is None else y * delta + self.bias.reshape(self._view)
-        return y.to(dtype)
+        return self._add_window_sums(y, self.sum_scale).to(dtype)  # both rows rescaled by the kernel
 
     def forward(self, x: Tensor) -> Tensor:
         i = self._slot()
         delta, z = self.input_scale.index_select(0, i), self.z_add.index_select(0, i)
         shift = self.code_shift.index_select(0, i) if self.recentred else self.offset
         u = (torch.clamp(torch.round(x.float() / delta) + z, self.q_min, self.q_max) + shift).to(torch.uint8)
-        if not self.conv:  # the codes as one contiguous matrix: the lowering matches only a 2-D input
+        if not self.conv:  # the codes as one contiguous matrix: the kernels take a 2-D input
             u = u.reshape(-1, u.shape[-1])
-        y = self._folded(u, delta, x.dtype) if self.folded else self._rescaled(u, i, delta).to(x.dtype)
+        y = self._folded(u, i, x.dtype) if self.folded else self._rescaled(u, i, delta).to(x.dtype)
         return y if self.conv else y.reshape(*x.shape[:-1], self.out_ch)
 
     def _rescaled(self, u: Tensor, i: Tensor, delta: Tensor) -> Tensor:
@@ -255,6 +271,19 @@ class RefLayer(TimestepSlots, nn.Module):
         kernel's first `out_ch` rows plus `coefficient` times its all-ones row (row `out_ch`), in float32."""
         dim = 1 if self.conv else -1
         return y.narrow(dim, 0, self.out_ch).float() + y.narrow(dim, self.out_ch, 1).float() * coefficient
+
+
+@functools.cache
+def _register_prepack_fakes() -> None:
+    """Shapes for oneDNN's weight prepack ops under tracing (they have no fake kernel): the prepack stays a
+    node of the traced graph, which freezing runs once on the real weights and folds into a constant."""
+    fakes = {"onednn::qconv_prepack": lambda weight, *args, **kwargs: torch.empty_like(weight),
+             "onednn::qlinear_prepack": lambda weight, *args, **kwargs: weight.new_empty(weight.shape[1], weight.shape[0])}
+    for op, fake in fakes.items():
+        try:
+            torch.library.register_fake(op)(fake)
+        except RuntimeError:  # a PyTorch that has one already
+            pass
 
 
 def unsupported(denoiser: nn.Module) -> list[str]:
