@@ -66,6 +66,8 @@ from lowbitdm_cli.sampling import run_sampler, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTHS = ("W8A8", "W4A4")
+# on request (--widths): W8A8 with symmetric weights, whose layers are never shifted (w − zw is int8)
+OPTIONAL_WIDTHS = ("W8A8" + mr.SYMMETRIC_WEIGHTS,)
 
 
 def _fp_cells(make_fp: Callable[[], DiffusionModel], batch: int) -> dict[str, Callable]:
@@ -220,15 +222,15 @@ def _print(result: dict) -> None:
     print(f"\n{result['model']}   FP: " + "   ".join(f"{k} {v:.0f} ms ({fp['fp32'] / v:.2f}x)" for k, v in fp.items())
           + f"   fastest: {result['fastest_fp']}")
     print("first call (compiles): " + "   ".join(f"{k} {v:.1f} s" for k, v in result["fp_first_call_s"].items()))
-    print(f"{'':6} {'runtime':9} {'dtype':5} {'ms':>8} {'x fp32':>7} {'x best':>7} {'first s':>8}")
+    print(f"{'':9} {'runtime':9} {'dtype':5} {'ms':>8} {'x fp32':>7} {'x best':>7} {'first s':>8}")
     for r in result["rows"]:
         first = "" if r["first_call_s"] is None else f"{r['first_call_s']:>8.1f}"
-        print(f"{r['precision']:6} {r['runtime']:9} {r['dtype']:5} {r['ms']:>8.1f} {r['vs_fp32']:>6.2f}x "
+        print(f"{r['precision']:9} {r['runtime']:9} {r['dtype']:5} {r['ms']:>8.1f} {r['vs_fp32']:>6.2f}x "
               f"{r['vs_fastest_fp']:>6.2f}x {first}")
 
 
 def _run_class(args: argparse.Namespace, folder: Path) -> dict:
-    widths = [w for w in WIDTHS if w in args.widths.split(",")]
+    widths = [w for w in (*WIDTHS, *OPTIONAL_WIDTHS) if w in args.widths.split(",")]
     results = []
     if "digits" in args.models:
         merged = {w: folder / "digits" / w / "merge" for w in widths}
@@ -259,7 +261,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classes", default="native,vnni,avx2", help=f"CPU classes ({', '.join(mr.CLASSES)})")
     parser.add_argument("--models", default="digits,large", help="digits and/or large (the 26 M UNet)")
-    parser.add_argument("--widths", default=",".join(WIDTHS))
+    parser.add_argument("--widths", default=",".join(WIDTHS),
+                        help=f"of {', '.join((*WIDTHS, *OPTIONAL_WIDTHS))} ({mr.SYMMETRIC_WEIGHTS}: symmetric weights)")
     parser.add_argument("--recipe", default="ptq", help="the recipe that makes the digits checkpoints")
     parser.add_argument("--samples", type=int, default=None, help="quality samples per runtime (0: skip)")
     parser.add_argument("--merged-dir", type=Path, default=None, help="keep / reuse the merged checkpoints here")
@@ -295,7 +298,10 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for w in args.widths.split(","):
             if "digits" in args.models and not (folder / "digits" / w / "merge").is_dir():
-                mr._merged_small("digits", w, folder / "digits", args.quick, recipe=args.recipe)
+                symmetric = w.endswith(mr.SYMMETRIC_WEIGHTS)
+                mr._merged_small("digits", w, folder / "digits", args.quick, recipe=args.recipe,
+                                 bits=w.removesuffix(mr.SYMMETRIC_WEIGHTS).lower(),
+                                 extra=("quant.w_symmetric=true",) if symmetric else ())
             if "large" in args.models and not (folder / f"large-{w}").is_dir():
                 mr._merged_large(w, folder, calib_batch=32)
         for cpu_class in args.classes.split(","):

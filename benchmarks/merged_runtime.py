@@ -77,6 +77,7 @@ from lowbitdm_cli.sampling import SamplerSettings, run_sampler, to_uint8  # noqa
 
 ROOT = Path(__file__).resolve().parent.parent
 BITS = {"W8A8": (8, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
+SYMMETRIC_WEIGHTS = "-symw"  # a width label's suffix: weights symmetric per channel (w − zw always int8)
 LARGE_CONFIG = {"sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
                 "block_out_channels": (128, 256, 256),
                 "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
@@ -152,10 +153,12 @@ def _large_fp() -> DiffusionModel:
 
 @torch.no_grad()
 def _merged_large(label: str, folder: Path, calib_batch: int) -> Path:
-    """quantize_denoiser + min-max init on random calibration inputs + export_tensors → merged folder."""
-    w_bits, a_bits = BITS[label]
+    """quantize_denoiser + min-max init on random calibration inputs + export_tensors → merged folder
+    (a label ending in `SYMMETRIC_WEIGHTS`: symmetric weights)."""
+    w_bits, a_bits = BITS[label.removesuffix(SYMMETRIC_WEIGHTS)]
     model = _large_fp()
-    specs = build_layer_specs(model.denoiser, QuantPolicy(w_bits=w_bits, a_bits=a_bits))
+    policy = QuantPolicy(w_bits=w_bits, a_bits=a_bits, w_symmetric=label.endswith(SYMMETRIC_WEIGHTS))
+    specs = build_layer_specs(model.denoiser, policy)
     quantize_denoiser(model.denoiser, specs)
     layers = quant_layers(model.denoiser)
     for layer in layers.values():

@@ -165,11 +165,12 @@ class RefLayer(TimestepSlots, nn.Module):
             self.register_parameter(f"w{i}", _constant(as_weight(part.to(torch.int8))))
         self.parts = len(parts)
         rows = wmat.shape[0]
-        self.w_unit = _constant(torch.ones(rows))  # unit: the rescale in `forward` is the layer's own
+        if not self.folded:  # unit: the rescale after the kernel is the layer's own
+            self.w_unit = _constant(torch.ones(rows))
         self.w_zero = _constant(torch.zeros(rows, dtype=torch.long))
         self.out_ch, self.direct = out_ch, layer.direct
         self.register_buffer("w_off", layer.w_off.float())  # shifted: 128 − zw per channel
-        # constants: a folded layer's kernel takes them at prepack (padded rows: Δw 1, no bias), a rescale
+        # constants: a folded layer's kernel call takes them (its padded rows: Δw 1, bias 0), a rescale
         # after the kernel reads them
         self.weight_scale = _constant(layer.weight_scale.float().clone())
         self.bias = None if layer.bias is None else _constant(layer.bias.float().clone())
