@@ -203,7 +203,7 @@ def _profile_class(args: argparse.Namespace, folder: Path) -> dict:
             layers = [m for m in model.denoiser.inner.modules() if isinstance(m, RefLayer)]
             folded = sum(m.folded for m in layers)
             if fold and not folded:
-                print(f"{name}: no layer folds (pair-safe splits or 8-bit codes with per-slot zero points everywhere)")
+                print(f"{name}: no layer folds (pair-safe splits everywhere)")
                 break
             cells[f"W4A4 compiled {dtype_name}" + (f" folded {folded}/{len(layers)}" if fold else "")] = mr._call(
                 model, args.batch)

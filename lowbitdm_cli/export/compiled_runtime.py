@@ -125,7 +125,7 @@ class RefLayer(TimestepSlots, nn.Module):
         # activation codes per slot: u = clamp(round(x/Δx) + z_add, q_min, q_max) + offset, kernel zero point zx
         self.register_buffer("input_scale", layer.input_scale.float().clone())
         self.register_buffer("z_add", torch.tensor(layer._z_add, dtype=torch.float32))
-        self.register_buffer("zx", torch.tensor(layer._zx, dtype=torch.float32))
+        self.register_buffer("zx", torch.tensor(layer._zx, dtype=torch.long))  # the kernel's zero point, per slot
         self.register_buffer("timesteps", layer.timesteps.clone())
         self._index, self.unmatched_timesteps = None, set(layer.unmatched_timesteps)
         self.q_min, self.q_max, self.offset = layer.q_min, layer.q_max, layer._offset
@@ -143,7 +143,6 @@ class RefLayer(TimestepSlots, nn.Module):
         self.folded = fold and split is None
         # the kernel's Δx and zero point: constants with one activation step, else picked per slot
         self.static = (float(layer.input_scale[0]), int(layer._zx[0])) if layer.input_scale.numel() == 1 else None
-        self.register_buffer("zx_code", torch.tensor(layer._zx, dtype=torch.long))
         self.packed_zero = max(layer._zx)  # the prepacked format: for a kernel with a zero point where any slot has one
         # Unfolded, the kernel takes one zero point. Where the slots' differ, the codes are re-centred when
         # every slot's u − zx fits 7 bits: u' = u − zx + Z with one kernel zero point Z, the same exact sum
@@ -227,7 +226,7 @@ class RefLayer(TimestepSlots, nn.Module):
         if static:
             x_scale, x_zp = self.static
         else:
-            x_scale, x_zp = self.input_scale.index_select(0, i).reshape(()), self.zx_code.index_select(0, i).reshape(())
+            x_scale, x_zp = self.input_scale.index_select(0, i).reshape(()), self.zx.index_select(0, i).reshape(())
         scalars = (1.0, 0, dtype)  # output scale and zero point (none), output dtype
         if self.conv:
             stride, padding, dilation = ([int(v) for v in g] for g in self.geometry)

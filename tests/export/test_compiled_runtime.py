@@ -329,25 +329,18 @@ def test_transformer_checkpoint_compiles_with_every_layer_folded(tmp_path_factor
     kernel call folds (all of them where the kernels sum in int32), each kernel call one oneDNN call in one
     graph (no graph break, no prepack per call), for two timesteps without a recompile, with outputs of
     the model's shape and no NaN."""
-    from tiny_chain import TINY
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
     from lowbitdm_cli.export.checkpoint import load_merged
     from lowbitdm_cli.export.compiled_runtime import compile_runtime
-    from lowbitdm_cli.recipes import load_recipe
-    from lowbitdm_cli.stages.calibrate import calibrate
-    from lowbitdm_cli.stages.finetune import finetune
-    from lowbitdm_cli.stages.merge import merge
 
-    root = tmp_path_factory.mktemp("dit")
-    recipe = load_recipe("ptq", model="digits-dit", bits="w8a8", sets=[*TINY, "quant.a_temporal=true"])
-    merged = merge(finetune(calibrate(recipe, root / "calibrate"), recipe, root / "finetune"), root / "merge").path
+    merged = merge_tiny("w8a8", ["quant.a_temporal=true"], tmp_path_factory.mktemp("dit"), model="digits-dit").path
     model = compile_runtime(load_merged(merged, "int"))
     layers = [m for m in model.denoiser.inner.modules() if isinstance(m, RefLayer)]
-    assert layers and all(m.folded == (m.split is None) for m in layers)
-    assert any(len(set(m.zx_code.tolist())) > 1 for m in layers)  # zero points that differ per slot
+    assert layers and all(m.folded == _folds(m) for m in layers)
+    assert any(len(set(m.zx.tolist())) > 1 for m in layers)  # zero points that differ per slot
     x, cond = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0)), torch.arange(2)
     counters.clear()
     with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
