@@ -11,11 +11,14 @@ that also compiles), batch 64, torch.set_num_threads(2):
             and compiled (`export.compiled_runtime`, in fp32 and bf16).
 
 Models: the embedded `digits` UNet merged through the chain (`--recipe`, default ptq; calibrate →
-finetune → merge) and merged_runtime.py's 26 M UNet (random init, min-max ptq at the same widths).
+finetune → merge), the embedded `digits-dit` transformer likewise (`--dit-recipe`, default
+efficientdm-tx: per-token inputs, smoothing, rotation and a low-rank branch on its attention and MLP
+linears; on request, `--models digits,digits-dit,large`) and merged_runtime.py's 26 M UNet (random
+init, min-max ptq at the same widths).
 `best` is the speed-up over the fastest FP cell of that CPU class; `first s`, a compiled cell's first
 call (it compiles the whole denoiser; Inductor's on-disk cache off, as on a first run).
 
-Quality (digits, native class only, `--samples`, default 500): samples of the fake, integer and
+Quality (digits and digits-dit, native class only, `--samples`, default 500): samples of the fake, integer and
 compiled runtimes with the model's own sampler and the same seeds and classes: FID-digits and
 class accuracy from the embedded evaluator, and the share of pixels on which int and compiled agree
 with fake (identical, within one grey level).
@@ -33,6 +36,8 @@ of an unprofiled forward. Writes compiled_runtime_profile.json.
     python benchmarks/compiled_runtime.py                  # all classes, 5 timed runs per cell
     python benchmarks/compiled_runtime.py --quick          # native, digits only, 2 runs, 50 samples
     python benchmarks/compiled_runtime.py --classes native --models large
+    python benchmarks/compiled_runtime.py --classes native --models digits-dit \
+        --out benchmarks/results/compiled_runtime_dit.json
     python benchmarks/compiled_runtime.py --profile --merged-dir /tmp/ck   # reuses the checkpoints there
 
 Writes benchmarks/results/compiled_runtime.json (--quick: compiled_runtime_quick.json).
@@ -41,6 +46,7 @@ Writes benchmarks/results/compiled_runtime.json (--quick: compiled_runtime_quick
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import subprocess
@@ -66,6 +72,7 @@ from lowbitdm_cli.sampling import run_sampler, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTHS = ("W8A8", "W4A4")
+SMALL = ("digits", "digits-dit")  # the embedded models, merged through the chain
 # on request (--widths): W8A8 with symmetric weights, whose layers are never shifted (w − zw is int8)
 OPTIONAL_WIDTHS = ("W8A8" + mr.SYMMETRIC_WEIGHTS,)
 
@@ -112,11 +119,11 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
 
 
 @torch.no_grad()
-def _quality(merged: dict[str, Path], n: int) -> list[dict]:
-    """FID-digits / accuracy per runtime (fp32 around the int8 kernels; and the compiled runtime in bf16
+def _quality(name: str, merged: dict[str, Path], n: int) -> list[dict]:
+    """`name`'s (digits or digits-dit) FID-digits / accuracy per runtime (fp32 around the int8 kernels; and the compiled runtime in bf16
     where the CPU has it), and the share of pixels on which
     int and compiled agree with fake; for scale, the same for the FP model eager vs compiled."""
-    settings = mr._model_sampler("digits")
+    settings = mr._model_sampler(name)
     evaluator = DigitsEvaluator()
     cond = torch.arange(n) % 10
 
@@ -132,10 +139,10 @@ def _quality(merged: dict[str, Path], n: int) -> list[dict]:
     def metrics(x: torch.Tensor) -> dict:
         return {k: float(v) for k, v in evaluator.evaluate(x.to(torch.uint8), cond).items()}
 
-    fp_compiled = load_model("digits")
+    fp_compiled = load_model(name)
     fp_compiled.denoiser = torch.compile(fp_compiled.denoiser, dynamic=False)
-    fp = {"eager": images(load_model("digits")), "compiled": images(fp_compiled)}
-    out = [{"precision": "FP32", "samples": n, "sampler": f"{settings.sampler} {settings.steps}",
+    fp = {"eager": images(load_model(name)), "compiled": images(fp_compiled)}
+    out = [{"model": name, "precision": "FP32", "samples": n, "sampler": f"{settings.sampler} {settings.steps}",
             "eager": metrics(fp["eager"]), "compiled": metrics(fp["compiled"]),
             "compiled_vs_eager": agreement(fp["compiled"], fp["eager"])}]
     for label, path in merged.items():
@@ -144,7 +151,7 @@ def _quality(merged: dict[str, Path], n: int) -> list[dict]:
         if bf16_native():  # the bf16 model, folded layers writing bf16 from the kernel
             runs["compiled-bf16"] = compile_runtime(use_dtype(load_merged(path, "int"), torch.bfloat16))
         x = {runtime: images(model) for runtime, model in runs.items()}
-        row = {"precision": label, "samples": n, "sampler": f"{settings.sampler} {settings.steps}",
+        row = {"model": name, "precision": label, "samples": n, "sampler": f"{settings.sampler} {settings.steps}",
                **{runtime: metrics(v) for runtime, v in x.items()}}
         row.update({f"{runtime}_vs_fake": agreement(x[runtime], x["fake"]) for runtime in x if runtime != "fake"})
         out.append(row)
@@ -190,7 +197,7 @@ def _profile(cells: dict[str, Callable], forwards: int) -> dict:
 def _profile_class(args: argparse.Namespace, folder: Path) -> dict:
     """--profile: the fastest FP cell and the W4A4 compiled runtime (folded or not) per model."""
     dtype_name = "bf16" if bf16_native() else "fp32"
-    models = {"digits": (lambda: load_model("digits"), folder / "digits" / "W4A4" / "merge"),
+    models = {**{name: (functools.partial(load_model, name), folder / name / "W4A4" / "merge") for name in SMALL},
               "large": (mr._large_fp, folder / "large-W4A4")}
     results = []
     for name in args.models.split(","):
@@ -232,22 +239,24 @@ def _print(result: dict) -> None:
 def _run_class(args: argparse.Namespace, folder: Path) -> dict:
     widths = [w for w in (*WIDTHS, *OPTIONAL_WIDTHS) if w in args.widths.split(",")]
     results = []
-    if "digits" in args.models:
-        merged = {w: folder / "digits" / w / "merge" for w in widths}
-        results.append(_bench("digits", lambda: load_model("digits"), merged, args))
+    models = args.models.split(",")
+    for name in (m for m in SMALL if m in models):
+        merged = {w: folder / name / w / "merge" for w in widths}
+        results.append(_bench(name, functools.partial(load_model, name), merged, args))
         _print(results[-1])
-    if "large" in args.models:
+    if "large" in models:
         merged = {w: folder / f"large-{w}" for w in widths}
         results.append(_bench("unet-128-256-256 (random init, 32x32x3)", mr._large_fp, merged, args))
         _print(results[-1])
     quality = None
-    if args.one_class == "native" and args.samples and "digits" in args.models:
-        quality = _quality({w: folder / "digits" / w / "merge" for w in widths}, args.samples)
+    if args.one_class == "native" and args.samples and any(m in models for m in SMALL):
+        quality = [q for name in SMALL if name in models
+                   for q in _quality(name, {w: folder / name / w / "merge" for w in widths}, args.samples)]
         for q in quality:
             runtimes = ("eager", "compiled") if q["precision"] == "FP32" else [
                 k for k in ("fake", "int", "compiled", "compiled-bf16") if k in q]
             pairs = {k: v for k, v in q.items() if k.endswith(("_vs_fake", "_vs_eager"))}
-            print(f"{q['precision']} ({q['samples']} samples, {q['sampler']}): " + "   ".join(
+            print(f"{q['model']} {q['precision']} ({q['samples']} samples, {q['sampler']}): " + "   ".join(
                 f"{rt} FID {q[rt]['fid_digits']:.2f} acc {q[rt]['class_accuracy']:.3f}" for rt in runtimes)
                 + "   identical pixels: " + ", ".join(f"{k} {v['identical']:.1%} (within one level "
                                                      f"{v['within_one_level']:.1%})" for k, v in pairs.items()))
@@ -260,10 +269,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classes", default="native,vnni,avx2", help=f"CPU classes ({', '.join(mr.CLASSES)})")
-    parser.add_argument("--models", default="digits,large", help="digits and/or large (the 26 M UNet)")
+    parser.add_argument("--models", default="digits,large",
+                        help="of digits, digits-dit (the embedded DiT) and large (the 26 M UNet)")
     parser.add_argument("--widths", default=",".join(WIDTHS),
                         help=f"of {', '.join((*WIDTHS, *OPTIONAL_WIDTHS))} ({mr.SYMMETRIC_WEIGHTS}: symmetric weights)")
     parser.add_argument("--recipe", default="ptq", help="the recipe that makes the digits checkpoints")
+    parser.add_argument("--dit-recipe", default="efficientdm-tx", help="the recipe that makes the digits-dit ones")
     parser.add_argument("--samples", type=int, default=None, help="quality samples per runtime (0: skip)")
     parser.add_argument("--merged-dir", type=Path, default=None, help="keep / reuse the merged checkpoints here")
     parser.add_argument("--profile", action="store_true", help="where the time goes (native class), no table")
@@ -274,6 +285,9 @@ def main() -> None:
         parser.error(available())
     if args.quick:
         args.classes, args.models = "native", "digits"
+    unknown = set(args.models.split(",")) - {*SMALL, "large"}
+    if unknown:
+        parser.error(f"unknown --models {', '.join(sorted(unknown))}: choose of {', '.join((*SMALL, 'large'))}")
     args.repeats, args.warmup = (2, 1) if args.quick else (5, 1)
     args.samples = args.samples if args.samples is not None else (50 if args.quick else 500)
     suffix = "_profile" if args.profile else "_quick" if args.quick else ""
@@ -296,13 +310,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.merged_dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
+        models = args.models.split(",")
         for w in args.widths.split(","):
-            if "digits" in args.models and not (folder / "digits" / w / "merge").is_dir():
+            for name in (m for m in SMALL if m in models and not (folder / m / w / "merge").is_dir()):
                 symmetric = w.endswith(mr.SYMMETRIC_WEIGHTS)
-                mr._merged_small("digits", w, folder / "digits", args.quick, recipe=args.recipe,
+                mr._merged_small(name, w, folder / name, args.quick,
+                                 recipe=args.dit_recipe if name == "digits-dit" else args.recipe,
                                  bits=w.removesuffix(mr.SYMMETRIC_WEIGHTS).lower(),
                                  extra=("quant.w_symmetric=true",) if symmetric else ())
-            if "large" in args.models and not (folder / f"large-{w}").is_dir():
+            if "large" in models and not (folder / f"large-{w}").is_dir():
                 mr._merged_large(w, folder, calib_batch=32)
         for cpu_class in args.classes.split(","):
             env, (onednn_isa, aten_isa) = mr.class_env(cpu_class), mr.CLASSES[cpu_class]
@@ -317,7 +333,7 @@ def main() -> None:
             per_class.append(json.loads(part.read_text()))
             print(f"kernels: {per_class[-1]['kernel_probes']}  cpu: {per_class[-1]['cpu']}")
     payload = {"quick": args.quick, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
-               "recipe": args.recipe, "torch": torch.__version__, "classes": per_class}
+               "recipe": args.recipe, "dit_recipe": args.dit_recipe, "torch": torch.__version__, "classes": per_class}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"\nwrote {args.out}")

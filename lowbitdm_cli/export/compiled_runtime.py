@@ -44,9 +44,11 @@ per CPU class and how far the samples move (FID-digits, accuracy, pixels equal t
 
 Needs torchao (``pip install 'lowbitdm[compiled]'``: its x86 lowering passes) and a C++ compiler for
 Inductor. The first call per input shape and dtype compiles the whole denoiser, which costs many
-forwards' worth of time: it pays off on long sampling runs. Layers it cannot express (per-token
-activation scales, smoothing, rotation, low-rank branches, temporal attention-matmul quantizers) are
-reported by `unsupported` and refused with one line naming them.
+forwards' worth of time: it pays off on long sampling runs. The transformer options of an
+`IntTransformLinear` (per-token activation steps, smoothing, rotation, the low-rank branch) run as
+`RefTransformLayer`: the transforms and per-token steps become float ops that Inductor fuses into the
+quantize loop. What it cannot express (temporal attention-matmul quantizers) is reported by
+`unsupported` and refused with one line naming it.
 """
 
 from __future__ import annotations
@@ -61,11 +63,13 @@ from torch import Tensor, nn
 
 from lowbitdm_cli.errors import RuntimeUnavailableError
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear
+from lowbitdm_cli.export.int_transforms import IntTransformLinear
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.integer import rescale, rescale_order, split_weight
-from lowbitdm_cli.quant.quantizer import TimestepSlots
+from lowbitdm_cli.quant.quantizer import TimestepSlots, token_scale
+from lowbitdm_cli.quant.transforms import hadamard_transform, low_rank_branch
 
-__all__ = ["CompiledDenoiser", "RefLayer", "available", "check_compilable", "compile_runtime", "reference_layers",
+__all__ = ["CompiledDenoiser", "RefLayer", "RefTransformLayer", "available", "check_compilable", "compile_runtime", "reference_layers",
            "unsupported"]
 
 
@@ -245,12 +249,18 @@ class RefLayer(TimestepSlots, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         i = self._slot()
         delta, z = self.input_scale.index_select(0, i), self.z_add.index_select(0, i)
+        y = self._quantized(x.float(), i, delta, delta, z, x.dtype)
+        return y if self.conv else y.reshape(*x.shape[:-1], self.out_ch)
+
+    def _quantized(self, x: Tensor, i: Tensor, divisor: Tensor, delta: Tensor, z: Tensor | float,
+                   dtype: torch.dtype) -> Tensor:
+        """The layer's output on float32 `x`: codes ``clamp(round(x / divisor) + z) (+ shift)``, each
+        worth `delta` (one step, or one per row of a linear's output), through the kernel."""
         shift = self.code_shift.index_select(0, i) if self.recentred else self.offset
-        u = (torch.clamp(torch.round(x.float() / delta) + z, self.q_min, self.q_max) + shift).to(torch.uint8)
+        u = (torch.clamp(torch.round(x / divisor) + z, self.q_min, self.q_max) + shift).to(torch.uint8)
         if not self.conv:  # the codes as one contiguous matrix: the kernels take a 2-D input
             u = u.reshape(-1, u.shape[-1])
-        y = self._folded(u, i, x.dtype) if self.folded else self._rescaled(u, i, delta).to(x.dtype)
-        return y if self.conv else y.reshape(*x.shape[:-1], self.out_ch)
+        return self._folded(u, i, dtype) if self.folded else self._rescaled(u, i, delta).to(dtype)
 
     def _rescaled(self, u: Tensor, i: Tensor, delta: Tensor) -> Tensor:
         """The exact sum Σ(u − zx)(w − zw) from the kernel, then the slot's rescale in float32."""
@@ -273,6 +283,47 @@ class RefLayer(TimestepSlots, nn.Module):
         return y.narrow(dim, 0, self.out_ch).float() + y.narrow(dim, self.out_ch, 1).float() * coefficient
 
 
+class RefTransformLayer(RefLayer):
+    """One `IntTransformLinear` in a compiled graph: the input transforms (x / s, the Hadamard rotation),
+    and with per-token inputs each token's step Δ[t], as float ops that Inductor fuses into the quantize
+    loop; the int8 product as in `RefLayer` (folded where there is one step per slot; with per-token steps
+    at unit scales, since oneDNN's kernel takes one activation step, then ``((acc·Δ[t])·Δw) + b``); the
+    float32 low-rank branch on the raw input added after. All in float32 and rounded once to the model's
+    dtype, as `IntTransformLinear` does."""
+
+    def __init__(self, layer: IntTransformLinear, fold: bool = True) -> None:
+        super().__init__(layer, fold=fold and not layer.dynamic)
+        self.dynamic, self.a_bits, self.rotate_block = layer.dynamic, layer.a_bits, layer.rotate_block
+        for name in ("smooth", "input_divisor", "low_rank_down", "low_rank_up"):
+            value = getattr(layer, name)
+            setattr(self, name, None if value is None else _constant(value.clone()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        i = self._slot()
+        if self.dynamic:  # symmetric per-token codes round(x / Δ[t]): zero point 0, offset to uint8
+            xt = self._transform(xf)
+            delta = token_scale(xt, self.a_bits)
+            y = self._quantized(xt, i, delta, delta.reshape(-1, 1), 0.0, torch.float32)
+        else:
+            delta, z = self.input_scale.index_select(0, i), self.z_add.index_select(0, i)
+            if self.input_divisor is not None:  # smoothing alone: codes round(x / (Δ·s)), as the fake quantizer
+                y = self._quantized(xf, i, self.input_divisor.index_select(0, i), delta, z, torch.float32)
+            else:
+                y = self._quantized(self._transform(xf), i, delta, delta, z, torch.float32)
+        y = y.reshape(*x.shape[:-1], self.out_ch)
+        if self.low_rank_down is not None:
+            y = y + low_rank_branch(xf, self.low_rank_down, self.low_rank_up)
+        return y.to(x.dtype)
+
+    def _transform(self, x: Tensor) -> Tensor:
+        """x / s, then the block Hadamard rotation (`quant.transforms.transform_input`, written without
+        in-place writes so that Inductor can fuse its butterfly stages)."""
+        if self.smooth is not None:
+            x = x / self.smooth
+        return x if self.rotate_block is None else hadamard_transform(x, self.rotate_block, functional=True)
+
+
 @functools.cache
 def _register_prepack_fakes() -> None:
     """Shapes for oneDNN's weight prepack ops under tracing (they have no fake kernel): the prepack stays a
@@ -291,8 +342,8 @@ def unsupported(denoiser: nn.Module) -> list[str]:
     out = []
     for name, m in denoiser.named_modules():
         if isinstance(m, IntLayer):
-            if type(m) not in (IntConv2d, IntLinear):
-                out.append(f"{name} ({type(m).__name__}: per-token scales or input transforms)")
+            if type(m) not in (IntConv2d, IntLinear, IntTransformLinear):
+                out.append(f"{name} ({type(m).__name__}: a layer the compiled runtime does not know)")
             elif not any(kernel == "onednn" for kernel, _ in m.exact_lowerings()):
                 out.append(f"{name} (no exact oneDNN int8 lowering on this CPU)")
         elif isinstance(m, TimestepSlots) and m.temporal and not isinstance(m, RefLayer):
@@ -317,7 +368,8 @@ def reference_layers(denoiser: nn.Module, fold: bool = True) -> nn.Module:
     for module in list(denoiser.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, IntLayer):
-                setattr(module, name, RefLayer(child, fold=fold))
+                ref = RefTransformLayer if isinstance(child, IntTransformLinear) else RefLayer
+                setattr(module, name, ref(child, fold=fold))
     return denoiser
 
 

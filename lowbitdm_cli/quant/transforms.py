@@ -38,25 +38,27 @@ def hadamard_block(k: int) -> int:
     return k & -k if k > 0 else 0
 
 
-def hadamard_transform(x: Tensor, block: int) -> Tensor:
+def hadamard_transform(x: Tensor, block: int, functional: bool = False) -> Tensor:
     """x·H along the last dim, H = block-diagonal normalised Walsh–Hadamard (Sylvester order) with
     blocks of `block` (a power of two dividing x.shape[-1]). log2(block) butterfly stages of float
     additions, then one multiplication by block^(−1/2) (exact for an even power of two). Each stage
     writes its sums and differences straight into the halves of the next buffer (two buffers, used in
-    turn): the same float operations in the same order as stacking them, half the memory traffic."""
+    turn): the same float operations in the same order as stacking them, half the memory traffic.
+    `functional` (and under autograd) stacks them instead: what a compiler can fuse into one loop."""
     k = x.shape[-1]
     if block < 1 or block & (block - 1) or k % block:
         raise ValueError(f"Hadamard block {block} must be a power of two dividing {k}")
     lead = x.shape[:-1]
     y = x.reshape(-1, k // block, block)
     rows, blocks = y.shape[:2]
-    training = torch.is_grad_enabled() and x.requires_grad  # out= has no autograd: stack the same ops instead
+    # out= has no autograd (nor a compiler's fusion): stack the same ops instead
+    stacked = functional or (torch.is_grad_enabled() and x.requires_grad)
     spare: Tensor | None = None  # the buffer the previous stage read, free for the next one to write
     h = 1
     while h < block:
         pairs = y.reshape(rows, blocks, block // (2 * h), 2, h)
         a, b = pairs[..., 0, :], pairs[..., 1, :]
-        if training:
+        if stacked:
             y = torch.stack((a + b, a - b), 3).reshape(rows, blocks, block)
         else:
             out = spare if spare is not None else torch.empty(y.shape, dtype=y.dtype, device=y.device)
@@ -67,7 +69,7 @@ def hadamard_transform(x: Tensor, block: int) -> Tensor:
             y = out
         h *= 2
     scale = 1.0 / math.sqrt(block)
-    return (y * scale if training or block == 1 else y.mul_(scale)).reshape(*lead, k)
+    return (y * scale if stacked or block == 1 else y.mul_(scale)).reshape(*lead, k)
 
 
 def smoothing_factors(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tensor:

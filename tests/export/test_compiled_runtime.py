@@ -29,8 +29,16 @@ from tiny_chain import merge_tiny, sample_tiny
 
 from lowbitdm_cli.errors import RuntimeUnavailableError
 from lowbitdm_cli.export import compiled_runtime
-from lowbitdm_cli.export.compiled_runtime import RefLayer, check_compilable, reference_layers, unsupported
+from lowbitdm_cli.export.compiled_runtime import (
+    RefLayer,
+    RefTransformLayer,
+    check_compilable,
+    reference_layers,
+    unsupported,
+)
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear
+from lowbitdm_cli.export.int_transforms import IntTransformLinear
+from lowbitdm_cli.quant.transforms import hadamard_transform
 
 needs_compiled = pytest.mark.skipif(compiled_runtime.available() is not None,
                                     reason=str(compiled_runtime.available()))
@@ -112,8 +120,9 @@ def _folded_shifted_scale(layer: IntLayer, x: torch.Tensor, slot: int) -> torch.
 
 def _folds(ref: RefLayer) -> bool:
     """Whether a `RefLayer` (fold=True) should fold: one kernel call (on a saturating CPU, 8-bit shifted
-    weights need two), whatever its slots' steps and zero points (the kernel takes them at run time)."""
-    return ref.split is None
+    weights need two), whatever its slots' steps and zero points (the kernel takes them at run time), unless
+    its inputs have per-token steps (the kernel takes one)."""
+    return ref.split is None and not getattr(ref, "dynamic", False)
 
 
 def _int8_calls(code: str) -> int:
@@ -204,19 +213,140 @@ def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: b
     compiled_runtime._STEP.t = None
 
 
+# (per-token inputs, smoothing, rotation, low-rank branch): efficientdm-tx's attention and MLP linears,
+# and the static-step forms (temporal slots) of the other transformer options
+TRANSFORMS = {"efficientdm-tx": (True, True, True, True), "smooth-alone": (False, True, False, False),
+              "smooth-rotate-branch": (False, True, True, True), "rotate": (False, False, True, False)}
+
+
+def _transform_layer(dynamic: bool, smooth: bool, rotate: bool, low_rank: bool, seed: int = 0) -> IntTransformLinear:
+    """A W4A4 `IntTransformLinear` (24 outputs, K = 32); static inputs have three timestep slots."""
+    g = torch.Generator().manual_seed(seed)
+    out, k = 24, 32
+    codes, zw = torch.randint(0, 16, (out, k), generator=g), torch.randint(4, 12, (out,), generator=g)
+    static = {} if dynamic else {"input_scale": torch.tensor([0.05, 0.03, 0.08]),
+                                 "input_zero_point": torch.tensor([3.0, 8.0, 5.0]), "timesteps": [999, 500, 0]}
+    return IntTransformLinear(
+        codes, zw, torch.rand(out, generator=g) * 0.01 + 1e-3, torch.randn(out, generator=g),
+        **{"input_scale": None, "input_zero_point": None, **static}, a_bits=4, dynamic=dynamic,
+        smooth=torch.rand(k, generator=g) + 0.5 if smooth else None, rotate=16 if rotate else None,
+        low_rank_down=torch.randn(4, k, generator=g) * 0.1 if low_rank else None,
+        low_rank_up=torch.randn(out, 4, generator=g) * 0.1 if low_rank else None)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("config", list(TRANSFORMS))
+def test_transform_layer_unfolded_is_the_integer_layer(config: str, dtype: str) -> None:
+    """Eager and unfolded, `RefTransformLayer` computes what `IntTransformLinear` does with the same float
+    ops (the transforms, each token's step, the codes, the exact sum, the rescale in the kernel's float
+    order, the float32 branch): the same bits in every timestep slot, float32 and bf16 in and out; the
+    butterfly stages written without in-place writes (for Inductor) are the same ops too."""
+    layer = _transform_layer(*TRANSFORMS[config]).eval()
+    ref = RefTransformLayer(layer, fold=False).eval()
+    assert not ref.folded
+    g = torch.Generator().manual_seed(1)
+    for t in layer.timesteps.tolist() or [None]:
+        x = torch.randn(3, 5, layer.k, generator=g) * 0.3
+        x = x if dtype == "fp32" else x.bfloat16()
+        layer.set_timestep(t)
+        compiled_runtime._STEP.t = None if t is None else torch.tensor([t])
+        with torch.no_grad():
+            y = ref(x)
+            assert y.dtype == x.dtype and torch.equal(y, layer(x)), t
+    compiled_runtime._STEP.t = None
+
+
+@pytest.mark.parametrize("config", ["smooth-alone", "rotate"])
+def test_transform_layer_folds_static_steps(config: str) -> None:
+    """With one activation step per slot the kernel takes the slot's Δx (folded); per-token steps never fold
+    (oneDNN's kernel takes one step). Folded and unfolded compute the same codes and exact sum, each then
+    within 4u·M of the float64 rescale (M = |acc·Δx·Δw| + |b|, three float32 roundings), so within 8u·M of
+    each other; with y the unfolded output, M ≤ (|y − b| + |b|)(1 + 5u), whence 9u·(|y − b| + |b|)."""
+    layer = _transform_layer(*TRANSFORMS[config]).eval()
+    folded, unfolded = RefTransformLayer(layer).eval(), RefTransformLayer(layer, fold=False).eval()
+    assert folded.folded and not RefTransformLayer(_transform_layer(*TRANSFORMS["efficientdm-tx"])).folded
+    g = torch.Generator().manual_seed(2)
+    for t in layer.timesteps.tolist():
+        x = torch.randn(3, 5, layer.k, generator=g) * 0.3
+        compiled_runtime._STEP.t = torch.tensor([t])
+        with torch.no_grad():
+            y, b = unfolded(x).double(), layer.bias.double()
+            _assert_within(folded(x), y, (y - b).abs() + b.abs(), unit=9 * U)
+    compiled_runtime._STEP.t = None
+
+
+def _transformed_input(layer: IntTransformLinear, slot: int, seed: int) -> torch.Tensor:
+    """[3, 5, K] inputs whose transformed values lie a quarter step or more from every rounding boundary
+    (some beyond the clamp range): codes plus jitter times the step, rotated back (H is its own inverse)
+    and multiplied by s. Per token, one value is 7 steps exactly (the token's maximum, so its step is the
+    chosen one) and the others within 6.25 steps."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, 5, layer.k)
+    jitter = (torch.rand(shape, generator=g) - 0.5) * 0.5
+    if layer.dynamic:
+        step = torch.rand(3, 5, 1, generator=g) * 0.1 + 0.02
+        codes = torch.randint(-6, 7, shape, generator=g).float()
+        v = (codes + jitter) * step
+        v[..., 0] = 7 * step[..., 0] * torch.sign(torch.randn(3, 5, generator=g))
+    else:
+        codes = torch.randint(int(layer.q_min) - 3, int(layer.q_max) + 4, shape, generator=g).float()
+        v = (codes - layer._z_add[slot] + jitter) * float(layer.input_scale[slot])
+    x = v.double() if layer.rotate_block is None else hadamard_transform(v.double(), layer.rotate_block)
+    return (x if layer.smooth is None else x * layer.smooth.double()).float()
+
+
+@needs_compiled
+@pytest.mark.parametrize("config", list(TRANSFORMS))
+def test_compiled_transform_layer(config: str) -> None:
+    """Compiled with freezing (one graph, the slot an input): one prepacked oneDNN int8 call; on inputs
+    whose transformed values lie far from every rounding boundary (so any correctly rounded float order
+    gives the same codes) the output differs from the eager unfolded layer's by the rescale alone,
+    within 9u·(|y − b| + |b|) (`test_transform_layer_folds_static_steps`), plus the low-rank branch's two
+    float32 products in any summation order, within γ₃₆·|x|·|down|ᵀ·|up|ᵀ each (γₙ = nu/(1 − nu) < 1.01nu),
+    plus one float32 rounding of the sum."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    layer = _transform_layer(*TRANSFORMS[config]).eval()
+    ref, eager = RefTransformLayer(layer).eval(), RefTransformLayer(layer, fold=False).eval()
+    assert ref.folded == (not layer.dynamic)
+    torch._dynamo.reset()
+    compiled = torch.compile(ref, fullgraph=True)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        for slot, t in enumerate(layer.timesteps.tolist() or [None]):
+            x = _transformed_input(layer, slot, seed=slot)
+            compiled_runtime._STEP.t = None if t is None else torch.tensor([t])
+            with torch._dynamo.config.patch(error_on_recompile=slot > 0):
+                if slot == 0:
+                    y, code = run_and_get_code(compiled, x)
+                    assert _int8_calls("\n".join(code)) == 1
+                else:
+                    y = compiled(x)
+            e, b = eager(x).double(), layer.bias.double()
+            scale = 9 * ((e - b).abs() + b.abs()) + e.abs()
+            if layer.low_rank_down is not None:
+                down, up = layer.low_rank_down.double().abs(), layer.low_rank_up.double().abs()
+                scale = scale + 2 * 1.01 * 36 * (x.double().abs() @ down.t() @ up.t())
+            _assert_within(y, e, scale, unit=U)
+    compiled_runtime._STEP.t = None
+
+
 def test_unsupported_layers_are_named() -> None:
-    from lowbitdm_cli.export.int_transforms import IntTransformLinear
     from lowbitdm_cli.quant.quantizer import UniformQuantizer
+
+    class Unknown(IntLinear):
+        pass
 
     codes = torch.randint(0, 256, (4, 8))
     args = (codes, torch.full((4,), 128), torch.ones(4), None, torch.ones(1), torch.zeros(1), 8)
     model = torch.nn.Module()
     model.ok = IntLinear(*args)
-    model.per_token = IntTransformLinear(*args, dynamic=True)
+    model.per_token = IntTransformLinear(*args, dynamic=True)  # runs compiled (`RefTransformLayer`)
+    model.unknown = Unknown(*args)
     model.attn_q = UniformQuantizer(8, "asymmetric", timesteps=[999, 0])
-    assert [n.split(" ")[0] for n in unsupported(model)] == ["per_token", "attn_q"]
+    assert [n.split(" ")[0] for n in unsupported(model)] == ["unknown", "attn_q"]
     if compiled_runtime.available() is None:
-        with pytest.raises(RuntimeUnavailableError, match="per_token .*attn_q .*use --runtime int"):
+        with pytest.raises(RuntimeUnavailableError, match="unknown .*attn_q .*use --runtime int"):
             check_compilable(model)
 
 
@@ -322,13 +452,23 @@ def test_lora_branch_around_a_reference_layer() -> None:
         assert torch.equal(wrapped["ref"](x), wrapped["int"](x))
 
 
+TX = '["attention", "feed_forward"]'
+# (bits, settings): ptq W8A8 with temporal steps (8-bit zero points per slot, the case the pattern could not
+# fold); efficientdm-tx's transformer options (per-token inputs, smoothing, rotation, a low-rank branch)
+DIT_CHECKPOINTS = {"w8a8-temporal": ("w8a8", ["quant.a_temporal=true"]),
+                   "efficientdm-tx": ("w4a4", ["quant.a_temporal=true", f"quant.a_per_token={TX}", f"quant.smooth={TX}",
+                                               f"quant.rotate={TX}", f"quant.low_rank={TX}", "quant.low_rank_dim=4"])}
+
+
 @needs_compiled
-def test_transformer_checkpoint_compiles_with_every_layer_folded(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A diffusion transformer (the embedded digits DiT, ptq W8A8 with temporal activation steps: 8-bit
-    zero points per slot, the case the pattern could not fold) runs compiled: every integer layer with one
-    kernel call folds (all of them where the kernels sum in int32), each kernel call one oneDNN call in one
-    graph (no graph break, no prepack per call), for two timesteps without a recompile, with outputs of
-    the model's shape and no NaN."""
+@pytest.mark.parametrize("config", list(DIT_CHECKPOINTS))
+def test_transformer_checkpoint_compiles_with_every_layer_folded(config: str,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A diffusion transformer (the embedded digits DiT, `DIT_CHECKPOINTS`) runs compiled: every integer
+    layer with one kernel call and one activation step per slot folds (all of them where the kernels sum in
+    int32), per-token layers run as `RefTransformLayer`s, each kernel call one oneDNN call in one graph (no
+    graph break, no prepack per call), for two timesteps without a recompile, with outputs of the model's
+    shape and no NaN."""
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
@@ -336,11 +476,18 @@ def test_transformer_checkpoint_compiles_with_every_layer_folded(tmp_path_factor
     from lowbitdm_cli.export.checkpoint import load_merged
     from lowbitdm_cli.export.compiled_runtime import compile_runtime
 
-    merged = merge_tiny("w8a8", ["quant.a_temporal=true"], tmp_path_factory.mktemp("dit"), model="digits-dit").path
-    model = compile_runtime(load_merged(merged, "int"))
+    bits, sets = DIT_CHECKPOINTS[config]
+    merged = merge_tiny(bits, sets, tmp_path_factory.mktemp("dit"), model="digits-dit").path
+    integer = load_merged(merged, "int")
+    transformed = sum(isinstance(m, IntTransformLinear) for m in integer.denoiser.modules())
+    model = compile_runtime(integer)
     layers = [m for m in model.denoiser.inner.modules() if isinstance(m, RefLayer)]
     assert layers and all(m.folded == _folds(m) for m in layers)
-    assert any(len(set(m.zx.tolist())) > 1 for m in layers)  # zero points that differ per slot
+    assert sum(isinstance(m, RefTransformLayer) for m in layers) == transformed
+    if config == "w8a8-temporal":
+        assert any(len(set(m.zx.tolist())) > 1 for m in layers)  # zero points that differ per slot
+    else:
+        assert transformed and any(m.dynamic for m in layers if isinstance(m, RefTransformLayer))
     x, cond = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0)), torch.arange(2)
     counters.clear()
     with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
