@@ -46,14 +46,15 @@ Needs torchao (``pip install 'lowbitdm[compiled]'``: its x86 lowering passes) an
 Inductor. The first call per input shape and dtype compiles the whole denoiser, which costs many
 forwards' worth of time: it pays off on long sampling runs. The transformer options of an
 `IntTransformLinear` (per-token activation steps, smoothing, rotation, the low-rank branch) run as
-`RefTransformLayer`: the transforms and per-token steps become float ops that Inductor fuses into the
-quantize loop. What it cannot express (temporal attention-matmul quantizers) is reported by
+`RefTransformLayer`: smoothing and per-token steps become float ops that Inductor fuses into the
+quantize loop, the rotation two small products per block. What it cannot express (temporal attention-matmul quantizers) is reported by
 `unsupported` and refused with one line naming it.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import warnings
 
@@ -285,11 +286,11 @@ class RefLayer(TimestepSlots, nn.Module):
 
 class RefTransformLayer(RefLayer):
     """One `IntTransformLinear` in a compiled graph: the input transforms (x / s, the Hadamard rotation),
-    and with per-token inputs each token's step Δ[t], as float ops that Inductor fuses into the quantize
-    loop; the int8 product as in `RefLayer` (folded where there is one step per slot; with per-token steps
-    at unit scales, since oneDNN's kernel takes one activation step, then ``((acc·Δ[t])·Δw) + b``); the
-    float32 low-rank branch on the raw input added after. All in float32 and rounded once to the model's
-    dtype, as `IntTransformLinear` does."""
+    and with per-token inputs each token's step Δ[t], as float ops (the rotation as two small products,
+    the rest fused by Inductor into the quantize loop); the int8 product as in `RefLayer` (folded where
+    there is one step per slot; with per-token steps at unit scales, since oneDNN's kernel takes one
+    activation step, then ``((acc·Δ[t])·Δw) + b``); the float32 low-rank branch on the raw input added
+    after. All in float32 and rounded once to the model's dtype, as `IntTransformLinear` does."""
 
     def __init__(self, layer: IntTransformLinear, fold: bool = True) -> None:
         super().__init__(layer, fold=fold and not layer.dynamic)
@@ -297,6 +298,15 @@ class RefTransformLayer(RefLayer):
         for name in ("smooth", "input_divisor", "low_rank_down", "low_rank_up"):
             value = getattr(layer, name)
             setattr(self, name, None if value is None else _constant(value.clone()))
+        # fold=True: the rotation as two small products, H_b = H_a ⊗ H_c (Sylvester matrices factor), with
+        # entries ±1 and one multiplication by b^(−1/2) after, as the butterfly. Inductor inlines the
+        # butterfly's log2(b) stages into the quantize loop and recomputes them per value (on a 512-wide
+        # input most of the loop's time: benchmarks/compiled_runtime.py --profile --models digits-dit).
+        # fold=False keeps the butterfly: the fake runtime's float ops.
+        self.h_outer = self.h_inner = None
+        if fold and self.rotate_block is not None and self.rotate_block > 2:
+            a = 1 << ((self.rotate_block.bit_length() - 1) // 2)
+            self.h_outer, self.h_inner = _constant(_sylvester(a)), _constant(_sylvester(self.rotate_block // a))
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
@@ -317,11 +327,25 @@ class RefTransformLayer(RefLayer):
         return y.to(x.dtype)
 
     def _transform(self, x: Tensor) -> Tensor:
-        """x / s, then the block Hadamard rotation (`quant.transforms.transform_input`, written without
-        in-place writes so that Inductor can fuse its butterfly stages)."""
+        """x / s, then the block Hadamard rotation (`quant.transforms.transform_input`): folded, two small
+        products per block; unfolded, the butterfly without in-place writes (the same float ops)."""
         if self.smooth is not None:
             x = x / self.smooth
-        return x if self.rotate_block is None else hadamard_transform(x, self.rotate_block, functional=True)
+        if self.rotate_block is None:
+            return x
+        if self.h_outer is None:
+            return hadamard_transform(x, self.rotate_block, functional=True)
+        a, c = self.h_outer.shape[0], self.h_inner.shape[0]
+        y = torch.matmul(self.h_outer, (x.reshape(-1, c) @ self.h_inner).reshape(-1, a, c))  # H_aᵀ·X·H_c per block
+        return (y * (1.0 / math.sqrt(self.rotate_block))).reshape(x.shape)
+
+
+def _sylvester(n: int) -> Tensor:
+    """The n×n Sylvester Hadamard matrix (entries ±1, n a power of two), float32: H_2n = H_2 ⊗ H_n."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]]), h)
+    return h
 
 
 @functools.cache

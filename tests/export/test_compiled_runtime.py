@@ -38,6 +38,7 @@ from lowbitdm_cli.export.compiled_runtime import (
 )
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear
 from lowbitdm_cli.export.int_transforms import IntTransformLinear
+from lowbitdm_cli.quant.quantizer import token_scale
 from lowbitdm_cli.quant.transforms import hadamard_transform
 
 needs_compiled = pytest.mark.skipif(compiled_runtime.available() is not None,
@@ -259,15 +260,17 @@ def test_transform_layer_unfolded_is_the_integer_layer(config: str, dtype: str) 
 @pytest.mark.parametrize("config", ["smooth-alone", "rotate"])
 def test_transform_layer_folds_static_steps(config: str) -> None:
     """With one activation step per slot the kernel takes the slot's Δx (folded); per-token steps never fold
-    (oneDNN's kernel takes one step). Folded and unfolded compute the same codes and exact sum, each then
-    within 4u·M of the float64 rescale (M = |acc·Δx·Δw| + |b|, three float32 roundings), so within 8u·M of
-    each other; with y the unfolded output, M ≤ (|y − b| + |b|)(1 + 5u), whence 9u·(|y − b| + |b|)."""
+    (oneDNN's kernel takes one step). On inputs far from every rounding boundary (the folded rotation's
+    products round differently from the butterfly, by far less than a quarter step) folded and unfolded
+    compute the same codes and exact sum, each then within 4u·M of the float64 rescale (M = |acc·Δx·Δw|
+    + |b|, three float32 roundings), so within 8u·M of each other; with y the unfolded output,
+    M ≤ (|y − b| + |b|)(1 + 5u), whence 9u·(|y − b| + |b|)."""
     layer = _transform_layer(*TRANSFORMS[config]).eval()
     folded, unfolded = RefTransformLayer(layer).eval(), RefTransformLayer(layer, fold=False).eval()
     assert folded.folded and not RefTransformLayer(_transform_layer(*TRANSFORMS["efficientdm-tx"])).folded
-    g = torch.Generator().manual_seed(2)
-    for t in layer.timesteps.tolist():
-        x = torch.randn(3, 5, layer.k, generator=g) * 0.3
+    assert (folded.h_outer is not None) == (layer.rotate_block is not None) and unfolded.h_outer is None
+    for slot, t in enumerate(layer.timesteps.tolist()):
+        x = _transformed_input(layer, slot, seed=slot)
         compiled_runtime._STEP.t = torch.tensor([t])
         with torch.no_grad():
             y, b = unfolded(x).double(), layer.bias.double()
@@ -303,7 +306,12 @@ def test_compiled_transform_layer(config: str) -> None:
     gives the same codes) the output differs from the eager unfolded layer's by the rescale alone,
     within 9u·(|y − b| + |b|) (`test_transform_layer_folds_static_steps`), plus the low-rank branch's two
     float32 products in any summation order, within γ₃₆·|x|·|down|ᵀ·|up|ᵀ each (γₙ = nu/(1 − nu) < 1.01nu),
-    plus one float32 rounding of the sum."""
+    plus one float32 rounding of the sum. With per-token steps and a rotation, the token's step moves
+    with its largest rotated value: the butterfly (log2 b levels of sums) and the two products (a + c
+    terms, H_b = H_a ⊗ H_c) are each within γ·Σ_block|x/s|/√b of the exact value (γ of log2 b and a + c),
+    and the scaling by b^(−1/2) rounds once in each, so Δ' = Δ(1 + δ) with
+    δ ≤ (γ_(a+c) + γ_log2(b))·S/(7Δ√b) + 4u (S the token's largest Σ_block|x/s|, its largest rotated
+    value 7Δ) and the output moves by δ·|acc·Δ·Δw| ≤ 1.01δ·|y − b|."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
@@ -324,6 +332,14 @@ def test_compiled_transform_layer(config: str) -> None:
                     y = compiled(x)
             e, b = eager(x).double(), layer.bias.double()
             scale = 9 * ((e - b).abs() + b.abs()) + e.abs()
+            if layer.dynamic and layer.rotate_block is not None:
+                blk, a = layer.rotate_block, ref.h_outer.shape[0]
+                xs = x.double() / layer.smooth.double() if layer.smooth is not None else x.double()
+                s_max = xs.abs().reshape(*x.shape[:-1], -1, blk).sum(-1).amax(-1, keepdim=True)
+                step = token_scale(eager._transform(x), layer.a_bits).double()
+                levels = a + blk // a + blk.bit_length() - 1
+                delta = 1.01 * levels * s_max / (7 * step * blk**0.5) + 4  # in units of u
+                scale = scale + 1.01 * delta * (e - b).abs()
             if layer.low_rank_down is not None:
                 down, up = layer.low_rank_down.double().abs(), layer.low_rank_up.double().abs()
                 scale = scale + 2 * 1.01 * 36 * (x.double().abs() @ down.t() @ up.t())
