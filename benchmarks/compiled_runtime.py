@@ -18,8 +18,8 @@ init, min-max ptq at the same widths).
 `best` is the speed-up over the fastest FP cell of that CPU class; `first s`, a compiled cell's first
 call (it compiles the whole denoiser; Inductor's on-disk cache off, as on a first run).
 
-Quality (digits and digits-dit, native class only, `--samples`, default 500): samples of the fake, integer and
-compiled runtimes with the model's own sampler and the same seeds and classes: FID-digits and
+Quality (digits and digits-dit, native class only, `--samples`, default 500): samples of the fake,
+integer and compiled runtimes with the model's own sampler and the same seeds and classes: FID-digits and
 class accuracy from the embedded evaluator, and the share of pixels on which int and compiled agree
 with fake (identical, within one grey level).
 
@@ -120,9 +120,9 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
 
 @torch.no_grad()
 def _quality(name: str, merged: dict[str, Path], n: int) -> list[dict]:
-    """`name`'s (digits or digits-dit) FID-digits / accuracy per runtime (fp32 around the int8 kernels; and the compiled runtime in bf16
-    where the CPU has it), and the share of pixels on which
-    int and compiled agree with fake; for scale, the same for the FP model eager vs compiled."""
+    """`name`'s (digits or digits-dit) FID-digits / accuracy per runtime (fp32 around the int8 kernels;
+    and the compiled runtime in bf16 where the CPU has it), and the share of pixels on which int and
+    compiled agree with fake; for scale, the same for the FP model eager vs compiled."""
     settings = mr._model_sampler(name)
     evaluator = DigitsEvaluator()
     cond = torch.arange(n) % 10

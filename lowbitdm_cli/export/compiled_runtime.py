@@ -47,8 +47,8 @@ Inductor. The first call per input shape and dtype compiles the whole denoiser, 
 forwards' worth of time: it pays off on long sampling runs. The transformer options of an
 `IntTransformLinear` (per-token activation steps, smoothing, rotation, the low-rank branch) run as
 `RefTransformLayer`: smoothing and per-token steps become float ops that Inductor fuses into the
-quantize loop, the rotation two small products per block. What it cannot express (temporal attention-matmul quantizers) is reported by
-`unsupported` and refused with one line naming it.
+quantize loop, the rotation two small products per block. What it cannot express (temporal
+attention-matmul quantizers) is reported by `unsupported` and refused with one line naming it.
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ from lowbitdm_cli.export.int_transforms import IntTransformLinear
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.integer import rescale, rescale_order, split_weight
 from lowbitdm_cli.quant.quantizer import TimestepSlots, token_scale
-from lowbitdm_cli.quant.transforms import hadamard_transform, low_rank_branch
+from lowbitdm_cli.quant.transforms import low_rank_branch, transform_input
 
-__all__ = ["CompiledDenoiser", "RefLayer", "RefTransformLayer", "available", "check_compilable", "compile_runtime", "reference_layers",
-           "unsupported"]
+__all__ = ["CompiledDenoiser", "RefLayer", "RefTransformLayer", "available", "check_compilable", "compile_runtime",
+           "reference_layers", "unsupported"]
 
 
 @functools.cache
@@ -329,12 +329,9 @@ class RefTransformLayer(RefLayer):
     def _transform(self, x: Tensor) -> Tensor:
         """x / s, then the block Hadamard rotation (`quant.transforms.transform_input`): folded, two small
         products per block; unfolded, the butterfly without in-place writes (the same float ops)."""
-        if self.smooth is not None:
-            x = x / self.smooth
-        if self.rotate_block is None:
-            return x
         if self.h_outer is None:
-            return hadamard_transform(x, self.rotate_block, functional=True)
+            return transform_input(x, self.smooth, self.rotate_block, functional=True)
+        x = transform_input(x, self.smooth, None)
         a, c = self.h_outer.shape[0], self.h_inner.shape[0]
         y = torch.matmul(self.h_outer, (x.reshape(-1, c) @ self.h_inner).reshape(-1, a, c))  # H_aᵀ·X·H_c per block
         return (y * (1.0 / math.sqrt(self.rotate_block))).reshape(x.shape)

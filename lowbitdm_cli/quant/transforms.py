@@ -98,12 +98,13 @@ def low_rank_split(weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     return up, down, residual
 
 
-def transform_input(x: Tensor, smooth: Tensor | None, rotate: int | None) -> Tensor:
-    """The input the quantized product sees: (x / s) then the Hadamard rotation (each optional)."""
+def transform_input(x: Tensor, smooth: Tensor | None, rotate: int | None, functional: bool = False) -> Tensor:
+    """The input the quantized product sees: (x / s) then the Hadamard rotation (each optional;
+    `functional`: see `hadamard_transform`)."""
     if smooth is not None:
         x = x / smooth
     if rotate is not None:
-        x = hadamard_transform(x, rotate)
+        x = hadamard_transform(x, rotate, functional)
     return x
 
 

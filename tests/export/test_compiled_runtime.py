@@ -305,11 +305,12 @@ def test_compiled_transform_layer(config: str) -> None:
     whose transformed values lie far from every rounding boundary (so any correctly rounded float order
     gives the same codes) the output differs from the eager unfolded layer's by the rescale alone,
     within 9u·(|y − b| + |b|) (`test_transform_layer_folds_static_steps`), plus the low-rank branch's two
-    float32 products in any summation order, within γ₃₆·|x|·|down|ᵀ·|up|ᵀ each (γₙ = nu/(1 − nu) < 1.01nu),
-    plus one float32 rounding of the sum. With per-token steps and a rotation, the token's step moves
-    with its largest rotated value: the butterfly (log2 b levels of sums) and the two products (a + c
-    terms, H_b = H_a ⊗ H_c) are each within γ·Σ_block|x/s|/√b of the exact value (γ of log2 b and a + c),
-    and the scaling by b^(−1/2) rounds once in each, so Δ' = Δ(1 + δ) with
+    float32 products in any summation order, within γ₃₆·|x|·|down|ᵀ·|up|ᵀ each
+    (γₙ = nu/(1 − nu) < 1.01nu), plus one float32 rounding of the sum. With per-token steps and a
+    rotation, the token's step moves with its largest rotated value: the butterfly (log2 b levels of
+    sums) and the two products (a + c terms, H_b = H_a ⊗ H_c) are each within γ·Σ_block|x/s|/√b of the
+    exact value (γ of log2 b and a + c), and the scaling by b^(−1/2) rounds once in each, so
+    Δ' = Δ(1 + δ) with
     δ ≤ (γ_(a+c) + γ_log2(b))·S/(7Δ√b) + 4u (S the token's largest Σ_block|x/s|, its largest rotated
     value 7Δ) and the output moves by δ·|acc·Δ·Δw| ≤ 1.01δ·|y − b|."""
     from torch._inductor import config as inductor_config
