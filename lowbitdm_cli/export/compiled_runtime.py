@@ -23,9 +23,11 @@ What it keeps from the checkpoint, unchanged: the integer weights w − zw (int8
   slot. (The passes lower the int8 pattern only with a constant activation step and zero point: with
   the pattern, a layer with timestep slots had to leave Δx and the bias to a pass after the kernel,
   and one whose 8-bit zero points differ per slot could not fold at all.) Shifted 8-bit weights
-  (w − zw outside int8: every asymmetric W8 layer) fold too: the kernel multiplies w − 128 plus an
-  all-ones row, which comes out as Δx·Σ(u − zx), and (128 − zw)·Δw times it is added to each output
-  channel.
+  (w − zw outside int8: every asymmetric W8 layer) fold too: the kernel multiplies w − 128, and
+  (128 − zw)·Δw·Δx·Σ_window(u − zx) is added to each output channel. Where oneDNN runs on AMX the
+  window sums come out of the kernel (an all-ones weight row); elsewhere they are summed beside it (a
+  channel sum Inductor fuses into the loop that writes the codes, then a window sum): AVX-512's kernels
+  block output channels by 64, so one more row costs a whole block (`_sums_beside`).
 - Timestep slots do not cost a graph each: the slot is chosen from the timestep inside the compiled
   graph, as `TimestepSlots` does. Unfolded layers (pair-safe splits on CPUs whose kernels saturate,
   and ``fold=False``) are the pattern at unit scales with one kernel zero point (the layer's, when
@@ -65,6 +67,7 @@ from torch import Tensor, nn
 from lowbitdm_cli.errors import RuntimeUnavailableError
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear
 from lowbitdm_cli.export.int_transforms import IntTransformLinear
+from lowbitdm_cli.export.kernel_probe import amx_int8
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.integer import rescale, rescale_order, split_weight
 from lowbitdm_cli.quant.quantizer import TimestepSlots, token_scale
@@ -113,7 +116,7 @@ class RefLayer(TimestepSlots, nn.Module):
     is picked inside the graph (`_slot`); `set_timestep` only records timesteps no slot was calibrated
     for, as the layer it replaces does (the sample manifest lists them)."""
 
-    def __init__(self, layer: IntLayer, fold: bool = True) -> None:
+    def __init__(self, layer: IntLayer, fold: bool = True, sums_in_kernel: bool | None = None) -> None:
         super().__init__()
         self.conv = isinstance(layer, IntConv2d)
         self.kind = "conv" if self.conv else "linear"
@@ -160,7 +163,12 @@ class RefLayer(TimestepSlots, nn.Module):
         self.kernel_zero = centre if self.recentred else (self.fixed_zx or 0)
         shift = [self.offset - zx + centre for zx in layer._zx] if self.recentred else [self.offset] * len(layer._zx)
         self.register_buffer("code_shift", torch.tensor(shift, dtype=torch.float32))  # per slot, added to codes
-        if self.folded and not layer.direct:  # rows to a multiple of 16 (zero rows): aligned outputs
+        # A folded shifted layer needs Σ_window(u − zx), times (128 − zw)·Δw·Δx per channel: "beside" the
+        # kernel, a channel sum fused into the quantize loop and a window sum, else the all-ones row in it
+        self.sums_beside = self.folded and not layer.direct and _sums_beside(layer, sums_in_kernel)
+        if self.sums_beside:
+            wmat = wmat[:out_ch]
+        elif self.folded and not layer.direct:  # rows to a multiple of 16 (zero rows): aligned outputs
             wmat = torch.cat([wmat, wmat.new_zeros(-wmat.shape[0] % 16, wmat.shape[1])])
         parts = [wmat] if split is None else list(split_weight(wmat.float(), split))
         self.split = split
@@ -245,7 +253,21 @@ class RefLayer(TimestepSlots, nn.Module):
             y = call(u, x_scale, x_zp, packed, self.kernel_scale, self.w_zero, self.kernel_bias, *scalars, "none", [], "")
         if self.direct:
             return y
+        if self.sums_beside:
+            return (y.float() + self._window_sums(u, x_zp) * x_scale * self.sum_scale).to(dtype)
         return self._add_window_sums(y, self.sum_scale).to(dtype)  # both rows rescaled by the kernel
+
+    def _window_sums(self, u: Tensor, zx: Tensor | int) -> Tensor:
+        """Σ_window(u − zx) per output position, exact in float32 (`_sums_beside`): over the channels
+        (a reduction Inductor fuses into the loop that writes u), then over the conv's window (zero padding:
+        a padded position is code zx, as in the kernel)."""
+        if not self.conv:
+            return u.float().sum(-1, keepdim=True) - u.shape[-1] * zx
+        s = u.float().sum(1, keepdim=True) - u.shape[1] * zx
+        stride, padding, _ = self.geometry
+        if tuple(self.kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+            return s
+        return F.avg_pool2d(s, self.kernel_size, stride, padding, divisor_override=1)  # window sums, not means
 
     def forward(self, x: Tensor) -> Tensor:
         i = self._slot()
@@ -292,8 +314,8 @@ class RefTransformLayer(RefLayer):
     activation step, then ``((acc·Δ[t])·Δw) + b``); the float32 low-rank branch on the raw input added
     after. All in float32 and rounded once to the model's dtype, as `IntTransformLinear` does."""
 
-    def __init__(self, layer: IntTransformLinear, fold: bool = True) -> None:
-        super().__init__(layer, fold=fold and not layer.dynamic)
+    def __init__(self, layer: IntTransformLinear, fold: bool = True, sums_in_kernel: bool | None = None) -> None:
+        super().__init__(layer, fold=fold and not layer.dynamic, sums_in_kernel=sums_in_kernel)
         self.dynamic, self.a_bits, self.rotate_block = layer.dynamic, layer.a_bits, layer.rotate_block
         for name in ("smooth", "input_divisor", "low_rank_down", "low_rank_up"):
             value = getattr(layer, name)
@@ -335,6 +357,22 @@ class RefTransformLayer(RefLayer):
         a, c = self.h_outer.shape[0], self.h_inner.shape[0]
         y = torch.matmul(self.h_outer, (x.reshape(-1, c) @ self.h_inner).reshape(-1, a, c))  # H_aᵀ·X·H_c per block
         return (y * (1.0 / math.sqrt(self.rotate_block))).reshape(x.shape)
+
+
+def _sums_beside(layer: IntLayer, in_kernel: bool | None) -> bool:
+    """Whether a folded shifted layer sums its codes beside the kernel rather than in it (an all-ones weight
+    row, padded to 16 rows). oneDNN's AVX-512 kernels block output channels by 64 (the weights' AcdB64a4b
+    format), so there the row costs a whole block of outputs, and its tail; AMX tiles block by 16, and
+    there the row is what was measured (`in_kernel` None: in the kernel where oneDNN runs on AMX).
+    Beside needs the sums exact in float32 (integers below 2²⁴: K·255) and a window `avg_pool2d` takes
+    (no dilation, padding at most half the kernel)."""
+    if in_kernel if in_kernel is not None else amx_int8():
+        return False
+    if layer.k * 255 >= 1 << 24:
+        return False
+    if isinstance(layer, IntConv2d):
+        return tuple(layer.dilation) == (1, 1) and all(2 * p <= k for p, k in zip(layer.padding, layer.kernel_size))
+    return True
 
 
 def _sylvester(n: int) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lowbitdm_cli.quant.integer import rescale_order
 
-__all__ = ["PAIR16_LIMIT", "KernelClass", "cpu_description", "kernel_report", "pair16_weight_limit",
+__all__ = ["PAIR16_LIMIT", "KernelClass", "amx_int8", "cpu_description", "kernel_report", "pair16_weight_limit",
            "probe_bf16_output", "probe_int_mm", "probe_onednn_conv", "probe_onednn_linear", "probe_rescale_order"]
 
 KernelClass = Literal["int32", "pair16", "inexact", "unavailable"]
@@ -241,14 +241,27 @@ def probe_bf16_output(kernel: str) -> bool:
 
 
 @functools.cache
-def cpu_description() -> dict[str, str]:
-    """The CPU's model name, the vector ISA PyTorch dispatches to, and oneDNN's cap if one is set."""
+def _cpuinfo() -> tuple[str, list[str] | None]:
+    """(model name, flags) from /proc/cpuinfo; ("", None) where there is none."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), None)
+    return model, next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), None)
+
+
+def amx_int8() -> bool:
+    """Whether oneDNN's int8 kernels run on AMX here: the CPU has AMX-INT8 and ``ONEDNN_MAX_CPU_ISA``, if
+    set, does not cap oneDNN below it."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return "amx_int8" in (_cpuinfo()[1] or []) and (not cap or cap == "ALL" or "AMX" in cap)
+
+
+@functools.cache
+def cpu_description() -> dict[str, str]:
+    """The CPU's model name, the vector ISA PyTorch dispatches to, and oneDNN's cap if one is set."""
+    model, flags = _cpuinfo()
     vnni = flags is not None and any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
     return {"model": model or platform.processor() or platform.machine(),
             "torch_isa": torch.backends.cpu.get_cpu_capability(),

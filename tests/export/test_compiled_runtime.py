@@ -12,10 +12,12 @@ the scales are folded into it) of magnitude at most |acc·Δx·Δw| + |b| each, 
 4·2⁻²⁴·(|acc·Δx·Δw| + |b|) of the float64 value. A bf16 output adds its own rounding (2⁻⁸ relative):
 within (2⁻⁷ + 2⁻¹⁵)·(|acc·Δx·Δw| + |b|), which leaves room for a kernel that adds the bias in bf16.
 A folded layer runs the same kernel eagerly, so the same bounds hold there. A folded shifted layer
-adds to each kernel output its all-ones row's Δx·Σ(u − zx) (a kernel output too) times
-(128 − zw)·Δw: two float32 roundings of that product and one of the sum more, so in float32 within
-6·2⁻²⁴ and in bf16 (the row's output rounded to bf16 as well, then the sum) within
-(2⁻⁷ + 2⁻⁸ + 2⁻¹⁴) of |Δx·Δw·Σ(u − zx)(w − 128)| + |b| + |Δx·Δw·(128 − zw)·Σ(u − zx)|.
+adds to each kernel output Δx·Σ(u − zx) times (128 − zw)·Δw: in the kernel, its all-ones row's output
+(a kernel output too) times the constant, two float32 roundings of that product and one of the sum
+more; beside it, the sum exact in float32 (integers below 2²⁴) times Δx and the constant, three
+roundings of the correction and one of the sum. Either way in float32 within 6·2⁻²⁴ and in bf16 (the
+row's output rounded to bf16 as well, then the sum) within (2⁻⁷ + 2⁻⁸ + 2⁻¹⁴) of
+|Δx·Δw·Σ(u − zx)(w − 128)| + |b| + |Δx·Δw·(128 − zw)·Σ(u − zx)|.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ needs_compiled = pytest.mark.skipif(compiled_runtime.available() is not None,
 U = 2.0**-24
 
 
-def _layer(kind: str, shifted: bool, zero_points: list[int], seed: int = 0, a_bits: int = 8) -> IntLayer:
+def _layer(kind: str, shifted: bool, zero_points: list[int], seed: int = 0, a_bits: int = 8,
+           kernel: int = 3, stride: int = 1, padding: int = 1) -> IntLayer:
     g = torch.Generator().manual_seed(seed)
-    shape = (24, 16, 3, 3) if kind == "conv" else (24, 40)
+    shape = (24, 16, kernel, kernel) if kind == "conv" else (24, 40)
     if shifted:  # codes over the whole byte, zero points anywhere: w − zw leaves int8
         codes, zw = torch.randint(0, 256, shape, generator=g), torch.randint(0, 256, (24,), generator=g)
     else:
@@ -58,7 +61,7 @@ def _layer(kind: str, shifted: bool, zero_points: list[int], seed: int = 0, a_bi
             torch.tensor([0.05, 0.03, 0.08][:slots]), torch.tensor(zero_points), a_bits)
     timesteps = [999, 500, 0][:slots] if slots > 1 else None
     if kind == "conv":
-        return IntConv2d(*args, timesteps=timesteps, padding=1)
+        return IntConv2d(*args, timesteps=timesteps, stride=stride, padding=padding)
     return IntLinear(*args, timesteps=timesteps)
 
 
@@ -151,9 +154,14 @@ def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_po
     """Eager `RefLayer` (unfolded and, where it folds, folded) and the integer layer it replaces, in
     every timestep slot, against float64."""
     layer = _layer(kind, shifted, zero_points, a_bits=a_bits)
-    ref, folded = RefLayer(layer, fold=False).eval(), RefLayer(layer).eval()
-    assert not ref.folded and folded.folded == _folds(folded)
-    assert ref.recentred == (len(set(zero_points)) > 1 and a_bits == 4) and not folded.recentred
+    ref = RefLayer(layer, fold=False).eval()
+    # a shifted layer's window sums in the kernel (an all-ones row) and beside it, whatever this CPU's choice
+    folds = [RefLayer(layer, sums_in_kernel=k).eval() for k in ((True, False) if shifted else (None,))]
+    assert not ref.folded and not ref.sums_beside
+    for folded in folds:
+        assert folded.folded == _folds(folded) and not folded.recentred
+        assert folded.sums_beside == (folded.folded and shifted and folds.index(folded) == 1)
+    assert ref.recentred == (len(set(zero_points)) > 1 and a_bits == 4)
     for slot, t in enumerate(layer.timesteps.tolist() or [None]):
         x = _input(layer, slot, seed=slot)
         layer.set_timestep(t)
@@ -162,34 +170,69 @@ def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_po
             exact, scale = _exact(layer, x, slot)
             _assert_within(layer(x), exact, scale)
             _assert_within(ref(x), exact, scale)
-            if folded.folded:  # the kernel itself, eagerly: the same bounds as compiled in float32
-                if layer.direct:
+            for folded in folds:
+                if not folded.folded:
+                    assert torch.equal(folded(x), ref(x))
+                elif layer.direct:  # the kernel itself, eagerly: the same bounds as compiled in float32
                     _assert_within(folded(x), exact, scale)
                 else:
                     _assert_within(folded(x), exact, _folded_shifted_scale(layer, x, slot), unit=6 * U)
-            else:
-                assert torch.equal(folded(x), ref(x))
     compiled_runtime._STEP.t = None
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 0), (4, 2, 2)])
+def test_window_sums_beside_the_kernel_follow_the_conv_geometry(kernel: int, stride: int, padding: int) -> None:
+    """A folded shifted conv whose window sums are taken beside the kernel (a channel sum, then a window
+    sum with the conv's stride and zero padding) stays within the bound of the exact sum for strided, 1x1,
+    unpadded and even-sized windows (4-bit codes: one kernel call on every CPU, so it folds)."""
+    layer = _layer("conv", True, [1, 9], kernel=kernel, stride=stride, padding=padding, a_bits=4)
+    ref = RefLayer(layer, sums_in_kernel=False).eval()
+    assert ref.folded and ref.sums_beside
+    for slot, t in enumerate(layer.timesteps.tolist()):
+        x = _input(layer, slot, seed=slot)
+        compiled_runtime._STEP.t = torch.tensor([t])
+        with torch.no_grad():
+            exact, _ = _exact(layer, x, slot)
+            _assert_within(ref(x), exact, _folded_shifted_scale(layer, x, slot), unit=6 * U)
+    compiled_runtime._STEP.t = None
+
+
+@pytest.mark.parametrize("flags,cap,amx", [(["avx512_vnni", "amx_int8"], "", True),
+                                            (["avx512_vnni", "amx_int8"], "AVX512_CORE_VNNI", False),
+                                            (["avx512_vnni", "amx_int8"], "AVX512_CORE_AMX", True),
+                                            (["avx512_vnni", "avx512_bf16"], "", False), (None, "", False)])
+def test_window_sums_stay_in_the_kernel_where_onednn_runs_on_amx(flags: list[str] | None, cap: str, amx: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default place of a shifted layer's window sums follows the CPU's AMX-INT8 flag and oneDNN's cap."""
+    from lowbitdm_cli.export import kernel_probe
+
+    monkeypatch.setattr(kernel_probe, "_cpuinfo", lambda: ("a CPU", flags))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert kernel_probe.amx_int8() == amx
+    layer = _layer("conv", True, [200, 7])
+    assert RefLayer(layer).sums_beside == (not amx and RefLayer(layer).folded)
+
+
 @needs_compiled
-@pytest.mark.parametrize("kind,shifted,zero_points,a_bits,dtype", [
-    (*CASES[3], "fp32"), (*CASES[5], "fp32"), (*CASES[0], "fp32"), (*CASES[4], "fp32"), (*CASES[6], "fp32"),
-    (*CASES[0], "bf16"), (*CASES[4], "bf16"), (*CASES[2], "bf16"), (*CASES[7], "bf16"), (*CASES[1], "fp32"),
-    (*CASES[8], "fp32"), (*CASES[1], "bf16"), (*CASES[8], "bf16")])
+# (case, dtype, a shifted layer's window sums in the kernel: True, beside it: False, direct: None)
+@pytest.mark.parametrize("kind,shifted,zero_points,a_bits,dtype,in_kernel", [
+    (*CASES[3], "fp32", False), (*CASES[5], "fp32", False), (*CASES[0], "fp32", None), (*CASES[4], "fp32", None),
+    (*CASES[6], "fp32", None), (*CASES[0], "bf16", None), (*CASES[4], "bf16", None), (*CASES[2], "bf16", None),
+    (*CASES[7], "bf16", False), (*CASES[1], "fp32", False), (*CASES[8], "fp32", False), (*CASES[1], "bf16", False),
+    (*CASES[8], "bf16", False), (*CASES[3], "fp32", True), (*CASES[1], "bf16", True), (*CASES[8], "bf16", True)])
 def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: bool, zero_points: list[int],
-                                                           a_bits: int, dtype: str) -> None:
+                                                           a_bits: int, dtype: str, in_kernel: bool | None) -> None:
     """Compiled with freezing, the layer becomes prepacked oneDNN int8 calls (one per weight part, in
     Inductor's generated code, the prepack folded away), the timestep slot is an input of one graph (no
     recompile per slot), and the output stays within the bound in every slot: folded layers rescaled by
-    the kernel itself with the slot's Δx and zero point (a shifted layer's window sums added after it),
-    unfolded ones after it, in float32 and with bf16 in and out."""
+    the kernel itself with the slot's Δx and zero point (a shifted layer's window sums, from the kernel
+    or beside it, added after it), unfolded ones after it, in float32 and with bf16 in and out."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
     layer = _layer(kind, shifted, zero_points, seed=1, a_bits=a_bits)
-    ref = RefLayer(layer).eval()
-    assert ref.folded == _folds(ref)
+    ref = RefLayer(layer, sums_in_kernel=in_kernel).eval()
+    assert ref.folded == _folds(ref) and ref.sums_beside == (ref.folded and in_kernel is False)
     torch._dynamo.reset()
     compiled = torch.compile(ref, fullgraph=True)  # the slot lookup included: no graph break
     # the config's own patch: monkeypatch's undo deletes a config attribute under some pytest versions
