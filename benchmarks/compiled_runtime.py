@@ -34,6 +34,7 @@ attention, Inductor's generated loops (named per kernel), copies and the rest, b
 of an unprofiled forward. Writes compiled_runtime_profile.json.
 
     python benchmarks/compiled_runtime.py                  # all classes, 5 timed runs per cell
+    python benchmarks/compiled_runtime.py --classes native --models digits --repeats 21 --samples 0
     python benchmarks/compiled_runtime.py --quick          # native, digits only, 2 runs, 50 samples
     python benchmarks/compiled_runtime.py --classes native --models large
     python benchmarks/compiled_runtime.py --classes native --models digits-dit \
@@ -276,6 +277,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="ptq", help="the recipe that makes the digits checkpoints")
     parser.add_argument("--dit-recipe", default="efficientdm-tx", help="the recipe that makes the digits-dit ones")
     parser.add_argument("--samples", type=int, default=None, help="quality samples per runtime (0: skip)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed forwards per cell, interleaved, the median kept (default 5; --quick 2)")
     parser.add_argument("--merged-dir", type=Path, default=None, help="keep / reuse the merged checkpoints here")
     parser.add_argument("--profile", action="store_true", help="where the time goes (native class), no table")
     parser.add_argument("--one-class", default=None, help=argparse.SUPPRESS)
@@ -288,7 +291,7 @@ def main() -> None:
     unknown = set(args.models.split(",")) - {*SMALL, "large"}
     if unknown:
         parser.error(f"unknown --models {', '.join(sorted(unknown))}: choose of {', '.join((*SMALL, 'large'))}")
-    args.repeats, args.warmup = (2, 1) if args.quick else (5, 1)
+    args.repeats, args.warmup = args.repeats or (2 if args.quick else 5), 1
     args.samples = args.samples if args.samples is not None else (50 if args.quick else 500)
     suffix = "_profile" if args.profile else "_quick" if args.quick else ""
     args.out = args.out or ROOT / "benchmarks" / "results" / f"compiled_runtime{suffix}.json"
@@ -327,7 +330,8 @@ def main() -> None:
             part = folder / f"compiled-{cpu_class}.json"
             cmd = [sys.executable, __file__, "--one-class", cpu_class, "--merged-dir", str(folder), "--out", str(part),
                    "--batch", str(args.batch), "--threads", str(args.threads), "--models", args.models,
-                   "--widths", args.widths, "--samples", str(args.samples), *(["--quick"] if args.quick else []),
+                   "--widths", args.widths, "--samples", str(args.samples), "--repeats", str(args.repeats),
+                   *(["--quick"] if args.quick else []),
                    *(["--profile"] if args.profile else [])]
             subprocess.run(cmd, env=env, check=True)
             per_class.append(json.loads(part.read_text()))
