@@ -27,7 +27,7 @@ What it keeps from the checkpoint, unchanged: the integer weights w − zw (int8
   (128 − zw)·Δw·Δx·Σ_window(u − zx) is added to each output channel. Where oneDNN runs on AMX the
   window sums come out of the kernel (an all-ones weight row); elsewhere they are summed beside it (a
   channel sum Inductor fuses into the loop that writes the codes, then a window sum): AVX-512's kernels
-  block output channels by 64, so one more row costs a whole block (`_sums_beside`).
+  block output channels by 64, so one more row costs a whole block (`int_runtime.window_sums_beside`).
 - Timestep slots do not cost a graph each: the slot is chosen from the timestep inside the compiled
   graph, as `TimestepSlots` does. Unfolded layers (pair-safe splits on CPUs whose kernels saturate,
   and ``fold=False``) are the pattern at unit scales with one kernel zero point (the layer's, when
@@ -65,9 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbitdm_cli.errors import RuntimeUnavailableError
-from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear
+from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear, window_sums, window_sums_beside
 from lowbitdm_cli.export.int_transforms import IntTransformLinear
-from lowbitdm_cli.export.kernel_probe import amx_int8
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.integer import rescale, rescale_order, split_weight
 from lowbitdm_cli.quant.quantizer import TimestepSlots, token_scale
@@ -165,7 +164,7 @@ class RefLayer(TimestepSlots, nn.Module):
         self.register_buffer("code_shift", torch.tensor(shift, dtype=torch.float32))  # per slot, added to codes
         # A folded shifted layer needs Σ_window(u − zx), times (128 − zw)·Δw·Δx per channel: "beside" the
         # kernel, a channel sum fused into the quantize loop and a window sum, else the all-ones row in it
-        self.sums_beside = self.folded and not layer.direct and _sums_beside(layer, sums_in_kernel)
+        self.sums_beside = self.folded and window_sums_beside(layer, sums_in_kernel)
         if self.sums_beside:
             wmat = wmat[:out_ch]
         elif self.folded and not layer.direct:  # rows to a multiple of 16 (zero rows): aligned outputs
@@ -254,20 +253,9 @@ class RefLayer(TimestepSlots, nn.Module):
         if self.direct:
             return y
         if self.sums_beside:
-            return (y.float() + self._window_sums(u, x_zp) * x_scale * self.sum_scale).to(dtype)
+            window = (self.kernel_size, self.stride, self.padding) if self.conv else None
+            return (y.float() + window_sums(u, x_zp, window) * x_scale * self.sum_scale).to(dtype)
         return self._add_window_sums(y, self.sum_scale).to(dtype)  # both rows rescaled by the kernel
-
-    def _window_sums(self, u: Tensor, zx: Tensor | int) -> Tensor:
-        """Σ_window(u − zx) per output position, exact in float32 (`_sums_beside`): over the channels
-        (a reduction Inductor fuses into the loop that writes u), then over the conv's window (zero padding:
-        a padded position is code zx, as in the kernel)."""
-        if not self.conv:
-            return u.float().sum(-1, keepdim=True) - u.shape[-1] * zx
-        s = u.float().sum(1, keepdim=True) - u.shape[1] * zx
-        stride, padding, _ = self.geometry
-        if tuple(self.kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
-            return s
-        return F.avg_pool2d(s, self.kernel_size, stride, padding, divisor_override=1)  # window sums, not means
 
     def forward(self, x: Tensor) -> Tensor:
         i = self._slot()
@@ -357,22 +345,6 @@ class RefTransformLayer(RefLayer):
         a, c = self.h_outer.shape[0], self.h_inner.shape[0]
         y = torch.matmul(self.h_outer, (x.reshape(-1, c) @ self.h_inner).reshape(-1, a, c))  # H_aᵀ·X·H_c per block
         return (y * (1.0 / math.sqrt(self.rotate_block))).reshape(x.shape)
-
-
-def _sums_beside(layer: IntLayer, in_kernel: bool | None) -> bool:
-    """Whether a folded shifted layer sums its codes beside the kernel rather than in it (an all-ones weight
-    row, padded to 16 rows). oneDNN's AVX-512 kernels block output channels by 64 (the weights' AcdB64a4b
-    format), so there the row costs a whole block of outputs, and its tail; AMX tiles block by 16, and
-    there the row is what was measured (`in_kernel` None: in the kernel where oneDNN runs on AMX).
-    Beside needs the sums exact in float32 (integers below 2²⁴: K·255) and a window `avg_pool2d` takes
-    (no dilation, padding at most half the kernel)."""
-    if in_kernel if in_kernel is not None else amx_int8():
-        return False
-    if layer.k * 255 >= 1 << 24:
-        return False
-    if isinstance(layer, IntConv2d):
-        return tuple(layer.dilation) == (1, 1) and all(2 * p <= k for p, k in zip(layer.padding, layer.kernel_size))
-    return True
 
 
 def _sylvester(n: int) -> Tensor:

@@ -26,8 +26,11 @@ On CPUs, where PyTorch ships oneDNN's int8 kernels (``torch.ops.onednn.qconv2d_p
 zero point, int8 weights (``w − zw``, or ``w − 128`` for the "shifted" 8-bit ones) with zero
 weight zero point, without im2col. The weights are packed once, on the first call (the
 packing does not depend on the activation scale, so one packed weight serves every timestep
-slot). A "shifted" layer's packed weights keep the all-ones row as one more output channel, so
-the same call also returns ``Σ_window(u − zx)`` for its correction. A "direct" layer takes its
+slot). A "shifted" layer needs ``Σ_window(u − zx)`` for its correction: where oneDNN runs on AMX its
+packed weights keep the all-ones row as one more output channel, so the same call also returns the
+sums; elsewhere they are summed beside the call (`window_sums`, exact in float32), since oneDNN's
+AVX-512 kernels block output channels by 64 and one more row costs a block (`window_sums_beside`).
+A "direct" layer takes its
 float32 output ``Δx·Δw[o]·acc + bias[o]`` straight from the kernel (rounded to the compute dtype
 in the pass that gives it the input's layout; in bf16, on CPUs that convert in hardware, the
 kernel's own bf16 output where it is that rounding, `kernel_probe.probe_bf16_output`) when the
@@ -73,6 +76,7 @@ from lowbitdm_cli.export import fused_ops
 from lowbitdm_cli.export.int_ops import _padded_int_mm
 from lowbitdm_cli.export.kernel_probe import (
     KernelClass,
+    amx_int8,
     pair16_weight_limit,
     probe_int_mm,
     probe_onednn_conv,
@@ -85,7 +89,7 @@ from lowbitdm_cli.quant.integer import (EXACT_F32, accumulate, layout_of, per_ro
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
 __all__ = ["IntConv2d", "IntLayer", "IntLinear", "choose_split", "lowering_counts", "onednn_available",
-           "onednn_rescale_matches"]
+           "onednn_rescale_matches", "window_sums", "window_sums_beside"]
 
 _SHIFT = 128
 # |u·w| ≤ 255·128 per product; with the corrections a partial sum is < K·255·(128+256+255),
@@ -189,6 +193,36 @@ def onednn_rescale_matches(kernel: str) -> bool:
     the float32 output rounded to bf16 in rare outputs; the runtime rounds the float32 output itself.)"""
     order = probe_rescale_order(kernel)
     return order is not None and order == rescale_order(kernel)
+
+
+def window_sums_beside(layer: IntLayer, in_kernel: bool | None = None) -> bool:
+    """Whether a shifted layer's oneDNN call leaves out the all-ones weight row and its window sums
+    Σ_window(u − zx) are taken beside it (`window_sums`). oneDNN's AVX-512 kernels block output channels
+    by 64 (weights in ``AcdB64a4b``), so there one more row costs a whole block of outputs, and its
+    tail; AMX tiles block by 16, and there the row is what was measured (`in_kernel` None: in the kernel
+    where oneDNN runs on AMX, `kernel_probe.amx_int8`). Beside needs the sums exact in float32 (integers
+    below 2²⁴: K·255) and a window `avg_pool2d` takes (no dilation, padding at most half the kernel)."""
+    if layer.direct or (in_kernel if in_kernel is not None else amx_int8()):
+        return False
+    if layer.k * 255 >= 1 << 24:
+        return False
+    if isinstance(layer, IntConv2d):
+        return tuple(layer.dilation) == (1, 1) and all(2 * p <= k for p, k in zip(layer.padding, layer.kernel_size))
+    return True
+
+
+def window_sums(u: Tensor, zx: Tensor | int, window: tuple | None = None) -> Tensor:
+    """Σ_window(u − zx) per output of a layer on uint8 codes `u`, exact in float32 (`window_sums_beside`):
+    a linear's over its last dim ([rows, K] → [rows, 1]); a conv's (`window`: kernel size, stride,
+    padding) over the channels, then over the window with zero padding (a padded position is code zx,
+    as in the kernel): [N, C, H, W] → [N, 1, Ho, Wo]."""
+    if window is None:
+        return u.sum(-1, keepdim=True, dtype=torch.float32) - u.shape[-1] * zx
+    s = u.sum(1, keepdim=True, dtype=torch.float32) - u.shape[1] * zx
+    kernel_size, stride, padding = (tuple(v) for v in window)
+    if kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        return s
+    return F.avg_pool2d(s, kernel_size, stride, padding, divisor_override=1)  # window sums, not means
 
 
 class IntLayer(TimestepSlots, nn.Module):
@@ -348,6 +382,7 @@ class IntLayer(TimestepSlots, nn.Module):
             raise ValueError("the float path does not split weights")
         self.use_onednn, self.float_exact, self.split = kernel == "onednn", kernel == "float", split
         self._onednn_cache, self._float_weight = None, None
+        self._sums_beside: bool | None = None  # `sums_beside`, decided on first use (a conv's geometry is set last)
         # `accumulate` (the int_mm product) stays exact whichever kernel runs the layer
         mm_split = split if kernel == "int_mm" else self._int_mm_split()
         hi, lo = (None, None) if mm_split is None else split_weight(self.wmat.to(torch.int16), mm_split)
@@ -378,14 +413,28 @@ class IntLayer(TimestepSlots, nn.Module):
     def _onednn_weights(self, device: torch.device, pack: Callable[[Tensor], Tensor]) -> tuple[list[Tensor], Tensor]:
         """The packed weights (one, or the split's hi and lo) and zero weight zero points, per device.
         A shifted layer's weights carry the all-ones row (`wmat`'s last column) as an extra output
-        channel: the same call then also yields Σ_window (u − zx), its correction's sums."""
+        channel, unless `sums_beside`: the same call then also yields Σ_window (u − zx), its correction's
+        sums."""
         if self._onednn_cache is None or self._onednn_cache[0] != str(device):
-            w = self.wmat.t().contiguous()  # [O(+1), K]
+            w = self.wmat.t()[: self.out_ch if self.sums_beside else None].contiguous()  # [O(+1), K]
             parts = [w] if self.split is None else [p.to(torch.int8) for p in split_weight(w.to(torch.int16),
                                                                                           self.split)]
             self._onednn_cache = (str(device), [pack(p.contiguous()) for p in parts],
                                   torch.zeros(w.shape[0], dtype=torch.long, device=device))
         return self._onednn_cache[1], self._onednn_cache[2]
+
+    @property
+    def sums_beside(self) -> bool:
+        """Whether this shifted layer's one oneDNN call leaves out the all-ones row, its window sums taken
+        beside the kernel (`window_sums_beside`)."""
+        if self._sums_beside is None:
+            self._sums_beside = self.use_onednn and self.split is None and window_sums_beside(self)
+        return self._sums_beside
+
+    @property
+    def _unit(self) -> Tensor:
+        """Unit weight scales, one per kernel output (the all-ones row's included unless `sums_beside`)."""
+        return self.unit_scale[: self.out_ch] if self.sums_beside else self.unit_scale
 
     def _combine(self, outs: list[Tensor]) -> Tensor:
         """One call's output, or hi·2^s + lo of a split (each exact: the add rounds once)."""
@@ -398,7 +447,7 @@ class IntLayer(TimestepSlots, nn.Module):
 
     def _run_onednn(self, call: Callable[[float, Tensor, Tensor | None, torch.dtype], Tensor], delta: Tensor,
                     channel_dim: int, dtype: torch.dtype, shape: tuple,
-                    layout: torch.memory_format = torch.contiguous_format) -> Tensor:
+                    layout: torch.memory_format = torch.contiguous_format, sums: Tensor | None = None) -> Tensor:
         """The layer output in `dtype` from ``call(x_scale, w_scale, bias, out_dtype)`` (one oneDNN call,
         or the two of a split weight combined): rescaled by the kernel when `fused_rescale`, else the exact
         accumulator (unit scales) through `_onednn_finish`.
@@ -411,17 +460,18 @@ class IntLayer(TimestepSlots, nn.Module):
         rescales itself from then on. The kernel's float32 output is rounded to `dtype` here, in the
         pass that gives it memory `layout` (no pass where it has both already: float32, channels-last),
         or, for bf16 where the kernel rounds as PyTorch does (`kernel_probe.probe_bf16_output`, and
-        this layer's first bf16 output per shape equal to its float32 output rounded), by the kernel."""
+        this layer's first bf16 output per shape equal to its float32 output rounded), by the kernel.
+        `sums`: a shifted layer's window sums when taken beside the kernel (`sums_beside`)."""
         if not self.fused_rescale:
-            return self._onednn_finish(call(1.0, self.unit_scale, None, torch.float32), delta, channel_dim, dtype,
-                                       layout)
+            return self._onednn_finish(call(1.0, self._unit, None, torch.float32), delta, channel_dim, dtype,
+                                       layout, sums)
         key = (shape, torch.get_num_threads(), dtype)
         if key in self._fused_checked:
             if key in self._bf16_checked:  # the kernel's own bf16 output
                 return call(float(delta), self.weight_scale, self.bias, dtype).to(memory_format=layout)
             return call(float(delta), self.weight_scale, self.bias, torch.float32).to(dtype, memory_format=layout)
         own = call(float(delta), self.weight_scale, self.bias, torch.float32)
-        ref = self._onednn_finish(call(1.0, self.unit_scale, None, torch.float32), delta, channel_dim, torch.float32,
+        ref = self._onednn_finish(call(1.0, self._unit, None, torch.float32), delta, channel_dim, torch.float32,
                                   layout)
         if own.numel() >= _CHECK_MIN_OUTPUTS and torch.equal(own, ref):
             self._fused_checked.add(key)
@@ -433,12 +483,13 @@ class IntLayer(TimestepSlots, nn.Module):
         return ref.to(dtype, memory_format=layout)
 
     def _onednn_finish(self, out: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype,
-                       layout: torch.memory_format = torch.contiguous_format) -> Tensor:
+                       layout: torch.memory_format = torch.contiguous_format, sums: Tensor | None = None) -> Tensor:
         """The layer output in `dtype` and memory `layout` (whatever oneDNN's layout), from
         oneDNN's exact accumulator (unit scales): through `rescale`, then `dtype`. A shifted layer's
-        output has one more channel, Σ_window (u − zx) (its weights' all-ones row):
-        ``acc = out[:O] + (128 − zw[o])·out[O]``, integers, so exact in float32. The first pass
-        over the output writes the result in `layout` (no separate layout copy)."""
+        output has one more channel, Σ_window (u − zx) (its weights' all-ones row), or those sums come
+        as `sums` (taken beside the kernel): ``acc = out[:O] + (128 − zw[o])·sums``, integers, so exact
+        in float32. The first pass over the output writes the result in `layout` (no separate layout
+        copy)."""
         if fused_ops.enabled() and out.device.type == "cpu":  # one pass: correction, rescale, dtype, layout
             view = [1] * out.dim()
             view[channel_dim] = -1
@@ -450,14 +501,14 @@ class IntLayer(TimestepSlots, nn.Module):
                 delta, w_scale = _ONE, delta * w_scale
             if self.direct:
                 return fused_ops.rescale_to(out, delta, w_scale, bias, dtype, layout=layout)
-            main, sums = out.split([self.out_ch, 1], channel_dim)
+            main, sums = (out, sums) if sums is not None else out.split([self.out_ch, 1], channel_dim)
             return fused_ops.rescale_to(main, delta, w_scale, bias, dtype, sums, self._w_off_float(view), layout)
         if self.direct:
             return rescale(out, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel,
                            layout).to(dtype)
         view = [1] * out.dim()
         view[channel_dim] = self.out_ch
-        main, sums = out.split([self.out_ch, 1], channel_dim)
+        main, sums = (out, sums) if sums is not None else out.split([self.out_ch, 1], channel_dim)
         acc = torch.addcmul(main, sums, self._w_off_float(view),
                             out=torch.empty(main.shape, dtype=out.dtype, device=out.device, memory_format=layout))
         return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel).to(dtype)
@@ -558,7 +609,8 @@ class IntLinear(IntLayer):
             return self._combine([torch.ops.onednn.qlinear_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias,
                                                                      1.0, 0, out_dtype, "none", [], "")
                                   for p in packed])
-        return self._run_onednn(call, delta, 1, dtype, tuple(u.shape))
+        sums = window_sums(u, int(zx)) if self.sums_beside else None
+        return self._run_onednn(call, delta, 1, dtype, tuple(u.shape), sums=sums)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, a_bits={self.a_bits}, "
@@ -638,7 +690,7 @@ class IntConv2d(IntLayer):
         def pack(w: Tensor) -> Tensor:
             kh, kw = self.kernel_size
             w = w.reshape(w.shape[0], kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
-            return torch.ops.onednn.qconv_prepack(w, self.unit_scale, 1.0, 0, *geometry, None)
+            return torch.ops.onednn.qconv_prepack(w, self._unit, 1.0, 0, *geometry, None)
 
         packed, w_zero = self._onednn_weights(u.device, pack)
 
@@ -646,7 +698,8 @@ class IntConv2d(IntLayer):
             return self._combine([torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias,
                                                                      *geometry, 1.0, 0, out_dtype, "none", [], "")
                                   for p in packed])
-        return self._run_onednn(call, delta, 1, dtype, tuple(u.shape), layout)
+        sums = window_sums(u, int(zx), (self.kernel_size, self.stride, self.padding)) if self.sums_beside else None
+        return self._run_onednn(call, delta, 1, dtype, tuple(u.shape), layout, sums)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -29,7 +29,7 @@ from lowbitdm_cli.artifacts import Artifact, sha256_file
 from lowbitdm_cli.errors import IntegrityError
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_merged
 from lowbitdm_cli.export.int_ops import int_conv2d_acc, int_linear_acc
-from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear, onednn_available
+from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear, onednn_available, window_sums_beside
 from lowbitdm_cli.export.kernel_probe import probe_int_mm, probe_onednn_conv, probe_onednn_linear
 from lowbitdm_cli.models.wrapper import set_timestep
 from lowbitdm_cli.quant.integer import rescale, rescale_order
@@ -100,16 +100,30 @@ CONVS = {"3x3s2p1": {"kernel": (3, 3), "stride": 2, "padding": 1}, "1x1": {"kern
 # every lowering must give the fake layer's bits on every CPU: the split ones (weights in two
 # pair-safe halves, what AVX2-class CPUs need) are forced here too, whatever this CPU's kernels do
 KERNELS = ["int_mm", "int_mm-split1", "int_mm-split4", "float",
-           *(["onednn", "onednn-unit-scales", "onednn-split2", "onednn-split5"] if onednn_available() else [])]
+           *(["onednn", "onednn-unit-scales", "onednn-split2", "onednn-split5", "onednn-sums-in-kernel",
+              "onednn-sums-beside"] if onednn_available() else [])]
+# a KERNELS entry's options: the kernel's own rescale off; a shifted layer's window sums from the kernel's
+# all-ones row or beside it (`window_sums_beside`), whichever this CPU's default
+_OPTIONS = ("-unit-scales", "-sums-in-kernel", "-sums-beside")
+
+
+def _kernel_name(kernel: str) -> str:
+    """The kernel of a KERNELS entry (``onednn``, ``int_mm``, ``float``)."""
+    for option in _OPTIONS:
+        kernel = kernel.removesuffix(option)
+    return kernel.partition("-split")[0]
 
 
 def _force(layer: IntLayer, kernel: str) -> None:
     """Put `layer` on the lowering named by a KERNELS entry (skip what cannot be exact here)."""
     name, _, split = kernel.partition("-split")
-    name = name.removesuffix("-unit-scales")
+    name = _kernel_name(name)
     layer.set_lowering(name, int(split) if split else None)
     if kernel.endswith("-unit-scales"):
         layer.fused_rescale = False
+    if kernel.endswith(("-sums-in-kernel", "-sums-beside")):
+        layer._sums_beside = kernel.endswith("-beside") and window_sums_beside(layer, in_kernel=False)
+        assert layer.sums_beside == (kernel.endswith("-beside") and not layer.direct)
     probe = {"onednn": probe_onednn_conv if isinstance(layer, IntConv2d) else probe_onednn_linear,
              "int_mm": probe_int_mm}.get(name)
     if probe is not None and probe() == "pair16" and not split and layer.u_max * 2 * int(
@@ -172,7 +186,7 @@ def test_layer_matches_fake_quant(kind: str, w_bits: int, a_bits: int, a_symmetr
     layer, fake, codes, zw = _random_layer("conv" if conv else "linear", w_bits, a_bits, a_symmetric,
                                            seed=w_bits * 10 + a_bits, conv=conv)
     _force(layer, kernel)
-    assert layer.kernel == kernel.removesuffix("-unit-scales").partition("-split")[0]
+    assert layer.kernel == _kernel_name(kernel)
     assert layer.direct == (w_bits < 8)  # 8-bit weights with an off-centre zero point: shifted kernel
     x = _input("conv" if conv else "linear", layer, seed=w_bits + a_bits)
     with torch.no_grad():
