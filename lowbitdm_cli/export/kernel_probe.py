@@ -34,8 +34,9 @@ from torch import Tensor
 
 from lowbitdm_cli.quant.integer import rescale_order
 
-__all__ = ["PAIR16_LIMIT", "KernelClass", "amx_int8", "cpu_description", "kernel_report", "pair16_weight_limit",
-           "probe_bf16_output", "probe_int_mm", "probe_onednn_conv", "probe_onednn_linear", "probe_rescale_order"]
+__all__ = ["PAIR16_LIMIT", "KernelClass", "amx_int8", "cpu_description", "cpu_flags", "kernel_report",
+           "pair16_weight_limit", "probe_bf16_output", "probe_int_mm", "probe_onednn_conv", "probe_onednn_linear",
+           "probe_rescale_order"]
 
 KernelClass = Literal["int32", "pair16", "inexact", "unavailable"]
 
@@ -251,11 +252,16 @@ def _cpuinfo() -> tuple[str, list[str] | None]:
     return model, next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), None)
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return _cpuinfo()[1] or []
+
+
 def amx_int8() -> bool:
     """Whether oneDNN's int8 kernels run on AMX here: the CPU has AMX-INT8 and ``ONEDNN_MAX_CPU_ISA``, if
     set, does not cap oneDNN below it."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    return "amx_int8" in (_cpuinfo()[1] or []) and (not cap or cap == "ALL" or "AMX" in cap)
+    return "amx_int8" in cpu_flags() and (not cap or cap == "ALL" or "AMX" in cap)
 
 
 @functools.cache

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
+
+from lowbitdm_cli.export.kernel_probe import cpu_flags
 
 __all__ = ["DTYPES", "LAYOUTS", "DtypeName", "LayoutName", "auto_dtype", "bf16_native", "resolve_dtype",
            "set_compute_dtype", "use_dtype", "use_layout"]
@@ -35,11 +36,7 @@ _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 @functools.cache
 def bf16_native() -> bool:
     """Whether this process's CPU kernels run bf16 natively (AMX-BF16 / AVX512-BF16, not capped)."""
-    try:
-        flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("flags")), [])
-    except OSError:
-        flags = []
+    flags = cpu_flags()
     if not any(f in flags for f in _BF16_FLAGS):
         return False
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
