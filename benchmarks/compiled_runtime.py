@@ -40,6 +40,7 @@ of an unprofiled forward. Writes compiled_runtime_profile.json.
     python benchmarks/compiled_runtime.py --classes native --models digits-dit \
         --out benchmarks/results/compiled_runtime_dit.json
     python benchmarks/compiled_runtime.py --profile --merged-dir /tmp/ck   # reuses the checkpoints there
+    python benchmarks/compiled_runtime.py --classes avx2 --widths W8A8 --int8-split   # float route vs int8 split
 
 Writes benchmarks/results/compiled_runtime.json (--quick: compiled_runtime_quick.json).
 """
@@ -54,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,11 +97,20 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
            ) -> dict:
     cells = _fp_cells(make_fp, args.batch)
     dtypes = ["fp32", "bf16"] if bf16_native() else ["fp32"]
+    lowerings = {}
     for label, path in merged.items():
         for dtype in dtypes:
             cells[f"{label} int {dtype}"] = mr._call(use_dtype(load_merged(path, "int"), DTYPES[dtype]), args.batch)
-            cells[f"{label} compiled {dtype}"] = mr._call(
-                compile_runtime(use_dtype(load_merged(path, "int"), DTYPES[dtype])), args.batch)
+            compiled = compile_runtime(use_dtype(load_merged(path, "int"), DTYPES[dtype]))
+            cells[f"{label} compiled {dtype}"] = mr._call(compiled, args.batch)
+            counts = Counter(m.lowering for m in compiled.denoiser.inner.modules() if isinstance(m, RefLayer))
+            lowerings[f"{label} compiled {dtype}"] = dict(counts)
+            if args.int8_split and any(k.startswith("inductor-float") for k in counts):
+                # the same checkpoint with the int8 weight split where the float route is the default
+                split = compile_runtime(use_dtype(load_merged(path, "int"), DTYPES[dtype]), float_product=False)
+                cells[f"{label} compiled-int8split {dtype}"] = mr._call(split, args.batch)
+                lowerings[f"{label} compiled-int8split {dtype}"] = dict(Counter(
+                    m.lowering for m in split.denoiser.inner.modules() if isinstance(m, RefLayer)))
     first = {}  # a compiled cell's first call compiles: timed without Inductor's on-disk cache, as a first run
     with inductor_config.patch(fx_graph_cache=False):
         for key, fn in cells.items():
@@ -113,8 +124,10 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
     rows = [{"precision": label, "runtime": runtime, "dtype": dtype, "ms": ms[f"{label} {runtime} {dtype}"],
              "vs_fp32": ms["fp32"] / ms[f"{label} {runtime} {dtype}"],
              "vs_fastest_fp": ms[fastest] / ms[f"{label} {runtime} {dtype}"],
-             "first_call_s": first.get(f"{label} {runtime} {dtype}")}
-            for label in merged for dtype in dtypes for runtime in ("int", "compiled")]
+             "first_call_s": first.get(f"{label} {runtime} {dtype}"),
+             "lowerings": lowerings.get(f"{label} {runtime} {dtype}")}
+            for label in merged for dtype in dtypes for runtime in ("int", "compiled", "compiled-int8split")
+            if f"{label} {runtime} {dtype}" in ms]
     return {"model": title, "fp_ms": fp, "fastest_fp": fastest, "rows": rows,
             "fp_first_call_s": {k: v for k, v in first.items() if " " not in k}}
 
@@ -230,11 +243,11 @@ def _print(result: dict) -> None:
     print(f"\n{result['model']}   FP: " + "   ".join(f"{k} {v:.0f} ms ({fp['fp32'] / v:.2f}x)" for k, v in fp.items())
           + f"   fastest: {result['fastest_fp']}")
     print("first call (compiles): " + "   ".join(f"{k} {v:.1f} s" for k, v in result["fp_first_call_s"].items()))
-    print(f"{'':9} {'runtime':9} {'dtype':5} {'ms':>8} {'x fp32':>7} {'x best':>7} {'first s':>8}")
+    print(f"{'':9} {'runtime':18} {'dtype':5} {'ms':>8} {'x fp32':>7} {'x best':>7} {'first s':>8}  lowerings")
     for r in result["rows"]:
         first = "" if r["first_call_s"] is None else f"{r['first_call_s']:>8.1f}"
-        print(f"{r['precision']:9} {r['runtime']:9} {r['dtype']:5} {r['ms']:>8.1f} {r['vs_fp32']:>6.2f}x "
-              f"{r['vs_fastest_fp']:>6.2f}x {first}")
+        print(f"{r['precision']:9} {r['runtime']:18} {r['dtype']:5} {r['ms']:>8.1f} {r['vs_fp32']:>6.2f}x "
+              f"{r['vs_fastest_fp']:>6.2f}x {first:>8}  {r.get('lowerings') or ''}")
 
 
 def _run_class(args: argparse.Namespace, folder: Path) -> dict:
@@ -281,6 +294,10 @@ def main() -> None:
                         help="timed forwards per cell, interleaved, the median kept (default 5; --quick 2)")
     parser.add_argument("--merged-dir", type=Path, default=None, help="keep / reuse the merged checkpoints here")
     parser.add_argument("--profile", action="store_true", help="where the time goes (native class), no table")
+    parser.add_argument("--int8-split", action="store_true",
+                        help="also time each compiled cell that has float-route layers (CPUs whose int8 kernels add "
+                             "pairs in 16 bits: AVX2) with the int8 weight split there instead "
+                             "(`compile_runtime(float_product=False)`): runtime compiled-int8split")
     parser.add_argument("--one-class", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -331,7 +348,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one-class", cpu_class, "--merged-dir", str(folder), "--out", str(part),
                    "--batch", str(args.batch), "--threads", str(args.threads), "--models", args.models,
                    "--widths", args.widths, "--samples", str(args.samples), "--repeats", str(args.repeats),
-                   *(["--quick"] if args.quick else []),
+                   *(["--quick"] if args.quick else []), *(["--int8-split"] if args.int8_split else []),
                    *(["--profile"] if args.profile else [])]
             subprocess.run(cmd, env=env, check=True)
             per_class.append(json.loads(part.read_text()))

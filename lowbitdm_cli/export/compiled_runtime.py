@@ -68,7 +68,16 @@ from lowbitdm_cli.errors import RuntimeUnavailableError
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear, window_sums, window_sums_beside
 from lowbitdm_cli.export.int_transforms import IntTransformLinear
 from lowbitdm_cli.models.wrapper import DiffusionModel
-from lowbitdm_cli.quant.integer import rescale, rescale_order, split_weight
+from lowbitdm_cli.quant.integer import (
+    chunk_plan,
+    chunk_row_sum_max,
+    chunk_weight,
+    rescale,
+    rescale_order,
+    split_plan,
+    split_weight,
+    sum_chunks,
+)
 from lowbitdm_cli.quant.quantizer import TimestepSlots, token_scale
 from lowbitdm_cli.quant.transforms import low_rank_branch, transform_input
 
@@ -115,7 +124,8 @@ class RefLayer(TimestepSlots, nn.Module):
     is picked inside the graph (`_slot`); `set_timestep` only records timesteps no slot was calibrated
     for, as the layer it replaces does (the sample manifest lists them)."""
 
-    def __init__(self, layer: IntLayer, fold: bool = True, sums_in_kernel: bool | None = None) -> None:
+    def __init__(self, layer: IntLayer, fold: bool = True, sums_in_kernel: bool | None = None,
+                 float_product: bool | None = None) -> None:
         super().__init__()
         self.conv = isinstance(layer, IntConv2d)
         self.kind = "conv" if self.conv else "linear"
@@ -144,10 +154,19 @@ class RefLayer(TimestepSlots, nn.Module):
         split = next((s for kernel, s in lowerings if kernel == "onednn"), None)
         if not any(kernel == "onednn" for kernel, _ in lowerings):
             raise ValueError("oneDNN's int8 kernels cannot compute this layer exactly here")
+        # Where oneDNN would need the weight split (two pair-safe int8 calls: CPUs whose kernels add u8·s8
+        # pairs in 16 bits), a float32 product of u − zx and w − zw is exact too, one product or two
+        # input-channel chunks in one grouped call (`quant.integer.chunk_plan`), at about the cost of one
+        # float32 conv: less than two int8 calls on those CPUs. `float_product`: None there, False never (the
+        # int8 calls), True wherever one product or two chunks are exact (tests: any CPU)
+        use_float = split is not None if float_product is None else float_product
+        self.float_chunks = _float_chunks(layer) if use_float else None
+        if self.float_chunks is not None:
+            split = None
         # Folded: one kernel call that takes the slot's Δx and zero point at run time, rescales by Δw, adds
         # the bias and returns the model's dtype, so no float32 accumulator leaves it; a shifted layer's
         # all-ones row comes out as Δx·Σ(u − zx), see `_folded`
-        self.folded = fold and split is None
+        self.folded = fold and split is None and self.float_chunks is None
         # the kernel's Δx and zero point: constants with one activation step, else picked per slot
         self.static = (float(layer.input_scale[0]), int(layer._zx[0])) if layer.input_scale.numel() == 1 else None
         self.packed_zero = max(layer._zx)  # the prepacked format: for a kernel with a zero point where any slot has one
@@ -158,7 +177,7 @@ class RefLayer(TimestepSlots, nn.Module):
         lo = int(self.q_min + self.offset) - max(layer._zx)
         hi = int(self.q_max + self.offset) - min(layer._zx)
         centre = max(0, -lo)
-        self.recentred = not self.folded and self.fixed_zx is None and hi + centre <= 127
+        self.recentred = not self.folded and self.float_chunks is None and self.fixed_zx is None and hi + centre <= 127
         self.kernel_zero = centre if self.recentred else (self.fixed_zx or 0)
         shift = [self.offset - zx + centre for zx in layer._zx] if self.recentred else [self.offset] * len(layer._zx)
         self.register_buffer("code_shift", torch.tensor(shift, dtype=torch.float32))  # per slot, added to codes
@@ -175,6 +194,11 @@ class RefLayer(TimestepSlots, nn.Module):
         for i, part in enumerate(parts):
             self.register_parameter(f"w{i}", _constant(as_weight(part.to(torch.int8))))
         self.parts = len(parts)
+        if self.float_chunks is not None:  # float32 w − zw, as the grouped conv's weight or per feature chunk
+            w_float = as_weight(layer.float_weight())
+            g = self.float_chunks
+            self.w_float = _constant(chunk_weight(w_float, g).contiguous() if self.conv else
+                                     torch.stack(w_float.chunk(g, 1)))  # [g, O, K/g]
         rows = wmat.shape[0]
         if not self.folded:  # unit: the rescale after the kernel is the layer's own
             self.w_unit = _constant(torch.ones(rows))
@@ -201,6 +225,8 @@ class RefLayer(TimestepSlots, nn.Module):
     @property
     def lowering(self) -> str:
         """What the sample manifest records (`int_runtime.lowering_counts`)."""
+        if self.float_chunks is not None:
+            return "inductor-float" + (f"-chunks{self.float_chunks}" if self.float_chunks > 1 else "")
         return "inductor-onednn" + (f"-split{self.split}" if self.split is not None else "")
 
     def _slot(self) -> Tensor:
@@ -273,8 +299,22 @@ class RefLayer(TimestepSlots, nn.Module):
             u = u.reshape(-1, u.shape[-1])
         return self._folded(u, i, dtype) if self.folded else self._rescaled(u, i, delta).to(dtype)
 
+    def _float_product(self, u: Tensor, i: Tensor) -> Tensor:
+        """Σ(u − zx)(w − zw) as float32 products of the integer values, exact: one product, or the input
+        channels' chunks (one grouped conv, or linears on feature slices) added with one rounding."""
+        g = self.float_chunks
+        x = u.float() - self.zx.index_select(0, i).float()
+        if self.conv:
+            y = F.conv2d(x, self.w_float, None, *self.geometry, g)
+            return y if g == 1 else sum_chunks(y.unflatten(1, (g, self.out_ch)).unbind(1))
+        k = x.shape[-1] // g
+        return sum_chunks([F.linear(x[..., j * k:(j + 1) * k], self.w_float[j]) for j in range(g)])
+
     def _rescaled(self, u: Tensor, i: Tensor, delta: Tensor) -> Tensor:
         """The exact sum Σ(u − zx)(w − zw) from the kernel, then the slot's rescale in float32."""
+        if self.float_chunks is not None:
+            return rescale(self._float_product(u, i), delta, self.weight_scale, self.bias, 1 if self.conv else -1,
+                           self.kind, order=self.order)
         acc = self._product(u, self.kernel_zero)
         if self.fixed_zx is None and not self.recentred:
             # Σ(u − zx)w = Σu·w − zx·Σw over the window (zero padding: code 0 here)
@@ -302,8 +342,10 @@ class RefTransformLayer(RefLayer):
     activation step, then ``((acc·Δ[t])·Δw) + b``); the float32 low-rank branch on the raw input added
     after. All in float32 and rounded once to the model's dtype, as `IntTransformLinear` does."""
 
-    def __init__(self, layer: IntTransformLinear, fold: bool = True, sums_in_kernel: bool | None = None) -> None:
-        super().__init__(layer, fold=fold and not layer.dynamic, sums_in_kernel=sums_in_kernel)
+    def __init__(self, layer: IntTransformLinear, fold: bool = True, sums_in_kernel: bool | None = None,
+                 float_product: bool | None = None) -> None:
+        super().__init__(layer, fold=fold and not layer.dynamic, sums_in_kernel=sums_in_kernel,
+                         float_product=float_product)
         self.dynamic, self.a_bits, self.rotate_block = layer.dynamic, layer.a_bits, layer.rotate_block
         for name in ("smooth", "input_divisor", "low_rank_down", "low_rank_up"):
             value = getattr(layer, name)
@@ -393,14 +435,30 @@ def check_compilable(denoiser: nn.Module) -> None:
                                       + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") + ": use --runtime int")
 
 
-def reference_layers(denoiser: nn.Module, fold: bool = True) -> nn.Module:
+def _float_chunks(layer: IntLayer) -> int | None:
+    """Into how many input-channel chunks a float32 product of ``u − zx`` (|·| ≤ u_max) and ``w − zw``
+    must be cut for exact sums (1: none), None where more than two would be needed."""
+    weight = layer.float_weight()  # [O, K] in the layer's K order: chunks of input channels are K's blocks
+    units = layer.in_channels if isinstance(layer, IntConv2d) else layer.k
+    if isinstance(layer, IntConv2d):  # K ordered (kh, kw, C): the row sums per channel chunk, in (C, kh, kw) order
+        kh, kw = layer.kernel_size
+        weight = weight.reshape(weight.shape[0], kh, kw, units).permute(0, 3, 1, 2)
+    plan = split_plan(float(layer.u_max), float(weight.abs().flatten(1).sum(1).max()) if weight.numel() else 0.0,
+                      layer.k)
+    if plan == 0:
+        return 1
+    return chunk_plan(float(layer.u_max), units, lambda g: chunk_row_sum_max(weight, g), 2)
+
+
+def reference_layers(denoiser: nn.Module, fold: bool = True, float_product: bool | None = None) -> nn.Module:
     """`denoiser` with every integer layer replaced by its `RefLayer` (in place; returned); `fold=False`
-    keeps every rescale in the fake runtime's float order (the op-for-op form)."""
+    keeps every rescale in the fake runtime's float order (the op-for-op form); `float_product` as
+    `RefLayer`'s (False: the int8 weight split where oneDNN needs it)."""
     for module in list(denoiser.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, IntLayer):
                 ref = RefTransformLayer if isinstance(child, IntTransformLinear) else RefLayer
-                setattr(module, name, ref(child, fold=fold))
+                setattr(module, name, ref(child, fold=fold, float_product=float_product))
     return denoiser
 
 
@@ -408,10 +466,10 @@ class CompiledDenoiser(nn.Module):
     """The denoiser with its integer layers as `RefLayer`s, compiled by Inductor with freezing; called
     like the original (``denoiser(x, timestep=t, **kwargs).sample``)."""
 
-    def __init__(self, denoiser: nn.Module, fold: bool = True) -> None:
+    def __init__(self, denoiser: nn.Module, fold: bool = True, float_product: bool | None = None) -> None:
         super().__init__()
         check_compilable(denoiser)
-        self.inner = reference_layers(denoiser, fold=fold).eval()
+        self.inner = reference_layers(denoiser, fold=fold, float_product=float_product).eval()
         self._compiled = torch.compile(self.inner, dynamic=False)  # static shapes: one graph per input shape
 
     def forward(self, x: Tensor, timestep: Tensor, **kwargs) -> _Output:
@@ -439,10 +497,11 @@ class _Output:
         self.sample = sample
 
 
-def compile_runtime(model: DiffusionModel, fold: bool = True) -> DiffusionModel:
+def compile_runtime(model: DiffusionModel, fold: bool = True, float_product: bool | None = None) -> DiffusionModel:
     """`model` (loaded with the integer runtime) with its denoiser compiled (`CompiledDenoiser`); the
     first call per input shape compiles. `fold=False` keeps every rescale outside the kernels (what
-    `benchmarks/compiled_runtime.py --profile` compares against)."""
+    `benchmarks/compiled_runtime.py --profile` compares against); `float_product=False` keeps the int8
+    weight split where oneDNN needs one (`RefLayer`; the benchmark's ``--int8-split``)."""
     if not isinstance(model.denoiser, CompiledDenoiser):
-        model.denoiser = CompiledDenoiser(model.denoiser, fold=fold)
+        model.denoiser = CompiledDenoiser(model.denoiser, fold=fold, float_product=float_product)
     return model

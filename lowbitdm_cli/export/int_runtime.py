@@ -78,14 +78,27 @@ from lowbitdm_cli.export.kernel_probe import (
     KernelClass,
     amx_int8,
     pair16_weight_limit,
+    probe_bf16_output,
     probe_int_mm,
     probe_onednn_conv,
     probe_onednn_linear,
-    probe_bf16_output,
     probe_rescale_order,
 )
-from lowbitdm_cli.quant.integer import (EXACT_F32, accumulate, layout_of, per_row, rescale, rescale_order, split_plan,
-                                        split_weight)
+from lowbitdm_cli.quant.integer import (
+    EXACT_F32,
+    accumulate,
+    chunk_limit,
+    chunk_plan,
+    chunk_row_sum_max,
+    chunk_weight,
+    layout_of,
+    per_row,
+    rescale,
+    rescale_order,
+    split_plan,
+    split_weight,
+    sum_chunks,
+)
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
 __all__ = ["IntConv2d", "IntLayer", "IntLinear", "choose_split", "lowering_counts", "onednn_available",
@@ -381,7 +394,7 @@ class IntLayer(TimestepSlots, nn.Module):
         if split is not None and kernel == "float":
             raise ValueError("the float path does not split weights")
         self.use_onednn, self.float_exact, self.split = kernel == "onednn", kernel == "float", split
-        self._onednn_cache, self._float_weight = None, None
+        self._onednn_cache, self._float_weight, self._chunk_cache = None, None, {}
         self._sums_beside: bool | None = None  # `sums_beside`, decided on first use (a conv's geometry is set last)
         # `accumulate` (the int_mm product) stays exact whichever kernel runs the layer
         mm_split = split if kernel == "int_mm" else self._int_mm_split()
@@ -525,14 +538,28 @@ class IntLayer(TimestepSlots, nn.Module):
         if self._float_weight is None or self._float_weight.device != self.wmat.device:
             w = self.int8_weight().to(torch.float32)
             self._float_weight = w if self.direct else w + self.w_off.to(torch.float32)[:, None]
+            self._chunk_cache = {}  # derived from the float weight
         return self._float_weight
 
     def _float_exact(self, op: Callable[[Tensor, Tensor], Tensor], u: Tensor, zx: int, weight: Tensor,
-                     delta: Tensor, channel_dim: int, layout: torch.memory_format = torch.contiguous_format) -> Tensor:
-        """`rescale` of the exact accumulator from float products of the integer values (`quant.integer`)."""
+                     delta: Tensor, channel_dim: int, layout: torch.memory_format = torch.contiguous_format,
+                     chunked: Callable[[Tensor, int, dict], list[Tensor]] | None = None) -> Tensor:
+        """`rescale` of the exact accumulator from float products of the integer values (`quant.integer`):
+        one product where float32 holds its sums, else `chunked(x, g, cache)` (the g input-channel
+        chunks' products, `quant.integer.chunk_plan`) where the layer has it, else the weight split."""
         plan = split_plan(float(self.u_max), float(weight.abs().flatten(1).sum(1).max()) if weight.numel() else 0.0,
                           self.k)
-        acc = accumulate(op, u.to(torch.float32) - zx, weight, plan)
+        x = u.to(torch.float32) - zx
+        cache = self._chunk_cache
+
+        def row_sum_max(g: int) -> float:
+            if ("sum", g) not in cache:
+                cache["sum", g] = chunk_row_sum_max(weight, g)
+            return cache["sum", g]
+
+        chunks = chunk_plan(float(self.u_max), weight.shape[1], row_sum_max, chunk_limit(plan)) \
+            if plan != 0 and chunked else None
+        acc = sum_chunks(chunked(x, chunks, cache)) if chunks is not None else accumulate(op, x, weight, plan)
         # out in `layout`, written by the rescale's first pass
         return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, layout)
 
@@ -597,9 +624,17 @@ class IntLinear(IntLayer):
         if kernel == "onednn":
             return self._onednn(u.reshape(-1, self.k), zx, delta, x.dtype).reshape(*x.shape[:-1], self.out_ch)
         if kernel == "float":
-            return self._float_exact(F.linear, u, zx, self.float_weight(), delta, -1).to(x.dtype)
+            return self._float_exact(F.linear, u, zx, self.float_weight(), delta, -1,
+                                     chunked=self._chunk_products).to(x.dtype)
         acc = self.accumulate(u.reshape(-1, self.k), zx)
         return self._finish(acc, delta).reshape(*x.shape[:-1], self.out_ch).to(x.dtype)
+
+    def _chunk_products(self, x: Tensor, g: int, cache: dict) -> list[Tensor]:
+        """The float path's products over `g` feature chunks (strided slices of x: no copy)."""
+        if ("chunks", g) not in cache:
+            cache["chunks", g] = tuple(p.contiguous() for p in self.float_weight().chunk(g, dim=1))
+        k = x.shape[-1] // g
+        return [F.linear(x[..., j * k:(j + 1) * k], w) for j, w in enumerate(cache["chunks", g])]
 
     def _onednn(self, u: Tensor, zx: int, delta: Tensor, dtype: torch.dtype) -> Tensor:
         packed, w_zero = self._onednn_weights(u.device, lambda w: torch.ops.onednn.qlinear_prepack(w, None))
@@ -676,7 +711,14 @@ class IntConv2d(IntLayer):
                 return F.conv2d(xi.contiguous(memory_format=torch.channels_last), wi, None, self.stride,
                                 self.padding, self.dilation)
 
-            return self._float_exact(conv, u, zx, weight, delta, 1, layout).to(x.dtype)
+            def chunked(xi: Tensor, g: int, cache: dict) -> list[Tensor]:  # one conv, groups=g (`chunk_weight`)
+                if ("chunks", g) not in cache:
+                    cache["chunks", g] = chunk_weight(weight, g).contiguous()
+                y = F.conv2d(xi.contiguous(memory_format=torch.channels_last), cache["chunks", g], None,
+                             self.stride, self.padding, self.dilation, g)
+                return list(y.unflatten(1, (g, self.out_ch)).unbind(1))
+
+            return self._float_exact(conv, u, zx, weight, delta, 1, layout, chunked).to(x.dtype)
         cols, ho, wo = self.im2col(u, zx)
         acc = self.accumulate(cols, zx).reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
         # out in the input's layout, the layout every runtime hands to the float ops after a conv

@@ -11,8 +11,12 @@ drifting apart wherever an activation sits within float rounding of a rounding t
   below 2^24 in magnitude. `split_plan` checks a bound on that: one float32 product when it
   holds; else the weight is split as ``w = hi·2^s + lo`` (|lo| ≤ 2^(s−1)) so that both
   products are exact in float32, and ``hi_acc·2^s + lo_acc`` rounds once; float64 only when no
-  split works. The float32 result is the round-to-nearest-even of the exact integer, as the
-  int32 → float32 conversion of the integer kernels gives.
+  split works. Cheaper than the split where the layer can run it (`chunk_plan`): the input
+  channels in g equal chunks, each chunk's sum exact in float32, all chunks in one grouped
+  call (a conv's ``groups``) and `sum_chunks` adding the g exact partial sums with one
+  rounding: the product's FLOPs once instead of twice. The float32 result is the
+  round-to-nearest-even of the exact integer, as the int32 → float32 conversion of the
+  integer kernels gives.
 - `rescale`: ``Δx·Δw[o]·acc + b[o]`` in float32, in the order of this machine's int8 kernel of
   the layer's kind (`rescale_order`): ``((acc · Δx) · Δw[o]) + b[o]`` ("sequential", three
   roundings: oneDNN on AVX-512 / VNNI CPUs) or ``(acc · (Δx · Δw[o])) + b[o]`` ("combined", the
@@ -31,8 +35,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["EXACT_F32", "KERNELS", "RESCALE_ORDERS", "accumulate", "layout_of", "per_row", "rescale", "rescale_order",
-           "split_plan", "split_weight"]
+__all__ = ["EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "chunk_limit", "chunk_plan",
+           "chunk_row_sum_max", "chunk_weight", "layout_of", "per_row", "rescale", "rescale_order", "split_plan",
+           "split_weight", "sum_chunks"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
@@ -81,6 +86,57 @@ def split_weight(w_int: Tensor, s: int) -> tuple[Tensor, Tensor]:
     step = float(2**s)
     hi = torch.round(w_int / step)
     return hi, w_int - hi * step
+
+
+MAX_CHUNKS = 16
+"""`chunk_plan` tries at most this many chunks (more: the split of `split_plan`, or float64)."""
+
+
+def chunk_row_sum_max(w_int: Tensor, g: int) -> float:
+    """max over output rows o and chunks j of Σ_{k ∈ chunk j} |w_ok|, the input channels (dim 1:
+    a conv's [O, C, kh, kw], a linear's [O, K]) cut into `g` equal chunks."""
+    if w_int.numel() == 0:
+        return 0.0
+    return float(w_int.abs().reshape(w_int.shape[0], g, -1).sum(-1).max())
+
+
+def chunk_plan(x_max: float, units: int, row_sum_max: Callable[[int], float],
+               max_chunks: int = MAX_CHUNKS) -> int | None:
+    """The fewest equal chunks g ≥ 2 of the `units` input channels (g divides `units`) with every
+    chunk's partial sums exact in float32, ``x_max · row_sum_max(g) < 2^24`` (`row_sum_max(g)`:
+    `chunk_row_sum_max` of the weight, which a caller may cache); None where no g ≤ `max_chunks` does."""
+    for g in range(2, min(max_chunks, units) + 1):
+        if units % g == 0 and x_max * row_sum_max(g) < EXACT_F32:
+            return g
+    return None
+
+
+def chunk_limit(plan: int | None) -> int:
+    """The most chunks worth running in place of `split_plan`'s `plan` (not 0): two where the weight split
+    works (one grouped product and one float32 add cost about one product; the split costs two), up to
+    `MAX_CHUNKS` where only float64 would (more chunks add a float64 pass over every chunk's output)."""
+    return 2 if plan is not None else MAX_CHUNKS
+
+
+def chunk_weight(w_int: Tensor, g: int) -> Tensor:
+    """The weight of a `g`-group conv whose group j multiplies input-channel chunk j with every
+    output row: [O, C, ...] → [g·O, C/g, ...] (group j = rows j·O … (j+1)·O − 1)."""
+    out_ch, in_ch = w_int.shape[:2]
+    return w_int.unflatten(1, (g, in_ch // g)).transpose(0, 1).reshape(g * out_ch, in_ch // g, *w_int.shape[2:])
+
+
+def sum_chunks(parts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """Σ of the chunks' exact float32 partial sums, rounded once to float32: for two, one float32 add
+    (IEEE addition rounds the exact sum once); for more, in float64 (exact: |Σ| < g·2^24 ≪ 2^53),
+    then one rounding to float32."""
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return torch.add(parts[0], parts[1])
+    total = parts[0].to(torch.float64)
+    for part in parts[1:]:
+        total += part
+    return total.to(torch.float32)
 
 
 def accumulate(op: Callable[[Tensor, Tensor], Tensor], x_int: Tensor, w_int: Tensor, plan: int | None,

@@ -28,7 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbitdm_cli.quant.integer import accumulate, layout_of, rescale, split_plan, split_weight
+from lowbitdm_cli.quant.integer import (
+    accumulate,
+    chunk_limit,
+    chunk_plan,
+    chunk_row_sum_max,
+    chunk_weight,
+    layout_of,
+    rescale,
+    split_plan,
+    split_weight,
+    sum_chunks,
+)
 from lowbitdm_cli.quant.policy import LayerSpec
 from lowbitdm_cli.quant.quantizer import UniformQuantizer
 from lowbitdm_cli.quant.transforms import low_rank_branch, transform_input
@@ -142,10 +153,11 @@ class QuantLayerMixin:
                 and type(self.w_quant) is UniformQuantizer and self.w_quant.enabled
                 and self.a_quant is not None and self.a_quant.enabled)
 
-    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, float, dict[int, tuple]]:
-        """(qw − zw as float in the weight's shape, Δw [O], max_o Σ_k |qw − zw|, the weight's
-        `split_weight` pieces by split point, filled on demand), cached with the weight."""
-        def compute() -> tuple[torch.Tensor, torch.Tensor, float, dict[int, tuple]]:
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+        """(qw − zw as float in the weight's shape, Δw [O], max_o Σ_k |qw − zw|, a dict filled on demand
+        with the weight's `split_weight` pieces by split point s and, for chunked products, the
+        chunk row sums and chunk weights by ("sum", g) and ("chunks", g)), cached with the weight."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor, float, dict]:
             w_int, delta, _ = self.w_quant.integer_values(self.merged_weight().detach())
             out_ch = w_int.shape[0]
             return (w_int.contiguous(), delta.detach().reshape(-1).expand(out_ch).contiguous(),
@@ -165,10 +177,30 @@ class QuantLayerMixin:
                 pieces[s] = tuple(p.contiguous() for p in split_weight(w_int, s))
             return pieces[s]
 
-        acc = accumulate(op, x_int, w_int, plan, split)
+        def row_sum_max(g: int) -> float:
+            if ("sum", g) not in pieces:
+                pieces["sum", g] = chunk_row_sum_max(w_int, g)
+            return pieces["sum", g]
+
+        # one grouped product over input-channel chunks where the layer has one (`quant.integer.chunk_plan`):
+        # the FLOPs of one product where the weight split costs two
+        chunks = chunk_plan(x_max, w_int.shape[1], row_sum_max, chunk_limit(plan)) \
+            if plan != 0 and self.chunkable() else None
+        if chunks is not None:
+            acc = sum_chunks(self._chunk_products(x_int, w_int, chunks, pieces))
+        else:
+            acc = accumulate(op, x_int, w_int, plan, split)
         # out in `layout` (whatever layout `op` computed in): the first pass of the rescale writes it,
         # so the layout change costs no extra pass
         return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, layout)
+
+    def chunkable(self) -> bool:
+        """Whether `_chunk_products` can run this layer's exact product over input-channel chunks."""
+        return False
+
+    def _chunk_products(self, x_int: torch.Tensor, w_int: torch.Tensor, g: int, pieces: dict) -> list[torch.Tensor]:
+        """The `g` chunks' exact partial products (each float32-exact by `chunk_plan`), for `sum_chunks`."""
+        raise NotImplementedError
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
         """The (transformed) input, observed during calibration, fake-quantized."""
@@ -223,6 +255,17 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         a copy at every concat, upsample and norm)."""
         return self._conv_forward(x, w, None)
 
+    def chunkable(self) -> bool:
+        return self.groups == 1 and self.padding_mode == "zeros"
+
+    def _chunk_products(self, x_int: torch.Tensor, w_int: torch.Tensor, g: int, pieces: dict) -> list[torch.Tensor]:
+        """One conv with ``groups=g``: group j multiplies input-channel chunk j with every output row
+        (`quant.integer.chunk_weight`); its [N, g·O, ...] output viewed as the g chunks' products."""
+        if ("chunks", g) not in pieces:
+            pieces["chunks", g] = chunk_weight(w_int, g).contiguous()
+        y = F.conv2d(x_int, pieces["chunks", g], None, self.stride, self.padding, self.dilation, g)
+        return list(y.unflatten(1, (g, self.out_channels)).unbind(1))
+
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
     """Linear with fake-quantized weight and input."""
@@ -247,6 +290,16 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         else:
             y = F.linear(self.qinput(x), self.qweight(), self.bias)
         return self.add_low_rank(y, x)
+
+    def chunkable(self) -> bool:
+        return True
+
+    def _chunk_products(self, x_int: torch.Tensor, w_int: torch.Tensor, g: int, pieces: dict) -> list[torch.Tensor]:
+        """g linears on slices of the features (strided views: no copy of the input)."""
+        if ("chunks", g) not in pieces:
+            pieces["chunks", g] = tuple(p.contiguous() for p in w_int.chunk(g, dim=1))
+        k = x_int.shape[-1] // g
+        return [F.linear(x_int[..., j * k:(j + 1) * k], w) for j, w in enumerate(pieces["chunks", g])]
 
 
 def quant_layers(module: nn.Module) -> dict[str, QuantLayerMixin]:

@@ -49,9 +49,9 @@ U = 2.0**-24
 
 
 def _layer(kind: str, shifted: bool, zero_points: list[int], seed: int = 0, a_bits: int = 8,
-           kernel: int = 3, stride: int = 1, padding: int = 1) -> IntLayer:
+           kernel: int = 3, stride: int = 1, padding: int = 1, in_ch: int | None = None) -> IntLayer:
     g = torch.Generator().manual_seed(seed)
-    shape = (24, 16, kernel, kernel) if kind == "conv" else (24, 40)
+    shape = (24, in_ch or 16, kernel, kernel) if kind == "conv" else (24, in_ch or 40)
     if shifted:  # codes over the whole byte, zero points anywhere: w − zw leaves int8
         codes, zw = torch.randint(0, 256, shape, generator=g), torch.randint(0, 256, (24,), generator=g)
     else:
@@ -126,7 +126,12 @@ def _folds(ref: RefLayer) -> bool:
     """Whether a `RefLayer` (fold=True) should fold: one kernel call (on a saturating CPU, 8-bit shifted
     weights need two), whatever its slots' steps and zero points (the kernel takes them at run time), unless
     its inputs have per-token steps (the kernel takes one)."""
-    return ref.split is None and not getattr(ref, "dynamic", False)
+    return ref.split is None and ref.float_chunks is None and not getattr(ref, "dynamic", False)
+
+
+def _kernel_calls(ref: RefLayer) -> int:
+    """oneDNN int8 calls a `RefLayer` makes: one per weight part, none on the float route."""
+    return 0 if ref.float_chunks is not None else ref.parts
 
 
 def _int8_calls(code: str) -> int:
@@ -177,6 +182,55 @@ def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_po
                     _assert_within(folded(x), exact, scale)
                 else:
                     _assert_within(folded(x), exact, _folded_shifted_scale(layer, x, slot), unit=6 * U)
+    compiled_runtime._STEP.t = None
+
+
+@pytest.mark.parametrize("kind,shifted,zero_points,a_bits", CASES)
+def test_float_product_is_the_integer_layer_bit_for_bit(kind: str, shifted: bool, zero_points: list[int],
+                                                        a_bits: int) -> None:
+    """The float route (what CPUs whose int8 kernels add pairs in 16 bits run where oneDNN would need the
+    weight split in two calls): float32 products of u − zx and w − zw, exact, then the fake runtime's
+    rescale. Eagerly it is the integer layer bit for bit in every slot; no zero-point correction, no
+    window sums, no re-centring."""
+    layer = _layer(kind, shifted, zero_points, a_bits=a_bits)
+    ref = RefLayer(layer, float_product=True).eval()
+    assert ref.float_chunks == 1 and ref.lowering == "inductor-float"
+    assert not ref.folded and not ref.recentred and not ref.sums_beside and ref.split is None
+    for slot, t in enumerate(layer.timesteps.tolist() or [None]):
+        x = _input(layer, slot, seed=slot)
+        layer.set_timestep(t)
+        compiled_runtime._STEP.t = None if t is None else torch.tensor([t])
+        with torch.no_grad():
+            assert torch.equal(ref(x), layer(x)), slot
+    compiled_runtime._STEP.t = None
+    assert RefLayer(layer, float_product=False).float_chunks is None
+
+
+@pytest.mark.parametrize("kind,in_ch", [("conv", 96), ("linear", 864)])
+def test_float_product_chunks_wide_sums(kind: str, in_ch: int) -> None:
+    """8-bit codes over 864 inputs: 255·Σ|w − zw| passes 2^24, so the float route runs two input-channel
+    chunks (one grouped conv, or two linears on feature slices) added with one rounding: still the
+    integer layer's bits."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    layer = _layer(kind, True, [3, 200], in_ch=in_ch)
+    ref = RefLayer(layer, float_product=True).eval()
+    assert ref.float_chunks == 2 and ref.lowering == "inductor-float-chunks2"
+    torch._dynamo.reset()
+    compiled = torch.compile(ref, fullgraph=True)
+    for slot, t in enumerate(layer.timesteps.tolist()):
+        x = _input(layer, slot, seed=slot)
+        layer.set_timestep(t)
+        compiled_runtime._STEP.t = torch.tensor([t])
+        with torch.no_grad():
+            assert torch.equal(ref(x), layer(x)), slot
+            # compiled with freezing: no int8 call, the sums exact, Inductor's rescale within the bound
+            with inductor_config.patch(freezing=True), torch._dynamo.config.patch(error_on_recompile=slot > 0):
+                y, code = run_and_get_code(compiled, x)
+            assert _int8_calls("\n".join(code)) == 0
+            exact, scale = _exact(layer, x, slot)
+            _assert_within(y, exact, scale)
     compiled_runtime._STEP.t = None
 
 
@@ -243,7 +297,7 @@ def test_compiled_layer_lowers_to_onednn_and_keeps_the_sum(kind: str, shifted: b
             with torch._dynamo.config.patch(error_on_recompile=slot > 0):  # one shape: the slot alone changes
                 if slot == 0:
                     y, code = run_and_get_code(compiled, x)
-                    assert _int8_calls("\n".join(code)) == ref.parts
+                    assert _int8_calls("\n".join(code)) == _kernel_calls(ref)
                 else:
                     y = compiled(x)
             assert y.dtype == x.dtype
@@ -464,10 +518,14 @@ def test_sample_cli_compiled(merged: Path, tmp_path: Path, runner, dtype: str) -
     assert compiled.info["runtime"] == "compiled" and integer.info["runtime"] == "int"
     assert compiled.info["dtype"] == integer.info["dtype"] == dtype
     lowered = compiled.info["int_runtime"]["lowerings"]
-    assert set(lowered) <= {"inductor-onednn", *(f"inductor-onednn-split{s}" for s in range(1, 8))}
+    assert set(lowered) <= {"inductor-onednn", *(f"inductor-onednn-split{s}" for s in range(1, 8)), "inductor-float",
+                            "inductor-float-chunks2"}
     assert sum(lowered.values()) == sum(integer.info["int_runtime"]["lowerings"].values()) > 0
     # each one a prepacked oneDNN call in the compiled graph (none left to eager by a graph break)
-    assert not counters["graph_break"] and _int8_calls("\n".join(code)) >= sum(lowered.values())
+    # (on CPUs whose int8 kernels add pairs in 16 bits, layers that would need the weight split take the
+    # float route: no int8 call)
+    int8 = sum(n for name, n in lowered.items() if name.startswith("inductor-onednn"))
+    assert not counters["graph_break"] and _int8_calls("\n".join(code)) >= int8
     assert compiled.inputs_digest != integer.inputs_digest
     # timesteps without a calibrated slot (2 sampling steps, 4 calibrated) are reported alike
     assert compiled.info["unmatched_timesteps"] == integer.info["unmatched_timesteps"]
@@ -554,5 +612,5 @@ def test_transformer_checkpoint_compiles_with_every_layer_folded(config: str,
         y, code = run_and_get_code(model.forward, x, 900, cond)
         with torch._dynamo.config.patch(error_on_recompile=True):  # another slot, the same graph
             y2 = model.forward(x, 100, cond)
-    assert not counters["graph_break"] and _int8_calls("\n".join(code)) == sum(m.parts for m in layers)
+    assert not counters["graph_break"] and _int8_calls("\n".join(code)) == sum(_kernel_calls(m) for m in layers)
     assert y.shape == y2.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(y2).all()

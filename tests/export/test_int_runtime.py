@@ -27,6 +27,7 @@ from torch import nn
 from lowbitdm_cli import load_quantized
 from lowbitdm_cli.artifacts import Artifact, sha256_file
 from lowbitdm_cli.errors import IntegrityError
+from lowbitdm_cli.export import int_runtime
 from lowbitdm_cli.export.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_merged
 from lowbitdm_cli.export.int_ops import int_conv2d_acc, int_linear_acc
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear, onednn_available, window_sums_beside
@@ -51,10 +52,11 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 # --- single layers from random codes ------------------------------------------------------------
 def _random_layer(kind: str, w_bits: int, a_bits: int, a_symmetric: bool, seed: int, conv: dict | None = None,
-                  timesteps: list[int] | None = None) -> tuple[IntLayer, QuantLayerMixin, torch.Tensor, torch.Tensor]:
+                  timesteps: list[int] | None = None, in_ch: int = 10
+                  ) -> tuple[IntLayer, QuantLayerMixin, torch.Tensor, torch.Tensor]:
     """An int layer and the fake-quantized layer `load_merged` would build from the same random codes."""
     g = torch.Generator().manual_seed(seed)
-    out_ch, in_ch = 12, 10
+    out_ch = 12
     shape = (out_ch, in_ch, *conv["kernel"]) if kind == "conv" else (out_ch, in_ch)
     codes = torch.randint(0, 1 << w_bits, shape, generator=g).to(torch.uint8)
     zw = torch.randint(1, (1 << w_bits) - 1, (out_ch,), generator=g, dtype=torch.int32)  # nonzero
@@ -90,7 +92,8 @@ def _random_layer(kind: str, w_bits: int, a_bits: int, a_symmetric: bool, seed: 
 def _input(kind: str, layer: IntLayer, seed: int) -> torch.Tensor:
     """Inputs that span the code range, with some clamping on both sides."""
     g = torch.Generator().manual_seed(seed)
-    shape = (3, 10, 11, 9) if kind == "conv" else (4, 5, 10)
+    in_ch = layer.in_channels if kind == "conv" else layer.in_features
+    shape = (3, in_ch, 11, 9) if kind == "conv" else (4, 5, in_ch)
     return torch.randn(shape, generator=g) * float(layer.input_scale.max()) * 2 ** (layer.a_bits - 1)
 
 
@@ -209,6 +212,33 @@ def test_layer_matches_fake_quant(kind: str, w_bits: int, a_bits: int, a_symmetr
         acc = layer.accumulate(u.reshape(-1, u.shape[-1]), zx).long()
         expected = int_linear_acc(u.reshape(-1, u.shape[-1]), zx, codes, zw)
     assert torch.equal(acc, expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", *CONVS])
+def test_float_path_chunks_wide_sums(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8-bit codes over 864 inputs: the float path's sums may pass 2^24 (255·Σ|w − zw| does), so it runs
+    the product over two input-channel chunks (`quant.integer.chunk_plan`) and adds them with one
+    rounding; still the fake layer's bits, and the int64 sums of `int_ops`."""
+    conv = CONVS.get(kind)
+    in_ch = 864 // (conv["kernel"][0] * conv["kernel"][1]) if conv else 864
+    layer, fake, codes, zw = _random_layer("conv" if conv else "linear", 8, 8, False, seed=5, conv=conv, in_ch=in_ch)
+    calls: list[int] = []
+    sum_chunks = int_runtime.sum_chunks
+    monkeypatch.setattr(int_runtime, "sum_chunks", lambda parts: calls.append(len(parts)) or sum_chunks(parts))
+    layer.set_lowering("float")
+    x = _input("conv" if conv else "linear", layer, seed=5)
+    with torch.no_grad():
+        out, ref = layer(x), _exact_fake(fake, 8, codes, zw, layer.weight_scale)(x)
+    assert calls == [2]
+    assert torch.equal(out, ref)
+    u, zx, delta = layer.quantize_input(x)
+    if conv:
+        acc = int_conv2d_acc(u, zx, codes, zw, stride=conv["stride"], padding=conv["padding"])
+    else:
+        acc = int_linear_acc(u.reshape(-1, in_ch), zx, codes, zw).reshape(*x.shape[:-1], -1)
+    expected = rescale(acc.to(torch.float64).float(), delta, layer.weight_scale, layer.bias, 1 if conv else -1,
+                       layer.rescale_kernel)
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize(("w_code", "zw"), [(255, 128), (0, 128), (255, 3), (0, 252)],

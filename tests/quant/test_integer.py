@@ -12,12 +12,18 @@ from lowbitdm_cli.quant.init import init_quantizer
 from lowbitdm_cli.quant.integer import (
     EXACT_F32,
     KERNELS,
+    MAX_CHUNKS,
     RESCALE_ORDERS,
     accumulate,
+    chunk_limit,
+    chunk_plan,
+    chunk_row_sum_max,
+    chunk_weight,
     rescale,
     rescale_order,
     split_plan,
     split_weight,
+    sum_chunks,
 )
 from lowbitdm_cli.quant.layers import QuantConv2d, QuantLinear
 from lowbitdm_cli.quant.policy import LayerSpec
@@ -61,6 +67,56 @@ def test_accumulate_is_exact_where_float32_is_not() -> None:
     assert torch.equal(accumulate(F.linear, x, w, None), ref)  # the float64 route agrees
 
 
+def test_chunk_plan_by_hand() -> None:
+    w = torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.0, 0.0, -5.0, 0.0]])
+    assert chunk_row_sum_max(w, 1) == 10  # row 0: 1 + 2 + 3 + 4
+    assert chunk_row_sum_max(w, 2) == 7  # row 0's second chunk: 3 + 4
+    assert chunk_row_sum_max(w, 4) == 5  # row 1's third
+    # x_max · 7 < 2^24 needs x_max < 2396745.2; g = 2 is the fewest chunks
+    assert chunk_plan(2_000_000, 4, lambda g: chunk_row_sum_max(w, g)) == 2
+    assert chunk_plan(3_000_000, 4, lambda g: chunk_row_sum_max(w, g)) == 4  # 3e6 · 5 < 2^24; g = 3 does not divide 4
+    assert chunk_plan(4_000_000, 4, lambda g: chunk_row_sum_max(w, g)) is None
+    assert chunk_plan(2_000_000, 4, lambda g: chunk_row_sum_max(w, g), max_chunks=1) is None
+    # where a split works, two chunks at most
+    assert chunk_plan(3_000_000, 4, lambda g: chunk_row_sum_max(w, g), chunk_limit(3)) is None
+    assert chunk_limit(None) == MAX_CHUNKS
+
+
+def test_chunk_weight_groups_input_channels() -> None:
+    w = torch.arange(2 * 6 * 1 * 1, dtype=torch.float32).reshape(2, 6, 1, 1)
+    got = chunk_weight(w, 3)
+    assert got.shape == (6, 2, 1, 1)
+    assert torch.equal(got[:2], w[:, 0:2]) and torch.equal(got[2:4], w[:, 2:4]) and torch.equal(got[4:], w[:, 4:6])
+
+
+def test_sum_chunks_rounds_once() -> None:
+    parts = [torch.tensor([2.0**24]), torch.tensor([1.0]), torch.tensor([1.0])]
+    # float32 left to right: 2^24 + 1 rounds to 2^24 (tie to even), + 1 again; the exact 2^24 + 2 is a float32
+    assert float(parts[0] + parts[1] + parts[2]) == 2.0**24
+    assert float(sum_chunks(parts)) == 2.0**24 + 2
+    assert sum_chunks(parts).dtype == torch.float32
+    assert float(sum_chunks(parts[:2])) == 2.0**24  # one add: the exact 2^24 + 1 rounded once, to even
+    assert sum_chunks(parts[:1]) is parts[0]
+
+
+@pytest.mark.parametrize(("channels", "chunks"), [(128, 2), (512, 8)])
+def test_grouped_chunks_are_exact_where_one_conv_is_not(channels: int, chunks: int) -> None:
+    """One-sided 8-bit codes: one float32 conv rounds its partial sums, the chunked grouped conv
+    summed by `sum_chunks` gives the int64 sum rounded once (two chunks: a float32 add; more: float64)."""
+    g = torch.Generator().manual_seed(channels)
+    x = torch.randint(0, 256, (2, channels, 5, 5), generator=g).float()
+    x = torch.where(x > 16, 255.0, x)
+    w = torch.randint(0, 128, (16, channels, 3, 3), generator=g).float()
+    cols = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, channels * 9)
+    ref = _exact(cols, w.reshape(16, -1)).reshape(2, 25, 16).transpose(1, 2).reshape(2, 16, 5, 5)
+    assert float(ref.abs().max()) > EXACT_F32
+    if chunks == 8:  # sums near 2^26: one float32 conv rounds some of them
+        assert not torch.equal(F.conv2d(x, w, padding=1), ref)
+    assert chunk_plan(255, channels, lambda n: chunk_row_sum_max(w, n)) == chunks
+    y = F.conv2d(x, chunk_weight(w, chunks), padding=1, groups=chunks)
+    assert torch.equal(sum_chunks(y.unflatten(1, (chunks, 16)).unbind(1)), ref)
+
+
 def test_rescale_op_order() -> None:
     acc = torch.tensor([[3.0, -7.0], [1e6 + 1, 5.0]])
     xs, ws, b = torch.tensor([0.1]), torch.tensor([0.3, 0.7]), torch.tensor([1.0, 0.0])
@@ -92,42 +148,54 @@ def test_rescale_order_follows_the_environment(monkeypatch: pytest.MonkeyPatch) 
         rescale_order("matmul")
 
 
-@pytest.mark.parametrize("kind", ["linear", "wide-linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "wide-linear", "conv", "wide-conv"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_fake_layer_inference_is_integer_exact(kind: str, bits: int) -> None:
     """No-grad forward of a quantized layer equals ((Σ(qx−zx)(qw−zw))·Δx)·Δw + b from int64 sums,
-    and the STE (training) path agrees with it to float rounding. The wide 8-bit linear needs
-    the split weight (its sums exceed float32's exact integers)."""
+    and the STE (training) path agrees with it to float rounding. The wide 8-bit layers' sums
+    exceed float32's exact integers: they run as products over input-channel chunks."""
     g = torch.Generator().manual_seed(bits)
     torch.manual_seed(bits)
     width = 8192 if kind == "wide-linear" else 600
-    kind = kind.removeprefix("wide-")
-    base = nn.Linear(width, 24) if kind == "linear" else nn.Conv2d(64, 24, 3, padding=1)
+    channels = 320 if kind == "wide-conv" else 64  # K = 2880: sums may pass 2^24, each half's not
+    wide, kind = kind.startswith("wide-"), kind.removeprefix("wide-")
+    base = nn.Linear(width, 24) if kind == "linear" else nn.Conv2d(channels, 24, 3, padding=1)
     spec = LayerSpec(role=kind, kind=kind, w_bits=bits, a_bits=bits)
     layer = (QuantLinear if kind == "linear" else QuantConv2d).from_float(base, spec)
-    x = torch.randn((8, width) if kind == "linear" else (2, 64, 6, 6), generator=g) * 3 + 1
+    x = torch.randn((8, width) if kind == "linear" else (2, channels, 6, 6), generator=g) * 3 + 1
     init_quantizer(layer.w_quant, layer.weight.detach(), "minmax")
     init_quantizer(layer.a_quant, x, "minmax")
+    chunked = []
+    products = layer._chunk_products
+    layer._chunk_products = lambda *a: chunked.append(a[2]) or products(*a)
     with torch.no_grad():
         out = layer(x)
-        x_int, x_scale, _ = layer.a_quant.integer_values(x)
+        x_int, x_scale, x_max = layer.a_quant.integer_values(x)
         w_int, w_scale, _, _ = layer.integer_weight()
     if kind == "linear":
         acc = _exact(x_int, w_int)
     else:
-        cols = F.unfold(x_int, 3, padding=1).transpose(1, 2).reshape(-1, 64 * 9)  # [N·H·W, K]
+        cols = F.unfold(x_int, 3, padding=1).transpose(1, 2).reshape(-1, channels * 9)  # [N·H·W, K]
         acc = _exact(cols, w_int.reshape(24, -1)).reshape(2, 36, 24).transpose(1, 2).reshape(2, 24, 6, 6)
     ref = rescale(acc, x_scale.detach(), w_scale, layer.bias.detach(), -1 if kind == "linear" else 1,
                   "linear" if kind == "linear" else "conv")
     assert torch.equal(out, ref)
-    if width > 600 and bits == 8:
-        assert split_plan(255, float(w_int.abs().sum(1).max()), width) not in (0, None)
+    if wide and bits == 8:  # one float32 product would not do; chunks do
+        k = w_int[0].numel()
+        plan = split_plan(x_max, float(w_int.abs().reshape(24, -1).sum(1).max()), k)
+        assert plan != 0  # a split, or float64
+        expected = chunk_plan(x_max, w_int.shape[1], lambda n: chunk_row_sum_max(w_int, n), chunk_limit(plan))
+        assert chunked == ([expected] if expected else [])  # the forward ran the chunked product where it pays
+        if kind == "conv":
+            assert expected == 2
+    else:
+        assert not chunked
     ste = layer(x).detach()  # autograd on: the float path
     # the float path rounds the dequantized values (1 rounding each), then sums K products in float32
     # in any order, then adds the bias: |error| <= (K + 3)·u·(Σ_k |x_k||w_k| + |b|) with u = 2^-24
     # (Higham's γ_{K+3}, (K+3)·u < 0.01 here), whatever kernel or summation order the CPU picks
     abs_acc = (x_int.abs().double() if kind == "linear" else
-               F.unfold(x_int.abs().double(), 3, padding=1).transpose(1, 2).reshape(-1, 64 * 9))
+               F.unfold(x_int.abs().double(), 3, padding=1).transpose(1, 2).reshape(-1, channels * 9))
     mags = abs_acc @ w_int.abs().double().reshape(24, -1).t()
     if kind == "conv":
         mags = mags.reshape(2, 36, 24).transpose(1, 2).reshape(2, 24, 6, 6)
