@@ -40,9 +40,12 @@ rescales in its own float order, eagerly as compiled. What compiling gives up is
 float ops (GroupNorm's reductions among them), so a value before a quantizer can differ in its last
 bit and move a code by one step, which a sampler carries through its steps; the integer sums stay
 exact where the kernels are exact (`IntLayer.exact_lowerings`: on CPUs whose int8 kernels saturate
-pairs of products (AVX2, AVX-512 without VNNI) a layer whose weights could saturate runs as two
-pair-safe halves, as in the integer runtime). `benchmarks/compiled_runtime.py` measures the speed
-per CPU class and how far the samples move (FID-digits, accuracy, pixels equal to the fake runtime's).
+pairs of products (AVX2, AVX-512 without VNNI) a layer whose weights could saturate takes the float
+route, a float32 product of u − zx and w − zw that is exact (one product, or two input-channel
+chunks, `quant.integer.chunk_plan`) and costs less there than the two pair-safe int8 halves the
+integer runtime's split makes, which a layer needing more chunks keeps).
+`benchmarks/compiled_runtime.py` measures the speed per CPU class and how far the samples move
+(FID-digits, accuracy, pixels equal to the fake runtime's).
 
 Needs torchao (``pip install 'lowbitdm[compiled]'``: its x86 lowering passes) and a C++ compiler for
 Inductor. The first call per input shape and dtype compiles the whole denoiser, which costs many
@@ -70,11 +73,10 @@ from lowbitdm_cli.export.int_transforms import IntTransformLinear
 from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.integer import (
     chunk_plan,
-    chunk_row_sum_max,
     chunk_weight,
     rescale,
     rescale_order,
-    split_plan,
+    sign_sums,
     split_weight,
     sum_chunks,
 )
@@ -436,18 +438,16 @@ def check_compilable(denoiser: nn.Module) -> None:
 
 
 def _float_chunks(layer: IntLayer) -> int | None:
-    """Into how many input-channel chunks a float32 product of ``u − zx`` (|·| ≤ u_max) and ``w − zw``
-    must be cut for exact sums (1: none), None where more than two would be needed."""
-    weight = layer.float_weight()  # [O, K] in the layer's K order: chunks of input channels are K's blocks
+    """Into how many input-channel chunks a float32 product of ``u − zx`` (in [−max zx, u_max − min zx]
+    over the slots) and ``w − zw`` must be cut for exact sums (1: none), None where more than two would
+    be needed (`quant.integer.chunk_plan`)."""
+    weight = layer.float_weight()  # [O, K] in the layer's K order
     units = layer.in_channels if isinstance(layer, IntConv2d) else layer.k
-    if isinstance(layer, IntConv2d):  # K ordered (kh, kw, C): the row sums per channel chunk, in (C, kh, kw) order
+    if isinstance(layer, IntConv2d):  # K ordered (kh, kw, C): chunks of C, in (C, kh, kw) order
         kh, kw = layer.kernel_size
         weight = weight.reshape(weight.shape[0], kh, kw, units).permute(0, 3, 1, 2)
-    plan = split_plan(float(layer.u_max), float(weight.abs().flatten(1).sum(1).max()) if weight.numel() else 0.0,
-                      layer.k)
-    if plan == 0:
-        return 1
-    return chunk_plan(float(layer.u_max), units, lambda g: chunk_row_sum_max(weight, g), 2)
+    x_neg, x_pos = float(max(layer._zx)), float(layer.u_max - min(layer._zx))
+    return chunk_plan(x_neg, x_pos, units, lambda g: sign_sums(weight, g), 2)
 
 
 def reference_layers(denoiser: nn.Module, fold: bool = True, float_product: bool | None = None) -> nn.Module:

@@ -87,15 +87,13 @@ from lowbitdm_cli.export.kernel_probe import (
 from lowbitdm_cli.quant.integer import (
     EXACT_F32,
     accumulate,
-    chunk_limit,
-    chunk_plan,
-    chunk_row_sum_max,
     chunk_weight,
+    exact_route,
     layout_of,
     per_row,
     rescale,
     rescale_order,
-    split_plan,
+    sign_sums,
     split_weight,
     sum_chunks,
 )
@@ -546,20 +544,23 @@ class IntLayer(TimestepSlots, nn.Module):
                      chunked: Callable[[Tensor, int, dict], list[Tensor]] | None = None) -> Tensor:
         """`rescale` of the exact accumulator from float products of the integer values (`quant.integer`):
         one product where float32 holds its sums, else `chunked(x, g, cache)` (the g input-channel
-        chunks' products, `quant.integer.chunk_plan`) where the layer has it, else the weight split."""
-        plan = split_plan(float(self.u_max), float(weight.abs().flatten(1).sum(1).max()) if weight.numel() else 0.0,
-                          self.k)
-        x = u.to(torch.float32) - zx
+        chunks' products) where the layer has it, else the weight split (`quant.integer.exact_route`)."""
+        x = u.to(torch.float32) - zx  # in [−zx, u_max − zx]
         cache = self._chunk_cache
 
-        def row_sum_max(g: int) -> float:
-            if ("sum", g) not in cache:
-                cache["sum", g] = chunk_row_sum_max(weight, g)
-            return cache["sum", g]
+        def sums(g: int) -> tuple[Tensor, Tensor]:
+            if ("sums", g) not in cache:
+                cache["sums", g] = sign_sums(weight, g)
+            return cache["sums", g]
 
-        chunks = chunk_plan(float(self.u_max), weight.shape[1], row_sum_max, chunk_limit(plan)) \
-            if plan != 0 and chunked else None
-        acc = sum_chunks(chunked(x, chunks, cache)) if chunks is not None else accumulate(op, x, weight, plan)
+        chunks, plan = exact_route(float(zx), float(self.u_max - zx), weight.shape[1], self.k, sums,
+                                   chunked is not None)
+        if chunks == 1:
+            acc = op(x, weight)
+        elif chunks is not None:
+            acc = sum_chunks(chunked(x, chunks, cache))
+        else:
+            acc = accumulate(op, x, weight, plan)
         # out in `layout`, written by the rescale's first pass
         return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, layout)
 

@@ -11,10 +11,13 @@ drifting apart wherever an activation sits within float rounding of a rounding t
   below 2^24 in magnitude. `split_plan` checks a bound on that: one float32 product when it
   holds; else the weight is split as ``w = hi·2^s + lo`` (|lo| ≤ 2^(s−1)) so that both
   products are exact in float32, and ``hi_acc·2^s + lo_acc`` rounds once; float64 only when no
-  split works. Cheaper than the split where the layer can run it (`chunk_plan`): the input
-  channels in g equal chunks, each chunk's sum exact in float32, all chunks in one grouped
-  call (a conv's ``groups``) and `sum_chunks` adding the g exact partial sums with one
-  rounding: the product's FLOPs once instead of twice. The float32 result is the
+  split works. The bound per output row is `partial_sum_bound`: with inputs in [−x_neg, x_pos]
+  and the row's positive and negative weight sums P and N, every partial sum lies within
+  max(x_pos·P + x_neg·N, x_neg·P + x_pos·N) (`exact_route` picks the route). Cheaper than the
+  split where the layer can run it (`chunk_plan`): the input channels in g equal chunks, each
+  chunk's sums exact in float32, all chunks in one grouped call (a conv's ``groups``) and
+  `sum_chunks` adding the g exact partial sums with one rounding: the product's FLOPs once
+  instead of twice. The float32 result is the
   round-to-nearest-even of the exact integer, as the int32 → float32 conversion of the
   integer kernels gives.
 - `rescale`: ``Δx·Δw[o]·acc + b[o]`` in float32, in the order of this machine's int8 kernel of
@@ -36,8 +39,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "chunk_limit", "chunk_plan",
-           "chunk_row_sum_max", "chunk_weight", "layout_of", "per_row", "rescale", "rescale_order", "split_plan",
-           "split_weight", "sum_chunks"]
+           "chunk_weight", "exact_route", "layout_of", "partial_sum_bound", "per_row", "rescale", "rescale_order",
+           "sign_sums", "split_plan", "split_weight", "sum_chunks"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
@@ -92,23 +95,54 @@ MAX_CHUNKS = 16
 """`chunk_plan` tries at most this many chunks (more: the split of `split_plan`, or float64)."""
 
 
-def chunk_row_sum_max(w_int: Tensor, g: int) -> float:
-    """max over output rows o and chunks j of Σ_{k ∈ chunk j} |w_ok|, the input channels (dim 1:
-    a conv's [O, C, kh, kw], a linear's [O, K]) cut into `g` equal chunks."""
-    if w_int.numel() == 0:
+def sign_sums(w_int: Tensor, g: int) -> tuple[Tensor, Tensor]:
+    """(P, N), each [O, g] float64: per output row o and chunk j of the input channels (dim 1: a conv's
+    [O, C, kh, kw], a linear's [O, K]) cut into `g` equal chunks, Σ_{k ∈ chunk j} max(w_ok, 0) and
+    Σ_{k ∈ chunk j} max(−w_ok, 0)."""
+    w = w_int.detach().reshape(w_int.shape[0], g, -1).to(torch.float64)
+    return w.clamp(min=0).sum(-1), (-w).clamp(min=0).sum(-1)
+
+
+def partial_sum_bound(x_neg: float, x_pos: float, sums: tuple[Tensor, Tensor]) -> float:
+    """The largest magnitude any partial sum of Σ_{k ∈ chunk} x_k·w_ok can take, in any order, over rows
+    and chunks (`sums` from `sign_sums`), for inputs x ∈ [−x_neg, x_pos]: a term with w > 0 lies in
+    [−x_neg·w, x_pos·w], one with w < 0 in [−x_pos·|w|, x_neg·|w|], so every partial sum lies in
+    [−(x_neg·P + x_pos·N), x_pos·P + x_neg·N]. One-sided inputs (after a SiLU: x_neg ≪ x_pos) have a
+    bound up to twice as tight as ``max(x_neg, x_pos) · Σ|w|``."""
+    p, n = sums
+    if p.numel() == 0:
         return 0.0
-    return float(w_int.abs().reshape(w_int.shape[0], g, -1).sum(-1).max())
+    return float(torch.maximum(x_pos * p + x_neg * n, x_neg * p + x_pos * n).max())
 
 
-def chunk_plan(x_max: float, units: int, row_sum_max: Callable[[int], float],
+def chunk_plan(x_neg: float, x_pos: float, units: int, sums: Callable[[int], tuple[Tensor, Tensor]],
                max_chunks: int = MAX_CHUNKS) -> int | None:
-    """The fewest equal chunks g ≥ 2 of the `units` input channels (g divides `units`) with every
-    chunk's partial sums exact in float32, ``x_max · row_sum_max(g) < 2^24`` (`row_sum_max(g)`:
-    `chunk_row_sum_max` of the weight, which a caller may cache); None where no g ≤ `max_chunks` does."""
-    for g in range(2, min(max_chunks, units) + 1):
-        if units % g == 0 and x_max * row_sum_max(g) < EXACT_F32:
+    """The fewest equal chunks g (1: one product) of the `units` input channels, g dividing `units` and
+    at most `max_chunks`, whose every partial sum is exact in float32 for inputs in [−x_neg, x_pos]
+    (`partial_sum_bound` of `sums(g)`, the weight's `sign_sums`, which a caller may cache); None where
+    none is."""
+    for g in range(1, max(1, min(max_chunks, units)) + 1):
+        if units % g == 0 and partial_sum_bound(x_neg, x_pos, sums(g)) < EXACT_F32:
             return g
     return None
+
+
+def exact_route(x_neg: float, x_pos: float, units: int, k: int, sums: Callable[[int], tuple[Tensor, Tensor]],
+                chunkable: bool = True) -> tuple[int | None, int | None]:
+    """How to compute Σ_k x_k·w_ok exactly in float32 for x ∈ [−x_neg, x_pos] over `k` terms in `units`
+    input channels: (g, 0) for one product (g = 1) or g chunk products (`chunk_plan`, where the layer is
+    `chunkable`: two at most where the weight split works, `chunk_limit`); else (None, plan) with
+    `split_plan`'s plan (s: the weight split, None: float64)."""
+    g = chunk_plan(x_neg, x_pos, units, sums, 2 if chunkable else 1)
+    if g is not None:
+        return g, 0
+    p, n = sums(1)
+    plan = split_plan(max(x_neg, x_pos), float((p + n).max()), k)
+    if chunkable and chunk_limit(plan) > 2:
+        g = chunk_plan(x_neg, x_pos, units, sums, chunk_limit(plan))
+        if g is not None:
+            return g, 0
+    return None, plan
 
 
 def chunk_limit(plan: int | None) -> int:

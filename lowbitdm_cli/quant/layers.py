@@ -30,13 +30,11 @@ from torch import nn
 
 from lowbitdm_cli.quant.integer import (
     accumulate,
-    chunk_limit,
-    chunk_plan,
-    chunk_row_sum_max,
     chunk_weight,
+    exact_route,
     layout_of,
     rescale,
-    split_plan,
+    sign_sums,
     split_weight,
     sum_chunks,
 )
@@ -155,8 +153,8 @@ class QuantLayerMixin:
 
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
         """(qw − zw as float in the weight's shape, Δw [O], max_o Σ_k |qw − zw|, a dict filled on demand
-        with the weight's `split_weight` pieces by split point s and, for chunked products, the
-        chunk row sums and chunk weights by ("sum", g) and ("chunks", g)), cached with the weight."""
+        with the weight's `split_weight` pieces by split point s, its `sign_sums` by ("sums", g) and
+        chunk weights by ("chunks", g)), cached with the weight."""
         def compute() -> tuple[torch.Tensor, torch.Tensor, float, dict]:
             w_int, delta, _ = self.w_quant.integer_values(self.merged_weight().detach())
             out_ch = w_int.shape[0]
@@ -168,25 +166,28 @@ class QuantLayerMixin:
                          channel_dim: int, layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """``Δx·Δw[o]·Σ_k (qx − zx)(qw − zw) + b`` with the sum exact and the rescale of `rescale`,
         in memory `layout`."""
-        x_int, x_scale, x_max = self._input_integers(x)
-        w_int, w_scale, w_sum, pieces = self.integer_weight()
-        plan = split_plan(x_max, w_sum, w_int[0].numel() if w_int.numel() else 0)
+        x_int, x_scale, _ = self._input_integers(x)
+        w_int, w_scale, _, pieces = self.integer_weight()
 
         def split(s: int) -> tuple[torch.Tensor, torch.Tensor]:
             if s not in pieces:
                 pieces[s] = tuple(p.contiguous() for p in split_weight(w_int, s))
             return pieces[s]
 
-        def row_sum_max(g: int) -> float:
-            if ("sum", g) not in pieces:
-                pieces["sum", g] = chunk_row_sum_max(w_int, g)
-            return pieces["sum", g]
+        def sums(g: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if ("sums", g) not in pieces:
+                pieces["sums", g] = sign_sums(w_int, g)
+            return pieces["sums", g]
 
-        # one grouped product over input-channel chunks where the layer has one (`quant.integer.chunk_plan`):
-        # the FLOPs of one product where the weight split costs two
-        chunks = chunk_plan(x_max, w_int.shape[1], row_sum_max, chunk_limit(plan)) \
-            if plan != 0 and self.chunkable() else None
-        if chunks is not None:
+        # one product where float32 holds every partial sum; else one grouped product over input-channel
+        # chunks where the layer has one (the FLOPs of one product where the weight split costs two);
+        # else the split, or float64 (`quant.integer.exact_route`)
+        x_neg, x_pos = self.a_quant.integer_range()
+        k = w_int[0].numel() if w_int.numel() else 0
+        chunks, plan = exact_route(x_neg, x_pos, w_int.shape[1], k, sums, self.chunkable())
+        if chunks == 1:
+            acc = op(x_int, w_int)
+        elif chunks is not None:
             acc = sum_chunks(self._chunk_products(x_int, w_int, chunks, pieces))
         else:
             acc = accumulate(op, x_int, w_int, plan, split)

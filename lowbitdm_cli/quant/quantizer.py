@@ -176,6 +176,19 @@ class UniformQuantizer(TimestepSlots, nn.Module):
             bound = float(torch.maximum(lo.abs(), hi.abs()).max())
             return q, delta, bound
 
+    def integer_range(self) -> tuple[float, float]:
+        """(a, b) with every value of `integer_values` (q − z) in [−a, b] for the selected timestep, over
+        all channels: what bounds the exact sums of `quant.integer.partial_sum_bound`."""
+        if self.dynamic:
+            half = float(2 ** (self.max_bits - 1))
+            return half, half - 1
+        _, zero = self.current_params()
+        q_min, q_max = quant_range(self.bits, self.mode)
+        with torch.no_grad():
+            z = torch.round(zero) if self.mode == "asymmetric" else torch.zeros_like(zero)
+            lo, hi = q_min.to(z) - z, q_max.to(z) - z
+            return float((-lo).clamp(min=0).max()), float(hi.clamp(min=0).max())
+
     def extra_repr(self) -> str:
         bits = self.bits.unique().tolist()
         gran = "tensor" if self.channel_axis is None else f"channel(axis={self.channel_axis})"

@@ -52,11 +52,10 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 # --- single layers from random codes ------------------------------------------------------------
 def _random_layer(kind: str, w_bits: int, a_bits: int, a_symmetric: bool, seed: int, conv: dict | None = None,
-                  timesteps: list[int] | None = None, in_ch: int = 10
-                  ) -> tuple[IntLayer, QuantLayerMixin, torch.Tensor, torch.Tensor]:
+                  timesteps: list[int] | None = None) -> tuple[IntLayer, QuantLayerMixin, torch.Tensor, torch.Tensor]:
     """An int layer and the fake-quantized layer `load_merged` would build from the same random codes."""
     g = torch.Generator().manual_seed(seed)
-    out_ch = 12
+    out_ch, in_ch = 12, 10
     shape = (out_ch, in_ch, *conv["kernel"]) if kind == "conv" else (out_ch, in_ch)
     codes = torch.randint(0, 1 << w_bits, shape, generator=g).to(torch.uint8)
     zw = torch.randint(1, (1 << w_bits) - 1, (out_ch,), generator=g, dtype=torch.int32)  # nonzero
@@ -92,8 +91,7 @@ def _random_layer(kind: str, w_bits: int, a_bits: int, a_symmetric: bool, seed: 
 def _input(kind: str, layer: IntLayer, seed: int) -> torch.Tensor:
     """Inputs that span the code range, with some clamping on both sides."""
     g = torch.Generator().manual_seed(seed)
-    in_ch = layer.in_channels if kind == "conv" else layer.in_features
-    shape = (3, in_ch, 11, 9) if kind == "conv" else (4, 5, in_ch)
+    shape = (3, 10, 11, 9) if kind == "conv" else (4, 5, 10)
     return torch.randn(shape, generator=g) * float(layer.input_scale.max()) * 2 ** (layer.a_bits - 1)
 
 
@@ -216,26 +214,35 @@ def test_layer_matches_fake_quant(kind: str, w_bits: int, a_bits: int, a_symmetr
 
 @pytest.mark.parametrize("kind", ["linear", *CONVS])
 def test_float_path_chunks_wide_sums(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """8-bit codes over 864 inputs: the float path's sums may pass 2^24 (255·Σ|w − zw| does), so it runs
-    the product over two input-channel chunks (`quant.integer.chunk_plan`) and adds them with one
-    rounding; still the fake layer's bits, and the int64 sums of `int_ops`."""
+    """Codes 255 against w − zw = 255 (a shifted layer) over K = 288 inputs: the float path's sums reach
+    288·255² > 2^24, so it runs the product over two input-channel chunks (`quant.integer.exact_route`)
+    and adds them with one rounding: the int64 sum of `int_ops` rounded once, then the rescale."""
     conv = CONVS.get(kind)
-    in_ch = 864 // (conv["kernel"][0] * conv["kernel"][1]) if conv else 864
-    layer, fake, codes, zw = _random_layer("conv" if conv else "linear", 8, 8, False, seed=5, conv=conv, in_ch=in_ch)
+    k = 288
+    in_ch = k // (conv["kernel"][0] * conv["kernel"][1]) if conv else k
+    shape = (8, in_ch, *conv["kernel"]) if conv else (8, in_ch)
+    codes, zw = torch.full(shape, 255, dtype=torch.uint8), torch.zeros(8, dtype=torch.int32)
+    scale, bias = torch.linspace(0.01, 0.02, 8), torch.linspace(-1, 1, 8)
+    common = {"bias": bias, "input_scale": torch.tensor([0.5]), "input_zero_point": torch.tensor([0]), "a_bits": 8}
+    if conv:
+        layer: IntLayer = IntConv2d(codes, zw, scale, stride=conv["stride"], padding=conv["padding"], **common)
+        x = torch.full((2, in_ch, 7, 7), 1000.0)  # every code 255
+    else:
+        layer = IntLinear(codes, zw, scale, **common)
+        x = torch.full((5, k), 1000.0)
     calls: list[int] = []
     sum_chunks = int_runtime.sum_chunks
     monkeypatch.setattr(int_runtime, "sum_chunks", lambda parts: calls.append(len(parts)) or sum_chunks(parts))
     layer.set_lowering("float")
-    x = _input("conv" if conv else "linear", layer, seed=5)
     with torch.no_grad():
-        out, ref = layer(x), _exact_fake(fake, 8, codes, zw, layer.weight_scale)(x)
+        out = layer(x)
     assert calls == [2]
-    assert torch.equal(out, ref)
     u, zx, delta = layer.quantize_input(x)
     if conv:
         acc = int_conv2d_acc(u, zx, codes, zw, stride=conv["stride"], padding=conv["padding"])
     else:
-        acc = int_linear_acc(u.reshape(-1, in_ch), zx, codes, zw).reshape(*x.shape[:-1], -1)
+        acc = int_linear_acc(u, zx, codes, zw)
+    assert int(acc.max()) == k * 255 * 255 > 2**24
     expected = rescale(acc.to(torch.float64).float(), delta, layer.weight_scale, layer.bias, 1 if conv else -1,
                        layer.rescale_kernel)
     assert torch.equal(out, expected)

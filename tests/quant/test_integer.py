@@ -17,10 +17,12 @@ from lowbitdm_cli.quant.integer import (
     accumulate,
     chunk_limit,
     chunk_plan,
-    chunk_row_sum_max,
     chunk_weight,
+    exact_route,
+    partial_sum_bound,
     rescale,
     rescale_order,
+    sign_sums,
     split_plan,
     split_weight,
     sum_chunks,
@@ -67,19 +69,48 @@ def test_accumulate_is_exact_where_float32_is_not() -> None:
     assert torch.equal(accumulate(F.linear, x, w, None), ref)  # the float64 route agrees
 
 
-def test_chunk_plan_by_hand() -> None:
+def test_partial_sum_bound_by_hand() -> None:
     w = torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.0, 0.0, -5.0, 0.0]])
-    assert chunk_row_sum_max(w, 1) == 10  # row 0: 1 + 2 + 3 + 4
-    assert chunk_row_sum_max(w, 2) == 7  # row 0's second chunk: 3 + 4
-    assert chunk_row_sum_max(w, 4) == 5  # row 1's third
-    # x_max · 7 < 2^24 needs x_max < 2396745.2; g = 2 is the fewest chunks
-    assert chunk_plan(2_000_000, 4, lambda g: chunk_row_sum_max(w, g)) == 2
-    assert chunk_plan(3_000_000, 4, lambda g: chunk_row_sum_max(w, g)) == 4  # 3e6 · 5 < 2^24; g = 3 does not divide 4
-    assert chunk_plan(4_000_000, 4, lambda g: chunk_row_sum_max(w, g)) is None
-    assert chunk_plan(2_000_000, 4, lambda g: chunk_row_sum_max(w, g), max_chunks=1) is None
-    # where a split works, two chunks at most
-    assert chunk_plan(3_000_000, 4, lambda g: chunk_row_sum_max(w, g), chunk_limit(3)) is None
-    assert chunk_limit(None) == MAX_CHUNKS
+    p, n = sign_sums(w, 1)
+    assert p.tolist() == [[4.0], [0.0]] and n.tolist() == [[6.0], [5.0]]
+    p, n = sign_sums(w, 2)  # chunks [1, −2 | 3, −4] and [0, 0 | −5, 0]
+    assert p.tolist() == [[1.0, 3.0], [0.0, 0.0]] and n.tolist() == [[2.0, 4.0], [0.0, 5.0]]
+    # x ∈ [−1, 10], row 0 as one chunk: max(10·4 + 1·6, 1·4 + 10·6) = 64, reached with x = −1 on the positive
+    # weights and 10 on the negative ones: −1 − 3 − 20 − 40
+    assert partial_sum_bound(1, 10, sign_sums(w, 1)) == 64
+    assert partial_sum_bound(1, 10, sign_sums(w, 2)) == 50  # row 1, chunk 2: 10·5
+    assert partial_sum_bound(10, 10, sign_sums(w, 1)) == 100  # symmetric inputs: max|x| · Σ|w|
+    # every partial sum of every order lies within the bound, and some reach it
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randint(-9, 10, (6, 40), generator=g).float()
+    bound = partial_sum_bound(3, 11, sign_sums(wide, 1))
+    worst = torch.where(wide > 0, 11.0, -3.0) * wide  # x at the end that makes each term largest
+    assert float(worst.sum(1).max()) <= bound
+    assert bound in (float(worst.sum(1).max()), float((torch.where(wide > 0, -3.0, 11.0) * wide).sum(1).abs().max()))
+    for _ in range(50):
+        x = torch.randint(-3, 12, (40,), generator=g).float()
+        order = torch.randperm(40, generator=g)
+        assert float((x[order] * wide[:, order]).cumsum(1).abs().max()) <= bound
+
+
+def test_chunk_plan_and_route_by_hand() -> None:
+    w = torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.0, 0.0, -5.0, 0.0]])
+    sums = lambda g: sign_sums(w, g)
+    # one-sided inputs x ∈ [0, a]: one product while a·6 < 2^24, two chunks while a·5 < 2^24 (row 1's chunk)
+    assert chunk_plan(0, 2_000_000, 4, sums) == 1
+    assert chunk_plan(0, 3_000_000, 4, sums) == 2
+    assert chunk_plan(0, 3_400_000, 4, sums) is None  # every chunking keeps row 1's −5: 3.4e6 · 5 ≥ 2^24
+    pair = lambda g: sign_sums(torch.tensor([[5.0, 5.0, 0.0, 0.0]]), g)
+    assert chunk_plan(0, 2_000_000, 4, pair) == 4  # 2e6 · 10 ≥ 2^24 for g = 1 and 2 (g = 3 does not divide 4)
+    # inputs on both sides: the bound takes the worse of the two signs per row
+    # row 0 whole: 1e6·4 + 2.2e6·6 ≥ 2^24; its chunks' worst, 1e6·3 + 2.2e6·4, fits
+    assert chunk_plan(1_000_000, 2_200_000, 4, sums) == 2
+    assert chunk_plan(0, 3_000_000, 4, sums, max_chunks=1) is None
+    # exact_route: where a split works, at most two chunks; else up to MAX_CHUNKS
+    assert exact_route(0, 2_000_000, 4, 4, sums) == (1, 0)
+    assert exact_route(0, 3_000_000, 4, 4, sums) == (2, 0)
+    assert exact_route(0, 3_000_000, 4, 4, sums, chunkable=False) == (None, split_plan(3_000_000, 10, 4))
+    assert chunk_limit(None) == MAX_CHUNKS and chunk_limit(1) == 2
 
 
 def test_chunk_weight_groups_input_channels() -> None:
@@ -112,7 +143,7 @@ def test_grouped_chunks_are_exact_where_one_conv_is_not(channels: int, chunks: i
     assert float(ref.abs().max()) > EXACT_F32
     if chunks == 8:  # sums near 2^26: one float32 conv rounds some of them
         assert not torch.equal(F.conv2d(x, w, padding=1), ref)
-    assert chunk_plan(255, channels, lambda n: chunk_row_sum_max(w, n)) == chunks
+    assert chunk_plan(0, 255, channels, lambda n: sign_sums(w, n)) == chunks
     y = F.conv2d(x, chunk_weight(w, chunks), padding=1, groups=chunks)
     assert torch.equal(sum_chunks(y.unflatten(1, (chunks, 16)).unbind(1)), ref)
 
@@ -170,7 +201,7 @@ def test_fake_layer_inference_is_integer_exact(kind: str, bits: int) -> None:
     layer._chunk_products = lambda *a: chunked.append(a[2]) or products(*a)
     with torch.no_grad():
         out = layer(x)
-        x_int, x_scale, x_max = layer.a_quant.integer_values(x)
+        x_int, x_scale, _ = layer.a_quant.integer_values(x)
         w_int, w_scale, _, _ = layer.integer_weight()
     if kind == "linear":
         acc = _exact(x_int, w_int)
@@ -182,10 +213,10 @@ def test_fake_layer_inference_is_integer_exact(kind: str, bits: int) -> None:
     assert torch.equal(out, ref)
     if wide and bits == 8:  # one float32 product would not do; chunks do
         k = w_int[0].numel()
-        plan = split_plan(x_max, float(w_int.abs().reshape(24, -1).sum(1).max()), k)
-        assert plan != 0  # a split, or float64
-        expected = chunk_plan(x_max, w_int.shape[1], lambda n: chunk_row_sum_max(w_int, n), chunk_limit(plan))
-        assert chunked == ([expected] if expected else [])  # the forward ran the chunked product where it pays
+        x_neg, x_pos = layer.a_quant.integer_range()
+        assert float(x_int.min()) >= -x_neg and float(x_int.max()) <= x_pos
+        expected, _ = exact_route(x_neg, x_pos, w_int.shape[1], k, lambda n: sign_sums(w_int, n))
+        assert chunked == ([expected] if expected and expected > 1 else [])  # chunked where one product is not exact
         if kind == "conv":
             assert expected == 2
     else:
