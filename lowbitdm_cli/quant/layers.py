@@ -96,7 +96,7 @@ class QuantLayerMixin:
             return y
         return y + low_rank_branch(x, self.low_rank_down, self.low_rank_up)
 
-    def _input_integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _input_integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
         """`a_quant.integer_values` of the transformed input; smoothing alone (static quantizer)
         divides by Δ·s in the quantization pass."""
         if self.smooth is not None and self.rotate_block is None and not self.a_quant.dynamic:
@@ -166,7 +166,7 @@ class QuantLayerMixin:
                          channel_dim: int, layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """``Δx·Δw[o]·Σ_k (qx − zx)(qw − zw) + b`` with the sum exact and the rescale of `rescale`,
         in memory `layout`."""
-        x_int, x_scale, _ = self._input_integers(x)
+        x_int, x_scale, (x_neg, x_pos) = self._input_integers(x)
         w_int, w_scale, _, pieces = self.integer_weight()
 
         def split(s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +182,6 @@ class QuantLayerMixin:
         # one product where float32 holds every partial sum; else one grouped product over input-channel
         # chunks where the layer has one (the FLOPs of one product where the weight split costs two);
         # else the split, or float64 (`quant.integer.exact_route`)
-        x_neg, x_pos = self.a_quant.integer_range()
         k = w_int[0].numel() if w_int.numel() else 0
         chunks, plan = exact_route(x_neg, x_pos, w_int.shape[1], k, sums, self.chunkable())
         if chunks == 1:

@@ -151,8 +151,9 @@ class UniformQuantizer(TimestepSlots, nn.Module):
             return torch.clamp(torch.round(x / delta) + torch.round(zero), q_min.to(x), q_max.to(x))
 
     def integer_values(self, x: torch.Tensor, divisor: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(q − z as float, Δ, a bound on |q − z|) for the selected timestep, no gradient.
+                       ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+        """(q − z as float, Δ, (a, b): every q − z lies in [−a, b]) for the selected timestep, no gradient
+        (the range bounds the exact sums of `quant.integer.partial_sum_bound`).
 
         q = clamp(round(x/Δ) + round(z), q_min, q_max) with the float operations of
         `fake_quantize`, so ``(q − z)·Δ`` is bit for bit what `forward` returns. A dynamic
@@ -163,7 +164,7 @@ class UniformQuantizer(TimestepSlots, nn.Module):
             delta = token_scale(x, self.max_bits)
             half = float(2 ** (self.max_bits - 1))
             with torch.no_grad():
-                return torch.div(x, delta).round_().clamp_(-half, half - 1), delta, half
+                return torch.div(x, delta).round_().clamp_(-half, half - 1), delta, (half, half - 1)
         delta, zero = self.current_params()
         q_min, q_max = quant_range(self.bits, self.mode)
         with torch.no_grad():
@@ -173,21 +174,8 @@ class UniformQuantizer(TimestepSlots, nn.Module):
             # NaN), so three passes in place on one new tensor give fake_quantize's values
             lo, hi = (q_min.to(z) - z).to(x), (q_max.to(z) - z).to(x)
             q = torch.div(x, delta if divisor is None else delta * divisor).round_().clamp_(lo, hi)
-            bound = float(torch.maximum(lo.abs(), hi.abs()).max())
-            return q, delta, bound
-
-    def integer_range(self) -> tuple[float, float]:
-        """(a, b) with every value of `integer_values` (q − z) in [−a, b] for the selected timestep, over
-        all channels: what bounds the exact sums of `quant.integer.partial_sum_bound`."""
-        if self.dynamic:
-            half = float(2 ** (self.max_bits - 1))
-            return half, half - 1
-        _, zero = self.current_params()
-        q_min, q_max = quant_range(self.bits, self.mode)
-        with torch.no_grad():
-            z = torch.round(zero) if self.mode == "asymmetric" else torch.zeros_like(zero)
-            lo, hi = q_min.to(z) - z, q_max.to(z) - z
-            return float((-lo).clamp(min=0).max()), float(hi.clamp(min=0).max())
+            neg, pos = torch.stack([(-lo).max(), hi.max()]).clamp(min=0).tolist()  # one read-back
+            return q, delta, (neg, pos)
 
     def extra_repr(self) -> str:
         bits = self.bits.unique().tolist()

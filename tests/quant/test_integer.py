@@ -201,7 +201,7 @@ def test_fake_layer_inference_is_integer_exact(kind: str, bits: int) -> None:
     layer._chunk_products = lambda *a: chunked.append(a[2]) or products(*a)
     with torch.no_grad():
         out = layer(x)
-        x_int, x_scale, _ = layer.a_quant.integer_values(x)
+        x_int, x_scale, (x_neg, x_pos) = layer.a_quant.integer_values(x)
         w_int, w_scale, _, _ = layer.integer_weight()
     if kind == "linear":
         acc = _exact(x_int, w_int)
@@ -213,7 +213,6 @@ def test_fake_layer_inference_is_integer_exact(kind: str, bits: int) -> None:
     assert torch.equal(out, ref)
     if wide and bits == 8:  # one float32 product would not do; chunks do
         k = w_int[0].numel()
-        x_neg, x_pos = layer.a_quant.integer_range()
         assert float(x_int.min()) >= -x_neg and float(x_int.max()) <= x_pos
         expected, _ = exact_route(x_neg, x_pos, w_int.shape[1], k, lambda n: sign_sums(w_int, n))
         assert chunked == ([expected] if expected and expected > 1 else [])  # chunked where one product is not exact
