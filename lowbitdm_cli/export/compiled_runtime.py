@@ -74,6 +74,8 @@ from lowbitdm_cli.models.wrapper import DiffusionModel
 from lowbitdm_cli.quant.integer import (
     chunk_plan,
     chunk_weight,
+    conv_chunk_products,
+    linear_chunk_products,
     rescale,
     rescale_order,
     sign_sums,
@@ -197,8 +199,7 @@ class RefLayer(TimestepSlots, nn.Module):
             self.register_parameter(f"w{i}", _constant(as_weight(part.to(torch.int8))))
         self.parts = len(parts)
         if self.float_chunks is not None:  # float32 w − zw, as the grouped conv's weight or per feature chunk
-            w_float = as_weight(layer.float_weight())
-            g = self.float_chunks
+            w_float, g = layer.op_weight(), self.float_chunks
             self.w_float = _constant(chunk_weight(w_float, g).contiguous() if self.conv else
                                      torch.stack(w_float.chunk(g, 1)))  # [g, O, K/g]
         rows = wmat.shape[0]
@@ -304,13 +305,10 @@ class RefLayer(TimestepSlots, nn.Module):
     def _float_product(self, u: Tensor, i: Tensor) -> Tensor:
         """Σ(u − zx)(w − zw) as float32 products of the integer values, exact: one product, or the input
         channels' chunks (one grouped conv, or linears on feature slices) added with one rounding."""
-        g = self.float_chunks
         x = u.float() - self.zx.index_select(0, i).float()
         if self.conv:
-            y = F.conv2d(x, self.w_float, None, *self.geometry, g)
-            return y if g == 1 else sum_chunks(y.unflatten(1, (g, self.out_ch)).unbind(1))
-        k = x.shape[-1] // g
-        return sum_chunks([F.linear(x[..., j * k:(j + 1) * k], self.w_float[j]) for j in range(g)])
+            return sum_chunks(conv_chunk_products(x, self.w_float, self.float_chunks, *self.geometry))
+        return sum_chunks(linear_chunk_products(x, self.w_float))
 
     def _rescaled(self, u: Tensor, i: Tensor, delta: Tensor) -> Tensor:
         """The exact sum Σ(u − zx)(w − zw) from the kernel, then the slot's rescale in float32."""
@@ -441,13 +439,9 @@ def _float_chunks(layer: IntLayer) -> int | None:
     """Into how many input-channel chunks a float32 product of ``u − zx`` (in [−max zx, u_max − min zx]
     over the slots) and ``w − zw`` must be cut for exact sums (1: none), None where more than two would
     be needed (`quant.integer.chunk_plan`)."""
-    weight = layer.float_weight()  # [O, K] in the layer's K order
-    units = layer.in_channels if isinstance(layer, IntConv2d) else layer.k
-    if isinstance(layer, IntConv2d):  # K ordered (kh, kw, C): chunks of C, in (C, kh, kw) order
-        kh, kw = layer.kernel_size
-        weight = weight.reshape(weight.shape[0], kh, kw, units).permute(0, 3, 1, 2)
+    weight = layer.op_weight()  # [O, C(, kh, kw)]: chunks of the input channels
     x_neg, x_pos = float(max(layer._zx)), float(layer.u_max - min(layer._zx))
-    return chunk_plan(x_neg, x_pos, units, lambda g: sign_sums(weight, g), 2)
+    return chunk_plan(x_neg, x_pos, weight.shape[1], lambda g: sign_sums(weight, g), 2)
 
 
 def reference_layers(denoiser: nn.Module, fold: bool = True, float_product: bool | None = None) -> nn.Module:

@@ -88,8 +88,10 @@ from lowbitdm_cli.quant.integer import (
     EXACT_F32,
     accumulate,
     chunk_weight,
+    conv_chunk_products,
     exact_route,
     layout_of,
+    linear_chunk_products,
     per_row,
     rescale,
     rescale_order,
@@ -215,7 +217,7 @@ def window_sums_beside(layer: IntLayer, in_kernel: bool | None = None) -> bool:
     below 2²⁴: K·255) and a window `avg_pool2d` takes (no dilation, padding at most half the kernel)."""
     if layer.direct or (in_kernel if in_kernel is not None else amx_int8()):
         return False
-    if layer.k * 255 >= 1 << 24:
+    if layer.k * 255 >= EXACT_F32:
         return False
     if isinstance(layer, IntConv2d):
         return tuple(layer.dilation) == (1, 1) and all(2 * p <= k for p, k in zip(layer.padding, layer.kernel_size))
@@ -539,6 +541,10 @@ class IntLayer(TimestepSlots, nn.Module):
             self._chunk_cache = {}  # derived from the float weight
         return self._float_weight
 
+    def op_weight(self) -> Tensor:
+        """`float_weight` in the shape the layer's float op takes ([O, K] for a linear)."""
+        return self.float_weight()
+
     def _float_exact(self, op: Callable[[Tensor, Tensor], Tensor], u: Tensor, zx: int, weight: Tensor,
                      delta: Tensor, channel_dim: int, layout: torch.memory_format = torch.contiguous_format,
                      chunked: Callable[[Tensor, int, dict], list[Tensor]] | None = None) -> Tensor:
@@ -553,14 +559,11 @@ class IntLayer(TimestepSlots, nn.Module):
                 cache["sums", g] = sign_sums(weight, g)
             return cache["sums", g]
 
-        chunks, plan = exact_route(float(zx), float(self.u_max - zx), weight.shape[1], self.k, sums,
-                                   chunked is not None)
-        if chunks == 1:
-            acc = op(x, weight)
-        elif chunks is not None:
-            acc = sum_chunks(chunked(x, chunks, cache))
-        else:
-            acc = accumulate(op, x, weight, plan)
+        if ("route", zx) not in cache:  # per zero point: fixed per slot
+            cache["route", zx] = exact_route(float(zx), float(self.u_max - zx), weight.shape[1], self.k, sums,
+                                             chunked is not None)
+        chunks, plan = cache["route", zx]
+        acc = sum_chunks(chunked(x, chunks, cache)) if chunks is not None else accumulate(op, x, weight, plan)
         # out in `layout`, written by the rescale's first pass
         return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, layout)
 
@@ -634,8 +637,7 @@ class IntLinear(IntLayer):
         """The float path's products over `g` feature chunks (strided slices of x: no copy)."""
         if ("chunks", g) not in cache:
             cache["chunks", g] = tuple(p.contiguous() for p in self.float_weight().chunk(g, dim=1))
-        k = x.shape[-1] // g
-        return [F.linear(x[..., j * k:(j + 1) * k], w) for j, w in enumerate(cache["chunks", g])]
+        return linear_chunk_products(x, cache["chunks", g])
 
     def _onednn(self, u: Tensor, zx: int, delta: Tensor, dtype: torch.dtype) -> Tensor:
         packed, w_zero = self._onednn_weights(u.device, lambda w: torch.ops.onednn.qlinear_prepack(w, None))
@@ -705,8 +707,7 @@ class IntConv2d(IntLayer):
         if kernel == "onednn":
             return self._onednn(u, zx, delta, x.dtype, layout)
         if kernel == "float":
-            kh, kw = self.kernel_size
-            weight = self.float_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+            weight = self.op_weight()
 
             def conv(xi: Tensor, wi: Tensor) -> Tensor:  # on channels-last memory, as the fake layer's
                 return F.conv2d(xi.contiguous(memory_format=torch.channels_last), wi, None, self.stride,
@@ -715,9 +716,8 @@ class IntConv2d(IntLayer):
             def chunked(xi: Tensor, g: int, cache: dict) -> list[Tensor]:  # one conv, groups=g (`chunk_weight`)
                 if ("chunks", g) not in cache:
                     cache["chunks", g] = chunk_weight(weight, g).contiguous()
-                y = F.conv2d(xi.contiguous(memory_format=torch.channels_last), cache["chunks", g], None,
-                             self.stride, self.padding, self.dilation, g)
-                return list(y.unflatten(1, (g, self.out_ch)).unbind(1))
+                return conv_chunk_products(xi.contiguous(memory_format=torch.channels_last), cache["chunks", g], g,
+                                           self.stride, self.padding, self.dilation)
 
             return self._float_exact(conv, u, zx, weight, delta, 1, layout, chunked).to(x.dtype)
         cols, ho, wo = self.im2col(u, zx)
@@ -743,6 +743,11 @@ class IntConv2d(IntLayer):
                                   for p in packed])
         sums = window_sums(u, int(zx), (self.kernel_size, self.stride, self.padding)) if self.sums_beside else None
         return self._run_onednn(call, delta, 1, dtype, tuple(u.shape), layout, sums)
+
+    def op_weight(self) -> Tensor:
+        """`float_weight` as the conv's [O, C, kh, kw] (a view: its K order is (kh, kw, C))."""
+        kh, kw = self.kernel_size
+        return self.float_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -33,14 +33,16 @@ drifting apart wherever an activation sits within float rounding of a rounding t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "chunk_limit", "chunk_plan",
-           "chunk_weight", "exact_route", "layout_of", "partial_sum_bound", "per_row", "rescale", "rescale_order",
-           "sign_sums", "split_plan", "split_weight", "sum_chunks"]
+           "chunk_weight", "conv_chunk_products", "exact_route", "layout_of", "linear_chunk_products",
+           "partial_sum_bound", "per_row", "rescale", "rescale_order", "sign_sums", "split_plan", "split_weight",
+           "sum_chunks"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
@@ -130,10 +132,13 @@ def chunk_plan(x_neg: float, x_pos: float, units: int, sums: Callable[[int], tup
 def exact_route(x_neg: float, x_pos: float, units: int, k: int, sums: Callable[[int], tuple[Tensor, Tensor]],
                 chunkable: bool = True) -> tuple[int | None, int | None]:
     """How to compute Σ_k x_k·w_ok exactly in float32 for x ∈ [−x_neg, x_pos] over `k` terms in `units`
-    input channels: (g, 0) for one product (g = 1) or g chunk products (`chunk_plan`, where the layer is
-    `chunkable`: two at most where the weight split works, `chunk_limit`); else (None, plan) with
-    `split_plan`'s plan (s: the weight split, None: float64)."""
+    input channels: (g, 0) for g ≥ 2 chunk products (`chunk_plan`, where the layer is `chunkable`: two at
+    most where the weight split works, `chunk_limit`; then `sum_chunks`), else (None, plan) for
+    `accumulate`: 0 one product, s the weight split, None float64. Depends on the weight and the input
+    range only: a caller may cache it per range."""
     g = chunk_plan(x_neg, x_pos, units, sums, 2 if chunkable else 1)
+    if g == 1:
+        return None, 0
     if g is not None:
         return g, 0
     p, n = sums(1)
@@ -157,6 +162,20 @@ def chunk_weight(w_int: Tensor, g: int) -> Tensor:
     output row: [O, C, ...] → [g·O, C/g, ...] (group j = rows j·O … (j+1)·O − 1)."""
     out_ch, in_ch = w_int.shape[:2]
     return w_int.unflatten(1, (g, in_ch // g)).transpose(0, 1).reshape(g * out_ch, in_ch // g, *w_int.shape[2:])
+
+
+def conv_chunk_products(x: Tensor, w_chunked: Tensor, g: int, stride, padding, dilation) -> list[Tensor]:
+    """The `g` input-channel chunks' products of a conv in one call with ``groups=g`` (`w_chunked` from
+    `chunk_weight`): its [N, g·O, ...] output viewed as the g chunks' [N, O, ...], for `sum_chunks`."""
+    y = F.conv2d(x, w_chunked, None, stride, padding, dilation, g)
+    return list(y.unflatten(1, (g, y.shape[1] // g)).unbind(1))
+
+
+def linear_chunk_products(x: Tensor, w_chunks: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    """The products of a linear's g feature chunks (`w_chunks`: the weight's g column blocks [O, K/g],
+    or them stacked [g, O, K/g]) with the matching slices of x (strided views: no copy), for `sum_chunks`."""
+    k = x.shape[-1] // len(w_chunks)
+    return [F.linear(x[..., j * k:(j + 1) * k], w) for j, w in enumerate(w_chunks)]
 
 
 def sum_chunks(parts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:

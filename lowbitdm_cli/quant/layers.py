@@ -31,8 +31,10 @@ from torch import nn
 from lowbitdm_cli.quant.integer import (
     accumulate,
     chunk_weight,
+    conv_chunk_products,
     exact_route,
     layout_of,
+    linear_chunk_products,
     rescale,
     sign_sums,
     split_weight,
@@ -153,8 +155,8 @@ class QuantLayerMixin:
 
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
         """(qw − zw as float in the weight's shape, Δw [O], max_o Σ_k |qw − zw|, a dict filled on demand
-        with the weight's `split_weight` pieces by split point s, its `sign_sums` by ("sums", g) and
-        chunk weights by ("chunks", g)), cached with the weight."""
+        with the weight's `split_weight` pieces by split point s, its `sign_sums` by ("sums", g), chunk
+        weights by ("chunks", g) and `exact_route` by ("route", input range)), cached with the weight."""
         def compute() -> tuple[torch.Tensor, torch.Tensor, float, dict]:
             w_int, delta, _ = self.w_quant.integer_values(self.merged_weight().detach())
             out_ch = w_int.shape[0]
@@ -181,12 +183,12 @@ class QuantLayerMixin:
 
         # one product where float32 holds every partial sum; else one grouped product over input-channel
         # chunks where the layer has one (the FLOPs of one product where the weight split costs two);
-        # else the split, or float64 (`quant.integer.exact_route`)
-        k = w_int[0].numel() if w_int.numel() else 0
-        chunks, plan = exact_route(x_neg, x_pos, w_int.shape[1], k, sums, self.chunkable())
-        if chunks == 1:
-            acc = op(x_int, w_int)
-        elif chunks is not None:
+        # else the split, or float64 (`quant.integer.exact_route`, per input range: fixed per slot)
+        if ("route", x_neg, x_pos) not in pieces:
+            k = w_int[0].numel() if w_int.numel() else 0
+            pieces["route", x_neg, x_pos] = exact_route(x_neg, x_pos, w_int.shape[1], k, sums, self.chunkable())
+        chunks, plan = pieces["route", x_neg, x_pos]
+        if chunks is not None:
             acc = sum_chunks(self._chunk_products(x_int, w_int, chunks, pieces))
         else:
             acc = accumulate(op, x_int, w_int, plan, split)
@@ -263,8 +265,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         (`quant.integer.chunk_weight`); its [N, g·O, ...] output viewed as the g chunks' products."""
         if ("chunks", g) not in pieces:
             pieces["chunks", g] = chunk_weight(w_int, g).contiguous()
-        y = F.conv2d(x_int, pieces["chunks", g], None, self.stride, self.padding, self.dilation, g)
-        return list(y.unflatten(1, (g, self.out_channels)).unbind(1))
+        return conv_chunk_products(x_int, pieces["chunks", g], g, self.stride, self.padding, self.dilation)
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
@@ -298,8 +299,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         """g linears on slices of the features (strided views: no copy of the input)."""
         if ("chunks", g) not in pieces:
             pieces["chunks", g] = tuple(p.contiguous() for p in w_int.chunk(g, dim=1))
-        k = x_int.shape[-1] // g
-        return [F.linear(x_int[..., j * k:(j + 1) * k], w) for j, w in enumerate(pieces["chunks", g])]
+        return linear_chunk_products(x_int, pieces["chunks", g])
 
 
 def quant_layers(module: nn.Module) -> dict[str, QuantLayerMixin]:

@@ -107,7 +107,7 @@ def test_chunk_plan_and_route_by_hand() -> None:
     assert chunk_plan(1_000_000, 2_200_000, 4, sums) == 2
     assert chunk_plan(0, 3_000_000, 4, sums, max_chunks=1) is None
     # exact_route: where a split works, at most two chunks; else up to MAX_CHUNKS
-    assert exact_route(0, 2_000_000, 4, 4, sums) == (1, 0)
+    assert exact_route(0, 2_000_000, 4, 4, sums) == (None, 0)  # one product: `accumulate`'s plan 0
     assert exact_route(0, 3_000_000, 4, 4, sums) == (2, 0)
     assert exact_route(0, 3_000_000, 4, 4, sums, chunkable=False) == (None, split_plan(3_000_000, 10, 4))
     assert chunk_limit(None) == MAX_CHUNKS and chunk_limit(1) == 2
@@ -215,7 +215,7 @@ def test_fake_layer_inference_is_integer_exact(kind: str, bits: int) -> None:
         k = w_int[0].numel()
         assert float(x_int.min()) >= -x_neg and float(x_int.max()) <= x_pos
         expected, _ = exact_route(x_neg, x_pos, w_int.shape[1], k, lambda n: sign_sums(w_int, n))
-        assert chunked == ([expected] if expected and expected > 1 else [])  # chunked where one product is not exact
+        assert chunked == ([expected] if expected else [])  # chunked where one product is not exact
         if kind == "conv":
             assert expected == 2
     else:
