@@ -40,7 +40,7 @@ of an unprofiled forward. Writes compiled_runtime_profile.json.
     python benchmarks/compiled_runtime.py --classes native --models digits-dit \
         --out benchmarks/results/compiled_runtime_dit.json
     python benchmarks/compiled_runtime.py --profile --merged-dir /tmp/ck   # reuses the checkpoints there
-    python benchmarks/compiled_runtime.py --classes avx2 --widths W8A8 --int8-split   # float route vs int8 split
+    python benchmarks/compiled_runtime.py --classes avx2 --widths W8A8 --products float,int8   # routes side by side
 
 Writes benchmarks/results/compiled_runtime.json (--quick: compiled_runtime_quick.json).
 """
@@ -65,7 +65,7 @@ from torch._inductor import config as inductor_config
 
 from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
 from lowbitdm_cli.export.checkpoint import load_merged
-from lowbitdm_cli.export.compiled_runtime import RefLayer, available, compile_runtime
+from lowbitdm_cli.export.compiled_runtime import PRODUCTS, RefLayer, available, compile_runtime
 from lowbitdm_cli.export.kernel_probe import kernel_report
 from lowbitdm_cli.memory import keep_freed_memory
 from lowbitdm_cli.models.precision import DTYPES, bf16_native, use_dtype, use_layout
@@ -105,12 +105,13 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
             cells[f"{label} compiled {dtype}"] = mr._call(compiled, args.batch)
             counts = Counter(m.lowering for m in compiled.denoiser.inner.modules() if isinstance(m, RefLayer))
             lowerings[f"{label} compiled {dtype}"] = dict(counts)
-            if args.int8_split and any(k.startswith("inductor-float") for k in counts):
-                # the same checkpoint with the int8 weight split where the float route is the default
-                split = compile_runtime(use_dtype(load_merged(path, "int"), DTYPES[dtype]), float_product=False)
-                cells[f"{label} compiled-int8split {dtype}"] = mr._call(split, args.batch)
-                lowerings[f"{label} compiled-int8split {dtype}"] = dict(Counter(
-                    m.lowering for m in split.denoiser.inner.modules() if isinstance(m, RefLayer)))
+            rerouted = any(k.startswith(("inductor-float", "inductor-s16")) for k in counts)
+            for product in args.products.split(",") if args.products and rerouted else ():
+                # the same checkpoint with another route where oneDNN cannot run a layer in one exact call
+                other = compile_runtime(use_dtype(load_merged(path, "int"), DTYPES[dtype]), product=product)
+                cells[f"{label} compiled-{product} {dtype}"] = mr._call(other, args.batch)
+                lowerings[f"{label} compiled-{product} {dtype}"] = dict(Counter(
+                    m.lowering for m in other.denoiser.inner.modules() if isinstance(m, RefLayer)))
     first = {}  # a compiled cell's first call compiles: timed without Inductor's on-disk cache, as a first run
     with inductor_config.patch(fx_graph_cache=False):
         for key, fn in cells.items():
@@ -126,7 +127,8 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
              "vs_fastest_fp": ms[fastest] / ms[f"{label} {runtime} {dtype}"],
              "first_call_s": first.get(f"{label} {runtime} {dtype}"),
              "lowerings": lowerings.get(f"{label} {runtime} {dtype}")}
-            for label in merged for dtype in dtypes for runtime in ("int", "compiled", "compiled-int8split")
+            for label in merged for dtype in dtypes
+            for runtime in ("int", "compiled", *(f"compiled-{p}" for p in PRODUCTS))
             if f"{label} {runtime} {dtype}" in ms]
     return {"model": title, "fp_ms": fp, "fastest_fp": fastest, "rows": rows,
             "fp_first_call_s": {k: v for k, v in first.items() if " " not in k}}
@@ -294,10 +296,11 @@ def main() -> None:
                         help="timed forwards per cell, interleaved, the median kept (default 5; --quick 2)")
     parser.add_argument("--merged-dir", type=Path, default=None, help="keep / reuse the merged checkpoints here")
     parser.add_argument("--profile", action="store_true", help="where the time goes (native class), no table")
-    parser.add_argument("--int8-split", action="store_true",
-                        help="also time each compiled cell that has float-route layers (CPUs whose int8 kernels add "
-                             "pairs in 16 bits: AVX2) with the int8 weight split there instead "
-                             "(`compile_runtime(float_product=False)`): runtime compiled-int8split")
+    parser.add_argument("--products", default="",
+                        help="also time each compiled cell that has layers oneDNN cannot run in one exact call "
+                             "(CPUs whose int8 kernels add pairs in 16 bits: AVX2) with these routes there "
+                             "(`compile_runtime(product=...)`, of int8 (the weight split in two int8 calls), float "
+                             "and s16): runtime compiled-<route>")
     parser.add_argument("--one-class", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -305,6 +308,8 @@ def main() -> None:
         parser.error(available())
     if args.quick:
         args.classes, args.models = "native", "digits"
+    if set(filter(None, args.products.split(","))) - set(PRODUCTS[1:]):
+        parser.error(f"--products: choose of {', '.join(PRODUCTS[1:])}")
     unknown = set(args.models.split(",")) - {*SMALL, "large"}
     if unknown:
         parser.error(f"unknown --models {', '.join(sorted(unknown))}: choose of {', '.join((*SMALL, 'large'))}")
@@ -348,7 +353,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one-class", cpu_class, "--merged-dir", str(folder), "--out", str(part),
                    "--batch", str(args.batch), "--threads", str(args.threads), "--models", args.models,
                    "--widths", args.widths, "--samples", str(args.samples), "--repeats", str(args.repeats),
-                   *(["--quick"] if args.quick else []), *(["--int8-split"] if args.int8_split else []),
+                   *(["--quick"] if args.quick else []), "--products", args.products,
                    *(["--profile"] if args.profile else [])]
             subprocess.run(cmd, env=env, check=True)
             per_class.append(json.loads(part.read_text()))

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbitdm_cli.errors import RuntimeUnavailableError
+from lowbitdm_cli.export import s16
 from lowbitdm_cli.export.int_runtime import IntConv2d, IntLayer, IntLinear, window_sums, window_sums_beside
 from lowbitdm_cli.export.int_transforms import IntTransformLinear
 from lowbitdm_cli.models.wrapper import DiffusionModel
@@ -75,6 +76,7 @@ from lowbitdm_cli.quant.integer import (
     chunk_plan,
     chunk_weight,
     conv_chunk_products,
+    layout_of,
     linear_chunk_products,
     rescale,
     rescale_order,
@@ -129,7 +131,7 @@ class RefLayer(TimestepSlots, nn.Module):
     for, as the layer it replaces does (the sample manifest lists them)."""
 
     def __init__(self, layer: IntLayer, fold: bool = True, sums_in_kernel: bool | None = None,
-                 float_product: bool | None = None) -> None:
+                 product: str = "auto") -> None:
         super().__init__()
         self.conv = isinstance(layer, IntConv2d)
         self.kind = "conv" if self.conv else "linear"
@@ -159,18 +161,15 @@ class RefLayer(TimestepSlots, nn.Module):
         if not any(kernel == "onednn" for kernel, _ in lowerings):
             raise ValueError("oneDNN's int8 kernels cannot compute this layer exactly here")
         # Where oneDNN would need the weight split (two pair-safe int8 calls: CPUs whose kernels add u8·s8
-        # pairs in 16 bits), a float32 product of u − zx and w − zw is exact too, one product or two
-        # input-channel chunks in one grouped call (`quant.integer.chunk_plan`), at about the cost of one
-        # float32 conv: less than two int8 calls on those CPUs. `float_product`: None there, False never (the
-        # int8 calls), True wherever one product or two chunks are exact (tests: any CPU)
-        use_float = split is not None if float_product is None else float_product
-        self.float_chunks = _float_chunks(layer) if use_float else None
-        if self.float_chunks is not None:
+        # pairs in 16 bits), the product runs elsewhere (`product_route`): the int16 kernel (`export.s16`),
+        # else a float32 product of u − zx and w − zw (one product or two input-channel chunks)
+        self.route, self.float_chunks = product_route(layer, product, split is not None)
+        if self.route != "int8":
             split = None
         # Folded: one kernel call that takes the slot's Δx and zero point at run time, rescales by Δw, adds
         # the bias and returns the model's dtype, so no float32 accumulator leaves it; a shifted layer's
         # all-ones row comes out as Δx·Σ(u − zx), see `_folded`
-        self.folded = fold and split is None and self.float_chunks is None
+        self.folded = fold and split is None and self.route == "int8"
         # the kernel's Δx and zero point: constants with one activation step, else picked per slot
         self.static = (float(layer.input_scale[0]), int(layer._zx[0])) if layer.input_scale.numel() == 1 else None
         self.packed_zero = max(layer._zx)  # the prepacked format: for a kernel with a zero point where any slot has one
@@ -181,7 +180,7 @@ class RefLayer(TimestepSlots, nn.Module):
         lo = int(self.q_min + self.offset) - max(layer._zx)
         hi = int(self.q_max + self.offset) - min(layer._zx)
         centre = max(0, -lo)
-        self.recentred = not self.folded and self.float_chunks is None and self.fixed_zx is None and hi + centre <= 127
+        self.recentred = not self.folded and self.route == "int8" and self.fixed_zx is None and hi + centre <= 127
         self.kernel_zero = centre if self.recentred else (self.fixed_zx or 0)
         shift = [self.offset - zx + centre for zx in layer._zx] if self.recentred else [self.offset] * len(layer._zx)
         self.register_buffer("code_shift", torch.tensor(shift, dtype=torch.float32))  # per slot, added to codes
@@ -202,6 +201,8 @@ class RefLayer(TimestepSlots, nn.Module):
             w_float, g = layer.op_weight(), self.float_chunks
             self.w_float = _constant(chunk_weight(w_float, g).contiguous() if self.conv else
                                      torch.stack(w_float.chunk(g, 1)))  # [g, O, K/g]
+        if self.route == "s16":  # w − zw in the int16 kernel's packed layout
+            self.w_s16 = _constant(s16.pack_weight(layer.op_weight().round().to(torch.int16)))
         rows = wmat.shape[0]
         if not self.folded:  # unit: the rescale after the kernel is the layer's own
             self.w_unit = _constant(torch.ones(rows))
@@ -228,6 +229,8 @@ class RefLayer(TimestepSlots, nn.Module):
     @property
     def lowering(self) -> str:
         """What the sample manifest records (`int_runtime.lowering_counts`)."""
+        if self.route == "s16":
+            return "inductor-s16"
         if self.float_chunks is not None:
             return "inductor-float" + (f"-chunks{self.float_chunks}" if self.float_chunks > 1 else "")
         return "inductor-onednn" + (f"-split{self.split}" if self.split is not None else "")
@@ -312,6 +315,15 @@ class RefLayer(TimestepSlots, nn.Module):
 
     def _rescaled(self, u: Tensor, i: Tensor, delta: Tensor) -> Tensor:
         """The exact sum Σ(u − zx)(w − zw) from the kernel, then the slot's rescale in float32."""
+        if self.route == "s16":
+            zx = self.zx.index_select(0, i)
+            if self.conv:  # the kernel writes channels-last: the input's layout, as the fake layer returns
+                acc = s16.conv(u, zx, self.w_s16, self.kernel_size, *self.geometry, self.out_ch)
+                acc = acc.to(torch.float32, memory_format=layout_of(u))
+            else:
+                acc = s16.linear(u, zx, self.w_s16, self.out_ch).float()
+            return rescale(acc, delta, self.weight_scale, self.bias, 1 if self.conv else -1, self.kind,
+                           order=self.order)
         if self.float_chunks is not None:
             return rescale(self._float_product(u, i), delta, self.weight_scale, self.bias, 1 if self.conv else -1,
                            self.kind, order=self.order)
@@ -343,9 +355,8 @@ class RefTransformLayer(RefLayer):
     after. All in float32 and rounded once to the model's dtype, as `IntTransformLinear` does."""
 
     def __init__(self, layer: IntTransformLinear, fold: bool = True, sums_in_kernel: bool | None = None,
-                 float_product: bool | None = None) -> None:
-        super().__init__(layer, fold=fold and not layer.dynamic, sums_in_kernel=sums_in_kernel,
-                         float_product=float_product)
+                 product: str = "auto") -> None:
+        super().__init__(layer, fold=fold and not layer.dynamic, sums_in_kernel=sums_in_kernel, product=product)
         self.dynamic, self.a_bits, self.rotate_block = layer.dynamic, layer.a_bits, layer.rotate_block
         for name in ("smooth", "input_divisor", "low_rank_down", "low_rank_up"):
             value = getattr(layer, name)
@@ -435,24 +446,39 @@ def check_compilable(denoiser: nn.Module) -> None:
                                       + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") + ": use --runtime int")
 
 
-def _float_chunks(layer: IntLayer) -> int | None:
-    """Into how many input-channel chunks a float32 product of ``u − zx`` (in [−max zx, u_max − min zx]
-    over the slots) and ``w − zw`` must be cut for exact sums (1: none), None where more than two would
-    be needed (`quant.integer.chunk_plan`)."""
+PRODUCTS = ("auto", "int8", "s16", "float")
+
+
+def product_route(layer: IntLayer, product: str, needs_split: bool) -> tuple[str, int | None]:
+    """Where a layer's Σ(u − zx)(w − zw) runs, and the float route's input-channel chunks: "int8" (oneDNN,
+    folded, or its pair-safe weight split where `needs_split`), "s16" (`export.s16`'s int16 kernel: one
+    exact call, int32 sums) or "float" (a float32 product of the integer values, exact in one product or
+    two chunks). `product`: "auto" keeps oneDNN where one call is exact and else takes the int16 kernel,
+    else the float route, else the split; "int8", "s16" and "float" take that route wherever it is exact
+    (tests and benchmarks: any CPU)."""
+    if product not in PRODUCTS:
+        raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
+    if product == "int8" or (product == "auto" and not needs_split):
+        return "int8", None
     weight = layer.op_weight()  # [O, C(, kh, kw)]: chunks of the input channels
     x_neg, x_pos = float(max(layer._zx)), float(layer.u_max - min(layer._zx))
-    return chunk_plan(x_neg, x_pos, weight.shape[1], lambda g: sign_sums(weight, g), 2)
+    if product in ("auto", "s16") and s16.available() and s16.exact(x_neg, x_pos, sign_sums(weight, 1)):
+        return "s16", None
+    chunks = chunk_plan(x_neg, x_pos, weight.shape[1], lambda g: sign_sums(weight, g), 2)
+    if product in ("auto", "float") and chunks is not None:
+        return "float", chunks
+    return "int8", None
 
 
-def reference_layers(denoiser: nn.Module, fold: bool = True, float_product: bool | None = None) -> nn.Module:
+def reference_layers(denoiser: nn.Module, fold: bool = True, product: str = "auto") -> nn.Module:
     """`denoiser` with every integer layer replaced by its `RefLayer` (in place; returned); `fold=False`
-    keeps every rescale in the fake runtime's float order (the op-for-op form); `float_product` as
-    `RefLayer`'s (False: the int8 weight split where oneDNN needs it)."""
+    keeps every rescale in the fake runtime's float order (the op-for-op form); `product` as
+    `product_route`'s ("int8": the int8 weight split where oneDNN needs it)."""
     for module in list(denoiser.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, IntLayer):
                 ref = RefTransformLayer if isinstance(child, IntTransformLinear) else RefLayer
-                setattr(module, name, ref(child, fold=fold, float_product=float_product))
+                setattr(module, name, ref(child, fold=fold, product=product))
     return denoiser
 
 
@@ -460,10 +486,10 @@ class CompiledDenoiser(nn.Module):
     """The denoiser with its integer layers as `RefLayer`s, compiled by Inductor with freezing; called
     like the original (``denoiser(x, timestep=t, **kwargs).sample``)."""
 
-    def __init__(self, denoiser: nn.Module, fold: bool = True, float_product: bool | None = None) -> None:
+    def __init__(self, denoiser: nn.Module, fold: bool = True, product: str = "auto") -> None:
         super().__init__()
         check_compilable(denoiser)
-        self.inner = reference_layers(denoiser, fold=fold, float_product=float_product).eval()
+        self.inner = reference_layers(denoiser, fold=fold, product=product).eval()
         self._compiled = torch.compile(self.inner, dynamic=False)  # static shapes: one graph per input shape
 
     def forward(self, x: Tensor, timestep: Tensor, **kwargs) -> _Output:
@@ -491,11 +517,11 @@ class _Output:
         self.sample = sample
 
 
-def compile_runtime(model: DiffusionModel, fold: bool = True, float_product: bool | None = None) -> DiffusionModel:
+def compile_runtime(model: DiffusionModel, fold: bool = True, product: str = "auto") -> DiffusionModel:
     """`model` (loaded with the integer runtime) with its denoiser compiled (`CompiledDenoiser`); the
     first call per input shape compiles. `fold=False` keeps every rescale outside the kernels (what
-    `benchmarks/compiled_runtime.py --profile` compares against); `float_product=False` keeps the int8
-    weight split where oneDNN needs one (`RefLayer`; the benchmark's ``--int8-split``)."""
+    `benchmarks/compiled_runtime.py --profile` compares against); `product` picks where the layers that
+    oneDNN cannot run in one exact call go (`product_route`: the benchmark's ``--products``)."""
     if not isinstance(model.denoiser, CompiledDenoiser):
-        model.denoiser = CompiledDenoiser(model.denoiser, fold=fold, float_product=float_product)
+        model.denoiser = CompiledDenoiser(model.denoiser, fold=fold, product=product)
     return model

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tiny_chain import merge_tiny, sample_tiny
 
 from lowbitdm_cli.errors import RuntimeUnavailableError
-from lowbitdm_cli.export import compiled_runtime
+from lowbitdm_cli.export import compiled_runtime, s16
 from lowbitdm_cli.export.compiled_runtime import (
     RefLayer,
     RefTransformLayer,
@@ -126,12 +126,12 @@ def _folds(ref: RefLayer) -> bool:
     """Whether a `RefLayer` (fold=True) should fold: one kernel call (on a saturating CPU, 8-bit shifted
     weights need two), whatever its slots' steps and zero points (the kernel takes them at run time), unless
     its inputs have per-token steps (the kernel takes one)."""
-    return ref.split is None and ref.float_chunks is None and not getattr(ref, "dynamic", False)
+    return ref.split is None and ref.route == "int8" and not getattr(ref, "dynamic", False)
 
 
 def _kernel_calls(ref: RefLayer) -> int:
-    """oneDNN int8 calls a `RefLayer` makes: one per weight part, none on the float route."""
-    return 0 if ref.float_chunks is not None else ref.parts
+    """oneDNN int8 calls a `RefLayer` makes: one per weight part, none on the float or int16 route."""
+    return 0 if ref.route != "int8" else ref.parts
 
 
 def _int8_calls(code: str) -> int:
@@ -185,16 +185,20 @@ def test_reference_layer_matches_the_exact_sum(kind: str, shifted: bool, zero_po
     compiled_runtime._STEP.t = None
 
 
+@pytest.mark.parametrize("product", ["float", "s16"])
 @pytest.mark.parametrize("kind,shifted,zero_points,a_bits", CASES)
-def test_float_product_is_the_integer_layer_bit_for_bit(kind: str, shifted: bool, zero_points: list[int],
-                                                        a_bits: int) -> None:
-    """The float route (what CPUs whose int8 kernels add pairs in 16 bits run where oneDNN would need the
-    weight split in two calls): float32 products of u − zx and w − zw, exact, then the fake runtime's
-    rescale. Eagerly it is the integer layer bit for bit in every slot; no zero-point correction, no
-    window sums, no re-centring."""
+def test_rerouted_product_is_the_integer_layer_bit_for_bit(kind: str, shifted: bool, zero_points: list[int],
+                                                           a_bits: int, product: str) -> None:
+    """The routes CPUs whose int8 kernels add pairs in 16 bits take where oneDNN would need the weight split
+    in two calls: float32 products of u − zx and w − zw, exact, or the int16 kernel's int32 sums; then the
+    fake runtime's rescale. Eagerly each is the integer layer bit for bit in every slot; no zero-point
+    correction, no window sums, no re-centring."""
+    if product == "s16" and not s16.available():
+        pytest.skip(s16.load())
     layer = _layer(kind, shifted, zero_points, a_bits=a_bits)
-    ref = RefLayer(layer, float_product=True).eval()
-    assert ref.float_chunks == 1 and ref.lowering == "inductor-float"
+    ref = RefLayer(layer, product=product).eval()
+    assert ref.route == product and ref.lowering == f"inductor-{product}"
+    assert ref.float_chunks == (1 if product == "float" else None)
     assert not ref.folded and not ref.recentred and not ref.sums_beside and ref.split is None
     for slot, t in enumerate(layer.timesteps.tolist() or [None]):
         x = _input(layer, slot, seed=slot)
@@ -203,20 +207,24 @@ def test_float_product_is_the_integer_layer_bit_for_bit(kind: str, shifted: bool
         with torch.no_grad():
             assert torch.equal(ref(x), layer(x)), slot
     compiled_runtime._STEP.t = None
-    assert RefLayer(layer, float_product=False).float_chunks is None
+    assert RefLayer(layer, product="int8").route == "int8"
 
 
-@pytest.mark.parametrize("kind,in_ch", [("conv", 96), ("linear", 864)])
-def test_float_product_chunks_wide_sums(kind: str, in_ch: int) -> None:
+@pytest.mark.parametrize("kind,in_ch,product", [("conv", 96, "float"), ("linear", 864, "float"),
+                                                ("conv", 96, "s16"), ("linear", 864, "s16")])
+def test_rerouted_product_wide_sums_compiled(kind: str, in_ch: int, product: str) -> None:
     """8-bit codes over 864 inputs: 255·Σ|w − zw| passes 2^24, so the float route runs two input-channel
-    chunks (one grouped conv, or two linears on feature slices) added with one rounding: still the
-    integer layer's bits."""
+    chunks (one grouped conv, or two linears on feature slices) added with one rounding, and the int16
+    kernel one call (int32 sums): still the integer layer's bits eagerly; compiled with freezing, no int8
+    call (the int16 kernel called from the graph), the sums exact, Inductor's rescale within the bound."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
+    if product == "s16" and not s16.available():
+        pytest.skip(s16.load())
     layer = _layer(kind, True, [3, 200], in_ch=in_ch)
-    ref = RefLayer(layer, float_product=True).eval()
-    assert ref.float_chunks == 2 and ref.lowering == "inductor-float-chunks2"
+    ref = RefLayer(layer, product=product).eval()
+    assert ref.lowering == ("inductor-float-chunks2" if product == "float" else "inductor-s16")
     torch._dynamo.reset()
     compiled = torch.compile(ref, fullgraph=True)
     for slot, t in enumerate(layer.timesteps.tolist()):
@@ -225,10 +233,10 @@ def test_float_product_chunks_wide_sums(kind: str, in_ch: int) -> None:
         compiled_runtime._STEP.t = torch.tensor([t])
         with torch.no_grad():
             assert torch.equal(ref(x), layer(x)), slot
-            # compiled with freezing: no int8 call, the sums exact, Inductor's rescale within the bound
             with inductor_config.patch(freezing=True), torch._dynamo.config.patch(error_on_recompile=slot > 0):
                 y, code = run_and_get_code(compiled, x)
             assert _int8_calls("\n".join(code)) == 0
+            assert ("lowbitdm.conv_s16" in "\n".join(code)) == (product == "s16")
             exact, scale = _exact(layer, x, slot)
             _assert_within(y, exact, scale)
     compiled_runtime._STEP.t = None
@@ -519,13 +527,14 @@ def test_sample_cli_compiled(merged: Path, tmp_path: Path, runner, dtype: str) -
     assert compiled.info["dtype"] == integer.info["dtype"] == dtype
     lowered = compiled.info["int_runtime"]["lowerings"]
     assert set(lowered) <= {"inductor-onednn", *(f"inductor-onednn-split{s}" for s in range(1, 8)), "inductor-float",
-                            "inductor-float-chunks2"}
+                            "inductor-float-chunks2", "inductor-s16"}
     assert sum(lowered.values()) == sum(integer.info["int_runtime"]["lowerings"].values()) > 0
     # each one a prepacked oneDNN call in the compiled graph (none left to eager by a graph break)
     # (on CPUs whose int8 kernels add pairs in 16 bits, layers that would need the weight split take the
-    # float route: no int8 call)
+    # int16 kernel, one call each, or the float route: no int8 call)
     int8 = sum(n for name, n in lowered.items() if name.startswith("inductor-onednn"))
     assert not counters["graph_break"] and _int8_calls("\n".join(code)) >= int8
+    assert "\n".join(code).count("torch.ops.lowbitdm.conv_s16") >= lowered.get("inductor-s16", 0)
     assert compiled.inputs_digest != integer.inputs_digest
     # timesteps without a calibrated slot (2 sampling steps, 4 calibrated) are reported alike
     assert compiled.info["unmatched_timesteps"] == integer.info["unmatched_timesteps"]
