@@ -66,6 +66,7 @@ from torch._inductor import config as inductor_config
 from lowbitdm_cli.evaluation.digits_features import DigitsEvaluator
 from lowbitdm_cli.export.checkpoint import load_merged
 from lowbitdm_cli.export.compiled_runtime import PRODUCTS, RefLayer, available, compile_runtime
+from lowbitdm_cli.export.int_runtime import lowering_counts
 from lowbitdm_cli.export.kernel_probe import kernel_report
 from lowbitdm_cli.memory import keep_freed_memory
 from lowbitdm_cli.models.precision import DTYPES, bf16_native, use_dtype, use_layout
@@ -97,10 +98,12 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
            ) -> dict:
     cells = _fp_cells(make_fp, args.batch)
     dtypes = ["fp32", "bf16"] if bf16_native() else ["fp32"]
-    lowerings = {}
+    lowerings, int_models = {}, {}
     for label, path in merged.items():
         for dtype in dtypes:
-            cells[f"{label} int {dtype}"] = mr._call(use_dtype(load_merged(path, "int"), DTYPES[dtype]), args.batch)
+            integer = use_dtype(load_merged(path, "int"), DTYPES[dtype])
+            cells[f"{label} int {dtype}"] = mr._call(integer, args.batch)
+            int_models[f"{label} int {dtype}"] = integer  # its lowerings are known after the first forward
             compiled = compile_runtime(use_dtype(load_merged(path, "int"), DTYPES[dtype]))
             cells[f"{label} compiled {dtype}"] = mr._call(compiled, args.batch)
             counts = Counter(m.lowering for m in compiled.denoiser.inner.modules() if isinstance(m, RefLayer))
@@ -120,6 +123,7 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
                 fn()
                 first[key] = time.perf_counter() - t0
     ms = {k: v * 1e3 for k, v in mr._time_cells(cells, args.repeats, args.warmup).items()}
+    lowerings.update({key: lowering_counts(model.denoiser) for key, model in int_models.items()})
     fp = {k: v for k, v in ms.items() if " " not in k}
     fastest = min(fp, key=fp.get)
     rows = [{"precision": label, "runtime": runtime, "dtype": dtype, "ms": ms[f"{label} {runtime} {dtype}"],

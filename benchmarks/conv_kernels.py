@@ -7,8 +7,9 @@ shapes, and by the share of the FP forward those convs take (`merged_runtime.py 
 
 For each 3x3 conv shape of `merged_runtime.py`'s 26 M UNet (`unet-128-256-256`, batch 64) and of
 the digits UNet, median time of: the float32 conv, the bf16 conv (channels-last, what bf16 autocast
-runs), and `onednn::qconv2d_pointwise` on uint8 codes (channels-last) with a float32, a bf16 and a
-uint8 output, all interleaved in one process. Every configuration runs twice: with glibc's default
+runs), `onednn::qconv2d_pointwise` on uint8 codes (channels-last) with a float32, a bf16 and a
+uint8 output (4-bit codes and weights: one exact call on every CPU), and where it runs the int16 kernel
+(`export.s16`, 8-bit codes and weights, one exact call, int32 out), all interleaved in one process. Every configuration runs twice: with glibc's default
 malloc (a fresh mmap for every block above 32 MiB) and with freed memory kept for reuse
 (`lowbitdm_cli.memory`, what the CLI does); each setting runs in its own child process, as
 `mallopt` is per process.
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merged_runtime as mr  # noqa: E402 - sets the CLI's thread wait before torch loads
 import torch  # noqa: E402
 
+from lowbitdm_cli.export import s16  # noqa: E402
 from lowbitdm_cli.export.kernel_probe import cpu_description, probe_onednn_conv  # noqa: E402
 from lowbitdm_cli.memory import keep_freed_memory  # noqa: E402
 from lowbitdm_cli.models.precision import bf16_native  # noqa: E402
@@ -66,6 +68,11 @@ def _cells(n: int, c: int, h: int, o: int, repeats: int) -> dict[str, float]:
             out_scale = 0.05 if dtype == torch.uint8 else 1.0
             fns[key] = (lambda dtype=dtype, out_scale=out_scale: torch.ops.onednn.qconv2d_pointwise(
                 u, 0.02, 8, packed, scales, zeros, None, *geometry, out_scale, 0, dtype, "none", [], ""))
+    if s16.available():  # 8-bit codes and weights, one exact call (int32 out)
+        u8 = torch.randint(0, 256, x.shape, generator=g, dtype=torch.uint8).contiguous(memory_format=CL)
+        w16 = s16.pack_weight(torch.randint(-255, 256, w.shape, generator=g))
+        zx = torch.tensor([128])
+        fns["s16->i32"] = lambda: s16.conv(u8, zx, w16, (3, 3), (1, 1), (1, 1), (1, 1), o)
     return {k: v * 1e3 for k, v in mr._time_cells(fns, repeats, warmup=2).items()}  # interleaved medians
 
 
@@ -101,13 +108,14 @@ def main() -> None:
     for run in runs:
         print(f"\nmalloc: {run['malloc']}")
         print(f"{'model':18} {'input':>18} {'out':>4} " + " ".join(f"{k:>11}" for k in keys)
-              + "   int8->bf16 vs bf16   int8->fp32 vs fp32")
+              + "   int8->bf16 vs bf16   int8->fp32 vs fp32   s16 vs fp32")
         for r in run["rows"]:
             ms = r["ms"]
             vs_bf16 = f"{ms['bf16'] / ms['int8->bf16']:>9.2f}x" if "int8->bf16" in ms and "bf16" in ms else f"{'-':>10}"
             vs_fp32 = f"{ms['fp32'] / ms['int8->fp32']:>9.2f}x" if "int8->fp32" in ms else f"{'-':>10}"
+            s16_fp32 = f"{ms['fp32'] / ms['s16->i32']:>9.2f}x" if "s16->i32" in ms else f"{'-':>10}"
             print(f"{r['model']:18} {str(r['shape']):>18} {r['out_channels']:>4} "
-                  + " ".join(f"{ms.get(k, float('nan')):>9.2f}ms" for k in keys) + f"   {vs_bf16:>18}   {vs_fp32:>18}")
+                  + " ".join(f"{ms.get(k, float('nan')):>9.2f}ms" for k in keys) + f"   {vs_bf16:>18}   {vs_fp32:>18}   {s16_fp32:>11}")
     payload = {"cpu": cpu_description(), "torch": torch.__version__, "threads": args.threads,
                "repeats": args.repeats, "runs": runs}
     out = args.out or ROOT / "benchmarks" / "results" / f"conv_kernels{'_quick' if args.quick else ''}.json"

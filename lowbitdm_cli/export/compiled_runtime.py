@@ -161,8 +161,8 @@ class RefLayer(TimestepSlots, nn.Module):
         if not any(kernel == "onednn" for kernel, _ in lowerings):
             raise ValueError("oneDNN's int8 kernels cannot compute this layer exactly here")
         # Where oneDNN would need the weight split (two pair-safe int8 calls: CPUs whose kernels add u8·s8
-        # pairs in 16 bits), the product runs elsewhere (`product_route`): the int16 kernel (`export.s16`),
-        # else a float32 product of u − zx and w − zw (one product or two input-channel chunks)
+        # pairs in 16 bits), the product runs elsewhere (`product_route`): a float32 product of u − zx and
+        # w − zw (one product or two input-channel chunks), else the int16 kernel (`export.s16`)
         self.route, self.float_chunks = product_route(layer, product, split is not None)
         if self.route != "int8":
             split = None
@@ -451,22 +451,24 @@ PRODUCTS = ("auto", "int8", "s16", "float")
 
 def product_route(layer: IntLayer, product: str, needs_split: bool) -> tuple[str, int | None]:
     """Where a layer's Σ(u − zx)(w − zw) runs, and the float route's input-channel chunks: "int8" (oneDNN,
-    folded, or its pair-safe weight split where `needs_split`), "s16" (`export.s16`'s int16 kernel: one
-    exact call, int32 sums) or "float" (a float32 product of the integer values, exact in one product or
-    two chunks). `product`: "auto" keeps oneDNN where one call is exact and else takes the int16 kernel,
-    else the float route, else the split; "int8", "s16" and "float" take that route wherever it is exact
-    (tests and benchmarks: any CPU)."""
+    folded, or its pair-safe weight split where `needs_split`), "float" (a float32 product of the integer
+    values, exact in one product or two chunks) or "s16" (`export.s16`'s int16 kernel: one exact call,
+    int32 sums). `product`: "auto" keeps oneDNN where one call is exact, else takes the float route, else
+    the int16 kernel, else the split (on an AVX2-only AMD EPYC, Zen 3, `benchmarks/compiled_runtime.py
+    --products`: the float route ran the digits UNet's W8A8 layers faster than the int16 kernel, whose
+    vpmaddwd issues once per cycle there against two float32 FMAs, and both faster than the split);
+    "int8", "float" and "s16" take that route wherever it is exact (tests and benchmarks: any CPU)."""
     if product not in PRODUCTS:
         raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
     if product == "int8" or (product == "auto" and not needs_split):
         return "int8", None
     weight = layer.op_weight()  # [O, C(, kh, kw)]: chunks of the input channels
     x_neg, x_pos = float(max(layer._zx)), float(layer.u_max - min(layer._zx))
-    if product in ("auto", "s16") and s16.available() and s16.exact(x_neg, x_pos, sign_sums(weight, 1)):
-        return "s16", None
     chunks = chunk_plan(x_neg, x_pos, weight.shape[1], lambda g: sign_sums(weight, g), 2)
     if product in ("auto", "float") and chunks is not None:
         return "float", chunks
+    if product in ("auto", "s16") and s16.available() and s16.exact(x_neg, x_pos, sign_sums(weight, 1)):
+        return "s16", None
     return "int8", None
 
 

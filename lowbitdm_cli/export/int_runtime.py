@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbitdm_cli.export import fused_ops
+from lowbitdm_cli.export import fused_ops, s16
 from lowbitdm_cli.export.int_ops import _padded_int_mm
 from lowbitdm_cli.export.kernel_probe import (
     KernelClass,
@@ -348,7 +348,25 @@ class IntLayer(TimestepSlots, nn.Module):
                 out.append(("onednn", split))
         if probe_int_mm("cpu") in ("int32", "pair16"):
             out.append(("int_mm", self._int_mm_split()))
+        if (not out or out[0][1] is not None) and self._s16_exact():  # no one-call int8 lowering here
+            out.append(("s16", None))
         return [*out, ("float", None)]
+
+    def _s16_exact(self) -> bool:
+        """Whether `export.s16`'s int16 kernel runs here (built on first ask) and its int32 sums are exact for
+        this layer's codes and weights."""
+        if not s16.available():
+            return False
+        x_neg, x_pos = float(max(self._zx)), float(self.u_max - min(self._zx))
+        return s16.exact(x_neg, x_pos, sign_sums(self.float_weight(), 1))
+
+    def _s16_call_args(self, zx: int) -> tuple[Tensor, Tensor]:
+        """The kernel's zero point tensor and packed weights (built once per lowering)."""
+        if self._s16_packed is None:
+            self._s16_packed = s16.pack_weight(self.op_weight().to(torch.int16))
+        if ("s16 zx", zx) not in self._chunk_cache:
+            self._chunk_cache["s16 zx", zx] = torch.tensor([zx])
+        return self._chunk_cache["s16 zx", zx], self._s16_packed
 
     def choose_lowering(self) -> tuple[str, int | None]:
         """The first of `exact_lowerings`; where that is not one plain kernel call (a split, or the
@@ -384,17 +402,21 @@ class IntLayer(TimestepSlots, nn.Module):
         return choose_split(wmat.t(), limit, self.u_max, float_exact=False)
 
     def set_lowering(self, kernel: str, split: int | None = None) -> None:
-        """Run the product on `kernel` (``onednn``, ``int_mm`` or ``float``, the integer-exact float
-        path) with the int8 weights split at 2^`split` into two calls (None: one call)."""
-        if kernel not in ("onednn", "int_mm", "float"):
+        """Run the product on `kernel` (``onednn``, ``int_mm``, ``s16``, `export.s16`'s int16 kernel, or
+        ``float``, the integer-exact float path) with the int8 weights split at 2^`split` into two calls
+        (None: one call)."""
+        if kernel not in ("onednn", "int_mm", "s16", "float"):
             raise ValueError(f"unknown kernel {kernel!r}")
         self._tune = None  # an explicit lowering is kept (autotune clears its list before trying each)
         if kernel == "onednn" and not onednn_available():
             raise ValueError("this PyTorch has no oneDNN int8 kernels")
-        if split is not None and kernel == "float":
-            raise ValueError("the float path does not split weights")
+        if split is not None and kernel in ("float", "s16"):
+            raise ValueError(f"the {kernel} path does not split weights")
+        if kernel == "s16" and s16.load() is not None:
+            raise ValueError(s16.load())
         self.use_onednn, self.float_exact, self.split = kernel == "onednn", kernel == "float", split
-        self._onednn_cache, self._float_weight, self._chunk_cache = None, None, {}
+        self.use_s16 = kernel == "s16"
+        self._onednn_cache, self._float_weight, self._chunk_cache, self._s16_packed = None, None, {}, None
         self._sums_beside: bool | None = None  # `sums_beside`, decided on first use (a conv's geometry is set last)
         # `accumulate` (the int_mm product) stays exact whichever kernel runs the layer
         mm_split = split if kernel == "int_mm" else self._int_mm_split()
@@ -410,10 +432,12 @@ class IntLayer(TimestepSlots, nn.Module):
 
     @property
     def kernel(self) -> str:
-        """``onednn`` (CPU int8 kernels, float32 output), ``int_mm`` (torch._int_mm + im2col) or
-        ``float`` (integer-exact float products: no exact integer kernel here)."""
+        """``onednn`` (CPU int8 kernels, float32 output), ``int_mm`` (torch._int_mm + im2col), ``s16`` (the
+        int16 kernel of `export.s16`) or ``float`` (integer-exact float products)."""
         if self.float_exact:
             return "float"
+        if self.use_s16:
+            return "s16"
         return "onednn" if self.use_onednn and self.wmat.device.type == "cpu" else "int_mm"
 
     @property
@@ -630,7 +654,10 @@ class IntLinear(IntLayer):
         if kernel == "float":
             return self._float_exact(F.linear, u, zx, self.float_weight(), delta, -1,
                                      chunked=self._chunk_products).to(x.dtype)
-        acc = self.accumulate(u.reshape(-1, self.k), zx)
+        if kernel == "s16":
+            acc = s16.linear(u.reshape(-1, self.k), *self._s16_call_args(zx), self.out_ch)
+        else:
+            acc = self.accumulate(u.reshape(-1, self.k), zx)
         return self._finish(acc, delta).reshape(*x.shape[:-1], self.out_ch).to(x.dtype)
 
     def _chunk_products(self, x: Tensor, g: int, cache: dict) -> list[Tensor]:
@@ -720,8 +747,12 @@ class IntConv2d(IntLayer):
                                            self.stride, self.padding, self.dilation)
 
             return self._float_exact(conv, u, zx, weight, delta, 1, layout, chunked).to(x.dtype)
-        cols, ho, wo = self.im2col(u, zx)
-        acc = self.accumulate(cols, zx).reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
+        if kernel == "s16":  # int32, channels-last
+            acc = s16.conv(u, *self._s16_call_args(zx), self.kernel_size, self.stride, self.padding, self.dilation,
+                           self.out_ch)
+        else:
+            cols, ho, wo = self.im2col(u, zx)
+            acc = self.accumulate(cols, zx).reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
         # out in the input's layout, the layout every runtime hands to the float ops after a conv
         return rescale(acc.to(torch.float32, memory_format=layout), delta, self.weight_scale,
                        self.bias, 1, self.rescale_kernel).to(x.dtype)

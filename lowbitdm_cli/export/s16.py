@@ -121,7 +121,11 @@ def _register_fake() -> None:
 
 def pack_weight(w: Tensor) -> Tensor:
     """Integer weights w − zw ([O, C, kh, kw], or [O, K] for a linear; |w − zw| ≤ 255) in the kernel's
-    layout: int16 [⌈O/16⌉, kh·kw, ⌈C/2⌉, 16, 2], zero-padded to an even C and whole blocks of 16 outputs."""
+    layout: int16 [⌈O/16⌉, kh·kw, ⌈C/2⌉, 16, 2], zero-padded to an even C and whole blocks of 16 outputs.
+    Builds and registers the kernel on first use (`load`); RuntimeError where it cannot run here."""
+    why = load()
+    if why is not None:
+        raise RuntimeError(why)
     if w.dim() == 2:
         w = w[:, :, None, None]
     if w.is_floating_point() or (w.numel() and int(w.abs().max()) > 255):
