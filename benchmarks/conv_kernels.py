@@ -9,10 +9,10 @@ For each 3x3 conv shape of `merged_runtime.py`'s 26 M UNet (`unet-128-256-256`, 
 the digits UNet, median time of: the float32 conv, the bf16 conv (channels-last, what bf16 autocast
 runs), `onednn::qconv2d_pointwise` on uint8 codes (channels-last) with a float32, a bf16 and a
 uint8 output (4-bit codes and weights: one exact call on every CPU), and where it runs the int16 kernel
-(`export.s16`, 8-bit codes and weights, one exact call, int32 out), all interleaved in one process. Every configuration runs twice: with glibc's default
-malloc (a fresh mmap for every block above 32 MiB) and with freed memory kept for reuse
-(`lowbitdm_cli.memory`, what the CLI does); each setting runs in its own child process, as
-`mallopt` is per process.
+(`export.s16`, 8-bit codes and weights, one exact call, int32 out), all interleaved in one process.
+Every configuration runs twice: with glibc's default malloc (a fresh mmap for every block above
+32 MiB) and with freed memory kept for reuse (`lowbitdm_cli.memory`, what the CLI does); each
+setting runs in its own child process, as `mallopt` is per process.
 
     python benchmarks/conv_kernels.py            # 20 timed calls per cell
     python benchmarks/conv_kernels.py --quick    # 3 timed calls per cell
@@ -115,7 +115,8 @@ def main() -> None:
             vs_fp32 = f"{ms['fp32'] / ms['int8->fp32']:>9.2f}x" if "int8->fp32" in ms else f"{'-':>10}"
             s16_fp32 = f"{ms['fp32'] / ms['s16->i32']:>9.2f}x" if "s16->i32" in ms else f"{'-':>10}"
             print(f"{r['model']:18} {str(r['shape']):>18} {r['out_channels']:>4} "
-                  + " ".join(f"{ms.get(k, float('nan')):>9.2f}ms" for k in keys) + f"   {vs_bf16:>18}   {vs_fp32:>18}   {s16_fp32:>11}")
+                  + " ".join(f"{ms.get(k, float('nan')):>9.2f}ms" for k in keys)
+                  + f"   {vs_bf16:>18}   {vs_fp32:>18}   {s16_fp32:>11}")
     payload = {"cpu": cpu_description(), "torch": torch.__version__, "threads": args.threads,
                "repeats": args.repeats, "runs": runs}
     out = args.out or ROOT / "benchmarks" / "results" / f"conv_kernels{'_quick' if args.quick else ''}.json"

@@ -43,7 +43,8 @@ exact where the kernels are exact (`IntLayer.exact_lowerings`: on CPUs whose int
 pairs of products (AVX2, AVX-512 without VNNI) a layer whose weights could saturate takes the float
 route, a float32 product of u − zx and w − zw that is exact (one product, or two input-channel
 chunks, `quant.integer.chunk_plan`) and costs less there than the two pair-safe int8 halves the
-integer runtime's split makes, which a layer needing more chunks keeps).
+integer runtime's split makes; a layer needing more chunks takes `export.s16`'s int16 kernel, one exact
+call with int32 sums, where it runs, else keeps the split: `product_route`).
 `benchmarks/compiled_runtime.py` measures the speed per CPU class and how far the samples move
 (FID-digits, accuracy, pixels equal to the fake runtime's).
 

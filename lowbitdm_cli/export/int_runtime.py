@@ -53,8 +53,10 @@ codes): where they accumulate in int32 (VNNI, AMX) one call; where they add u8·
 saturating 16-bit lanes (AVX2, AVX-512 without VNNI) one call while ``2·u_max·|w| ≤ 32767``
 (every layer with ≤ 7-bit activations, or weights within ±64), else the int8 weight split as
 ``w = hi·2^s + lo`` into two pair-safe calls combined exactly; where no integer kernel is exact,
-the integer-exact float path of `quant.integer`. `lowering` names the choice per layer and the
-load report counts them.
+the integer-exact float path of `quant.integer`. Where no one-call int8 lowering is exact, lowbitdm's
+own int16 kernel (`export.s16`: one call, int32 sums, built on first use) is a candidate too, and the
+layer's first forward times the candidates and keeps the fastest. `lowering` names the choice per
+layer and the load report counts them.
 
 Every path ends in the float ops of `quant.integer.rescale` on the exact accumulator, which
 is also what the fake-quantized model computes in inference, so the two runtimes give the
