@@ -456,9 +456,10 @@ def product_route(layer: IntLayer, product: str, needs_split: bool) -> tuple[str
     values, exact in one product or two chunks) or "s16" (`export.s16`'s int16 kernel: one exact call,
     int32 sums). `product`: "auto" keeps oneDNN where one call is exact, else takes the float route, else
     the int16 kernel, else the split (on an AVX2-only AMD EPYC, Zen 3, `benchmarks/compiled_runtime.py
-    --products`: the float route ran the digits UNet's W8A8 layers faster than the int16 kernel, whose
-    vpmaddwd issues once per cycle there against two float32 FMAs, and both faster than the split);
-    "int8", "float" and "s16" take that route wherever it is exact (tests and benchmarks: any CPU)."""
+    --products`: the float route ran both UNets' W8A8 layers faster than the split and than the int16
+    kernel, whose vpmaddwd issues at half the float32 FMA's rate there; the int16 kernel beat the split on
+    the 26 M UNet, not on digits); "int8", "float" and "s16" take that route wherever it is exact (tests
+    and benchmarks: any CPU)."""
     if product not in PRODUCTS:
         raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
     if product == "int8" or (product == "auto" and not needs_split):

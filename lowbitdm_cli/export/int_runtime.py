@@ -438,7 +438,7 @@ class IntLayer(TimestepSlots, nn.Module):
         int16 kernel of `export.s16`) or ``float`` (integer-exact float products)."""
         if self.float_exact:
             return "float"
-        if self.use_s16:
+        if self.use_s16 and self.wmat.device.type == "cpu":  # on another device: torch._int_mm
             return "s16"
         return "onednn" if self.use_onednn and self.wmat.device.type == "cpu" else "int_mm"
 
