@@ -203,7 +203,7 @@ class RefLayer(TimestepSlots, nn.Module):
             self.w_float = _constant(chunk_weight(w_float, g).contiguous() if self.conv else
                                      torch.stack(w_float.chunk(g, 1)))  # [g, O, K/g]
         if self.route == "s16":  # w − zw in the int16 kernel's packed layout
-            self.w_s16 = _constant(s16.pack_weight(layer.op_weight().round().to(torch.int16)))
+            self.w_s16 = _constant(layer.s16_weight())
         rows = wmat.shape[0]
         if not self.folded:  # unit: the rescale after the kernel is the layer's own
             self.w_unit = _constant(torch.ones(rows))
@@ -465,11 +465,10 @@ def product_route(layer: IntLayer, product: str, needs_split: bool) -> tuple[str
     if product == "int8" or (product == "auto" and not needs_split):
         return "int8", None
     weight = layer.op_weight()  # [O, C(, kh, kw)]: chunks of the input channels
-    x_neg, x_pos = float(max(layer._zx)), float(layer.u_max - min(layer._zx))
-    chunks = chunk_plan(x_neg, x_pos, weight.shape[1], lambda g: sign_sums(weight, g), 2)
+    chunks = chunk_plan(*layer.code_range(), weight.shape[1], lambda g: sign_sums(weight, g), 2)
     if product in ("auto", "float") and chunks is not None:
         return "float", chunks
-    if product in ("auto", "s16") and s16.available() and s16.exact(x_neg, x_pos, sign_sums(weight, 1)):
+    if product in ("auto", "s16") and layer.s16_exact():
         return "s16", None
     return "int8", None
 

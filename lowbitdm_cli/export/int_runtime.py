@@ -350,25 +350,30 @@ class IntLayer(TimestepSlots, nn.Module):
                 out.append(("onednn", split))
         if probe_int_mm("cpu") in ("int32", "pair16"):
             out.append(("int_mm", self._int_mm_split()))
-        if (not out or out[0][1] is not None) and self._s16_exact():  # no one-call int8 lowering here
+        if (not out or out[0][1] is not None) and self.s16_exact():  # no one-call int8 lowering here
             out.append(("s16", None))
         return [*out, ("float", None)]
 
-    def _s16_exact(self) -> bool:
+    def code_range(self) -> tuple[float, float]:
+        """(a, b): every u − zx lies in [−a, b], over the timestep slots (what bounds the exact sums)."""
+        return float(max(self._zx)), float(self.u_max - min(self._zx))
+
+    def s16_exact(self) -> bool:
         """Whether `export.s16`'s int16 kernel runs here (built on first ask) and its int32 sums are exact for
         this layer's codes and weights."""
-        if not s16.available():
-            return False
-        x_neg, x_pos = float(max(self._zx)), float(self.u_max - min(self._zx))
-        return s16.exact(x_neg, x_pos, sign_sums(self.float_weight(), 1))
+        return s16.available() and s16.exact(*self.code_range(), sign_sums(self.float_weight(), 1))
 
-    def _s16_call_args(self, zx: int) -> tuple[Tensor, Tensor]:
-        """The kernel's zero point tensor and packed weights (built once per lowering)."""
+    def s16_weight(self) -> Tensor:
+        """w − zw in the int16 kernel's packed layout (`s16.pack_weight`; built once per lowering)."""
         if self._s16_packed is None:
             self._s16_packed = s16.pack_weight(self.op_weight().to(torch.int16))
+        return self._s16_packed
+
+    def _s16_call_args(self, zx: int) -> tuple[Tensor, Tensor]:
+        """The kernel's zero point tensor and packed weights."""
         if ("s16 zx", zx) not in self._chunk_cache:
             self._chunk_cache["s16 zx", zx] = torch.tensor([zx])
-        return self._chunk_cache["s16 zx", zx], self._s16_packed
+        return self._chunk_cache["s16 zx", zx], self.s16_weight()
 
     def choose_lowering(self) -> tuple[str, int | None]:
         """The first of `exact_lowerings`; where that is not one plain kernel call (a split, or the

@@ -7,8 +7,9 @@ split into two pair-safe calls, or a float32 product (the integer runtime's floa
 runtime's float route), neither faster than the FP32 model. ``vpmaddwd`` multiplies int16 by int16
 and adds each pair into 32 bits: with |u − zx| and |w − zw| at most 255 a pair is at most 2·255·255,
 nothing saturates, and one pass gives the exact Σ(u − zx)(w − zw) in int32 while that sum fits
-(`exact`). On these CPUs it issues at the rate of ``vpmaddubsw``, 16 products per instruction, twice
-the 8 of a float32 FMA.
+(`exact`). 16 products per instruction against a float32 FMA's 8; but on AMD Zen 3 it issued at half
+the FMA's rate (a throughput loop timed by hand), so there it can at best match float32, and measured
+slower than the float route (docs/integer-runtime.md); CPUs with two integer multiply ports may differ.
 
 The kernel (``kernels/s16_conv.cpp``, AVX2 intrinsics, threads from PyTorch's pool) is compiled on
 first use with the machine's C++ compiler (about 15 s, once: the library is cached per source, PyTorch

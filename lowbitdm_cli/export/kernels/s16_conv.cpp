@@ -4,9 +4,9 @@
 // each pair of products into a saturating 16-bit lane: 255*127 + 255*127 clips, so an 8-bit layer needs two
 // pair-safe calls there. vpmaddwd multiplies int16 by int16 and adds each pair into 32 bits: with codes and
 // weights within +-255 a pair is at most 2*255*255, nothing saturates, and one call is exact for any 8-bit
-// layer while the whole sum stays within int32 (checked by the caller: lowbitdm_cli/export/s16.py). On the
-// CPUs this is for (AMD Zen 1-3, Intel before Ice Lake) vpmaddwd issues at the rate of vpmaddubsw: 16 products
-// per instruction, twice float32 FMA's 8.
+// layer while the whole sum stays within int32 (checked by the caller: lowbitdm_cli/export/s16.py). 16 products
+// per instruction against a float32 FMA's 8, but on AMD Zen 3 vpmaddwd issues at half the FMA's rate, so there
+// it at best matches float32 (measured: docs/integer-runtime.md).
 //
 // Layout: the codes are copied once per call into a zero-padded channels-last int16 buffer (u - zx, so zero
 // padding is code zx, the value 0, as in the fake-quantized layer); weights are packed once by the caller as
