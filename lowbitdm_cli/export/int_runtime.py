@@ -131,6 +131,12 @@ def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+# Autotuning (`IntLayer.autotune`): rows of the batch a timed forward sees, the warm-up ratio to the best
+# median past which a candidate is dropped, and the choices made in this process.
+TUNE_ROWS = 64
+TUNE_DROP = 3.0
+_TUNED: dict[tuple, tuple[str, int | None]] = {}
+
 # oneDNN accumulates in int32: with |u − zx| ≤ 255 and |w| ≤ 128 every K up to this is exact.
 _K_ONEDNN = (2**31 - 1) // (255 * 128)
 
@@ -385,20 +391,35 @@ class IntLayer(TimestepSlots, nn.Module):
         return candidates[0]
 
     def autotune(self, x: Tensor, repeats: int = 2) -> None:
-        """Time each candidate lowering on `x` (one warm-up, median of `repeats`) and keep the fastest."""
+        """Time each candidate lowering and keep the fastest; bounded so that a slow candidate costs little.
+
+        The timed forwards see at most `TUNE_ROWS` rows of `x`'s first (batch) dimension. A candidate
+        runs once to warm up, and is dropped there when that call already took `TUNE_DROP`× the best
+        median so far; the others take the median of `repeats` more calls. The choice is kept per
+        process for every layer of the same shapes and candidates (`_TUNED`), so repeated blocks and
+        later batches time nothing. Every candidate gives the same bits: the choice changes speed only."""
         candidates, self._tune = self._tune or [], None
-        timings = []
-        for kernel, split in candidates:
-            self.set_lowering(kernel, split)
-            times = []
-            for _ in range(repeats + 1):
+        key = (self.tune_signature(), tuple(x.shape), x.dtype, x.device.type, tuple(candidates))
+        if key not in _TUNED:
+            probe, best = x[:TUNE_ROWS], (float("inf"), *candidates[-1])
+            for kernel, split in candidates:
+                self.set_lowering(kernel, split)
                 start = time.perf_counter()
-                self.forward(x)
-                times.append(time.perf_counter() - start)
-            timings.append((statistics.median(times[1:]), kernel, split))
-        if timings:
-            _, kernel, split = min(timings, key=lambda t: t[0])
-            self.set_lowering(kernel, split)
+                self.forward(probe)
+                if time.perf_counter() - start > TUNE_DROP * best[0]:
+                    continue
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    self.forward(probe)
+                    times.append(time.perf_counter() - start)
+                best = min(best, (statistics.median(times), kernel, split), key=lambda t: t[0])
+            _TUNED[key] = best[1:]
+        self.set_lowering(*_TUNED[key])
+
+    def tune_signature(self) -> tuple:
+        """What a lowering's speed depends on besides the input: the layer's kind and shapes."""
+        return (type(self).__name__, tuple(self.wmat.shape), self.direct, self.a_bits)
 
     def _int_mm_split(self) -> int | None:
         """The weight split `torch._int_mm` needs here: None where it sums exactly as it is."""
@@ -781,6 +802,9 @@ class IntConv2d(IntLayer):
                                   for p in packed])
         sums = window_sums(u, int(zx), (self.kernel_size, self.stride, self.padding)) if self.sums_beside else None
         return self._run_onednn(call, delta, 1, dtype, tuple(u.shape), layout, sums)
+
+    def tune_signature(self) -> tuple:
+        return (*super().tune_signature(), self.kernel_size, self.stride, self.padding, self.dilation)
 
     def op_weight(self) -> Tensor:
         """`float_weight` as the conv's [O, C, kh, kw] (a view: its K order is (kh, kw, C))."""

@@ -292,6 +292,47 @@ def test_autotune_keeps_the_bits_and_picks_an_exact_lowering() -> None:
     assert torch.equal(out, expected) and torch.equal(layer(x), expected)
 
 
+def test_autotune_is_bounded_and_kept_per_shape(monkeypatch) -> None:
+    """The timed forwards see at most TUNE_ROWS batch rows; a candidate whose warm-up is already
+    TUNE_DROP× the best median is not timed again; the fastest wins; and a second layer of the same
+    shapes and candidates takes that choice without timing anything. The bits stay the fake layer's."""
+    monkeypatch.setattr(int_runtime, "_TUNED", {})
+    monkeypatch.setattr(int_runtime, "TUNE_ROWS", 2)
+    cost = {"float": 1.0, "int_mm": 5.0}  # a clock that runs on the lowering: float the fastest, int_mm 5×
+    clock, calls = [0.0], []
+    monkeypatch.setattr(int_runtime.time, "perf_counter", lambda: clock[0])
+    layers = []
+    for _ in range(2):
+        layer, fake, codes, zw = _random_layer("conv", 8, 8, False, seed=3, conv=CONVS["3x3s2p1"])
+        forward = layer.forward
+
+        def counted(x: torch.Tensor, layer=layer, forward=forward) -> torch.Tensor:
+            kernel = layer.lowering.split("-")[0]
+            calls.append((kernel, x.shape[0]))
+            clock[0] += cost.get(kernel, 3.0)
+            return forward(x)
+
+        layer.forward = counted
+        layers.append(layer)
+    x = _input("conv", layers[0], seed=4)
+    with torch.no_grad():
+        expected = _exact_fake(fake, 8, codes, zw, layers[0].weight_scale)(x)
+        candidates = [("int_mm", 1), ("float", None), ("int_mm", None)]
+        layers[0]._tune = list(candidates)
+        layers[0].autotune(x)  # what the first forward does
+        out = layers[0](x)
+        assert calls == [("int_mm", 2), ("int_mm", 2), ("int_mm", 2),  # the first candidate: warm-up + 2 repeats
+                         ("float", 2), ("float", 2), ("float", 2),  # faster: it becomes the best
+                         ("int_mm", 2),  # 5 > 3 × 1 after its warm-up: dropped
+                         ("float", 3)]  # then the real input, on the choice
+        assert layers[0].lowering == "float" and torch.equal(out, expected)
+        calls.clear()
+        layers[1]._tune = list(candidates)
+        layers[1].autotune(x)
+        assert calls == [] and layers[1].lowering == "float" and layers[1]._tune is None
+        assert torch.equal(layers[1](x), expected)
+
+
 def test_kernel_probe_sees_the_avx2_class(tmp_path: Path) -> None:
     """With oneDNN capped at AVX2 (what an AVX2-only CPU runs), the probe finds 16-bit pair sums
     (or no oneDNN at all, off x86), and the layers it lowers are split where they must be."""
