@@ -342,7 +342,10 @@ class IntLayer(TimestepSlots, nn.Module):
         (`kernel_probe`), in the order they are usually fastest: oneDNN when it sums in int32, or sums
         pairs in 16 bits and this layer's pairs fit (2·u_max·|w| ≤ 32767), or with the weight split in
         two pair-safe halves whose float32 outputs are exact; ``torch._int_mm`` likewise (integer
-        results: a split is always exact); last the integer-exact float path, always exact."""
+        results: a split is always exact) where oneDNN has no exact lowering (on the AVX2 CPUs where
+        both were timed, `torch._int_mm`'s CPU kernel took an order of magnitude longer than oneDNN's
+        split, and timing it was most of a first forward); lowbitdm's int16 kernel where no one-call
+        int8 lowering is exact; last the integer-exact float path, always exact."""
         w = self.int8_weight().to(torch.int16)  # int16: |−128| must not wrap
         limit = pair16_weight_limit(self.u_max)
         pair_safe = w.numel() == 0 or int(w.abs().max()) <= limit
@@ -354,7 +357,7 @@ class IntLayer(TimestepSlots, nn.Module):
             split = choose_split(w, limit, self.u_max, float_exact=True)
             if split is not None:
                 out.append(("onednn", split))
-        if probe_int_mm("cpu") in ("int32", "pair16"):
+        if not out and probe_int_mm("cpu") in ("int32", "pair16"):  # CPU _int_mm: a fallback (see docstring)
             out.append(("int_mm", self._int_mm_split()))
         if (not out or out[0][1] is not None) and self.s16_exact():  # no one-call int8 lowering here
             out.append(("s16", None))

@@ -292,6 +292,22 @@ def test_autotune_keeps_the_bits_and_picks_an_exact_lowering() -> None:
     assert torch.equal(out, expected) and torch.equal(layer(x), expected)
 
 
+@pytest.mark.parametrize("onednn", ["int32", "pair16", "unavailable"])
+def test_int_mm_is_a_candidate_only_where_onednn_has_none(monkeypatch, onednn: str) -> None:
+    """torch._int_mm's CPU kernel is a fallback: a candidate only where no oneDNN lowering is exact
+    (no oneDNN at all, or pairs that overflow and no split that keeps float32 outputs exact); the
+    integer-exact float path is always the last."""
+    layer, *_ = _random_layer("conv", 8, 8, False, seed=3, conv=CONVS["3x3s2p1"])
+    monkeypatch.setattr(layer, "_probe_onednn", lambda: onednn)
+    monkeypatch.setattr(int_runtime, "probe_int_mm", lambda device: "int32")
+    kernels = [kernel for kernel, _ in layer.exact_lowerings()]
+    assert kernels[-1] == "float"
+    if onednn == "unavailable":
+        assert kernels[0] == "int_mm"
+    else:
+        assert kernels[0] == "onednn" and "int_mm" not in kernels
+
+
 def test_autotune_is_bounded_and_kept_per_shape(monkeypatch) -> None:
     """The timed forwards see at most TUNE_ROWS batch rows; a candidate whose warm-up is already
     TUNE_DROP× the best median is not timed again; the fastest wins; and a second layer of the same
