@@ -33,6 +33,7 @@ of the FP model and the W8A8 / W4A4 integer runtime of both models, per dtype.
     python benchmarks/merged_runtime.py            # 7 timed runs per cell, all classes
     python benchmarks/merged_runtime.py --quick    # 2 timed runs per cell, small calibration
     python benchmarks/merged_runtime.py --classes native --profile --skip-timing
+    python benchmarks/merged_runtime.py --classes native --eager-passes   # int also with LOWBITDM_PASSES=0
     python benchmarks/merged_runtime.py --model digits-dit --checkpoint W4A4=runs/digits-dit-efficientdm-tx-w4a4/merge
 
 (`--checkpoint LABEL=MERGE_DIR`, repeatable: time existing merge artifacts, any recipe, against their
@@ -93,16 +94,18 @@ def _file_bytes(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> in
 
 
 def _call(model: DiffusionModel, batch: int, autocast: bool = False, fused: str = "0",
-          order: str | None = None) -> Callable[[], object]:
+          order: str | None = None, passes: str = "1") -> Callable[[], object]:
     """One denoiser call (no CFG) on a fixed batch at t = 500; `autocast`: under torch.autocast("cpu", bf16);
     `fused`: LOWBITDM_FUSED during the call (the integer runtime's fused quantize / rescale loops);
-    `order`: LOWBITDM_RESCALE_ORDER during the call (None: unset, the kernels' own order)."""
+    `order`: LOWBITDM_RESCALE_ORDER during the call (None: unset, the kernels' own order);
+    `passes`: LOWBITDM_PASSES during the call ("0": the eager ops around the kernels, not `export.passes`)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.sample_shape, generator=g)
     cond = torch.arange(batch) % model.num_classes if model.conditioning == "class" else None
 
     def run() -> object:
         os.environ["LOWBITDM_FUSED"] = fused
+        os.environ["LOWBITDM_PASSES"] = passes
         _set_order(order)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             return model.forward(x, 500, cond)
@@ -241,6 +244,8 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
                 cells[f"{label} {runtime} {variant}"] = _call(model, args.batch)
                 if runtime == "int":
                     integers[f"{label} {variant}"] = model
+                    if args.eager_passes:  # the same model object: LOWBITDM_PASSES is read per call
+                        cells[f"{label} int-eager {variant}"] = _call(model, args.batch, passes="0")
                     if fused:  # the same model object: LOWBITDM_FUSED is read per call
                         cells[f"{label} int-fused {variant}"] = _call(model, args.batch, fused="1")
                     if other_order:  # loaded and run in the other order
@@ -267,6 +272,10 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
             t_self = ms.get(f"{label} int-self {variant}")
             if t_self is not None:
                 row["per_dtype"][variant].update(int_self_rescale_ms=t_self, kernel_rescale_speedup=t_self / t_int)
+            t_eager = ms.get(f"{label} int-eager {variant}")
+            if t_eager is not None:
+                row["per_dtype"][variant].update(int_eager_ops_ms=t_eager, int_eager_ops_vs_fp32=ms["fp32"] / t_eager,
+                                               passes_speedup=t_eager / t_int)
             t_fused = ms.get(f"{label} int-fused {variant}")
             if t_fused is not None:
                 row["per_dtype"][variant].update(int_fused_ms=t_fused, int_fused_vs_fp32=ms["fp32"] / t_fused,
@@ -318,7 +327,9 @@ def _print(result: dict, batch: int) -> None:
                   + (f"{fused_best:>9.2f}x " if fused_best else f"{'-':>10} ")
                   + f"{c['fake_vs_same_dtype_fp']:>7.2f}x  {c['kernels']}"
                   + (f"  (layers rescaling themselves: {c['int_self_rescale_ms']:.1f} ms, "
-                     f"{c['kernel_rescale_speedup']:.2f}x slower)" if "int_self_rescale_ms" in c else ""))
+                     f"{c['kernel_rescale_speedup']:.2f}x slower)" if "int_self_rescale_ms" in c else "")
+                  + (f"  (eager ops around the kernels: {c['int_eager_ops_ms']:.1f} ms, {c['int_eager_ops_vs_fp32']:.2f}x "
+                     f"FP32; the C passes {c['passes_speedup']:.2f}x faster)" if "int_eager_ops_ms" in c else ""))
         if "pixel_agreement" in r:
             agree = r["pixel_agreement"]
             print(f"       pixels within 1 level (int vs fake, {agree['samples']} samples): "
@@ -426,6 +437,9 @@ def main() -> None:
                         help="also time each integer cell with every layer rescaling the kernel's accumulator itself "
                              "(LOWBITDM_RESCALE_ORDER set to the order the kernels do not use): what the runtime did "
                              "on AMX and AVX2 CPUs before it followed the kernels' order")
+    parser.add_argument("--eager-passes", action="store_true",
+                        help="also time the integer runtime with LOWBITDM_PASSES=0 (eager ops around its kernels "
+                             "instead of export.passes' C loops), same model objects, interleaved")
     parser.add_argument("--fused", action="store_true",
                         help="also time the integer runtime with LOWBITDM_FUSED=1 (compiles its loops first)")
     parser.add_argument("--widths", default=",".join(BITS),
@@ -500,7 +514,7 @@ def main() -> None:
                    *(["--model", args.model] if args.model else []),
                    *(a for c in args.checkpoint for a in ("--checkpoint", c))]
             flags = [f for f, on in (("--quick", args.quick), ("--profile", args.profile),
-                                     ("--skip-timing", args.skip_timing), ("--fused", args.fused),
+                                     ("--skip-timing", args.skip_timing), ("--fused", args.fused), ("--eager-passes", args.eager_passes),
                                      ("--self-rescale", args.self_rescale), ("--default-malloc", args.default_malloc),
                                      ("--no-compile", args.no_compile)) if on]
             subprocess.run(cmd + flags, env=env, check=True)

@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbitdm_cli.export import fused_ops, s16
+from lowbitdm_cli.export import fused_ops, passes, s16
 from lowbitdm_cli.export.int_ops import _padded_int_mm
 from lowbitdm_cli.export.kernel_probe import (
     KernelClass,
@@ -572,14 +572,34 @@ class IntLayer(TimestepSlots, nn.Module):
             main, sums = (out, sums) if sums is not None else out.split([self.out_ch, 1], channel_dim)
             return fused_ops.rescale_to(main, delta, w_scale, bias, dtype, sums, self._w_off_float(view), layout)
         if self.direct:
-            return rescale(out, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel,
-                           layout).to(dtype)
+            return self.rescale_to(out, delta, channel_dim, dtype, layout)
         view = [1] * out.dim()
         view[channel_dim] = self.out_ch
         main, sums = (out, sums) if sums is not None else out.split([self.out_ch, 1], channel_dim)
         acc = torch.addcmul(main, sums, self._w_off_float(view),
                             out=torch.empty(main.shape, dtype=out.dtype, device=out.device, memory_format=layout))
-        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel).to(dtype)
+        return self.rescale_to(acc, delta, channel_dim, dtype)
+
+    def rescale_to(self, acc: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype,
+                   layout: torch.memory_format | None = None) -> Tensor:
+        """`quant.integer.rescale` of the exact accumulator `acc` (float32, int32 or int64; channels on
+        `channel_dim`), then `dtype`, in memory `layout` (None: that of `acc`). One pass (`passes`)
+        where it applies, else the eager ops, in place in a float32 `acc`."""
+        if self._passes_apply(acc) and delta.numel() == 1 and channel_dim in ((1,) if acc.dim() == 4 else
+                                                                                (-1, acc.dim() - 1)):
+            combined = rescale_order(self.rescale_kernel) == "combined"
+            out = passes.rescale(acc, float(delta), self.weight_scale, self.bias, combined, dtype, layout)
+            if out is not None:
+                return out
+        if acc.dtype != torch.float32:
+            acc = acc.to(torch.float32, memory_format=layout or torch.preserve_format)
+        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, layout).to(dtype)
+
+    @staticmethod
+    def _passes_apply(t: Tensor) -> bool:
+        """Whether `passes` runs the passes around the kernels (CPU, built and checked here, and the
+        Inductor loops of `fused_ops` not asked for)."""
+        return t.device.type == "cpu" and not fused_ops.enabled() and passes.enabled()
 
     def _w_off_float(self, view: list[int]) -> Tensor:
         """float32 ``128 − zw[o]`` shaped to broadcast over the output (cached per device)."""
@@ -600,13 +620,14 @@ class IntLayer(TimestepSlots, nn.Module):
         """`float_weight` in the shape the layer's float op takes ([O, K] for a linear)."""
         return self.float_weight()
 
-    def _float_exact(self, op: Callable[[Tensor, Tensor], Tensor], u: Tensor, zx: int, weight: Tensor,
-                     delta: Tensor, channel_dim: int, layout: torch.memory_format = torch.contiguous_format,
+    def _float_exact(self, op: Callable[[Tensor, Tensor], Tensor], x: Tensor, zx: int, weight: Tensor,
+                     delta: Tensor, channel_dim: int, dtype: torch.dtype,
+                     layout: torch.memory_format = torch.contiguous_format,
                      chunked: Callable[[Tensor, int, dict], list[Tensor]] | None = None) -> Tensor:
-        """`rescale` of the exact accumulator from float products of the integer values (`quant.integer`):
-        one product where float32 holds its sums, else `chunked(x, g, cache)` (the g input-channel
-        chunks' products) where the layer has it, else the weight split (`quant.integer.exact_route`)."""
-        x = u.to(torch.float32) - zx  # in [−zx, u_max − zx]
+        """`rescale_to` of the exact accumulator from float products of the integer values x = u − zx
+        (`float_operand`; `quant.integer`): one product where float32 holds its sums, else
+        `chunked(x, g, cache)` (the g input-channel chunks' products) where the layer has it, else the
+        weight split (`quant.integer.exact_route`)."""
         cache = self._chunk_cache
 
         def sums(g: int) -> tuple[Tensor, Tensor]:
@@ -620,7 +641,7 @@ class IntLayer(TimestepSlots, nn.Module):
         chunks, plan = cache["route", zx]
         acc = sum_chunks(chunked(x, chunks, cache)) if chunks is not None else accumulate(op, x, weight, plan)
         # out in `layout`, written by the rescale's first pass
-        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, layout)
+        return self.rescale_to(acc, delta, channel_dim, dtype, layout)
 
     def _slot(self) -> int:
         if not self.temporal:
@@ -642,12 +663,34 @@ class IntLayer(TimestepSlots, nn.Module):
                                                                 x.is_contiguous(memory_format=torch.channels_last)):
             u = fused_ops.quantize(x, delta, self._z_add[i], self.q_min, self.q_max, self._offset, self._qparams[i])
             return u, self._zx[i], delta
+        if self._passes_apply(x):
+            u = passes.quantize(x, float(delta), self._z_add[i], self.q_min, self.q_max, self._offset)
+            if u is not None:
+                return u, self._zx[i], delta
         q, u = _SCRATCH.like(x, torch.float32), _SCRATCH.like(x, torch.uint8, slot=1)
         q = torch.div(x, delta, out=q) if q is not None else torch.div(x, delta)
         q.round_().add_(self._z_add[i]).clamp_(self.q_min, self.q_max)  # in place: one float buffer
         if self._offset:
             q.add_(self._offset)
         return (u.copy_(q) if u is not None else q.to(torch.uint8)), self._zx[i], delta
+
+    def float_operand(self, x: Tensor, layout: torch.memory_format | None = None) -> tuple[Tensor, int, Tensor]:
+        """(float32 u − zx, zx, Δx) for the float path: `quantize_input`'s codes minus the kernel zero
+        point, in memory `layout` (4-D; None: that of `x`), in one pass (`passes`) where it applies."""
+        if self._passes_apply(x):
+            i = self._slot()
+            delta = self.input_scale[i : i + 1]
+            xf = passes.operand(x, float(delta), self._z_add[i], self.q_min, self.q_max, self._offset, self._zx[i],
+                                layout)
+            if xf is not None:
+                return xf, self._zx[i], delta
+        return self.operand_from_codes(x, layout)
+
+    def operand_from_codes(self, x: Tensor, layout: torch.memory_format | None = None) -> tuple[Tensor, int, Tensor]:
+        """`float_operand` from `quantize_input`'s uint8 codes (two more passes)."""
+        u, zx, delta = self.quantize_input(x)
+        xf = u.to(torch.float32) - zx  # in [−zx, u_max − zx]
+        return (xf if layout is None else xf.contiguous(memory_format=layout)), zx, delta
 
     def accumulate(self, cols: Tensor, zx: int) -> Tensor:
         """Exact Σ_k (cols[m, k] − zx)(w[o, k] − zw[o]) as int32 (int64 for large K), [M, O]."""
@@ -663,10 +706,6 @@ class IntLayer(TimestepSlots, nn.Module):
             acc = torch.addr(mm[:, : self.out_ch], mm[:, self.out_ch], w_off)
         return acc.sub_((zx * self.w_col).to(acc.dtype))
 
-    def _finish(self, acc: Tensor, delta: Tensor) -> Tensor:
-        """float32 ``Δx·Δw[o]·acc + bias[o]`` on [M, O] (`quant.integer.rescale`)."""
-        return rescale(acc.to(torch.float32), delta, self.weight_scale, self.bias, -1, self.rescale_kernel)
-
 
 class IntLinear(IntLayer):
     """Linear layer on integer codes; input [..., K] float, output [..., O] float32."""
@@ -678,18 +717,19 @@ class IntLinear(IntLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self._tune:
             self.autotune(x)
-        u, zx, delta = self.quantize_input(x)
         kernel = self.kernel
+        if kernel == "float":
+            xf, zx, delta = self.float_operand(x)
+            return self._float_exact(F.linear, xf, zx, self.float_weight(), delta, -1, x.dtype,
+                                     chunked=self._chunk_products)
+        u, zx, delta = self.quantize_input(x)
         if kernel == "onednn":
             return self._onednn(u.reshape(-1, self.k), zx, delta, x.dtype).reshape(*x.shape[:-1], self.out_ch)
-        if kernel == "float":
-            return self._float_exact(F.linear, u, zx, self.float_weight(), delta, -1,
-                                     chunked=self._chunk_products).to(x.dtype)
         if kernel == "s16":
             acc = s16.linear(u.reshape(-1, self.k), *self._s16_call_args(zx), self.out_ch)
         else:
             acc = self.accumulate(u.reshape(-1, self.k), zx)
-        return self._finish(acc, delta).reshape(*x.shape[:-1], self.out_ch).to(x.dtype)
+        return self.rescale_to(acc, delta, -1, x.dtype).reshape(*x.shape[:-1], self.out_ch)
 
     def _chunk_products(self, x: Tensor, g: int, cache: dict) -> list[Tensor]:
         """The float path's products over `g` feature chunks (strided slices of x: no copy)."""
@@ -760,11 +800,9 @@ class IntConv2d(IntLayer):
         if self._tune:
             self.autotune(x)
         layout = layout_of(x, self.preferred_layout)  # the output keeps it, as the fake layer's does
-        u, zx, delta = self.quantize_input(x)
         kernel = self.kernel
-        if kernel == "onednn":
-            return self._onednn(u, zx, delta, x.dtype, layout)
         if kernel == "float":
+            xf, zx, delta = self.float_operand(x, torch.channels_last)
             weight = self.op_weight()
 
             def conv(xi: Tensor, wi: Tensor) -> Tensor:  # on channels-last memory, as the fake layer's
@@ -777,7 +815,10 @@ class IntConv2d(IntLayer):
                 return conv_chunk_products(xi.contiguous(memory_format=torch.channels_last), cache["chunks", g], g,
                                            self.stride, self.padding, self.dilation)
 
-            return self._float_exact(conv, u, zx, weight, delta, 1, layout, chunked).to(x.dtype)
+            return self._float_exact(conv, xf, zx, weight, delta, 1, x.dtype, layout, chunked)
+        u, zx, delta = self.quantize_input(x)
+        if kernel == "onednn":
+            return self._onednn(u, zx, delta, x.dtype, layout)
         if kernel == "s16":  # int32, channels-last
             acc = s16.conv(u, *self._s16_call_args(zx), self.kernel_size, self.stride, self.padding, self.dilation,
                            self.out_ch)
@@ -785,8 +826,7 @@ class IntConv2d(IntLayer):
             cols, ho, wo = self.im2col(u, zx)
             acc = self.accumulate(cols, zx).reshape(x.shape[0], ho, wo, self.out_ch).permute(0, 3, 1, 2)
         # out in the input's layout, the layout every runtime hands to the float ops after a conv
-        return rescale(acc.to(torch.float32, memory_format=layout), delta, self.weight_scale,
-                       self.bias, 1, self.rescale_kernel).to(x.dtype)
+        return self.rescale_to(acc, delta, 1, x.dtype, layout)
 
     def _onednn(self, u: Tensor, zx: int, delta: Tensor, dtype: torch.dtype,
                 layout: torch.memory_format = torch.contiguous_format) -> Tensor:

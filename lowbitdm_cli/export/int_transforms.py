@@ -74,6 +74,9 @@ class IntTransformLinear(IntLinear):
             return q.to(torch.uint8), self._zx[i], self.input_scale[i : i + 1]
         return super().quantize_input(transform_input(x, self.smooth, self.rotate_block))
 
+    def float_operand(self, x: Tensor, layout: torch.memory_format | None = None) -> tuple[Tensor, int, Tensor]:
+        return self.operand_from_codes(x, layout)  # from this layer's own codes (per token, transforms)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32:  # bf16 compute (`models.precision`): float32 inside, one rounding out, as
             return self.forward(x.float()).to(x.dtype)  # the fake QuantLinear (transforms and branch in float32)

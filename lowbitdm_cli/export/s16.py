@@ -23,18 +23,17 @@ build, ``LOWBITDM_S16=0``).
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lowbitdm_cli.export import native
 
 __all__ = ["EXACT_I32", "available", "conv", "exact", "linear", "load", "pack_weight"]
 
@@ -54,33 +53,14 @@ def exact(x_neg: float, x_pos: float, sums: tuple[Tensor, Tensor]) -> bool:
     return partial_sum_bound(x_neg, x_pos, sums) < EXACT_I32
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LOWBITDM_KERNEL_CACHE", Path.home() / ".cache" / "lowbitdm" / "kernels"))
-
-
 def _build(compiler: str) -> Path:
-    """The compiled library for this source, PyTorch and compiler (built once, then reused)."""
+    """The compiled library for this source, PyTorch and compiler (`native.build`: once, then reused)."""
     from torch.utils import cpp_extension
 
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    flags = [*_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\n".join([_SOURCE.read_text(), torch.__version__, version, *flags]).encode())
-    target = _cache_dir() / f"s16_conv-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = [*_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             *(f"-I{p}" for p in cpp_extension.include_paths())]
     lib = cpp_extension.library_paths()[0]
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # same file system: the rename is atomic
-        out = Path(tmp) / target.name
-        cmd = [compiler, *flags, *(f"-I{p}" for p in cpp_extension.include_paths()), str(_SOURCE), "-o", str(out),
-               f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if "error" in line] or ["the compiler failed"]
-            raise RuntimeError(errors[0].strip())
-        os.replace(out, target)  # another process building the same key writes the same library
-    return target
+    return native.build(_SOURCE, compiler, flags, [f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"])
 
 
 @functools.cache
@@ -93,7 +73,7 @@ def load() -> str | None:
         return "the int16 kernel is built for x86-64 Linux"
     if not torch.cpu._is_avx2_supported():
         return "this CPU has no AVX2"
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    compiler = native.compiler()
     if compiler is None:
         return "no C++ compiler to build the int16 kernel (set CXX)"
     try:

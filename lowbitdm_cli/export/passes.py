@@ -1,0 +1,197 @@
+"""The integer runtime's passes around its kernels as one loop each, in C (``kernels/passes.c``).
+
+In eager PyTorch, quantizing a layer's input takes five passes over it (divide, round, add the zero
+point, clamp, convert to uint8), the float path's operand two more (back to float32, minus the zero
+point) and often a layout change, and the rescale after the kernel three to five (×Δx, ×Δw, +b, the
+conversion to the compute dtype and to the output layout). On the digits UNet these passes took
+about as long as all its products. Here each is one loop over memory with the same IEEE operations
+in the same order (`kernels/passes.c`; no FMA contraction, no unsafe math), so the bits are those of
+the eager ops, which is what the fake runtime computes; `available` checks that once per process on
+inputs with exact rounding ties, and the eager ops run where it fails.
+
+The library is a few hundred lines of C with no PyTorch headers: the machine's C compiler builds it
+in about a second on first use and it is cached (`native.build`); it is called through ctypes and
+takes its threads from the OpenMP runtime PyTorch has loaded. ``LOWBITDM_PASSES=0`` turns it off
+(read per call: `enabled`).
+Unlike `fused_ops` (Inductor-generated loops, ``LOWBITDM_FUSED=1``) there is nothing to compile per
+process. Every function returns None where it does not apply (another device or dtype, a layout
+other than contiguous or channels-last, per-token scales): the caller then runs the eager ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import itertools
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lowbitdm_cli.export import native
+
+__all__ = ["available", "enabled", "load", "operand", "quantize", "rescale"]
+
+_SOURCE = Path(__file__).with_name("kernels") / "passes.c"
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def load() -> ctypes.CDLL | str:
+    """The library (built once per machine), or why it cannot run here (one line)."""
+    if not sys.platform.startswith("linux"):
+        return "the fused passes are built for Linux"
+    compiler = native.compiler("c")
+    if compiler is None:
+        return "no C compiler to build the fused passes (set CC)"
+    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx2_supported():
+        flags.append("-mavx2")  # vectorised division and rounding (no FMA: -mfma is not given)
+    try:
+        lib = ctypes.CDLL(str(native.build(_SOURCE, compiler, flags)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        return f"could not build the fused passes: {err}"
+    i64, f32, ptr, i = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+    lib.lbd_quantize.argtypes = [ptr, i, i, i64, i64, i64, f32, f32, f32, f32, f32, f32, ptr, i, i]
+    lib.lbd_rescale.argtypes = [ptr, i, i, i64, i64, i64, f32, ptr, ptr, i, ptr, i, i]
+    lib.lbd_quantize.restype = lib.lbd_rescale.restype = None
+    return lib
+
+
+def _view(t: Tensor) -> tuple[int, int, int, bool] | None:
+    """(n, c, hw, channels_last) of a CPU tensor as the loops see it: 4-D contiguous or channels-last
+    ([N, C, H, W]), or any contiguous [..., C] (rows of a linear); None for anything else."""
+    if t.device.type != "cpu":
+        return None
+    if t.dim() == 4:
+        n, c, h, w = t.shape
+        if t.is_contiguous():
+            return n, c, h * w, False
+        if t.is_contiguous(memory_format=torch.channels_last):
+            return n, c, h * w, True
+        return None
+    if t.dim() >= 1 and t.is_contiguous():
+        c = t.shape[-1]
+        return (t.numel() // c if c else 0), c, 1, True
+    return None
+
+
+def _empty(x: Tensor, dtype: torch.dtype, layout: torch.memory_format | None) -> Tensor:
+    if x.dim() == 4 and layout is not None:
+        return torch.empty(x.shape, dtype=dtype, memory_format=layout)
+    return torch.empty(x.shape, dtype=dtype)
+
+
+def _quantize(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offset: float, sub: float | None,
+              layout: torch.memory_format | None) -> Tensor | None:
+    lib = load()
+    seen = _view(x)
+    if isinstance(lib, str) or seen is None or x.dtype not in _DTYPES:
+        return None
+    n, c, hw, x_cl = seen
+    if layout is None:
+        layout = torch.channels_last if x.dim() == 4 and x_cl else torch.contiguous_format
+    out = _empty(x, torch.uint8 if sub is None else torch.float32, layout)
+    out_cl = x.dim() != 4 or layout == torch.channels_last
+    if x.numel():
+        lib.lbd_quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), int(x_cl), n, c, hw, delta, z, q_min, q_max,
+                         offset, 0.0 if sub is None else sub, out.data_ptr(), int(sub is not None), int(out_cl))
+    return out
+
+
+def quantize(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offset: float) -> Tensor | None:
+    """uint8 ``clamp(round(x/Δ) + z, q_min, q_max) + offset`` of float32 or bfloat16 `x`, in the layout of `x`."""
+    return _quantize(x, delta, z, q_min, q_max, offset, None, None)
+
+
+def operand(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offset: float, zx: int,
+            layout: torch.memory_format | None = None) -> Tensor | None:
+    """The float path's operand: float32 ``u − zx`` with u the codes of `quantize`, in `layout` (4-D
+    only; None: the layout of `x`), written in one pass whatever the layout of `x`."""
+    return _quantize(x, delta, z, q_min, q_max, offset, float(zx), layout)
+
+
+def rescale(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, combined: bool,
+            dtype: torch.dtype, layout: torch.memory_format | None = None) -> Tensor | None:
+    """``((acc·Δx)·Δw[c]) + b[c]`` (or ``(acc·(Δx·Δw[c])) + b[c]`` when `combined`) of a float32 or int32
+    accumulator whose channels are its dim 1 (4-D) or its last dim, in float32, then `dtype`, written
+    in `layout` (4-D; None: the layout of `acc`): `quant.integer.rescale` and the cast in one pass."""
+    lib = load()
+    seen = _view(acc)
+    if (isinstance(lib, str) or seen is None or acc.dtype not in (torch.float32, torch.int32) or dtype not in _DTYPES
+            or w_scale.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)):
+        return None
+    n, c, hw, acc_cl = seen
+    if layout is None:
+        layout = torch.channels_last if acc.dim() == 4 and acc_cl else torch.contiguous_format
+    w_scale = w_scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = _empty(acc, dtype, layout)
+    if acc.numel():
+        lib.lbd_rescale(acc.data_ptr(), int(acc.dtype == torch.int32), int(acc_cl), n, c, hw, x_scale,
+                        w_scale.data_ptr(), None if bias is None else bias.data_ptr(), int(combined), out.data_ptr(),
+                        int(dtype == torch.bfloat16), int(acc.dim() != 4 or layout == torch.channels_last))
+    return out
+
+
+def _self_check() -> bool:
+    """The loops against the eager ops (`IntLayer.quantize_input`, `quant.integer.rescale`) on values
+    with exact rounding ties, both dtypes, both layouts, with and without a layout change."""
+    from lowbitdm_cli.quant.integer import rescale as eager_rescale
+
+    gen = torch.Generator().manual_seed(0)
+    delta = 0.0123
+    k = torch.randint(-300, 300, (2, 24, 5, 7), generator=gen).float()
+    ties = (k + 0.5) * torch.tensor(delta)  # x/Δ lands on (or within an ulp of) .5: the rounding mode shows
+    x = torch.where(torch.rand(ties.shape, generator=gen) < 0.5, ties, torch.randn(ties.shape, generator=gen) * 3)
+    acc = torch.randint(-2**20, 2**20, (2, 24, 5, 7), generator=gen)
+    ws, bias = torch.rand(24, generator=gen) * 1e-3, torch.randn(24, generator=gen)
+    layouts = (torch.contiguous_format, torch.channels_last)
+    for dtype in _DTYPES:
+        for z, q_min, q_max, offset in ((37.0, 0.0, 255.0, 0.0), (0.0, -8.0, 7.0, 8.0)):
+            xs = x.to(dtype)
+            q = torch.div(xs, torch.tensor([delta])).round_().add_(z).clamp_(q_min, q_max).add_(offset)
+            for lin, lout in itertools.product(layouts, layouts):
+                xi = xs.contiguous(memory_format=lin)
+                if not torch.equal(quantize(xi, delta, z, q_min, q_max, offset), q.to(torch.uint8)):
+                    return False
+                got = operand(xi, delta, z, q_min, q_max, offset, 37, lout)
+                if not (got.is_contiguous(memory_format=lout) and torch.equal(got, q - 37)):
+                    return False
+        for acc_dtype in (torch.float32, torch.int32):
+            for combined in (False, True):
+                for b in (bias, None):
+                    for lin, lout in itertools.product(layouts, layouts):
+                        ai = acc.to(acc_dtype).contiguous(memory_format=lin)
+                        expected = eager_rescale(acc.float(), torch.tensor([delta]), ws, b, 1, "conv",
+                                                 order="combined" if combined else "sequential").to(dtype)
+                        got = rescale(ai, delta, ws, b, combined, dtype, lout)
+                        if not (got.is_contiguous(memory_format=lout) and torch.equal(got, expected)):
+                            return False
+                rows = acc.permute(0, 2, 3, 1).reshape(-1, 24)
+                expected = eager_rescale(rows.float(), torch.tensor([delta]), ws, bias, -1, "linear",
+                                         order="combined" if combined else "sequential").to(dtype)
+                if not torch.equal(rescale(rows.to(acc_dtype), delta, ws, bias, combined, dtype), expected):
+                    return False
+    return True
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the loops run here and give the eager ops' bits (built and checked once per process)."""
+    if isinstance(load(), str):
+        return False
+    try:
+        return _self_check()
+    except (RuntimeError, ValueError, OSError):
+        return False
+
+
+def enabled() -> bool:
+    """Whether the integer runtime runs its passes here now: not turned off by ``LOWBITDM_PASSES=0``
+    (read per call), and `available` (built and checked on first ask)."""
+    return os.environ.get("LOWBITDM_PASSES", "1") != "0" and available()

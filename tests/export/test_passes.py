@@ -1,0 +1,128 @@
+"""The C passes around the integer kernels (`export.passes`): hand-computed values, the eager ops'
+bits in every layout and dtype, and the integer runtime's layers unchanged with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbitdm_cli.export import int_runtime, passes
+from lowbitdm_cli.export.int_runtime import IntConv2d, IntLinear
+from lowbitdm_cli.quant.integer import rescale as eager_rescale
+
+pytestmark = pytest.mark.skipif(not passes.available(), reason=f"no fused passes here: {passes.load()}")
+
+CL = torch.channels_last
+
+
+def test_quantize_rounds_half_to_even_and_clamps() -> None:
+    """Δ = 0.25 makes x/Δ exact: ties land on .5 and go to the even integer; + z, then the clamp."""
+    k = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 3.2, 100.0, -100.0])
+    x = (k * 0.25).reshape(1, 8)
+    # round half even: 0, 2, 2, -0, -2, 3, 100, -100; + z = 10; clamp to [0, 15]
+    assert passes.quantize(x, 0.25, 10.0, 0.0, 15.0, 0.0).tolist() == [[10, 12, 12, 10, 8, 13, 15, 0]]
+    # symmetric codes: clamp to [-8, 7], then + 8 (the uint8 kernels' offset)
+    assert passes.quantize(x, 0.25, 0.0, -8.0, 7.0, 8.0).tolist() == [[8, 10, 10, 8, 6, 11, 15, 0]]
+    # the float path's operand: u − zx
+    assert passes.operand(x, 0.25, 10.0, 0.0, 15.0, 0.0, 10).tolist() == [[0.0, 2.0, 2.0, 0.0, -2.0, 3.0, 5.0, -10.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layouts", [(torch.contiguous_format, torch.contiguous_format), (torch.contiguous_format, CL),
+                                     (CL, torch.contiguous_format), (CL, CL)])
+def test_quantize_equals_the_eager_ops(dtype: torch.dtype, layouts) -> None:
+    """Against `IntLayer.quantize_input`'s eager ops on values with ties, in and out of either layout."""
+    gen = torch.Generator().manual_seed(1)
+    delta = 0.0173
+    x = (torch.randint(-400, 400, (3, 20, 6, 5), generator=gen) + 0.5) * torch.tensor(delta)
+    x = torch.where(torch.rand(x.shape, generator=gen) < 0.5, x, torch.randn(x.shape, generator=gen) * 4).to(dtype)
+    x = x.contiguous(memory_format=layouts[0])
+    q = torch.div(x, torch.tensor([delta])).round_().add_(41.0).clamp_(0.0, 255.0)
+    codes = passes.quantize(x, delta, 41.0, 0.0, 255.0, 0.0)
+    assert codes.is_contiguous(memory_format=layouts[0]) and torch.equal(codes, q.to(torch.uint8))
+    operand = passes.operand(x, delta, 41.0, 0.0, 255.0, 0.0, 41, layouts[1])
+    assert operand.dtype == torch.float32 and operand.is_contiguous(memory_format=layouts[1])
+    assert torch.equal(operand, q - 41)
+
+
+def test_rescale_by_hand() -> None:
+    """Powers of two keep the products exact: ((acc·Δx)·Δw[c]) + b[c] is known; bfloat16 rounds ties
+    to even and NaN to 0x7FC0, as c10::BFloat16."""
+    acc = torch.tensor([[4.0, -8.0], [257.0, 259.0]])
+    out = passes.rescale(acc, 0.5, torch.tensor([0.25, 1.0]), torch.tensor([1.0, -1.0]), False, torch.float32)
+    assert out.tolist() == [[1.5, -5.0], [33.125, 128.5]]
+    # 257 lies halfway between bf16 256 and 258: to even, 256; 259 halfway between 258 and 260: 260
+    out = passes.rescale(acc, 1.0, torch.ones(2), None, False, torch.bfloat16)
+    assert out.float().tolist() == [[4.0, -8.0], [256.0, 260.0]]
+    nan = passes.rescale(torch.tensor([[float("nan")]]), 1.0, torch.ones(1), None, False, torch.bfloat16)
+    assert nan.view(torch.int16).item() == 0x7FC0
+    # int32 accumulators beyond 2^24 convert to float32 rounding to nearest even, as Tensor.to does
+    big = torch.tensor([[2**24 + 1, 2**24 + 3, -(2**30) - 65]], dtype=torch.int32)
+    assert torch.equal(passes.rescale(big, 1.0, torch.ones(3), None, False, torch.float32), big.float())
+
+
+@pytest.mark.parametrize("combined", [False, True])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rescale_equals_the_eager_ops(combined: bool, acc_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    """Against `quant.integer.rescale` then the cast, for conv outputs in every layout pair and linear rows."""
+    gen = torch.Generator().manual_seed(2)
+    acc = torch.randint(-2**22, 2**22, (2, 33, 4, 7), generator=gen)
+    ws, bias = torch.rand(33, generator=gen) * 1e-3, torch.randn(33, generator=gen)
+    order = "combined" if combined else "sequential"
+    for b in (bias, None):
+        expected = eager_rescale(acc.float(), torch.tensor([0.037]), ws, b, 1, "conv", order=order).to(dtype)
+        for lin in (torch.contiguous_format, CL):
+            for lout in (torch.contiguous_format, CL):
+                got = passes.rescale(acc.to(acc_dtype).contiguous(memory_format=lin), 0.037, ws, b, combined, dtype,
+                                     lout)
+                assert got.is_contiguous(memory_format=lout) and torch.equal(got, expected)
+        rows = acc.permute(0, 2, 3, 1).reshape(-1, 33)
+        expected = eager_rescale(rows.float(), torch.tensor([0.037]), ws, b, -1, "linear", order=order).to(dtype)
+        assert torch.equal(passes.rescale(rows.to(acc_dtype), 0.037, ws, b, combined, dtype), expected)
+
+
+def test_what_does_not_apply_returns_none() -> None:
+    """Strided views, other dtypes: None, and the caller runs the eager ops."""
+    x = torch.randn(2, 8, 4, 4)
+    assert passes.quantize(x[:, ::2], 0.1, 0.0, 0.0, 255.0, 0.0) is None
+    assert passes.quantize(x.double(), 0.1, 0.0, 0.0, 255.0, 0.0) is None
+    assert passes.rescale(x.to(torch.int64), 1.0, torch.ones(8), None, False, torch.float32) is None
+    assert passes.rescale(x, 1.0, torch.ones(8), None, False, torch.float16) is None
+
+
+def _layer(kind: str, kernel: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    shape = (24, 16, 3, 3) if kind == "conv" else (24, 16)
+    codes = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    args = (codes, torch.randint(100, 156, (24,), generator=gen), torch.rand(24, generator=gen) * 1e-2,
+            torch.randn(24, generator=gen), torch.tensor([0.05]), torch.tensor([97]), 8)
+    layer = IntConv2d(*args, padding=1) if kind == "conv" else IntLinear(*args)
+    layer.set_lowering(kernel)
+    x = torch.randn((3, 16, 9, 7) if kind == "conv" else (5, 6, 16), generator=gen) * 4
+    return layer, x
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("kernel", ["float", "int_mm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_integer_layers_give_the_same_bits_with_and_without_the_passes(monkeypatch, kind: str, kernel: str,
+                                                                       dtype: torch.dtype) -> None:
+    """A layer's output is the same bits whether the passes or the eager ops run around its kernel
+    (the eager ops being what the fake runtime computes), in both layouts; and the passes do run."""
+    layer, x = _layer(kind, kernel)
+    calls = []
+    for name in ("quantize", "operand", "rescale"):
+        real = getattr(passes, name)
+        monkeypatch.setattr(passes, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    inputs = [x.to(dtype)] + ([x.to(dtype).contiguous(memory_format=CL)] if kind == "conv" else [])
+    with torch.no_grad():
+        fast = [layer(xi) for xi in inputs]
+        assert "rescale" in calls and ("operand" if kernel == "float" else "quantize") in calls
+        monkeypatch.setattr(int_runtime.IntLayer, "_passes_apply", staticmethod(lambda t: False))
+        eager = [layer(xi) for xi in inputs]
+    for f, e, xi in zip(fast, eager, inputs, strict=True):
+        assert f.dtype == dtype and torch.equal(f, e)
+        if kind == "conv":  # the output keeps the input's layout, as the fake layer's does
+            cl = xi.is_contiguous(memory_format=CL) and not xi.is_contiguous()
+            assert f.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
