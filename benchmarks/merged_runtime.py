@@ -328,8 +328,9 @@ def _print(result: dict, batch: int) -> None:
                   + f"{c['fake_vs_same_dtype_fp']:>7.2f}x  {c['kernels']}"
                   + (f"  (layers rescaling themselves: {c['int_self_rescale_ms']:.1f} ms, "
                      f"{c['kernel_rescale_speedup']:.2f}x slower)" if "int_self_rescale_ms" in c else "")
-                  + (f"  (eager ops around the kernels: {c['int_eager_ops_ms']:.1f} ms, {c['int_eager_ops_vs_fp32']:.2f}x "
-                     f"FP32; the C passes {c['passes_speedup']:.2f}x faster)" if "int_eager_ops_ms" in c else ""))
+                  + (f"  (eager ops around the kernels: {c['int_eager_ops_ms']:.1f} ms, "
+                     f"{c['int_eager_ops_vs_fp32']:.2f}x FP32; the C passes {c['passes_speedup']:.2f}x faster)"
+                     if "int_eager_ops_ms" in c else ""))
         if "pixel_agreement" in r:
             agree = r["pixel_agreement"]
             print(f"       pixels within 1 level (int vs fake, {agree['samples']} samples): "
@@ -514,7 +515,8 @@ def main() -> None:
                    *(["--model", args.model] if args.model else []),
                    *(a for c in args.checkpoint for a in ("--checkpoint", c))]
             flags = [f for f, on in (("--quick", args.quick), ("--profile", args.profile),
-                                     ("--skip-timing", args.skip_timing), ("--fused", args.fused), ("--eager-passes", args.eager_passes),
+                                     ("--skip-timing", args.skip_timing), ("--fused", args.fused),
+                                     ("--eager-passes", args.eager_passes),
                                      ("--self-rescale", args.self_rescale), ("--default-malloc", args.default_malloc),
                                      ("--no-compile", args.no_compile)) if on]
             subprocess.run(cmd + flags, env=env, check=True)

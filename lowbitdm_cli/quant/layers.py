@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbitdm_cli.export import passes
 from lowbitdm_cli.quant.integer import (
     accumulate,
     chunk_weight,
@@ -36,6 +37,7 @@ from lowbitdm_cli.quant.integer import (
     layout_of,
     linear_chunk_products,
     rescale,
+    rescale_order,
     sign_sums,
     split_weight,
     sum_chunks,
@@ -98,9 +100,21 @@ class QuantLayerMixin:
             return y
         return y + low_rank_branch(x, self.low_rank_down, self.low_rank_up)
 
-    def _input_integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
-        """`a_quant.integer_values` of the transformed input; smoothing alone (static quantizer)
-        divides by Δ·s in the quantization pass."""
+    def _input_integers(self, x: torch.Tensor, layout: torch.memory_format | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+        """`a_quant.integer_values` of the transformed input, in memory `layout` (4-D; None: that of
+        `x`); smoothing alone (static quantizer) divides by Δ·s in the quantization pass. A plain
+        input (no transform) of one static step on the CPU takes one pass (`export.passes.operand`:
+        the same values, written in `layout`)."""
+        if self.smooth is None and self.rotate_block is None and x.device.type == "cpu" and passes.enabled():
+            plain = self.a_quant.plain_step()
+            if plain is not None:
+                delta, z, q_min, q_max = plain
+                q = passes.operand(x, float(delta), z, q_min, q_max, 0.0, z, layout)
+                if q is not None:
+                    return q, delta.reshape(1), (max(z - q_min, 0.0), max(q_max - z, 0.0))
+        if layout is not None:
+            x = x.contiguous(memory_format=layout)
         if self.smooth is not None and self.rotate_block is None and not self.a_quant.dynamic:
             return self.a_quant.integer_values(x, divisor=self.smooth)
         return self.a_quant.integer_values(self.transform_input(x))
@@ -165,10 +179,11 @@ class QuantLayerMixin:
         return self._cached("_integer_weight_cache", compute)
 
     def _integer_forward(self, x: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                         channel_dim: int, layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+                         channel_dim: int, layout: torch.memory_format = torch.contiguous_format,
+                         operand_layout: torch.memory_format | None = None) -> torch.Tensor:
         """``Δx·Δw[o]·Σ_k (qx − zx)(qw − zw) + b`` with the sum exact and the rescale of `rescale`,
-        in memory `layout`."""
-        x_int, x_scale, (x_neg, x_pos) = self._input_integers(x)
+        in memory `layout`; `op` gets the integer input in `operand_layout` (None: that of `x`)."""
+        x_int, x_scale, (x_neg, x_pos) = self._input_integers(x, operand_layout)
         w_int, w_scale, _, pieces = self.integer_weight()
 
         def split(s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +209,12 @@ class QuantLayerMixin:
             acc = accumulate(op, x_int, w_int, plan, split)
         # out in `layout` (whatever layout `op` computed in): the first pass of the rescale writes it,
         # so the layout change costs no extra pass
+        if x_scale.numel() == 1 and acc.device.type == "cpu" and passes.enabled():  # one pass
+            combined = rescale_order(self.rescale_kernel) == "combined"
+            out = passes.rescale(acc, float(x_scale), w_scale, self.bias, combined, torch.float32,
+                                 layout if acc.dim() == 4 else None)
+            if out is not None:
+                return out
         return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, layout)
 
     def chunkable(self) -> bool:
@@ -244,8 +265,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         if self.integer_exact():
             # channels-last once per layer (a split weight runs the conv twice on the same input);
             # the output keeps the input's layout (`quant.integer.layout_of`), as the integer runtime's
-            return self._integer_forward(x.contiguous(memory_format=torch.channels_last), self._bias_free_conv, 1,
-                                         layout_of(x, self.preferred_layout))
+            return self._integer_forward(x, self._bias_free_conv, 1, layout_of(x, self.preferred_layout),
+                                         torch.channels_last)
         return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
 
     def _bias_free_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,19 @@ class UniformQuantizer(TimestepSlots, nn.Module):
         with torch.no_grad():
             return torch.clamp(torch.round(x / delta) + torch.round(zero), q_min.to(x), q_max.to(x))
 
+    def plain_step(self) -> tuple[torch.Tensor, float, float, float] | None:
+        """(Δ as a one-element tensor, z, q_min, q_max) where this quantizer has one static step, one
+        zero point and one bit width for the selected timestep (what `export.passes` quantizes with);
+        else None. z is the rounded zero point (0 when symmetric), as `integer_values` uses it."""
+        if self.dynamic:
+            return None
+        delta, zero = self.current_params()
+        if delta.numel() != 1 or zero.numel() != 1 or self.bits.numel() != 1:
+            return None
+        q_min, q_max = quant_range(self.bits, self.mode)
+        z = float(torch.round(zero)) if self.mode == "asymmetric" else 0.0
+        return delta.detach().reshape(()), z, float(q_min), float(q_max)
+
     def integer_values(self, x: torch.Tensor, divisor: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
         """(q − z as float, Δ, (a, b): every q − z lies in [−a, b]) for the selected timestep, no gradient

@@ -126,3 +126,34 @@ def test_integer_layers_give_the_same_bits_with_and_without_the_passes(monkeypat
         if kind == "conv":  # the output keeps the input's layout, as the fake layer's does
             cl = xi.is_contiguous(memory_format=CL) and not xi.is_contiguous()
             assert f.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("a_symmetric", [False, True])
+def test_fake_layers_give_the_same_bits_with_and_without_the_passes(monkeypatch, kind: str, a_symmetric: bool) -> None:
+    """The fake-quantized layer's integer-exact inference (`QuantLayerMixin._integer_forward`) takes
+    one pass for its input codes and one for its rescale; the output is the eager ops' bits, in every
+    timestep slot and both input layouts, and the passes do run."""
+    from test_int_runtime import CONVS, _exact_fake, _random_layer
+
+    from lowbitdm_cli.models.wrapper import set_timestep
+
+    _, fake, codes, zw = _random_layer(kind, 8, 6, a_symmetric, seed=7, conv=CONVS["3x3s2p1"], timesteps=[900, 100])
+    fake = _exact_fake(fake, 8, codes, zw, torch.rand(12, generator=torch.Generator().manual_seed(8)) * 0.02 + 0.005)
+    x = torch.randn((3, 10, 9, 7) if kind == "conv" else (4, 5, 10), generator=torch.Generator().manual_seed(9)) * 3
+    inputs = [x] + ([x.contiguous(memory_format=CL)] if kind == "conv" else [])
+    on, calls = [True], []
+    monkeypatch.setattr(passes, "enabled", lambda: on[0])
+    for name in ("operand", "rescale"):
+        real = getattr(passes, name)
+        monkeypatch.setattr(passes, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    with torch.no_grad():
+        for t in (900, 100):
+            set_timestep(fake, t)
+            on[0] = True
+            fast = [fake(xi) for xi in inputs]
+            on[0] = False
+            eager = [fake(xi) for xi in inputs]
+            for f, e in zip(fast, eager, strict=True):
+                assert torch.equal(f, e) and f.stride() == e.stride()
+    assert calls.count("operand") == calls.count("rescale") == 2 * len(inputs)
