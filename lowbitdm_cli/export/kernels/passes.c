@@ -44,80 +44,155 @@ static inline int64_t at(int cl, int64_t i, int64_t ch, int64_t s, int64_t c, in
     return cl ? (i * hw + s) * c + ch : (i * c + ch) * hw + s;
 }
 
-void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int64_t hw, float delta, float z,
-                  float qmin, float qmax, float offset, float sub, void *out, int out_f32, int out_cl) {
+#define TILE 16 /* a layout change runs over TILE x TILE blocks of (channel, position): both sides stay in cache */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* The loops below take their flags as arguments of always-inlined functions called with constants
+ * (the dispatchers' switches), so each combination compiles to its own loop with no branch inside:
+ * the same-layout loops vectorise. */
+
+ALWAYS_INLINE void put_code(void *out, int64_t k, float u, float sub, const int out_f32) {
+    if (out_f32)
+        ((float *)out)[k] = u - sub;
+    else
+        ((uint8_t *)out)[k] = (uint8_t)(int32_t)u;
+}
+
+ALWAYS_INLINE void quantize_loop(const void *x, const int x_bf16, const int x_cl, int64_t n, int64_t c, int64_t hw,
+                                 float delta, float z, float qmin, float qmax, float offset, float sub, void *out,
+                                 const int out_f32, const int out_cl) {
     if (x_cl == out_cl || hw == 1 || c == 1) { /* same memory order: one flat loop */
         int64_t total = n * c * hw;
-        if (out_f32) {
-            float *o = (float *)out;
-            if (x_bf16) {
 #pragma omp parallel for schedule(static)
-                for (int64_t k = 0; k < total; k++)
-                    o[k] = (code(load(x, 1, k), delta, z, qmin, qmax) + offset) - sub;
-            } else {
-                const float *xf = (const float *)x;
-#pragma omp parallel for schedule(static)
-                for (int64_t k = 0; k < total; k++) o[k] = (code(xf[k], delta, z, qmin, qmax) + offset) - sub;
-            }
-        } else {
-            uint8_t *o = (uint8_t *)out;
-            if (x_bf16) {
-#pragma omp parallel for schedule(static)
-                for (int64_t k = 0; k < total; k++)
-                    o[k] = (uint8_t)(int32_t)(code(load(x, 1, k), delta, z, qmin, qmax) + offset);
-            } else {
-                const float *xf = (const float *)x;
-#pragma omp parallel for schedule(static)
-                for (int64_t k = 0; k < total; k++)
-                    o[k] = (uint8_t)(int32_t)(code(xf[k], delta, z, qmin, qmax) + offset);
-            }
-        }
+        for (int64_t k = 0; k < total; k++)
+            put_code(out, k, code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset, sub, out_f32);
         return;
     }
-    /* a layout change: each (image, position) row of the output is written in one go */
+    /* a layout change, by tiles: the values computed along the source's contiguous dimension (so the
+     * division and rounding vectorise), then written along the destination's */
+    int64_t s_tiles = (hw + TILE - 1) / TILE;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t i = 0; i < n; i++)
-        for (int64_t s = 0; s < hw; s++)
-            for (int64_t ch = 0; ch < c; ch++) {
-                float u = code(load(x, x_bf16, at(x_cl, i, ch, s, c, hw)), delta, z, qmin, qmax) + offset;
-                int64_t k = at(out_cl, i, ch, s, c, hw);
-                if (out_f32)
-                    ((float *)out)[k] = u - sub;
-                else
-                    ((uint8_t *)out)[k] = (uint8_t)(int32_t)u;
+        for (int64_t st = 0; st < s_tiles; st++)
+            for (int64_t c0 = 0; c0 < c; c0 += TILE) {
+                int64_t s0 = st * TILE, ns = s0 + TILE < hw ? TILE : hw - s0, nc = c0 + TILE < c ? TILE : c - c0;
+                float buf[TILE][TILE]; /* the tile in source order: [channel][position] or [position][channel] */
+                if (!x_cl) {
+                    for (int64_t a = 0; a < nc; a++) {
+                        int64_t base = (i * c + c0 + a) * hw + s0;
+                        for (int64_t b = 0; b < ns; b++)
+                            buf[a][b] = code(load(x, x_bf16, base + b), delta, z, qmin, qmax) + offset;
+                    }
+                } else {
+                    for (int64_t b = 0; b < ns; b++) {
+                        int64_t base = (i * hw + s0 + b) * c + c0;
+                        for (int64_t a = 0; a < nc; a++)
+                            buf[b][a] = code(load(x, x_bf16, base + a), delta, z, qmin, qmax) + offset;
+                    }
+                }
+                for (int64_t b = 0; b < ns; b++)
+                    for (int64_t a = 0; a < nc; a++)
+                        put_code(out, at(out_cl, i, c0 + a, s0 + b, c, hw), x_cl ? buf[b][a] : buf[a][b], sub, out_f32);
             }
 }
 
-static inline float scaled(float a, float dx, float ws, float cs, const float *bias, int64_t ch, int combined) {
-    float v = combined ? a * cs : (a * dx) * ws;
-    return bias ? v + bias[ch] : v;
+void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int64_t hw, float delta, float z,
+                  float qmin, float qmax, float offset, float sub, void *out, int out_f32, int out_cl) {
+    switch ((x_bf16 ? 4 : 0) | (out_f32 ? 2 : 0) | (out_cl ? 1 : 0)) {
+#define Q(B, F, O)                                                                                                     \
+    case (B ? 4 : 0) | (F ? 2 : 0) | (O ? 1 : 0):                                                                      \
+        if (x_cl)                                                                                                      \
+            quantize_loop(x, B, 1, n, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                            \
+        else                                                                                                           \
+            quantize_loop(x, B, 0, n, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                            \
+        break;
+        Q(0, 0, 0) Q(0, 0, 1) Q(0, 1, 0) Q(0, 1, 1) Q(1, 0, 0) Q(1, 0, 1) Q(1, 1, 0) Q(1, 1, 1)
+#undef Q
+    }
 }
 
-static inline void rescale_one(const void *acc, int acc_i32, int64_t src, float dx, float ws, const float *bias,
-                               int64_t ch, int combined, void *out, int out_bf16, int64_t dst) {
+ALWAYS_INLINE void rescale_one(const void *acc, const int acc_i32, int64_t src, float dx, float ws, const float *bias,
+                               int64_t ch, const int has_bias, const int combined, void *out, const int out_bf16,
+                               int64_t dst) {
     float a = acc_i32 ? (float)((const int32_t *)acc)[src] : ((const float *)acc)[src];
-    float v = scaled(a, dx, ws, dx * ws, bias, ch, combined);
+    float v = combined ? a * (dx * ws) : (a * dx) * ws;
+    if (has_bias) v = v + bias[ch];
     if (out_bf16)
         ((uint16_t *)out)[dst] = f32_to_bf16(v);
     else
         ((float *)out)[dst] = v;
 }
 
+ALWAYS_INLINE void rescale_loop(const void *acc, const int acc_i32, const int acc_cl, int64_t n, int64_t c, int64_t hw,
+                                float dx, const float *ws, const float *bias, const int has_bias, const int combined,
+                                void *out, const int out_bf16, const int out_cl) {
+    if ((acc_cl == out_cl || hw == 1) && out_cl) { /* channels last (or a linear's rows) both sides: rows of c */
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < n * hw; r++)
+            for (int64_t ch = 0; ch < c; ch++)
+                rescale_one(acc, acc_i32, r * c + ch, dx, ws[ch], bias, ch, has_bias, combined, out, out_bf16,
+                            r * c + ch);
+        return;
+    }
+    if (acc_cl == out_cl || c == 1) { /* NCHW both sides: runs of hw positions per channel */
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < n * c; r++)
+            for (int64_t s = 0; s < hw; s++)
+                rescale_one(acc, acc_i32, r * hw + s, dx, ws[r % c], bias, r % c, has_bias, combined, out, out_bf16,
+                            r * hw + s);
+        return;
+    }
+    /* a layout change, by tiles: values computed along the source's contiguous dimension, written along
+     * the destination's (float32 in the tile; bfloat16 rounding at the write) */
+    int64_t s_tiles = (hw + TILE - 1) / TILE;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t st = 0; st < s_tiles; st++)
+            for (int64_t c0 = 0; c0 < c; c0 += TILE) {
+                int64_t s0 = st * TILE, ns = s0 + TILE < hw ? TILE : hw - s0, nc = c0 + TILE < c ? TILE : c - c0;
+                float buf[TILE][TILE]; /* the tile in source order: [position][channel] or [channel][position] */
+                if (acc_cl) {
+                    for (int64_t b = 0; b < ns; b++) {
+                        int64_t base = (i * hw + s0 + b) * c + c0;
+                        for (int64_t a = 0; a < nc; a++)
+                            rescale_one(acc, acc_i32, base + a, dx, ws[c0 + a], bias, c0 + a, has_bias, combined,
+                                        &buf[0][0], 0, b * TILE + a);
+                    }
+                } else {
+                    for (int64_t a = 0; a < nc; a++) {
+                        int64_t base = (i * c + c0 + a) * hw + s0;
+                        for (int64_t b = 0; b < ns; b++)
+                            rescale_one(acc, acc_i32, base + b, dx, ws[c0 + a], bias, c0 + a, has_bias, combined,
+                                        &buf[0][0], 0, a * TILE + b);
+                    }
+                }
+                for (int64_t a = 0; a < nc; a++)
+                    for (int64_t b = 0; b < ns; b++) {
+                        int64_t k = at(out_cl, i, c0 + a, s0 + b, c, hw);
+                        float v = acc_cl ? buf[b][a] : buf[a][b];
+                        if (out_bf16)
+                            ((uint16_t *)out)[k] = f32_to_bf16(v);
+                        else
+                            ((float *)out)[k] = v;
+                    }
+            }
+}
+
 void lbd_rescale(const void *acc, int acc_i32, int acc_cl, int64_t n, int64_t c, int64_t hw, float dx,
                  const float *ws, const float *bias, int combined, void *out, int out_bf16, int out_cl) {
-    if (!out_cl && hw > 1) { /* NCHW output: the inner loop runs over positions */
-#pragma omp parallel for collapse(2) schedule(static)
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t ch = 0; ch < c; ch++)
-                for (int64_t s = 0; s < hw; s++)
-                    rescale_one(acc, acc_i32, at(acc_cl, i, ch, s, c, hw), dx, ws[ch], bias, ch, combined, out,
-                                out_bf16, (i * c + ch) * hw + s);
-    } else { /* channels-last output (or a linear's rows): the inner loop runs over channels */
-#pragma omp parallel for collapse(2) schedule(static)
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t s = 0; s < hw; s++)
-                for (int64_t ch = 0; ch < c; ch++)
-                    rescale_one(acc, acc_i32, at(acc_cl, i, ch, s, c, hw), dx, ws[ch], bias, ch, combined, out,
-                                out_bf16, (i * hw + s) * c + ch);
+    int has_bias = bias != 0;
+    switch ((acc_i32 ? 16 : 0) | (acc_cl ? 8 : 0) | (has_bias ? 4 : 0) | (combined ? 2 : 0) | (out_bf16 ? 1 : 0)) {
+#define R(I, L, B, C, O)                                                                                               \
+    case (I ? 16 : 0) | (L ? 8 : 0) | (B ? 4 : 0) | (C ? 2 : 0) | (O ? 1 : 0):                                         \
+        if (out_cl)                                                                                                    \
+            rescale_loop(acc, I, L, n, c, hw, dx, ws, bias, B, C, out, O, 1);                                          \
+        else                                                                                                           \
+            rescale_loop(acc, I, L, n, c, hw, dx, ws, bias, B, C, out, O, 0);                                          \
+        break;
+#define R4(I, L) R(I, L, 0, 0, 0) R(I, L, 0, 0, 1) R(I, L, 0, 1, 0) R(I, L, 0, 1, 1) \
+                 R(I, L, 1, 0, 0) R(I, L, 1, 0, 1) R(I, L, 1, 1, 0) R(I, L, 1, 1, 1)
+        R4(0, 0) R4(0, 1) R4(1, 0) R4(1, 1)
+#undef R4
+#undef R
     }
 }
