@@ -64,7 +64,8 @@ def load() -> ctypes.CDLL | str:
 
 def _view(t: Tensor) -> tuple[int, int, int, bool] | None:
     """(n, c, hw, channels_last) of a CPU tensor as the loops see it: 4-D contiguous or channels-last
-    ([N, C, H, W]), or any contiguous [..., C] (rows of a linear); None for anything else."""
+    ([N, C, H, W]), any contiguous [..., C] (rows of a linear), or [N, T, C] with [N, C, T] memory (a
+    diffusers attention's tokens, transposed from its NCHW input); None for anything else."""
     if t.device.type != "cpu":
         return None
     if t.dim() == 4:
@@ -77,6 +78,9 @@ def _view(t: Tensor) -> tuple[int, int, int, bool] | None:
     if t.dim() >= 1 and t.is_contiguous():
         c = t.shape[-1]
         return (t.numel() // c if c else 0), c, 1, True
+    if t.dim() == 3 and t.transpose(1, 2).is_contiguous():  # [N, T, C] viewed from [N, C, T] memory (attention)
+        n, hw, c = t.shape
+        return n, c, hw, False
     return None
 
 
@@ -104,7 +108,8 @@ def _quantize(x: Tensor, delta: float, z: float, q_min: float, q_max: float, off
 
 
 def quantize(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offset: float) -> Tensor | None:
-    """uint8 ``clamp(round(x/Δ) + z, q_min, q_max) + offset`` of float32 or bfloat16 `x`, in the layout of `x`."""
+    """uint8 ``clamp(round(x/Δ) + z, q_min, q_max) + offset`` of float32 or bfloat16 `x`, in the layout of `x`
+    (contiguous for a transposed [N, T, C] view)."""
     return _quantize(x, delta, z, q_min, q_max, offset, None, None)
 
 

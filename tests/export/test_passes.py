@@ -45,6 +45,20 @@ def test_quantize_equals_the_eager_ops(dtype: torch.dtype, layouts) -> None:
     assert torch.equal(operand, q - 41)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_tokens_are_quantized_into_rows(dtype: torch.dtype) -> None:
+    """A diffusers attention hands its linears [N, T, C] tokens transposed from [N, C, T] memory: the
+    loops read that layout and write contiguous rows, with the eager ops' values."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 20, 12, generator=gen) * 3).to(dtype).transpose(1, 2)  # [N, T=12, C=20], not contiguous
+    assert not x.is_contiguous()
+    q = torch.div(x, torch.tensor([0.05])).round_().add_(7.0).clamp_(0.0, 63.0)
+    codes = passes.quantize(x, 0.05, 7.0, 0.0, 63.0, 0.0)
+    assert codes.is_contiguous() and torch.equal(codes, q.to(torch.uint8))
+    operand = passes.operand(x, 0.05, 7.0, 0.0, 63.0, 0.0, 7)
+    assert operand.is_contiguous() and torch.equal(operand, q - 7)
+
+
 def test_rescale_by_hand() -> None:
     """Powers of two keep the products exact: ((acc·Δx)·Δw[c]) + b[c] is known; bfloat16 rounds ties
     to even and NaN to 0x7FC0, as c10::BFloat16."""
@@ -99,8 +113,8 @@ def _layer(kind: str, kernel: str) -> tuple[torch.nn.Module, torch.Tensor]:
             torch.randn(24, generator=gen), torch.tensor([0.05]), torch.tensor([97]), 8)
     layer = IntConv2d(*args, padding=1) if kind == "conv" else IntLinear(*args)
     layer.set_lowering(kernel)
-    x = torch.randn((3, 16, 9, 7) if kind == "conv" else (5, 6, 16), generator=gen) * 4
-    return layer, x
+    x = torch.randn((3, 16, 9, 7) if kind == "conv" else (5, 16, 6), generator=gen).transpose(-1, -2) * 4
+    return layer, x.contiguous() if kind == "conv" else x  # linear: transposed tokens, as attention gives them
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
@@ -115,7 +129,7 @@ def test_integer_layers_give_the_same_bits_with_and_without_the_passes(monkeypat
     for name in ("quantize", "operand", "rescale"):
         real = getattr(passes, name)
         monkeypatch.setattr(passes, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
-    inputs = [x.to(dtype)] + ([x.to(dtype).contiguous(memory_format=CL)] if kind == "conv" else [])
+    inputs = [x.to(dtype), x.to(dtype).contiguous(memory_format=CL if kind == "conv" else torch.contiguous_format)]
     with torch.no_grad():
         fast = [layer(xi) for xi in inputs]
         assert "rescale" in calls and ("operand" if kernel == "float" else "quantize") in calls
