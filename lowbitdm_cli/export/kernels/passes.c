@@ -39,13 +39,41 @@ static inline float code(float v, float delta, float z, float qmin, float qmax) 
     return q < qmin ? qmin : (q > qmax ? qmax : q);
 }
 
-/* index of element (i, ch, s) in memory order */
-static inline int64_t at(int cl, int64_t i, int64_t ch, int64_t s, int64_t c, int64_t hw) {
-    return cl ? (i * hw + s) * c + ch : (i * c + ch) * hw + s;
-}
-
 #define TILE 16 /* a layout change runs over TILE x TILE blocks of (channel, position): both sides stay in cache */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* A layout change of image-major [n, c, hw] data, by TILE x TILE tiles of (channel, position): the float
+ * VALUE(k, ch) of the source element at index k (channel ch) is computed along the source's contiguous
+ * dimension (so the arithmetic vectorises) into a tile kept in that order, then STORE(k, v) writes each
+ * value at its destination index, along the destination's contiguous dimension. */
+#define TILED_LAYOUT_CHANGE(src_cl, dst_cl, VALUE, STORE)                                                             \
+    do {                                                                                                               \
+        int64_t s_tiles_ = (hw + TILE - 1) / TILE;                                                                     \
+        _Pragma("omp parallel for collapse(2) schedule(static)")                                                       \
+        for (int64_t i = 0; i < n; i++)                                                                                \
+            for (int64_t st = 0; st < s_tiles_; st++)                                                                  \
+                for (int64_t c0 = 0; c0 < c; c0 += TILE) {                                                             \
+                    int64_t s0 = st * TILE, ns = s0 + TILE < hw ? TILE : hw - s0;                                      \
+                    int64_t nc = c0 + TILE < c ? TILE : c - c0;                                                        \
+                    float buf[TILE][TILE]; /* [position][channel] from channels-last, else [channel][position] */      \
+                    if (src_cl)                                                                                        \
+                        for (int64_t b = 0; b < ns; b++)                                                               \
+                            for (int64_t a = 0; a < nc; a++)                                                           \
+                                buf[b][a] = VALUE((i * hw + s0 + b) * c + c0 + a, c0 + a);                             \
+                    else                                                                                               \
+                        for (int64_t a = 0; a < nc; a++)                                                               \
+                            for (int64_t b = 0; b < ns; b++)                                                           \
+                                buf[a][b] = VALUE((i * c + c0 + a) * hw + s0 + b, c0 + a);                             \
+                    if (dst_cl)                                                                                        \
+                        for (int64_t b = 0; b < ns; b++)                                                               \
+                            for (int64_t a = 0; a < nc; a++)                                                           \
+                                STORE((i * hw + s0 + b) * c + c0 + a, src_cl ? buf[b][a] : buf[a][b]);                 \
+                    else                                                                                               \
+                        for (int64_t a = 0; a < nc; a++)                                                               \
+                            for (int64_t b = 0; b < ns; b++)                                                           \
+                                STORE((i * c + c0 + a) * hw + s0 + b, src_cl ? buf[b][a] : buf[a][b]);                 \
+                }                                                                                                      \
+    } while (0)
 
 /* The loops below take their flags as arguments of always-inlined functions called with constants
  * (the dispatchers' switches), so each combination compiles to its own loop with no branch inside:
@@ -68,32 +96,11 @@ ALWAYS_INLINE void quantize_loop(const void *x, const int x_bf16, const int x_cl
             put_code(out, k, code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset, sub, out_f32);
         return;
     }
-    /* a layout change, by tiles: the values computed along the source's contiguous dimension (so the
-     * division and rounding vectorise), then written along the destination's */
-    int64_t s_tiles = (hw + TILE - 1) / TILE;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t st = 0; st < s_tiles; st++)
-            for (int64_t c0 = 0; c0 < c; c0 += TILE) {
-                int64_t s0 = st * TILE, ns = s0 + TILE < hw ? TILE : hw - s0, nc = c0 + TILE < c ? TILE : c - c0;
-                float buf[TILE][TILE]; /* the tile in source order: [channel][position] or [position][channel] */
-                if (!x_cl) {
-                    for (int64_t a = 0; a < nc; a++) {
-                        int64_t base = (i * c + c0 + a) * hw + s0;
-                        for (int64_t b = 0; b < ns; b++)
-                            buf[a][b] = code(load(x, x_bf16, base + b), delta, z, qmin, qmax) + offset;
-                    }
-                } else {
-                    for (int64_t b = 0; b < ns; b++) {
-                        int64_t base = (i * hw + s0 + b) * c + c0;
-                        for (int64_t a = 0; a < nc; a++)
-                            buf[b][a] = code(load(x, x_bf16, base + a), delta, z, qmin, qmax) + offset;
-                    }
-                }
-                for (int64_t b = 0; b < ns; b++)
-                    for (int64_t a = 0; a < nc; a++)
-                        put_code(out, at(out_cl, i, c0 + a, s0 + b, c, hw), x_cl ? buf[b][a] : buf[a][b], sub, out_f32);
-            }
+#define CODE(k, ch) (code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset)
+#define PUT(k, v) put_code(out, k, v, sub, out_f32)
+    TILED_LAYOUT_CHANGE(x_cl, out_cl, CODE, PUT);
+#undef CODE
+#undef PUT
 }
 
 void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int64_t hw, float delta, float z,
@@ -111,16 +118,18 @@ void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int
     }
 }
 
-ALWAYS_INLINE void rescale_one(const void *acc, const int acc_i32, int64_t src, float dx, float ws, const float *bias,
-                               int64_t ch, const int has_bias, const int combined, void *out, const int out_bf16,
-                               int64_t dst) {
+ALWAYS_INLINE float scaled(const void *acc, const int acc_i32, int64_t src, float dx, float ws, const float *bias,
+                           int64_t ch, const int has_bias, const int combined) {
     float a = acc_i32 ? (float)((const int32_t *)acc)[src] : ((const float *)acc)[src];
     float v = combined ? a * (dx * ws) : (a * dx) * ws;
-    if (has_bias) v = v + bias[ch];
+    return has_bias ? v + bias[ch] : v;
+}
+
+ALWAYS_INLINE void put_value(void *out, int64_t k, float v, const int out_bf16) {
     if (out_bf16)
-        ((uint16_t *)out)[dst] = f32_to_bf16(v);
+        ((uint16_t *)out)[k] = f32_to_bf16(v);
     else
-        ((float *)out)[dst] = v;
+        ((float *)out)[k] = v;
 }
 
 ALWAYS_INLINE void rescale_loop(const void *acc, const int acc_i32, const int acc_cl, int64_t n, int64_t c, int64_t hw,
@@ -130,52 +139,23 @@ ALWAYS_INLINE void rescale_loop(const void *acc, const int acc_i32, const int ac
 #pragma omp parallel for schedule(static)
         for (int64_t r = 0; r < n * hw; r++)
             for (int64_t ch = 0; ch < c; ch++)
-                rescale_one(acc, acc_i32, r * c + ch, dx, ws[ch], bias, ch, has_bias, combined, out, out_bf16,
-                            r * c + ch);
+                put_value(out, r * c + ch, scaled(acc, acc_i32, r * c + ch, dx, ws[ch], bias, ch, has_bias, combined),
+                          out_bf16);
         return;
     }
     if (acc_cl == out_cl || c == 1) { /* NCHW both sides: runs of hw positions per channel */
 #pragma omp parallel for schedule(static)
         for (int64_t r = 0; r < n * c; r++)
             for (int64_t s = 0; s < hw; s++)
-                rescale_one(acc, acc_i32, r * hw + s, dx, ws[r % c], bias, r % c, has_bias, combined, out, out_bf16,
-                            r * hw + s);
+                put_value(out, r * hw + s,
+                          scaled(acc, acc_i32, r * hw + s, dx, ws[r % c], bias, r % c, has_bias, combined), out_bf16);
         return;
     }
-    /* a layout change, by tiles: values computed along the source's contiguous dimension, written along
-     * the destination's (float32 in the tile; bfloat16 rounding at the write) */
-    int64_t s_tiles = (hw + TILE - 1) / TILE;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t st = 0; st < s_tiles; st++)
-            for (int64_t c0 = 0; c0 < c; c0 += TILE) {
-                int64_t s0 = st * TILE, ns = s0 + TILE < hw ? TILE : hw - s0, nc = c0 + TILE < c ? TILE : c - c0;
-                float buf[TILE][TILE]; /* the tile in source order: [position][channel] or [channel][position] */
-                if (acc_cl) {
-                    for (int64_t b = 0; b < ns; b++) {
-                        int64_t base = (i * hw + s0 + b) * c + c0;
-                        for (int64_t a = 0; a < nc; a++)
-                            rescale_one(acc, acc_i32, base + a, dx, ws[c0 + a], bias, c0 + a, has_bias, combined,
-                                        &buf[0][0], 0, b * TILE + a);
-                    }
-                } else {
-                    for (int64_t a = 0; a < nc; a++) {
-                        int64_t base = (i * c + c0 + a) * hw + s0;
-                        for (int64_t b = 0; b < ns; b++)
-                            rescale_one(acc, acc_i32, base + b, dx, ws[c0 + a], bias, c0 + a, has_bias, combined,
-                                        &buf[0][0], 0, a * TILE + b);
-                    }
-                }
-                for (int64_t a = 0; a < nc; a++)
-                    for (int64_t b = 0; b < ns; b++) {
-                        int64_t k = at(out_cl, i, c0 + a, s0 + b, c, hw);
-                        float v = acc_cl ? buf[b][a] : buf[a][b];
-                        if (out_bf16)
-                            ((uint16_t *)out)[k] = f32_to_bf16(v);
-                        else
-                            ((float *)out)[k] = v;
-                    }
-            }
+#define SCALED(k, ch) scaled(acc, acc_i32, k, dx, ws[ch], bias, ch, has_bias, combined)
+#define PUT(k, v) put_value(out, k, v, out_bf16)
+    TILED_LAYOUT_CHANGE(acc_cl, out_cl, SCALED, PUT);
+#undef SCALED
+#undef PUT
 }
 
 void lbd_rescale(const void *acc, int acc_i32, int acc_cl, int64_t n, int64_t c, int64_t hw, float dx,
