@@ -97,8 +97,8 @@ from lowbitdm_cli.quant.integer import (
     layout_of,
     linear_chunk_products,
     per_row,
-    rescale,
     rescale_order,
+    rescale_to,
     sign_sums,
     split_weight,
     sum_chunks,
@@ -584,18 +584,11 @@ class IntLayer(TimestepSlots, nn.Module):
 
     def rescale_to(self, acc: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype,
                    layout: torch.memory_format | None = None) -> Tensor:
-        """`quant.integer.rescale` of the exact accumulator `acc` (float32, int32 or int64; channels on
-        `channel_dim`), then `dtype`, in memory `layout` (None: that of `acc`). One pass (`passes`)
-        where it applies, else the eager ops, in place in a float32 `acc`."""
-        if self._passes_apply(acc) and delta.numel() == 1 and channel_dim in ((1,) if acc.dim() == 4 else
-                                                                                (-1, acc.dim() - 1)):
-            combined = rescale_order(self.rescale_kernel) == "combined"
-            out = passes.rescale(acc, float(delta), self.weight_scale, self.bias, combined, dtype, layout)
-            if out is not None:
-                return out
-        if acc.dtype != torch.float32:
-            acc = acc.to(torch.float32, memory_format=layout or torch.preserve_format)
-        return rescale(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, layout).to(dtype)
+        """`quant.integer.rescale_to` with this layer's scales and bias: the exact accumulator `acc`
+        (channels on `channel_dim`) rescaled, then `dtype`, in memory `layout` (None: that of `acc`); in
+        one pass unless the Inductor loops of `fused_ops` were asked for."""
+        return rescale_to(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, dtype, layout,
+                          one_pass=not fused_ops.enabled())
 
     @staticmethod
     def _passes_apply(t: Tensor) -> bool:

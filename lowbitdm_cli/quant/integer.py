@@ -41,8 +41,8 @@ from torch import Tensor
 
 __all__ = ["EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "chunk_limit", "chunk_plan",
            "chunk_weight", "conv_chunk_products", "exact_route", "layout_of", "linear_chunk_products",
-           "partial_sum_bound", "per_row", "rescale", "rescale_order", "sign_sums", "split_plan", "split_weight",
-           "sum_chunks"]
+           "partial_sum_bound", "per_row", "rescale", "rescale_order", "rescale_to", "sign_sums", "split_plan",
+           "split_weight", "sum_chunks"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
@@ -251,4 +251,23 @@ def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, 
     else:
         out = torch.mul(acc, x_scale, out=dest).mul_(w_scale.reshape(view))
     return out if bias is None else out.add_(bias.reshape(view))
+
+
+def rescale_to(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int, kernel: str,
+               dtype: torch.dtype, layout: torch.memory_format | None = None, one_pass: bool = True) -> Tensor:
+    """`rescale` of an exact accumulator `acc` (float32, int32 or int64), then `dtype`, in memory `layout`
+    (None: that of `acc`). One pass (`export.passes`, the same float ops) where `one_pass` allows it and it
+    applies (a CPU tensor, one `x_scale`, channels on dim 1 of a 4-D `acc` or on its last dim); else the
+    eager ops, in place in a float32 `acc` (the integer and the fake runtime both rescale here)."""
+    from lowbitdm_cli.export import passes
+
+    if (one_pass and acc.device.type == "cpu" and x_scale.numel() == 1
+            and channel_dim in ((1,) if acc.dim() == 4 else (-1, acc.dim() - 1)) and passes.enabled()):
+        combined = rescale_order(kernel) == "combined"
+        out = passes.rescale(acc, float(x_scale), w_scale, bias, combined, dtype, layout)
+        if out is not None:
+            return out
+    if acc.dtype != torch.float32:
+        acc = acc.to(torch.float32, memory_format=layout or torch.preserve_format)
+    return rescale(acc, x_scale, w_scale, bias, channel_dim, kernel, layout).to(dtype)
 

@@ -36,8 +36,7 @@ from lowbitdm_cli.quant.integer import (
     exact_route,
     layout_of,
     linear_chunk_products,
-    rescale,
-    rescale_order,
+    rescale_to,
     sign_sums,
     split_weight,
     sum_chunks,
@@ -209,13 +208,8 @@ class QuantLayerMixin:
             acc = accumulate(op, x_int, w_int, plan, split)
         # out in `layout` (whatever layout `op` computed in): the first pass of the rescale writes it,
         # so the layout change costs no extra pass
-        if x_scale.numel() == 1 and acc.device.type == "cpu" and passes.enabled():  # one pass
-            combined = rescale_order(self.rescale_kernel) == "combined"
-            out = passes.rescale(acc, float(x_scale), w_scale, self.bias, combined, torch.float32,
-                                 layout if acc.dim() == 4 else None)
-            if out is not None:
-                return out
-        return rescale(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, layout)
+        return rescale_to(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, torch.float32,
+                          layout)
 
     def chunkable(self) -> bool:
         """Whether `_chunk_products` can run this layer's exact product over input-channel chunks."""
