@@ -96,6 +96,29 @@ def test_rescale_equals_the_eager_ops(combined: bool, acc_dtype: torch.dtype, dt
         assert torch.equal(passes.rescale(rows.to(acc_dtype), 0.037, ws, b, combined, dtype), expected)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [(1, 16, 4, 4), (2, 17, 1, 15), (5, 3, 9, 11), (1, 40, 6, 6)])
+def test_layout_changes_at_tile_edges_and_thread_counts(threads: int, shape: tuple) -> None:
+    """The layout changes split (image, channel tile) pairs between threads and move 16 x 16 tiles (partial
+    at the edges): whole, partial and single tiles, more threads than pairs, one thread; eager ops' bits."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=gen) * 3
+    acc = torch.randint(-2**20, 2**20, shape, generator=gen, dtype=torch.int32)
+    ws, bias = torch.rand(shape[1], generator=gen) * 1e-3, torch.randn(shape[1], generator=gen)
+    q = torch.div(x, torch.tensor([0.05])).round_().add_(9.0).clamp_(0.0, 255.0)
+    expected = eager_rescale(acc.float(), torch.tensor([0.5]), ws, bias, 1, "conv", order="sequential")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lin, lout in ((torch.contiguous_format, CL), (CL, torch.contiguous_format)):
+            operand = passes.operand(x.contiguous(memory_format=lin), 0.05, 9.0, 0.0, 255.0, 0.0, 9, lout)
+            assert operand.is_contiguous(memory_format=lout) and torch.equal(operand, q - 9)
+            got = passes.rescale(acc.contiguous(memory_format=lin), 0.5, ws, bias, False, torch.float32, lout)
+            assert got.is_contiguous(memory_format=lout) and torch.equal(got, expected)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_what_does_not_apply_returns_none() -> None:
     """Strided views, other dtypes: None, and the caller runs the eager ops."""
     x = torch.randn(2, 8, 4, 4)

@@ -13,6 +13,9 @@
  * means memory order [n, hw, c] (a linear's [rows, features] is n = rows, hw = 1).
  */
 #include <math.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -42,37 +45,72 @@ static inline float code(float v, float delta, float z, float qmin, float qmax) 
 #define TILE 16 /* a layout change runs over TILE x TILE blocks of (channel, position): both sides stay in cache */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* A layout change of image-major [n, c, hw] data, by TILE x TILE tiles of (channel, position): the float
- * VALUE(k, ch) of the source element at index k (channel ch) is computed along the source's contiguous
- * dimension (so the arithmetic vectorises) into a tile kept in that order, then STORE(k, v) writes each
+/* t = the transpose of the TILE x TILE block s (exact: values are only moved). */
+ALWAYS_INLINE void transpose_tile(float s[TILE][TILE], float t[TILE][TILE]) {
+#ifdef __AVX__
+    for (int bi = 0; bi < TILE; bi += 8)
+        for (int bj = 0; bj < TILE; bj += 8) { /* one 8 x 8 block: unpack, shuffle, swap 128-bit lanes */
+            __m256 r[8], u[8], v[8];
+            for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(&s[bi + k][bj]);
+            for (int k = 0; k < 8; k += 2) {
+                u[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+                u[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+            }
+            for (int k = 0; k < 8; k += 4) {
+                v[k] = _mm256_shuffle_ps(u[k], u[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+                v[k + 1] = _mm256_shuffle_ps(u[k], u[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+                v[k + 2] = _mm256_shuffle_ps(u[k + 1], u[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+                v[k + 3] = _mm256_shuffle_ps(u[k + 1], u[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+            }
+            for (int k = 0; k < 4; k++) {
+                _mm256_storeu_ps(&t[bj + k][bi], _mm256_permute2f128_ps(v[k], v[k + 4], 0x20));
+                _mm256_storeu_ps(&t[bj + k + 4][bi], _mm256_permute2f128_ps(v[k], v[k + 4], 0x31));
+            }
+        }
+#else
+    for (int j = 0; j < TILE; j++)
+        for (int k = 0; k < TILE; k++) t[j][k] = s[k][j];
+#endif
+}
+
+/* A layout change of image-major [n, c, hw] data, by TILE x TILE tiles of (channel, position), this
+ * thread's share of the (image, channel tile) pairs, each walking all positions (so every source and
+ * destination row is read or written as a stream, faster than walking the channel tiles of one position
+ * tile: `benchmarks/passes.py --against d71beb0`): the float VALUE(k, ch) of the source element at
+ * index k (channel ch) is computed along the source's contiguous dimension (so the arithmetic
+ * vectorises) into a tile kept in that order, transposed (`transpose_tile`), then STORE(k, v) writes each
  * value at its destination index, along the destination's contiguous dimension. */
-#define TILED_LAYOUT_CHANGE(src_cl, dst_cl, VALUE, STORE)                                                             \
+#define TILED_LAYOUT_CHANGE(src_cl, dst_cl, VALUE, STORE) /* src_cl != dst_cl */                                     \
     do {                                                                                                               \
-        int64_t s_tiles_ = (hw + TILE - 1) / TILE;                                                                     \
-        _Pragma("omp parallel for collapse(2) schedule(static)")                                                       \
-        for (int64_t i = 0; i < n; i++)                                                                                \
-            for (int64_t st = 0; st < s_tiles_; st++)                                                                  \
-                for (int64_t c0 = 0; c0 < c; c0 += TILE) {                                                             \
-                    int64_t s0 = st * TILE, ns = s0 + TILE < hw ? TILE : hw - s0;                                      \
-                    int64_t nc = c0 + TILE < c ? TILE : c - c0;                                                        \
-                    float buf[TILE][TILE]; /* [position][channel] from channels-last, else [channel][position] */      \
-                    if (src_cl)                                                                                        \
-                        for (int64_t b = 0; b < ns; b++)                                                               \
-                            for (int64_t a = 0; a < nc; a++)                                                           \
-                                buf[b][a] = VALUE((i * hw + s0 + b) * c + c0 + a, c0 + a);                             \
-                    else                                                                                               \
+        int64_t c_tiles_ = (c + TILE - 1) / TILE;                                                                      \
+        _Pragma("omp parallel for schedule(static)")                                                                   \
+        for (int64_t it_ = 0; it_ < n * c_tiles_; it_++) {                                                             \
+            int64_t i = it_ / c_tiles_, c0 = it_ % c_tiles_ * TILE;                                                    \
+            for (int64_t s0 = 0; s0 < hw; s0 += TILE) {                                                                \
+                int64_t ns = s0 + TILE < hw ? TILE : hw - s0;                                                          \
+                int64_t nc = c0 + TILE < c ? TILE : c - c0;                                                            \
+                /* src_: [position][channel] from channels-last, else [channel][position]; dst_ the other way */       \
+                float src_[TILE][TILE], dst_[TILE][TILE];                                                              \
+                if (ns < TILE || nc < TILE) memset(src_, 0, sizeof src_);                                              \
+                if (src_cl)                                                                                            \
+                    for (int64_t b = 0; b < ns; b++)                                                                   \
                         for (int64_t a = 0; a < nc; a++)                                                               \
-                            for (int64_t b = 0; b < ns; b++)                                                           \
-                                buf[a][b] = VALUE((i * c + c0 + a) * hw + s0 + b, c0 + a);                             \
-                    if (dst_cl)                                                                                        \
+                            src_[b][a] = VALUE((i * hw + s0 + b) * c + c0 + a, c0 + a);                                \
+                else                                                                                                   \
+                    for (int64_t a = 0; a < nc; a++)                                                                   \
                         for (int64_t b = 0; b < ns; b++)                                                               \
-                            for (int64_t a = 0; a < nc; a++)                                                           \
-                                STORE((i * hw + s0 + b) * c + c0 + a, src_cl ? buf[b][a] : buf[a][b]);                 \
-                    else                                                                                               \
+                            src_[a][b] = VALUE((i * c + c0 + a) * hw + s0 + b, c0 + a);                                \
+                transpose_tile(src_, dst_);                                                                            \
+                if (dst_cl)                                                                                            \
+                    for (int64_t b = 0; b < ns; b++)                                                                   \
                         for (int64_t a = 0; a < nc; a++)                                                               \
-                            for (int64_t b = 0; b < ns; b++)                                                           \
-                                STORE((i * c + c0 + a) * hw + s0 + b, src_cl ? buf[b][a] : buf[a][b]);                 \
-                }                                                                                                      \
+                            STORE((i * hw + s0 + b) * c + c0 + a, dst_[b][a]);                                         \
+                else                                                                                                   \
+                    for (int64_t a = 0; a < nc; a++)                                                                   \
+                        for (int64_t b = 0; b < ns; b++)                                                               \
+                            STORE((i * c + c0 + a) * hw + s0 + b, dst_[a][b]);                                         \
+            }                                                                                                          \
+        }                                                                                                              \
     } while (0)
 
 /* The loops below take their flags as arguments of always-inlined functions called with constants
