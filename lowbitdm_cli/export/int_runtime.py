@@ -67,7 +67,6 @@ is built (the same float ops in the same order; ``LOWBITDM_PASSES=0``: the eager
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -400,7 +399,9 @@ class IntLayer(TimestepSlots, nn.Module):
 
         The timed forwards see at most `TUNE_ROWS` rows of `x`'s first (batch) dimension. A candidate
         runs once to warm up, and is dropped there when that call already took `TUNE_DROP`× the best
-        median so far; the others take the median of `repeats` more calls. The choice is kept per
+        time so far; the others take the fastest of `repeats` more calls (interference on a shared
+        machine only ever adds time: on a 2-core VM one of two calls read 3x the other, which a median
+        of two passes on). The choice is kept per
         process for every layer of the same shapes and candidates (`_TUNED`), so repeated blocks and
         later batches time nothing. Every candidate gives the same bits: the choice changes speed only."""
         candidates, self._tune = self._tune or [], None
@@ -418,7 +419,7 @@ class IntLayer(TimestepSlots, nn.Module):
                     start = time.perf_counter()
                     self.forward(probe)
                     times.append(time.perf_counter() - start)
-                best = min(best, (statistics.median(times), kernel, split), key=lambda t: t[0])
+                best = min(best, (min(times), kernel, split), key=lambda t: t[0])
             _TUNED[key] = best[1:]
         self.set_lowering(*_TUNED[key])
 

@@ -310,7 +310,7 @@ def test_int_mm_is_a_candidate_only_where_onednn_has_none(monkeypatch, onednn: s
 
 def test_autotune_is_bounded_and_kept_per_shape(monkeypatch) -> None:
     """The timed forwards see at most TUNE_ROWS batch rows; a candidate whose warm-up is already
-    TUNE_DROP× the best median is not timed again; the fastest wins; and a second layer of the same
+    TUNE_DROP× the best time is not timed again; the fastest wins; and a second layer of the same
     shapes and candidates takes that choice without timing anything. The bits stay the fake layer's."""
     monkeypatch.setattr(int_runtime, "_TUNED", {})
     monkeypatch.setattr(int_runtime, "TUNE_ROWS", 2)
