@@ -34,10 +34,19 @@ from torch import Tensor
 
 from lowbitdm_cli.export import native
 
-__all__ = ["available", "enabled", "load", "operand", "quantize", "rescale"]
+__all__ = ["available", "build_flags", "enabled", "load", "operand", "quantize", "rescale"]
 
 _SOURCE = Path(__file__).with_name("kernels") / "passes.c"
 _DTYPES = (torch.float32, torch.bfloat16)
+
+
+def build_flags() -> list[str]:
+    """The C compiler flags the library is built with: no FMA contraction, no unsafe math (the eager ops'
+    bits); AVX2 where the CPU has it (vectorised division, rounding and tile transposes; -mfma is not given)."""
+    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx2_supported():
+        flags.append("-mavx2")
+    return flags
 
 
 @functools.cache
@@ -48,11 +57,8 @@ def load() -> ctypes.CDLL | str:
     compiler = native.compiler("c")
     if compiler is None:
         return "no C compiler to build the fused passes (set CC)"
-    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx2_supported():
-        flags.append("-mavx2")  # vectorised division and rounding (no FMA: -mfma is not given)
     try:
-        lib = ctypes.CDLL(str(native.build(_SOURCE, compiler, flags)))
+        lib = ctypes.CDLL(str(native.build(_SOURCE, compiler, build_flags())))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         return f"could not build the fused passes: {err}"
     i64, f32, ptr, i = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int

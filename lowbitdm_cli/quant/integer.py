@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lowbitdm_cli.export import passes
+
 __all__ = ["EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "chunk_limit", "chunk_plan",
            "chunk_weight", "conv_chunk_products", "exact_route", "layout_of", "linear_chunk_products",
            "partial_sum_bound", "per_row", "rescale", "rescale_order", "rescale_to", "sign_sums", "split_plan",
@@ -259,8 +261,6 @@ def rescale_to(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | Non
     (None: that of `acc`). One pass (`export.passes`, the same float ops) where `one_pass` allows it and it
     applies (a CPU tensor, one `x_scale`, channels on dim 1 of a 4-D `acc` or on its last dim); else the
     eager ops, in place in a float32 `acc` (the integer and the fake runtime both rescale here)."""
-    from lowbitdm_cli.export import passes
-
     if (one_pass and acc.device.type == "cpu" and x_scale.numel() == 1
             and channel_dim in ((1,) if acc.dim() == 4 else (-1, acc.dim() - 1)) and passes.enabled()):
         combined = rescale_order(kernel) == "combined"
@@ -270,4 +270,3 @@ def rescale_to(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | Non
     if acc.dtype != torch.float32:
         acc = acc.to(torch.float32, memory_format=layout or torch.preserve_format)
     return rescale(acc, x_scale, w_scale, bias, channel_dim, kernel, layout).to(dtype)
-
