@@ -3,7 +3,8 @@ replace, and optionally the library built from another git revision's `kernels/p
 flags), on the activation shapes of the digits UNet and the 26 M UNet of `merged_runtime.py` (batch 64).
 
 Per shape, median milliseconds of each pass, all variants timed interleaved in one process
-(torch.set_num_threads(2), glibc malloc keeping freed memory as the CLI does):
+(torch.set_num_threads(2), glibc malloc keeping freed memory as the CLI does, each timed call after the
+same write over 256 MiB, so every call starts from the same cache state):
 
   quantize NCHW       uint8 codes of a float32 NCHW input, same layout (an int8 kernel's input)
   operand NCHW->CL    the float path's float32 u − zx, written channels-last (its conv's input)
@@ -14,6 +15,7 @@ Every variant's output is checked equal to the eager ops' before timing.
 
     python benchmarks/passes.py                     # this checkout vs the eager ops
     python benchmarks/passes.py --against d71beb0   # and vs that revision's passes.c
+    python benchmarks/passes.py --against HEAD      # the same library twice: the comparison's noise
     python benchmarks/passes.py --quick             # 3 timed runs, two shapes
 
 Writes benchmarks/results/passes.json (--quick: passes_quick.json).
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -45,6 +46,7 @@ SHAPES = {"digits 32x16x16": (64, 32, 16, 16), "digits 128x4x4": (64, 128, 4, 4)
           "26M 256x16x16": (64, 256, 16, 16), "26M 512x8x8": (64, 512, 8, 8)}
 QUICK_SHAPES = ("digits 32x16x16", "26M 128x32x32")
 DELTA, Z, DX = 0.02, 20.0, 0.01
+FLUSH_BYTES = 256 << 20  # written before every timed call: more than any last-level cache here
 
 
 def _library_at(rev: str) -> ctypes.CDLL:
@@ -57,19 +59,11 @@ def _library_at(rev: str) -> ctypes.CDLL:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"passes_{rev}.c"
         path.write_text(source)
-        lib = ctypes.CDLL(str(native.build(path, native.compiler("c"), _flags())))
+        lib = ctypes.CDLL(str(native.build(path, native.compiler("c"), passes.build_flags())))
     for name in ("lbd_quantize", "lbd_rescale"):
         getattr(lib, name).argtypes = getattr(current, name).argtypes
         getattr(lib, name).restype = None
     return lib
-
-
-def _flags() -> list[str]:
-    """The flags `passes.load` builds with."""
-    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx2_supported():
-        flags.append("-mavx2")
-    return flags
 
 
 def _cells(shape: tuple[int, ...], libraries: dict[str, object]) -> dict[str, dict[str, Callable[[], object]]]:
@@ -117,15 +111,19 @@ def _cells(shape: tuple[int, ...], libraries: dict[str, object]) -> dict[str, di
 
 
 def _time(cells: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median ms per variant after one warm-up each, the variants interleaved and their order rotated each
-    round (A, B, C, then B, C, A, ...): a pass right after the eager ops (which touch far more memory) was
-    measured up to 20 % slower than the same code one slot later."""
+    """Median ms per variant after one warm-up each, the variants interleaved with their order rotated each
+    round (A, B, C, then B, C, A, ...), and every timed call preceded by the same write over `FLUSH_BYTES`
+    (more than the last-level cache), so no call inherits a warmer or colder cache from the one before: with
+    rotation alone a variant timed after the eager ops (which touch far more memory) twice in three rounds
+    read about 6 % slower than the very same library timed beside it (`--against HEAD`)."""
+    flush = torch.empty(FLUSH_BYTES // 4)
     for fn in cells.values():
         fn()
     keys = list(cells)
     times: dict[str, list[float]] = {k: [] for k in cells}
     for round_ in range(repeats):
         for key in keys[round_ % len(keys):] + keys[: round_ % len(keys)]:
+            flush.fill_(1.0)
             start = time.perf_counter()
             cells[key]()
             times[key].append(time.perf_counter() - start)
@@ -136,7 +134,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 timed runs per cell, two shapes")
     parser.add_argument("--against", help="a git revision whose kernels/passes.c is timed beside this checkout's")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 15; --quick 3; rounded up to a multiple of the variants)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per cell (default 15; --quick 3; rounded up to a multiple of the variants)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not passes.available():

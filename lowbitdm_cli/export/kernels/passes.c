@@ -75,11 +75,12 @@ ALWAYS_INLINE void transpose_tile(float s[TILE][TILE], float t[TILE][TILE]) {
 
 /* A layout change of image-major [n, c, hw] data, by TILE x TILE tiles of (channel, position), this
  * thread's share of the (image, channel tile) pairs, each walking all positions (so every source and
- * destination row is read or written as a stream, faster than walking the channel tiles of one position
- * tile: `benchmarks/passes.py --against d71beb0`): the float VALUE(k, ch) of the source element at
- * index k (channel ch) is computed along the source's contiguous dimension (so the arithmetic
- * vectorises) into a tile kept in that order, transposed (`transpose_tile`), then STORE(k, v) writes each
- * value at its destination index, along the destination's contiguous dimension. */
+ * destination row is read or written as a stream: faster than walking the channel tiles of one position
+ * tile on 16x16 and larger activations, slower on 8x8 ones, `benchmarks/passes.py --against d71beb0`):
+ * the float VALUE(k, ch) of the source element at index k (channel ch) is computed along the source's
+ * contiguous dimension (so the arithmetic vectorises) into a tile kept in that order, transposed
+ * (`transpose_tile`), then STORE(k, v) writes each value at its destination index, along the
+ * destination's contiguous dimension. */
 #define TILED_LAYOUT_CHANGE(src_cl, dst_cl, VALUE, STORE) /* src_cl != dst_cl */                                     \
     do {                                                                                                               \
         int64_t c_tiles_ = (c + TILE - 1) / TILE;                                                                      \
