@@ -92,9 +92,11 @@ from lowbitdm_cli.quant.integer import (
     accumulate,
     chunk_weight,
     conv_chunk_products,
+    conv_products,
     exact_route,
     layout_of,
     linear_chunk_products,
+    operand_layout,
     per_row,
     rescale_order,
     rescale_to,
@@ -132,11 +134,16 @@ def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-# Autotuning (`IntLayer.autotune`): rows of the batch a timed forward sees, the warm-up ratio to the best
-# median past which a candidate is dropped, and the choices made in this process.
+# Autotuning (`IntLayer.autotune`): rows of the batch a timed forward sees, the ratio to the best time
+# past which a candidate is dropped, and the choices made in this process.
 TUNE_ROWS = 64
 TUNE_DROP = 3.0
 _TUNED: dict[tuple, tuple[str, int | None]] = {}
+# What `IntLayer.set_lowering` sets and a lowering's first calls build: `autotune` keeps one copy per
+# candidate, so that switching between candidates rebuilds nothing (keep in step with set_lowering).
+_LOWERING_STATE = ("use_onednn", "float_exact", "split", "use_s16", "_mm_split", "wmat_hi", "wmat_lo",
+                   "fused_rescale", "_onednn_cache", "_float_weight", "_chunk_cache", "_s16_packed", "_sums_beside",
+                   "_fused_checked", "_bf16_checked", "_tune")
 
 # oneDNN accumulates in int32: with |u − zx| ≤ 255 and |w| ≤ 128 every K up to this is exact.
 _K_ONEDNN = (2**31 - 1) // (255 * 128)
@@ -394,34 +401,53 @@ class IntLayer(TimestepSlots, nn.Module):
                                                             or candidates[0][0] == "float") else None
         return candidates[0]
 
-    def autotune(self, x: Tensor, repeats: int = 2) -> None:
+    def autotune(self, x: Tensor, rounds: int = 3) -> None:
         """Time each candidate lowering and keep the fastest; bounded so that a slow candidate costs little.
 
-        The timed forwards see at most `TUNE_ROWS` rows of `x`'s first (batch) dimension. A candidate
-        runs once to warm up, and is dropped there when that call already took `TUNE_DROP`× the best
-        time so far; the others take the fastest of `repeats` more calls (interference on a shared
-        machine only ever adds time: on a 2-core VM one of two calls read 3x the other, which a median
-        of two passes on). The choice is kept per
-        process for every layer of the same shapes and candidates (`_TUNED`), so repeated blocks and
-        later batches time nothing. Every candidate gives the same bits: the choice changes speed only."""
+        The timed forwards see at most `TUNE_ROWS` rows of `x`'s first (batch) dimension. Every candidate
+        first runs once untimed: a lowering's first call builds its weights and plans (packed or chunked
+        weights, the exact route), which must not count against it. Then `rounds` rounds each time every
+        candidate still in once, in an order rotated per round (so a slow moment of the machine does not
+        always land on the same one); a candidate `TUNE_DROP`× slower than the best after a round is
+        dropped; each keeps the fastest of its calls (interference on a shared machine only ever adds
+        time). Each candidate's built pieces are kept while tuning (`_LOWERING_STATE`), so switching
+        between them rebuilds nothing. The choice is kept per process for every layer of the same shapes
+        and candidates (`_TUNED`), so repeated blocks and later batches time nothing. Every candidate gives
+        the same bits: the choice changes speed only."""
         candidates, self._tune = self._tune or [], None
+        if not candidates:
+            return
         key = (self.tune_signature(), tuple(x.shape), x.dtype, x.device.type, tuple(candidates))
+        built: dict[tuple[str, int | None], tuple] = {}
+
+        def use(candidate: tuple[str, int | None]) -> None:
+            if candidate in built:
+                for name, value in zip(_LOWERING_STATE, built[candidate], strict=True):
+                    setattr(self, name, value)
+            else:
+                self.set_lowering(*candidate)
+
         if key not in _TUNED:
-            probe, best = x[:TUNE_ROWS], (float("inf"), *candidates[-1])
-            for kernel, split in candidates:
-                self.set_lowering(kernel, split)
+            probe, best = x[:TUNE_ROWS], dict.fromkeys(candidates, float("inf"))
+
+            def run(candidate: tuple[str, int | None]) -> float:
+                use(candidate)
                 start = time.perf_counter()
                 self.forward(probe)
-                if time.perf_counter() - start > TUNE_DROP * best[0]:
-                    continue
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    self.forward(probe)
-                    times.append(time.perf_counter() - start)
-                best = min(best, (min(times), kernel, split), key=lambda t: t[0])
-            _TUNED[key] = best[1:]
-        self.set_lowering(*_TUNED[key])
+                elapsed = time.perf_counter() - start
+                built[candidate] = tuple(getattr(self, name) for name in _LOWERING_STATE)
+                return elapsed
+
+            for candidate in candidates:
+                run(candidate)
+            alive = list(candidates)
+            for r in range(rounds):
+                for candidate in alive[r % len(alive):] + alive[:r % len(alive)]:
+                    best[candidate] = min(best[candidate], run(candidate))
+                fastest = min(best[c] for c in alive)
+                alive = [c for c in alive if best[c] <= TUNE_DROP * fastest]
+            _TUNED[key] = min(alive, key=best.__getitem__)
+        use(_TUNED[key])
 
     def tune_signature(self) -> tuple:
         """What a lowering's speed depends on besides the input: the layer's kind and shapes."""
@@ -798,18 +824,18 @@ class IntConv2d(IntLayer):
         layout = layout_of(x, self.preferred_layout)  # the output keeps it, as the fake layer's does
         kernel = self.kernel
         if kernel == "float":
-            xf, zx, delta = self.float_operand(x, torch.channels_last)
             weight = self.op_weight()
+            geometry = (self.stride, self.padding, self.dilation)
+            operand = operand_layout(weight, *geometry, layout)  # as the fake layer's
+            xf, zx, delta = self.float_operand(x, operand)
 
-            def conv(xi: Tensor, wi: Tensor) -> Tensor:  # on channels-last memory, as the fake layer's
-                return F.conv2d(xi.contiguous(memory_format=torch.channels_last), wi, None, self.stride,
-                                self.padding, self.dilation)
+            def conv(xi: Tensor, wi: Tensor) -> Tensor:
+                return conv_products(xi.contiguous(memory_format=operand), wi, *geometry)
 
             def chunked(xi: Tensor, g: int, cache: dict) -> list[Tensor]:  # one conv, groups=g (`chunk_weight`)
                 if ("chunks", g) not in cache:
                     cache["chunks", g] = chunk_weight(weight, g).contiguous()
-                return conv_chunk_products(xi.contiguous(memory_format=torch.channels_last), cache["chunks", g], g,
-                                           self.stride, self.padding, self.dilation)
+                return conv_chunk_products(xi.contiguous(memory_format=operand), cache["chunks", g], g, *geometry)
 
             return self._float_exact(conv, xf, zx, weight, delta, 1, x.dtype, layout, chunked)
         u, zx, delta = self.quantize_input(x)

@@ -42,9 +42,9 @@ from torch import Tensor
 from lowbitdm_cli.export import passes
 
 __all__ = ["EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "chunk_limit", "chunk_plan",
-           "chunk_weight", "conv_chunk_products", "exact_route", "layout_of", "linear_chunk_products",
-           "partial_sum_bound", "per_row", "rescale", "rescale_order", "rescale_to", "sign_sums", "split_plan",
-           "split_weight", "sum_chunks"]
+           "chunk_weight", "conv_chunk_products", "conv_products", "exact_route", "layout_of", "linear_chunk_products",
+           "operand_layout", "partial_sum_bound", "per_row", "pointwise", "rescale", "rescale_order", "rescale_to",
+           "sign_sums", "split_plan", "split_weight", "sum_chunks"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
@@ -166,10 +166,40 @@ def chunk_weight(w_int: Tensor, g: int) -> Tensor:
     return w_int.unflatten(1, (g, in_ch // g)).transpose(0, 1).reshape(g * out_ch, in_ch // g, *w_int.shape[2:])
 
 
+def pointwise(w: Tensor, stride, padding, dilation) -> bool:
+    """Whether a conv with weight `w` ([O, C/groups, kh, kw]) and this geometry (ints or pairs) is a plain 1x1
+    one: stride 1, no padding, so output position p is Σ_c w[o, c]·x[c, p], a matmul (`conv_products`)."""
+    def pair(v) -> tuple:
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    return tuple(w.shape[2:]) == (1, 1) and pair(stride) == pair(dilation) == (1, 1) and pair(padding) == (0, 0)
+
+
+def operand_layout(w: Tensor, stride, padding, dilation, out_layout: torch.memory_format) -> torch.memory_format:
+    """The layout an integer-exact conv wants its integer operand in: that of its output (`layout_of`) for a
+    plain 1x1 conv (`pointwise`: one matmul in either layout, so an NCHW model changes no layout at all),
+    channels-last for every other (oneDNN's float convs compute in it: no reorder of input and output
+    per call). Every exact product gives the same bits in either layout; this is speed only."""
+    return out_layout if pointwise(w, stride, padding, dilation) else torch.channels_last
+
+
+def conv_products(x: Tensor, w: Tensor, stride, padding, dilation, groups: int = 1) -> Tensor:
+    """The bias-free conv of integer-valued `x` and `w` (``F.conv2d``), as one batched matmul on NCHW-contiguous
+    `x` where the conv is `pointwise` (groups g: g blocks of input channels, each with its O/g output rows):
+    [N, O, H, W] in `x`'s layout, so a 1x1 conv in an NCHW model needs no layout change (oneDNN's float
+    conv computes in channels-last and reorders NCHW input and output per call)."""
+    if not (x.dim() == 4 and x.is_contiguous() and pointwise(w, stride, padding, dilation)):
+        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+    n, c, h, wd = x.shape
+    o = w.shape[0] // groups
+    y = torch.matmul(w.reshape(groups, o, c // groups), x.reshape(n, groups, c // groups, h * wd))
+    return y.reshape(n, groups * o, h, wd)
+
+
 def conv_chunk_products(x: Tensor, w_chunked: Tensor, g: int, stride, padding, dilation) -> list[Tensor]:
     """The `g` input-channel chunks' products of a conv in one call with ``groups=g`` (`w_chunked` from
-    `chunk_weight`): its [N, g·O, ...] output viewed as the g chunks' [N, O, ...], for `sum_chunks`."""
-    y = F.conv2d(x, w_chunked, None, stride, padding, dilation, g)
+    `chunk_weight`; `conv_products`): its [N, g·O, ...] output viewed as the g chunks' [N, O, ...], for
+    `sum_chunks`."""
+    y = conv_products(x, w_chunked, stride, padding, dilation, g)
     return list(y.unflatten(1, (g, y.shape[1] // g)).unbind(1))
 
 

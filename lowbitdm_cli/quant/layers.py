@@ -33,9 +33,11 @@ from lowbitdm_cli.quant.integer import (
     accumulate,
     chunk_weight,
     conv_chunk_products,
+    conv_products,
     exact_route,
     layout_of,
     linear_chunk_products,
+    operand_layout,
     rescale_to,
     sign_sums,
     split_weight,
@@ -257,19 +259,24 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         if x.dtype != self.weight.dtype:  # bf16 compute (`models.precision`): float32 inside, one rounding out
             return self.forward(x.to(self.weight.dtype)).to(x.dtype)
         if self.integer_exact():
-            # channels-last once per layer (a split weight runs the conv twice on the same input);
-            # the output keeps the input's layout (`quant.integer.layout_of`), as the integer runtime's
-            return self._integer_forward(x, self._bias_free_conv, 1, layout_of(x, self.preferred_layout),
-                                         torch.channels_last)
+            # the operand in one layout per layer (a split weight runs the conv twice on the same input):
+            # channels-last, or the input's for a 1x1 conv (`quant.integer.operand_layout`); the output
+            # keeps the input's layout (`quant.integer.layout_of`), as the integer runtime's
+            layout = layout_of(x, self.preferred_layout)
+            return self._integer_forward(x, self._bias_free_conv, 1, layout,
+                                         operand_layout(self.weight, self.stride, self.padding, self.dilation, layout))
         return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
 
     def _bias_free_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The bias-free conv; `forward` hands it channels-last input, on which oneDNN's float conv
-        runs without reordering input and output per call. `_integer_forward` rescales its (exact)
+        """The bias-free conv (`quant.integer.conv_products`); `forward` hands it channels-last input, on which
+        oneDNN's float conv runs without reordering input and output per call, or for a 1x1 conv input in
+        the layer input's layout (one matmul on NCHW memory: no layout change). `_integer_forward` rescales its (exact)
         output into the layout of the layer's input (NCHW, or channels-last in a channels-last model,
         `models.precision.use_layout`), as the integer runtime does, so the float ops after this layer
         (norms, adds) see the same memory layout and round alike in both runtimes (mixed layouts cost
         a copy at every concat, upsample and norm)."""
+        if self.padding_mode == "zeros":
+            return conv_products(x, w, self.stride, self.padding, self.dilation, self.groups)
         return self._conv_forward(x, w, None)
 
     def chunkable(self) -> bool:

@@ -309,26 +309,34 @@ def test_int_mm_is_a_candidate_only_where_onednn_has_none(monkeypatch, onednn: s
 
 
 def test_autotune_is_bounded_and_kept_per_shape(monkeypatch) -> None:
-    """The timed forwards see at most TUNE_ROWS batch rows; a candidate whose warm-up is already
-    TUNE_DROP× the best time is not timed again; the fastest wins; and a second layer of the same
-    shapes and candidates takes that choice without timing anything. The bits stay the fake layer's."""
+    """The timed forwards see at most TUNE_ROWS batch rows; every candidate's first call (which builds its
+    weights and plans) is untimed; then rounds time every candidate still in, in a rotated order, and drop
+    one TUNE_DROP× slower than the best; the fastest wins, each lowering built once; and a second layer of
+    the same shapes and candidates takes that choice without timing anything. The bits stay the fake
+    layer's."""
     monkeypatch.setattr(int_runtime, "_TUNED", {})
     monkeypatch.setattr(int_runtime, "TUNE_ROWS", 2)
-    cost = {"float": 1.0, "int_mm": 5.0}  # a clock that runs on the lowering: float the fastest, int_mm 5×
-    clock, calls = [0.0], []
+    # a clock that runs on the lowering: float the fastest but 10 on its first call (what building costs),
+    # which a timed first call would have held against it (10 > 3 × 3)
+    cost = {"float": 1.0, "int_mm-split1": 3.0, "int_mm": 5.0}
+    clock, calls, builds = [0.0], [], []
     monkeypatch.setattr(int_runtime.time, "perf_counter", lambda: clock[0])
     layers = []
     for _ in range(2):
         layer, fake, codes, zw = _random_layer("conv", 8, 8, False, seed=3, conv=CONVS["3x3s2p1"])
-        forward = layer.forward
+        forward, set_lowering = layer.forward, layer.set_lowering
 
         def counted(x: torch.Tensor, layer=layer, forward=forward) -> torch.Tensor:
-            kernel = layer.lowering.split("-")[0]
-            calls.append((kernel, x.shape[0]))
-            clock[0] += cost.get(kernel, 3.0)
+            lowering = layer.lowering
+            clock[0] += 10.0 if lowering not in [c for c, _ in calls] else cost[lowering]
+            calls.append((lowering, x.shape[0]))
             return forward(x)
 
-        layer.forward = counted
+        def counted_set(*args, set_lowering=set_lowering) -> None:
+            builds.append(args)
+            set_lowering(*args)
+
+        layer.forward, layer.set_lowering = counted, counted_set
         layers.append(layer)
     x = _input("conv", layers[0], seed=4)
     with torch.no_grad():
@@ -337,10 +345,14 @@ def test_autotune_is_bounded_and_kept_per_shape(monkeypatch) -> None:
         layers[0]._tune = list(candidates)
         layers[0].autotune(x)  # what the first forward does
         out = layers[0](x)
-        assert calls == [("int_mm", 2), ("int_mm", 2), ("int_mm", 2),  # the first candidate: warm-up + 2 repeats
-                         ("float", 2), ("float", 2), ("float", 2),  # faster: it becomes the best
-                         ("int_mm", 2),  # 5 > 3 × 1 after its warm-up: dropped
-                         ("float", 3)]  # then the real input, on the choice
+        assert [c for c, _ in calls] == [
+            "int_mm-split1", "float", "int_mm",  # untimed first calls
+            "int_mm-split1", "float", "int_mm",  # round 1: int_mm 5 > 3 × 1: dropped
+            "float", "int_mm-split1",  # round 2, rotated
+            "int_mm-split1", "float",  # round 3
+            "float"]  # then the real input, on the choice
+        assert {rows for _, rows in calls[:-1]} == {2} and calls[-1] == ("float", 3)
+        assert builds == candidates  # each built once; the choice restored, not rebuilt
         assert layers[0].lowering == "float" and torch.equal(out, expected)
         calls.clear()
         layers[1]._tune = list(candidates)

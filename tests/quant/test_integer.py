@@ -18,8 +18,12 @@ from lowbitdm_cli.quant.integer import (
     chunk_limit,
     chunk_plan,
     chunk_weight,
+    conv_chunk_products,
+    conv_products,
     exact_route,
+    operand_layout,
     partial_sum_bound,
+    pointwise,
     rescale,
     rescale_order,
     sign_sums,
@@ -234,3 +238,33 @@ def test_fake_layer_inference_is_integer_exact(kind: str, bits: int) -> None:
         layer.bias.detach().abs().double().reshape(shape)
     k = abs_acc.shape[-1]
     assert ((ste.double() - out.double()).abs() <= 1.01 * (k + 3) * 2.0**-24 * mags).all()
+
+
+def test_pointwise_geometry() -> None:
+    w1, w3 = torch.zeros(4, 2, 1, 1), torch.zeros(4, 2, 3, 3)
+    assert pointwise(w1, (1, 1), (0, 0), (1, 1)) and pointwise(w1, 1, 0, 1)
+    assert not pointwise(w1, 2, 0, 1) and not pointwise(w1, 1, 1, 1) and not pointwise(w3, 1, 0, 1)
+    assert operand_layout(w1, 1, 0, 1, torch.contiguous_format) == torch.contiguous_format
+    assert operand_layout(w1, 1, 0, 1, torch.channels_last) == torch.channels_last
+    assert operand_layout(w3, 1, 1, 1, torch.contiguous_format) == torch.channels_last
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv_products_pointwise_matmul(groups: int, layout: torch.memory_format) -> None:
+    """A 1x1 conv on NCHW memory runs as one batched matmul: the float64 conv's values (integer operands with
+    sums below 2^24: exact in any order), NCHW out; on channels-last input it stays the conv."""
+    g = torch.Generator().manual_seed(groups)
+    x = torch.randint(-128, 128, (3, 8, 5, 6), generator=g).float().contiguous(memory_format=layout)
+    w = torch.randint(-127, 128, (6, 8 // groups, 1, 1), generator=g).float()
+    ref = F.conv2d(x.double(), w.double(), None, 1, 0, 1, groups)
+    got = conv_products(x, w, (1, 1), (0, 0), (1, 1), groups)
+    assert got.dtype == torch.float32 and torch.equal(got.double(), ref)
+    assert got.is_contiguous(memory_format=layout)
+    parts = conv_chunk_products(x, chunk_weight(w, 2), 2, 1, 0, 1) if groups == 1 else None
+    if parts is not None:  # the chunks' products: each half of the input channels
+        assert torch.equal(parts[0].double(), F.conv2d(x[:, :4].double(), w[:, :4].double()))
+        assert torch.equal(parts[1].double(), F.conv2d(x[:, 4:].double(), w[:, 4:].double()))
+    w3 = torch.randint(-127, 128, (6, 8 // groups, 3, 3), generator=g).float()
+    ref3 = F.conv2d(x.double(), w3.double(), None, 1, 1, 1, groups)
+    assert torch.equal(conv_products(x, w3, 1, 1, 1, groups).double(), ref3)
