@@ -138,6 +138,12 @@ def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
 # past which a candidate is dropped, and the choices made in this process.
 TUNE_ROWS = 64
 TUNE_DROP = 3.0
+# Another lowering replaces the integer-exact float path (the reference every layer has) only where it is
+# faster by more than this factor: on a 2-core Zen 3 VM the first forward's timings of the int16 kernel and
+# the float path on digits' 4x4-8x8 convs came within a few % in some processes and picked the int16 kernel,
+# which re-timed 1.3-1.5x slower there; the kernels that win do so by far more (the split oneDNN calls over
+# the float path on the 26 M UNet's 512-channel 3x3 convs: 1.6-2.9x, timed by hand).
+TUNE_MARGIN = 0.9
 _TUNED: dict[tuple, tuple[str, int | None]] = {}
 # What `IntLayer.set_lowering` sets and a lowering's first calls build: `autotune` keeps one copy per
 # candidate, so that switching between candidates rebuilds nothing (keep in step with set_lowering).
@@ -410,7 +416,7 @@ class IntLayer(TimestepSlots, nn.Module):
         candidate still in once, in an order rotated per round (so a slow moment of the machine does not
         always land on the same one); a candidate `TUNE_DROP`× slower than the best after a round is
         dropped; each keeps the fastest of its calls (interference on a shared machine only ever adds
-        time). Each candidate's built pieces are kept while tuning (`_LOWERING_STATE`), so switching
+        time), and the fastest wins, but over the float path only by `TUNE_MARGIN`. Each candidate's built pieces are kept while tuning (`_LOWERING_STATE`), so switching
         between them rebuilds nothing. The choice is kept per process for every layer of the same shapes
         and candidates (`_TUNED`), so repeated blocks and later batches time nothing. Every candidate gives
         the same bits: the choice changes speed only."""
@@ -446,7 +452,10 @@ class IntLayer(TimestepSlots, nn.Module):
                     best[candidate] = min(best[candidate], run(candidate))
                 fastest = min(best[c] for c in alive)
                 alive = [c for c in alive if best[c] <= TUNE_DROP * fastest]
-            _TUNED[key] = min(alive, key=best.__getitem__)
+            choice = min(alive, key=best.__getitem__)
+            if ("float", None) in alive and best[choice] > TUNE_MARGIN * best["float", None]:
+                choice = ("float", None)  # the reference path, unless clearly beaten (`TUNE_MARGIN`)
+            _TUNED[key] = choice
         use(_TUNED[key])
 
     def tune_signature(self) -> tuple:

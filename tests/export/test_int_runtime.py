@@ -359,6 +359,13 @@ def test_autotune_is_bounded_and_kept_per_shape(monkeypatch) -> None:
         layers[1].autotune(x)
         assert calls == [] and layers[1].lowering == "float" and layers[1]._tune is None
         assert torch.equal(layers[1](x), expected)
+        # a kernel faster than the float path by less than TUNE_MARGIN does not replace it; by more, it does
+        for fast, chosen in ((0.95, "float"), (0.8, "int_mm-split1")):
+            cost["int_mm-split1"] = fast
+            monkeypatch.setattr(int_runtime, "_TUNED", {})
+            layers[1]._tune = list(candidates)
+            layers[1].autotune(x)
+            assert layers[1].lowering == chosen
 
 
 def test_kernel_probe_sees_the_avx2_class(tmp_path: Path) -> None:
