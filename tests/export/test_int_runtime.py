@@ -155,7 +155,7 @@ def test_kernel_rescale_is_checked_per_shape(kind: str, monkeypatch: pytest.Monk
     process's order is set to each of the two in turn (the global probe bypassed): for exactly one
     of them the kernel keeps rescaling, for the other the first call finds the difference and the
     layer rescales itself. Every output equals the fake layer's either way."""
-    from lowbitdm_cli.export import int_runtime, s16
+    from lowbitdm_cli.export import int_runtime
     from lowbitdm_cli.quant.integer import RESCALE_ORDERS
 
     conv = CONVS.get(kind)
@@ -366,6 +366,27 @@ def test_autotune_is_bounded_and_kept_per_shape(monkeypatch) -> None:
             layers[1]._tune = list(candidates)
             layers[1].autotune(x)
             assert layers[1].lowering == chosen
+        # a first batch of one row is tuned on TUNE_ROWS rows (its row repeated), as later batches run
+        calls.clear()
+        monkeypatch.setattr(int_runtime, "_TUNED", {})
+        layers[1]._tune = list(candidates)
+        layers[1].autotune(x[:1])
+        assert calls and {rows for _, rows in calls} == {2}
+        assert torch.equal(layers[1](x[:1]), expected[:1])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
+def test_tune_rows_repeats_a_small_batch_in_its_memory_order(layout: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    if layout == "tokens":  # [N, T, C] viewed from [N, C, T] memory, as a diffusers attention's linears get
+        x = torch.randn(3, 6, 5, generator=gen).transpose(1, 2)
+    else:
+        x = torch.randn(3, 4, 5, 6, generator=gen)
+        x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    assert torch.equal(int_runtime.tune_rows(x, 2), x[:2])  # enough rows: the first ones, a view
+    y = int_runtime.tune_rows(x, 8)
+    assert y.shape == (8, *x.shape[1:]) and y.stride()[1:] == x.stride()[1:]  # the same memory order
+    assert torch.equal(y[:3], x) and torch.equal(y[3:6], x) and torch.equal(y[6:], x[:2])
 
 
 def test_kernel_probe_sees_the_avx2_class(tmp_path: Path) -> None:
