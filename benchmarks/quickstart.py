@@ -60,11 +60,15 @@ def extract_revision(rev: str, dest: Path) -> str:
     return commit.stdout.strip()
 
 
-def run_job(code: Path, runs: Path, sets: list[str], extra: list[str], label: str) -> dict:
-    """`python -m lowbitdm_cli --json run --recipe ptq --bits w8a8` of the code in `code`."""
+def run_job(code: Path, runs: Path, sets: list[str], extra: list[str], label: str, fp_cache: Path) -> dict:
+    """`python -m lowbitdm_cli --json run --recipe ptq --bits w8a8` of the code in `code`, its FP baselines
+    cached in `fp_cache` (``$LOWBITDM_FP_CACHE``, which older revisions read too: without it an old run
+    found the FP baseline in the user's default cache, filled by earlier runs, and skipped the FP stages
+    that the new run did)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS",
                                                              "LOWBITDM_THREADS", "PYTHONPATH")}
     env["PYTHONPATH"] = str(code)
+    env["LOWBITDM_FP_CACHE"] = str(fp_cache)
     cmd = [sys.executable, "-m", "lowbitdm_cli", "--json", "run", "--recipe", "ptq", "--bits", "w8a8",
            "--runs-dir", str(runs), *[a for s in sets for a in ("--set", s)], *extra]
     print(f"[{label}] {' '.join(cmd[1:])}  (PYTHONPATH={code})", flush=True)
@@ -124,11 +128,12 @@ def main() -> None:
         for i in range(repeats):  # each run in a fresh runs folder with an empty FP cache
             tag = "" if repeats == 1 else f" #{i + 1}"
             if args.against:
-                runs.append(run_job(old_code, tmp / f"runs-old{i}", sets, [], f"old {args.against}{tag}"))
+                runs.append(run_job(old_code, tmp / f"runs-old{i}", sets, [], f"old {args.against}{tag}",
+                                    tmp / f"fp-cache-old{i}"))
             cache = tmp / f"fp-cache{i}"
-            runs.append(run_job(ROOT, tmp / f"runs-new{i}", sets, ["--fp-cache", str(cache)], f"new{tag}"))
+            runs.append(run_job(ROOT, tmp / f"runs-new{i}", sets, [], f"new{tag}", cache))
         if args.warm:
-            runs.append(run_job(ROOT, tmp / "runs-new-warm", sets, ["--fp-cache", str(cache)], "new, FP cached"))
+            runs.append(run_job(ROOT, tmp / "runs-new-warm", sets, [], "new, FP cached", cache))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     info["loadavg_at_end"] = os.getloadavg()
