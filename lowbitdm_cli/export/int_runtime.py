@@ -107,7 +107,7 @@ from lowbitdm_cli.quant.integer import (
 from lowbitdm_cli.quant.quantizer import TimestepSlots
 
 __all__ = ["IntConv2d", "IntLayer", "IntLinear", "choose_split", "lowering_counts", "onednn_available",
-           "onednn_rescale_matches", "tune_rows", "window_sums", "window_sums_beside"]
+           "onednn_rescale_matches", "window_sums", "window_sums_beside"]
 
 _SHIFT = 128
 # |u·w| ≤ 255·128 per product; with the corrections a partial sum is < K·255·(128+256+255),
@@ -134,9 +134,11 @@ def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-# Autotuning (`IntLayer.autotune`): the rows of the batch a timed forward sees (a smaller batch repeated),
-# the ratio to the best time past which a candidate is dropped, and the choices made in this process.
+# Autotuning (`IntLayer.autotune`): the most rows of the batch a timed forward sees, the growth of the batch
+# past which a layer tunes again, the ratio to the best time past which a candidate is dropped, and the
+# choices made in this process.
 TUNE_ROWS = 64
+RETUNE_GROWTH = 4
 TUNE_DROP = 3.0
 # Another lowering replaces the integer-exact float path (the reference every layer has) only where it is
 # faster by more than this factor: on a 2-core Zen 3 VM the first forward's timings of the int16 kernel and
@@ -258,17 +260,6 @@ def window_sums(u: Tensor, zx: Tensor | int, window: tuple | None = None) -> Ten
     if kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0):
         return s
     return F.avg_pool2d(s, kernel_size, stride, padding, divisor_override=1)  # window sums, not means
-
-
-def tune_rows(x: Tensor, rows: int) -> Tensor:
-    """`rows` rows of `x`'s first dimension, in `x`'s memory order (channels-last stays channels-last, a
-    transposed view stays one): its first `rows`, or its rows repeated up to `rows` where it has fewer."""
-    if x.shape[0] >= rows or x.shape[0] == 0:
-        return x[:rows]
-    order = sorted(range(x.dim()), key=lambda d: (d != 0, -x.stride(d)))  # the batch dim, then outer to inner
-    dense = x.permute(order)
-    tiled = dense.repeat(-(-rows // x.shape[0]), *[1] * (x.dim() - 1))[:rows]
-    return tiled.permute([order.index(d) for d in range(x.dim())])
 
 
 class IntLayer(TimestepSlots, nn.Module):
@@ -421,21 +412,22 @@ class IntLayer(TimestepSlots, nn.Module):
     def autotune(self, x: Tensor, rounds: int = 3) -> None:
         """Time each candidate lowering and keep the fastest; bounded so that a slow candidate costs little.
 
-        The timed forwards see `TUNE_ROWS` rows of `x`'s first (batch) dimension (`tune_rows`: a smaller batch's
-        rows repeated), whatever batch comes first: the choice holds for every later batch. Tuned on the first
-        batch's own rows, a batch of one had picked the int16 kernel for half the digits UNet's layers, and
-        batches of 64 then ran at about 0.75x FP32 eager instead of 0.95x on Zen 3 (by hand; a first batch of 8:
-        0.84x; tuning on 16 rows still picked it for a third of them, 0.84-0.86x). The price: a first batch
-        smaller than `TUNE_ROWS` tunes at `TUNE_ROWS` rows, once per process. Every candidate first runs once
-        untimed: a lowering's first call builds its weights and plans (packed or chunked weights, the exact
-        route), which must not count against it. Then `rounds` rounds each time every candidate still in once,
-        in an order rotated per round (so a slow moment of the machine does not always land on the same one); a
-        candidate `TUNE_DROP`× slower than the best after a round is dropped; each keeps the fastest of its
-        calls (interference on a shared machine only ever adds time), and the fastest wins, but over the float
-        path only by `TUNE_MARGIN`. Each candidate's built pieces are kept while tuning (`_LOWERING_STATE`), so
-        switching between them rebuilds nothing. The choice is kept per process for every layer of the same
-        shapes and candidates (`_TUNED`), so repeated blocks and later batches time nothing. Every candidate
-        gives the same bits: the choice changes speed only."""
+        The timed forwards see at most `TUNE_ROWS` rows of `x`'s first (batch) dimension. The choice holds for
+        later batches up to `RETUNE_GROWTH` times the rows it was tuned on; a batch that much larger (up to
+        `TUNE_ROWS`) has the layer tune again (`forward`), so a small first batch (a smoke test with one image)
+        neither locks in choices for the real batches nor makes a user who samples one image at a time pay for
+        tuning on many: tuned on one image, half the digits UNet's layers had taken the int16 kernel and batches
+        of 64 ran at about 0.75x FP32 eager instead of 0.95x on Zen 3 (by hand), while tuning a batch of one on 64
+        repeated rows made the 26 M UNet's first forward take about 40 s. Every candidate first runs once untimed:
+        a lowering's first call builds its weights and plans (packed or chunked weights, the exact route), which
+        must not count against it. Then `rounds` rounds each time every candidate still in once, in an order
+        rotated per round (so a slow moment of the machine does not always land on the same one); a candidate
+        `TUNE_DROP`× slower than the best after a round is dropped; each keeps the fastest of its calls
+        (interference on a shared machine only ever adds time), and the fastest wins, but over the float path only
+        by `TUNE_MARGIN`. Each candidate's built pieces are kept while tuning (`_LOWERING_STATE`), so switching
+        between them rebuilds nothing. The choice is kept per process for every layer of the same shapes and
+        candidates (`_TUNED`), so repeated blocks and later batches time nothing. Every candidate gives the same
+        bits: the choice changes speed only."""
         candidates, self._tune = self._tune or [], None
         if not candidates:
             return
@@ -450,7 +442,7 @@ class IntLayer(TimestepSlots, nn.Module):
                 self.set_lowering(*candidate)
 
         if key not in _TUNED:
-            probe, best = tune_rows(x, TUNE_ROWS), dict.fromkeys(candidates, float("inf"))
+            probe, best = x[:TUNE_ROWS], dict.fromkeys(candidates, float("inf"))
 
             def run(candidate: tuple[str, int | None]) -> float:
                 use(candidate)
@@ -473,6 +465,12 @@ class IntLayer(TimestepSlots, nn.Module):
                 choice = ("float", None)  # the reference path, unless clearly beaten (`TUNE_MARGIN`)
             _TUNED[key] = choice
         use(_TUNED[key])
+        self._candidates, self._tuned_rows = candidates, min(x.shape[0], TUNE_ROWS)  # `use` cleared them
+
+    def _retune(self, x: Tensor) -> bool:
+        """Whether `x`'s batch is `RETUNE_GROWTH`× the rows the lowering was tuned on, or more (up to
+        `TUNE_ROWS`): then `forward` tunes again (`autotune`, among the same candidates)."""
+        return self._candidates is not None and min(x.shape[0], TUNE_ROWS) >= RETUNE_GROWTH * self._tuned_rows
 
     def tune_signature(self) -> tuple:
         """What a lowering's speed depends on besides the input: the layer's kind and shapes."""
@@ -493,6 +491,8 @@ class IntLayer(TimestepSlots, nn.Module):
         if kernel not in ("onednn", "int_mm", "s16", "float"):
             raise ValueError(f"unknown kernel {kernel!r}")
         self._tune = None  # an explicit lowering is kept (autotune clears its list before trying each)
+        self._candidates: list[tuple[str, int | None]] | None = None  # none to tune again among (`_retune`)
+        self._tuned_rows = 0
         if kernel == "onednn" and not onednn_available():
             raise ValueError("this PyTorch has no oneDNN int8 kernels")
         if split is not None and kernel in ("float", "s16"):
@@ -762,7 +762,8 @@ class IntLinear(IntLayer):
         self.in_features, self.out_features = self.k, self.out_ch
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._tune:
+        if self._tune or self._retune(x):
+            self._tune = self._tune or self._candidates
             self.autotune(x)
         kernel = self.kernel
         if kernel == "float":
@@ -844,7 +845,8 @@ class IntConv2d(IntLayer):
         return cols.reshape(n * ho * wo, -1), ho, wo
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._tune:
+        if self._tune or self._retune(x):
+            self._tune = self._tune or self._candidates
             self.autotune(x)
         layout = layout_of(x, self.preferred_layout)  # the output keeps it, as the fake layer's does
         kernel = self.kernel

@@ -366,27 +366,25 @@ def test_autotune_is_bounded_and_kept_per_shape(monkeypatch) -> None:
             layers[1]._tune = list(candidates)
             layers[1].autotune(x)
             assert layers[1].lowering == chosen
-        # a first batch of one row is tuned on TUNE_ROWS rows (its row repeated), as later batches run
-        calls.clear()
+        # a first batch of one row is tuned on that row; a batch RETUNE_GROWTH× larger (up to TUNE_ROWS) tunes again
+        monkeypatch.setattr(int_runtime, "TUNE_ROWS", 8)
         monkeypatch.setattr(int_runtime, "_TUNED", {})
+        big, big_expected = torch.cat([x] * 4), torch.cat([expected] * 4)  # 12 rows
         layers[1]._tune = list(candidates)
-        layers[1].autotune(x[:1])
-        assert calls and {rows for _, rows in calls} == {2}
+        calls.clear()
         assert torch.equal(layers[1](x[:1]), expected[:1])
-
-
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
-def test_tune_rows_repeats_a_small_batch_in_its_memory_order(layout: str) -> None:
-    gen = torch.Generator().manual_seed(0)
-    if layout == "tokens":  # [N, T, C] viewed from [N, C, T] memory, as a diffusers attention's linears get
-        x = torch.randn(3, 6, 5, generator=gen).transpose(1, 2)
-    else:
-        x = torch.randn(3, 4, 5, 6, generator=gen)
-        x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
-    assert torch.equal(int_runtime.tune_rows(x, 2), x[:2])  # enough rows: the first ones, a view
-    y = int_runtime.tune_rows(x, 8)
-    assert y.shape == (8, *x.shape[1:]) and y.stride()[1:] == x.stride()[1:]  # the same memory order
-    assert torch.equal(y[:3], x) and torch.equal(y[3:6], x) and torch.equal(y[6:], x[:2])
+        assert {rows for _, rows in calls} == {1} and len(calls) > 1  # tuned on the one row, then run
+        calls.clear()
+        assert torch.equal(layers[1](big[:3]), big_expected[:3]) and calls == [(layers[1].lowering, 3)]  # 3 < 4 x 1
+        calls.clear()
+        assert torch.equal(layers[1](big), big_expected)  # the call (12 rows), inside it the tuning (on 8 rows)
+        assert len(calls) > 2 and calls[0][1] == 12 and {rows for _, rows in calls[1:]} == {8}
+        calls.clear()
+        assert torch.equal(layers[1](big), big_expected) and len(calls) == 1  # 8 < 4 x 8: kept
+        layers[1].set_lowering("float")  # an explicit lowering is kept: no tuning again
+        calls.clear()
+        layers[1]._tuned_rows = 1
+        assert torch.equal(layers[1](big), big_expected) and calls == [("float", 12)]
 
 
 def test_kernel_probe_sees_the_avx2_class(tmp_path: Path) -> None:
