@@ -97,6 +97,7 @@ from lowbitdm_cli.quant.integer import (
     layout_of,
     linear_chunk_products,
     operand_layout,
+    pair,
     per_row,
     rescale_order,
     rescale_to,
@@ -802,10 +803,6 @@ class IntLinear(IntLayer):
                 f"lowering={self.lowering}")
 
 
-def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 class IntConv2d(IntLayer):
     """Conv2d (groups = 1, zero padding) on integer codes; NCHW float in, NCHW float32 out."""
 
@@ -821,7 +818,7 @@ class IntConv2d(IntLayer):
         super().__init__(weight_codes, *args, **kwargs)
         self.in_channels, self.out_channels = weight_codes.shape[1], weight_codes.shape[0]
         self.kernel_size = (weight_codes.shape[2], weight_codes.shape[3])
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
 
     def im2col(self, u: Tensor, zx: int) -> tuple[Tensor, int, int]:
         """uint8 NCHW codes → columns [N·Ho·Wo, kh·kw·C] (channels last), padded with code zx."""

@@ -43,8 +43,8 @@ from lowbitdm_cli.export import passes
 
 __all__ = ["EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "chunk_limit", "chunk_plan",
            "chunk_weight", "conv_chunk_products", "conv_products", "exact_route", "layout_of", "linear_chunk_products",
-           "operand_layout", "partial_sum_bound", "per_row", "pointwise", "rescale", "rescale_order", "rescale_to",
-           "sign_sums", "split_plan", "split_weight", "sum_chunks"]
+           "operand_layout", "pair", "partial_sum_bound", "per_row", "pointwise", "rescale", "rescale_order",
+           "rescale_to", "sign_sums", "split_plan", "split_weight", "sum_chunks"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
@@ -166,11 +166,14 @@ def chunk_weight(w_int: Tensor, g: int) -> Tensor:
     return w_int.unflatten(1, (g, in_ch // g)).transpose(0, 1).reshape(g * out_ch, in_ch // g, *w_int.shape[2:])
 
 
+def pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """A conv geometry value (stride, padding, dilation) given as an int or a pair, as a pair of ints."""
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 def pointwise(w: Tensor, stride, padding, dilation) -> bool:
     """Whether a conv with weight `w` ([O, C/groups, kh, kw]) and this geometry (ints or pairs) is a plain 1x1
     one: stride 1, no padding, so output position p is Σ_c w[o, c]·x[c, p], a matmul (`conv_products`)."""
-    def pair(v) -> tuple:
-        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
     return tuple(w.shape[2:]) == (1, 1) and pair(stride) == pair(dilation) == (1, 1) and pair(padding) == (0, 0)
 
 
