@@ -60,7 +60,7 @@ def extract_revision(rev: str, dest: Path) -> str:
     return commit.stdout.strip()
 
 
-def run_job(code: Path, runs: Path, sets: list[str], extra: list[str], label: str, fp_cache: Path) -> dict:
+def run_job(code: Path, runs: Path, sets: list[str], label: str, fp_cache: Path) -> dict:
     """`python -m lowbitdm_cli --json run --recipe ptq --bits w8a8` of the code in `code`, its FP baselines
     cached in `fp_cache` (``$LOWBITDM_FP_CACHE``, which older revisions read too: without it an old run
     found the FP baseline in the user's default cache, filled by earlier runs, and skipped the FP stages
@@ -70,7 +70,7 @@ def run_job(code: Path, runs: Path, sets: list[str], extra: list[str], label: st
     env["PYTHONPATH"] = str(code)
     env["LOWBITDM_FP_CACHE"] = str(fp_cache)
     cmd = [sys.executable, "-m", "lowbitdm_cli", "--json", "run", "--recipe", "ptq", "--bits", "w8a8",
-           "--runs-dir", str(runs), *[a for s in sets for a in ("--set", s)], *extra]
+           "--runs-dir", str(runs), *[a for s in sets for a in ("--set", s)]]
     print(f"[{label}] {' '.join(cmd[1:])}  (PYTHONPATH={code})", flush=True)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=runs.parent, capture_output=True, text=True, check=False)
@@ -128,12 +128,12 @@ def main() -> None:
         for i in range(repeats):  # each run in a fresh runs folder with an empty FP cache
             tag = "" if repeats == 1 else f" #{i + 1}"
             if args.against:
-                runs.append(run_job(old_code, tmp / f"runs-old{i}", sets, [], f"old {args.against}{tag}",
+                runs.append(run_job(old_code, tmp / f"runs-old{i}", sets, f"old {args.against}{tag}",
                                     tmp / f"fp-cache-old{i}"))
             cache = tmp / f"fp-cache{i}"
-            runs.append(run_job(ROOT, tmp / f"runs-new{i}", sets, [], f"new{tag}", cache))
+            runs.append(run_job(ROOT, tmp / f"runs-new{i}", sets, f"new{tag}", cache))
         if args.warm:
-            runs.append(run_job(ROOT, tmp / "runs-new-warm", sets, [], "new, FP cached", cache))
+            runs.append(run_job(ROOT, tmp / "runs-new-warm", sets, "new, FP cached", cache))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     info["loadavg_at_end"] = os.getloadavg()
