@@ -143,9 +143,9 @@ RETUNE_GROWTH = 4
 TUNE_DROP = 3.0
 # Another lowering replaces the integer-exact float path (the reference every layer has) only where it is
 # faster by more than this factor: on a 2-core Zen 3 VM the first forward's timings of the int16 kernel and
-# the float path on digits' 4x4-8x8 convs came within a few % in some processes and picked the int16 kernel,
-# which re-timed 1.3-1.5x slower there; the kernels that win do so by far more (the split oneDNN calls over
-# the float path on the 26 M UNet's 512-channel 3x3 convs: 1.6-2.9x, timed by hand).
+# the float path on digits' 4x4-8x8 convs came close in some processes and picked the int16 kernel, which
+# timed again was clearly slower there; the kernels that win do so by far more (the split oneDNN calls over
+# the float path on the 26 M UNet's 512-channel 3x3 convs; all timed by hand).
 TUNE_MARGIN = 0.9
 _TUNED: dict[tuple, tuple[str, int | None]] = {}
 # What `IntLayer.set_lowering` sets and a lowering's first calls build: `autotune` keeps one copy per
@@ -418,17 +418,17 @@ class IntLayer(TimestepSlots, nn.Module):
         `TUNE_ROWS`) has the layer tune again (`forward`), so a small first batch (a smoke test with one image)
         neither locks in choices for the real batches nor makes a user who samples one image at a time pay for
         tuning on many: tuned on one image, half the digits UNet's layers had taken the int16 kernel and batches
-        of 64 ran at about 0.75x FP32 eager instead of 0.95x on Zen 3 (by hand), while tuning a batch of one on 64
-        repeated rows made the 26 M UNet's first forward take about 40 s. Every candidate first runs once untimed:
-        a lowering's first call builds its weights and plans (packed or chunked weights, the exact route), which
-        must not count against it. Then `rounds` rounds each time every candidate still in once, in an order
-        rotated per round (so a slow moment of the machine does not always land on the same one); a candidate
-        `TUNE_DROP`× slower than the best after a round is dropped; each keeps the fastest of its calls
-        (interference on a shared machine only ever adds time), and the fastest wins, but over the float path only
-        by `TUNE_MARGIN`. Each candidate's built pieces are kept while tuning (`_LOWERING_STATE`), so switching
-        between them rebuilds nothing. The choice is kept per process for every layer of the same shapes and
-        candidates (`_TUNED`), so repeated blocks and later batches time nothing. Every candidate gives the same
-        bits: the choice changes speed only."""
+        of 64 ran clearly slower on Zen 3, while tuning a batch of one on 64 repeated rows made the 26 M UNet's
+        first forward tens of seconds long (timed by hand). Every candidate first runs once untimed: a lowering's
+        first call builds its weights and plans (packed or chunked weights, the exact route), which must not count
+        against it. Then `rounds` rounds each time every candidate still in once, in an order rotated per round
+        (so a slow moment of the machine does not always land on the same one); a candidate `TUNE_DROP`× slower
+        than the best after a round is dropped; each keeps the fastest of its calls (interference on a shared
+        machine only ever adds time), and the fastest wins, but over the float path only by `TUNE_MARGIN`. Each
+        candidate's built pieces are kept while tuning (`_LOWERING_STATE`), so switching between them rebuilds
+        nothing. The choice is kept per process for every layer of the same shapes and candidates (`_TUNED`), so
+        repeated blocks and later batches time nothing. Every candidate gives the same bits: the choice changes
+        speed only."""
         candidates, self._tune = self._tune or [], None
         if not candidates:
             return
