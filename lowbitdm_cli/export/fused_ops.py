@@ -24,6 +24,8 @@ import os
 import torch
 from torch import Tensor
 
+from lowbitdm_cli.quant.integer import round_accumulator
+
 __all__ = ["available", "enabled", "quantize", "rescale_to"]
 
 
@@ -34,23 +36,28 @@ def _quantize(x: Tensor, delta: Tensor, params: Tensor) -> Tensor:
     return (q + params[3]).to(torch.uint8)
 
 
+def _acc(acc: Tensor, dtype: torch.dtype) -> Tensor:
+    """`quant.integer.round_accumulator`: for a bf16 output the accumulator rounded to bf16 first."""
+    return acc.to(torch.bfloat16).float() if dtype == torch.bfloat16 else acc
+
+
 def _rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Tensor:
     # `quant.integer.rescale`: ((acc·Δx)·Δw[o]), then the compute dtype, contiguous
-    return ((acc * x_scale) * w_scale).to(dtype).contiguous()
+    return ((_acc(acc, dtype) * x_scale) * w_scale).to(dtype).contiguous()
 
 
 def _rescale_bias(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
-    return (((acc * x_scale) * w_scale) + bias).to(dtype).contiguous()
+    return (((_acc(acc, dtype) * x_scale) * w_scale) + bias).to(dtype).contiguous()
 
 
 def _rescale_shifted(main: Tensor, sums: Tensor, w_off: Tensor, x_scale: Tensor, w_scale: Tensor,
                      dtype: torch.dtype) -> Tensor:
-    return (((main + sums * w_off) * x_scale) * w_scale).to(dtype).contiguous()  # integers < 2^24: exact
+    return ((_acc(main + sums * w_off, dtype) * x_scale) * w_scale).to(dtype).contiguous()  # integers < 2^24: exact
 
 
 def _rescale_shifted_bias(main: Tensor, sums: Tensor, w_off: Tensor, x_scale: Tensor, w_scale: Tensor,
                           bias: Tensor, dtype: torch.dtype) -> Tensor:
-    return ((((main + sums * w_off) * x_scale) * w_scale) + bias).to(dtype).contiguous()
+    return (((_acc(main + sums * w_off, dtype) * x_scale) * w_scale) + bias).to(dtype).contiguous()
 
 
 _FUNCTIONS = {f.__name__[1:]: f for f in (_quantize, _rescale, _rescale_bias, _rescale_shifted,
@@ -64,7 +71,9 @@ views of shifted layers, linear rows); dynamo's default of 8 would send the rest
 
 @functools.cache
 def _compiled(name: str):  # noqa: ANN202 - one compiled function (own code object, own recompile budget)
-    compiled = torch.compile(_FUNCTIONS[name], dynamic=True)
+    # keep the bf16 rounding of a bf16 output's accumulator (`_acc`): Inductor otherwise elides a
+    # downcast-upcast pair inside a fused loop
+    compiled = torch.compile(_FUNCTIONS[name], dynamic=True, options={"emulate_precision_casts": True})
 
     def call(*args):  # noqa: ANN002, ANN202
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
@@ -78,7 +87,7 @@ def _eager_quantize(x: Tensor, delta: Tensor, z: float, q_min: float, q_max: flo
 
 
 def _eager_rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    out = torch.mul(acc, x_scale).mul_(w_scale)
+    out = torch.mul(round_accumulator(acc, dtype), x_scale).mul_(w_scale)
     return (out if bias is None else out.add_(bias)).to(dtype).contiguous()
 
 

@@ -30,10 +30,8 @@ slot). A "shifted" layer needs ``Σ_window(u − zx)`` for its correction: where
 packed weights keep the all-ones row as one more output channel, so the same call also returns the
 sums; elsewhere they are summed beside the call (`window_sums`, exact in float32), since oneDNN's
 AVX-512 kernels block output channels by 64 and one more row costs a block (`window_sums_beside`).
-A "direct" layer takes its
-float32 output ``Δx·Δw[o]·acc + bias[o]`` straight from the kernel (rounded to the compute dtype
-in the pass that gives it the input's layout; in bf16, on CPUs that convert in hardware, the
-kernel's own bf16 output where it is that rounding, `kernel_probe.probe_bf16_output`) when the
+A "direct" float32 layer takes its
+float32 output ``Δx·Δw[o]·acc + bias[o]`` straight from the kernel (in the input's layout) when the
 kernel's rescale is bit for bit
 `quant.integer.rescale`, whose float order is the one this CPU's kernels use
 (`quant.integer.rescale_order`; checked once per process, `onednn_rescale_matches`, and once per
@@ -81,7 +79,6 @@ from lowbitdm_cli.export.kernel_probe import (
     KernelClass,
     amx_int8,
     pair16_weight_limit,
-    probe_bf16_output,
     probe_int_mm,
     probe_onednn_conv,
     probe_onednn_linear,
@@ -152,7 +149,7 @@ _TUNED: dict[tuple, tuple[str, int | None]] = {}
 # candidate, so that switching between candidates rebuilds nothing (keep in step with set_lowering).
 _LOWERING_STATE = ("use_onednn", "float_exact", "split", "use_s16", "_mm_split", "wmat_hi", "wmat_lo",
                    "fused_rescale", "_onednn_cache", "_float_weight", "_chunk_cache", "_s16_packed", "_sums_beside",
-                   "_fused_checked", "_bf16_checked", "_tune")
+                   "_fused_checked", "_tune")
 
 # oneDNN accumulates in int32: with |u − zx| ≤ 255 and |w| ≤ 128 every K up to this is exact.
 _K_ONEDNN = (2**31 - 1) // (255 * 128)
@@ -514,7 +511,6 @@ class IntLayer(TimestepSlots, nn.Module):
         self.fused_rescale = self.use_onednn and self.direct and split is None and onednn_rescale_matches(
             self.rescale_kernel)
         self._fused_checked: set[tuple] = set()
-        self._bf16_checked: set[tuple] = set()  # of those, where the kernel's own bf16 output is used
 
     @property
     def kernel(self) -> str:
@@ -580,27 +576,21 @@ class IntLayer(TimestepSlots, nn.Module):
         ``(acc·Δx)·Δw``, with more as ``acc·(Δx·Δw)``). So the first call per input `shape` also runs
         the unit-scale route and keeps the kernel's rescale only where its float32 output agrees bit
         for bit (a wrong order differs on about a third of the outputs); where it does not, the layer
-        rescales itself from then on. The kernel's float32 output is rounded to `dtype` here, in the
-        pass that gives it memory `layout` (no pass where it has both already: float32, channels-last),
-        or, for bf16 where the kernel rounds as PyTorch does (`kernel_probe.probe_bf16_output`, and
-        this layer's first bf16 output per shape equal to its float32 output rounded), by the kernel.
+        rescales itself from then on. The kernel's float32 output is in `layout` here (no pass where it
+        is already). A bf16 output always takes the unit-scale route: its rescale starts from the
+        accumulator rounded to bf16 (`quant.integer.round_accumulator`), which no kernel's rescale does.
         `sums`: a shifted layer's window sums when taken beside the kernel (`sums_beside`)."""
-        if not self.fused_rescale:
+        if not self.fused_rescale or dtype != torch.float32:
             return self._onednn_finish(call(1.0, self._unit, None, torch.float32), delta, channel_dim, dtype,
                                        layout, sums)
-        key = (shape, torch.get_num_threads(), dtype)
+        key = (shape, torch.get_num_threads())
         if key in self._fused_checked:
-            if key in self._bf16_checked:  # the kernel's own bf16 output
-                return call(float(delta), self.weight_scale, self.bias, dtype).to(memory_format=layout)
-            return call(float(delta), self.weight_scale, self.bias, torch.float32).to(dtype, memory_format=layout)
+            return call(float(delta), self.weight_scale, self.bias, torch.float32).to(memory_format=layout)
         own = call(float(delta), self.weight_scale, self.bias, torch.float32)
         ref = self._onednn_finish(call(1.0, self._unit, None, torch.float32), delta, channel_dim, torch.float32,
                                   layout)
         if own.numel() >= _CHECK_MIN_OUTPUTS and torch.equal(own, ref):
             self._fused_checked.add(key)
-            if dtype == torch.bfloat16 and probe_bf16_output(self.rescale_kernel) and torch.equal(
-                    call(float(delta), self.weight_scale, self.bias, dtype), own.to(dtype)):
-                self._bf16_checked.add(key)
         else:  # another implementation, another order (or too few outputs to tell): rescale here from now on
             self.fused_rescale = False
         return ref.to(dtype, memory_format=layout)

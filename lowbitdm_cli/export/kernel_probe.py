@@ -35,7 +35,7 @@ from torch import Tensor
 from lowbitdm_cli.quant.integer import rescale_order
 
 __all__ = ["PAIR16_LIMIT", "KernelClass", "amx_int8", "cpu_description", "cpu_flags", "kernel_report",
-           "pair16_weight_limit", "probe_bf16_output", "probe_int_mm", "probe_onednn_conv", "probe_onednn_linear",
+           "pair16_weight_limit", "probe_int_mm", "probe_onednn_conv", "probe_onednn_linear",
            "probe_rescale_order"]
 
 KernelClass = Literal["int32", "pair16", "inexact", "unavailable"]
@@ -208,40 +208,6 @@ def probe_rescale_order(kernel: str) -> str | None:
 
 
 @functools.cache
-def probe_bf16_output(kernel: str) -> bool:
-    """Whether oneDNN's int8 `kernel` ("conv" or "linear") returns, when asked for bf16, exactly its
-    float32 output rounded to bf16 the way PyTorch rounds (to nearest, ties to even), so that the
-    integer runtime may take a bf16 layer output straight from the kernel instead of converting the
-    float32 one in a pass of its own. Only where the CPU converts in hardware (`bf16_native`:
-    AMX-BF16 / AVX512-BF16's ``vcvtneps2bf16``, round to nearest even; with oneDNN capped below it,
-    its emulated conversion differed from PyTorch's in rare outputs), and checked here on integer
-    accumulators of 9-13 bits with unit scales, where about a tenth of all outputs are exact ties
-    between two bf16 values, and on random scales with a bias. Each layer still compares the two
-    once per input shape (`IntLayer._run_onednn`)."""
-    from lowbitdm_cli.models.precision import bf16_native
-
-    probe = {"conv": probe_onednn_conv, "linear": probe_onednn_linear}[kernel]
-    if not bf16_native() or probe() in ("unavailable", "inexact"):
-        return False
-    gen = torch.Generator().manual_seed(0)
-    out_ch = 24
-    u = torch.randint(0, 256, (64, 4, 4, 4) if kernel == "conv" else (64, 36), generator=gen).to(torch.uint8)
-    w = torch.randint(0, 2, (out_ch, 4, 3, 3) if kernel == "conv" else (out_ch, 36), generator=gen).to(torch.int8)
-    cases = [(1.0, torch.ones(out_ch), None),
-             (float(torch.rand(1, generator=gen)) * 0.1 + 1e-3, torch.rand(out_ch, generator=gen) * 0.05 + 1e-4,
-              torch.randn(out_ch, generator=gen))]
-    try:
-        run = _onednn_op(u, 0, w)
-        for x_scale, w_scale, bias in cases:
-            full = run(x_scale, w_scale, bias, torch.float32)
-            if not torch.equal(run(x_scale, w_scale, bias, torch.bfloat16), full.to(torch.bfloat16)):
-                return False
-    except RuntimeError:
-        return False
-    return True
-
-
-@functools.cache
 def _cpuinfo() -> tuple[str, list[str] | None]:
     """(model name, flags) from /proc/cpuinfo; ("", None) where there is none."""
     try:
@@ -280,5 +246,4 @@ def kernel_report() -> dict[str, object]:
     return {"cpu": cpu_description(),
             "kernel_probes": {"onednn_linear": probe_onednn_linear(), "onednn_conv": probe_onednn_conv(),
                               "int_mm": probe_int_mm("cpu")},
-            "rescale_order": {k: rescale_order(k) for k in ("conv", "linear")},
-            "bf16_output": {k: probe_bf16_output(k) for k in ("conv", "linear")}}
+            "rescale_order": {k: rescale_order(k) for k in ("conv", "linear")}}

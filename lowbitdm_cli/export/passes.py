@@ -38,6 +38,8 @@ __all__ = ["available", "build_flags", "enabled", "load", "operand", "quantize",
 
 _SOURCE = Path(__file__).with_name("kernels") / "passes.c"
 _DTYPES = (torch.float32, torch.bfloat16)
+_OUT_KINDS = {torch.uint8: 0, torch.float32: 1, torch.bfloat16: 2}  # `_quantize`'s outputs (passes.c OUT_*)
+_ACC_KINDS = {torch.float32: 0, torch.int32: 1, torch.bfloat16: 2}  # `rescale`'s accumulators (passes.c ACC_*)
 
 
 def build_flags() -> list[str]:
@@ -97,7 +99,7 @@ def _empty(x: Tensor, dtype: torch.dtype, layout: torch.memory_format | None) ->
 
 
 def _quantize(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offset: float, sub: float | None,
-              layout: torch.memory_format | None) -> Tensor | None:
+              layout: torch.memory_format | None, out_dtype: torch.dtype = torch.float32) -> Tensor | None:
     lib = load()
     seen = _view(x)
     if isinstance(lib, str) or seen is None or x.dtype not in _DTYPES:
@@ -105,11 +107,11 @@ def _quantize(x: Tensor, delta: float, z: float, q_min: float, q_max: float, off
     n, c, hw, x_cl = seen
     if layout is None:
         layout = torch.channels_last if x.dim() == 4 and x_cl else torch.contiguous_format
-    out = _empty(x, torch.uint8 if sub is None else torch.float32, layout)
+    out = _empty(x, torch.uint8 if sub is None else out_dtype, layout)
     out_cl = x.dim() != 4 or layout == torch.channels_last
     if x.numel():
         lib.lbd_quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), int(x_cl), n, c, hw, delta, z, q_min, q_max,
-                         offset, 0.0 if sub is None else sub, out.data_ptr(), int(sub is not None), int(out_cl))
+                         offset, 0.0 if sub is None else sub, out.data_ptr(), _OUT_KINDS[out.dtype], int(out_cl))
     return out
 
 
@@ -120,20 +122,24 @@ def quantize(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offs
 
 
 def operand(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offset: float, zx: int,
-            layout: torch.memory_format | None = None) -> Tensor | None:
-    """The float path's operand: float32 ``u − zx`` with u the codes of `quantize`, in `layout` (4-D
-    only; None: the layout of `x`), written in one pass whatever the layout of `x`."""
-    return _quantize(x, delta, z, q_min, q_max, offset, float(zx), layout)
+            layout: torch.memory_format | None = None, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """The float path's operand: ``u − zx`` with u the codes of `quantize`, in `layout` (4-D only; None: the
+    layout of `x`), written in one pass whatever the layout of `x`, as float32 or as bfloat16 (`dtype`; exact
+    where |u − zx| ≤ 256, which the caller checks: 8-bit codes)."""
+    if dtype not in _DTYPES:
+        return None
+    return _quantize(x, delta, z, q_min, q_max, offset, float(zx), layout, dtype)
 
 
 def rescale(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, combined: bool,
             dtype: torch.dtype, layout: torch.memory_format | None = None) -> Tensor | None:
-    """``((acc·Δx)·Δw[c]) + b[c]`` (or ``(acc·(Δx·Δw[c])) + b[c]`` when `combined`) of a float32 or int32
-    accumulator whose channels are its dim 1 (4-D) or its last dim, in float32, then `dtype`, written
-    in `layout` (4-D; None: the layout of `acc`): `quant.integer.rescale` and the cast in one pass."""
+    """``((acc·Δx)·Δw[c]) + b[c]`` (or ``(acc·(Δx·Δw[c])) + b[c]`` when `combined`) of a float32, int32 or
+    bfloat16 accumulator whose channels are its dim 1 (4-D) or its last dim, in float32, then `dtype`,
+    written in `layout` (4-D; None: the layout of `acc`): `quant.integer.round_accumulator` (for a bf16
+    output, the accumulator rounded to bf16 first), `quant.integer.rescale` and the cast in one pass."""
     lib = load()
     seen = _view(acc)
-    if (isinstance(lib, str) or seen is None or acc.dtype not in (torch.float32, torch.int32) or dtype not in _DTYPES
+    if (isinstance(lib, str) or seen is None or acc.dtype not in _ACC_KINDS or dtype not in _DTYPES
             or w_scale.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)):
         return None
     n, c, hw, acc_cl = seen
@@ -143,7 +149,7 @@ def rescale(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, c
     bias = None if bias is None else bias.contiguous()
     out = _empty(acc, dtype, layout)
     if acc.numel():
-        lib.lbd_rescale(acc.data_ptr(), int(acc.dtype == torch.int32), int(acc_cl), n, c, hw, x_scale,
+        lib.lbd_rescale(acc.data_ptr(), _ACC_KINDS[acc.dtype], int(acc_cl), n, c, hw, x_scale,
                         w_scale.data_ptr(), None if bias is None else bias.data_ptr(), int(combined), out.data_ptr(),
                         int(dtype == torch.bfloat16), int(acc.dim() != 4 or layout == torch.channels_last))
     return out
@@ -153,6 +159,7 @@ def _self_check() -> bool:
     """The loops against the eager ops (`IntLayer.quantize_input`, `quant.integer.rescale`) on values
     with exact rounding ties, both dtypes, both layouts, with and without a layout change."""
     from lowbitdm_cli.quant.integer import rescale as eager_rescale
+    from lowbitdm_cli.quant.integer import round_accumulator
 
     gen = torch.Generator().manual_seed(0)
     delta = 0.0123
@@ -170,22 +177,25 @@ def _self_check() -> bool:
                 xi = xs.contiguous(memory_format=lin)
                 if not torch.equal(quantize(xi, delta, z, q_min, q_max, offset), q.to(torch.uint8)):
                     return False
-                got = operand(xi, delta, z, q_min, q_max, offset, 37, lout)
-                if not (got.is_contiguous(memory_format=lout) and torch.equal(got, q - 37)):
-                    return False
-        for acc_dtype in (torch.float32, torch.int32):
+                for op_dtype in _DTYPES:
+                    got = operand(xi, delta, z, q_min, q_max, offset, 37, lout, op_dtype)
+                    if not (got.is_contiguous(memory_format=lout) and got.dtype == op_dtype
+                            and torch.equal(got, (q - 37).to(op_dtype))):
+                        return False
+        for acc_dtype in _ACC_KINDS:
             for combined in (False, True):
                 for b in (bias, None):
                     for lin, lout in itertools.product(layouts, layouts):
                         ai = acc.to(acc_dtype).contiguous(memory_format=lin)
-                        expected = eager_rescale(acc.float(), torch.tensor([delta]), ws, b, 1, "conv",
-                                                 order="combined" if combined else "sequential").to(dtype)
+                        expected = eager_rescale(round_accumulator(ai.clone(), dtype), torch.tensor([delta]), ws, b, 1,
+                                                 "conv", order="combined" if combined else "sequential").to(dtype)
                         got = rescale(ai, delta, ws, b, combined, dtype, lout)
                         if not (got.is_contiguous(memory_format=lout) and torch.equal(got, expected)):
                             return False
                 rows = acc.permute(0, 2, 3, 1).reshape(-1, 24)
-                expected = eager_rescale(rows.float(), torch.tensor([delta]), ws, bias, -1, "linear",
-                                         order="combined" if combined else "sequential").to(dtype)
+                expected = eager_rescale(round_accumulator(rows.to(acc_dtype, copy=True), dtype), torch.tensor([delta]),
+                                         ws, bias, -1, "linear", order="combined" if combined else "sequential")
+                expected = expected.to(dtype)
                 if not torch.equal(rescale(rows.to(acc_dtype), delta, ws, bias, combined, dtype), expected):
                     return False
     return True

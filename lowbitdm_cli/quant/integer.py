@@ -41,13 +41,33 @@ from torch import Tensor
 
 from lowbitdm_cli.export import passes
 
-__all__ = ["EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "chunk_limit", "chunk_plan",
-           "chunk_weight", "conv_chunk_products", "conv_products", "exact_route", "layout_of", "linear_chunk_products",
-           "operand_layout", "pair", "partial_sum_bound", "per_row", "pointwise", "rescale", "rescale_order",
-           "rescale_to", "sign_sums", "split_plan", "split_weight", "sum_chunks"]
+__all__ = ["BF16_EXACT", "EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "bf16_products",
+           "chunk_limit", "chunk_plan", "chunk_weight", "conv_chunk_products", "conv_products", "exact_route",
+           "layout_of", "linear_chunk_products", "operand_layout", "pair", "partial_sum_bound", "per_row", "pointwise",
+           "rescale", "rescale_order", "rescale_to", "round_accumulator", "sign_sums", "split_plan", "split_weight",
+           "sum_chunks"]
 
 EXACT_F32 = 2**24
 """Integers up to this magnitude are exact in float32."""
+BF16_EXACT = 2**8
+"""Integers up to this magnitude are exact in bf16 (8 significant bits): every 8-bit code minus its zero point."""
+_BF16_PRODUCTS_ENV = "LOWBITDM_BF16_PRODUCTS"
+
+
+def bf16_products() -> bool:
+    """Whether a bf16 model's fake-quantized layers run their exact products on bf16 operands
+    (`QuantLayerMixin._integer_forward`): ``$LOWBITDM_BF16_PRODUCTS`` (1, 0 or auto, read per call); by
+    default (auto) where the CPU runs bf16 natively (`models.precision.bf16_native`), elsewhere a bf16
+    product is emulated and slower than the float32 one. Either product gives the same bits (the bf16
+    rule of `rescale_to`)."""
+    env = os.environ.get(_BF16_PRODUCTS_ENV, "auto")
+    if env not in ("0", "1", "auto"):
+        raise ValueError(f"${_BF16_PRODUCTS_ENV} must be 0, 1 or auto, got {env!r}")
+    if env != "auto":
+        return env == "1"
+    from lowbitdm_cli.models.precision import bf16_native
+
+    return bf16_native()
 
 RESCALE_ORDERS = ("sequential", "combined")
 KERNELS = ("conv", "linear")
@@ -288,12 +308,29 @@ def rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, 
     return out if bias is None else out.add_(bias.reshape(view))
 
 
+def round_accumulator(acc: Tensor, dtype: torch.dtype) -> Tensor:
+    """The accumulator as a rescale to `dtype` takes it: float32 (int32 → float32 rounds to nearest even
+    past 2^24), and for a bf16 output rounded to bf16 first (as a bf16 product of the exact integer operands
+    returns it: float32 sums, one rounding; `rescale_to`), back in float32 (exact). A new tensor where it
+    converts or rounds, else `acc` itself."""
+    if acc.dtype != torch.float32:
+        acc = acc.to(torch.float32)
+    if dtype == torch.bfloat16:
+        return acc.to(torch.bfloat16).to(torch.float32)
+    return acc
+
+
 def rescale_to(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int, kernel: str,
                dtype: torch.dtype, layout: torch.memory_format | None = None, one_pass: bool = True) -> Tensor:
-    """`rescale` of an exact accumulator `acc` (float32, int32 or int64), then `dtype`, in memory `layout`
-    (None: that of `acc`). One pass (`export.passes`, the same float ops) where `one_pass` allows it and it
-    applies (a CPU tensor, one `x_scale`, channels on dim 1 of a 4-D `acc` or on its last dim); else the
-    eager ops, in place in a float32 `acc` (the integer and the fake runtime both rescale here)."""
+    """`rescale` of an exact accumulator `acc` (float32, int32, int64, or bf16 from a bf16 product), then
+    `dtype`, in memory `layout` (None: that of `acc`). For a bf16 output the accumulator is rounded to bf16
+    first (`round_accumulator`): the rule that lets a bf16 model's fake-quantized layers run their exact
+    products as bf16 products (float32 sums, the output rounded once to bf16: the 8-bit codes are exact in
+    bf16) at bf16 speed, while the integer runtime rounds its exact int32 accumulator the same way, so the
+    two stay equal bit for bit (it is also the error a bf16 FP conv makes: one bf16 rounding of the sum).
+    One pass (`export.passes`, the same float ops) where `one_pass` allows it and it applies (a CPU tensor,
+    one `x_scale`, channels on dim 1 of a 4-D `acc` or on its last dim); else the eager ops, in place in a
+    float32 `acc` (the integer and the fake runtime both rescale here)."""
     if (one_pass and acc.device.type == "cpu" and x_scale.numel() == 1
             and channel_dim in ((1,) if acc.dim() == 4 else (-1, acc.dim() - 1)) and passes.enabled()):
         combined = rescale_order(kernel) == "combined"
@@ -302,4 +339,4 @@ def rescale_to(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | Non
             return out
     if acc.dtype != torch.float32:
         acc = acc.to(torch.float32, memory_format=layout or torch.preserve_format)
-    return rescale(acc, x_scale, w_scale, bias, channel_dim, kernel, layout).to(dtype)
+    return rescale(round_accumulator(acc, dtype), x_scale, w_scale, bias, channel_dim, kernel, layout).to(dtype)

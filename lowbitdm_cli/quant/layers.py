@@ -30,7 +30,9 @@ from torch import nn
 
 from lowbitdm_cli.export import passes
 from lowbitdm_cli.quant.integer import (
+    BF16_EXACT,
     accumulate,
+    bf16_products,
     chunk_weight,
     conv_chunk_products,
     conv_products,
@@ -101,19 +103,23 @@ class QuantLayerMixin:
             return y
         return y + low_rank_branch(x, self.low_rank_down, self.low_rank_up)
 
-    def _input_integers(self, x: torch.Tensor, layout: torch.memory_format | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
-        """`a_quant.integer_values` of the transformed input, in memory `layout` (4-D; None: that of
-        `x`); smoothing alone (static quantizer) divides by Δ·s in the quantization pass. A plain
-        input (no transform) of one static step on the CPU takes one pass (`export.passes.operand`:
-        the same values, written in `layout`)."""
+    def _input_integers(self, x: torch.Tensor, layout: torch.memory_format | None = None,
+                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+        """`a_quant.integer_values` of the transformed input (float32 or bf16 `x`: the codes of its float32
+        values), in memory `layout` (4-D; None: that of `x`); smoothing alone (static quantizer) divides by
+        Δ·s in the quantization pass. A plain input (no transform) of one static step on the CPU takes one
+        pass (`export.passes.operand`: the same values, written in `layout`), in bf16 where `dtype` asks
+        and the values are exact there (|u − z| ≤ 256); otherwise float32."""
         if self.smooth is None and self.rotate_block is None and x.device.type == "cpu" and passes.enabled():
             plain = self.a_quant.plain_step()
             if plain is not None:
                 delta, z, q_min, q_max = plain
-                q = passes.operand(x, float(delta), z, q_min, q_max, 0.0, z, layout)
+                bounds = (max(z - q_min, 0.0), max(q_max - z, 0.0))
+                q = passes.operand(x, float(delta), z, q_min, q_max, 0.0, z, layout,
+                                   dtype if max(bounds) <= BF16_EXACT else torch.float32)
                 if q is not None:
-                    return q, delta.reshape(1), (max(z - q_min, 0.0), max(q_max - z, 0.0))
+                    return q, delta.reshape(1), bounds
+        x = x.float()
         if layout is not None:
             x = x.contiguous(memory_format=layout)
         if self.smooth is not None and self.rotate_block is None and not self.a_quant.dynamic:
@@ -181,10 +187,16 @@ class QuantLayerMixin:
 
     def _integer_forward(self, x: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                          channel_dim: int, layout: torch.memory_format = torch.contiguous_format,
-                         operand_layout: torch.memory_format | None = None) -> torch.Tensor:
-        """``Δx·Δw[o]·Σ_k (qx − zx)(qw − zw) + b`` with the sum exact and the rescale of `rescale`,
-        in memory `layout`; `op` gets the integer input in `operand_layout` (None: that of `x`)."""
-        x_int, x_scale, (x_neg, x_pos) = self._input_integers(x, operand_layout)
+                         operand_layout: torch.memory_format | None = None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``Δx·Δw[o]·Σ_k (qx − zx)(qw − zw) + b`` with the sum exact and the rescale of `rescale_to`, in
+        `dtype` (float32, or bf16: the accumulator rounded to bf16 first) and memory `layout`; `op` gets the
+        integer input in `operand_layout` (None: that of `x`). In bf16, where `bf16_products` holds, a
+        product whose float32 sums are exact runs on bf16 operands (codes and weights within ±256: exact in
+        bf16): float32 sums rounded once to bf16, which is the accumulator the bf16 rescale takes anyway."""
+        bf16 = dtype == torch.bfloat16 and bf16_products()
+        x_int, x_scale, (x_neg, x_pos) = self._input_integers(x, operand_layout,
+                                                              torch.bfloat16 if bf16 else torch.float32)
         w_int, w_scale, _, pieces = self.integer_weight()
 
         def split(s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,14 +216,28 @@ class QuantLayerMixin:
             k = w_int[0].numel() if w_int.numel() else 0
             pieces["route", x_neg, x_pos] = exact_route(x_neg, x_pos, w_int.shape[1], k, sums, self.chunkable())
         chunks, plan = pieces["route", x_neg, x_pos]
+        if bf16 and chunks is None and plan == 0 and max(x_neg, x_pos) <= BF16_EXACT:
+            if "bf16" not in pieces:  # the weight in bf16 where exact there
+                pieces["bf16"] = w_int.to(torch.bfloat16) if float(w_int.abs().max()) <= BF16_EXACT else None
+            if pieces["bf16"] is not None:
+                acc = op(x_int.to(torch.bfloat16), pieces["bf16"])
+                return rescale_to(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, dtype,
+                                  layout)
+        x_int = x_int.float()
         if chunks is not None:
             acc = sum_chunks(self._chunk_products(x_int, w_int, chunks, pieces))
         else:
             acc = accumulate(op, x_int, w_int, plan, split)
         # out in `layout` (whatever layout `op` computed in): the first pass of the rescale writes it,
         # so the layout change costs no extra pass
-        return rescale_to(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, torch.float32,
-                          layout)
+        return rescale_to(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, dtype, layout)
+
+    def rescales_in_bf16(self) -> bool:
+        """Whether a bf16 input is rescaled into bf16 (the accumulator rounded to bf16 first, `rescale_to`), as
+        `IntConv2d` / `IntLinear` do: every integer-exact layer but a transformed or per-token one, which
+        computes in float32 with one rounding out (its float32 branch comes after the rescale), as
+        `IntTransformLinear` does."""
+        return self.integer_exact() and not (self.spec.transformed or self.spec.a_dynamic)
 
     def chunkable(self) -> bool:
         """Whether `_chunk_products` can run this layer's exact product over input-channel chunks."""
@@ -256,16 +282,22 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and self.rescales_in_bf16():
+            return self._exact_conv(x, torch.bfloat16)
         if x.dtype != self.weight.dtype:  # bf16 compute (`models.precision`): float32 inside, one rounding out
             return self.forward(x.to(self.weight.dtype)).to(x.dtype)
         if self.integer_exact():
-            # the operand in one layout per layer (a split weight runs the conv twice on the same input):
-            # channels-last, or the input's for a 1x1 conv (`quant.integer.operand_layout`); the output
-            # keeps the input's layout (`quant.integer.layout_of`), as the integer runtime's
-            layout = layout_of(x, self.preferred_layout)
-            return self._integer_forward(x, self._bias_free_conv, 1, layout,
-                                         operand_layout(self.weight, self.stride, self.padding, self.dilation, layout))
+            return self._exact_conv(x, torch.float32)
         return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
+
+    def _exact_conv(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # the operand in one layout per layer (a split weight runs the conv twice on the same input):
+        # channels-last, or the input's for a 1x1 conv (`quant.integer.operand_layout`); the output
+        # keeps the input's layout (`quant.integer.layout_of`), as the integer runtime's
+        layout = layout_of(x, self.preferred_layout)
+        return self._integer_forward(x, self._bias_free_conv, 1, layout,
+                                     operand_layout(self.weight, self.stride, self.padding, self.dilation, layout),
+                                     dtype)
 
     def _bias_free_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The bias-free conv (`quant.integer.conv_products`); `forward` hands it channels-last input, on which
@@ -306,6 +338,8 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and self.rescales_in_bf16():
+            return self._integer_forward(x, F.linear, -1, dtype=torch.bfloat16)
         if x.dtype != self.weight.dtype:  # bf16 compute (`models.precision`): float32 inside, one rounding out
             return self.forward(x.to(self.weight.dtype)).to(x.dtype)
         if self.integer_exact():

@@ -1,10 +1,11 @@
 """bf16 compute (`models.precision`): the fake and the integer runtime stay equal bit for bit.
 
-Everything around the quantized layers runs in bf16; each quantized layer computes in float32 on
-the exact accumulator and rounds once to bf16 (where oneDNN rescales itself, its float32 output is
-rounded, or, on CPUs that convert in hardware, its own bf16 output where `probe_bf16_output` and the
-layer's first call per shape found it equal to that; under AVX2 it is not always). Checked natively
-and under ``ONEDNN_MAX_CPU_ISA=AVX2`` (16-bit pair-sum kernels: the probes pick split lowerings).
+Everything around the quantized layers runs in bf16; each plain quantized layer rounds its exact
+accumulator to bf16, rescales it in float32 and rounds once more to bf16 (`quant.integer.rescale_to`):
+the integer runtime from its int32 accumulator, the fake runtime from a bf16 product of the exact codes
+where the CPU runs bf16 natively (`quant.integer.bf16_products`), else from its float32 product; a
+transformed or per-token layer computes in float32 and rounds once. Checked natively and under
+``ONEDNN_MAX_CPU_ISA=AVX2`` (16-bit pair-sum kernels: the probes pick split lowerings; float32 products).
 """
 
 from __future__ import annotations
@@ -86,6 +87,30 @@ def test_every_layer_agrees_in_bf16(merged: Path) -> None:
     assert {o for _, o in seen} == {torch.bfloat16}  # the time embedding's input included
 
 
+def test_fake_bf16_products_give_the_float32_products_bits(merged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake runtime in bf16 with its exact products on bf16 operands (``LOWBITDM_BF16_PRODUCTS=1``) and on
+    float32 ones (``0``): the same bits, since both round the exact sums to bf16 before the rescale; and the bf16
+    products really ran (on bf16 operands) where they apply: every plain layer of these 4- and 8-bit models."""
+    from lowbitdm_cli.quant.layers import QuantConv2d
+
+    mf = use_dtype(load_merged(merged, "fake"), torch.bfloat16)
+    operands = []
+    real = QuantConv2d._bias_free_conv
+    monkeypatch.setattr(QuantConv2d, "_bias_free_conv", lambda self, x, w: operands.append(x.dtype) or real(self, x, w))
+    x, cond = _batch(4, seed=4)
+    eps = {}
+    with torch.no_grad():
+        for flag in ("1", "0"):
+            monkeypatch.setenv("LOWBITDM_BF16_PRODUCTS", flag)
+            operands.clear()
+            eps[flag] = [mf.eps(x, t, cond, 2.0) for t in (999, 0)]
+            assert set(operands) == {torch.bfloat16 if flag == "1" else torch.float32}, operands
+    assert all(torch.equal(a, b) for a, b in zip(eps["1"], eps["0"], strict=True))
+    monkeypatch.setenv("LOWBITDM_BF16_PRODUCTS", "sometimes")
+    with pytest.raises(ValueError, match="LOWBITDM_BF16_PRODUCTS"), torch.no_grad():
+        mf.eps(x, 0, cond, 2.0)
+
+
 def test_fp_model_in_bf16_keeps_quantizer_free_layers_in_bf16() -> None:
     model = use_dtype(load_model("tiny-random"), torch.bfloat16)
     dtypes = {p.dtype for p in model.denoiser.parameters()}
@@ -138,7 +163,11 @@ def test_fused_loops_keep_int_equal_to_fake(merged: Path, monkeypatch: pytest.Mo
         pytest.skip("w8a8 (shifted layers) and w4a4 (direct ones) cover the fused loops; compiling is slow")
     monkeypatch.setenv("LOWBITDM_FUSED", "1")
     if not fused_ops.available():
-        pytest.skip("torch.compile (inductor, C++) is not usable here")
+        try:
+            torch.compile(lambda t: t + 1)(torch.ones(2))
+        except Exception:  # noqa: BLE001 - whatever stops Inductor here
+            pytest.skip("torch.compile (inductor, C++) is not usable here")
+        pytest.fail("the fused loops compile here but differ from the eager ops (`fused_ops._self_check`)")
     calls, original = [], fused_ops.quantize
     monkeypatch.setattr(fused_ops, "quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
     x, cond = _batch(4, seed=5)

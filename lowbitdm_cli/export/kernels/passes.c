@@ -1,9 +1,12 @@
 /* The integer runtime's passes around its kernels, one loop each (`export.passes`).
  *
  * quantize: codes of a float input, u = clamp(rint(x / delta) + z, qmin, qmax) + offset, written as
- *           uint8 u or as float32 u - sub (the float path's operand), in either memory layout;
+ *           uint8 u or as float32 or bfloat16 u - sub (the float path's operand; |u - sub| <= 256 is exact in
+ *           bfloat16, and the caller keeps it there), in either memory layout;
  * rescale:  ((acc * dx) * ws[c]) + b[c] ("sequential") or (acc * (dx * ws[c])) + b[c] ("combined") of
- *           an exact accumulator (float32 or int32), written as float32 or bfloat16, in either layout.
+ *           an exact accumulator (float32, int32 or bfloat16), written as float32 or bfloat16, in either
+ *           layout; for a bfloat16 output the accumulator is first rounded to bfloat16 (as a bf16 product
+ *           returns it, `quant.integer.round_accumulator`).
  *
  * The same IEEE operations in the same order as PyTorch's eager ops (`IntLayer.quantize_input`,
  * `quant.integer.rescale`): correctly rounded division and products, round half to even, exact
@@ -118,48 +121,63 @@ ALWAYS_INLINE void transpose_tile(float s[TILE][TILE], float t[TILE][TILE]) {
  * (the dispatchers' switches), so each combination compiles to its own loop with no branch inside:
  * the same-layout loops vectorise. */
 
-ALWAYS_INLINE void put_code(void *out, int64_t k, float u, float sub, const int out_f32) {
-    if (out_f32)
+/* quantize's outputs */
+#define OUT_U8 0
+#define OUT_F32 1
+#define OUT_BF16 2
+
+ALWAYS_INLINE void put_code(void *out, int64_t k, float u, float sub, const int out_kind) {
+    if (out_kind == OUT_F32)
         ((float *)out)[k] = u - sub;
+    else if (out_kind == OUT_BF16)
+        ((uint16_t *)out)[k] = f32_to_bf16(u - sub);
     else
         ((uint8_t *)out)[k] = (uint8_t)(int32_t)u;
 }
 
 ALWAYS_INLINE void quantize_loop(const void *x, const int x_bf16, const int x_cl, int64_t n, int64_t c, int64_t hw,
                                  float delta, float z, float qmin, float qmax, float offset, float sub, void *out,
-                                 const int out_f32, const int out_cl) {
+                                 const int out_kind, const int out_cl) {
     if (x_cl == out_cl || hw == 1 || c == 1) { /* same memory order: one flat loop */
         int64_t total = n * c * hw;
 #pragma omp parallel for schedule(static)
         for (int64_t k = 0; k < total; k++)
-            put_code(out, k, code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset, sub, out_f32);
+            put_code(out, k, code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset, sub, out_kind);
         return;
     }
 #define CODE(k, ch) (code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset)
-#define PUT(k, v) put_code(out, k, v, sub, out_f32)
+#define PUT(k, v) put_code(out, k, v, sub, out_kind)
     TILED_LAYOUT_CHANGE(x_cl, out_cl, CODE, PUT);
 #undef CODE
 #undef PUT
 }
 
 void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int64_t hw, float delta, float z,
-                  float qmin, float qmax, float offset, float sub, void *out, int out_f32, int out_cl) {
-    switch ((x_bf16 ? 4 : 0) | (out_f32 ? 2 : 0) | (out_cl ? 1 : 0)) {
+                  float qmin, float qmax, float offset, float sub, void *out, int out_kind, int out_cl) {
+    switch (out_kind * 4 | (x_bf16 ? 2 : 0) | (out_cl ? 1 : 0)) {
 #define Q(B, F, O)                                                                                                     \
-    case (B ? 4 : 0) | (F ? 2 : 0) | (O ? 1 : 0):                                                                      \
+    case F * 4 | (B ? 2 : 0) | (O ? 1 : 0):                                                                            \
         if (x_cl)                                                                                                      \
             quantize_loop(x, B, 1, n, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                            \
         else                                                                                                           \
             quantize_loop(x, B, 0, n, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                            \
         break;
-        Q(0, 0, 0) Q(0, 0, 1) Q(0, 1, 0) Q(0, 1, 1) Q(1, 0, 0) Q(1, 0, 1) Q(1, 1, 0) Q(1, 1, 1)
+        Q(0, OUT_U8, 0) Q(0, OUT_U8, 1) Q(1, OUT_U8, 0) Q(1, OUT_U8, 1) Q(0, OUT_F32, 0) Q(0, OUT_F32, 1)
+        Q(1, OUT_F32, 0) Q(1, OUT_F32, 1) Q(0, OUT_BF16, 0) Q(0, OUT_BF16, 1) Q(1, OUT_BF16, 0) Q(1, OUT_BF16, 1)
 #undef Q
     }
 }
 
-ALWAYS_INLINE float scaled(const void *acc, const int acc_i32, int64_t src, float dx, float ws, const float *bias,
-                           int64_t ch, const int has_bias, const int combined) {
-    float a = acc_i32 ? (float)((const int32_t *)acc)[src] : ((const float *)acc)[src];
+/* acc kinds */
+#define ACC_F32 0
+#define ACC_I32 1
+#define ACC_BF16 2
+
+ALWAYS_INLINE float scaled(const void *acc, const int acc_kind, int64_t src, float dx, float ws, const float *bias,
+                           int64_t ch, const int has_bias, const int combined, const int out_bf16) {
+    float a = acc_kind == ACC_I32 ? (float)((const int32_t *)acc)[src]
+            : acc_kind == ACC_BF16 ? bf16_to_f32(((const uint16_t *)acc)[src]) : ((const float *)acc)[src];
+    if (out_bf16 && acc_kind != ACC_BF16) a = bf16_to_f32(f32_to_bf16(a)); /* the bf16 rule: acc to bf16 first */
     float v = combined ? a * (dx * ws) : (a * dx) * ws;
     return has_bias ? v + bias[ch] : v;
 }
@@ -171,14 +189,15 @@ ALWAYS_INLINE void put_value(void *out, int64_t k, float v, const int out_bf16) 
         ((float *)out)[k] = v;
 }
 
-ALWAYS_INLINE void rescale_loop(const void *acc, const int acc_i32, const int acc_cl, int64_t n, int64_t c, int64_t hw,
+ALWAYS_INLINE void rescale_loop(const void *acc, const int acc_kind, const int acc_cl, int64_t n, int64_t c, int64_t hw,
                                 float dx, const float *ws, const float *bias, const int has_bias, const int combined,
                                 void *out, const int out_bf16, const int out_cl) {
     if ((acc_cl == out_cl || hw == 1) && out_cl) { /* channels last (or a linear's rows) both sides: rows of c */
 #pragma omp parallel for schedule(static)
         for (int64_t r = 0; r < n * hw; r++)
             for (int64_t ch = 0; ch < c; ch++)
-                put_value(out, r * c + ch, scaled(acc, acc_i32, r * c + ch, dx, ws[ch], bias, ch, has_bias, combined),
+                put_value(out, r * c + ch,
+                          scaled(acc, acc_kind, r * c + ch, dx, ws[ch], bias, ch, has_bias, combined, out_bf16),
                           out_bf16);
         return;
     }
@@ -187,22 +206,23 @@ ALWAYS_INLINE void rescale_loop(const void *acc, const int acc_i32, const int ac
         for (int64_t r = 0; r < n * c; r++)
             for (int64_t s = 0; s < hw; s++)
                 put_value(out, r * hw + s,
-                          scaled(acc, acc_i32, r * hw + s, dx, ws[r % c], bias, r % c, has_bias, combined), out_bf16);
+                          scaled(acc, acc_kind, r * hw + s, dx, ws[r % c], bias, r % c, has_bias, combined, out_bf16),
+                          out_bf16);
         return;
     }
-#define SCALED(k, ch) scaled(acc, acc_i32, k, dx, ws[ch], bias, ch, has_bias, combined)
+#define SCALED(k, ch) scaled(acc, acc_kind, k, dx, ws[ch], bias, ch, has_bias, combined, out_bf16)
 #define PUT(k, v) put_value(out, k, v, out_bf16)
     TILED_LAYOUT_CHANGE(acc_cl, out_cl, SCALED, PUT);
 #undef SCALED
 #undef PUT
 }
 
-void lbd_rescale(const void *acc, int acc_i32, int acc_cl, int64_t n, int64_t c, int64_t hw, float dx,
+void lbd_rescale(const void *acc, int acc_kind, int acc_cl, int64_t n, int64_t c, int64_t hw, float dx,
                  const float *ws, const float *bias, int combined, void *out, int out_bf16, int out_cl) {
     int has_bias = bias != 0;
-    switch ((acc_i32 ? 16 : 0) | (acc_cl ? 8 : 0) | (has_bias ? 4 : 0) | (combined ? 2 : 0) | (out_bf16 ? 1 : 0)) {
+    switch (acc_kind * 16 | (acc_cl ? 8 : 0) | (has_bias ? 4 : 0) | (combined ? 2 : 0) | (out_bf16 ? 1 : 0)) {
 #define R(I, L, B, C, O)                                                                                               \
-    case (I ? 16 : 0) | (L ? 8 : 0) | (B ? 4 : 0) | (C ? 2 : 0) | (O ? 1 : 0):                                         \
+    case I * 16 | (L ? 8 : 0) | (B ? 4 : 0) | (C ? 2 : 0) | (O ? 1 : 0):                                               \
         if (out_cl)                                                                                                    \
             rescale_loop(acc, I, L, n, c, hw, dx, ws, bias, B, C, out, O, 1);                                          \
         else                                                                                                           \
@@ -210,7 +230,7 @@ void lbd_rescale(const void *acc, int acc_i32, int acc_cl, int64_t n, int64_t c,
         break;
 #define R4(I, L) R(I, L, 0, 0, 0) R(I, L, 0, 0, 1) R(I, L, 0, 1, 0) R(I, L, 0, 1, 1) \
                  R(I, L, 1, 0, 0) R(I, L, 1, 0, 1) R(I, L, 1, 1, 0) R(I, L, 1, 1, 1)
-        R4(0, 0) R4(0, 1) R4(1, 0) R4(1, 1)
+        R4(ACC_F32, 0) R4(ACC_F32, 1) R4(ACC_I32, 0) R4(ACC_I32, 1) R4(ACC_BF16, 0) R4(ACC_BF16, 1)
 #undef R4
 #undef R
     }
