@@ -3,9 +3,11 @@
 `set_compute_dtype` converts everything *around* the quantized layers (norms, activations,
 attention, embeddings, residual adds, up/down sampling) to the chosen dtype. The quantized
 layers keep their float32 tensors (weights, scales, zero points, biases), so the integer codes do
-not change; each one computes in float32 on the exact integer accumulator and returns its output
-in its input's dtype (one rounding at the end, `quant.integer.rescale` then the cast), in the fake
-and in the integer runtime alike, so the two stay equal bit for bit per dtype.
+not change. In bf16 each plain one rounds its exact integer accumulator to bf16, rescales that in
+float32 and rounds once more to bf16 (`quant.integer.rescale_to`): the error of a bf16 FP conv, and
+what lets the fake runtime run its exact products as bf16 products; a transformed or per-token linear
+computes in float32 and rounds once at the end. The fake and the integer runtime do the same, so the
+two stay equal bit for bit per dtype.
 
 ``auto`` resolves to bf16 where the CPU executes bf16 natively (AMX-BF16 or AVX512-BF16, and
 neither PyTorch's nor oneDNN's ISA capped below it: ``ATEN_CPU_CAPABILITY``,

@@ -16,6 +16,7 @@
  * means memory order [n, hw, c] (a linear's [rows, features] is n = rows, hw = 1).
  */
 #include <math.h>
+#include <omp.h>
 #ifdef __AVX__
 #include <immintrin.h>
 #endif
@@ -76,19 +77,18 @@ ALWAYS_INLINE void transpose_tile(float s[TILE][TILE], float t[TILE][TILE]) {
 #endif
 }
 
-/* A layout change of image-major [n, c, hw] data, by TILE x TILE tiles of (channel, position), this
- * thread's share of the (image, channel tile) pairs, each walking all positions (so every source and
- * destination row is read or written as a stream: faster than walking the channel tiles of one position
+/* A layout change of image-major [n, c, hw] data, by TILE x TILE tiles of (channel, position), over the
+ * (image, channel tile) pairs [it0, it1) (one thread's share), each walking all positions (so every source
+ * and destination row is read or written as a stream: faster than walking the channel tiles of one position
  * tile on 16x16 and larger activations, slower on 8x8 ones, `benchmarks/passes.py --against d71beb0`):
  * the float VALUE(k, ch) of the source element at index k (channel ch) is computed along the source's
  * contiguous dimension (so the arithmetic vectorises) into a tile kept in that order, transposed
  * (`transpose_tile`), then STORE(k, v) writes each value at its destination index, along the
  * destination's contiguous dimension. */
-#define TILED_LAYOUT_CHANGE(src_cl, dst_cl, VALUE, STORE) /* src_cl != dst_cl */                                     \
+#define TILED_LAYOUT_CHANGE(src_cl, dst_cl, VALUE, STORE, it0, it1) /* src_cl != dst_cl */                           \
     do {                                                                                                               \
         int64_t c_tiles_ = (c + TILE - 1) / TILE;                                                                      \
-        _Pragma("omp parallel for schedule(static)")                                                                   \
-        for (int64_t it_ = 0; it_ < n * c_tiles_; it_++) {                                                             \
+        for (int64_t it_ = (it0); it_ < (it1); it_++) {                                                                \
             int64_t i = it_ / c_tiles_, c0 = it_ % c_tiles_ * TILE;                                                    \
             for (int64_t s0 = 0; s0 < hw; s0 += TILE) {                                                                \
                 int64_t ns = s0 + TILE < hw ? TILE : hw - s0;                                                          \
@@ -117,9 +117,22 @@ ALWAYS_INLINE void transpose_tile(float s[TILE][TILE], float t[TILE][TILE]) {
         }                                                                                                              \
     } while (0)
 
-/* The loops below take their flags as arguments of always-inlined functions called with constants
- * (the dispatchers' switches), so each combination compiles to its own loop with no branch inside:
- * the same-layout loops vectorise. */
+/* Each pass runs one `omp parallel` region in which every thread takes its share [lo, hi) of `items` and
+ * calls the pass's `*_part_of`: a switch over the flags that calls an always-inlined `*_part` with
+ * constant flags, so each combination compiles to its own loops with no branch inside and the
+ * same-layout loops vectorise. (GCC outlines an `omp parallel` body before it inlines, so flags handed
+ * into the body stay variables there: with a bf16 accumulator's 2-byte load and the bf16 rounding behind
+ * such variables, no rescale loop vectorised, 4-7x slower.) */
+#define PARALLEL_PARTS(items, PART_OF)                                                                                 \
+    do {                                                                                                               \
+        const int64_t items_ = (items);                                                                                \
+        _Pragma("omp parallel")                                                                                        \
+        {                                                                                                              \
+            const int64_t per_ = (items_ + omp_get_num_threads() - 1) / omp_get_num_threads();                        \
+            const int64_t lo = omp_get_thread_num() * per_, hi = lo + per_ < items_ ? lo + per_ : items_;              \
+            if (lo < hi) PART_OF;                                                                                      \
+        }                                                                                                              \
+    } while (0)
 
 /* quantize's outputs */
 #define OUT_U8 0
@@ -135,37 +148,47 @@ ALWAYS_INLINE void put_code(void *out, int64_t k, float u, float sub, const int 
         ((uint8_t *)out)[k] = (uint8_t)(int32_t)u;
 }
 
-ALWAYS_INLINE void quantize_loop(const void *x, const int x_bf16, const int x_cl, int64_t n, int64_t c, int64_t hw,
-                                 float delta, float z, float qmin, float qmax, float offset, float sub, void *out,
-                                 const int out_kind, const int out_cl) {
-    if (x_cl == out_cl || hw == 1 || c == 1) { /* same memory order: one flat loop */
-        int64_t total = n * c * hw;
-#pragma omp parallel for schedule(static)
-        for (int64_t k = 0; k < total; k++)
+/* Same layout (`flat`): elements [lo, hi) in memory order; else (image, channel tile) pairs [lo, hi). */
+ALWAYS_INLINE void quantize_part(const void *x, const int x_bf16, const int x_cl, const int flat, int64_t lo,
+                                 int64_t hi, int64_t n, int64_t c, int64_t hw, float delta, float z, float qmin,
+                                 float qmax, float offset, float sub, void *out, const int out_kind, const int out_cl) {
+    (void)n;
+    if (flat) {
+        for (int64_t k = lo; k < hi; k++)
             put_code(out, k, code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset, sub, out_kind);
         return;
     }
 #define CODE(k, ch) (code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset)
 #define PUT(k, v) put_code(out, k, v, sub, out_kind)
-    TILED_LAYOUT_CHANGE(x_cl, out_cl, CODE, PUT);
+    TILED_LAYOUT_CHANGE(x_cl, out_cl, CODE, PUT, lo, hi);
 #undef CODE
 #undef PUT
 }
 
-void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int64_t hw, float delta, float z,
-                  float qmin, float qmax, float offset, float sub, void *out, int out_kind, int out_cl) {
-    switch (out_kind * 4 | (x_bf16 ? 2 : 0) | (out_cl ? 1 : 0)) {
-#define Q(B, F, O)                                                                                                     \
-    case F * 4 | (B ? 2 : 0) | (O ? 1 : 0):                                                                            \
-        if (x_cl)                                                                                                      \
-            quantize_loop(x, B, 1, n, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                            \
+static void quantize_part_of(const void *x, int x_bf16, int x_cl, int flat, int64_t lo, int64_t hi, int64_t n,
+                             int64_t c, int64_t hw, float delta, float z, float qmin, float qmax, float offset,
+                             float sub, void *out, int out_kind, int out_cl) {
+    switch (out_kind * 8 | (x_bf16 ? 4 : 0) | (x_cl ? 2 : 0) | (out_cl ? 1 : 0)) {
+#define Q(F, B, L, O)                                                                                                  \
+    case F * 8 | B * 4 | L * 2 | O:                                                                                    \
+        if (flat)                                                                                                      \
+            quantize_part(x, B, L, 1, lo, hi, n, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                 \
         else                                                                                                           \
-            quantize_loop(x, B, 0, n, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                            \
+            quantize_part(x, B, L, 0, lo, hi, n, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                 \
         break;
-        Q(0, OUT_U8, 0) Q(0, OUT_U8, 1) Q(1, OUT_U8, 0) Q(1, OUT_U8, 1) Q(0, OUT_F32, 0) Q(0, OUT_F32, 1)
-        Q(1, OUT_F32, 0) Q(1, OUT_F32, 1) Q(0, OUT_BF16, 0) Q(0, OUT_BF16, 1) Q(1, OUT_BF16, 0) Q(1, OUT_BF16, 1)
+#define Q4(F, B) Q(F, B, 0, 0) Q(F, B, 0, 1) Q(F, B, 1, 0) Q(F, B, 1, 1)
+        Q4(OUT_U8, 0) Q4(OUT_U8, 1) Q4(OUT_F32, 0) Q4(OUT_F32, 1) Q4(OUT_BF16, 0) Q4(OUT_BF16, 1)
+#undef Q4
 #undef Q
     }
+}
+
+void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int64_t hw, float delta, float z,
+                  float qmin, float qmax, float offset, float sub, void *out, int out_kind, int out_cl) {
+    const int flat = x_cl == out_cl || hw == 1 || c == 1; /* same memory order: one flat loop */
+    PARALLEL_PARTS(flat ? n * c * hw : n * ((c + TILE - 1) / TILE),
+                   quantize_part_of(x, x_bf16, x_cl, flat, lo, hi, n, c, hw, delta, z, qmin, qmax, offset, sub, out,
+                                    out_kind, out_cl));
 }
 
 /* acc kinds */
@@ -189,49 +212,71 @@ ALWAYS_INLINE void put_value(void *out, int64_t k, float v, const int out_bf16) 
         ((float *)out)[k] = v;
 }
 
-ALWAYS_INLINE void rescale_loop(const void *acc, const int acc_kind, const int acc_cl, int64_t n, int64_t c, int64_t hw,
-                                float dx, const float *ws, const float *bias, const int has_bias, const int combined,
-                                void *out, const int out_bf16, const int out_cl) {
-    if ((acc_cl == out_cl || hw == 1) && out_cl) { /* channels last (or a linear's rows) both sides: rows of c */
-#pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < n * hw; r++)
+/* How a rescale walks memory: channels-last rows of c values (a linear's rows too) or NCHW runs of hw positions
+ * of channel r % c where both sides have the same memory order, else tiles (a layout change). */
+#define ROWS_CL 0
+#define RUNS_NCHW 1
+#define TILES 2
+
+/* Rows / runs [lo, hi), or (image, channel tile) pairs [lo, hi). */
+ALWAYS_INLINE void rescale_part(const void *acc, const int acc_kind, const int acc_cl, const int walk, int64_t lo,
+                                int64_t hi, int64_t c, int64_t hw, float dx, const float *ws, const float *bias,
+                                const int has_bias, const int combined, void *out, const int out_bf16,
+                                const int out_cl) {
+    if (walk == ROWS_CL) {
+        for (int64_t r = lo; r < hi; r++)
             for (int64_t ch = 0; ch < c; ch++)
                 put_value(out, r * c + ch,
                           scaled(acc, acc_kind, r * c + ch, dx, ws[ch], bias, ch, has_bias, combined, out_bf16),
                           out_bf16);
         return;
     }
-    if (acc_cl == out_cl || c == 1) { /* NCHW both sides: runs of hw positions per channel */
-#pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < n * c; r++)
+    if (walk == RUNS_NCHW) {
+        for (int64_t r = lo; r < hi; r++) {
+            const int64_t ch = r % c;
+            const float w = ws[ch];
             for (int64_t s = 0; s < hw; s++)
                 put_value(out, r * hw + s,
-                          scaled(acc, acc_kind, r * hw + s, dx, ws[r % c], bias, r % c, has_bias, combined, out_bf16),
-                          out_bf16);
+                          scaled(acc, acc_kind, r * hw + s, dx, w, bias, ch, has_bias, combined, out_bf16), out_bf16);
+        }
         return;
     }
 #define SCALED(k, ch) scaled(acc, acc_kind, k, dx, ws[ch], bias, ch, has_bias, combined, out_bf16)
 #define PUT(k, v) put_value(out, k, v, out_bf16)
-    TILED_LAYOUT_CHANGE(acc_cl, out_cl, SCALED, PUT);
+    TILED_LAYOUT_CHANGE(acc_cl, out_cl, SCALED, PUT, lo, hi);
 #undef SCALED
 #undef PUT
 }
 
-void lbd_rescale(const void *acc, int acc_kind, int acc_cl, int64_t n, int64_t c, int64_t hw, float dx,
-                 const float *ws, const float *bias, int combined, void *out, int out_bf16, int out_cl) {
-    int has_bias = bias != 0;
-    switch (acc_kind * 16 | (acc_cl ? 8 : 0) | (has_bias ? 4 : 0) | (combined ? 2 : 0) | (out_bf16 ? 1 : 0)) {
-#define R(I, L, B, C, O)                                                                                               \
-    case I * 16 | (L ? 8 : 0) | (B ? 4 : 0) | (C ? 2 : 0) | (O ? 1 : 0):                                               \
-        if (out_cl)                                                                                                    \
-            rescale_loop(acc, I, L, n, c, hw, dx, ws, bias, B, C, out, O, 1);                                          \
+static void rescale_part_of(const void *acc, int acc_kind, int acc_cl, int walk, int64_t lo, int64_t hi, int64_t c,
+                            int64_t hw, float dx, const float *ws, const float *bias, int has_bias, int combined,
+                            void *out, int out_bf16) { /* a layout change's output: the other layout */
+    switch (acc_kind * 16 | (has_bias ? 8 : 0) | (combined ? 4 : 0) | (out_bf16 ? 2 : 0) | (acc_cl ? 1 : 0)) {
+#define R(A, B, C, O, L)                                                                                               \
+    case A * 16 | B * 8 | C * 4 | O * 2 | L:                                                                           \
+        if (walk == ROWS_CL)                                                                                           \
+            rescale_part(acc, A, L, ROWS_CL, lo, hi, c, hw, dx, ws, bias, B, C, out, O, 1);                            \
+        else if (walk == RUNS_NCHW)                                                                                    \
+            rescale_part(acc, A, L, RUNS_NCHW, lo, hi, c, hw, dx, ws, bias, B, C, out, O, 0);                          \
         else                                                                                                           \
-            rescale_loop(acc, I, L, n, c, hw, dx, ws, bias, B, C, out, O, 0);                                          \
+            rescale_part(acc, A, L, TILES, lo, hi, c, hw, dx, ws, bias, B, C, out, O, !L);                             \
         break;
-#define R4(I, L) R(I, L, 0, 0, 0) R(I, L, 0, 0, 1) R(I, L, 0, 1, 0) R(I, L, 0, 1, 1) \
-                 R(I, L, 1, 0, 0) R(I, L, 1, 0, 1) R(I, L, 1, 1, 0) R(I, L, 1, 1, 1)
-        R4(ACC_F32, 0) R4(ACC_F32, 1) R4(ACC_I32, 0) R4(ACC_I32, 1) R4(ACC_BF16, 0) R4(ACC_BF16, 1)
-#undef R4
+#define R8(A) R(A, 0, 0, 0, 0) R(A, 0, 0, 0, 1) R(A, 0, 0, 1, 0) R(A, 0, 0, 1, 1) \
+              R(A, 0, 1, 0, 0) R(A, 0, 1, 0, 1) R(A, 0, 1, 1, 0) R(A, 0, 1, 1, 1) \
+              R(A, 1, 0, 0, 0) R(A, 1, 0, 0, 1) R(A, 1, 0, 1, 0) R(A, 1, 0, 1, 1) \
+              R(A, 1, 1, 0, 0) R(A, 1, 1, 0, 1) R(A, 1, 1, 1, 0) R(A, 1, 1, 1, 1)
+        R8(ACC_F32) R8(ACC_I32) R8(ACC_BF16)
+#undef R8
 #undef R
     }
+}
+
+void lbd_rescale(const void *acc, int acc_kind, int acc_cl, int64_t n, int64_t c, int64_t hw, float dx,
+                 const float *ws, const float *bias, int combined, void *out, int out_bf16, int out_cl) {
+    /* the same memory order on both sides: rows of c or runs of hw (either way where hw or c is 1) */
+    const int walk = !(acc_cl == out_cl || hw == 1 || c == 1) ? TILES
+                   : (hw == 1 ? ROWS_CL : (c == 1 ? RUNS_NCHW : (out_cl ? ROWS_CL : RUNS_NCHW)));
+    const int64_t items = walk == ROWS_CL ? n * hw : (walk == RUNS_NCHW ? n * c : n * ((c + TILE - 1) / TILE));
+    PARALLEL_PARTS(items, rescale_part_of(acc, acc_kind, acc_cl, walk, lo, hi, c, hw, dx, ws, bias, bias != 0,
+                                          combined, out, out_bf16));
 }
