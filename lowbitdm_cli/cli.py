@@ -344,7 +344,9 @@ def sample(
     dtype: Annotated[Literal["auto", "fp32", "bf16"] | None, typer.Option(
         "--dtype", help="Float dtype around the quantized layers (the whole model for FP): auto = bf16 where the "
                         "CPU has AMX-BF16 or AVX512-BF16, else fp32 (same as --set sample.dtype=...; default: the "
-                        "recipe's, fp32). The manifest records the resolved one.")] = None,
+                        "recipe's, fp32). In bf16 each quantized layer rounds its exact accumulator to bf16 before "
+                        "the rescale, as a bf16 product of the codes does (fake and int runtime alike). The "
+                        "manifest records the resolved one.")] = None,
     layout: Annotated[Literal["nchw", "channels_last"] | None, typer.Option(
         "--layout", help="Memory layout of a conv denoiser's activations: channels_last runs every conv (float, "
                          "bf16, int8) without reordering its input and output (faster on larger conv models, e.g. "

@@ -56,9 +56,10 @@ own int16 kernel (`export.s16`: one call, int32 sums, built on first use) is a c
 layer's first forward times the candidates and keeps the fastest. `lowering` names the choice per
 layer and the load report counts them.
 
-Every path ends in the float ops of `quant.integer.rescale` on the exact accumulator, which
-is also what the fake-quantized model computes in inference, so the two runtimes give the
-same bits (while the accumulators stay below 2^24, where float32 holds them exactly).
+Every path ends in the float ops of `quant.integer.rescale_to` on the exact accumulator (in bf16:
+rounded to bf16 first, the bf16 rule), which is also what the fake-quantized model computes in
+inference, so the two runtimes give the same bits (while the accumulators stay below 2^24, where
+float32 holds them exactly).
 The quantize and rescale passes around the kernels run as one C loop each where `export.passes`
 is built (the same float ops in the same order; ``LOWBITDM_PASSES=0``: the eager ops).
 """

@@ -55,7 +55,7 @@ _BF16_PRODUCTS_ENV = "LOWBITDM_BF16_PRODUCTS"
 
 
 def bf16_products() -> bool:
-    """Whether a bf16 model's fake-quantized layers run their exact products on bf16 operands
+    """Whether a bf16 model's fake-quantized layers run their exact products on bf16 operands on the CPU
     (`QuantLayerMixin._integer_forward`): ``$LOWBITDM_BF16_PRODUCTS`` (1, 0 or auto, read per call); by
     default (auto) where the CPU runs bf16 natively (`models.precision.bf16_native`), elsewhere a bf16
     product is emulated and slower than the float32 one. Either product gives the same bits (the bf16

@@ -194,7 +194,9 @@ class QuantLayerMixin:
         integer input in `operand_layout` (None: that of `x`). In bf16, where `bf16_products` holds, a
         product whose float32 sums are exact runs on bf16 operands (codes and weights within ±256: exact in
         bf16): float32 sums rounded once to bf16, which is the accumulator the bf16 rescale takes anyway."""
-        bf16 = dtype == torch.bfloat16 and bf16_products()
+        # CPU only: oneDNN's bf16 convs are direct (no Winograd) with float32 sums; other devices' libraries
+        # choose their algorithms, so they keep the float32 product (same bits by the rule)
+        bf16 = dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_products()
         x_int, x_scale, (x_neg, x_pos) = self._input_integers(x, operand_layout,
                                                               torch.bfloat16 if bf16 else torch.float32)
         w_int, w_scale, _, pieces = self.integer_weight()
