@@ -194,10 +194,12 @@ def test_integer_layers_give_the_same_bits_with_and_without_the_passes(monkeypat
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 @pytest.mark.parametrize("a_symmetric", [False, True])
-def test_fake_layers_give_the_same_bits_with_and_without_the_passes(monkeypatch, kind: str, a_symmetric: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_layers_give_the_same_bits_with_and_without_the_passes(monkeypatch, kind: str, a_symmetric: bool,
+                                                                    dtype: torch.dtype) -> None:
     """The fake-quantized layer's integer-exact inference (`QuantLayerMixin._integer_forward`) takes
     one pass for its input codes and one for its rescale; the output is the eager ops' bits, in every
-    timestep slot and both input layouts, and the passes do run."""
+    timestep slot and both input layouts, in float32 and in bf16 (bf16 products), and the passes do run."""
     from test_int_runtime import CONVS, _exact_fake, _random_layer
 
     from lowbitdm_cli.models.wrapper import set_timestep
@@ -205,6 +207,8 @@ def test_fake_layers_give_the_same_bits_with_and_without_the_passes(monkeypatch,
     _, fake, codes, zw = _random_layer(kind, 8, 6, a_symmetric, seed=7, conv=CONVS["3x3s2p1"], timesteps=[900, 100])
     fake = _exact_fake(fake, 8, codes, zw, torch.rand(12, generator=torch.Generator().manual_seed(8)) * 0.02 + 0.005)
     x = torch.randn((3, 10, 9, 7) if kind == "conv" else (4, 5, 10), generator=torch.Generator().manual_seed(9)) * 3
+    x = x.to(dtype)
+    monkeypatch.setenv("LOWBITDM_BF16_PRODUCTS", "1")
     inputs = [x] + ([x.contiguous(memory_format=CL)] if kind == "conv" else [])
     on, calls = [True], []
     monkeypatch.setattr(passes, "enabled", lambda: on[0])
@@ -219,5 +223,5 @@ def test_fake_layers_give_the_same_bits_with_and_without_the_passes(monkeypatch,
             on[0] = False
             eager = [fake(xi) for xi in inputs]
             for f, e in zip(fast, eager, strict=True):
-                assert torch.equal(f, e) and f.stride() == e.stride()
+                assert f.dtype == dtype and torch.equal(f, e) and f.stride() == e.stride()
     assert calls.count("operand") == calls.count("rescale") == 2 * len(inputs)
