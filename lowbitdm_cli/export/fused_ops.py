@@ -36,28 +36,24 @@ def _quantize(x: Tensor, delta: Tensor, params: Tensor) -> Tensor:
     return (q + params[3]).to(torch.uint8)
 
 
-def _acc(acc: Tensor, dtype: torch.dtype) -> Tensor:
-    """`quant.integer.round_accumulator`: for a bf16 output the accumulator rounded to bf16 first."""
-    return acc.to(torch.bfloat16).float() if dtype == torch.bfloat16 else acc
-
-
 def _rescale(acc: Tensor, x_scale: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Tensor:
     # `quant.integer.rescale`: ((acc·Δx)·Δw[o]), then the compute dtype, contiguous
-    return ((_acc(acc, dtype) * x_scale) * w_scale).to(dtype).contiguous()
+    return ((round_accumulator(acc, dtype) * x_scale) * w_scale).to(dtype).contiguous()
 
 
 def _rescale_bias(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
-    return (((_acc(acc, dtype) * x_scale) * w_scale) + bias).to(dtype).contiguous()
+    return (((round_accumulator(acc, dtype) * x_scale) * w_scale) + bias).to(dtype).contiguous()
 
 
 def _rescale_shifted(main: Tensor, sums: Tensor, w_off: Tensor, x_scale: Tensor, w_scale: Tensor,
                      dtype: torch.dtype) -> Tensor:
-    return ((_acc(main + sums * w_off, dtype) * x_scale) * w_scale).to(dtype).contiguous()  # integers < 2^24: exact
+    # main + sums·w_off: integers < 2^24, exact
+    return ((round_accumulator(main + sums * w_off, dtype) * x_scale) * w_scale).to(dtype).contiguous()
 
 
 def _rescale_shifted_bias(main: Tensor, sums: Tensor, w_off: Tensor, x_scale: Tensor, w_scale: Tensor,
                           bias: Tensor, dtype: torch.dtype) -> Tensor:
-    return (((_acc(main + sums * w_off, dtype) * x_scale) * w_scale) + bias).to(dtype).contiguous()
+    return (((round_accumulator(main + sums * w_off, dtype) * x_scale) * w_scale) + bias).to(dtype).contiguous()
 
 
 _FUNCTIONS = {f.__name__[1:]: f for f in (_quantize, _rescale, _rescale_bias, _rescale_shifted,
@@ -71,7 +67,7 @@ views of shifted layers, linear rows); dynamo's default of 8 would send the rest
 
 @functools.cache
 def _compiled(name: str):  # noqa: ANN202 - one compiled function (own code object, own recompile budget)
-    # keep the bf16 rounding of a bf16 output's accumulator (`_acc`): Inductor otherwise elides a
+    # keep the bf16 rounding of a bf16 output's accumulator (`round_accumulator`): Inductor otherwise elides a
     # downcast-upcast pair inside a fused loop
     compiled = torch.compile(_FUNCTIONS[name], dynamic=True, options={"emulate_precision_casts": True})
 

@@ -466,10 +466,14 @@ class IntLayer(TimestepSlots, nn.Module):
         use(_TUNED[key])
         self._candidates, self._tuned_rows = candidates, min(x.shape[0], TUNE_ROWS)  # `use` cleared them
 
-    def _retune(self, x: Tensor) -> bool:
-        """Whether `x`'s batch is `RETUNE_GROWTH`× the rows the lowering was tuned on, or more (up to
-        `TUNE_ROWS`): then `forward` tunes again (`autotune`, among the same candidates)."""
-        return self._candidates is not None and min(x.shape[0], TUNE_ROWS) >= RETUNE_GROWTH * self._tuned_rows
+    def _tune_if_due(self, x: Tensor) -> None:
+        """`autotune` on `x` where the layer has not tuned yet, or where `x`'s batch is `RETUNE_GROWTH`× the rows
+        the lowering was tuned on, or more (up to `TUNE_ROWS`): then among the same candidates (`forward`)."""
+        if not self._tune and (self._candidates is None
+                               or min(x.shape[0], TUNE_ROWS) < RETUNE_GROWTH * self._tuned_rows):
+            return
+        self._tune = self._tune or self._candidates
+        self.autotune(x)
 
     def tune_signature(self) -> tuple:
         """What a lowering's speed depends on besides the input: the layer's kind and shapes."""
@@ -490,7 +494,7 @@ class IntLayer(TimestepSlots, nn.Module):
         if kernel not in ("onednn", "int_mm", "s16", "float"):
             raise ValueError(f"unknown kernel {kernel!r}")
         self._tune = None  # an explicit lowering is kept (autotune clears its list before trying each)
-        self._candidates: list[tuple[str, int | None]] | None = None  # none to tune again among (`_retune`)
+        self._candidates: list[tuple[str, int | None]] | None = None  # none to tune again among (`_tune_if_due`)
         self._tuned_rows = 0
         if kernel == "onednn" and not onednn_available():
             raise ValueError("this PyTorch has no oneDNN int8 kernels")
@@ -594,7 +598,7 @@ class IntLayer(TimestepSlots, nn.Module):
             self._fused_checked.add(key)
         else:  # another implementation, another order (or too few outputs to tell): rescale here from now on
             self.fused_rescale = False
-        return ref.to(dtype, memory_format=layout)
+        return ref.to(memory_format=layout)  # float32: other dtypes took the unit-scale route above
 
     def _onednn_finish(self, out: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype,
                        layout: torch.memory_format = torch.contiguous_format, sums: Tensor | None = None) -> Tensor:
@@ -754,9 +758,7 @@ class IntLinear(IntLayer):
         self.in_features, self.out_features = self.k, self.out_ch
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._tune or self._retune(x):
-            self._tune = self._tune or self._candidates
-            self.autotune(x)
+        self._tune_if_due(x)
         kernel = self.kernel
         if kernel == "float":
             xf, zx, delta = self.float_operand(x)
@@ -833,9 +835,7 @@ class IntConv2d(IntLayer):
         return cols.reshape(n * ho * wo, -1), ho, wo
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._tune or self._retune(x):
-            self._tune = self._tune or self._candidates
-            self.autotune(x)
+        self._tune_if_due(x)
         layout = layout_of(x, self.preferred_layout)  # the output keeps it, as the fake layer's does
         kernel = self.kernel
         if kernel == "float":

@@ -218,18 +218,16 @@ class QuantLayerMixin:
             k = w_int[0].numel() if w_int.numel() else 0
             pieces["route", x_neg, x_pos] = exact_route(x_neg, x_pos, w_int.shape[1], k, sums, self.chunkable())
         chunks, plan = pieces["route", x_neg, x_pos]
+        acc = None
         if bf16 and chunks is None and plan == 0 and max(x_neg, x_pos) <= BF16_EXACT:
             if "bf16" not in pieces:  # the weight in bf16 where exact there
                 pieces["bf16"] = w_int.to(torch.bfloat16) if float(w_int.abs().max()) <= BF16_EXACT else None
             if pieces["bf16"] is not None:
                 acc = op(x_int.to(torch.bfloat16), pieces["bf16"])
-                return rescale_to(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, dtype,
-                                  layout)
-        x_int = x_int.float()
-        if chunks is not None:
-            acc = sum_chunks(self._chunk_products(x_int, w_int, chunks, pieces))
-        else:
-            acc = accumulate(op, x_int, w_int, plan, split)
+        if acc is None and chunks is not None:
+            acc = sum_chunks(self._chunk_products(x_int.float(), w_int, chunks, pieces))
+        elif acc is None:
+            acc = accumulate(op, x_int.float(), w_int, plan, split)
         # out in `layout` (whatever layout `op` computed in): the first pass of the rescale writes it,
         # so the layout change costs no extra pass
         return rescale_to(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, dtype, layout)

@@ -150,9 +150,8 @@ ALWAYS_INLINE void put_code(void *out, int64_t k, float u, float sub, const int 
 
 /* Same layout (`flat`): elements [lo, hi) in memory order; else (image, channel tile) pairs [lo, hi). */
 ALWAYS_INLINE void quantize_part(const void *x, const int x_bf16, const int x_cl, const int flat, int64_t lo,
-                                 int64_t hi, int64_t n, int64_t c, int64_t hw, float delta, float z, float qmin,
-                                 float qmax, float offset, float sub, void *out, const int out_kind, const int out_cl) {
-    (void)n;
+                                 int64_t hi, int64_t c, int64_t hw, float delta, float z, float qmin, float qmax,
+                                 float offset, float sub, void *out, const int out_kind, const int out_cl) {
     if (flat) {
         for (int64_t k = lo; k < hi; k++)
             put_code(out, k, code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset, sub, out_kind);
@@ -165,16 +164,16 @@ ALWAYS_INLINE void quantize_part(const void *x, const int x_bf16, const int x_cl
 #undef PUT
 }
 
-static void quantize_part_of(const void *x, int x_bf16, int x_cl, int flat, int64_t lo, int64_t hi, int64_t n,
-                             int64_t c, int64_t hw, float delta, float z, float qmin, float qmax, float offset,
+static void quantize_part_of(const void *x, int x_bf16, int x_cl, int flat, int64_t lo, int64_t hi, int64_t c,
+                             int64_t hw, float delta, float z, float qmin, float qmax, float offset,
                              float sub, void *out, int out_kind, int out_cl) {
     switch (out_kind * 8 | (x_bf16 ? 4 : 0) | (x_cl ? 2 : 0) | (out_cl ? 1 : 0)) {
 #define Q(F, B, L, O)                                                                                                  \
     case F * 8 | B * 4 | L * 2 | O:                                                                                    \
         if (flat)                                                                                                      \
-            quantize_part(x, B, L, 1, lo, hi, n, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                 \
+            quantize_part(x, B, L, 1, lo, hi, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                    \
         else                                                                                                           \
-            quantize_part(x, B, L, 0, lo, hi, n, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                 \
+            quantize_part(x, B, L, 0, lo, hi, c, hw, delta, z, qmin, qmax, offset, sub, out, F, O);                    \
         break;
 #define Q4(F, B) Q(F, B, 0, 0) Q(F, B, 0, 1) Q(F, B, 1, 0) Q(F, B, 1, 1)
         Q4(OUT_U8, 0) Q4(OUT_U8, 1) Q4(OUT_F32, 0) Q4(OUT_F32, 1) Q4(OUT_BF16, 0) Q4(OUT_BF16, 1)
@@ -187,7 +186,7 @@ void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int
                   float qmin, float qmax, float offset, float sub, void *out, int out_kind, int out_cl) {
     const int flat = x_cl == out_cl || hw == 1 || c == 1; /* same memory order: one flat loop */
     PARALLEL_PARTS(flat ? n * c * hw : n * ((c + TILE - 1) / TILE),
-                   quantize_part_of(x, x_bf16, x_cl, flat, lo, hi, n, c, hw, delta, z, qmin, qmax, offset, sub, out,
+                   quantize_part_of(x, x_bf16, x_cl, flat, lo, hi, c, hw, delta, z, qmin, qmax, offset, sub, out,
                                     out_kind, out_cl));
 }
 
