@@ -61,7 +61,10 @@ rounded to bf16 first, the bf16 rule), which is also what the fake-quantized mod
 inference, so the two runtimes give the same bits (while the accumulators stay below 2^24, where
 float32 holds them exactly).
 The quantize and rescale passes around the kernels run as one C loop each where `export.passes`
-is built (the same float ops in the same order; ``LOWBITDM_PASSES=0``: the eager ops).
+is built (the same float ops in the same order; ``LOWBITDM_PASSES=0``: the eager ops); so do a shifted
+layer's channel sums, and its correction runs inside the rescale pass. A conv's codes for oneDNN are
+written channels-last whatever the model's layout (the kernel's own layout: it reorders nothing), its
+output comes back in the model's layout from the rescale pass.
 """
 
 from __future__ import annotations
@@ -251,10 +254,14 @@ def window_sums(u: Tensor, zx: Tensor | int, window: tuple | None = None) -> Ten
     """Σ_window(u − zx) per output of a layer on uint8 codes `u`, exact in float32 (`window_sums_beside`):
     a linear's over its last dim ([rows, K] → [rows, 1]); a conv's (`window`: kernel size, stride,
     padding) over the channels, then over the window with zero padding (a padded position is code zx,
-    as in the kernel): [N, C, H, W] → [N, 1, Ho, Wo]."""
+    as in the kernel): [N, C, H, W] → [N, 1, Ho, Wo]. The channel sums in one C pass (`passes.channel_sums`)
+    where it applies."""
+    one_pass = u.device.type == "cpu" and not torch.compiler.is_compiling() and passes.enabled()
+    s = passes.channel_sums(u, int(zx)) if one_pass else None  # one C pass (the compiled runtime: its graph's ops)
     if window is None:
-        return u.sum(-1, keepdim=True, dtype=torch.float32) - u.shape[-1] * zx
-    s = u.sum(1, keepdim=True, dtype=torch.float32) - u.shape[1] * zx
+        return s if s is not None else u.sum(-1, keepdim=True, dtype=torch.float32) - u.shape[-1] * zx
+    if s is None:
+        s = u.sum(1, keepdim=True, dtype=torch.float32) - u.shape[1] * zx
     kernel_size, stride, padding = (tuple(v) for v in window)
     if kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0):
         return s
@@ -626,17 +633,18 @@ class IntLayer(TimestepSlots, nn.Module):
         view = [1] * out.dim()
         view[channel_dim] = self.out_ch
         main, sums = (out, sums) if sums is not None else out.split([self.out_ch, 1], channel_dim)
-        acc = torch.addcmul(main, sums, self._w_off_float(view),
-                            out=torch.empty(main.shape, dtype=out.dtype, device=out.device, memory_format=layout))
-        return self.rescale_to(acc, delta, channel_dim, dtype)
+        # the sums one per position, dense (the one-pass correction's; a small copy where the kernel gave them)
+        return self.rescale_to(main, delta, channel_dim, dtype, layout, (sums.contiguous(), self._w_off_float(view)))
 
     def rescale_to(self, acc: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype,
-                   layout: torch.memory_format | None = None) -> Tensor:
+                   layout: torch.memory_format | None = None,
+                   correction: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """`quant.integer.rescale_to` with this layer's scales and bias: the exact accumulator `acc`
-        (channels on `channel_dim`) rescaled, then `dtype`, in memory `layout` (None: that of `acc`); in
-        one pass unless the Inductor loops of `fused_ops` were asked for."""
+        (channels on `channel_dim`; with a shifted layer's `correction`, ``acc + w_off·sums``) rescaled, then
+        `dtype`, in memory `layout` (None: that of `acc`); in one pass unless the Inductor loops of `fused_ops`
+        were asked for."""
         return rescale_to(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, dtype, layout,
-                          one_pass=not fused_ops.enabled())
+                          one_pass=not fused_ops.enabled(), correction=correction)
 
     @staticmethod
     def _passes_apply(t: Tensor) -> bool:
@@ -694,11 +702,13 @@ class IntLayer(TimestepSlots, nn.Module):
         return self._index
 
     # --- math ---------------------------------------------------------------------------------
-    def quantize_input(self, x: Tensor) -> tuple[Tensor, int, Tensor]:
-        """(uint8 codes u, kernel zero point zx, Δx [1]) of float input `x`, in the layout of `x`.
+    def quantize_input(self, x: Tensor, layout: torch.memory_format | None = None) -> tuple[Tensor, int, Tensor]:
+        """(uint8 codes u, kernel zero point zx, Δx [1]) of float input `x`, in the layout of `x`, or in
+        `layout` (4-D) where `passes` writes them (one pass in either layout; else the layout of `x`).
 
         The float ops are those of `fake_quantize`: round(x/Δ) + z, then the clamp. `u` is a view
-        of a per-thread scratch buffer: valid until the next integer layer quantizes its input.
+        of a per-thread scratch buffer (or a fresh tensor from `passes`): valid until the next integer
+        layer quantizes its input.
         """
         i = self._slot()
         delta = self.input_scale[i : i + 1]
@@ -707,7 +717,7 @@ class IntLayer(TimestepSlots, nn.Module):
             u = fused_ops.quantize(x, delta, self._z_add[i], self.q_min, self.q_max, self._offset, self._qparams[i])
             return u, self._zx[i], delta
         if self._passes_apply(x):
-            u = passes.quantize(x, float(delta), self._z_add[i], self.q_min, self.q_max, self._offset)
+            u = passes.quantize(x, float(delta), self._z_add[i], self.q_min, self.q_max, self._offset, layout)
             if u is not None:
                 return u, self._zx[i], delta
         q, u = _SCRATCH.like(x, torch.float32), _SCRATCH.like(x, torch.uint8, slot=1)
@@ -853,9 +863,10 @@ class IntConv2d(IntLayer):
                 return conv_chunk_products(xi.contiguous(memory_format=operand), cache["chunks", g], g, *geometry)
 
             return self._float_exact(conv, xf, zx, weight, delta, 1, x.dtype, layout, chunked)
-        u, zx, delta = self.quantize_input(x)
-        if kernel == "onednn":
+        if kernel == "onednn":  # codes in channels-last, oneDNN's own layout: no reorder inside the kernel
+            u, zx, delta = self.quantize_input(x, torch.channels_last)
             return self._onednn(u, zx, delta, x.dtype, layout)
+        u, zx, delta = self.quantize_input(x)
         if kernel == "s16":  # int32, channels-last
             acc = s16.conv(u, *self._s16_call_args(zx), self.kernel_size, self.stride, self.padding, self.dilation,
                            self.out_ch)

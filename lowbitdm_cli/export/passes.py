@@ -3,7 +3,8 @@
 In eager PyTorch, quantizing a layer's input takes five passes over it (divide, round, add the zero
 point, clamp, convert to uint8), the float path's operand two more (back to float32, minus the zero
 point) and often a layout change, and the rescale after the kernel three to five (×Δx, ×Δw, +b, the
-conversion to the compute dtype and to the output layout). On the digits UNet these passes took
+conversion to the compute dtype and to the output layout), and a shifted 8-bit layer's correction two
+more (its channel sums, and ``acc + (128 − zw)·sums``, now inside the rescale). On the digits UNet these passes took
 about as long as all its products. Here each is one loop over memory with the same IEEE operations
 in the same order (`kernels/passes.c`; no FMA contraction, no unsafe math), so the bits are those of
 the eager ops, which is what the fake runtime computes; `available` checks that once per process on
@@ -34,12 +35,13 @@ from torch import Tensor
 
 from lowbitdm_cli.export import native
 
-__all__ = ["available", "build_flags", "enabled", "load", "operand", "quantize", "rescale"]
+__all__ = ["available", "build_flags", "channel_sums", "enabled", "load", "operand", "quantize", "rescale"]
 
 _SOURCE = Path(__file__).with_name("kernels") / "passes.c"
 _DTYPES = (torch.float32, torch.bfloat16)
 _OUT_KINDS = {torch.uint8: 0, torch.float32: 1, torch.bfloat16: 2}  # `_quantize`'s outputs (passes.c OUT_*)
 _ACC_KINDS = {torch.float32: 0, torch.int32: 1, torch.bfloat16: 2}  # `rescale`'s accumulators (passes.c ACC_*)
+_ACC_SHIFTED = 3  # a float32 accumulator plus a shifted layer's correction (passes.c ACC_SHIFTED)
 
 
 def build_flags() -> list[str]:
@@ -65,8 +67,9 @@ def load() -> ctypes.CDLL | str:
         return f"could not build the fused passes: {err}"
     i64, f32, ptr, i = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     lib.lbd_quantize.argtypes = [ptr, i, i, i64, i64, i64, f32, f32, f32, f32, f32, f32, ptr, i, i]
-    lib.lbd_rescale.argtypes = [ptr, i, i, i64, i64, i64, f32, ptr, ptr, i, ptr, i, i]
-    lib.lbd_quantize.restype = lib.lbd_rescale.restype = None
+    lib.lbd_rescale.argtypes = [ptr, i, i, i64, i64, i64, f32, ptr, ptr, i, ptr, i, i, ptr, ptr]
+    lib.lbd_channel_sums.argtypes = [ptr, i, i64, i64, i64, ctypes.c_int32, ptr]
+    lib.lbd_quantize.restype = lib.lbd_rescale.restype = lib.lbd_channel_sums.restype = None
     return lib
 
 
@@ -115,10 +118,29 @@ def _quantize(x: Tensor, delta: float, z: float, q_min: float, q_max: float, off
     return out
 
 
-def quantize(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offset: float) -> Tensor | None:
-    """uint8 ``clamp(round(x/Δ) + z, q_min, q_max) + offset`` of float32 or bfloat16 `x`, in the layout of `x`
-    (contiguous for a transposed [N, T, C] view)."""
-    return _quantize(x, delta, z, q_min, q_max, offset, None, None)
+def quantize(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offset: float,
+             layout: torch.memory_format | None = None) -> Tensor | None:
+    """uint8 ``clamp(round(x/Δ) + z, q_min, q_max) + offset`` of float32 or bfloat16 `x`, in `layout` (4-D only;
+    None: the layout of `x`, contiguous for a transposed [N, T, C] view), in one pass whatever the layout of `x`."""
+    return _quantize(x, delta, z, q_min, q_max, offset, None, layout)
+
+
+def channel_sums(u: Tensor, zx: int) -> Tensor | None:
+    """float32 Σ_c (u − zx) over the channels of uint8 codes `u` at each position: [N, 1, H, W] (contiguous) of a
+    4-D `u` in either layout, [..., 1] of a linear's [..., K] rows; what `int_runtime.window_sums` starts from,
+    in one pass. None where it does not apply (or C·255 reaches 2^24, where float32 would round)."""
+    lib = load()
+    seen = _view(u)
+    channels = u.shape[1 if u.dim() == 4 else -1] if u.dim() else 0
+    if isinstance(lib, str) or seen is None or u.dtype != torch.uint8 or channels * 255 >= 2**24:
+        return None
+    n, c, hw, u_cl = seen
+    if u.dim() != 4 and not u_cl:
+        return None  # a transposed view: its rows are not its channels
+    out = torch.empty(*u.shape[:-1], 1) if u.dim() != 4 else torch.empty(u.shape[0], 1, *u.shape[2:])
+    if out.numel():
+        lib.lbd_channel_sums(u.data_ptr(), int(u_cl), n, c, hw, int(zx), out.data_ptr())
+    return out
 
 
 def operand(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offset: float, zx: int,
@@ -132,32 +154,45 @@ def operand(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offse
 
 
 def rescale(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, combined: bool,
-            dtype: torch.dtype, layout: torch.memory_format | None = None) -> Tensor | None:
+            dtype: torch.dtype, layout: torch.memory_format | None = None,
+            correction: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
     """``((acc·Δx)·Δw[c]) + b[c]`` (or ``(acc·(Δx·Δw[c])) + b[c]`` when `combined`) of a float32, int32 or
     bfloat16 accumulator whose channels are its dim 1 (4-D) or its last dim, in float32, then `dtype`,
     written in `layout` (4-D; None: the layout of `acc`): `quant.integer.round_accumulator` (for a bf16
-    output, the accumulator rounded to bf16 first), `quant.integer.rescale` and the cast in one pass."""
+    output, the accumulator rounded to bf16 first), `quant.integer.rescale` and the cast in one pass.
+    `correction`: (sums, w_off) of a shifted layer, a float32 `acc` then standing for ``acc + w_off[c]·sums[p]``
+    (``torch.addcmul``'s float ops: the product, then the sum): sums one per position ([N, 1, H, W] contiguous
+    of a 4-D `acc`, [..., 1] of rows), w_off one per channel."""
     lib = load()
     seen = _view(acc)
     if (isinstance(lib, str) or seen is None or acc.dtype not in _ACC_KINDS or dtype not in _DTYPES
             or w_scale.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)):
         return None
     n, c, hw, acc_cl = seen
+    kind, w_off, sums = _ACC_KINDS[acc.dtype], None, None
+    if correction is not None:
+        sums, w_off = correction[0], correction[1].reshape(-1).contiguous()
+        if (acc.dtype != torch.float32 or sums.dtype != torch.float32 or w_off.dtype != torch.float32
+                or not sums.is_contiguous() or sums.numel() != n * hw or w_off.numel() != c):
+            return None
+        kind = _ACC_SHIFTED
     if layout is None:
         layout = torch.channels_last if acc.dim() == 4 and acc_cl else torch.contiguous_format
     w_scale = w_scale.contiguous()
     bias = None if bias is None else bias.contiguous()
     out = _empty(acc, dtype, layout)
     if acc.numel():
-        lib.lbd_rescale(acc.data_ptr(), _ACC_KINDS[acc.dtype], int(acc_cl), n, c, hw, x_scale,
-                        w_scale.data_ptr(), None if bias is None else bias.data_ptr(), int(combined), out.data_ptr(),
-                        int(dtype == torch.bfloat16), int(acc.dim() != 4 or layout == torch.channels_last))
+        lib.lbd_rescale(acc.data_ptr(), kind, int(acc_cl), n, c, hw, x_scale, w_scale.data_ptr(),
+                        None if bias is None else bias.data_ptr(), int(combined), out.data_ptr(),
+                        int(dtype == torch.bfloat16), int(acc.dim() != 4 or layout == torch.channels_last),
+                        None if w_off is None else w_off.data_ptr(), None if sums is None else sums.data_ptr())
     return out
 
 
 def _self_check() -> bool:
-    """The loops against the eager ops (`IntLayer.quantize_input`, `quant.integer.rescale`) on values
-    with exact rounding ties, both dtypes, both layouts, with and without a layout change."""
+    """The loops against the eager ops (`IntLayer.quantize_input`, `quant.integer.rescale`, a shifted layer's
+    correction and channel sums) on values with exact rounding ties, both dtypes, both layouts, with and without
+    a layout change."""
     from lowbitdm_cli.quant.integer import rescale as eager_rescale
     from lowbitdm_cli.quant.integer import round_accumulator
 
@@ -182,21 +217,36 @@ def _self_check() -> bool:
                     if not (got.is_contiguous(memory_format=lout) and got.dtype == op_dtype
                             and torch.equal(got, (q - 37).to(op_dtype))):
                         return False
-        for acc_dtype in _ACC_KINDS:
+        codes = torch.randint(0, 256, (2, 24, 5, 7), generator=gen).to(torch.uint8)
+        for lin in layouts:
+            got = channel_sums(codes.contiguous(memory_format=lin), 37)
+            if not torch.equal(got, codes.sum(1, keepdim=True, dtype=torch.float32) - 24 * 37):
+                return False
+        if not torch.equal(channel_sums(codes[0, 0], 5), codes[0, 0].sum(-1, keepdim=True, dtype=torch.float32) - 35):
+            return False
+        sums = torch.randint(-2**12, 2**12, (2, 1, 5, 7), generator=gen).float()  # a shifted layer's correction
+        w_off = torch.randint(-128, 129, (24,), generator=gen).float()
+        for acc_dtype in (*_ACC_KINDS, "shifted"):
+            shift = acc_dtype == "shifted"
+            acc_dtype = torch.float32 if shift else acc_dtype
             for combined in (False, True):
+                order = "combined" if combined else "sequential"
                 for b in (bias, None):
                     for lin, lout in itertools.product(layouts, layouts):
                         ai = acc.to(acc_dtype).contiguous(memory_format=lin)
-                        expected = eager_rescale(round_accumulator(ai.clone(), dtype), torch.tensor([delta]), ws, b, 1,
-                                                 "conv", order="combined" if combined else "sequential").to(dtype)
-                        got = rescale(ai, delta, ws, b, combined, dtype, lout)
+                        ref = torch.addcmul(ai, sums, w_off.reshape(1, -1, 1, 1)) if shift else ai.clone()
+                        expected = eager_rescale(round_accumulator(ref, dtype), torch.tensor([delta]), ws, b, 1,
+                                                 "conv", order=order).to(dtype)
+                        got = rescale(ai, delta, ws, b, combined, dtype, lout, (sums, w_off) if shift else None)
                         if not (got.is_contiguous(memory_format=lout) and torch.equal(got, expected)):
                             return False
-                rows = acc.permute(0, 2, 3, 1).reshape(-1, 24)
-                expected = eager_rescale(round_accumulator(rows.to(acc_dtype, copy=True), dtype), torch.tensor([delta]),
-                                         ws, bias, -1, "linear", order="combined" if combined else "sequential")
-                expected = expected.to(dtype)
-                if not torch.equal(rescale(rows.to(acc_dtype), delta, ws, bias, combined, dtype), expected):
+                rows = acc.permute(0, 2, 3, 1).reshape(-1, 24).to(acc_dtype)
+                row_sums = sums.reshape(-1, 1)
+                ref = torch.addcmul(rows, row_sums, w_off) if shift else rows.clone()
+                expected = eager_rescale(round_accumulator(ref, dtype), torch.tensor([delta]), ws, bias, -1, "linear",
+                                         order=order).to(dtype)
+                got = rescale(rows, delta, ws, bias, combined, dtype, correction=(row_sums, w_off) if shift else None)
+                if not torch.equal(got, expected):
                     return False
     return True
 

@@ -321,7 +321,8 @@ def round_accumulator(acc: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def rescale_to(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int, kernel: str,
-               dtype: torch.dtype, layout: torch.memory_format | None = None, one_pass: bool = True) -> Tensor:
+               dtype: torch.dtype, layout: torch.memory_format | None = None, one_pass: bool = True,
+               correction: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """`rescale` of an exact accumulator `acc` (float32, int32, int64, or bf16 from a bf16 product), then
     `dtype`, in memory `layout` (None: that of `acc`). For a bf16 output the accumulator is rounded to bf16
     first (`round_accumulator`): the rule that lets a bf16 model's fake-quantized layers run their exact
@@ -330,13 +331,19 @@ def rescale_to(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | Non
     two stay equal bit for bit (it is also the error a bf16 FP conv makes: one bf16 rounding of the sum).
     One pass (`export.passes`, the same float ops) where `one_pass` allows it and it applies (a CPU tensor,
     one `x_scale`, channels on dim 1 of a 4-D `acc` or on its last dim); else the eager ops, in place in a
-    float32 `acc` (the integer and the fake runtime both rescale here)."""
+    float32 `acc` (the integer and the fake runtime both rescale here). `correction`: (sums, w_off) of a
+    shifted integer layer (`export.int_runtime.IntLayer`), whose exact accumulator is ``acc + w_off·sums``
+    (``torch.addcmul``; w_off broadcast over the channels, sums over the positions), added in the same pass."""
     if (one_pass and acc.device.type == "cpu" and x_scale.numel() == 1
             and channel_dim in ((1,) if acc.dim() == 4 else (-1, acc.dim() - 1)) and passes.enabled()):
         combined = rescale_order(kernel) == "combined"
-        out = passes.rescale(acc, float(x_scale), w_scale, bias, combined, dtype, layout)
+        out = passes.rescale(acc, float(x_scale), w_scale, bias, combined, dtype, layout, correction)
         if out is not None:
             return out
+    if correction is not None:
+        out = (torch.empty_like(acc, dtype=torch.float32) if layout is None
+               else torch.empty(acc.shape, dtype=torch.float32, device=acc.device, memory_format=layout))
+        acc = torch.addcmul(acc, *correction, out=out)
     if acc.dtype != torch.float32:
         acc = acc.to(torch.float32, memory_format=layout or torch.preserve_format)
     return rescale(round_accumulator(acc, dtype), x_scale, w_scale, bias, channel_dim, kernel, layout).to(dtype)

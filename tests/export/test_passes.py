@@ -123,6 +123,52 @@ def test_rescale_equals_the_eager_ops(combined: bool, acc_dtype: torch.dtype, dt
         assert torch.equal(passes.rescale(rows.to(acc_dtype), 0.037, ws, b, combined, dtype), expected)
 
 
+@pytest.mark.parametrize("combined", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rescale_adds_a_shifted_layers_correction_as_addcmul(combined: bool, dtype: torch.dtype) -> None:
+    """``acc + w_off[c]·sums[position]`` (`torch.addcmul`, then the eager rescale) in the same pass: conv outputs
+    in every layout pair with sums one per position ([N, 1, H, W]), linear rows with sums [rows, 1]; by hand too."""
+    hand = passes.rescale(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 0.5, torch.ones(2), None, False, torch.float32,
+                          correction=(torch.tensor([[10.0], [-1.0]]), torch.tensor([1.0, -2.0])))
+    assert hand.tolist() == [[5.5, -9.0], [1.0, 3.0]]  # (1 + 10) / 2, (2 − 20) / 2, (3 − 1) / 2, (4 + 2) / 2
+    gen = torch.Generator().manual_seed(7)
+    acc = torch.randint(-2**21, 2**21, (2, 33, 4, 7), generator=gen).float()
+    sums = torch.randint(-2**14, 2**14, (2, 1, 4, 7), generator=gen).float()
+    w_off = torch.randint(-127, 129, (33,), generator=gen).float()
+    ws, bias = torch.rand(33, generator=gen) * 1e-3, torch.randn(33, generator=gen)
+    order = "combined" if combined else "sequential"
+    shifted = torch.addcmul(acc, sums, w_off.reshape(1, -1, 1, 1))
+    expected = eager_rescale(round_accumulator(shifted, dtype), torch.tensor([0.037]), ws, bias, 1, "conv",
+                             order=order).to(dtype)
+    for lin in (torch.contiguous_format, CL):
+        for lout in (torch.contiguous_format, CL):
+            got = passes.rescale(acc.contiguous(memory_format=lin), 0.037, ws, bias, combined, dtype, lout,
+                                 (sums, w_off))
+            assert got.is_contiguous(memory_format=lout) and torch.equal(got, expected)
+    rows, row_sums = acc.permute(0, 2, 3, 1).reshape(-1, 33), sums.reshape(-1, 1)
+    expected = eager_rescale(round_accumulator(torch.addcmul(rows, row_sums, w_off), dtype), torch.tensor([0.037]),
+                             ws, bias, -1, "linear", order=order).to(dtype)
+    assert torch.equal(passes.rescale(rows, 0.037, ws, bias, combined, dtype, correction=(row_sums, w_off)), expected)
+    # not one sum per position, or not a float32 accumulator: not this pass's
+    assert passes.rescale(acc, 1.0, ws, None, combined, dtype, correction=(sums[:1], w_off)) is None
+    assert passes.rescale(acc.int(), 1.0, ws, None, combined, dtype, correction=(sums, w_off)) is None
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 5, 7), (3, 5, 40, 40), (1, 300, 1, 3)])
+def test_channel_sums_equal_the_eager_ops(shape: tuple) -> None:
+    """Σ_c (u − zx) per position, both layouts (NCHW in blocks of positions: 40x40 is two), and a linear's rows."""
+    gen = torch.Generator().manual_seed(8)
+    u = torch.randint(0, 256, shape, generator=gen).to(torch.uint8)
+    expected = u.sum(1, keepdim=True, dtype=torch.float32) - shape[1] * 37
+    for layout in (torch.contiguous_format, CL):
+        got = passes.channel_sums(u.contiguous(memory_format=layout), 37)
+        assert got.shape == expected.shape and got.is_contiguous() and torch.equal(got, expected)
+    rows = u.permute(0, 2, 3, 1).reshape(-1, shape[1]).contiguous()
+    assert torch.equal(passes.channel_sums(rows, 200), rows.sum(-1, keepdim=True, dtype=torch.float32) - shape[1] * 200)
+    assert passes.channel_sums(torch.tensor([[1, 2, 3]], dtype=torch.uint8), 1).tolist() == [[3.0]]  # by hand
+    assert passes.channel_sums(u.float(), 0) is None  # codes only
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("shape", [(1, 16, 4, 4), (2, 17, 1, 15), (5, 3, 9, 11), (1, 40, 6, 6)])
 def test_layout_changes_at_tile_edges_and_thread_counts(threads: int, shape: tuple) -> None:
@@ -168,22 +214,29 @@ def _layer(kind: str, kernel: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-@pytest.mark.parametrize("kernel", ["float", "int_mm"])
+@pytest.mark.parametrize("kernel", ["float", "int_mm", "onednn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_integer_layers_give_the_same_bits_with_and_without_the_passes(monkeypatch, kind: str, kernel: str,
                                                                        dtype: torch.dtype) -> None:
     """A layer's output is the same bits whether the passes or the eager ops run around its kernel
-    (the eager ops being what the fake runtime computes), in both layouts; and the passes do run."""
+    (the eager ops being what the fake runtime computes), in both layouts; and the passes do run. The layer
+    is a shifted one (8-bit weights, off-centre zero points): on oneDNN its correction's channel sums and the
+    correction itself run in the passes too."""
+    if kernel == "onednn" and not int_runtime.onednn_available():
+        pytest.skip("no oneDNN int8 kernels in this PyTorch")
     layer, x = _layer(kind, kernel)
+    assert not layer.direct
     calls = []
-    for name in ("quantize", "operand", "rescale"):
+    for name in ("quantize", "operand", "rescale", "channel_sums"):
         real = getattr(passes, name)
         monkeypatch.setattr(passes, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     inputs = [x.to(dtype), x.to(dtype).contiguous(memory_format=CL if kind == "conv" else torch.contiguous_format)]
     with torch.no_grad():
         fast = [layer(xi) for xi in inputs]
         assert "rescale" in calls and ("operand" if kernel == "float" else "quantize") in calls
-        monkeypatch.setattr(int_runtime.IntLayer, "_passes_apply", staticmethod(lambda t: False))
+        if layer.lowering == "onednn" and layer.sums_beside:
+            assert "channel_sums" in calls
+        monkeypatch.setattr(passes, "enabled", lambda: False)
         eager = [layer(xi) for xi in inputs]
     for f, e, xi in zip(fast, eager, inputs, strict=True):
         assert f.dtype == dtype and torch.equal(f, e)

@@ -81,7 +81,8 @@ ALWAYS_INLINE void transpose_tile(float s[TILE][TILE], float t[TILE][TILE]) {
  * (image, channel tile) pairs [it0, it1) (one thread's share), each walking all positions (so every source
  * and destination row is read or written as a stream: faster than walking the channel tiles of one position
  * tile on 16x16 and larger activations, slower on 8x8 ones, `benchmarks/passes.py --against d71beb0`):
- * the float VALUE(k, ch) of the source element at index k (channel ch) is computed along the source's
+ * the float VALUE(k, ch, pos) of the source element at index k (channel ch, position pos = image * hw + its
+ * position) is computed along the source's
  * contiguous dimension (so the arithmetic vectorises) into a tile kept in that order, transposed
  * (`transpose_tile`), then STORE(k, v) writes each value at its destination index, along the
  * destination's contiguous dimension. */
@@ -99,11 +100,11 @@ ALWAYS_INLINE void transpose_tile(float s[TILE][TILE], float t[TILE][TILE]) {
                 if (src_cl)                                                                                            \
                     for (int64_t b = 0; b < ns; b++)                                                                   \
                         for (int64_t a = 0; a < nc; a++)                                                               \
-                            src_[b][a] = VALUE((i * hw + s0 + b) * c + c0 + a, c0 + a);                                \
+                            src_[b][a] = VALUE((i * hw + s0 + b) * c + c0 + a, c0 + a, i * hw + s0 + b);               \
                 else                                                                                                   \
                     for (int64_t a = 0; a < nc; a++)                                                                   \
                         for (int64_t b = 0; b < ns; b++)                                                               \
-                            src_[a][b] = VALUE((i * c + c0 + a) * hw + s0 + b, c0 + a);                                \
+                            src_[a][b] = VALUE((i * c + c0 + a) * hw + s0 + b, c0 + a, i * hw + s0 + b);               \
                 transpose_tile(src_, dst_);                                                                            \
                 if (dst_cl)                                                                                            \
                     for (int64_t b = 0; b < ns; b++)                                                                   \
@@ -157,7 +158,7 @@ ALWAYS_INLINE void quantize_part(const void *x, const int x_bf16, const int x_cl
             put_code(out, k, code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset, sub, out_kind);
         return;
     }
-#define CODE(k, ch) (code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset)
+#define CODE(k, ch, pos) (code(load(x, x_bf16, k), delta, z, qmin, qmax) + offset)
 #define PUT(k, v) put_code(out, k, v, sub, out_kind)
     TILED_LAYOUT_CHANGE(x_cl, out_cl, CODE, PUT, lo, hi);
 #undef CODE
@@ -194,11 +195,20 @@ void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int
 #define ACC_F32 0
 #define ACC_I32 1
 #define ACC_BF16 2
+#define ACC_SHIFTED 3 /* float32 plus a shifted layer's correction: acc + w_off[c] * sums[pos] (`IntLayer`) */
 
-ALWAYS_INLINE float scaled(const void *acc, const int acc_kind, int64_t src, float dx, float ws, const float *bias,
-                           int64_t ch, const int has_bias, const int combined, const int out_bf16) {
-    float a = acc_kind == ACC_I32 ? (float)((const int32_t *)acc)[src]
-            : acc_kind == ACC_BF16 ? bf16_to_f32(((const uint16_t *)acc)[src]) : ((const float *)acc)[src];
+/* The correction of a shifted layer (ACC_SHIFTED; else unused): per-channel w_off, per-position sums. */
+typedef struct {
+    const float *w_off, *sums;
+} shift_t;
+
+ALWAYS_INLINE float scaled(const void *acc, const int acc_kind, int64_t src, int64_t pos, shift_t sh, float dx,
+                           float ws, const float *bias, int64_t ch, const int has_bias, const int combined,
+                           const int out_bf16) {
+    float a = acc_kind == ACC_I32    ? (float)((const int32_t *)acc)[src]
+            : acc_kind == ACC_BF16   ? bf16_to_f32(((const uint16_t *)acc)[src])
+            : acc_kind == ACC_SHIFTED ? ((const float *)acc)[src] + sh.w_off[ch] * sh.sums[pos]
+                                     : ((const float *)acc)[src];
     if (out_bf16 && acc_kind != ACC_BF16) a = bf16_to_f32(f32_to_bf16(a)); /* the bf16 rule: acc to bf16 first */
     float v = combined ? a * (dx * ws) : (a * dx) * ws;
     return has_bias ? v + bias[ch] : v;
@@ -218,64 +228,100 @@ ALWAYS_INLINE void put_value(void *out, int64_t k, float v, const int out_bf16) 
 #define TILES 2
 
 /* Rows / runs [lo, hi), or (image, channel tile) pairs [lo, hi). */
-ALWAYS_INLINE void rescale_part(const void *acc, const int acc_kind, const int acc_cl, const int walk, int64_t lo,
-                                int64_t hi, int64_t c, int64_t hw, float dx, const float *ws, const float *bias,
-                                const int has_bias, const int combined, void *out, const int out_bf16,
-                                const int out_cl) {
-    if (walk == ROWS_CL) {
+ALWAYS_INLINE void rescale_part(const void *acc, const int acc_kind, shift_t sh, const int acc_cl, const int walk,
+                                int64_t lo, int64_t hi, int64_t c, int64_t hw, float dx, const float *ws,
+                                const float *bias, const int has_bias, const int combined, void *out,
+                                const int out_bf16, const int out_cl) {
+    if (walk == ROWS_CL) { /* row r is position r */
         for (int64_t r = lo; r < hi; r++)
             for (int64_t ch = 0; ch < c; ch++)
                 put_value(out, r * c + ch,
-                          scaled(acc, acc_kind, r * c + ch, dx, ws[ch], bias, ch, has_bias, combined, out_bf16),
+                          scaled(acc, acc_kind, r * c + ch, r, sh, dx, ws[ch], bias, ch, has_bias, combined, out_bf16),
                           out_bf16);
         return;
     }
-    if (walk == RUNS_NCHW) {
+    if (walk == RUNS_NCHW) { /* run r: image r / c, channel r % c */
         for (int64_t r = lo; r < hi; r++) {
-            const int64_t ch = r % c;
+            const int64_t ch = r % c, p0 = r / c * hw;
             const float w = ws[ch];
             for (int64_t s = 0; s < hw; s++)
                 put_value(out, r * hw + s,
-                          scaled(acc, acc_kind, r * hw + s, dx, w, bias, ch, has_bias, combined, out_bf16), out_bf16);
+                          scaled(acc, acc_kind, r * hw + s, p0 + s, sh, dx, w, bias, ch, has_bias, combined, out_bf16),
+                          out_bf16);
         }
         return;
     }
-#define SCALED(k, ch) scaled(acc, acc_kind, k, dx, ws[ch], bias, ch, has_bias, combined, out_bf16)
+#define SCALED(k, ch, pos) scaled(acc, acc_kind, k, pos, sh, dx, ws[ch], bias, ch, has_bias, combined, out_bf16)
 #define PUT(k, v) put_value(out, k, v, out_bf16)
     TILED_LAYOUT_CHANGE(acc_cl, out_cl, SCALED, PUT, lo, hi);
 #undef SCALED
 #undef PUT
 }
 
-static void rescale_part_of(const void *acc, int acc_kind, int acc_cl, int walk, int64_t lo, int64_t hi, int64_t c,
-                            int64_t hw, float dx, const float *ws, const float *bias, int has_bias, int combined,
-                            void *out, int out_bf16) { /* a layout change's output: the other layout */
+static void rescale_part_of(const void *acc, int acc_kind, shift_t sh, int acc_cl, int walk, int64_t lo, int64_t hi,
+                            int64_t c, int64_t hw, float dx, const float *ws, const float *bias, int has_bias,
+                            int combined, void *out, int out_bf16) { /* a layout change's output: the other layout */
     switch (acc_kind * 16 | (has_bias ? 8 : 0) | (combined ? 4 : 0) | (out_bf16 ? 2 : 0) | (acc_cl ? 1 : 0)) {
 #define R(A, B, C, O, L)                                                                                               \
     case A * 16 | B * 8 | C * 4 | O * 2 | L:                                                                           \
         if (walk == ROWS_CL)                                                                                           \
-            rescale_part(acc, A, L, ROWS_CL, lo, hi, c, hw, dx, ws, bias, B, C, out, O, 1);                            \
+            rescale_part(acc, A, sh, L, ROWS_CL, lo, hi, c, hw, dx, ws, bias, B, C, out, O, 1);                        \
         else if (walk == RUNS_NCHW)                                                                                    \
-            rescale_part(acc, A, L, RUNS_NCHW, lo, hi, c, hw, dx, ws, bias, B, C, out, O, 0);                          \
+            rescale_part(acc, A, sh, L, RUNS_NCHW, lo, hi, c, hw, dx, ws, bias, B, C, out, O, 0);                      \
         else                                                                                                           \
-            rescale_part(acc, A, L, TILES, lo, hi, c, hw, dx, ws, bias, B, C, out, O, !L);                             \
+            rescale_part(acc, A, sh, L, TILES, lo, hi, c, hw, dx, ws, bias, B, C, out, O, !L);                         \
         break;
 #define R8(A) R(A, 0, 0, 0, 0) R(A, 0, 0, 0, 1) R(A, 0, 0, 1, 0) R(A, 0, 0, 1, 1) \
               R(A, 0, 1, 0, 0) R(A, 0, 1, 0, 1) R(A, 0, 1, 1, 0) R(A, 0, 1, 1, 1) \
               R(A, 1, 0, 0, 0) R(A, 1, 0, 0, 1) R(A, 1, 0, 1, 0) R(A, 1, 0, 1, 1) \
               R(A, 1, 1, 0, 0) R(A, 1, 1, 0, 1) R(A, 1, 1, 1, 0) R(A, 1, 1, 1, 1)
-        R8(ACC_F32) R8(ACC_I32) R8(ACC_BF16)
+        R8(ACC_F32) R8(ACC_I32) R8(ACC_BF16) R8(ACC_SHIFTED)
 #undef R8
 #undef R
     }
 }
 
+/* `w_off` and `sums`: ACC_SHIFTED's correction (else null). */
 void lbd_rescale(const void *acc, int acc_kind, int acc_cl, int64_t n, int64_t c, int64_t hw, float dx,
-                 const float *ws, const float *bias, int combined, void *out, int out_bf16, int out_cl) {
+                 const float *ws, const float *bias, int combined, void *out, int out_bf16, int out_cl,
+                 const float *w_off, const float *sums) {
     /* the same memory order on both sides: rows of c or runs of hw (either way where hw or c is 1) */
     const int walk = !(acc_cl == out_cl || hw == 1 || c == 1) ? TILES
                    : (hw == 1 ? ROWS_CL : (c == 1 ? RUNS_NCHW : (out_cl ? ROWS_CL : RUNS_NCHW)));
     const int64_t items = walk == ROWS_CL ? n * hw : (walk == RUNS_NCHW ? n * c : n * ((c + TILE - 1) / TILE));
-    PARALLEL_PARTS(items, rescale_part_of(acc, acc_kind, acc_cl, walk, lo, hi, c, hw, dx, ws, bias, bias != 0,
+    const shift_t sh = {w_off, sums};
+    PARALLEL_PARTS(items, rescale_part_of(acc, acc_kind, sh, acc_cl, walk, lo, hi, c, hw, dx, ws, bias, bias != 0,
                                           combined, out, out_bf16));
+}
+
+/* channel_sums: out[pos] = sum over the c channels of (u - zx) at each of the n * hw positions of uint8 codes u
+ * (a shifted layer's sums, `int_runtime.window_sums`), as float32: exact, the integer sum is below 2^24 (the
+ * caller checks c * 255). */
+#define SUM_BLOCK 1024
+ALWAYS_INLINE void channel_sums_part(const uint8_t *u, const int u_cl, int64_t lo, int64_t hi, int64_t c, int64_t hw,
+                                     int32_t zx, float *out) {
+    if (u_cl) { /* positions [lo, hi): a row of c codes each */
+        for (int64_t p = lo; p < hi; p++) {
+            int32_t s = 0;
+            for (int64_t ch = 0; ch < c; ch++) s += u[p * c + ch];
+            out[p] = (float)(s - (int32_t)c * zx);
+        }
+        return;
+    }
+    for (int64_t it = lo; it < hi; it++) { /* (image, block of SUM_BLOCK positions) pairs: add up the planes */
+        const int64_t blocks = (hw + SUM_BLOCK - 1) / SUM_BLOCK, i = it / blocks, p0 = it % blocks * SUM_BLOCK;
+        const int64_t np = p0 + SUM_BLOCK < hw ? SUM_BLOCK : hw - p0;
+        int32_t acc[SUM_BLOCK];
+        for (int64_t p = 0; p < np; p++) acc[p] = 0;
+        for (int64_t ch = 0; ch < c; ch++)
+            for (int64_t p = 0; p < np; p++) acc[p] += u[(i * c + ch) * hw + p0 + p];
+        for (int64_t p = 0; p < np; p++) out[i * hw + p0 + p] = (float)(acc[p] - (int32_t)c * zx);
+    }
+}
+
+void lbd_channel_sums(const uint8_t *u, int u_cl, int64_t n, int64_t c, int64_t hw, int32_t zx, float *out) {
+    if (u_cl)
+        PARALLEL_PARTS(n * hw, channel_sums_part(u, 1, lo, hi, c, hw, zx, out));
+    else
+        PARALLEL_PARTS(n * ((hw + SUM_BLOCK - 1) / SUM_BLOCK), channel_sums_part(u, 0, lo, hi, c, hw, zx, out));
 }
