@@ -59,8 +59,9 @@ class IntTransformLinear(IntLinear):
         if self.dynamic:  # oneDNN's fused rescale takes one activation scale: rescale per token here
             self.fused_rescale = False
 
-    def quantize_input(self, x: Tensor) -> tuple[Tensor, int, Tensor]:
-        """(uint8 codes, kernel zero point, Δx: [1], or [..., 1] per token) of the transformed input."""
+    def quantize_input(self, x: Tensor, layout: torch.memory_format | None = None) -> tuple[Tensor, int, Tensor]:
+        """(uint8 codes, kernel zero point, Δx: [1], or [..., 1] per token) of the transformed input (a linear's:
+        `layout`, for 4-D codes, changes nothing)."""
         if self.dynamic:
             x = transform_input(x, self.smooth, self.rotate_block)
             delta = token_scale(x, self.a_bits)
@@ -72,7 +73,7 @@ class IntTransformLinear(IntLinear):
             if self._offset:
                 q.add_(self._offset)
             return q.to(torch.uint8), self._zx[i], self.input_scale[i : i + 1]
-        return super().quantize_input(transform_input(x, self.smooth, self.rotate_block))
+        return super().quantize_input(transform_input(x, self.smooth, self.rotate_block), layout)
 
     def float_operand(self, x: Tensor, layout: torch.memory_format | None = None) -> tuple[Tensor, int, Tensor]:
         return self.operand_from_codes(x, layout)  # from this layer's own codes (per token, transforms)
