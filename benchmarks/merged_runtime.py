@@ -34,6 +34,7 @@ of the FP model and the W8A8 / W4A4 integer runtime of both models, per dtype.
     python benchmarks/merged_runtime.py --quick    # 2 timed runs per cell, small calibration
     python benchmarks/merged_runtime.py --classes native --profile --skip-timing
     python benchmarks/merged_runtime.py --classes native --eager-passes   # int also with LOWBITDM_PASSES=0
+    python benchmarks/merged_runtime.py --classes native --zero-points    # int also with LOWBITDM_ZERO_POINT_FREE=0
     python benchmarks/merged_runtime.py --model digits-dit --checkpoint W4A4=runs/digits-dit-efficientdm-tx-w4a4/merge
 
 (`--checkpoint LABEL=MERGE_DIR`, repeatable: time existing merge artifacts, any recipe, against their
@@ -94,11 +95,13 @@ def _file_bytes(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> in
 
 
 def _call(model: DiffusionModel, batch: int, autocast: bool = False, fused: str = "0",
-          order: str | None = None, passes: str = "1") -> Callable[[], object]:
+          order: str | None = None, passes: str = "1", zero_point_free: str = "1") -> Callable[[], object]:
     """One denoiser call (no CFG) on a fixed batch at t = 500; `autocast`: under torch.autocast("cpu", bf16);
     `fused`: LOWBITDM_FUSED during the call (the integer runtime's fused quantize / rescale loops);
     `order`: LOWBITDM_RESCALE_ORDER during the call (None: unset, the kernels' own order);
-    `passes`: LOWBITDM_PASSES during the call ("0": the eager ops around the kernels, not `export.passes`)."""
+    `passes`: LOWBITDM_PASSES during the call ("0": the eager ops around the kernels, not `export.passes`);
+    `zero_point_free`: LOWBITDM_ZERO_POINT_FREE during the call ("0": every conv passes its activation zero point
+    to oneDNN, `IntConv2d.zero_point_free`)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.sample_shape, generator=g)
     cond = torch.arange(batch) % model.num_classes if model.conditioning == "class" else None
@@ -106,6 +109,7 @@ def _call(model: DiffusionModel, batch: int, autocast: bool = False, fused: str 
     def run() -> object:
         os.environ["LOWBITDM_FUSED"] = fused
         os.environ["LOWBITDM_PASSES"] = passes
+        os.environ["LOWBITDM_ZERO_POINT_FREE"] = zero_point_free
         _set_order(order)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             return model.forward(x, 500, cond)
@@ -246,6 +250,8 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
                     integers[f"{label} {variant}"] = model
                     if args.eager_passes:  # the same model object: LOWBITDM_PASSES is read per call
                         cells[f"{label} int-eager {variant}"] = _call(model, args.batch, passes="0")
+                    if args.zero_points:  # the same model object: LOWBITDM_ZERO_POINT_FREE is read per call
+                        cells[f"{label} int-zp {variant}"] = _call(model, args.batch, zero_point_free="0")
                     if fused:  # the same model object: LOWBITDM_FUSED is read per call
                         cells[f"{label} int-fused {variant}"] = _call(model, args.batch, fused="1")
                     if other_order:  # loaded and run in the other order
@@ -276,6 +282,9 @@ def _bench(title: str, make_fp: Callable[[], DiffusionModel], merged: dict[str, 
             if t_eager is not None:
                 row["per_dtype"][variant].update(int_eager_ops_ms=t_eager, int_eager_ops_vs_fp32=ms["fp32"] / t_eager,
                                                passes_speedup=t_eager / t_int)
+            t_zp = ms.get(f"{label} int-zp {variant}")
+            if t_zp is not None:
+                row["per_dtype"][variant].update(int_with_zero_points_ms=t_zp, zero_point_free_speedup=t_zp / t_int)
             t_fused = ms.get(f"{label} int-fused {variant}")
             if t_fused is not None:
                 row["per_dtype"][variant].update(int_fused_ms=t_fused, int_fused_vs_fp32=ms["fp32"] / t_fused,
@@ -330,7 +339,9 @@ def _print(result: dict, batch: int) -> None:
                      f"{c['kernel_rescale_speedup']:.2f}x slower)" if "int_self_rescale_ms" in c else "")
                   + (f"  (eager ops around the kernels: {c['int_eager_ops_ms']:.1f} ms, "
                      f"{c['int_eager_ops_vs_fp32']:.2f}x FP32; the C passes {c['passes_speedup']:.2f}x faster)"
-                     if "int_eager_ops_ms" in c else ""))
+                     if "int_eager_ops_ms" in c else "")
+                  + (f"  (zero points passed to oneDNN: {c['int_with_zero_points_ms']:.1f} ms; zero-point-free "
+                     f"{c['zero_point_free_speedup']:.2f}x faster)" if "int_with_zero_points_ms" in c else ""))
         if "pixel_agreement" in r:
             agree = r["pixel_agreement"]
             print(f"       pixels within 1 level (int vs fake, {agree['samples']} samples): "
@@ -441,6 +452,9 @@ def main() -> None:
     parser.add_argument("--eager-passes", action="store_true",
                         help="also time the integer runtime with LOWBITDM_PASSES=0 (eager ops around its kernels "
                              "instead of export.passes' C loops), same model objects, interleaved")
+    parser.add_argument("--zero-points", action="store_true",
+                        help="also time the integer runtime with LOWBITDM_ZERO_POINT_FREE=0 (every conv passes its "
+                             "activation zero point to oneDNN), same model objects, interleaved")
     parser.add_argument("--fused", action="store_true",
                         help="also time the integer runtime with LOWBITDM_FUSED=1 (compiles its loops first)")
     parser.add_argument("--widths", default=",".join(BITS),
@@ -516,7 +530,7 @@ def main() -> None:
                    *(a for c in args.checkpoint for a in ("--checkpoint", c))]
             flags = [f for f, on in (("--quick", args.quick), ("--profile", args.profile),
                                      ("--skip-timing", args.skip_timing), ("--fused", args.fused),
-                                     ("--eager-passes", args.eager_passes),
+                                     ("--eager-passes", args.eager_passes), ("--zero-points", args.zero_points),
                                      ("--self-rescale", args.self_rescale), ("--default-malloc", args.default_malloc),
                                      ("--no-compile", args.no_compile)) if on]
             subprocess.run(cmd + flags, env=env, check=True)

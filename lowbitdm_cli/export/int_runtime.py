@@ -64,11 +64,14 @@ The quantize and rescale passes around the kernels run as one C loop each where 
 is built (the same float ops in the same order; ``LOWBITDM_PASSES=0``: the eager ops); so do a shifted
 layer's channel sums, and its correction runs inside the rescale pass. A conv's codes for oneDNN are
 written channels-last whatever the model's layout (the kernel's own layout: it reorders nothing), its
-output comes back in the model's layout from the rescale pass.
+output comes back in the model's layout from the rescale pass. Where the layer rescales in that pass
+anyway, a conv calls oneDNN with activation zero point 0 and the pass adds −zx·(the valid taps' weight
+sums) per output position (`IntConv2d.zero_point_free`: same bits, while float32 holds the terms).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -153,7 +156,7 @@ _TUNED: dict[tuple, tuple[str, int | None]] = {}
 # candidate, so that switching between candidates rebuilds nothing (keep in step with set_lowering).
 _LOWERING_STATE = ("use_onednn", "float_exact", "split", "use_s16", "_mm_split", "wmat_hi", "wmat_lo",
                    "fused_rescale", "_onednn_cache", "_float_weight", "_chunk_cache", "_s16_packed", "_sums_beside",
-                   "_fused_checked", "_tune")
+                   "_fused_checked", "_tune", "_zero_free_bound")
 
 # oneDNN accumulates in int32: with |u − zx| ≤ 255 and |w| ≤ 128 every K up to this is exact.
 _K_ONEDNN = (2**31 - 1) // (255 * 128)
@@ -513,6 +516,7 @@ class IntLayer(TimestepSlots, nn.Module):
         self.use_s16 = kernel == "s16"
         self._onednn_cache, self._float_weight, self._chunk_cache, self._s16_packed = None, None, {}, None
         self._sums_beside: bool | None = None  # `sums_beside`, decided on first use (a conv's geometry is set last)
+        self._zero_free_bound: bool | None = None  # `IntConv2d.zero_point_free`'s, on first use
         # `accumulate` (the int_mm product) stays exact whichever kernel runs the layer
         mm_split = split if kernel == "int_mm" else self._int_mm_split()
         hi, lo = (None, None) if mm_split is None else split_weight(self.wmat.to(torch.int16), mm_split)
@@ -578,7 +582,8 @@ class IntLayer(TimestepSlots, nn.Module):
 
     def _run_onednn(self, call: Callable[[float, Tensor, Tensor | None, torch.dtype], Tensor], delta: Tensor,
                     channel_dim: int, dtype: torch.dtype, shape: tuple,
-                    layout: torch.memory_format = torch.contiguous_format, sums: Tensor | None = None) -> Tensor:
+                    layout: torch.memory_format = torch.contiguous_format, sums: Tensor | None = None,
+                    border: Tensor | None = None) -> Tensor:
         """The layer output in `dtype` from ``call(x_scale, w_scale, bias, out_dtype)`` (one oneDNN call,
         or the two of a split weight combined): rescaled by the kernel when `fused_rescale`, else the exact
         accumulator (unit scales) through `_onednn_finish`.
@@ -591,10 +596,11 @@ class IntLayer(TimestepSlots, nn.Module):
         rescales itself from then on. The kernel's float32 output is in `layout` here (no pass where it
         is already). A bf16 output always takes the unit-scale route: its rescale starts from the
         accumulator rounded to bf16 (`quant.integer.round_accumulator`), which no kernel's rescale does.
-        `sums`: a shifted layer's window sums when taken beside the kernel (`sums_beside`)."""
-        if not self.fused_rescale or dtype != torch.float32:
+        `sums`: a shifted layer's window sums when taken beside the kernel (`sums_beside`); `border`: the map of a
+        zero-point-free call (`IntConv2d.zero_point_free`), which never takes the kernel's rescale."""
+        if not self.fused_rescale or dtype != torch.float32 or border is not None:
             return self._onednn_finish(call(1.0, self._unit, None, torch.float32), delta, channel_dim, dtype,
-                                       layout, sums)
+                                       layout, sums, border)
         key = (shape, torch.get_num_threads())
         if key in self._fused_checked:
             return call(float(delta), self.weight_scale, self.bias, torch.float32).to(memory_format=layout)
@@ -608,7 +614,8 @@ class IntLayer(TimestepSlots, nn.Module):
         return ref.to(memory_format=layout)  # float32: other dtypes took the unit-scale route above
 
     def _onednn_finish(self, out: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype,
-                       layout: torch.memory_format = torch.contiguous_format, sums: Tensor | None = None) -> Tensor:
+                       layout: torch.memory_format = torch.contiguous_format, sums: Tensor | None = None,
+                       border: Tensor | None = None) -> Tensor:
         """The layer output in `dtype` and memory `layout` (whatever oneDNN's layout), from
         oneDNN's exact accumulator (unit scales): through `rescale`, then `dtype`. A shifted layer's
         output has one more channel, Σ_window (u − zx) (its weights' all-ones row), or those sums come
@@ -629,22 +636,23 @@ class IntLayer(TimestepSlots, nn.Module):
             main, sums = (out, sums) if sums is not None else out.split([self.out_ch, 1], channel_dim)
             return fused_ops.rescale_to(main, delta, w_scale, bias, dtype, sums, self._w_off_float(view), layout)
         if self.direct:
-            return self.rescale_to(out, delta, channel_dim, dtype, layout)
+            return self.rescale_to(out, delta, channel_dim, dtype, layout, border=border)
         view = [1] * out.dim()
         view[channel_dim] = self.out_ch
         main, sums = (out, sums) if sums is not None else out.split([self.out_ch, 1], channel_dim)
         # the sums one per position, dense (the one-pass correction's; a small copy where the kernel gave them)
-        return self.rescale_to(main, delta, channel_dim, dtype, layout, (sums.contiguous(), self._w_off_float(view)))
+        return self.rescale_to(main, delta, channel_dim, dtype, layout, (sums.contiguous(), self._w_off_float(view)),
+                               border)
 
     def rescale_to(self, acc: Tensor, delta: Tensor, channel_dim: int, dtype: torch.dtype,
                    layout: torch.memory_format | None = None,
-                   correction: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                   correction: tuple[Tensor, Tensor] | None = None, border: Tensor | None = None) -> Tensor:
         """`quant.integer.rescale_to` with this layer's scales and bias: the exact accumulator `acc`
-        (channels on `channel_dim`; with a shifted layer's `correction`, ``acc + w_off·sums``) rescaled, then
-        `dtype`, in memory `layout` (None: that of `acc`); in one pass unless the Inductor loops of `fused_ops`
-        were asked for."""
+        (channels on `channel_dim`; with a zero-point-free call's `border` map and a shifted layer's `correction`,
+        ``(acc + border) + w_off·sums``) rescaled, then `dtype`, in memory `layout` (None: that of `acc`); in one
+        pass unless the Inductor loops of `fused_ops` were asked for."""
         return rescale_to(acc, delta, self.weight_scale, self.bias, channel_dim, self.rescale_kernel, dtype, layout,
-                          one_pass=not fused_ops.enabled(), correction=correction)
+                          one_pass=not fused_ops.enabled(), correction=correction, border=border)
 
     @staticmethod
     def _passes_apply(t: Tensor) -> bool:
@@ -886,13 +894,45 @@ class IntConv2d(IntLayer):
             return torch.ops.onednn.qconv_prepack(w, self._unit, 1.0, 0, *geometry, None)
 
         packed, w_zero = self._onednn_weights(u.device, pack)
+        border = self.zero_point_free(u, int(zx), dtype)
+        x_zp = 0 if border is not None else int(zx)
 
         def call(x_scale: float, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-            return self._combine([torch.ops.onednn.qconv2d_pointwise(u, x_scale, int(zx), p, w_scale, w_zero, bias,
+            return self._combine([torch.ops.onednn.qconv2d_pointwise(u, x_scale, x_zp, p, w_scale, w_zero, bias,
                                                                      *geometry, 1.0, 0, out_dtype, "none", [], "")
                                   for p in packed])
         sums = window_sums(u, int(zx), (self.kernel_size, self.stride, self.padding)) if self.sums_beside else None
-        return self._run_onednn(call, delta, 1, dtype, tuple(u.shape), layout, sums)
+        return self._run_onednn(call, delta, 1, dtype, tuple(u.shape), layout, sums, border)
+
+    def zero_point_free(self, u: Tensor, zx: int, dtype: torch.dtype) -> Tensor | None:
+        """The map that lets oneDNN run this conv with activation zero point 0, or None where the layer passes zx.
+
+        oneDNN's int8 conv with a nonzero source zero point took 1.3-2x as long on the digits UNet's 4x4 and 8x8
+        3x3 convs (0-30 % on the 26 M UNet's shapes; by hand on Zen 4). With zero point 0 the kernel returns
+        Σ_valid u·w', w' its int8 weight, padded positions adding nothing; the exact accumulator is that plus
+        −zx·Σ_valid w' (the valid taps' weight sums at each output position): a [1, O, Ho, Wo] map per input
+        size and zero point, which the rescale pass adds (`passes.rescale(..., border=)`). Both terms and their
+        sum are exact in float32 while u_max·max_o Σ|w'_o| < 2^24, so the bits are those of the call with zx.
+        Only where the layer rescales in the C pass anyway (not the kernel's own rescale; one call; a shifted
+        layer's window sums beside the kernel) and zx ≠ 0; ``LOWBITDM_ZERO_POINT_FREE=0`` (read per call) passes
+        zx everywhere (`benchmarks/merged_runtime.py --zero-points`)."""
+        if (zx == 0 or os.environ.get("LOWBITDM_ZERO_POINT_FREE", "1") == "0" or self.split is not None
+                or not (self.direct or self.sums_beside) or not self._passes_apply(u)
+                or (self.fused_rescale and dtype == torch.float32)):
+            return None
+        if self._zero_free_bound is None:
+            w = self.int8_weight().to(torch.float64)  # [O, K]
+            self._zero_free_bound = bool(w.numel()) and self.u_max * float(w.abs().sum(1).max()) < EXACT_F32
+        if not self._zero_free_bound:
+            return None
+        key = ("border", zx, tuple(u.shape[1:]))
+        if key not in self._chunk_cache:
+            kh, kw = self.kernel_size
+            w = self.int8_weight().to(torch.float64).reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+            ones = torch.ones(1, *u.shape[1:], dtype=torch.float64)
+            valid = F.conv2d(ones, w, None, self.stride, self.padding, self.dilation)  # Σ_valid w', exact
+            self._chunk_cache[key] = (-zx * valid).float().contiguous(memory_format=torch.channels_last)
+        return self._chunk_cache[key]
 
     def tune_signature(self) -> tuple:
         return (*super().tune_signature(), self.kernel_size, self.stride, self.padding, self.dilation)

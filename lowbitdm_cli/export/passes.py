@@ -42,6 +42,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 _OUT_KINDS = {torch.uint8: 0, torch.float32: 1, torch.bfloat16: 2}  # `_quantize`'s outputs (passes.c OUT_*)
 _ACC_KINDS = {torch.float32: 0, torch.int32: 1, torch.bfloat16: 2}  # `rescale`'s accumulators (passes.c ACC_*)
 _ACC_SHIFTED = 3  # a float32 accumulator plus a shifted layer's correction (passes.c ACC_SHIFTED)
+_ACC_BORDER = 4  # plus a zero-point-free kernel call's map (ACC_BORDER; 5: both, ACC_BORDER_SHIFTED)
 
 
 def build_flags() -> list[str]:
@@ -67,7 +68,7 @@ def load() -> ctypes.CDLL | str:
         return f"could not build the fused passes: {err}"
     i64, f32, ptr, i = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     lib.lbd_quantize.argtypes = [ptr, i, i, i64, i64, i64, f32, f32, f32, f32, f32, f32, ptr, i, i]
-    lib.lbd_rescale.argtypes = [ptr, i, i, i64, i64, i64, f32, ptr, ptr, i, ptr, i, i, ptr, ptr]
+    lib.lbd_rescale.argtypes = [ptr, i, i, i64, i64, i64, f32, ptr, ptr, i, ptr, i, i, ptr, ptr, ptr]
     lib.lbd_channel_sums.argtypes = [ptr, i, i64, i64, i64, ctypes.c_int32, ptr]
     lib.lbd_quantize.restype = lib.lbd_rescale.restype = lib.lbd_channel_sums.restype = None
     return lib
@@ -155,14 +156,16 @@ def operand(x: Tensor, delta: float, z: float, q_min: float, q_max: float, offse
 
 def rescale(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, combined: bool,
             dtype: torch.dtype, layout: torch.memory_format | None = None,
-            correction: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+            correction: tuple[Tensor, Tensor] | None = None, border: Tensor | None = None) -> Tensor | None:
     """``((acc·Δx)·Δw[c]) + b[c]`` (or ``(acc·(Δx·Δw[c])) + b[c]`` when `combined`) of a float32, int32 or
     bfloat16 accumulator whose channels are its dim 1 (4-D) or its last dim, in float32, then `dtype`,
     written in `layout` (4-D; None: the layout of `acc`): `quant.integer.round_accumulator` (for a bf16
     output, the accumulator rounded to bf16 first), `quant.integer.rescale` and the cast in one pass.
     `correction`: (sums, w_off) of a shifted layer, a float32 `acc` then standing for ``acc + w_off[c]·sums[p]``
     (``torch.addcmul``'s float ops: the product, then the sum): sums one per position ([N, 1, H, W] contiguous
-    of a 4-D `acc`, [..., 1] of rows), w_off one per channel."""
+    of a 4-D `acc`, [..., 1] of rows), w_off one per channel. `border`: [1, C, H, W] float32 added to every image
+    of a 4-D float32 `acc` first (``(acc + border) + w_off·sums``: a zero-point-free kernel call's map,
+    `int_runtime.IntConv2d`)."""
     lib = load()
     seen = _view(acc)
     if (isinstance(lib, str) or seen is None or acc.dtype not in _ACC_KINDS or dtype not in _DTYPES
@@ -176,6 +179,12 @@ def rescale(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, c
                 or not sums.is_contiguous() or sums.numel() != n * hw or w_off.numel() != c):
             return None
         kind = _ACC_SHIFTED
+    if border is not None:
+        border = border.contiguous(memory_format=torch.channels_last)  # [hw, c] per image
+        if (acc.dtype != torch.float32 or border.dtype != torch.float32 or acc.dim() != 4
+                or tuple(border.shape) != (1, *acc.shape[1:])):
+            return None
+        kind = _ACC_BORDER + (1 if correction is not None else 0)
     if layout is None:
         layout = torch.channels_last if acc.dim() == 4 and acc_cl else torch.contiguous_format
     w_scale = w_scale.contiguous()
@@ -185,7 +194,8 @@ def rescale(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor | None, c
         lib.lbd_rescale(acc.data_ptr(), kind, int(acc_cl), n, c, hw, x_scale, w_scale.data_ptr(),
                         None if bias is None else bias.data_ptr(), int(combined), out.data_ptr(),
                         int(dtype == torch.bfloat16), int(acc.dim() != 4 or layout == torch.channels_last),
-                        None if w_off is None else w_off.data_ptr(), None if sums is None else sums.data_ptr())
+                        None if w_off is None else w_off.data_ptr(), None if sums is None else sums.data_ptr(),
+                        None if border is None else border.data_ptr())
     return out
 
 
@@ -226,6 +236,7 @@ def _self_check() -> bool:
             return False
         sums = torch.randint(-2**12, 2**12, (2, 1, 5, 7), generator=gen).float()  # a shifted layer's correction
         w_off = torch.randint(-128, 129, (24,), generator=gen).float()
+        border = torch.randint(-2**12, 2**12, (1, 24, 5, 7), generator=gen).float()  # a zero-point-free call's map
         for acc_dtype in (*_ACC_KINDS, "shifted"):
             shift = acc_dtype == "shifted"
             acc_dtype = torch.float32 if shift else acc_dtype
@@ -234,12 +245,15 @@ def _self_check() -> bool:
                 for b in (bias, None):
                     for lin, lout in itertools.product(layouts, layouts):
                         ai = acc.to(acc_dtype).contiguous(memory_format=lin)
-                        ref = torch.addcmul(ai, sums, w_off.reshape(1, -1, 1, 1)) if shift else ai.clone()
-                        expected = eager_rescale(round_accumulator(ref, dtype), torch.tensor([delta]), ws, b, 1,
-                                                 "conv", order=order).to(dtype)
-                        got = rescale(ai, delta, ws, b, combined, dtype, lout, (sums, w_off) if shift else None)
-                        if not (got.is_contiguous(memory_format=lout) and torch.equal(got, expected)):
-                            return False
+                        for bd in (None, border) if acc_dtype == torch.float32 else (None,):
+                            ref = ai.clone() if bd is None else ai + bd
+                            ref = torch.addcmul(ref, sums, w_off.reshape(1, -1, 1, 1)) if shift else ref
+                            expected = eager_rescale(round_accumulator(ref, dtype), torch.tensor([delta]), ws, b, 1,
+                                                     "conv", order=order).to(dtype)
+                            got = rescale(ai, delta, ws, b, combined, dtype, lout, (sums, w_off) if shift else None,
+                                          bd)
+                            if not (got.is_contiguous(memory_format=lout) and torch.equal(got, expected)):
+                                return False
                 rows = acc.permute(0, 2, 3, 1).reshape(-1, 24).to(acc_dtype)
                 row_sums = sums.reshape(-1, 1)
                 ref = torch.addcmul(rows, row_sums, w_off) if shift else rows.clone()

@@ -322,7 +322,7 @@ def round_accumulator(acc: Tensor, dtype: torch.dtype) -> Tensor:
 
 def rescale_to(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, channel_dim: int, kernel: str,
                dtype: torch.dtype, layout: torch.memory_format | None = None, one_pass: bool = True,
-               correction: tuple[Tensor, Tensor] | None = None) -> Tensor:
+               correction: tuple[Tensor, Tensor] | None = None, border: Tensor | None = None) -> Tensor:
     """`rescale` of an exact accumulator `acc` (float32, int32, int64, or bf16 from a bf16 product), then
     `dtype`, in memory `layout` (None: that of `acc`). For a bf16 output the accumulator is rounded to bf16
     first (`round_accumulator`): the rule that lets a bf16 model's fake-quantized layers run their exact
@@ -333,13 +333,17 @@ def rescale_to(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | Non
     one `x_scale`, channels on dim 1 of a 4-D `acc` or on its last dim); else the eager ops, in place in a
     float32 `acc` (the integer and the fake runtime both rescale here). `correction`: (sums, w_off) of a
     shifted integer layer (`export.int_runtime.IntLayer`), whose exact accumulator is ``acc + w_off·sums``
-    (``torch.addcmul``; w_off broadcast over the channels, sums over the positions), added in the same pass."""
+    (``torch.addcmul``; w_off broadcast over the channels, sums over the positions), added in the same pass;
+    `border`: a [1, C, H, W] map added to a float32 4-D `acc` before it
+    (`export.int_runtime.IntConv2d.zero_point_free`)."""
     if (one_pass and acc.device.type == "cpu" and x_scale.numel() == 1
             and channel_dim in ((1,) if acc.dim() == 4 else (-1, acc.dim() - 1)) and passes.enabled()):
         combined = rescale_order(kernel) == "combined"
-        out = passes.rescale(acc, float(x_scale), w_scale, bias, combined, dtype, layout, correction)
+        out = passes.rescale(acc, float(x_scale), w_scale, bias, combined, dtype, layout, correction, border)
         if out is not None:
             return out
+    if border is not None:
+        acc = acc + border
     if correction is not None:
         out = (torch.empty_like(acc, dtype=torch.float32) if layout is None
                else torch.empty(acc.shape, dtype=torch.float32, device=acc.device, memory_format=layout))

@@ -278,3 +278,57 @@ def test_fake_layers_give_the_same_bits_with_and_without_the_passes(monkeypatch,
             for f, e in zip(fast, eager, strict=True):
                 assert f.dtype == dtype and torch.equal(f, e) and f.stride() == e.stride()
     assert calls.count("operand") == calls.count("rescale") == 2 * len(inputs)
+
+
+def _conv(in_ch: int, kernel: int, stride: int, w_bits: int, seed: int, zw_centre: bool = False) -> IntConv2d:
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << w_bits, (6, in_ch, kernel, kernel), generator=gen, dtype=torch.uint8)
+    zw = torch.full((6,), 128 if zw_centre else 3) if w_bits == 8 else torch.randint(1, (1 << w_bits) - 1, (6,))
+    layer = IntConv2d(codes, zw, torch.rand(6, generator=gen) * 1e-2, torch.randn(6, generator=gen),
+                      torch.tensor([0.05]), torch.tensor([37]), 8, stride=stride, padding=kernel // 2)
+    layer.set_lowering("onednn")
+    return layer
+
+
+@pytest.mark.skipif(not int_runtime.onednn_available(), reason="no oneDNN int8 kernels in this PyTorch")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kernel", "stride", "w_bits"), [(3, 1, 8), (3, 2, 8), (1, 1, 8), (3, 1, 4), (3, 2, 4)])
+def test_zero_point_free_calls_give_the_bits_of_the_call_with_zx(monkeypatch, kernel: int, stride: int, w_bits: int,
+                                                                   dtype: torch.dtype) -> None:
+    """oneDNN called with activation zero point 0 plus the border map (`IntConv2d.zero_point_free`) gives the bits
+    of the call with zx, shifted (8-bit, off-centre zw) and direct layers, where the layer rescales itself."""
+    layer = _conv(5, kernel, stride, w_bits, seed=kernel * 10 + stride + w_bits)
+    layer.fused_rescale = False
+    assert layer.direct == (w_bits < 8)
+    x = (torch.randn(2, 5, 7, 6, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    taken = []
+    real = IntConv2d.zero_point_free
+    monkeypatch.setattr(IntConv2d, "zero_point_free", lambda *a: taken.append(real(*a)) or taken[-1])
+    with torch.no_grad():
+        free = layer(x)
+        assert taken and taken[-1] is not None
+        monkeypatch.setattr(IntConv2d, "zero_point_free", lambda *a: None)
+        with_zx = layer(x)
+    assert torch.equal(free, with_zx)
+
+
+def test_zero_point_free_map_by_hand_and_its_bound(monkeypatch) -> None:
+    """The map is −zx · (the weight sums of the taps inside the image): an all-ones 3x3 weight over a 3x3 input
+    with padding 1 counts 4 taps at the corners, 6 at the edges, 9 in the middle; it applies only while
+    u_max·max_o Σ|w'| < 2^24 (the kernel's float32 output exact)."""
+    codes = torch.full((1, 1, 3, 3), 9, dtype=torch.uint8)  # w − zw = 1 everywhere
+    layer = IntConv2d(codes, torch.tensor([8]), torch.ones(1), None, torch.tensor([0.05]), torch.tensor([37]), 8,
+                      padding=1)
+    layer.set_lowering("onednn")
+    u = torch.zeros(2, 1, 3, 3, dtype=torch.uint8).contiguous(memory_format=CL)
+    border = layer.zero_point_free(u, 37, torch.bfloat16)
+    assert border.tolist() == [[[[-37.0 * 4, -37.0 * 6, -37.0 * 4], [-37.0 * 6, -37.0 * 9, -37.0 * 6],
+                                 [-37.0 * 4, -37.0 * 6, -37.0 * 4]]]]
+    assert layer.zero_point_free(u, 0, torch.bfloat16) is None  # nothing to correct
+    monkeypatch.setenv("LOWBITDM_ZERO_POINT_FREE", "0")  # off: zx passed to the kernel
+    assert layer.zero_point_free(u, 37, torch.bfloat16) is None
+    monkeypatch.delenv("LOWBITDM_ZERO_POINT_FREE")
+    wide = IntConv2d(torch.full((2, 600, 3, 3), 255, dtype=torch.uint8), torch.tensor([128, 128]), torch.ones(2), None,
+                     torch.tensor([0.05]), torch.tensor([37]), 8, padding=1)  # 255 · 127 · 5400 ≫ 2^24
+    wide.set_lowering("onednn")
+    assert wide.zero_point_free(torch.zeros(1, 600, 4, 4, dtype=torch.uint8), 37, torch.bfloat16) is None

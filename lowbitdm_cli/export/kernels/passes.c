@@ -196,19 +196,23 @@ void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int
 #define ACC_I32 1
 #define ACC_BF16 2
 #define ACC_SHIFTED 3 /* float32 plus a shifted layer's correction: acc + w_off[c] * sums[pos] (`IntLayer`) */
+#define ACC_BORDER 4  /* float32 plus a zero-point-free call's map: acc + map[p * c + ch] (p: position in image) */
+#define ACC_BORDER_SHIFTED 5 /* both: (acc + map[p * c + ch]) + w_off[c] * sums[pos] */
 
-/* The correction of a shifted layer (ACC_SHIFTED; else unused): per-channel w_off, per-position sums. */
+/* The corrections (else unused): a shifted layer's per-channel w_off and per-position sums; a zero-point-free
+ * kernel call's map, [hw, c] per image (`IntConv2d`). */
 typedef struct {
-    const float *w_off, *sums;
+    const float *w_off, *sums, *map;
 } shift_t;
 
-ALWAYS_INLINE float scaled(const void *acc, const int acc_kind, int64_t src, int64_t pos, shift_t sh, float dx,
-                           float ws, const float *bias, int64_t ch, const int has_bias, const int combined,
-                           const int out_bf16) {
-    float a = acc_kind == ACC_I32    ? (float)((const int32_t *)acc)[src]
-            : acc_kind == ACC_BF16   ? bf16_to_f32(((const uint16_t *)acc)[src])
-            : acc_kind == ACC_SHIFTED ? ((const float *)acc)[src] + sh.w_off[ch] * sh.sums[pos]
-                                     : ((const float *)acc)[src];
+ALWAYS_INLINE float scaled(const void *acc, const int acc_kind, int64_t src, int64_t pos, int64_t p, shift_t sh,
+                           int64_t c, float dx, float ws, const float *bias, int64_t ch, const int has_bias,
+                           const int combined, const int out_bf16) {
+    float a = acc_kind == ACC_I32 ? (float)((const int32_t *)acc)[src]
+            : acc_kind == ACC_BF16 ? bf16_to_f32(((const uint16_t *)acc)[src])
+                                   : ((const float *)acc)[src];
+    if (acc_kind == ACC_BORDER || acc_kind == ACC_BORDER_SHIFTED) a = a + sh.map[p * c + ch];
+    if (acc_kind == ACC_SHIFTED || acc_kind == ACC_BORDER_SHIFTED) a = a + sh.w_off[ch] * sh.sums[pos];
     if (out_bf16 && acc_kind != ACC_BF16) a = bf16_to_f32(f32_to_bf16(a)); /* the bf16 rule: acc to bf16 first */
     float v = combined ? a * (dx * ws) : (a * dx) * ws;
     return has_bias ? v + bias[ch] : v;
@@ -233,11 +237,14 @@ ALWAYS_INLINE void rescale_part(const void *acc, const int acc_kind, shift_t sh,
                                 const float *bias, const int has_bias, const int combined, void *out,
                                 const int out_bf16, const int out_cl) {
     if (walk == ROWS_CL) { /* row r is position r */
-        for (int64_t r = lo; r < hi; r++)
+        for (int64_t r = lo; r < hi; r++) {
+            const int64_t p = r % hw;
             for (int64_t ch = 0; ch < c; ch++)
                 put_value(out, r * c + ch,
-                          scaled(acc, acc_kind, r * c + ch, r, sh, dx, ws[ch], bias, ch, has_bias, combined, out_bf16),
+                          scaled(acc, acc_kind, r * c + ch, r, p, sh, c, dx, ws[ch], bias, ch, has_bias, combined,
+                                 out_bf16),
                           out_bf16);
+        }
         return;
     }
     if (walk == RUNS_NCHW) { /* run r: image r / c, channel r % c */
@@ -246,12 +253,14 @@ ALWAYS_INLINE void rescale_part(const void *acc, const int acc_kind, shift_t sh,
             const float w = ws[ch];
             for (int64_t s = 0; s < hw; s++)
                 put_value(out, r * hw + s,
-                          scaled(acc, acc_kind, r * hw + s, p0 + s, sh, dx, w, bias, ch, has_bias, combined, out_bf16),
+                          scaled(acc, acc_kind, r * hw + s, p0 + s, s, sh, c, dx, w, bias, ch, has_bias, combined,
+                                 out_bf16),
                           out_bf16);
         }
         return;
     }
-#define SCALED(k, ch, pos) scaled(acc, acc_kind, k, pos, sh, dx, ws[ch], bias, ch, has_bias, combined, out_bf16)
+#define SCALED(k, ch, pos) \
+    scaled(acc, acc_kind, k, pos, (pos) % hw, sh, c, dx, ws[ch], bias, ch, has_bias, combined, out_bf16)
 #define PUT(k, v) put_value(out, k, v, out_bf16)
     TILED_LAYOUT_CHANGE(acc_cl, out_cl, SCALED, PUT, lo, hi);
 #undef SCALED
@@ -275,21 +284,21 @@ static void rescale_part_of(const void *acc, int acc_kind, shift_t sh, int acc_c
               R(A, 0, 1, 0, 0) R(A, 0, 1, 0, 1) R(A, 0, 1, 1, 0) R(A, 0, 1, 1, 1) \
               R(A, 1, 0, 0, 0) R(A, 1, 0, 0, 1) R(A, 1, 0, 1, 0) R(A, 1, 0, 1, 1) \
               R(A, 1, 1, 0, 0) R(A, 1, 1, 0, 1) R(A, 1, 1, 1, 0) R(A, 1, 1, 1, 1)
-        R8(ACC_F32) R8(ACC_I32) R8(ACC_BF16) R8(ACC_SHIFTED)
+        R8(ACC_F32) R8(ACC_I32) R8(ACC_BF16) R8(ACC_SHIFTED) R8(ACC_BORDER) R8(ACC_BORDER_SHIFTED)
 #undef R8
 #undef R
     }
 }
 
-/* `w_off` and `sums`: ACC_SHIFTED's correction (else null). */
+/* `w_off` and `sums`: ACC_SHIFTED's correction, `map`: ACC_BORDER's (else null). */
 void lbd_rescale(const void *acc, int acc_kind, int acc_cl, int64_t n, int64_t c, int64_t hw, float dx,
                  const float *ws, const float *bias, int combined, void *out, int out_bf16, int out_cl,
-                 const float *w_off, const float *sums) {
+                 const float *w_off, const float *sums, const float *map) {
     /* the same memory order on both sides: rows of c or runs of hw (either way where hw or c is 1) */
     const int walk = !(acc_cl == out_cl || hw == 1 || c == 1) ? TILES
                    : (hw == 1 ? ROWS_CL : (c == 1 ? RUNS_NCHW : (out_cl ? ROWS_CL : RUNS_NCHW)));
     const int64_t items = walk == ROWS_CL ? n * hw : (walk == RUNS_NCHW ? n * c : n * ((c + TILE - 1) / TILE));
-    const shift_t sh = {w_off, sums};
+    const shift_t sh = {w_off, sums, map};
     PARALLEL_PARTS(items, rescale_part_of(acc, acc_kind, sh, acc_cl, walk, lo, hi, c, hw, dx, ws, bias, bias != 0,
                                           combined, out, out_bf16));
 }
