@@ -71,6 +71,7 @@ sums) per output position (`IntConv2d.zero_point_free`: same bits, while float32
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -156,7 +157,7 @@ _TUNED: dict[tuple, tuple[str, int | None]] = {}
 # candidate, so that switching between candidates rebuilds nothing (keep in step with set_lowering).
 _LOWERING_STATE = ("use_onednn", "float_exact", "split", "use_s16", "_mm_split", "wmat_hi", "wmat_lo",
                    "fused_rescale", "_onednn_cache", "_float_weight", "_chunk_cache", "_s16_packed", "_sums_beside",
-                   "_fused_checked", "_tune", "_zero_free_bound")
+                   "_fused_checked", "_tune")
 
 # oneDNN accumulates in int32: with |u − zx| ≤ 255 and |w| ≤ 128 every K up to this is exact.
 _K_ONEDNN = (2**31 - 1) // (255 * 128)
@@ -516,7 +517,6 @@ class IntLayer(TimestepSlots, nn.Module):
         self.use_s16 = kernel == "s16"
         self._onednn_cache, self._float_weight, self._chunk_cache, self._s16_packed = None, None, {}, None
         self._sums_beside: bool | None = None  # `sums_beside`, decided on first use (a conv's geometry is set last)
-        self._zero_free_bound: bool | None = None  # `IntConv2d.zero_point_free`'s, on first use
         # `accumulate` (the int_mm product) stays exact whichever kernel runs the layer
         mm_split = split if kernel == "int_mm" else self._int_mm_split()
         hi, lo = (None, None) if mm_split is None else split_weight(self.wmat.to(torch.int16), mm_split)
@@ -889,9 +889,8 @@ class IntConv2d(IntLayer):
         geometry = ([*self.stride], [*self.padding], [*self.dilation], 1)
 
         def pack(w: Tensor) -> Tensor:
-            kh, kw = self.kernel_size
-            w = w.reshape(w.shape[0], kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
-            return torch.ops.onednn.qconv_prepack(w, self._unit, 1.0, 0, *geometry, None)
+            return torch.ops.onednn.qconv_prepack(self.conv_weight(w).contiguous(), self._unit, 1.0, 0, *geometry,
+                                                  None)
 
         packed, w_zero = self._onednn_weights(u.device, pack)
         border = self.zero_point_free(u, int(zx), dtype)
@@ -920,27 +919,34 @@ class IntConv2d(IntLayer):
                 or not (self.direct or self.sums_beside) or not self._passes_apply(u)
                 or (self.fused_rescale and dtype == torch.float32)):
             return None
-        if self._zero_free_bound is None:
-            w = self.int8_weight().to(torch.float64)  # [O, K]
-            self._zero_free_bound = bool(w.numel()) and self.u_max * float(w.abs().sum(1).max()) < EXACT_F32
-        if not self._zero_free_bound:
+        if not self._zero_point_free_exact:
             return None
         key = ("border", zx, tuple(u.shape[1:]))
         if key not in self._chunk_cache:
-            kh, kw = self.kernel_size
-            w = self.int8_weight().to(torch.float64).reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+            w = self.conv_weight(self.int8_weight().to(torch.float64))
             ones = torch.ones(1, *u.shape[1:], dtype=torch.float64)
             valid = F.conv2d(ones, w, None, self.stride, self.padding, self.dilation)  # Σ_valid w', exact
             self._chunk_cache[key] = (-zx * valid).float().contiguous(memory_format=torch.channels_last)
         return self._chunk_cache[key]
 
+    @functools.cached_property
+    def _zero_point_free_exact(self) -> bool:
+        """Whether a zero-point-free call's terms are exact in float32: u_max·max_o Σ|w'_o| < 2^24 (the int8
+        weight's, which no lowering changes)."""
+        w = self.int8_weight().to(torch.float64)  # [O, K]
+        return bool(w.numel()) and self.u_max * float(w.abs().sum(1).max()) < EXACT_F32
+
     def tune_signature(self) -> tuple:
         return (*super().tune_signature(), self.kernel_size, self.stride, self.padding, self.dilation)
 
+    def conv_weight(self, w: Tensor) -> Tensor:
+        """A weight in this layer's [O, K] order (K as (kh, kw, C)) as the conv's [O, C, kh, kw] (a view)."""
+        kh, kw = self.kernel_size
+        return w.reshape(w.shape[0], kh, kw, self.in_channels).permute(0, 3, 1, 2)
+
     def op_weight(self) -> Tensor:
         """`float_weight` as the conv's [O, C, kh, kw] (a view: its K order is (kh, kw, C))."""
-        kh, kw = self.kernel_size
-        return self.float_weight().reshape(self.out_ch, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+        return self.conv_weight(self.float_weight())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -203,9 +203,9 @@ void lbd_quantize(const void *x, int x_bf16, int x_cl, int64_t n, int64_t c, int
  * kernel call's map, [hw, c] per image (`IntConv2d`). */
 typedef struct {
     const float *w_off, *sums, *map;
-} shift_t;
+} corrections_t;
 
-ALWAYS_INLINE float scaled(const void *acc, const int acc_kind, int64_t src, int64_t pos, int64_t p, shift_t sh,
+ALWAYS_INLINE float scaled(const void *acc, const int acc_kind, int64_t src, int64_t pos, int64_t p, corrections_t sh,
                            int64_t c, float dx, float ws, const float *bias, int64_t ch, const int has_bias,
                            const int combined, const int out_bf16) {
     float a = acc_kind == ACC_I32 ? (float)((const int32_t *)acc)[src]
@@ -232,7 +232,7 @@ ALWAYS_INLINE void put_value(void *out, int64_t k, float v, const int out_bf16) 
 #define TILES 2
 
 /* Rows / runs [lo, hi), or (image, channel tile) pairs [lo, hi). */
-ALWAYS_INLINE void rescale_part(const void *acc, const int acc_kind, shift_t sh, const int acc_cl, const int walk,
+ALWAYS_INLINE void rescale_part(const void *acc, const int acc_kind, corrections_t sh, const int acc_cl, const int walk,
                                 int64_t lo, int64_t hi, int64_t c, int64_t hw, float dx, const float *ws,
                                 const float *bias, const int has_bias, const int combined, void *out,
                                 const int out_bf16, const int out_cl) {
@@ -267,9 +267,10 @@ ALWAYS_INLINE void rescale_part(const void *acc, const int acc_kind, shift_t sh,
 #undef PUT
 }
 
-static void rescale_part_of(const void *acc, int acc_kind, shift_t sh, int acc_cl, int walk, int64_t lo, int64_t hi,
-                            int64_t c, int64_t hw, float dx, const float *ws, const float *bias, int has_bias,
-                            int combined, void *out, int out_bf16) { /* a layout change's output: the other layout */
+static void rescale_part_of(const void *acc, int acc_kind, corrections_t sh, int acc_cl, int walk, int64_t lo,
+                            int64_t hi, int64_t c, int64_t hw, float dx, const float *ws, const float *bias,
+                            int has_bias, int combined, void *out,
+                            int out_bf16) { /* a layout change's output: the other layout */
     switch (acc_kind * 16 | (has_bias ? 8 : 0) | (combined ? 4 : 0) | (out_bf16 ? 2 : 0) | (acc_cl ? 1 : 0)) {
 #define R(A, B, C, O, L)                                                                                               \
     case A * 16 | B * 8 | C * 4 | O * 2 | L:                                                                           \
@@ -298,7 +299,7 @@ void lbd_rescale(const void *acc, int acc_kind, int acc_cl, int64_t n, int64_t c
     const int walk = !(acc_cl == out_cl || hw == 1 || c == 1) ? TILES
                    : (hw == 1 ? ROWS_CL : (c == 1 ? RUNS_NCHW : (out_cl ? ROWS_CL : RUNS_NCHW)));
     const int64_t items = walk == ROWS_CL ? n * hw : (walk == RUNS_NCHW ? n * c : n * ((c + TILE - 1) / TILE));
-    const shift_t sh = {w_off, sums, map};
+    const corrections_t sh = {w_off, sums, map};
     PARALLEL_PARTS(items, rescale_part_of(acc, acc_kind, sh, acc_cl, walk, lo, hi, c, hw, dx, ws, bias, bias != 0,
                                           combined, out, out_bf16));
 }
