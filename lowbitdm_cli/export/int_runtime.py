@@ -906,8 +906,9 @@ class IntConv2d(IntLayer):
     def zero_point_free(self, u: Tensor, zx: int, dtype: torch.dtype) -> Tensor | None:
         """The map that lets oneDNN run this conv with activation zero point 0, or None where the layer passes zx.
 
-        oneDNN's int8 conv with a nonzero source zero point took 1.3-2x as long on the digits UNet's 4x4 and 8x8
-        3x3 convs (0-30 % on the 26 M UNet's shapes; by hand on Zen 4). With zero point 0 the kernel returns
+        oneDNN's int8 conv with a nonzero source zero point ran clearly slower on the digits UNet's small 3x3
+        convs, little on the 26 M UNet's (by hand on Zen 4; `benchmarks/merged_runtime.py --zero-points` measures
+        the whole effect). With zero point 0 the kernel returns
         Σ_valid u·w', w' its int8 weight, padded positions adding nothing; the exact accumulator is that plus
         −zx·Σ_valid w' (the valid taps' weight sums at each output position): a [1, O, Ho, Wo] map per input
         size and zero point, which the rescale pass adds (`passes.rescale(..., border=)`). Both terms and their
