@@ -32,8 +32,10 @@ drifting apart wherever an activation sits within float rounding of a rounding t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,8 @@ from torch import Tensor
 
 from lowbitdm_cli.export import passes
 
-__all__ = ["BF16_EXACT", "EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "bf16_products",
+__all__ = ["BF16_EXACT", "EXACT_F32", "KERNELS", "MAX_CHUNKS", "RESCALE_ORDERS", "accumulate", "bf16_math",
+           "bf16_math_enabled", "bf16_products",
            "chunk_limit", "chunk_plan", "chunk_weight", "conv_chunk_products", "conv_products", "exact_route",
            "layout_of", "linear_chunk_products", "operand_layout", "pair", "partial_sum_bound", "per_row", "pointwise",
            "rescale", "rescale_order", "rescale_to", "round_accumulator", "sign_sums", "split_plan", "split_weight",
@@ -68,6 +71,52 @@ def bf16_products() -> bool:
     from lowbitdm_cli.models.precision import bf16_native
 
     return bf16_native()
+
+
+_BF16_MATH_ENV = "LOWBITDM_BF16_MATH"
+
+
+def bf16_math_enabled() -> bool:
+    """Whether `bf16_math` lets oneDNN compute float32 products of integer values with bf16 multiplies:
+    ``$LOWBITDM_BF16_MATH`` (1, 0 or auto, read per call); by default (auto) where oneDNN runs on AMX-BF16
+    (the CPU has it and ``ONEDNN_MAX_CPU_ISA``, if set, does not cap below it). Elsewhere oneDNN keeps its
+    float32 kernels in this mode (AVX512-BF16 on AMD Zen 4: its convs and matmuls stay ``avx512_core``,
+    checked with ``ONEDNN_VERBOSE=1``), so auto leaves the flags alone there."""
+    env = os.environ.get(_BF16_MATH_ENV, "auto")
+    if env not in ("0", "1", "auto"):
+        raise ValueError(f"${_BF16_MATH_ENV} must be 0, 1 or auto, got {env!r}")
+    if env != "auto":
+        return env == "1"
+    return _amx_bf16()
+
+
+@functools.cache
+def _amx_bf16() -> bool:
+    from lowbitdm_cli.export.kernel_probe import cpu_flags
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return "amx_bf16" in cpu_flags() and (not cap or cap == "ALL" or "AMX" in cap)
+
+
+@contextlib.contextmanager
+def bf16_math(enabled: bool = True) -> Iterator[None]:
+    """Within it, oneDNN's float32 convs and matmuls may multiply in bf16 with float32 sums (its fpmath mode
+    bf16: ``torch.backends.mkldnn.{conv,matmul}.fp32_precision = "bf16"``; on AMX-BF16 they then run as bf16
+    tile products, several times faster). For the exact products of `accumulate` and `chunk_plan` that is
+    exact as well: every operand is an integer of magnitude at most `BF16_EXACT` (8-bit codes minus their
+    zero point, weights w − zw and their split halves), which bf16 holds exactly, each product of two is
+    exact in float32, and the float32 sums are exact while the route's bound keeps them below 2^24. The caller
+    checks the operands; nothing else may run inside (the flags are process-wide: restored on exit)."""
+    if not enabled:
+        yield
+        return
+    mkldnn = torch.backends.mkldnn
+    before = mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision
+    mkldnn.conv.fp32_precision = mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision = before
 
 RESCALE_ORDERS = ("sequential", "combined")
 KERNELS = ("conv", "linear")

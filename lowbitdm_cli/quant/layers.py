@@ -32,6 +32,8 @@ from lowbitdm_cli.export import passes
 from lowbitdm_cli.quant.integer import (
     BF16_EXACT,
     accumulate,
+    bf16_math,
+    bf16_math_enabled,
     bf16_products,
     chunk_weight,
     conv_chunk_products,
@@ -193,7 +195,10 @@ class QuantLayerMixin:
         `dtype` (float32, or bf16: the accumulator rounded to bf16 first) and memory `layout`; `op` gets the
         integer input in `operand_layout` (None: that of `x`). In bf16, where `bf16_products` holds, a
         product whose float32 sums are exact runs on bf16 operands (codes and weights within ±256: exact in
-        bf16): float32 sums rounded once to bf16, which is the accumulator the bf16 rescale takes anyway."""
+        bf16): float32 sums rounded once to bf16, which is the accumulator the bf16 rescale takes anyway.
+        The float32 products (chunks, the weight split, and every product of a float32 model) run under
+        `quant.integer.bf16_math` where `bf16_math_enabled` (AMX-BF16): bf16 multiplies of the same exact
+        operands with float32 sums, so the same bits."""
         # CPU only: oneDNN's bf16 convs are direct (no Winograd) with float32 sums; other devices' libraries
         # choose their algorithms, so they keep the float32 product (same bits by the rule)
         bf16 = dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_products()
@@ -224,10 +229,16 @@ class QuantLayerMixin:
                 pieces["bf16"] = w_int.to(torch.bfloat16) if float(w_int.abs().max()) <= BF16_EXACT else None
             if pieces["bf16"] is not None:
                 acc = op(x_int.to(torch.bfloat16), pieces["bf16"])
-        if acc is None and chunks is not None:
-            acc = sum_chunks(self._chunk_products(x_int.float(), w_int, chunks, pieces))
-        elif acc is None:
-            acc = accumulate(op, x_int.float(), w_int, plan, split)
+        if acc is None:  # float32 products; on AMX-BF16 as bf16 multiplies where the operands are exact there
+            if "bf16_exact" not in pieces:
+                pieces["bf16_exact"] = float(w_int.abs().max()) <= BF16_EXACT if w_int.numel() else False
+            fast = (plan is not None and x.device.type == "cpu" and pieces["bf16_exact"]
+                    and max(x_neg, x_pos) <= BF16_EXACT and bf16_math_enabled())
+            with bf16_math(fast):
+                if chunks is not None:
+                    acc = sum_chunks(self._chunk_products(x_int.float(), w_int, chunks, pieces))
+                else:
+                    acc = accumulate(op, x_int.float(), w_int, plan, split)
         # out in `layout` (whatever layout `op` computed in): the first pass of the rescale writes it,
         # so the layout change costs no extra pass
         return rescale_to(acc, x_scale.detach(), w_scale, self.bias, channel_dim, self.rescale_kernel, dtype, layout)

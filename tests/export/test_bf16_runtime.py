@@ -111,6 +111,56 @@ def test_fake_bf16_products_give_the_float32_products_bits(merged: Path, monkeyp
         mf.eps(x, 0, cond, 2.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_bf16_math_gives_the_float32_products_bits(merged: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        dtype: torch.dtype) -> None:
+    """The fake runtime's float32 products with oneDNN allowed to multiply in bf16 (``LOWBITDM_BF16_MATH=1``,
+    `quant.integer.bf16_math`: what auto does on AMX-BF16, where the products run as bf16 tiles) and without
+    (``0``): the same bits as each other and as the integer runtime, every code and weight being exact in bf16;
+    the mode is on during every float32 product of these 4- and 8-bit models and only there. (On a CPU without
+    AMX-BF16 oneDNN keeps its float32 kernels in this mode: there this checks the plumbing; on AMX the bits.)"""
+    from lowbitdm_cli.quant.layers import QuantConv2d
+
+    monkeypatch.setenv("LOWBITDM_BF16_PRODUCTS", "0")  # every product in float32, bf16 models' too
+    mf, mi = (use_dtype(load_merged(merged, r), dtype) for r in ("fake", "int"))
+    modes = []
+    real = QuantConv2d._bias_free_conv
+
+    def conv(self, x, w):
+        modes.append(torch.backends.mkldnn.conv.fp32_precision)
+        return real(self, x, w)
+
+    monkeypatch.setattr(QuantConv2d, "_bias_free_conv", conv)
+    x, cond = _batch(4, seed=5)
+    before = torch.backends.mkldnn.conv.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
+    eps = {}
+    with torch.no_grad():
+        for flag in ("1", "0"):
+            monkeypatch.setenv("LOWBITDM_BF16_MATH", flag)
+            modes.clear()
+            eps[flag] = [mf.eps(x, t, cond, 2.0) for t in (999, 0)]
+            assert modes and set(modes) == {"bf16" if flag == "1" else before[0]}, modes
+            assert (torch.backends.mkldnn.conv.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == before
+        reference = [mi.eps(x, t, cond, 2.0) for t in (999, 0)]
+    assert all(torch.equal(a, b) and torch.equal(a, r) for a, b, r in zip(eps["1"], eps["0"], reference, strict=True))
+    monkeypatch.setenv("LOWBITDM_BF16_MATH", "sometimes")
+    with pytest.raises(ValueError, match="LOWBITDM_BF16_MATH"), torch.no_grad():
+        mf.eps(x, 0, cond, 2.0)
+
+
+def test_bf16_math_restores_the_flags_on_error() -> None:
+    from lowbitdm_cli.quant.integer import bf16_math
+
+    mkldnn = torch.backends.mkldnn
+    before = mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision
+    with pytest.raises(RuntimeError, match="inside"), bf16_math():
+        assert (mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision) == ("bf16", "bf16")
+        raise RuntimeError("inside")
+    assert (mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision) == before
+    with bf16_math(False):
+        assert (mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision) == before
+
+
 def test_fp_model_in_bf16_keeps_quantizer_free_layers_in_bf16() -> None:
     model = use_dtype(load_model("tiny-random"), torch.bfloat16)
     dtypes = {p.dtype for p in model.denoiser.parameters()}
