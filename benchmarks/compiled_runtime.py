@@ -27,7 +27,7 @@ CPU classes as in merged_runtime.py, each its own process: native, vnni (ONEDNN_
 AVX512_CORE_VNNI) and avx2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2).
 
 --profile (native class only, instead of the timings): where one forward's time goes, per model, for
-the fastest FP cell and the W4A4 compiled runtime in bf16 (fp32 where the CPU has no bf16), without
+the fastest FP cell and the compiled runtime at `--profile-width` (default W4A4) in bf16 (fp32 where the CPU has no bf16), without
 and (where any layer folds) with the rescale folded into the kernels (`compile_runtime(fold=False)`:
 every rescale after the kernel): torch.profiler's self time per forward, grouped into int8 kernels, float conv / matmul,
 attention, Inductor's generated loops (named per kernel), copies and the rest, beside the wall time
@@ -215,10 +215,10 @@ def _profile(cells: dict[str, Callable], forwards: int) -> dict:
 
 
 def _profile_class(args: argparse.Namespace, folder: Path) -> dict:
-    """--profile: the fastest FP cell and the W4A4 compiled runtime (folded or not) per model."""
+    """--profile: the fastest FP cell and the compiled runtime at `--profile-width` (folded or not) per model."""
     dtype_name = "bf16" if bf16_native() else "fp32"
-    models = {**{name: (functools.partial(load_model, name), folder / name / "W4A4" / "merge") for name in SMALL},
-              "large": (mr._large_fp, folder / "large-W4A4")}
+    models = {**{name: (functools.partial(load_model, name), folder / name / args.profile_width / "merge") for name in SMALL},
+              "large": (mr._large_fp, folder / f"large-{args.profile_width}")}
     results = []
     for name in args.models.split(","):
         make_fp, path = models[name]
@@ -232,7 +232,7 @@ def _profile_class(args: argparse.Namespace, folder: Path) -> dict:
             if fold and not folded:
                 print(f"{name}: no layer folds (pair-safe splits everywhere)")
                 break
-            cells[f"W4A4 compiled {dtype_name}" + (f" folded {folded}/{len(layers)}" if fold else "")] = mr._call(
+            cells[f"{args.profile_width} compiled {dtype_name}" + (f" folded {folded}/{len(layers)}" if fold else "")] = mr._call(
                 model, args.batch)
         results.append({"model": name, "cells": _profile(cells, args.repeats)})
         print(f"\n{name} (ms per forward; profiled self time by group, wall time unprofiled)")
@@ -300,6 +300,8 @@ def main() -> None:
                         help="timed forwards per cell, interleaved, the median kept (default 5; --quick 2)")
     parser.add_argument("--merged-dir", type=Path, default=None, help="keep / reuse the merged checkpoints here")
     parser.add_argument("--profile", action="store_true", help="where the time goes (native class), no table")
+    parser.add_argument("--profile-width", default="W4A4", choices=[*WIDTHS, *OPTIONAL_WIDTHS],
+                        help="the width --profile compiles (default W4A4)")
     parser.add_argument("--products", default="",
                         help="also time each compiled cell that has layers oneDNN cannot run in one exact call "
                              "(CPUs whose int8 kernels add pairs in 16 bits: AVX2) with these routes there "
@@ -358,7 +360,7 @@ def main() -> None:
                    "--batch", str(args.batch), "--threads", str(args.threads), "--models", args.models,
                    "--widths", args.widths, "--samples", str(args.samples), "--repeats", str(args.repeats),
                    *(["--quick"] if args.quick else []), "--products", args.products,
-                   *(["--profile"] if args.profile else [])]
+                   *(["--profile", "--profile-width", args.profile_width] if args.profile else [])]
             subprocess.run(cmd, env=env, check=True)
             per_class.append(json.loads(part.read_text()))
             print(f"kernels: {per_class[-1]['kernel_probes']}  cpu: {per_class[-1]['cpu']}")
