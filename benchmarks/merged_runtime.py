@@ -1,5 +1,5 @@
 """Merged checkpoints: denoiser file size and forward time, the FP configurations a user would run
-instead (FP32 eager, FP32 torch.compile, bf16 autocast, bf16) vs fake-quant vs integer runtime.
+instead (FP32 eager, FP32 torch.compile, bf16 autocast, bf16, bf16 compiled) vs fake-quant vs integer runtime.
 
 Two models, each at FP32, W8A8, W4A4 and W2A4 (per-channel asymmetric min-max weights,
 per-tensor activations, the ptq recipe's layer policy):
@@ -13,7 +13,8 @@ per-tensor activations, the ptq recipe's layer policy):
 For each: bytes of the denoiser's safetensors file (FP32 state dict vs merged `model.safetensors`)
 and the median denoiser forward time at batch 64 after warm-up, torch.set_num_threads(2), for
 FP32 eager, FP32 `torch.compile` (inductor), and where the CPU runs bf16 natively (AMX-BF16 /
-AVX512-BF16, `models.precision.bf16_native`) bf16 autocast and the model in bf16; then the
+AVX512-BF16, `models.precision.bf16_native`) bf16 autocast, the model in bf16 and bf16 autocast under
+`torch.compile` (on a small model often the fastest of all); then the
 fake-quant and the integer runtime (`load_merged(..., "int")`) at each width in each of those
 dtypes (`use_dtype`: everything around the quantized layers in that dtype). All cells of a model
 are timed interleaved in one process (A, B, C, A, B, C, ...; medians), so load changes on a
@@ -212,8 +213,9 @@ LAYOUT_SUFFIX = {"nchw": "", "channels_last": "-cl"}
 def _fp_cells(make_fp: Callable[[], DiffusionModel], dtypes: list[str], layouts: list[str], batch: int,
               compile_fp: bool = True) -> dict[str, Callable]:
     """What a user would run instead: FP32 eager, FP32 torch.compile and, where the CPU has bf16,
-    bf16 autocast and the model converted to bf16 (`models.precision`, the dtype the quantized
-    runtimes use), each in every memory layout asked for (`-cl`: channels-last, `use_layout`)."""
+    bf16 autocast, the model converted to bf16 (`models.precision`, the dtype the quantized
+    runtimes use) and bf16 autocast under torch.compile, each in every memory layout asked for (`-cl`:
+    channels-last, `use_layout`)."""
     cells = {}
     for layout in layouts:
         sfx = LAYOUT_SUFFIX[layout]
@@ -225,6 +227,10 @@ def _fp_cells(make_fp: Callable[[], DiffusionModel], dtypes: list[str], layouts:
         if "bf16" in dtypes:
             cells[f"bf16-autocast{sfx}"] = _call(use_layout(make_fp(), layout), batch, autocast=True)
             cells[f"bf16{sfx}"] = _call(use_layout(use_dtype(make_fp(), torch.bfloat16), layout), batch)
+            if compile_fp:  # often the fastest FP of all on a small model (Inductor fuses GroupNorm + SiLU)
+                compiled = use_layout(make_fp(), layout)
+                compiled.denoiser = torch.compile(compiled.denoiser)
+                cells[f"bf16-compile{sfx}"] = _call(compiled, batch, autocast=True)
     return cells
 
 
@@ -444,7 +450,7 @@ def main() -> None:
     parser.add_argument("--skip-timing", action="store_true", help="with --profile: only the profiles")
     parser.add_argument("--models", default="digits,large", help="digits and/or large (the 26 M UNet)")
     parser.add_argument("--no-compile", action="store_true",
-                        help="leave out the FP32 torch.compile cell (compiling a large UNet takes minutes)")
+                        help="leave out the torch.compile cells (compiling a large UNet takes minutes)")
     parser.add_argument("--self-rescale", action="store_true",
                         help="also time each integer cell with every layer rescaling the kernel's accumulator itself "
                              "(LOWBITDM_RESCALE_ORDER set to the order the kernels do not use): what the runtime did "
