@@ -216,21 +216,22 @@ def _fp_cells(make_fp: Callable[[], DiffusionModel], dtypes: list[str], layouts:
     bf16 autocast, the model converted to bf16 (`models.precision`, the dtype the quantized
     runtimes use) and bf16 autocast under torch.compile, each in every memory layout asked for (`-cl`:
     channels-last, `use_layout`)."""
+    def compiled(layout: str) -> DiffusionModel:
+        model = use_layout(make_fp(), layout)
+        model.denoiser = torch.compile(model.denoiser)
+        return model
+
     cells = {}
     for layout in layouts:
         sfx = LAYOUT_SUFFIX[layout]
         cells[f"fp32{sfx}"] = _call(use_layout(make_fp(), layout), batch)
         if compile_fp:
-            compiled = use_layout(make_fp(), layout)
-            compiled.denoiser = torch.compile(compiled.denoiser)
-            cells[f"fp32-compile{sfx}"] = _call(compiled, batch)
+            cells[f"fp32-compile{sfx}"] = _call(compiled(layout), batch)
         if "bf16" in dtypes:
             cells[f"bf16-autocast{sfx}"] = _call(use_layout(make_fp(), layout), batch, autocast=True)
             cells[f"bf16{sfx}"] = _call(use_layout(use_dtype(make_fp(), torch.bfloat16), layout), batch)
             if compile_fp:  # often the fastest FP of all on a small model (Inductor fuses GroupNorm + SiLU)
-                compiled = use_layout(make_fp(), layout)
-                compiled.denoiser = torch.compile(compiled.denoiser)
-                cells[f"bf16-compile{sfx}"] = _call(compiled, batch, autocast=True)
+                cells[f"bf16-compile{sfx}"] = _call(compiled(layout), batch, autocast=True)
     return cells
 
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lowbitdm_cli.quant.integer import rescale_order
 
-__all__ = ["PAIR16_LIMIT", "KernelClass", "amx_int8", "cpu_description", "cpu_flags", "kernel_report",
+__all__ = ["PAIR16_LIMIT", "KernelClass", "amx_bf16", "amx_int8", "cpu_description", "cpu_flags", "kernel_report",
            "pair16_weight_limit", "probe_int_mm", "probe_onednn_conv", "probe_onednn_linear",
            "probe_rescale_order"]
 
@@ -224,10 +224,19 @@ def cpu_flags() -> list[str]:
 
 
 def amx_int8() -> bool:
-    """Whether oneDNN's int8 kernels run on AMX here: the CPU has AMX-INT8 and ``ONEDNN_MAX_CPU_ISA``, if
-    set, does not cap oneDNN below it."""
+    """Whether oneDNN's int8 kernels run on AMX here (`_onednn_amx`)."""
+    return _onednn_amx("amx_int8")
+
+
+def amx_bf16() -> bool:
+    """Whether oneDNN's bf16 kernels (and float32 ones in fpmath mode bf16) run on AMX here (`_onednn_amx`)."""
+    return _onednn_amx("amx_bf16")
+
+
+def _onednn_amx(flag: str) -> bool:
+    """The CPU has the AMX `flag` and ``ONEDNN_MAX_CPU_ISA``, if set, does not cap oneDNN below AMX."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    return "amx_int8" in cpu_flags() and (not cap or cap == "ALL" or "AMX" in cap)
+    return flag in cpu_flags() and (not cap or cap == "ALL" or "AMX" in cap)
 
 
 @functools.cache

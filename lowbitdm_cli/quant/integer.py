@@ -33,7 +33,6 @@ drifting apart wherever an activation sits within float rounding of a rounding t
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -63,14 +62,20 @@ def bf16_products() -> bool:
     default (auto) where the CPU runs bf16 natively (`models.precision.bf16_native`), elsewhere a bf16
     product is emulated and slower than the float32 one. Either product gives the same bits (the bf16
     rule of `rescale_to`)."""
-    env = os.environ.get(_BF16_PRODUCTS_ENV, "auto")
-    if env not in ("0", "1", "auto"):
-        raise ValueError(f"${_BF16_PRODUCTS_ENV} must be 0, 1 or auto, got {env!r}")
-    if env != "auto":
-        return env == "1"
+    forced = _switch(_BF16_PRODUCTS_ENV)
+    if forced is not None:
+        return forced
     from lowbitdm_cli.models.precision import bf16_native
 
     return bf16_native()
+
+
+def _switch(name: str) -> bool | None:
+    """``$name`` as 1 (True), 0 (False) or auto / unset (None: the caller's default); anything else a ValueError."""
+    env = os.environ.get(name, "auto")
+    if env not in ("0", "1", "auto"):
+        raise ValueError(f"${name} must be 0, 1 or auto, got {env!r}")
+    return None if env == "auto" else env == "1"
 
 
 _BF16_MATH_ENV = "LOWBITDM_BF16_MATH"
@@ -82,20 +87,12 @@ def bf16_math_enabled() -> bool:
     (the CPU has it and ``ONEDNN_MAX_CPU_ISA``, if set, does not cap below it). Elsewhere oneDNN keeps its
     float32 kernels in this mode (AVX512-BF16 on AMD Zen 4: its convs and matmuls stay ``avx512_core``,
     checked with ``ONEDNN_VERBOSE=1``), so auto leaves the flags alone there."""
-    env = os.environ.get(_BF16_MATH_ENV, "auto")
-    if env not in ("0", "1", "auto"):
-        raise ValueError(f"${_BF16_MATH_ENV} must be 0, 1 or auto, got {env!r}")
-    if env != "auto":
-        return env == "1"
-    return _amx_bf16()
+    forced = _switch(_BF16_MATH_ENV)
+    if forced is not None:
+        return forced
+    from lowbitdm_cli.export.kernel_probe import amx_bf16
 
-
-@functools.cache
-def _amx_bf16() -> bool:
-    from lowbitdm_cli.export.kernel_probe import cpu_flags
-
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    return "amx_bf16" in cpu_flags() and (not cap or cap == "ALL" or "AMX" in cap)
+    return amx_bf16()
 
 
 @contextlib.contextmanager

@@ -223,17 +223,16 @@ class QuantLayerMixin:
             k = w_int[0].numel() if w_int.numel() else 0
             pieces["route", x_neg, x_pos] = exact_route(x_neg, x_pos, w_int.shape[1], k, sums, self.chunkable())
         chunks, plan = pieces["route", x_neg, x_pos]
+        if "bf16_exact" not in pieces:  # every weight value exact in bf16
+            pieces["bf16_exact"] = bool(w_int.numel()) and float(w_int.abs().max()) <= BF16_EXACT
+        operands_bf16_exact = pieces["bf16_exact"] and max(x_neg, x_pos) <= BF16_EXACT
         acc = None
-        if bf16 and chunks is None and plan == 0 and max(x_neg, x_pos) <= BF16_EXACT:
-            if "bf16" not in pieces:  # the weight in bf16 where exact there
-                pieces["bf16"] = w_int.to(torch.bfloat16) if float(w_int.abs().max()) <= BF16_EXACT else None
-            if pieces["bf16"] is not None:
-                acc = op(x_int.to(torch.bfloat16), pieces["bf16"])
+        if bf16 and chunks is None and plan == 0 and operands_bf16_exact:
+            if "bf16" not in pieces:  # the weight in bf16
+                pieces["bf16"] = w_int.to(torch.bfloat16)
+            acc = op(x_int.to(torch.bfloat16), pieces["bf16"])
         if acc is None:  # float32 products; on AMX-BF16 as bf16 multiplies where the operands are exact there
-            if "bf16_exact" not in pieces:
-                pieces["bf16_exact"] = float(w_int.abs().max()) <= BF16_EXACT if w_int.numel() else False
-            fast = (plan is not None and x.device.type == "cpu" and pieces["bf16_exact"]
-                    and max(x_neg, x_pos) <= BF16_EXACT and bf16_math_enabled())
+            fast = plan is not None and x.device.type == "cpu" and operands_bf16_exact and bf16_math_enabled()
             with bf16_math(fast):
                 if chunks is not None:
                     acc = sum_chunks(self._chunk_products(x_int.float(), w_int, chunks, pieces))
